@@ -1,0 +1,91 @@
+# Prism: one binary (build/prism), one test binary (build/prism_tests).
+# The CPU backend is always built; the CUDA backend whenever nvcc is found
+# under CUDA_HOME. MPI and HDF5 are used when their headers are present.
+
+CUDA_HOME ?= /usr/local/cuda
+NCCL_HOME ?= $(CUDA_HOME)
+PYTHON    ?= /usr/bin/python3
+BUILD     ?= build
+
+CXX      ?= g++
+CXXFLAGS ?= -O3 -g
+CXXFLAGS += -std=c++17 -fopenmp -Wall -Wextra -Wno-unused-parameter -I. -MMD -MP
+LDLIBS   += -fopenmp -lpthread
+
+NVCC := $(wildcard $(CUDA_HOME)/bin/nvcc)
+ifneq ($(NVCC),)
+  WITH_CUDA := 1
+  CUDA_ARCH ?= -gencode arch=compute_90,code=sm_90
+  NVCCFLAGS ?= -O3 -g -lineinfo
+  NVCCFLAGS += -std=c++17 $(CUDA_ARCH) -I. -I$(CUDA_HOME)/include -MMD -MP
+  CXXFLAGS  += -DPRISM_CUDA -I$(CUDA_HOME)/include
+  CUDA_LIBDIR := $(firstword $(wildcard $(CUDA_HOME)/lib64 $(CUDA_HOME)/lib))
+  LDLIBS    += -L$(CUDA_LIBDIR) -Wl,-rpath,$(CUDA_LIBDIR) -lcudart -lcublasLt -lcublas
+endif
+
+# HDF5 (So2Sat converter) is optional: the GPU machine may lack it.
+HDF5_INC := $(firstword $(wildcard /usr/include/hdf5/serial))
+ifneq ($(HDF5_INC),)
+  CXXFLAGS += -DPRISM_HDF5 -I$(HDF5_INC)
+  LDLIBS   += -L/usr/lib/x86_64-linux-gnu/hdf5/serial -lhdf5
+endif
+
+LIB_SRCS  := $(sort $(wildcard engine/*.cpp data/*.cpp kernels/*.cpp kernels/cpu/*.cpp))
+CU_SRCS   := $(if $(WITH_CUDA),$(sort $(wildcard kernels/cuda/*.cu)))
+TEST_SRCS := $(sort $(wildcard tests/*.cpp))
+LIB_OBJS  := $(LIB_SRCS:%.cpp=$(BUILD)/obj/%.o) $(CU_SRCS:%.cu=$(BUILD)/obj/%.cu.o)
+TEST_OBJS := $(TEST_SRCS:%.cpp=$(BUILD)/obj/%.o)
+
+DEB_PACKAGES := libcxxopts-dev nlohmann-json3-dev libgtest-dev libopenmpi-dev openmpi-bin \
+                libhdf5-dev python3-torch gnuplot-nox
+
+.PHONY: all deps build test run clean
+all: deps build
+
+# Installs the Debian packages that are missing (needs root and apt).
+deps:
+	@missing=""; for p in $(DEB_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "make deps: installing$$missing"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing >/dev/null \
+	    || { echo "make deps: apt-get failed for:$$missing"; exit 1; }; \
+	fi
+
+build: $(BUILD)/prism $(BUILD)/prism_tests
+
+$(BUILD)/libprism.a: $(LIB_OBJS)
+	@mkdir -p $(dir $@)
+	ar rcs $@ $^
+
+$(BUILD)/prism: $(BUILD)/obj/apps/prism.o $(BUILD)/libprism.a
+	$(CXX) -o $@ $^ $(LDLIBS)
+
+$(BUILD)/prism_tests: $(TEST_OBJS) $(BUILD)/libprism.a
+	$(CXX) -o $@ $^ -lgtest $(LDLIBS)
+
+$(BUILD)/obj/%.o: %.cpp
+	@mkdir -p $(dir $@)
+	$(CXX) $(CXXFLAGS) -c $< -o $@
+
+$(BUILD)/obj/%.cu.o: %.cu
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVCCFLAGS) -c $< -o $@
+
+test: deps build
+	cd $(CURDIR) && PRISM_PYTHON=$(PYTHON) $(BUILD)/prism_tests
+
+RUN_DIR := $(BUILD)/run
+run: deps build
+	$(BUILD)/prism synth --preset tiny --out $(RUN_DIR)/data --count 4096 --seed 1
+	$(BUILD)/prism train --config configs/synth_tiny_moevit.json --device auto \
+	  --set data.train='$(RUN_DIR)/data/train-*.shard' --set data.val='$(RUN_DIR)/data/val-*.shard' \
+	  --out $(RUN_DIR)/moevit
+	$(BUILD)/prism eval --checkpoint $(RUN_DIR)/moevit/model.safetensors --data '$(RUN_DIR)/data/val-*.shard' --device auto
+
+clean:
+	rm -rf $(BUILD)
+
+-include $(shell find $(BUILD)/obj -name '*.d' 2>/dev/null)

@@ -1,0 +1,188 @@
+// prism: the one command-line entry point (DESIGN.md §4).
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <vector>
+#include <cxxopts.hpp>
+#include <nlohmann/json.hpp>
+#include "data/shard.h"
+#include "data/synth.h"
+#include "engine/checkpoint.h"
+#include "engine/config.h"
+#include "engine/device.h"
+#include "engine/flops.h"
+#include "engine/train.h"
+
+using namespace prism;
+
+namespace {
+
+const char* kUsage =
+    "usage: prism <command> [options]\n"
+    "  train   --config FILE [--device cpu|cuda|auto] [--out DIR] [--set key=value]...\n"
+    "  eval    --checkpoint DIR/model.safetensors --data GLOB [--device ...] [--save-logits F.npy]\n"
+    "  synth   --preset tiny|so2sat|jumpcp --out DIR [--count N] [--seed S]\n"
+    "  shards  verify GLOB\n"
+    "  flops   --config FILE [--set key=value]... [--json]\n"
+    "Run 'prism <command> --help' for a command's options.\n";
+
+cxxopts::ParseResult parse(cxxopts::Options& opts, int argc, char** argv) {
+    opts.add_options()("h,help", "show this help");
+    auto r = opts.parse(argc, argv);
+    if (r.count("help")) {
+        std::printf("%s\n", opts.help().c_str());
+        std::exit(0);
+    }
+    return r;
+}
+
+std::string required(const cxxopts::ParseResult& r, const char* name, const char* cmd) {
+    if (!r.count(name)) throw UserError(std::string("prism ") + cmd + ": --" + name + " is required");
+    return r[name].as<std::string>();
+}
+
+std::vector<std::string> sets_of(const cxxopts::ParseResult& r) {
+    return r.count("set") ? r["set"].as<std::vector<std::string>>() : std::vector<std::string>{};
+}
+
+// float32 [rows, cols] as a NumPy .npy (format 1.0), written atomically.
+void write_npy(const std::string& path, const std::vector<float>& data, int64_t rows, int64_t cols) {
+    std::string header = "{'descr': '<f4', 'fortran_order': False, 'shape': (" + std::to_string(rows) +
+                         ", " + std::to_string(cols) + "), }";
+    while ((10 + header.size() + 1) % 64) header += ' ';
+    header += '\n';
+    const std::string tmp = path + ".tmp";
+    FILE* f = std::fopen(tmp.c_str(), "wb");
+    if (!f) throw UserError(path + ": cannot write: " + std::strerror(errno));
+    const uint16_t len = uint16_t(header.size());
+    bool ok = std::fwrite("\x93NUMPY\x01\x00", 1, 8, f) == 8 && std::fwrite(&len, 2, 1, f) == 1 &&
+              std::fwrite(header.data(), 1, header.size(), f) == header.size() &&
+              std::fwrite(data.data(), sizeof(float), data.size(), f) == data.size();
+    ok = (std::fclose(f) == 0) && ok;
+    if (!ok || std::rename(tmp.c_str(), path.c_str()) != 0) {
+        std::remove(tmp.c_str());
+        throw UserError(path + ": write failed");
+    }
+}
+
+int cmd_train(int argc, char** argv) {
+    cxxopts::Options opts("prism train", "Train a model from a JSON config.");
+    opts.add_options()
+        ("config", "config file (JSON)", cxxopts::value<std::string>())
+        ("device", "cpu, cuda or auto", cxxopts::value<std::string>()->default_value("auto"))
+        ("out", "run directory (model.safetensors, metrics.jsonl, config.json)", cxxopts::value<std::string>())
+        ("set", "override a config key: section.key=value", cxxopts::value<std::vector<std::string>>());
+    auto r = parse(opts, argc, argv);
+    const Config cfg = load_config(required(r, "config", "train"), sets_of(r));
+    const Device dev = resolve_device(r["device"].as<std::string>());
+    const std::string out = r.count("out") ? r["out"].as<std::string>() : "";
+    const TrainResult res = train(cfg, dev, out, true);
+    std::printf("%s\n", nlohmann::json{{"arch", cfg.model.arch}, {"val_accuracy", res.val.accuracy},
+                                       {"val_loss", res.val.loss}, {"val_count", res.val.count},
+                                       {"steps", res.steps}, {"seconds", res.seconds}}.dump().c_str());
+    return 0;
+}
+
+int cmd_eval(int argc, char** argv) {
+    cxxopts::Options opts("prism eval", "Evaluate a checkpoint on shards; prints one JSON line.");
+    opts.add_options()
+        ("checkpoint", "DIR/model.safetensors", cxxopts::value<std::string>())
+        ("data", "glob of shards", cxxopts::value<std::string>())
+        ("device", "cpu, cuda or auto", cxxopts::value<std::string>()->default_value("auto"))
+        ("batch", "images per forward pass", cxxopts::value<int>()->default_value("64"))
+        ("save-logits", "write float32 [count, classes] logits (.npy) in shard order",
+         cxxopts::value<std::string>());
+    auto r = parse(opts, argc, argv);
+    const std::string glob = required(r, "data", "eval");
+    const Checkpoint ck = load_checkpoint(required(r, "checkpoint", "eval"));
+    resolve_device(r["device"].as<std::string>());  // CPU only until the CUDA kernels exist
+    const Dataset data = load_dataset(glob);
+    check_data_matches(data, ck.config.model, glob);
+    const int batch = r["batch"].as<int>();
+    if (batch < 1) throw UserError("--batch must be at least 1");
+    Model<float> model(ck.config.model, batch, false);
+    load_weights(model, ck);
+    const bool want_logits = r.count("save-logits") > 0;
+    const EvalResult res = evaluate(model, data, batch, want_logits);
+    if (want_logits) write_npy(r["save-logits"].as<std::string>(), res.logits, res.count, ck.config.model.num_classes);
+    std::printf("%s\n", nlohmann::json{{"accuracy", res.accuracy}, {"loss", res.loss}, {"count", res.count}}.dump().c_str());
+    return 0;
+}
+
+int cmd_synth(int argc, char** argv) {
+    cxxopts::Options opts("prism synth", "Write a synthetic data set as shards.");
+    opts.add_options()
+        ("preset", "tiny, so2sat or jumpcp", cxxopts::value<std::string>())
+        ("out", "output directory", cxxopts::value<std::string>())
+        ("count", "training images (validation gets a quarter)", cxxopts::value<int64_t>()->default_value("4096"))
+        ("seed", "random seed", cxxopts::value<uint64_t>()->default_value("0"));
+    auto r = parse(opts, argc, argv);
+    const int64_t count = r["count"].as<int64_t>();
+    if (count < 1) throw UserError("--count must be at least 1");
+    synthesize(required(r, "preset", "synth"), required(r, "out", "synth"), count, r["seed"].as<uint64_t>(), true);
+    return 0;
+}
+
+int cmd_shards(int argc, char** argv) {
+    if (argc != 3 || std::strcmp(argv[1], "verify") != 0)
+        throw UserError("usage: prism shards verify GLOB");
+    const auto files = expand_glob(argv[2]);
+    for (const auto& f : files) {
+        verify_shard(f);
+        const ShardHeader h = read_shard_header(f);
+        std::printf("ok %s: %lld images %dx%dx%d %s, %d classes\n", f.c_str(), (long long)h.count,
+                    h.channels, h.height, h.width, dtype_name(h.dtype), h.num_classes);
+    }
+    std::printf("%zu shard(s) verified\n", files.size());
+    return 0;
+}
+
+int cmd_flops(int argc, char** argv) {
+    cxxopts::Options opts("prism flops", "FLOPs per image (DESIGN.md §5).");
+    opts.add_options()
+        ("config", "config file (JSON)", cxxopts::value<std::string>())
+        ("set", "override a config key", cxxopts::value<std::vector<std::string>>())
+        ("json", "print one JSON object");
+    auto r = parse(opts, argc, argv);
+    const Config cfg = load_config(required(r, "config", "flops"), sets_of(r));
+    const FlopCount f = count_flops(cfg.model);
+    const auto params = param_count(param_layout(cfg.model));
+    if (r.count("json")) {
+        std::printf("%s\n", nlohmann::json{{"arch", cfg.model.arch}, {"attention_gflops", f.attention_gflops},
+                                           {"block_gflops", f.block_gflops}, {"forward_gflops", f.forward_gflops},
+                                           {"train_step_gflops_per_image", f.train_step_gflops_per_image},
+                                           {"params", params}}.dump().c_str());
+    } else {
+        std::printf("%s: attention %.2f GFLOPs per block, block %.2f, forward %.2f GFLOPs per image, %.2fM parameters\n",
+                    cfg.model.arch.c_str(), f.attention_gflops, f.block_gflops, f.forward_gflops, params / 1e6);
+    }
+    return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    if (argc < 2 || !std::strcmp(argv[1], "--help") || !std::strcmp(argv[1], "-h")) {
+        std::fputs(kUsage, argc < 2 ? stderr : stdout);
+        return argc < 2 ? 1 : 0;
+    }
+    const std::string cmd = argv[1];
+    try {
+        if (cmd == "train") return cmd_train(argc - 1, argv + 1);
+        if (cmd == "eval") return cmd_eval(argc - 1, argv + 1);
+        if (cmd == "synth") return cmd_synth(argc - 1, argv + 1);
+        if (cmd == "shards") return cmd_shards(argc - 1, argv + 1);
+        if (cmd == "flops") return cmd_flops(argc - 1, argv + 1);
+        if (cmd == "convert" || cmd == "bench")
+            throw UserError("prism " + cmd + ": not implemented in this build yet");
+        std::fprintf(stderr, "prism: unknown command '%s'\n%s", cmd.c_str(), kUsage);
+        return 1;
+    } catch (const UserError& e) {
+        std::fprintf(stderr, "prism: %s\n", e.what());
+    } catch (const cxxopts::exceptions::exception& e) {
+        std::fprintf(stderr, "prism %s: %s\n", cmd.c_str(), e.what());
+    } catch (const std::bad_alloc&) {
+        std::fprintf(stderr, "prism: out of host memory\n");
+    }
+    return 1;
+}

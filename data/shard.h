@@ -1,0 +1,71 @@
+// Shards, version 1 (DESIGN.md §3): one file holds `count` labelled images of
+// one shape. Little-endian; the layout is a contract shared with users' tools.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace prism {
+
+enum class DType { u8, u16, f16, f32 };
+const char* dtype_name(DType d);          // "uint8", "uint16", "float16", "float32"
+size_t dtype_size(DType d);
+DType dtype_from_name(const std::string& name, const std::string& origin);  // throws UserError
+
+struct ShardHeader {
+    int64_t count = 0;
+    int channels = 0, height = 0, width = 0;
+    DType dtype = DType::f32;
+    int num_classes = 0;
+    std::vector<std::string> channel_names;  // one per channel
+    std::vector<double> mean, std;           // per channel, in stored units
+    uint64_t labels_offset = 0, images_offset = 0;
+    uint32_t crc32c = 0;
+
+    size_t image_bytes() const { return size_t(channels) * height * width * dtype_size(dtype); }
+    bool same_shape(const ShardHeader& o) const {
+        return channels == o.channels && height == o.height && width == o.width &&
+               dtype == o.dtype && num_classes == o.num_classes;
+    }
+};
+
+// Castagnoli CRC (crc32c), incremental: crc = crc32c_update(crc, data, n),
+// starting from 0.
+uint32_t crc32c_update(uint32_t crc, const void* data, size_t n);
+
+// Writes a complete shard to `path` atomically: it writes `path.tmp`, fsyncs
+// and renames, so an interrupted write never leaves a shard that looks
+// complete. `images` holds count*image_bytes() bytes in the header's dtype.
+// Offsets and crc32c in `h` are computed here.
+void write_shard(const std::string& path, ShardHeader h, const std::vector<int32_t>& labels,
+                 const void* images);
+
+// Reads and checks the header (magic, version, every key, file size).
+// Throws UserError("<path>: <problem>").
+ShardHeader read_shard_header(const std::string& path);
+
+// Everything read_shard_header checks, plus labels in range and the crc32c.
+void verify_shard(const std::string& path);
+
+// Sorted list of files matching a glob; throws UserError if none match.
+std::vector<std::string> expand_glob(const std::string& pattern);
+
+// A whole data set in memory, normalized to float: image i, channel c is
+// (stored - mean[c]) / std[c]. The synchronous loader of the engine issue.
+struct Dataset {
+    ShardHeader shape;                // header of the first shard (count = total)
+    std::vector<int32_t> labels;      // [count]
+    std::vector<float> images;        // [count][channels][height][width]
+    int64_t count() const { return int64_t(labels.size()); }
+};
+
+// Loads every shard matching `pattern`. Refuses (UserError naming the file):
+// an empty glob, shards of different shapes, labels out of range, NaN or Inf
+// pixels, and anything read_shard_header refuses.
+Dataset load_dataset(const std::string& pattern);
+
+// fp16 <-> fp32 (IEEE half), for float16 shards.
+float half_to_float(uint16_t h);
+uint16_t float_to_half(float f);
+
+}  // namespace prism

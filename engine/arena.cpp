@@ -1,0 +1,39 @@
+#include "engine/arena.h"
+#include <cstdlib>
+#include <cstring>
+#include "engine/common.h"
+
+namespace prism {
+
+void Arena::allocate() {
+    capacity = (used + 63) & ~size_t(63);
+    if (capacity == 0) capacity = 64;
+    base = static_cast<char*>(std::aligned_alloc(64, capacity));
+    if (!base)
+        throw UserError("arena " + name + ": cannot allocate " + format_bytes(capacity) +
+                        " of host memory (lower train.batch or the model size)");
+    std::memset(base, 0, capacity);
+    used = 0;
+}
+
+void Arena::release() {
+    std::free(base);
+    base = nullptr;
+    capacity = used = 0;
+}
+
+void Arena::overflow() const {
+    panic(__FILE__, __LINE__, "arena " + name + " carved beyond its measured size");
+}
+
+std::string format_bytes(size_t bytes) {
+    const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+    double v = double(bytes);
+    int u = 0;
+    while (v >= 1024 && u < 4) { v /= 1024; u++; }
+    char buf[32];
+    std::snprintf(buf, sizeof buf, u == 0 ? "%.0f %s" : "%.1f %s", v, units[u]);
+    return buf;
+}
+
+}  // namespace prism

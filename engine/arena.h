@@ -1,0 +1,36 @@
+// Arenas: a few large allocations, sized once from the config and carved into
+// tensors. Carving runs twice: once with no memory to measure, once for real.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+namespace prism {
+
+struct Arena {
+    std::string name;
+    char* base = nullptr;   // null while measuring
+    size_t capacity = 0;
+    size_t used = 0;
+
+    // Next `count` elements of type T, 64-byte aligned.
+    template <class T>
+    T* take(size_t count) {
+        used = (used + 63) & ~size_t(63);
+        T* p = reinterpret_cast<T*>(base ? base + used : nullptr);
+        used += count * sizeof(T);
+        if (base && used > capacity) overflow();
+        return p;
+    }
+    // Allocates `used` bytes (host memory, zeroed); throws UserError naming the
+    // arena and the bytes when the allocation fails.
+    void allocate();
+    void release();
+    void rewind() { used = 0; }
+    [[noreturn]] void overflow() const;
+};
+
+// "12.3 MiB"
+std::string format_bytes(size_t bytes);
+
+}  // namespace prism

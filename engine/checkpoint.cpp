@@ -1,0 +1,51 @@
+#include "engine/checkpoint.h"
+#include <cstring>
+#include "engine/common.h"
+#include "engine/safetensors.h"
+
+namespace prism {
+
+template <class T>
+void save_checkpoint(const std::string& path, Model<T>& model, const Config& cfg) {
+    std::vector<float> fp32(model.num_params());
+    for (int64_t i = 0; i < model.num_params(); i++) fp32[i] = float(model.params()[i]);
+    std::vector<TensorOut> tensors;
+    for (const auto& p : model.layout())
+        tensors.push_back({p.name, "F32", p.shape, fp32.data() + p.offset});
+    write_safetensors(path, tensors, {{"config", config_to_json(cfg).dump()}, {"format", "pt"}});
+}
+template void save_checkpoint(const std::string&, Model<float>&, const Config&);
+template void save_checkpoint(const std::string&, Model<double>&, const Config&);
+
+Checkpoint load_checkpoint(const std::string& path) {
+    const SafetensorsFile file = read_safetensors(path);
+    auto it = file.metadata.find("config");
+    if (it == file.metadata.end()) throw UserError(path + ": no config in __metadata__");
+    nlohmann::json j;
+    try {
+        j = nlohmann::json::parse(it->second);
+    } catch (const std::exception&) {
+        throw UserError(path + ": __metadata__.config is not valid JSON");
+    }
+    Checkpoint ck;
+    ck.config = config_from_json(j, path);
+    const auto layout = param_layout(ck.config.model);
+    ck.params.resize(param_count(layout));
+    for (const auto& p : layout) {
+        const TensorIn& t = file.at(p.name);
+        if (t.dtype != "F32") throw UserError(path + ": " + p.name + " is " + t.dtype + ", expected F32");
+        if (t.shape != p.shape) throw UserError(path + ": " + p.name + " has the wrong shape for its config");
+        std::memcpy(ck.params.data() + p.offset, t.data, t.bytes);
+    }
+    return ck;
+}
+
+template <class T>
+void load_weights(Model<T>& model, const Checkpoint& ckpt) {
+    PRISM_ASSERT(int64_t(ckpt.params.size()) == model.num_params());
+    for (int64_t i = 0; i < model.num_params(); i++) model.params()[i] = T(ckpt.params[i]);
+}
+template void load_weights(Model<float>&, const Checkpoint&);
+template void load_weights(Model<double>&, const Checkpoint&);
+
+}  // namespace prism

@@ -1,0 +1,28 @@
+// Small shared vocabulary: the error type for bad user input and the
+// one-line checks used everywhere.
+#pragma once
+#include <cstdint>
+#include <cstdio>
+#include <stdexcept>
+#include <string>
+
+namespace prism {
+
+// Thrown for anything the user can fix (a bad file, a bad config value).
+// main() prints what() as one line and exits with code 1.
+struct UserError : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+
+// Internal invariant violated: a bug in Prism, not in the input.
+[[noreturn]] inline void panic(const char* file, int line, const std::string& what) {
+    std::fprintf(stderr, "prism: internal error at %s:%d: %s\n", file, line, what.c_str());
+    std::fflush(stderr);
+    std::abort();
+}
+#define PRISM_ASSERT(cond) \
+    do { if (!(cond)) ::prism::panic(__FILE__, __LINE__, #cond); } while (0)
+
+enum class Device { cpu, cuda };
+
+}  // namespace prism

@@ -1,0 +1,531 @@
+// ViT, channel-wise ViT and MoE-ViT, forward and backward, read top to bottom
+// as DESIGN.md §1 writes them. Every line of math is an op from kernels/ops.h.
+#include "engine/model.h"
+#include <algorithm>
+#include <cstdio>
+#include <cstring>
+#include "engine/common.h"
+#include "engine/rng.h"
+#include "kernels/ops.h"
+
+namespace prism {
+
+namespace {
+bool is_moe(const ModelConfig& c) { return c.arch == "moevit"; }
+bool is_vit(const ModelConfig& c) { return c.arch == "vit"; }
+int max_seq(const ModelConfig& c) { return 1 + (is_vit(c) ? 1 : c.channels) * c.num_patches(); }
+template <class T> void zero(T* p, int64_t n) { std::memset(p, 0, sizeof(T) * n); }
+ops::AuxLoss aux_kind(const ModelConfig& c) {
+    return c.aux == "switch" ? ops::AuxLoss::switch_
+         : c.aux == "importance" ? ops::AuxLoss::importance : ops::AuxLoss::none;
+}
+}  // namespace
+
+std::vector<ParamInfo> param_layout(const ModelConfig& c) {
+    const int64_t D = c.dim, C = c.channels, P = c.patch, N = c.num_patches(), H = c.hidden();
+    std::vector<ParamInfo> out;
+    auto add = [&](std::string name, std::vector<int64_t> shape) {
+        ParamInfo p;
+        p.numel = 1;
+        for (int64_t s : shape) p.numel *= s;
+        p.decay = shape.size() >= 2 && name.size() >= 5 && name.compare(name.size() - 5, 5, ".bias") != 0;
+        p.name = std::move(name);
+        p.shape = std::move(shape);
+        p.offset = out.empty() ? 0 : out.back().offset + out.back().numel;
+        out.push_back(std::move(p));
+    };
+    add("patch_embed.weight", {D, is_vit(c) ? C : 1, P, P});
+    add("patch_embed.bias", {D});
+    add("cls_token", {1, 1, D});
+    add("pos_embed", {1, 1 + N, D});
+    if (!is_vit(c)) add("channel_embed", {C, D});
+    for (int i = 0; i < c.depth; i++) {
+        const std::string b = "blocks." + std::to_string(i) + ".";
+        add(b + "norm1.weight", {D});
+        add(b + "norm1.bias", {D});
+        if (is_moe(c)) {
+            add(b + "attn.router.weight", {C, D});
+            add(b + "attn.router.bias", {C});
+            add(b + "attn.q.weight", {D, D});
+            add(b + "attn.q.bias", {D});
+            add(b + "attn.k.weight", {C, D, D});
+            add(b + "attn.k.bias", {C, D});
+            add(b + "attn.v.weight", {C, D, D});
+            add(b + "attn.v.bias", {C, D});
+        } else {
+            add(b + "attn.qkv.weight", {3 * D, D});
+            add(b + "attn.qkv.bias", {3 * D});
+        }
+        add(b + "attn.proj.weight", {D, D});
+        add(b + "attn.proj.bias", {D});
+        add(b + "norm2.weight", {D});
+        add(b + "norm2.bias", {D});
+        add(b + "mlp.fc1.weight", {H, D});
+        add(b + "mlp.fc1.bias", {H});
+        add(b + "mlp.fc2.weight", {D, H});
+        add(b + "mlp.fc2.bias", {D});
+    }
+    add("norm.weight", {D});
+    add("norm.bias", {D});
+    add("head.weight", {c.num_classes, D});
+    add("head.bias", {c.num_classes});
+    return out;
+}
+
+int64_t param_count(const std::vector<ParamInfo>& layout) {
+    return layout.empty() ? 0 : layout.back().offset + layout.back().numel;
+}
+
+template <class T>
+static void bind_weights(Weights<T>& w, T* base, const std::vector<ParamInfo>& layout, int depth) {
+    auto at = [&](const std::string& name) -> T* {
+        for (const auto& p : layout)
+            if (p.name == name) return base + p.offset;
+        return nullptr;  // absent in this architecture
+    };
+    w.patch_w = at("patch_embed.weight");
+    w.patch_b = at("patch_embed.bias");
+    w.cls_token = at("cls_token");
+    w.pos_embed = at("pos_embed");
+    w.channel_embed = at("channel_embed");
+    w.blocks.resize(depth);
+    for (int i = 0; i < depth; i++) {
+        const std::string b = "blocks." + std::to_string(i) + ".";
+        auto& k = w.blocks[i];
+        k.norm1_w = at(b + "norm1.weight");     k.norm1_b = at(b + "norm1.bias");
+        k.qkv_w = at(b + "attn.qkv.weight");    k.qkv_b = at(b + "attn.qkv.bias");
+        k.router_w = at(b + "attn.router.weight"); k.router_b = at(b + "attn.router.bias");
+        k.q_w = at(b + "attn.q.weight");        k.q_b = at(b + "attn.q.bias");
+        k.k_w = at(b + "attn.k.weight");        k.k_b = at(b + "attn.k.bias");
+        k.v_w = at(b + "attn.v.weight");        k.v_b = at(b + "attn.v.bias");
+        k.proj_w = at(b + "attn.proj.weight");  k.proj_b = at(b + "attn.proj.bias");
+        k.norm2_w = at(b + "norm2.weight");     k.norm2_b = at(b + "norm2.bias");
+        k.fc1_w = at(b + "mlp.fc1.weight");     k.fc1_b = at(b + "mlp.fc1.bias");
+        k.fc2_w = at(b + "mlp.fc2.weight");     k.fc2_b = at(b + "mlp.fc2.bias");
+    }
+    w.norm_w = at("norm.weight");
+    w.norm_b = at("norm.bias");
+    w.head_w = at("head.weight");
+    w.head_b = at("head.bias");
+}
+
+// What one block keeps from forward for backward.
+template <class T>
+struct BlockActs {
+    T *x_in, *ln1, *ln1_mean, *ln1_rstd;
+    T *qkv, *att_probs;                                    // dense attention
+    T *z, *rprobs, *weights, *lse, *q, *k, *v, *qg, *og;   // MoE attention
+    T *route_probs, *cls_probs;
+    int *experts, *offsets, *pair_of_row, *row_of_pair, *counts;
+    T aux_loss, z_loss;
+    T *att_out, *proj_out, *x_mid, *ln2, *ln2_mean, *ln2_rstd, *fc1, *act, *fc2_out, *x_out;
+    T *drop_attn, *drop_mlp;                               // per-image drop path scales
+    bool dropping;
+};
+
+template <class T>
+struct Activations {
+    T *patches, *patch_tok, *seq;
+    std::vector<BlockActs<T>> blocks;
+    T *cls_rows, *lnf, *lnf_mean, *lnf_rstd, *logits, *ce_probs;
+    Losses losses;
+    // Backward scratch, reused by every block.
+    T *dres, *dbranch, *datt, *dln, *dqkv, *dfc1, *dact, *dz, *drprobs, *dweights;
+    T *dq, *dk, *dv, *dqg, *dog, *dcls, *dlnf, *dlogits, *dpatch;
+};
+
+template <class T>
+Model<T>::Model(const ModelConfig& cfg, int batch_capacity, bool verbose)
+    : cfg_(cfg), capacity_(batch_capacity), layout_(param_layout(cfg)) {
+    num_params_ = param_count(layout_);
+    param_arena_.take<T>(2 * num_params_);
+    param_arena_.allocate();
+    param_mem_ = param_arena_.take<T>(num_params_);
+    grad_mem_ = param_arena_.take<T>(num_params_);
+    bind_weights(w_, param_mem_, layout_, cfg_.depth);
+    bind_weights(g_, grad_mem_, layout_, cfg_.depth);
+    act_ = new Activations<T>();
+    carve_activations();       // measure
+    act_arena_.allocate();
+    carve_activations();       // bind
+    if (verbose)
+        std::printf("arena %-22s %10s  (%lld parameters, %s each, with gradients)\n"
+                    "arena %-22s %10s  (batch capacity %d, sequence %d)\n",
+                    param_arena_.name.c_str(), format_bytes(param_arena_.capacity).c_str(),
+                    (long long)num_params_, sizeof(T) == 4 ? "fp32" : "fp64",
+                    act_arena_.name.c_str(), format_bytes(act_arena_.capacity).c_str(), capacity_,
+                    max_seq(cfg_));
+}
+
+template <class T>
+Model<T>::~Model() {
+    delete act_;
+    act_arena_.release();
+    param_arena_.release();
+}
+
+template <class T>
+void Model<T>::carve_activations() {
+    Arena& a = act_arena_;
+    a.rewind();
+    const int64_t B = capacity_, C = cfg_.channels, N = cfg_.num_patches(), D = cfg_.dim;
+    const int64_t P = cfg_.patch, Hd = cfg_.heads, H = cfg_.hidden(), L = max_seq(cfg_);
+    const int64_t k = cfg_.top_k, Tok = B * C * N, K = cfg_.num_classes;
+    Activations<T>& x = *act_;
+    x.patches = a.take<T>(B * C * N * P * P);
+    x.patch_tok = a.take<T>(B * (L - 1) * D);
+    x.seq = a.take<T>(B * L * D);
+    x.blocks.assign(cfg_.depth, BlockActs<T>{});
+    T* prev = x.seq;
+    for (auto& b : x.blocks) {
+        b.x_in = prev;
+        b.ln1 = a.take<T>(B * L * D);
+        b.ln1_mean = a.take<T>(B * L);
+        b.ln1_rstd = a.take<T>(B * L);
+        if (is_moe(cfg_)) {
+            b.z = a.take<T>(B * L * C);
+            b.rprobs = a.take<T>(Tok * C);
+            b.experts = a.take<int>(Tok * k);
+            b.weights = a.take<T>(Tok * k);
+            b.lse = a.take<T>(Tok);
+            b.q = a.take<T>(B * L * D);
+            b.k = a.take<T>(Tok * D);
+            b.v = a.take<T>(Tok * D);
+            b.offsets = a.take<int>(B * C + 1);
+            b.pair_of_row = a.take<int>(Tok * k);
+            b.row_of_pair = a.take<int>(Tok * k);
+            b.counts = a.take<int>(C);
+            b.qg = a.take<T>(Tok * k * D);
+            b.og = a.take<T>(Tok * k * D);
+            b.route_probs = a.take<T>(Tok * k * Hd * N);
+            b.cls_probs = a.take<T>(B * Hd * C * N);
+        } else {
+            b.qkv = a.take<T>(B * L * 3 * D);
+            b.att_probs = a.take<T>(B * Hd * L * L);
+        }
+        b.att_out = a.take<T>(B * L * D);
+        b.proj_out = a.take<T>(B * L * D);
+        b.x_mid = a.take<T>(B * L * D);
+        b.ln2 = a.take<T>(B * L * D);
+        b.ln2_mean = a.take<T>(B * L);
+        b.ln2_rstd = a.take<T>(B * L);
+        b.fc1 = a.take<T>(B * L * H);
+        b.act = a.take<T>(B * L * H);
+        b.fc2_out = a.take<T>(B * L * D);
+        b.x_out = a.take<T>(B * L * D);
+        b.drop_attn = a.take<T>(B);
+        b.drop_mlp = a.take<T>(B);
+        prev = b.x_out;
+    }
+    x.cls_rows = a.take<T>(B * D);
+    x.lnf = a.take<T>(B * D);
+    x.lnf_mean = a.take<T>(B);
+    x.lnf_rstd = a.take<T>(B);
+    x.logits = a.take<T>(B * K);
+    x.ce_probs = a.take<T>(B * K);
+    x.dres = a.take<T>(B * L * D);
+    x.dbranch = a.take<T>(B * L * D);
+    x.datt = a.take<T>(B * L * D);
+    x.dln = a.take<T>(B * L * D);
+    x.dfc1 = a.take<T>(B * L * H);
+    x.dact = a.take<T>(B * L * H);
+    if (is_moe(cfg_)) {
+        x.dz = a.take<T>(B * L * C);
+        x.drprobs = a.take<T>(Tok * C);
+        x.dweights = a.take<T>(Tok * k);
+        x.dq = a.take<T>(B * L * D);
+        x.dk = a.take<T>(Tok * D);
+        x.dv = a.take<T>(Tok * D);
+        x.dqg = a.take<T>(Tok * k * D);
+        x.dog = a.take<T>(Tok * k * D);
+    } else {
+        x.dqkv = a.take<T>(B * L * 3 * D);
+    }
+    x.dcls = a.take<T>(B * D);
+    x.dlnf = a.take<T>(B * D);
+    x.dlogits = a.take<T>(B * K);
+    x.dpatch = a.take<T>(B * (L - 1) * D);
+}
+
+template <class T>
+void Model<T>::init_weights(uint64_t seed) {
+    Rng rng(seed, kInitStream);
+    for (const auto& p : layout_) {
+        T* w = param_mem_ + p.offset;
+        const bool is_bias = p.name.size() >= 4 && p.name.compare(p.name.size() - 4, 4, "bias") == 0;
+        const bool is_norm = p.name.find("norm") != std::string::npos;
+        for (int64_t i = 0; i < p.numel; i++) {
+            if (is_norm) w[i] = is_bias ? T(0) : T(1);              // LayerNorm: identity
+            else if (is_bias) w[i] = T(0);
+            else if (p.name == "cls_token") w[i] = T(rng.normal() * 1e-6);  // timm
+            else w[i] = T(rng.trunc_normal(0.02));                  // weights, pos/channel embeddings
+        }
+    }
+}
+
+template <class T>
+const T* Model<T>::logits() const { return act_->logits; }
+
+template <class T>
+std::vector<std::vector<int>> Model<T>::routing_counts() const {
+    std::vector<std::vector<int>> out;
+    if (!is_moe(cfg_)) return out;
+    for (const auto& b : act_->blocks) {
+        std::vector<int> per_channel(cfg_.channels, 0);
+        for (int s = 0; s < nS_; s++) per_channel[S_[s]] = b.counts[s];
+        out.push_back(per_channel);
+    }
+    return out;
+}
+
+// ---------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------
+
+template <class T>
+Losses Model<T>::forward(const Batch& batch, bool training, uint64_t drop_seed) {
+    PRISM_ASSERT(batch.size >= 1 && batch.size <= capacity_);
+    PRISM_ASSERT(!batch.channels.empty());
+    const int C = cfg_.channels, P = cfg_.patch, N = cfg_.num_patches(), D = cfg_.dim;
+    B_ = batch.size;
+    S_ = batch.channels;
+    nS_ = int(S_.size());
+    in_S_.assign(C, 0);
+    for (int c : S_) in_S_[c] = 1;
+    images_ = batch.images;
+    labels_ = batch.labels;
+    training_ = training;
+    Activations<T>& x = *act_;
+
+    // Patch embedding: a shared linear map of each P×P patch (a stride-P conv).
+    if (is_vit(cfg_)) {
+        // vit sees all channels at once; under HCS the missing ones are zeroed
+        // and the rest scaled by C/|S| so the input's scale is unchanged.
+        ops::patchify_all(x.patches, images_, B_, C, cfg_.image, cfg_.image, P, in_S_.data(),
+                          T(C) / T(nS_));
+        ops::linear_forward(x.patch_tok, x.patches, w_.patch_w, w_.patch_b, int64_t(B_) * N,
+                            C * P * P, D);
+        ops::embed_forward(x.seq, x.patch_tok, w_.cls_token, w_.pos_embed, (const T*)nullptr,
+                           S_.data(), B_, 1, N, D);
+    } else {
+        // chvit/moevit: token (c, n) = conv(x[c])[n] + pos[1+n] + channel_embed[c]
+        ops::patchify_channels(x.patches, images_, B_, C, cfg_.image, cfg_.image, P, S_.data(), nS_);
+        ops::linear_forward(x.patch_tok, x.patches, w_.patch_w, w_.patch_b,
+                            int64_t(B_) * nS_ * N, P * P, D);
+        ops::embed_forward(x.seq, x.patch_tok, w_.cls_token, w_.pos_embed, w_.channel_embed,
+                           S_.data(), B_, nS_, N, D);
+    }
+
+    // Stochastic depth: rate grows linearly over depth; a dropped sample's
+    // branch is skipped, a kept one is scaled by 1/keep.
+    Rng drop_rng(drop_seed, kDropPathStream);
+    for (int i = 0; i < cfg_.depth; i++) {
+        auto& b = x.blocks[i];
+        const double rate = cfg_.depth > 1 ? cfg_.drop_path * i / (cfg_.depth - 1) : cfg_.drop_path;
+        b.dropping = training && rate > 0;
+        if (b.dropping)
+            for (T* scales : {b.drop_attn, b.drop_mlp})
+                for (int s = 0; s < B_; s++)
+                    scales[s] = drop_rng.uniform() < rate ? T(0) : T(1.0 / (1.0 - rate));
+    }
+
+    Losses losses;
+    for (int i = 0; i < cfg_.depth; i++) {
+        block_forward(i, training);
+        losses.aux += double(x.blocks[i].aux_loss) / cfg_.depth;
+        losses.z += double(x.blocks[i].z_loss) / cfg_.depth;
+    }
+
+    // Head: final LayerNorm and the classifier on the CLS token.
+    const int64_t L = 1 + int64_t(is_vit(cfg_) ? 1 : nS_) * N;
+    const T* x_last = cfg_.depth ? x.blocks.back().x_out : x.seq;
+    ops::select_rows(x.cls_rows, x_last, L * D, B_, D);
+    ops::layernorm_forward(x.lnf, x.lnf_mean, x.lnf_rstd, x.cls_rows, w_.norm_w, w_.norm_b, B_, D);
+    ops::linear_forward(x.logits, x.lnf, w_.head_w, w_.head_b, B_, D, cfg_.num_classes);
+    if (labels_) {
+        losses.ce = double(ops::cross_entropy_forward(x.ce_probs, x.logits, labels_, B_,
+                                                      cfg_.num_classes, &losses.correct));
+    }
+    losses.total = losses.ce + losses.aux + losses.z;
+    x.losses = losses;
+    return losses;
+}
+
+template <class T>
+void Model<T>::block_forward(int i, bool training) {
+    const int64_t N = cfg_.num_patches(), D = cfg_.dim, Hd = cfg_.heads, H = cfg_.hidden();
+    const int64_t C = cfg_.channels;
+    const int64_t L = 1 + int64_t(is_vit(cfg_) ? 1 : nS_) * N, rows = B_ * L;
+    const auto& w = w_.blocks[i];
+    auto& b = act_->blocks[i];
+    b.aux_loss = b.z_loss = T(0);
+
+    // y = LN1(x)
+    ops::layernorm_forward(b.ln1, b.ln1_mean, b.ln1_rstd, b.x_in, w.norm1_w, w.norm1_b, rows, int(D));
+
+    if (!is_moe(cfg_)) {
+        // Dense multi-head attention over the whole sequence.
+        ops::linear_forward(b.qkv, b.ln1, w.qkv_w, w.qkv_b, rows, int(D), int(3 * D));
+        ops::attention_forward(b.att_out, b.att_probs, b.qkv, B_, int(L), int(D), int(Hd));
+    } else {
+        // Channel-MoE attention. Patch rows of a [B, L, ·] buffer start at row 1.
+        const int k = std::min(cfg_.top_k, nS_);
+        const int64_t tokens = int64_t(B_) * nS_ * N;
+        const auto combine = cfg_.combine == "renorm" ? ops::Combine::renorm : ops::Combine::softmax;
+        // Router: z = y·W_rᵀ + b_r; p = softmax over S; E(t) = top-k; R = combine weights.
+        ops::linear_forward(b.z, b.ln1, w.router_w, w.router_b, rows, int(D), int(C));
+        ops::router_forward(b.rprobs, b.experts, b.weights, b.lse, b.z + C, L * C, in_S_.data(),
+                            S_.data(), B_, nS_, int(N), int(C), k, combine);
+        // Dispatch: sort the (token, slot) pairs into (image, channel) groups.
+        ops::moe_dispatch(b.offsets, b.pair_of_row, b.row_of_pair, b.counts, b.experts, B_, nS_,
+                          int(N), k);
+        // q shared by all tokens; k, v from each channel's own expert.
+        ops::linear_forward(b.q, b.ln1, w.q_w, w.q_b, rows, int(D), int(D));
+        ops::expert_linear_forward(b.k, b.ln1 + D, L * D, w.k_w, w.k_b, S_.data(), B_, nS_, int(N),
+                                   int(D), int(D));
+        ops::expert_linear_forward(b.v, b.ln1 + D, L * D, w.v_w, w.v_b, S_.data(), B_, nS_, int(N),
+                                   int(D), int(D));
+        // a[t] = Σ_{c∈E(t)} R[t,c]·MHA(q[t], K_{b,c}, V_{b,c})
+        ops::moe_gather_forward(b.qg, b.q + D, L * D, b.pair_of_row, B_, nS_, int(N), k, int(D));
+        ops::routed_attention_forward(b.og, b.route_probs, b.qg, b.k, b.v, b.offsets, B_, nS_,
+                                      int(N), int(D), int(Hd));
+        ops::combine_forward(b.att_out + D, L * D, b.og, b.weights, b.row_of_pair, B_, nS_, int(N),
+                             k, int(D));
+        // The CLS row attends densely to every patch key of its image.
+        ops::cls_attention_forward(b.att_out, L * D, b.cls_probs, b.q, L * D, b.k, b.v, B_,
+                                   int(nS_ * N), int(D), int(Hd));
+        // Load-balance and z losses (their gradients are taken in backward).
+        b.aux_loss = ops::aux_loss_forward_backward<T>(
+            nullptr, b.rprobs, b.counts, S_.data(), tokens, nS_, int(C), k, aux_kind(cfg_), T(cfg_.aux_coef), T(0));
+        b.z_loss = ops::z_loss_forward_backward<T>(nullptr, 0, b.rprobs, b.lse, B_, nS_, int(N),
+                                                   int(C), T(cfg_.z_loss_coef), T(0));
+    }
+    // x_mid = x + drop_path(attn_out·W_oᵀ + b_o)
+    ops::linear_forward(b.proj_out, b.att_out, w.proj_w, w.proj_b, rows, int(D), int(D));
+    std::memcpy(b.x_mid, b.x_in, sizeof(T) * rows * D);
+    ops::residual_forward(b.x_mid, b.proj_out, b.dropping ? b.drop_attn : nullptr, B_, L * D);
+    // x_out = x_mid + drop_path(MLP(LN2(x_mid)))
+    ops::layernorm_forward(b.ln2, b.ln2_mean, b.ln2_rstd, b.x_mid, w.norm2_w, w.norm2_b, rows, int(D));
+    ops::linear_forward(b.fc1, b.ln2, w.fc1_w, w.fc1_b, rows, int(D), int(H));
+    ops::gelu_forward(b.act, b.fc1, rows * H);
+    ops::linear_forward(b.fc2_out, b.act, w.fc2_w, w.fc2_b, rows, int(H), int(D));
+    std::memcpy(b.x_out, b.x_mid, sizeof(T) * rows * D);
+    ops::residual_forward(b.x_out, b.fc2_out, b.dropping ? b.drop_mlp : nullptr, B_, L * D);
+}
+
+// ---------------------------------------------------------------------------
+// Backward: the same steps in reverse. Every op accumulates, so each
+// gradient buffer is zeroed right before the ops that fill it.
+// ---------------------------------------------------------------------------
+
+template <class T>
+void Model<T>::backward() {
+    PRISM_ASSERT(labels_ != nullptr);
+    const int C = cfg_.channels, P = cfg_.patch, N = cfg_.num_patches(), D = cfg_.dim;
+    const int K = cfg_.num_classes;
+    const int64_t L = 1 + int64_t(is_vit(cfg_) ? 1 : nS_) * N;
+    Activations<T>& x = *act_;
+    zero(grad_mem_, num_params_);
+
+    zero(x.dlogits, int64_t(B_) * K);
+    ops::cross_entropy_backward(x.dlogits, x.ce_probs, labels_, B_, K, T(1));
+    zero(x.dlnf, int64_t(B_) * D);
+    ops::linear_backward(x.dlnf, g_.head_w, g_.head_b, x.dlogits, x.lnf, w_.head_w, B_, D, K);
+    zero(x.dcls, int64_t(B_) * D);
+    ops::layernorm_backward(x.dcls, g_.norm_w, g_.norm_b, x.dlnf, x.cls_rows, w_.norm_w,
+                            x.lnf_mean, x.lnf_rstd, B_, D);
+    zero(x.dres, B_ * L * D);
+    ops::select_rows_backward(x.dres, x.dcls, L * D, B_, D);
+
+    for (int i = cfg_.depth - 1; i >= 0; i--) block_backward(i);
+
+    const int64_t patch_rows = int64_t(B_) * (L - 1);
+    zero(x.dpatch, patch_rows * D);
+    if (is_vit(cfg_)) {
+        ops::embed_backward(x.dpatch, g_.cls_token, g_.pos_embed, (T*)nullptr, x.dres, S_.data(),
+                            B_, 1, N, D);
+        ops::linear_backward((T*)nullptr, g_.patch_w, g_.patch_b, x.dpatch, x.patches, w_.patch_w,
+                             patch_rows, C * P * P, D);
+    } else {
+        ops::embed_backward(x.dpatch, g_.cls_token, g_.pos_embed, g_.channel_embed, x.dres,
+                            S_.data(), B_, nS_, N, D);
+        ops::linear_backward((T*)nullptr, g_.patch_w, g_.patch_b, x.dpatch, x.patches, w_.patch_w,
+                             patch_rows, P * P, D);
+    }
+}
+
+template <class T>
+void Model<T>::block_backward(int i) {
+    const int64_t N = cfg_.num_patches(), D = cfg_.dim, Hd = cfg_.heads, H = cfg_.hidden();
+    const int64_t C = cfg_.channels;
+    const int64_t L = 1 + int64_t(is_vit(cfg_) ? 1 : nS_) * N, rows = B_ * L;
+    const auto& w = w_.blocks[i];
+    auto& g = g_.blocks[i];
+    auto& b = act_->blocks[i];
+    Activations<T>& x = *act_;
+    // x.dres holds ∂loss/∂x_out on entry and ∂loss/∂x_in on exit.
+
+    // MLP branch
+    zero(x.dbranch, rows * D);
+    ops::residual_backward(x.dbranch, x.dres, b.dropping ? b.drop_mlp : nullptr, B_, L * D);
+    zero(x.dact, rows * H);
+    ops::linear_backward(x.dact, g.fc2_w, g.fc2_b, x.dbranch, b.act, w.fc2_w, rows, int(H), int(D));
+    zero(x.dfc1, rows * H);
+    ops::gelu_backward(x.dfc1, x.dact, b.fc1, rows * H);
+    zero(x.dln, rows * D);
+    ops::linear_backward(x.dln, g.fc1_w, g.fc1_b, x.dfc1, b.ln2, w.fc1_w, rows, int(D), int(H));
+    ops::layernorm_backward(x.dres, g.norm2_w, g.norm2_b, x.dln, b.x_mid, w.norm2_w, b.ln2_mean,
+                            b.ln2_rstd, rows, int(D));
+
+    // Attention branch
+    zero(x.dbranch, rows * D);
+    ops::residual_backward(x.dbranch, x.dres, b.dropping ? b.drop_attn : nullptr, B_, L * D);
+    zero(x.datt, rows * D);
+    ops::linear_backward(x.datt, g.proj_w, g.proj_b, x.dbranch, b.att_out, w.proj_w, rows, int(D), int(D));
+    zero(x.dln, rows * D);
+    if (!is_moe(cfg_)) {
+        zero(x.dqkv, rows * 3 * D);
+        ops::attention_backward(x.dqkv, x.datt, b.qkv, b.att_probs, B_, int(L), int(D), int(Hd));
+        ops::linear_backward(x.dln, g.qkv_w, g.qkv_b, x.dqkv, b.ln1, w.qkv_w, rows, int(D), int(3 * D));
+    } else {
+        const int k = std::min(cfg_.top_k, nS_);
+        const int64_t tokens = int64_t(B_) * nS_ * N;
+        const auto combine = cfg_.combine == "renorm" ? ops::Combine::renorm : ops::Combine::softmax;
+        zero(x.dq, rows * D);
+        zero(x.dk, tokens * D);
+        zero(x.dv, tokens * D);
+        zero(x.dog, tokens * k * D);
+        zero(x.dqg, tokens * k * D);
+        zero(x.dweights, tokens * k);
+        zero(x.drprobs, tokens * C);
+        zero(x.dz, rows * C);
+        ops::cls_attention_backward(x.dq, L * D, x.dk, x.dv, x.datt, L * D, b.q, L * D, b.k, b.v,
+                                    b.cls_probs, B_, int(nS_ * N), int(D), int(Hd));
+        ops::combine_backward(x.dog, x.dweights, x.datt + D, L * D, b.og, b.weights, b.row_of_pair,
+                              B_, nS_, int(N), k, int(D));
+        ops::routed_attention_backward(x.dqg, x.dk, x.dv, x.dog, b.qg, b.k, b.v, b.route_probs,
+                                       b.offsets, B_, nS_, int(N), int(D), int(Hd));
+        ops::moe_gather_backward(x.dq + D, L * D, x.dqg, b.row_of_pair, B_, nS_, int(N), k, int(D));
+        ops::expert_linear_backward(x.dln + D, g.k_w, g.k_b, x.dk, b.ln1 + D, L * D, w.k_w,
+                                    S_.data(), B_, nS_, int(N), int(D), int(D));
+        ops::expert_linear_backward(x.dln + D, g.v_w, g.v_b, x.dv, b.ln1 + D, L * D, w.v_w,
+                                    S_.data(), B_, nS_, int(N), int(D), int(D));
+        ops::linear_backward(x.dln, g.q_w, g.q_b, x.dq, b.ln1, w.q_w, rows, int(D), int(D));
+        // The model's aux and z losses are means over blocks.
+        const T per_block = T(1) / T(cfg_.depth);
+        ops::aux_loss_forward_backward(x.drprobs, b.rprobs, b.counts, S_.data(), tokens, nS_,
+                                       int(C), k, aux_kind(cfg_), T(cfg_.aux_coef), per_block);
+        ops::z_loss_forward_backward(x.dz + C, L * C, b.rprobs, b.lse, B_, nS_, int(N), int(C),
+                                     T(cfg_.z_loss_coef), per_block);
+        ops::router_backward(x.dz + C, L * C, b.rprobs, b.experts, b.weights, x.dweights,
+                             x.drprobs, S_.data(), B_, nS_, int(N), int(C), k, combine);
+        ops::linear_backward(x.dln, g.router_w, g.router_b, x.dz, b.ln1, w.router_w, rows, int(D), int(C));
+    }
+    ops::layernorm_backward(x.dres, g.norm1_w, g.norm1_b, x.dln, b.x_in, w.norm1_w, b.ln1_mean,
+                            b.ln1_rstd, rows, int(D));
+}
+
+template class Model<float>;
+template class Model<double>;
+
+}  // namespace prism

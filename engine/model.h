@@ -1,0 +1,107 @@
+// The three architectures of DESIGN.md §1 (vit, chvit, moevit) as one model
+// whose forward and backward are written against kernels/ops.h. Memory comes
+// from three arenas sized from the config and the batch capacity: parameters
+// (with their gradients), optimizer state (engine/optimizer.h) and activations.
+#pragma once
+#include <string>
+#include <vector>
+#include "engine/arena.h"
+#include "engine/config.h"
+
+namespace prism {
+
+struct ParamInfo {
+    std::string name;             // checkpoint name (DESIGN.md §2)
+    std::vector<int64_t> shape;
+    int64_t offset = 0;           // elements from the start of the parameter block
+    int64_t numel = 0;
+    bool decay = false;           // AdamW weight decay applies (rank >= 2, not a bias)
+};
+
+// Names, shapes and offsets of every parameter, in checkpoint order.
+std::vector<ParamInfo> param_layout(const ModelConfig& cfg);
+int64_t param_count(const std::vector<ParamInfo>& layout);
+
+// One batch as the model sees it: normalized float images [B, C, H, W] with
+// all C channels, and the sorted channel subset S present in this batch.
+struct Batch {
+    const float* images = nullptr;
+    const int32_t* labels = nullptr;
+    int size = 0;                 // B, at most the model's batch capacity
+    std::vector<int> channels;    // S, sorted; all of 0..C-1 unless HCS drew a subset
+};
+
+struct Losses {
+    double total = 0, ce = 0, aux = 0, z = 0;
+    int correct = 0;
+};
+
+// Pointers to each tensor of a parameter-shaped block (weights, or gradients).
+template <class T>
+struct Weights {
+    T *patch_w, *patch_b, *cls_token, *pos_embed, *channel_embed;
+    struct Block {
+        T *norm1_w, *norm1_b, *qkv_w, *qkv_b;                         // vit, chvit
+        T *router_w, *router_b, *q_w, *q_b, *k_w, *k_b, *v_w, *v_b;   // moevit
+        T *proj_w, *proj_b, *norm2_w, *norm2_b, *fc1_w, *fc1_b, *fc2_w, *fc2_b;
+    };
+    std::vector<Block> blocks;
+    T *norm_w, *norm_b, *head_w, *head_b;
+};
+
+template <class T>
+struct Activations;  // model.cpp
+
+template <class T>
+class Model {
+public:
+    // batch_capacity: the largest batch forward() will be given.
+    Model(const ModelConfig& cfg, int batch_capacity, bool verbose);
+    ~Model();
+    Model(const Model&) = delete;
+    Model& operator=(const Model&) = delete;
+
+    // timm-style initialization from the seed: bit-identical for the same seed.
+    void init_weights(uint64_t seed);
+
+    // training: drop path active (masks drawn from drop_seed). Leaves what
+    // backward() needs in the activation arena. Returns the losses.
+    Losses forward(const Batch& batch, bool training, uint64_t drop_seed = 0);
+    // Gradients of forward()'s total loss, written (not accumulated) to grads().
+    void backward();
+
+    const ModelConfig& config() const { return cfg_; }
+    const std::vector<ParamInfo>& layout() const { return layout_; }
+    int64_t num_params() const { return num_params_; }
+    T* params() { return param_mem_; }
+    T* grads() { return grad_mem_; }
+    const T* logits() const;   // [B, classes] of the last forward
+    // Per block: token-slots routed to each channel in the last forward ([C]; moevit).
+    std::vector<std::vector<int>> routing_counts() const;
+    size_t param_arena_bytes() const { return param_arena_.capacity; }
+    size_t activation_arena_bytes() const { return act_arena_.capacity; }
+
+private:
+    void carve_activations();
+    void block_forward(int i, bool training);
+    void block_backward(int i);
+
+    ModelConfig cfg_;
+    int capacity_;
+    std::vector<ParamInfo> layout_;
+    int64_t num_params_ = 0;
+    Arena param_arena_{"parameters+gradients"}, act_arena_{"activations"};
+    T* param_mem_ = nullptr;
+    T* grad_mem_ = nullptr;
+    Weights<T> w_, g_;
+    Activations<T>* act_ = nullptr;
+    // The batch of the last forward.
+    int B_ = 0, nS_ = 0;
+    std::vector<int> S_;
+    std::vector<uint8_t> in_S_;
+    const float* images_ = nullptr;
+    const int32_t* labels_ = nullptr;
+    bool training_ = false;
+};
+
+}  // namespace prism

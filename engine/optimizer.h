@@ -1,0 +1,34 @@
+// AdamW with decoupled weight decay (on rank >= 2 weights, not biases or
+// LayerNorm parameters), global-norm clipping, and the learning-rate schedule:
+// linear warmup, then cosine to min_lr.
+#pragma once
+#include "engine/arena.h"
+#include "engine/config.h"
+#include "engine/model.h"
+
+namespace prism {
+
+double learning_rate(const TrainConfig& t, int64_t step, int64_t total_steps, int64_t warmup_steps);
+
+template <class T>
+class AdamW {
+public:
+    AdamW(const TrainConfig& cfg, int64_t num_params, bool verbose);
+    ~AdamW() { state_.release(); }
+    // One update of model.params() from model.grads(). Returns the gradient's
+    // global L2 norm before clipping.
+    double step(Model<T>& model, double lr);
+    int64_t steps_taken() const { return t_; }
+    T* first_moment() { return m_; }
+    T* second_moment() { return v_; }
+    void set_steps_taken(int64_t t) { t_ = t; }
+
+private:
+    TrainConfig cfg_;
+    int64_t n_;
+    Arena state_{"optimizer state"};
+    T *m_ = nullptr, *v_ = nullptr;
+    int64_t t_ = 0;
+};
+
+}  // namespace prism

@@ -1,0 +1,201 @@
+#include "engine/train.h"
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <sys/stat.h>
+#include <nlohmann/json.hpp>
+#include "data/loader.h"
+#include "engine/checkpoint.h"
+#include "engine/optimizer.h"
+#include "engine/rng.h"
+
+namespace prism {
+
+namespace {
+using Clock = std::chrono::steady_clock;
+double seconds_since(Clock::time_point t) {
+    return std::chrono::duration<double>(Clock::now() - t).count();
+}
+void make_dirs(const std::string& dir) {
+    std::string partial;
+    for (size_t i = 0; i <= dir.size(); i++) {
+        if (i == dir.size() || dir[i] == '/') {
+            if (!partial.empty() && mkdir(partial.c_str(), 0755) != 0 && errno != EEXIST)
+                throw UserError(dir + ": cannot create directory: " + std::strerror(errno));
+        }
+        if (i < dir.size()) partial += dir[i];
+    }
+}
+}  // namespace
+
+std::vector<int> channels_for_step(const TrainConfig& t, int C, int64_t step) {
+    std::vector<int> all(C);
+    for (int c = 0; c < C; c++) all[c] = c;
+    if (!t.hcs) return all;
+    Rng rng(t.seed, kHcsStream, uint64_t(step));
+    const int m = 1 + int(rng.below(uint64_t(C)));
+    for (int i = 0; i < m; i++) std::swap(all[i], all[i + rng.below(uint64_t(C - i))]);
+    all.resize(m);
+    std::sort(all.begin(), all.end());
+    return all;
+}
+
+void check_data_matches(const Dataset& d, const ModelConfig& m, const std::string& glob) {
+    const auto& h = d.shape;
+    if (h.channels != m.channels)
+        throw UserError(glob + ": shards have " + std::to_string(h.channels) +
+                        " channels, model.channels is " + std::to_string(m.channels));
+    if (h.height != m.image || h.width != m.image)
+        throw UserError(glob + ": shards hold " + std::to_string(h.height) + "x" + std::to_string(h.width) +
+                        " images, model.image is " + std::to_string(m.image));
+    if (h.num_classes != m.num_classes)
+        throw UserError(glob + ": shards have " + std::to_string(h.num_classes) +
+                        " classes, model.num_classes is " + std::to_string(m.num_classes));
+}
+
+template <class T>
+EvalResult evaluate(Model<T>& model, const Dataset& data, int batch, bool keep_logits) {
+    const int C = model.config().channels, K = model.config().num_classes;
+    Loader loader(data, batch, /*shuffle=*/false, 0);
+    std::vector<float> images;
+    std::vector<int32_t> labels;
+    Batch b;
+    for (int c = 0; c < C; c++) b.channels.push_back(c);
+    EvalResult r;
+    double loss_sum = 0;
+    int64_t correct = 0;
+    while (int n = loader.next(images, labels)) {
+        b.images = images.data();
+        b.labels = labels.data();
+        b.size = n;
+        const Losses l = model.forward(b, /*training=*/false);
+        loss_sum += l.ce * n;
+        correct += l.correct;
+        r.count += n;
+        if (keep_logits)
+            for (int64_t i = 0; i < int64_t(n) * K; i++) r.logits.push_back(float(model.logits()[i]));
+    }
+    r.accuracy = r.count ? double(correct) / r.count : 0;
+    r.loss = r.count ? loss_sum / r.count : 0;
+    return r;
+}
+template EvalResult evaluate(Model<float>&, const Dataset&, int, bool);
+template EvalResult evaluate(Model<double>&, const Dataset&, int, bool);
+
+TrainResult train(const Config& cfg, Device device, const std::string& out_dir, bool verbose) {
+    const ModelConfig& m = cfg.model;
+    const TrainConfig& t = cfg.train;
+    if (device != Device::cpu)
+        throw UserError("--device cuda: the CUDA backend's kernels are not implemented yet; use --device cpu");
+    if (cfg.data.train.empty()) throw UserError("config: data.train is empty (a glob of training shards)");
+    if (t.steps == 0 && t.epochs == 0) throw UserError("config: set train.steps or train.epochs");
+
+    const Dataset train_data = load_dataset(cfg.data.train);
+    check_data_matches(train_data, m, cfg.data.train);
+    Dataset val_data;
+    if (!cfg.data.val.empty()) {
+        val_data = load_dataset(cfg.data.val);
+        check_data_matches(val_data, m, cfg.data.val);
+    }
+    if (train_data.count() < t.batch)
+        throw UserError(cfg.data.train + ": " + std::to_string(train_data.count()) +
+                        " images, fewer than one batch of " + std::to_string(t.batch));
+
+    Loader loader(train_data, t.batch, /*shuffle=*/true, t.seed);
+    const int64_t per_epoch = loader.batches_per_epoch();
+    const int64_t total = t.steps > 0 ? t.steps : int64_t(std::ceil(t.epochs * per_epoch));
+    const int64_t warmup = t.warmup_steps > 0 ? t.warmup_steps : int64_t(std::llround(t.warmup_epochs * per_epoch));
+    if (verbose)
+        std::printf("train: %s, %lld images (%lld steps/epoch), %lld steps, batch %d, device cpu\n",
+                    m.arch.c_str(), (long long)train_data.count(), (long long)per_epoch,
+                    (long long)total, t.batch);
+
+    Model<float> model(m, t.batch, verbose);
+    model.init_weights(t.seed);
+    AdamW<float> opt(t, model.num_params(), verbose);
+
+    std::ofstream metrics;
+    if (!out_dir.empty()) {
+        make_dirs(out_dir);
+        std::ofstream(out_dir + "/config.json") << config_to_json(cfg).dump(2) << "\n";
+        metrics.open(out_dir + "/metrics.jsonl");
+        if (!metrics) throw UserError(out_dir + "/metrics.jsonl: cannot write");
+    }
+    auto run_eval = [&](int64_t step) {
+        EvalResult r = evaluate(model, val_data, t.batch, false);
+        if (verbose)
+            std::printf("eval  step %lld | val loss %.4f | val acc %.4f (%lld images)\n", (long long)step,
+                        r.loss, r.accuracy, (long long)r.count);
+        if (metrics.is_open())
+            metrics << nlohmann::json{{"type", "eval"}, {"step", step}, {"loss", r.loss},
+                                      {"accuracy", r.accuracy}, {"count", r.count}}.dump() << "\n" << std::flush;
+        return r;
+    };
+
+    std::vector<float> images;
+    std::vector<int32_t> labels;
+    TrainResult result;
+    const auto start = Clock::now();
+    auto window_start = start;
+    double window_data_s = 0, window_loss = 0;
+    int64_t window_images = 0, window_correct = 0, window_steps = 0;
+    for (int64_t step = 0; step < total; step++) {
+        const auto data_start = Clock::now();
+        Batch b;
+        b.size = loader.next(images, labels);
+        b.images = images.data();
+        b.labels = labels.data();
+        b.channels = channels_for_step(t, m.channels, step);
+        window_data_s += seconds_since(data_start);
+
+        const Losses l = model.forward(b, /*training=*/true, Rng(t.seed, kDropPathStream, step).next());
+        if (!std::isfinite(l.total))
+            throw UserError("train: loss is " + std::to_string(l.total) + " at step " + std::to_string(step) +
+                            " (lower train.lr or set train.grad_clip)");
+        model.backward();
+        const double lr = learning_rate(t, step, total, warmup);
+        const double grad_norm = opt.step(model, lr);
+
+        window_loss += l.total;
+        window_correct += l.correct;
+        window_images += b.size;
+        window_steps++;
+        const bool last = step + 1 == total;
+        if ((step + 1) % t.log_every == 0 || last) {
+            const double secs = seconds_since(window_start);
+            const double ips = window_images / secs;
+            if (verbose)
+                std::printf("step %6lld/%lld | loss %.4f | acc %.3f | lr %.2e | |g| %.3f | %.0f img/s | data wait %.1f%%\n",
+                            (long long)(step + 1), (long long)total, window_loss / window_steps,
+                            double(window_correct) / window_images, lr, grad_norm, ips,
+                            100.0 * window_data_s / secs);
+            if (metrics.is_open())
+                metrics << nlohmann::json{{"type", "train"}, {"step", step + 1}, {"loss", window_loss / window_steps},
+                                          {"accuracy", double(window_correct) / window_images}, {"lr", lr},
+                                          {"grad_norm", grad_norm}, {"aux_loss", l.aux}, {"z_loss", l.z},
+                                          {"images_per_s", ips}, {"data_wait_s", window_data_s}}.dump()
+                        << "\n" << std::flush;
+            window_start = Clock::now();
+            window_data_s = window_loss = 0;
+            window_images = window_correct = window_steps = 0;
+        }
+        if (val_data.count() && t.eval_every > 0 && (step + 1) % t.eval_every == 0 && !last) run_eval(step + 1);
+        if (!out_dir.empty() && t.checkpoint_every > 0 && (step + 1) % t.checkpoint_every == 0 && !last)
+            save_checkpoint(out_dir + "/model.safetensors", model, cfg);
+    }
+    result.steps = total;
+    result.seconds = seconds_since(start);
+    if (val_data.count()) result.val = run_eval(total);
+    if (!out_dir.empty()) {
+        save_checkpoint(out_dir + "/model.safetensors", model, cfg);
+        if (verbose) std::printf("wrote %s/model.safetensors\n", out_dir.c_str());
+    }
+    if (verbose) std::printf("train: %lld steps in %.1f s\n", (long long)total, result.seconds);
+    return result;
+}
+
+}  // namespace prism

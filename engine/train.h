@@ -1,0 +1,41 @@
+// The training loop and evaluation.
+#pragma once
+#include <string>
+#include <vector>
+#include "data/shard.h"
+#include "engine/common.h"
+#include "engine/config.h"
+#include "engine/model.h"
+
+namespace prism {
+
+struct EvalResult {
+    double accuracy = 0, loss = 0;
+    int64_t count = 0;
+    std::vector<float> logits;  // [count, classes] in data order, when asked for
+};
+
+// Evaluates on all channels, in order, without augmentation or drop path.
+template <class T>
+EvalResult evaluate(Model<T>& model, const Dataset& data, int batch, bool keep_logits);
+
+struct TrainResult {
+    EvalResult val;
+    int64_t steps = 0;
+    double seconds = 0;
+};
+
+// Trains per the config; writes out_dir/{config.json, metrics.jsonl,
+// model.safetensors} when out_dir is not empty.
+TrainResult train(const Config& cfg, Device device, const std::string& out_dir, bool verbose);
+
+// The channel subset of one training step: all channels, or under HCS
+// m ~ U{1..C} then a uniform m-subset, sorted; drawn from (seed, step) so
+// every rank and a resumed run agree.
+std::vector<int> channels_for_step(const TrainConfig& t, int C, int64_t step);
+
+// Checks that a data set fits the model (channels, image size, classes);
+// throws UserError naming the glob.
+void check_data_matches(const Dataset& d, const ModelConfig& m, const std::string& glob);
+
+}  // namespace prism

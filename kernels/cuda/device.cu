@@ -1,0 +1,26 @@
+// Device discovery for the CUDA backend. The op kernels arrive with the CUDA
+// backend issue; until then this is the part of the backend that is built.
+#include <cuda_runtime.h>
+#include <cstdio>
+#include <string>
+
+namespace prism::cuda {
+
+// Number of usable CUDA devices; 0 when there is no driver or no device
+// (which is not an error: the CPU backend runs then).
+int device_count() {
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess) {
+        cudaGetLastError();  // clear the sticky "no driver" error
+        return 0;
+    }
+    return n;
+}
+
+std::string device_name(int index) {
+    cudaDeviceProp prop{};
+    if (cudaGetDeviceProperties(&prop, index) != cudaSuccess) return "unknown CUDA device";
+    return prop.name;
+}
+
+}  // namespace prism::cuda

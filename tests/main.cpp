@@ -1,0 +1,13 @@
+// Test entry point: GoogleTest, plus a closing line in the plain
+// "N passed, N failed, N skipped" form that CI reads.
+#include <cstdio>
+#include <gtest/gtest.h>
+
+int main(int argc, char** argv) {
+    ::testing::InitGoogleTest(&argc, argv);
+    const int rc = RUN_ALL_TESTS();
+    const auto* u = ::testing::UnitTest::GetInstance();
+    std::printf("tests: %d passed, %d failed, %d skipped\n", u->successful_test_count() - u->skipped_test_count(),
+                u->failed_test_count(), u->skipped_test_count());
+    return rc;
+}
