@@ -138,10 +138,11 @@ template <class T>
 Model<T>::Model(const ModelConfig& cfg, int batch_capacity, bool verbose)
     : cfg_(cfg), capacity_(batch_capacity), layout_(param_layout(cfg)) {
     num_params_ = param_count(layout_);
-    param_arena_.take<T>(2 * num_params_);
-    param_arena_.allocate();
-    param_mem_ = param_arena_.take<T>(num_params_);
-    grad_mem_ = param_arena_.take<T>(num_params_);
+    for (int pass = 0; pass < 2; pass++) {  // measure, then carve
+        param_mem_ = param_arena_.take<T>(num_params_);
+        grad_mem_ = param_arena_.take<T>(num_params_);
+        if (pass == 0) param_arena_.allocate();
+    }
     bind_weights(w_, param_mem_, layout_, cfg_.depth);
     bind_weights(g_, grad_mem_, layout_, cfg_.depth);
     act_ = new Activations<T>();

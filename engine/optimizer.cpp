@@ -14,10 +14,11 @@ double learning_rate(const TrainConfig& t, int64_t step, int64_t total_steps, in
 
 template <class T>
 AdamW<T>::AdamW(const TrainConfig& cfg, int64_t num_params, bool verbose) : cfg_(cfg), n_(num_params) {
-    state_.take<T>(2 * n_);
-    state_.allocate();
-    m_ = state_.take<T>(n_);
-    v_ = state_.take<T>(n_);
+    for (int pass = 0; pass < 2; pass++) {  // measure, then carve
+        m_ = state_.take<T>(n_);
+        v_ = state_.take<T>(n_);
+        if (pass == 0) state_.allocate();
+    }
     if (verbose)
         std::printf("arena %-22s %10s  (AdamW first and second moments)\n", state_.name.c_str(),
                     format_bytes(state_.capacity).c_str());

@@ -1,0 +1,253 @@
+// Whole-model checks: float64 gradient check of each architecture, the
+// independent PyTorch oracle, and bit-identical training from the same seed.
+#include <cstdlib>
+#include <fstream>
+#include <sstream>
+#include <sys/stat.h>
+#include "data/synth.h"
+#include "engine/checkpoint.h"
+#include "engine/config.h"
+#include "engine/model.h"
+#include "engine/safetensors.h"
+#include "engine/train.h"
+#include "tests/gradcheck.h"
+
+using namespace prism;
+using namespace prism::testing;
+
+namespace {
+
+ModelConfig tiny_model(const std::string& arch) {
+    ModelConfig m;
+    m.arch = arch;
+    m.image = 8;
+    m.channels = 3;
+    m.patch = 4;       // N = 4
+    m.dim = 8;
+    m.depth = 2;
+    m.heads = 2;
+    m.mlp_ratio = 2;
+    m.num_classes = 3;
+    m.top_k = 2;
+    m.aux_coef = 0.05;
+    return m;
+}
+
+struct Case {
+    std::string name;
+    ModelConfig model;
+    std::vector<int> channels;
+};
+
+std::vector<Case> cases() {
+    std::vector<Case> out;
+    out.push_back({"vit_all", tiny_model("vit"), {0, 1, 2}});
+    out.push_back({"vit_hcs", tiny_model("vit"), {0, 2}});
+    out.push_back({"chvit_hcs", tiny_model("chvit"), {1, 2}});
+    out.push_back({"chvit_all", tiny_model("chvit"), {0, 1, 2}});
+    Case m1{"moevit_k1_switch_hcs", tiny_model("moevit"), {0, 2}};
+    m1.model.top_k = 1;
+    out.push_back(m1);
+    Case m2{"moevit_k2_renorm_importance_z", tiny_model("moevit"), {0, 1, 2}};
+    m2.model.combine = "renorm";
+    m2.model.aux = "importance";
+    m2.model.z_loss_coef = 0.01;
+    out.push_back(m2);
+    Case m3{"moevit_kC_switch_z", tiny_model("moevit"), {0, 1, 2}};
+    m3.model.top_k = 3;
+    m3.model.z_loss_coef = 0.02;
+    out.push_back(m3);
+    Case m4{"moevit_k2_one_channel", tiny_model("moevit"), {1}};
+    out.push_back(m4);
+    return out;
+}
+
+// Weights far from init (std 0.3 noise) so attention and routing are not uniform.
+void randomize(Model<double>& model, uint64_t seed) {
+    model.init_weights(seed);
+    Rng rng(seed, 99);
+    for (int64_t i = 0; i < model.num_params(); i++) model.params()[i] += rng.normal() * 0.3;
+}
+
+struct BatchData {
+    std::vector<float> images;
+    std::vector<int32_t> labels;
+};
+
+BatchData random_batch(const ModelConfig& m, int B, uint64_t seed) {
+    Rng rng(seed, 7);
+    BatchData d;
+    d.images.resize(size_t(B) * m.channels * m.image * m.image);
+    for (auto& x : d.images) x = float(rng.normal());
+    for (int b = 0; b < B; b++) d.labels.push_back(int32_t(rng.below(m.num_classes)));
+    return d;
+}
+
+std::string temp_dir(const std::string& name) {
+    std::string dir = ::testing::TempDir() + "prism_" + name + "_" + std::to_string(getpid());
+    mkdir(dir.c_str(), 0755);
+    return dir;
+}
+
+}  // namespace
+
+TEST(ModelGrad, EveryArchitectureMatchesFiniteDifferences) {
+    for (const Case& c : cases()) {
+        SCOPED_TRACE(c.name);
+        const int B = 3;
+        Model<double> model(c.model, B, false);
+        randomize(model, 11);
+        BatchData data = random_batch(c.model, B, 12);
+        Batch batch{data.images.data(), data.labels.data(), B, c.channels};
+        model.forward(batch, true);
+        model.backward();
+        std::vector<double> analytic(model.grads(), model.grads() + model.num_params());
+        Rng rng(13);
+        for (const auto& p : model.layout()) {
+            Vec x(model.params() + p.offset, model.params() + p.offset + p.numel);
+            Vec g(analytic.begin() + p.offset, analytic.begin() + p.offset + p.numel);
+            auto loss = [&] {
+                std::copy(x.begin(), x.end(), model.params() + p.offset);
+                return model.forward(batch, true).total;
+            };
+            expect_gradient(p.name, x, g, loss, rng, 6, 1e-5, 1e-6);
+            std::copy(x.begin(), x.end(), model.params() + p.offset);
+        }
+    }
+}
+
+// Writes weights, batch and this engine's outputs (float64) and asks the
+// independent PyTorch implementation (tests/oracle/torch_oracle.py) to agree.
+TEST(Oracle, AllArchitecturesMatchPyTorch) {
+    const char* py = std::getenv("PRISM_PYTHON");
+    const std::string python = py ? py : "/usr/bin/python3";
+    if (std::system((python + " -c 'import torch' >/dev/null 2>&1").c_str()) != 0)
+        GTEST_SKIP() << python << " cannot import torch (make deps installs python3-torch)";
+    for (const Case& c : cases()) {
+        SCOPED_TRACE(c.name);
+        const int B = 4;
+        Model<double> model(c.model, B, false);
+        randomize(model, 21);
+        BatchData data = random_batch(c.model, B, 22);
+        Batch batch{data.images.data(), data.labels.data(), B, c.channels};
+        const Losses l = model.forward(batch, true);
+        model.backward();
+
+        const std::string dir = temp_dir(c.name);
+        Config cfg;
+        cfg.model = c.model;
+        std::vector<TensorOut> weights, expected;
+        for (const auto& p : model.layout()) {
+            weights.push_back({p.name, "F64", p.shape, model.params() + p.offset});
+            expected.push_back({"grad." + p.name, "F64", p.shape, model.grads() + p.offset});
+        }
+        write_safetensors(dir + "/weights.safetensors", weights, {{"config", config_to_json(cfg).dump()}});
+        std::vector<double> images(data.images.begin(), data.images.end());
+        std::vector<int64_t> labels(data.labels.begin(), data.labels.end());
+        std::vector<int64_t> channels(c.channels.begin(), c.channels.end());
+        const int64_t C = c.model.channels, H = c.model.image;
+        write_safetensors(dir + "/batch.safetensors",
+                          {{"images", "F64", {B, C, H, H}, images.data()},
+                           {"labels", "I64", {B}, labels.data()},
+                           {"channels", "I64", {int64_t(channels.size())}, channels.data()}}, {});
+        const double loss = l.total, ce = l.ce, aux = l.aux, z = l.z;
+        expected.push_back({"logits", "F64", {B, c.model.num_classes}, model.logits()});
+        expected.push_back({"loss", "F64", {1}, &loss});
+        expected.push_back({"ce_loss", "F64", {1}, &ce});
+        expected.push_back({"aux_loss", "F64", {1}, &aux});
+        expected.push_back({"z_loss", "F64", {1}, &z});
+        write_safetensors(dir + "/expected.safetensors", expected, {});
+        const std::string cmd = python + " tests/oracle/torch_oracle.py " + dir + " --tol 1e-5 > " + dir + "/oracle.log 2>&1";
+        const int rc = std::system(cmd.c_str());
+        std::ifstream log(dir + "/oracle.log");
+        std::stringstream text;
+        text << log.rdbuf();
+        EXPECT_EQ(rc, 0) << text.str();
+    }
+}
+
+TEST(Model, SameSeedSameWeightsBitForBit) {
+    const std::string dir = temp_dir("determinism");
+    synthesize("tiny", dir + "/data", 256, 3, false);
+    Config cfg;
+    cfg.model = tiny_model("moevit");
+    cfg.model.image = 32;
+    cfg.model.channels = 4;
+    cfg.model.patch = 8;
+    cfg.model.num_classes = 4;
+    cfg.model.drop_path = 0.1;
+    cfg.data.train = dir + "/data/train-*.shard";
+    cfg.train.batch = 16;
+    cfg.train.steps = 4;
+    cfg.train.hcs = true;
+    cfg.train.seed = 5;
+    std::vector<std::string> files;
+    for (const char* arch : {"moevit", "chvit", "vit"}) {
+        cfg.model.arch = arch;
+        for (int run = 0; run < 2; run++) {
+            const std::string out = dir + "/" + arch + std::to_string(run);
+            train(cfg, Device::cpu, out, false);
+            files.push_back(out + "/model.safetensors");
+        }
+    }
+    auto bytes = [](const std::string& path) {
+        std::ifstream f(path, std::ios::binary);
+        return std::string(std::istreambuf_iterator<char>(f), {});
+    };
+    for (size_t i = 0; i < files.size(); i += 2) {
+        const std::string a = bytes(files[i]), b = bytes(files[i + 1]);
+        EXPECT_FALSE(a.empty()) << files[i];
+        EXPECT_EQ(a, b) << files[i] << " and " << files[i + 1] << " differ";
+    }
+    // and a different seed gives different weights
+    cfg.train.seed = 6;
+    train(cfg, Device::cpu, dir + "/seed6", false);
+    EXPECT_NE(bytes(dir + "/seed6/model.safetensors"), bytes(files[4]));
+}
+
+TEST(Model, CheckpointRoundTripPreservesLogits) {
+    const std::string dir = temp_dir("ckpt");
+    for (const char* arch : {"vit", "chvit", "moevit"}) {
+        Config cfg;
+        cfg.model = tiny_model(arch);
+        Model<float> a(cfg.model, 2, false);
+        a.init_weights(3);
+        save_checkpoint(dir + "/m.safetensors", a, cfg);
+        const Checkpoint ck = load_checkpoint(dir + "/m.safetensors");
+        EXPECT_EQ(config_to_json(ck.config), config_to_json(cfg));
+        Model<float> b(ck.config.model, 2, false);
+        load_weights(b, ck);
+        for (int64_t i = 0; i < a.num_params(); i++) ASSERT_EQ(a.params()[i], b.params()[i]);
+        // names and shapes as DESIGN.md §2 lists them
+        const SafetensorsFile f = read_safetensors(dir + "/m.safetensors");
+        EXPECT_EQ(f.at("pos_embed").shape, (std::vector<int64_t>{1, 5, 8}));
+        EXPECT_EQ(f.at("blocks.1.mlp.fc2.weight").shape, (std::vector<int64_t>{8, 16}));
+        if (std::string(arch) == "moevit") EXPECT_EQ(f.at("blocks.0.attn.k.weight").shape, (std::vector<int64_t>{3, 8, 8}));
+        if (std::string(arch) == "vit") EXPECT_EQ(f.at("patch_embed.weight").shape, (std::vector<int64_t>{8, 3, 4, 4}));
+    }
+}
+
+TEST(Model, WeightDecayOnlyOnMatricesNotBiasesOrNorms) {
+    for (const auto& p : param_layout(tiny_model("moevit"))) {
+        const bool bias = p.name.size() > 5 && p.name.substr(p.name.size() - 5) == ".bias";
+        const bool norm = p.name.find("norm") != std::string::npos;
+        if (bias || norm) EXPECT_FALSE(p.decay) << p.name;
+        if (p.shape.size() >= 2 && !bias) EXPECT_TRUE(p.decay) << p.name;
+    }
+}
+
+TEST(Model, HcsDrawsSortedSubsetsOfEverySize) {
+    TrainConfig t;
+    t.hcs = true;
+    t.seed = 1;
+    std::vector<int> sizes(9, 0);
+    for (int64_t step = 0; step < 800; step++) {
+        const auto s = channels_for_step(t, 8, step);
+        ASSERT_FALSE(s.empty());
+        EXPECT_TRUE(std::is_sorted(s.begin(), s.end()));
+        EXPECT_EQ(std::adjacent_find(s.begin(), s.end()), s.end());
+        sizes[s.size()]++;
+        EXPECT_EQ(s, channels_for_step(t, 8, step)) << "same step, same subset";
+    }
+    for (int m = 1; m <= 8; m++) EXPECT_GT(sizes[m], 50) << "subset size " << m;
+}
