@@ -9,7 +9,6 @@
 #include <cerrno>
 #include <cmath>
 #include <cstring>
-#include <limits>
 #include <memory>
 #include <new>
 
@@ -32,7 +31,7 @@ static const uint32_t kVersion = 1;
 static const uint64_t kAlign = 4096;
 static const uint64_t kPrefix = 16;                  // magic + version + header_len
 static const uint32_t kMaxHeaderLen = 16u << 20;     // a header is a few hundred bytes; this only catches garbage
-static const size_t kIoChunk = size_t(32) << 20;     // bytes per read/crc step: big enough to stream, small enough to stay in L3-ish
+static const size_t kIoChunk = size_t(32) << 20;     // bytes per read/crc step: few syscalls, bounded buffer
 
 // ---------------------------------------------------------------------------
 // small helpers

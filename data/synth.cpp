@@ -110,7 +110,7 @@ struct Task {
     std::vector<double> base, scale, mu;  // mu: [classes][channels][4]
     double class_amp = 0, nuisance_amp = 0, pixel_amp = 0;
     double lo = 0, hi = 0;  // clamp range in stored units (uint8 only)
-    float bump[8][8] = {};  // tiny
+    float bump[16][16] = {};  // tiny
 };
 
 }  // namespace
@@ -143,11 +143,13 @@ static Task make_task(const std::string& preset, uint64_t seed) {
     t.seed = seed;
     const Preset& p = t.p;
     if (p.name == "tiny") {
-        // Gaussian bump, sigma 2 px, centred in the 8x8 cell and confined to
-        // it, so every channel's pixel sum has the same law whatever the label.
-        for (int y = 0; y < 8; y++)
-            for (int x = 0; x < 8; x++)
-                t.bump[y][x] = float(std::exp(-((y - 3.5) * (y - 3.5) + (x - 3.5) * (x - 3.5)) / 8.0));
+        // Gaussian bump, sigma 4 px, centred in a 16x16 cell (2x2 patches at
+        // P=8) and confined to it, so every channel's pixel sum has the same
+        // law whatever the label. Four cells keep the relational task small
+        // enough to learn in minutes on two cores.
+        for (int y = 0; y < 16; y++)
+            for (int x = 0; x < 16; x++)
+                t.bump[y][x] = float(std::exp(-((y - 7.5) * (y - 7.5) + (x - 7.5) * (x - 7.5)) / 32.0));
         return t;
     }
     Rng r(stream_key(seed, kTaskStream, 0));
@@ -191,7 +193,7 @@ static void gen_image(const Task& t, uint64_t split, int64_t index, int label, v
         for (int k = 0; k < 3; k++) {
             bool dup;
             do {
-                cells[k] = int(r.below(16));
+                cells[k] = int(r.below(4));
                 dup = false;
                 for (int m = 0; m < k; m++) dup |= cells[m] == cells[k];
             } while (dup);
@@ -202,9 +204,9 @@ static void gen_image(const Task& t, uint64_t split, int64_t index, int label, v
         for (int c = 0; c < 4; c++) {
             float* plane = img + size_t(c) * hw;
             for (size_t j = 0; j < hw; j++) plane[j] = float(0.1 * r.normal());
-            int cy = cell_of[c] / 4 * 8, cx = cell_of[c] % 4 * 8;
-            for (int y = 0; y < 8; y++)
-                for (int x = 0; x < 8; x++) plane[size_t(cy + y) * W + cx + x] += amp * t.bump[y][x];
+            int cy = cell_of[c] / 2 * 16, cx = cell_of[c] % 2 * 16;
+            for (int y = 0; y < 16; y++)
+                for (int x = 0; x < 16; x++) plane[size_t(cy + y) * W + cx + x] += amp * t.bump[y][x];
         }
         return;
     }

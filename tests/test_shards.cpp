@@ -675,10 +675,10 @@ TEST(Synth, TinyLabelIsChannelCoLocation) {
         for (int c = 0; c < 4; c++) {
             const float* img = ds.images.data() + (size_t(i) * 4 + c) * 1024;
             double best = -1e30, total = 0;
-            for (int k = 0; k < 16; k++) {
+            for (int k = 0; k < 4; k++) {  // 2x2 cells of 16x16 pixels
                 double s = 0;
-                for (int y = 0; y < 8; y++)
-                    for (int x = 0; x < 8; x++) s += img[(k / 4 * 8 + y) * 32 + k % 4 * 8 + x];
+                for (int y = 0; y < 16; y++)
+                    for (int x = 0; x < 16; x++) s += img[(k / 2 * 16 + y) * 32 + k % 2 * 16 + x];
                 total += s;
                 if (s > best) best = s, cell[c] = k;
             }
