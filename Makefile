@@ -79,7 +79,7 @@ test: deps build
 
 RUN_DIR := $(BUILD)/run
 run: deps build
-	$(BUILD)/prism synth --preset tiny --out $(RUN_DIR)/data --count 4096 --seed 1
+	$(BUILD)/prism synth --preset tiny --out $(RUN_DIR)/data --count 16384 --seed 1
 	$(BUILD)/prism train --config configs/synth_tiny_moevit.json --device auto \
 	  --set data.train='$(RUN_DIR)/data/train-*.shard' --set data.val='$(RUN_DIR)/data/val-*.shard' \
 	  --out $(RUN_DIR)/moevit
