@@ -54,14 +54,15 @@ void router_backward(T* dz, int64_t dz_image_stride, const T* probs, const int* 
                      const T* weights, const T* dweights, const T* dprobs, const int* S,
                      int B, int nS, int N, int C, int k, Combine combine) {
     const int64_t R = (int64_t)nS * N;
-    #pragma omp parallel for collapse(2)
+    #pragma omp parallel
+    {
+    std::vector<T> dp(C);  // one scratch row per thread, not per token
+    #pragma omp for collapse(2)
     for (int b = 0; b < B; b++)
         for (int64_t r = 0; r < R; r++) {
             const int64_t t = b * R + r;
             const T* p = probs + t * C;
-            std::vector<T> dp(C, T(0));
-            if (dprobs)
-                for (int c = 0; c < C; c++) dp[c] = dprobs[t * C + c];
+            for (int c = 0; c < C; c++) dp[c] = dprobs ? dprobs[t * C + c] : T(0);
             const int* e = experts + t * k;
             const T* w = weights + t * k;
             const T* dw = dweights + t * k;
@@ -79,6 +80,7 @@ void router_backward(T* dz, int64_t dz_image_stride, const T* probs, const int* 
             T* dzt = dz + b * dz_image_stride + r * C;
             for (int s = 0; s < nS; s++) dzt[S[s]] += p[S[s]] * (dp[S[s]] - p_dot_dp);
         }
+    }
 }
 PRISM_INSTANTIATE(router_backward)
 
