@@ -101,7 +101,7 @@ struct Preset {
 };
 
 // What is shared by all images of one seed: for so2sat/jumpcp the class
-// patterns, for tiny the bump.
+// patterns, for tiny the textures.
 struct Task {
     Preset p;
     uint64_t seed = 0;
@@ -110,7 +110,7 @@ struct Task {
     std::vector<double> base, scale, mu;  // mu: [classes][channels][4]
     double class_amp = 0, nuisance_amp = 0, pixel_amp = 0;
     double lo = 0, hi = 0;  // clamp range in stored units (uint8 only)
-    float bump[16][16] = {};  // tiny
+    float texture[4][8][8] = {};  // tiny
 };
 
 }  // namespace
@@ -143,13 +143,17 @@ static Task make_task(const std::string& preset, uint64_t seed) {
     t.seed = seed;
     const Preset& p = t.p;
     if (p.name == "tiny") {
-        // Gaussian bump, sigma 4 px, centred in a 16x16 cell (2x2 patches at
-        // P=8) and confined to it, so every channel's pixel sum has the same
-        // law whatever the label. Four cells keep the relational task small
-        // enough to learn in minutes on two cores.
-        for (int y = 0; y < 16; y++)
-            for (int x = 0; x < 16; x++)
-                t.bump[y][x] = float(std::exp(-((y - 7.5) * (y - 7.5) + (x - 7.5) * (x - 7.5)) / 32.0));
+        // Four textures with an 8-pixel period, aligned with the patch grid
+        // and zero-mean: horizontal bars, vertical bars, a checkerboard of 4x4
+        // squares, diagonal bars. They are fixed, not drawn from the seed, so
+        // a reader can recognise them in any image.
+        for (int y = 0; y < 8; y++)
+            for (int x = 0; x < 8; x++) {
+                t.texture[0][y][x] = y < 4 ? 1.f : -1.f;
+                t.texture[1][y][x] = x < 4 ? 1.f : -1.f;
+                t.texture[2][y][x] = (y < 4) == (x < 4) ? 1.f : -1.f;
+                t.texture[3][y][x] = (x + y) % 8 < 4 ? 1.f : -1.f;
+            }
         return t;
     }
     Rng r(stream_key(seed, kTaskStream, 0));
@@ -177,7 +181,7 @@ static Task make_task(const std::string& preset, uint64_t seed) {
     return t;
 }
 
-// Channel pair co-located for each tiny class.
+// The channel pair that shares a texture, for each tiny class.
 static const int kTinyPairs[4][2] = {{0, 1}, {2, 3}, {0, 3}, {1, 2}};
 
 // Writes one image, in the preset's stored dtype, to `out`.
@@ -187,26 +191,28 @@ static void gen_image(const Task& t, uint64_t split, int64_t index, int label, v
     int H = p.height, W = p.width;
     size_t hw = size_t(H) * W;
     if (p.name == "tiny") {
-        float* img = (float*)out;
-        float amp = float(0.7 + 0.6 * r.uniform());
-        int cells[3];  // the pair's cell, then one for each other channel: all distinct
+        // The pair of the label shows one texture; the two other channels
+        // show the two others, all three distinct and uniformly drawn. Every
+        // channel on its own is a uniformly random texture whatever the
+        // label, so only comparing channels tells the class.
+        int textures[3];  // the pair's, then one for each other channel
         for (int k = 0; k < 3; k++) {
             bool dup;
             do {
-                cells[k] = int(r.below(4));
+                textures[k] = int(r.below(4));
                 dup = false;
-                for (int m = 0; m < k; m++) dup |= cells[m] == cells[k];
+                for (int m = 0; m < k; m++) dup |= textures[m] == textures[k];
             } while (dup);
         }
         int a = kTinyPairs[label][0], b = kTinyPairs[label][1];
-        int cell_of[4], other = 1;
-        for (int c = 0; c < 4; c++) cell_of[c] = (c == a || c == b) ? cells[0] : cells[other++];
-        for (int c = 0; c < 4; c++) {
+        float* img = (float*)out;
+        for (int c = 0, other = 1; c < 4; c++) {
+            const int tex = (c == a || c == b) ? textures[0] : textures[other++];
+            const float amp = float(0.5 + 0.5 * r.uniform());
             float* plane = img + size_t(c) * hw;
-            for (size_t j = 0; j < hw; j++) plane[j] = float(0.1 * r.normal());
-            int cy = cell_of[c] / 2 * 16, cx = cell_of[c] % 2 * 16;
-            for (int y = 0; y < 16; y++)
-                for (int x = 0; x < 16; x++) plane[size_t(cy + y) * W + cx + x] += amp * t.bump[y][x];
+            for (int y = 0; y < H; y++)
+                for (int x = 0; x < W; x++)
+                    plane[size_t(y) * W + x] = amp * t.texture[tex][y % 8][x % 8] + float(0.5 * r.normal());
         }
         return;
     }

@@ -60,6 +60,7 @@ static const Field kFields[] = {
     FIELD(model, aux_coef),
     FIELD(model, z_loss_coef),
     FIELD(model, drop_path),
+    FIELD(model, channel_embed_std),
     FIELD(data, train),
     FIELD(data, val),
     FIELD(data, augment),
@@ -340,6 +341,8 @@ void validate(const Config& c, const std::string& origin) {
     check(m.z_loss_coef >= 0, origin, "model.z_loss_coef must be >= 0, got " + num(m.z_loss_coef));
     check(m.drop_path >= 0 && m.drop_path < 1, origin,
           "model.drop_path must be in [0, 1), got " + num(m.drop_path));
+    check(m.channel_embed_std >= 0, origin,
+          "model.channel_embed_std must be >= 0, got " + num(m.channel_embed_std));
 
     check_one_of(c.data.augment, "data.augment", {"none", "so2sat", "jumpcp"}, origin);
 

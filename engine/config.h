@@ -25,6 +25,10 @@ struct ModelConfig {
     double aux_coef = 0.01;
     double z_loss_coef = 0.0;
     double drop_path = 0.0;          // stochastic depth rate of the last block
+    // Init std of channel_embed (chvit, moevit). 0.02 is ChannelViT's; chvit
+    // tells channels apart only through this embedding, and a small model can
+    // sit on a long plateau until it grows (README: the tiny task).
+    double channel_embed_std = 0.02;
 
     int num_patches() const { return (image / patch) * (image / patch); }  // N
     int hidden() const;              // MLP width

@@ -259,7 +259,8 @@ void Model<T>::init_weights(uint64_t seed) {
             if (is_norm) w[i] = is_bias ? T(0) : T(1);              // LayerNorm: identity
             else if (is_bias) w[i] = T(0);
             else if (p.name == "cls_token") w[i] = T(rng.normal() * 1e-6);  // timm
-            else w[i] = T(rng.trunc_normal(0.02));                  // weights, pos/channel embeddings
+            else if (p.name == "channel_embed") w[i] = T(rng.trunc_normal(cfg_.channel_embed_std));
+            else w[i] = T(rng.trunc_normal(0.02));                  // weights, pos_embed
         }
     }
 }
