@@ -10,6 +10,7 @@
 #include <cmath>
 #include <vector>
 
+#include "data/convert.h"
 #include "data/shard.h"
 #include "engine/common.h"
 
@@ -117,10 +118,7 @@ static Preset find_preset(const std::string& name) {
         for (int c = 0; c < 4; c++) p.channel_names.push_back("ch" + std::to_string(c));
     } else if (name == "so2sat") {
         p.channels = 18, p.height = 32, p.width = 32, p.num_classes = 17, p.dtype = DType::f16, p.shard_max = 4096;
-        // Sentinel-1 (8 SAR channels) then Sentinel-2 (10 bands), as in So2Sat LCZ42.
-        for (int c = 0; c < 8; c++) p.channel_names.push_back("sen1_" + std::to_string(c));
-        for (const char* b : {"B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B11", "B12"})
-            p.channel_names.push_back(std::string("sen2_") + b);
+        p.channel_names = so2sat_channel_names();  // the real files' channels, as `convert so2sat` writes them
     } else if (name == "jumpcp") {
         p.channels = 8, p.height = 224, p.width = 224, p.num_classes = 161, p.dtype = DType::u8, p.shard_max = 512;
         // Five fluorescence stains, three brightfield planes.
