@@ -5,6 +5,7 @@
 #include <vector>
 #include <cxxopts.hpp>
 #include <nlohmann/json.hpp>
+#include "data/convert.h"
 #include "data/shard.h"
 #include "data/synth.h"
 #include "engine/checkpoint.h"
@@ -21,6 +22,8 @@ const char* kUsage =
     "usage: prism <command> [options]\n"
     "  train   --config FILE [--device cpu|cuda|auto] [--out DIR] [--set key=value]...\n"
     "  eval    --checkpoint DIR/model.safetensors --data GLOB [--device ...] [--save-logits F.npy]\n"
+    "  convert so2sat --in FILE.h5 --out DIR [--dtype float32|float16] [--shard-size N] [--prefix NAME]\n"
+    "  convert npy    --list FILE.csv --out DIR [--shard-size N] [--prefix NAME] [--num-classes K]\n"
     "  synth   --preset tiny|so2sat|jumpcp --out DIR [--count N] [--seed S]\n"
     "  shards  verify GLOB\n"
     "  flops   --config FILE [--set key=value]... [--json]\n"
@@ -123,6 +126,52 @@ int cmd_synth(int argc, char** argv) {
     return 0;
 }
 
+int cmd_convert(int argc, char** argv) {
+    const std::string what = argc >= 2 ? argv[1] : "";
+    if (what == "so2sat") {
+        cxxopts::Options opts("prism convert so2sat", "Convert a So2Sat LCZ42 HDF5 file (training.h5, ...) to shards.");
+        opts.add_options()
+            ("in", "So2Sat LCZ42 .h5 file", cxxopts::value<std::string>())
+            ("out", "output directory", cxxopts::value<std::string>())
+            ("dtype", "float32 or float16", cxxopts::value<std::string>()->default_value("float32"))
+            ("shard-size", "images per shard", cxxopts::value<int64_t>()->default_value("4096"))
+            ("prefix", "shard names PREFIX-NNNNN.shard", cxxopts::value<std::string>()->default_value("train"));
+        auto r = parse(opts, argc - 1, argv + 1);
+        So2SatOptions o;
+        o.in = required(r, "in", "convert so2sat");
+        o.out = required(r, "out", "convert so2sat");
+        const std::string dt = r["dtype"].as<std::string>();
+        if (dt != "float32" && dt != "float16") throw UserError("--dtype " + dt + ": expected float32 or float16");
+        o.dtype = dtype_from_name(dt, "--dtype");
+        o.shard_size = r["shard-size"].as<int64_t>();
+        o.prefix = r["prefix"].as<std::string>();
+        convert_so2sat(o);
+        return 0;
+    }
+    if (what == "npy") {
+        cxxopts::Options opts("prism convert npy", "Convert .npy images [C,H,W] listed in a path,label CSV to shards.");
+        opts.add_options()
+            ("list", "CSV with the header path,label; paths relative to its directory", cxxopts::value<std::string>())
+            ("out", "output directory", cxxopts::value<std::string>())
+            ("shard-size", "images per shard", cxxopts::value<int64_t>()->default_value("4096"))
+            ("prefix", "shard names PREFIX-NNNNN.shard", cxxopts::value<std::string>()->default_value("train"))
+            ("num-classes", "number of classes (default: largest label + 1)", cxxopts::value<int>());
+        auto r = parse(opts, argc - 1, argv + 1);
+        NpyOptions o;
+        o.list = required(r, "list", "convert npy");
+        o.out = required(r, "out", "convert npy");
+        o.shard_size = r["shard-size"].as<int64_t>();
+        o.prefix = r["prefix"].as<std::string>();
+        if (r.count("num-classes")) {
+            o.num_classes = r["num-classes"].as<int>();
+            if (o.num_classes < 1) throw UserError("--num-classes must be at least 1");
+        }
+        convert_npy(o);
+        return 0;
+    }
+    throw UserError("usage: prism convert so2sat --in FILE.h5 --out DIR | prism convert npy --list FILE.csv --out DIR");
+}
+
 int cmd_shards(int argc, char** argv) {
     if (argc != 3 || std::strcmp(argv[1], "verify") != 0)
         throw UserError("usage: prism shards verify GLOB");
@@ -174,7 +223,8 @@ int main(int argc, char** argv) {
         if (cmd == "synth") return cmd_synth(argc - 1, argv + 1);
         if (cmd == "shards") return cmd_shards(argc - 1, argv + 1);
         if (cmd == "flops") return cmd_flops(argc - 1, argv + 1);
-        if (cmd == "convert" || cmd == "bench")
+        if (cmd == "convert") return cmd_convert(argc - 1, argv + 1);
+        if (cmd == "bench")
             throw UserError("prism " + cmd + ": not implemented in this build yet");
         std::fprintf(stderr, "prism: unknown command '%s'\n%s", cmd.c_str(), kUsage);
         return 1;

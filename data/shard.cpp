@@ -42,19 +42,6 @@ static const size_t kIoChunk = size_t(32) << 20;     // bytes per read/crc step:
 
 static std::string errno_str() { return std::strerror(errno); }
 
-// Text taken from a file (a dtype string, a JSON parser message quoting the
-// input) may hold newlines or control bytes; the one-line message contract
-// must survive it.
-static std::string printable(const std::string& s, size_t max_len = 80) {
-    std::string out;
-    for (size_t i = 0; i < s.size() && i < max_len; i++) {
-        unsigned char ch = (unsigned char)s[i];
-        out += (ch < 0x20 || ch == 0x7f) ? '?' : char(ch);
-    }
-    if (s.size() > max_len) out += "...";
-    return out;
-}
-
 static uint64_t round_up(uint64_t x, uint64_t a) { return (x + a - 1) / a * a; }
 
 static std::string hex32(uint32_t v) {
@@ -618,6 +605,24 @@ void verify_shard(const std::string& path) {
     if (crc != h.crc32c) fail(path, "crc32c mismatch (stored " + hex32(h.crc32c) + ", computed " + hex32(crc) + ")");
     check_labels(labels.data(), h.count, 0, h.num_classes, path);
     if (bad != UINT64_MAX) fail_nonfinite(bad_value, bad, h, path);
+}
+
+std::string shard_file_name(const std::string& prefix, int64_t k) {
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "-%05lld.shard", (long long)k);
+    return prefix + buf;
+}
+
+std::vector<std::string> remove_stale_shards(const std::string& dir, const std::string& prefix, int64_t first) {
+    std::vector<std::string> removed;
+    for (int64_t k = first;; k++) {
+        std::string path = join_path(dir, shard_file_name(prefix, k));
+        struct stat st;
+        if (::stat(path.c_str(), &st) != 0) break;
+        if (::unlink(path.c_str()) != 0) fail(path, "stale shard from an earlier run, cannot remove: " + errno_str());
+        removed.push_back(path);
+    }
+    return removed;
 }
 
 std::vector<std::string> expand_glob(const std::string& pattern) {

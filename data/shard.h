@@ -47,6 +47,15 @@ ShardHeader read_shard_header(const std::string& path);
 // Everything read_shard_header checks, plus labels in range and the crc32c.
 void verify_shard(const std::string& path);
 
+// "PREFIX-NNNNN.shard", the name of shard k of a set (5 digits, more if needed).
+std::string shard_file_name(const std::string& prefix, int64_t k);
+
+// Removes DIR/PREFIX-NNNNN.shard for k = first, first+1, ... up to the first
+// that does not exist: shards left by an earlier, larger run that would
+// otherwise join a `PREFIX-*.shard` glob. Returns the removed paths; throws
+// UserError naming a shard it cannot remove.
+std::vector<std::string> remove_stale_shards(const std::string& dir, const std::string& prefix, int64_t first);
+
 // Sorted list of files matching a glob; throws UserError if none match.
 std::vector<std::string> expand_glob(const std::string& pattern);
 

@@ -7,15 +7,10 @@
 #include "data/synth.h"
 
 #include <algorithm>
-#include <cerrno>
 #include <cmath>
-#include <cstring>
 #include <vector>
 
-#include <sys/stat.h>
-#include <sys/types.h>
-#include <unistd.h>
-
+#include "data/convert.h"
 #include "data/shard.h"
 #include "engine/common.h"
 
@@ -123,10 +118,7 @@ static Preset find_preset(const std::string& name) {
         for (int c = 0; c < 4; c++) p.channel_names.push_back("ch" + std::to_string(c));
     } else if (name == "so2sat") {
         p.channels = 18, p.height = 32, p.width = 32, p.num_classes = 17, p.dtype = DType::f16, p.shard_max = 4096;
-        // Sentinel-1 (8 SAR channels) then Sentinel-2 (10 bands), as in So2Sat LCZ42.
-        for (int c = 0; c < 8; c++) p.channel_names.push_back("sen1_" + std::to_string(c));
-        for (const char* b : {"B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B11", "B12"})
-            p.channel_names.push_back(std::string("sen2_") + b);
+        p.channel_names = so2sat_channel_names();  // the real files' channels, as `convert so2sat` writes them
     } else if (name == "jumpcp") {
         p.channels = 8, p.height = 224, p.width = 224, p.num_classes = 161, p.dtype = DType::u8, p.shard_max = 512;
         // Five fluorescence stains, three brightfield planes.
@@ -269,37 +261,6 @@ static void gen_block(const Task& t, uint64_t split, const std::vector<int32_t>&
     for (int64_t i = 0; i < n; i++) gen_image(t, split, first + i, labels[size_t(first + i)], buf.data() + size_t(i) * per);
 }
 
-static std::string join(const std::string& dir, const std::string& name) {
-    if (!dir.empty() && dir.back() == '/') return dir + name;
-    return dir + "/" + name;
-}
-
-// mkdir -p.
-static void make_dirs(const std::string& dir) {
-    for (size_t i = 1; i <= dir.size(); i++) {
-        if (i < dir.size() && dir[i] != '/') continue;
-        std::string part = dir.substr(0, i);
-        if (::mkdir(part.c_str(), 0777) == 0 || errno == EEXIST) {
-            struct stat st;
-            if (::stat(part.c_str(), &st) != 0) throw UserError(part + ": cannot stat: " + std::strerror(errno));
-            if (!S_ISDIR(st.st_mode)) throw UserError(part + ": exists and is not a directory");
-            continue;
-        }
-        throw UserError(part + ": cannot create directory: " + std::strerror(errno));
-    }
-}
-
-static std::string shard_name(const char* split, int64_t k) {
-    char buf[64];
-    std::snprintf(buf, sizeof buf, "%s-%05lld.shard", split, (long long)k);
-    return buf;
-}
-
-static void progress(const std::string& line) {
-    if (std::printf("%s\n", line.c_str()) < 0 || std::fflush(stdout) != 0)
-        throw UserError("stdout: write failed: " + std::string(std::strerror(errno)));
-}
-
 void synthesize(const std::string& preset, const std::string& dir, int64_t count, uint64_t seed, bool verbose) {
     Task t = make_task(preset, seed);
     const Preset& p = t.p;
@@ -368,7 +329,7 @@ void synthesize(const std::string& preset, const std::string& dir, int64_t count
             gen_block(t, sp.split, *sp.labels, first, n, buf);
             h.count = n;
             std::vector<int32_t> labels(sp.labels->begin() + first, sp.labels->begin() + first + n);
-            std::string path = join(dir, shard_name(sp.name, k));
+            std::string path = join_path(dir, shard_file_name(sp.name, k));
             write_shard(path, h, labels, buf.data());
             if (verbose)
                 progress("synth " + p.name + ": wrote " + path + " (" + std::to_string(n) + " images, " +
@@ -376,14 +337,8 @@ void synthesize(const std::string& preset, const std::string& dir, int64_t count
         }
         // Shards past the last one, left by an earlier larger run, would
         // silently join a `train-*.shard` glob: remove them.
-        for (;; k++) {
-            std::string path = join(dir, shard_name(sp.name, k));
-            struct stat st;
-            if (::stat(path.c_str(), &st) != 0) break;
-            if (::unlink(path.c_str()) != 0)
-                throw UserError(path + ": stale shard from an earlier run, cannot remove: " + std::strerror(errno));
+        for (const std::string& path : remove_stale_shards(dir, sp.name, k))
             if (verbose) progress("synth " + p.name + ": removed stale " + path);
-        }
     }
 }
 

@@ -25,4 +25,14 @@ struct UserError : std::runtime_error {
 
 enum class Device { cpu, cuda };
 
+// File-system helpers shared by the commands that write directories.
+std::string join_path(const std::string& dir, const std::string& name);  // dir + "/" + name
+void make_dirs(const std::string& dir);  // mkdir -p; throws UserError naming the part that failed
+// Text taken from a file (a dtype string, a parser message quoting the
+// input) may hold newlines or control bytes: each becomes '?', and text past
+// max_len becomes "...", so that one-line messages stay one line.
+std::string printable(const std::string& s, size_t max_len = 80);
+// Prints one progress line to stdout and flushes; throws UserError if stdout fails.
+void progress(const std::string& line);
+
 }  // namespace prism

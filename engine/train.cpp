@@ -1,12 +1,10 @@
 #include "engine/train.h"
 #include <algorithm>
-#include <cerrno>
 #include <chrono>
 #include <cstring>
 #include <cmath>
 #include <cstdio>
 #include <fstream>
-#include <sys/stat.h>
 #include <nlohmann/json.hpp>
 #include "data/loader.h"
 #include "engine/checkpoint.h"
@@ -19,16 +17,6 @@ namespace {
 using Clock = std::chrono::steady_clock;
 double seconds_since(Clock::time_point t) {
     return std::chrono::duration<double>(Clock::now() - t).count();
-}
-void make_dirs(const std::string& dir) {
-    std::string partial;
-    for (size_t i = 0; i <= dir.size(); i++) {
-        if (i == dir.size() || dir[i] == '/') {
-            if (!partial.empty() && mkdir(partial.c_str(), 0755) != 0 && errno != EEXIST)
-                throw UserError(dir + ": cannot create directory: " + std::strerror(errno));
-        }
-        if (i < dir.size()) partial += dir[i];
-    }
 }
 }  // namespace
 

@@ -23,46 +23,12 @@
 #include "data/shard.h"
 #include "data/synth.h"
 #include "engine/common.h"
+#include "tests/testutil.h"
 
 using namespace prism;
-namespace fs = std::filesystem;
+using namespace prism::testing;
 
 namespace {
-
-// A fresh directory per test, removed afterwards.
-struct TmpDir {
-    std::string path;
-    TmpDir() {
-        std::string tmpl = ::testing::TempDir() + "prism_shards_XXXXXX";
-        std::vector<char> buf(tmpl.begin(), tmpl.end());
-        buf.push_back('\0');
-        if (!mkdtemp(buf.data())) throw std::runtime_error("mkdtemp failed");
-        path = buf.data();
-    }
-    ~TmpDir() {
-        std::error_code ec;
-        fs::permissions(path, fs::perms::owner_all, fs::perm_options::add, ec);
-        fs::remove_all(path, ec);
-    }
-    std::string operator/(const std::string& name) const { return path + "/" + name; }
-};
-
-std::string read_bytes(const std::string& path) {
-    std::ifstream f(path, std::ios::binary);
-    EXPECT_TRUE(f.good()) << path;
-    return std::string(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
-}
-
-void write_bytes(const std::string& path, const std::string& bytes) {
-    std::ofstream f(path, std::ios::binary | std::ios::trunc);
-    f.write(bytes.data(), std::streamsize(bytes.size()));
-    ASSERT_TRUE(f.good()) << path;
-}
-
-bool exists(const std::string& path) {
-    struct stat st;
-    return ::stat(path.c_str(), &st) == 0;
-}
 
 ShardHeader make_header(int64_t count, int C, int H, int W, DType d, int classes) {
     ShardHeader h;
@@ -128,20 +94,6 @@ ShardHeader write_test_shard(const std::string& path, DType d = DType::f32, int6
     Pixels p = random_pixels(h, seed);
     write_shard(path, h, cycle_labels(count, classes), p.bytes.data());
     return read_shard_header(path);
-}
-
-// Runs fn, which must throw a UserError naming `path` that contains `what`,
-// in one line.
-void expect_error(const std::function<void()>& fn, const std::string& path, const std::string& what) {
-    try {
-        fn();
-        ADD_FAILURE() << "no error; expected '" << what << "'";
-    } catch (const UserError& e) {
-        std::string m = e.what();
-        EXPECT_EQ(m.rfind(path + ": ", 0), 0u) << "message does not start with the path: " << m;
-        EXPECT_NE(m.find(what), std::string::npos) << "message lacks '" << what << "': " << m;
-        EXPECT_EQ(m.find('\n'), std::string::npos) << "message is not one line: " << m;
-    }
 }
 
 // Edits the JSON header in place; the payload stays where it is.
