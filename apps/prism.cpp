@@ -22,8 +22,9 @@ const char* kUsage =
     "usage: prism <command> [options]\n"
     "  train   --config FILE [--device cpu|cuda|auto] [--out DIR] [--set key=value]...\n"
     "  eval    --checkpoint DIR/model.safetensors --data GLOB [--device ...] [--save-logits F.npy]\n"
-    "  convert so2sat --in FILE.h5 --out DIR [--dtype float32|float16] [--shard-size N] [--prefix NAME]\n"
+    "  convert so2sat --in FILE.h5 --out DIR [--dtype float32|float16] [--shard-size N] [--prefix NAME] [--stats-from GLOB]\n"
     "  convert npy    --list FILE.csv --out DIR [--shard-size N] [--prefix NAME] [--num-classes K]\n"
+    "                 [--stats-from GLOB]\n"
     "  synth   --preset tiny|so2sat|jumpcp --out DIR [--count N] [--seed S]\n"
     "  shards  verify GLOB\n"
     "  flops   --config FILE [--set key=value]... [--json]\n"
@@ -135,9 +136,11 @@ int cmd_convert(int argc, char** argv) {
             ("out", "output directory", cxxopts::value<std::string>())
             ("dtype", "float32 or float16", cxxopts::value<std::string>()->default_value("float32"))
             ("shard-size", "images per shard", cxxopts::value<int64_t>()->default_value("4096"))
-            ("prefix", "shard names PREFIX-NNNNN.shard", cxxopts::value<std::string>()->default_value("train"));
+            ("prefix", "shard names PREFIX-NNNNN.shard", cxxopts::value<std::string>()->default_value("train"))
+            ("stats-from", "normalize with these shards' mean/std (the training split's)", cxxopts::value<std::string>());
         auto r = parse(opts, argc - 1, argv + 1);
         So2SatOptions o;
+        if (r.count("stats-from")) o.stats_from = r["stats-from"].as<std::string>();
         o.in = required(r, "in", "convert so2sat");
         o.out = required(r, "out", "convert so2sat");
         const std::string dt = r["dtype"].as<std::string>();
@@ -155,9 +158,11 @@ int cmd_convert(int argc, char** argv) {
             ("out", "output directory", cxxopts::value<std::string>())
             ("shard-size", "images per shard", cxxopts::value<int64_t>()->default_value("4096"))
             ("prefix", "shard names PREFIX-NNNNN.shard", cxxopts::value<std::string>()->default_value("train"))
-            ("num-classes", "number of classes (default: largest label + 1)", cxxopts::value<int>());
+            ("num-classes", "number of classes (default: largest label + 1)", cxxopts::value<int>())
+            ("stats-from", "normalize with these shards' mean/std (the training split's)", cxxopts::value<std::string>());
         auto r = parse(opts, argc - 1, argv + 1);
         NpyOptions o;
+        if (r.count("stats-from")) o.stats_from = r["stats-from"].as<std::string>();
         o.list = required(r, "list", "convert npy");
         o.out = required(r, "out", "convert npy");
         o.shard_size = r["shard-size"].as<int64_t>();

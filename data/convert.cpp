@@ -60,6 +60,18 @@ static void check_output_args(const std::string& out, const std::string& prefix,
     if (shard_size < 1) throw UserError("--shard-size " + std::to_string(shard_size) + ": must be at least 1");
 }
 
+// --stats-from: the normalization of another shard set (the training split's).
+static void take_stats_from(ShardHeader& h, const std::string& glob) {
+    if (glob.empty()) return;
+    const std::string first = expand_glob(glob).front();
+    const ShardHeader ref = read_shard_header(first);
+    if (ref.channels != h.channels)
+        fail(first, "--stats-from: has " + std::to_string(ref.channels) + " channels, the data being converted " +
+                        std::to_string(h.channels));
+    h.mean = ref.mean;
+    h.std = ref.std;
+}
+
 // Per-channel mean and variance, merged block by block (Chan et al.).
 struct ChannelStats {
     std::vector<double> n, mean, m2;
@@ -364,6 +376,7 @@ void convert_so2sat(const So2SatOptions& o) {
     h.channel_names = so2sat_channel_names();
     h.mean = stats.mean;
     h.std = stats.std_dev();
+    take_stats_from(h, o.stats_from);
 
     // Pass 2: one shard in memory at a time.
     make_dirs(o.out);
@@ -749,6 +762,7 @@ void convert_npy(const NpyOptions& o) {
     for (int c = 0; c < h.channels; c++) h.channel_names.push_back("ch" + std::to_string(c));
     h.mean = stats->mean;
     h.std = stats->std_dev();
+    take_stats_from(h, o.stats_from);
     if (o.verbose)
         progress(tag + ": " + std::to_string(n) + " images " + shape_str(first) + ", stored as " + dtype_name(dtype) +
                  ", " + std::to_string(h.num_classes) + " classes");

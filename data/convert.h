@@ -7,6 +7,9 @@
 // directory's shards as they were: new shards are staged as
 // PREFIX-NNNNN.shard.part and renamed into place only once all are written;
 // then shards of the same prefix beyond the last one written are removed.
+// Validation and test sets should be normalized like the training set:
+// `stats_from` (--stats-from GLOB) copies the training shards' mean and std
+// into their headers instead of their own.
 // Every problem is a UserError "<path>: <problem>" on one line.
 #pragma once
 #include <cstdint>
@@ -27,6 +30,7 @@ struct So2SatOptions {
     DType dtype = DType::f32;       // f32 or f16
     int64_t shard_size = 4096;      // images per shard (the last may hold fewer)
     bool verbose = true;            // progress lines on stdout
+    std::string stats_from;         // a shard glob: use its mean/std instead of this file's
 };
 
 // Reads the So2Sat LCZ42 HDF5 layout: `sen1` (n,32,32,8), `sen2`
@@ -43,6 +47,7 @@ struct NpyOptions {
     int64_t shard_size = 4096;
     int num_classes = 0;            // 0: max label + 1
     bool verbose = true;
+    std::string stats_from;         // a shard glob: use its mean/std instead of this list's
 };
 
 // One .npy file per image, each a [C,H,W] array of uint8, uint16, float32 or

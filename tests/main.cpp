@@ -6,8 +6,10 @@
 int main(int argc, char** argv) {
     ::testing::InitGoogleTest(&argc, argv);
     const int rc = RUN_ALL_TESTS();
+    if (::testing::GTEST_FLAG(list_tests)) return rc;  // nothing ran: no tally
     const auto* u = ::testing::UnitTest::GetInstance();
-    std::printf("tests: %d passed, %d failed, %d skipped\n", u->successful_test_count() - u->skipped_test_count(),
+    // successful_test_count() already leaves skipped tests out.
+    std::printf("tests: %d passed, %d failed, %d skipped\n", u->successful_test_count(),
                 u->failed_test_count(), u->skipped_test_count());
     return rc;
 }

@@ -289,6 +289,33 @@ TEST(ConvertNpy, ListOptionsAndStaleShards) {
     expect_error([&] { convert_npy(o); }, "--shard-size 0", "at least 1");
 }
 
+// A validation split converted with --stats-from carries the training
+// split's normalization, not its own.
+TEST(ConvertNpy, StatsFromAnotherShardSet) {
+    TmpDir dir;
+    write_npy_set<uint8_t>(dir, "|u1", kN, kC, kH, kW, [](int i, size_t j) { return double(i + j); });
+    NpyOptions o = npy_options(dir, 100);
+    convert_npy(o);
+    const ShardHeader train = read_shard_header(o.out + "/train-00000.shard");
+    write_npy_set<uint8_t>(dir, "|u1", kN, kC, kH, kW, [](int i, size_t j) { return double(3 * i + 2 * j); });
+    o.prefix = "val";
+    o.stats_from = o.out + "/train-*.shard";
+    convert_npy(o);
+    const ShardHeader val = read_shard_header(o.out + "/val-00000.shard");
+    EXPECT_EQ(val.mean, train.mean);
+    EXPECT_EQ(val.std, train.std);
+    o.stats_from = "";
+    convert_npy(o);
+    EXPECT_NE(read_shard_header(o.out + "/val-00000.shard").mean, train.mean);
+
+    // Another channel count is refused, naming the shard.
+    TmpDir other;
+    write_npy_set<uint8_t>(other, "|u1", 2, kC + 1, kH, kW, [](int i, size_t j) { return double(i); });
+    NpyOptions w = npy_options(other);
+    w.stats_from = o.out + "/train-*.shard";
+    expect_error([&] { convert_npy(w); }, o.out + "/train-00000.shard", "channels");
+}
+
 // ---------------------------------------------------------------------------
 // .npy refusals: each names the file
 

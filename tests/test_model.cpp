@@ -222,8 +222,8 @@ TEST(Model, CheckpointRoundTripPreservesLogits) {
         const SafetensorsFile f = read_safetensors(dir + "/m.safetensors");
         EXPECT_EQ(f.at("pos_embed").shape, (std::vector<int64_t>{1, 5, 8}));
         EXPECT_EQ(f.at("blocks.1.mlp.fc2.weight").shape, (std::vector<int64_t>{8, 16}));
-        if (std::string(arch) == "moevit") EXPECT_EQ(f.at("blocks.0.attn.k.weight").shape, (std::vector<int64_t>{3, 8, 8}));
-        if (std::string(arch) == "vit") EXPECT_EQ(f.at("patch_embed.weight").shape, (std::vector<int64_t>{8, 3, 4, 4}));
+        if (std::string(arch) == "moevit") { EXPECT_EQ(f.at("blocks.0.attn.k.weight").shape, (std::vector<int64_t>{3, 8, 8})); }
+        if (std::string(arch) == "vit") { EXPECT_EQ(f.at("patch_embed.weight").shape, (std::vector<int64_t>{8, 3, 4, 4})); }
     }
 }
 
@@ -231,8 +231,8 @@ TEST(Model, WeightDecayOnlyOnMatricesNotBiasesOrNorms) {
     for (const auto& p : param_layout(tiny_model("moevit"))) {
         const bool bias = p.name.size() > 5 && p.name.substr(p.name.size() - 5) == ".bias";
         const bool norm = p.name.find("norm") != std::string::npos;
-        if (bias || norm) EXPECT_FALSE(p.decay) << p.name;
-        if (p.shape.size() >= 2 && !bias) EXPECT_TRUE(p.decay) << p.name;
+        if (bias || norm) { EXPECT_FALSE(p.decay) << p.name; }
+        if (p.shape.size() >= 2 && !bias) { EXPECT_TRUE(p.decay) << p.name; }
     }
 }
 

@@ -144,7 +144,7 @@ TEST(OpGrad, RoutedPath) {
                 for (int j = 0; j < k; j++) {
                     EXPECT_GE(experts[t * k + j], 0);
                     EXPECT_LT(experts[t * k + j], nS);
-                    if (j) EXPECT_GE(probs[t * C + S[experts[t * k + j - 1]]], probs[t * C + S[experts[t * k + j]]]);
+                    if (j) { EXPECT_GE(probs[t * C + S[experts[t * k + j - 1]]], probs[t * C + S[experts[t * k + j]]]); }
                 }
             EXPECT_EQ(offsets[B * nS], T * k);
             EXPECT_EQ(std::accumulate(counts.begin(), counts.end(), 0), T * k);
