@@ -13,6 +13,7 @@
 #include "engine/device.h"
 #include "engine/eval_report.h"
 #include "engine/flops.h"
+#include "engine/report.h"
 #include "engine/train.h"
 
 using namespace prism;
@@ -24,6 +25,7 @@ const char* kUsage =
     "  train   --config FILE [--device cpu|cuda|auto] [--out DIR] [--set key=value]... [--profile-steps A:B]\n"
     "  eval    --checkpoint DIR/model.safetensors --data GLOB [--device ...] [--save-logits F.npy]\n"
     "          [--report] [--channels 0,3,5 | --all-subsets]\n"
+    "  report  RUN [RUN...] [--out DIR]\n"
     "  convert so2sat --in FILE.h5 --out DIR [--dtype float32|float16] [--shard-size N] [--prefix NAME]\n"
     "  convert npy    --list FILE.csv --out DIR [--shard-size N] [--prefix NAME] [--num-classes K]\n"
     "  synth   --preset tiny|so2sat|jumpcp --out DIR [--count N] [--seed S]\n"
@@ -145,6 +147,22 @@ int cmd_eval(int argc, char** argv) {
     return 0;
 }
 
+int cmd_report(int argc, char** argv) {
+    cxxopts::Options opts("prism report", "Plots (gnuplot PNGs) and a summary table of training runs.");
+    opts.add_options()
+        ("out", "output directory (default: the first RUN/report)", cxxopts::value<std::string>())
+        ("runs", "run directories (prism train --out)", cxxopts::value<std::vector<std::string>>());
+    opts.parse_positional({"runs"});
+    opts.positional_help("RUN [RUN...]");
+    auto r = parse(opts, argc, argv);
+    if (!r.count("runs")) throw UserError("usage: prism report RUN [RUN...] [--out DIR]");
+    const ReportOutput out =
+        write_report(r["runs"].as<std::vector<std::string>>(), r.count("out") ? r["out"].as<std::string>() : "");
+    for (const auto& f : out.files) std::printf("wrote %s\n", f.c_str());
+    std::printf("report: %s\n", out.dir.c_str());
+    return 0;
+}
+
 int cmd_synth(int argc, char** argv) {
     cxxopts::Options opts("prism synth", "Write a synthetic data set as shards.");
     opts.add_options()
@@ -256,6 +274,7 @@ int main(int argc, char** argv) {
         if (cmd == "synth") return cmd_synth(argc - 1, argv + 1);
         if (cmd == "shards") return cmd_shards(argc - 1, argv + 1);
         if (cmd == "flops") return cmd_flops(argc - 1, argv + 1);
+        if (cmd == "report") return cmd_report(argc - 1, argv + 1);
         if (cmd == "convert") return cmd_convert(argc - 1, argv + 1);
         if (cmd == "bench")
             throw UserError("prism " + cmd + ": not implemented in this build yet");
