@@ -39,7 +39,7 @@ TEST_OBJS := $(TEST_SRCS:%.cpp=$(BUILD)/obj/%.o)
 DEB_PACKAGES := libcxxopts-dev nlohmann-json3-dev libgtest-dev libopenmpi-dev openmpi-bin \
                 libhdf5-dev python3-torch gnuplot-nox
 
-.PHONY: all deps build test run clean
+.PHONY: all deps build test run profile clean
 all: deps build
 
 # Installs the Debian packages that are missing (needs root and apt).
@@ -84,6 +84,22 @@ run: deps build
 	  --set data.train='$(RUN_DIR)/data/train-*.shard' --set data.val='$(RUN_DIR)/data/val-*.shard' \
 	  --out $(RUN_DIR)/moevit
 	$(BUILD)/prism eval --checkpoint $(RUN_DIR)/moevit/model.safetensors --data '$(RUN_DIR)/data/val-*.shard' --device auto
+	$(BUILD)/prism report $(RUN_DIR)/moevit
+	@echo "make run: the report is in $(RUN_DIR)/moevit/report (summary.md and the PNG plots)"
+
+# Nsight Systems timeline of training steps 20..30 of a short tiny run: only
+# the steps between cudaProfilerStart/Stop (--profile-steps) are captured.
+# Needs nsys and the CUDA backend's kernels (not implemented yet).
+PROFILE_DIR := $(BUILD)/profile
+profile: build
+	@command -v nsys >/dev/null || { echo "make profile: nsys (Nsight Systems) is not on PATH"; exit 1; }
+	$(BUILD)/prism synth --preset tiny --out $(PROFILE_DIR)/data --count 2048 --seed 1
+	nsys profile --capture-range=cudaProfilerApi --capture-range-end=stop --trace=cuda,nvtx,osrt \
+	  --force-overwrite=true -o $(PROFILE_DIR)/prism \
+	  $(BUILD)/prism train --config configs/synth_tiny_moevit.json --device cuda --profile-steps 20:30 \
+	  --set data.train='$(PROFILE_DIR)/data/train-*.shard' --set data.val= --set train.steps=40 \
+	  --out $(PROFILE_DIR)/run
+	@echo "make profile: wrote $(PROFILE_DIR)/prism.nsys-rep (nsys stats $(PROFILE_DIR)/prism.nsys-rep, or open it in Nsight Systems)"
 
 clean:
 	rm -rf $(BUILD)

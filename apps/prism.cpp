@@ -11,7 +11,9 @@
 #include "engine/checkpoint.h"
 #include "engine/config.h"
 #include "engine/device.h"
+#include "engine/eval_report.h"
 #include "engine/flops.h"
+#include "engine/report.h"
 #include "engine/train.h"
 
 using namespace prism;
@@ -20,8 +22,10 @@ namespace {
 
 const char* kUsage =
     "usage: prism <command> [options]\n"
-    "  train   --config FILE [--device cpu|cuda|auto] [--out DIR] [--set key=value]...\n"
+    "  train   --config FILE [--device cpu|cuda|auto] [--out DIR] [--set key=value]... [--profile-steps A:B]\n"
     "  eval    --checkpoint DIR/model.safetensors --data GLOB [--device ...] [--save-logits F.npy]\n"
+    "          [--report] [--channels 0,3,5 | --all-subsets]\n"
+    "  report  RUN [RUN...] [--out DIR]\n"
     "  convert so2sat --in FILE.h5 --out DIR [--dtype float32|float16] [--shard-size N] [--prefix NAME] [--stats-from GLOB]\n"
     "  convert npy    --list FILE.csv --out DIR [--shard-size N] [--prefix NAME] [--num-classes K]\n"
     "                 [--stats-from GLOB]\n"
@@ -75,12 +79,28 @@ int cmd_train(int argc, char** argv) {
         ("config", "config file (JSON)", cxxopts::value<std::string>())
         ("device", "cpu, cuda or auto", cxxopts::value<std::string>()->default_value("auto"))
         ("out", "run directory (model.safetensors, metrics.jsonl, config.json)", cxxopts::value<std::string>())
-        ("set", "override a config key: section.key=value", cxxopts::value<std::vector<std::string>>());
+        ("set", "override a config key: section.key=value", cxxopts::value<std::vector<std::string>>())
+        ("profile-steps", "CUDA: run steps A..B (1-based) between cudaProfilerStart/Stop, for nsys",
+         cxxopts::value<std::string>());
     auto r = parse(opts, argc, argv);
     const Config cfg = load_config(required(r, "config", "train"), sets_of(r));
     const Device dev = resolve_device(r["device"].as<std::string>());
     const std::string out = r.count("out") ? r["out"].as<std::string>() : "";
-    const TrainResult res = train(cfg, dev, out, true);
+    TrainOptions topts;
+    if (r.count("profile-steps")) {
+        const std::string range = r["profile-steps"].as<std::string>();
+        long long a = 0, b = 0;
+        char rest = 0;
+        if (std::sscanf(range.c_str(), "%lld:%lld%c", &a, &b, &rest) != 2 || a < 1 || b < a)
+            throw UserError("--profile-steps " + printable(range) + ": expected A:B with 1 <= A <= B, like 10:20");
+        if (dev == Device::cuda) {
+            topts.profile_first = a;
+            topts.profile_last = b;
+        } else {
+            std::fprintf(stderr, "prism train: --profile-steps only applies to CUDA runs; ignored on the CPU\n");
+        }
+    }
+    const TrainResult res = train(cfg, dev, out, true, topts);
     std::printf("%s\n", nlohmann::json{{"arch", cfg.model.arch}, {"val_accuracy", res.val.accuracy},
                                        {"val_loss", res.val.loss}, {"val_count", res.val.count},
                                        {"steps", res.steps}, {"seconds", res.seconds}}.dump().c_str());
@@ -95,8 +115,13 @@ int cmd_eval(int argc, char** argv) {
         ("device", "cpu, cuda or auto", cxxopts::value<std::string>()->default_value("auto"))
         ("batch", "images per forward pass", cxxopts::value<int>()->default_value("64"))
         ("save-logits", "write float32 [count, classes] logits (.npy) in shard order",
-         cxxopts::value<std::string>());
+         cxxopts::value<std::string>())
+        ("report", "add per-class accuracy and the confusion matrix")
+        ("channels", "evaluate on this channel subset, e.g. 0,3,5", cxxopts::value<std::string>())
+        ("all-subsets", "also average accuracy over every channel-subset size");
     auto r = parse(opts, argc, argv);
+    if (r.count("channels") && r.count("all-subsets"))
+        throw UserError("prism eval: --channels and --all-subsets exclude each other");
     const std::string glob = required(r, "data", "eval");
     const Checkpoint ck = load_checkpoint(required(r, "checkpoint", "eval"));
     resolve_device(r["device"].as<std::string>());  // CPU only until the CUDA kernels exist
@@ -106,10 +131,36 @@ int cmd_eval(int argc, char** argv) {
     if (batch < 1) throw UserError("--batch must be at least 1");
     Model<float> model(ck.config.model, batch, false);
     load_weights(model, ck);
+    const int K = ck.config.model.num_classes;
+    EvalOptions eopts;
+    if (r.count("channels")) eopts.channels = parse_channel_list(r["channels"].as<std::string>(), ck.config.model.channels);
     const bool want_logits = r.count("save-logits") > 0;
-    const EvalResult res = evaluate(model, data, batch, want_logits);
-    if (want_logits) write_npy(r["save-logits"].as<std::string>(), res.logits, res.count, ck.config.model.num_classes);
-    std::printf("%s\n", nlohmann::json{{"accuracy", res.accuracy}, {"loss", res.loss}, {"count", res.count}}.dump().c_str());
+    const EvalResult res = evaluate(model, data, batch, want_logits, eopts);
+    if (want_logits) write_npy(r["save-logits"].as<std::string>(), res.logits, res.count, K);
+    nlohmann::json j{{"accuracy", res.accuracy}, {"loss", res.loss}, {"count", res.count}};
+    if (!eopts.channels.empty()) j["channels"] = eopts.channels;
+    if (r.count("report")) add_report(j, res, K);
+    if (r.count("all-subsets"))
+        j["subsets"] = subsets_json(evaluate_all_subsets(model, data, batch, [](const SubsetSweep::Size& s) {
+            std::fprintf(stderr, "subsets of size %d: %d evaluated, mean accuracy %.4f\n", s.size, s.subsets, s.accuracy);
+        }));
+    std::printf("%s\n", j.dump().c_str());
+    return 0;
+}
+
+int cmd_report(int argc, char** argv) {
+    cxxopts::Options opts("prism report", "Plots (gnuplot PNGs) and a summary table of training runs.");
+    opts.add_options()
+        ("out", "output directory (default: the first RUN/report)", cxxopts::value<std::string>())
+        ("runs", "run directories (prism train --out)", cxxopts::value<std::vector<std::string>>());
+    opts.parse_positional({"runs"});
+    opts.positional_help("RUN [RUN...]");
+    auto r = parse(opts, argc, argv);
+    if (!r.count("runs")) throw UserError("usage: prism report RUN [RUN...] [--out DIR]");
+    const ReportOutput out =
+        write_report(r["runs"].as<std::vector<std::string>>(), r.count("out") ? r["out"].as<std::string>() : "");
+    for (const auto& f : out.files) std::printf("wrote %s\n", f.c_str());
+    std::printf("report: %s\n", out.dir.c_str());
     return 0;
 }
 
@@ -228,6 +279,7 @@ int main(int argc, char** argv) {
         if (cmd == "synth") return cmd_synth(argc - 1, argv + 1);
         if (cmd == "shards") return cmd_shards(argc - 1, argv + 1);
         if (cmd == "flops") return cmd_flops(argc - 1, argv + 1);
+        if (cmd == "report") return cmd_report(argc - 1, argv + 1);
         if (cmd == "convert") return cmd_convert(argc - 1, argv + 1);
         if (cmd == "bench")
             throw UserError("prism " + cmd + ": not implemented in this build yet");

@@ -5,6 +5,8 @@
 namespace prism::cuda {
 int device_count();
 std::string device_name(int index);
+void profiler_start();
+void profiler_stop();
 }
 #endif
 
@@ -36,5 +38,13 @@ Device resolve_device(const std::string& flag) {
 }
 
 const char* device_label(Device d) { return d == Device::cuda ? "cuda" : "cpu"; }
+
+#ifdef PRISM_CUDA
+void profiler_start() { cuda::profiler_start(); }
+void profiler_stop() { cuda::profiler_stop(); }
+#else
+void profiler_start() {}
+void profiler_stop() {}
+#endif
 
 }  // namespace prism

@@ -10,4 +10,10 @@ namespace prism {
 Device resolve_device(const std::string& flag);
 const char* device_label(Device d);
 
+// cudaProfilerStart / cudaProfilerStop: what `nsys profile
+// --capture-range=cudaProfilerApi` waits for (`prism train --profile-steps`).
+// No-ops in a build without CUDA.
+void profiler_start();
+void profiler_stop();
+
 }  // namespace prism

@@ -280,6 +280,19 @@ std::vector<std::vector<int>> Model<T>::routing_counts() const {
     return out;
 }
 
+template <class T>
+std::vector<int> Model<T>::routing_counts_per_image(int block) const {
+    std::vector<int> out;
+    if (!is_moe(cfg_)) return out;
+    const int C = cfg_.channels, k = std::min(cfg_.top_k, nS_);
+    const int64_t slots = int64_t(nS_) * cfg_.num_patches() * k;  // per image
+    const int* experts = act_->blocks[block].experts;            // [B, nS·N, k]: positions in S
+    out.assign(size_t(B_) * C, 0);
+    for (int b = 0; b < B_; b++)
+        for (int64_t j = 0; j < slots; j++) out[size_t(b) * C + S_[experts[b * slots + j]]]++;
+    return out;
+}
+
 // ---------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------

@@ -78,6 +78,9 @@ public:
     const T* logits() const;   // [B, classes] of the last forward
     // Per block: token-slots routed to each channel in the last forward ([C]; moevit).
     std::vector<std::vector<int>> routing_counts() const;
+    // Block `block`'s token-slots of each image of the last forward routed to
+    // each channel ([B, C] row-major; moevit, else empty).
+    std::vector<int> routing_counts_per_image(int block) const;
     size_t param_arena_bytes() const { return param_arena_.capacity; }
     size_t activation_arena_bytes() const { return act_arena_.capacity; }
 

@@ -41,6 +41,7 @@ struct Rng {
 };
 
 // Stream ids: one per use of randomness in a run.
-enum RngStream : uint64_t { kInitStream = 1, kShuffleStream, kHcsStream, kDropPathStream, kAugmentStream };
+enum RngStream : uint64_t { kInitStream = 1, kShuffleStream, kHcsStream, kDropPathStream, kAugmentStream,
+                            kEvalSubsetStream };
 
 }  // namespace prism

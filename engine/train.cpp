@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 #include "data/loader.h"
 #include "engine/checkpoint.h"
+#include "engine/monitor.h"
 #include "engine/optimizer.h"
 #include "engine/rng.h"
 
@@ -46,14 +47,17 @@ void check_data_matches(const Dataset& d, const ModelConfig& m, const std::strin
 }
 
 template <class T>
-EvalResult evaluate(Model<T>& model, const Dataset& data, int batch, bool keep_logits) {
+EvalResult evaluate(Model<T>& model, const Dataset& data, int batch, bool keep_logits, const EvalOptions& opts) {
     const int C = model.config().channels, K = model.config().num_classes;
     Loader loader(data, batch, /*shuffle=*/false, 0);
     std::vector<float> images;
     std::vector<int32_t> labels;
     Batch b;
-    for (int c = 0; c < C; c++) b.channels.push_back(c);
+    b.channels = opts.channels;
+    if (b.channels.empty())
+        for (int c = 0; c < C; c++) b.channels.push_back(c);
     EvalResult r;
+    r.confusion.assign(size_t(K) * K, 0);
     double loss_sum = 0;
     int64_t correct = 0;
     while (int n = loader.next(images, labels)) {
@@ -66,15 +70,23 @@ EvalResult evaluate(Model<T>& model, const Dataset& data, int batch, bool keep_l
         r.count += n;
         if (keep_logits)
             for (int64_t i = 0; i < int64_t(n) * K; i++) r.logits.push_back(float(model.logits()[i]));
+        tally_confusion(r.confusion, model.logits(), b.labels, n, K);
+        if (opts.routing) {
+            std::vector<std::vector<int>> per_block;
+            for (int i = 0; i < model.config().depth; i++) per_block.push_back(model.routing_counts_per_image(i));
+            opts.routing->add(per_block, b.labels, n);
+        }
+        if (opts.on_batch) opts.on_batch(r.count);
     }
     r.accuracy = r.count ? double(correct) / r.count : 0;
     r.loss = r.count ? loss_sum / r.count : 0;
     return r;
 }
-template EvalResult evaluate(Model<float>&, const Dataset&, int, bool);
-template EvalResult evaluate(Model<double>&, const Dataset&, int, bool);
+template EvalResult evaluate(Model<float>&, const Dataset&, int, bool, const EvalOptions&);
+template EvalResult evaluate(Model<double>&, const Dataset&, int, bool, const EvalOptions&);
 
-TrainResult train(const Config& cfg, Device device, const std::string& out_dir, bool verbose) {
+TrainResult train(const Config& cfg, Device device, const std::string& out_dir, bool verbose,
+                  const TrainOptions& opts) {
     const ModelConfig& m = cfg.model;
     const TrainConfig& t = cfg.train;
     if (device != Device::cpu)
@@ -106,21 +118,11 @@ TrainResult train(const Config& cfg, Device device, const std::string& out_dir, 
     model.init_weights(t.seed);
     AdamW<float> opt(t, model.num_params(), verbose);
 
-    std::ofstream metrics;
-    if (!out_dir.empty()) {
-        make_dirs(out_dir);
-        std::ofstream(out_dir + "/config.json") << config_to_json(cfg).dump(2) << "\n";
-        metrics.open(out_dir + "/metrics.jsonl");
-        if (!metrics) throw UserError(out_dir + "/metrics.jsonl: cannot write");
-    }
+    // Progress, metrics.jsonl, config.json, routing diagnostics, profiler bracket.
+    TrainMonitor monitor(cfg, device, out_dir, verbose, opts, total, per_epoch, train_data.shape.channel_names);
     auto run_eval = [&](int64_t step) {
-        EvalResult r = evaluate(model, val_data, t.batch, false);
-        if (verbose)
-            std::printf("eval  step %lld | val loss %.4f | val acc %.4f (%lld images)\n", (long long)step,
-                        r.loss, r.accuracy, (long long)r.count);
-        if (metrics.is_open())
-            metrics << nlohmann::json{{"type", "eval"}, {"step", step}, {"loss", r.loss},
-                                      {"accuracy", r.accuracy}, {"count", r.count}}.dump() << "\n" << std::flush;
+        EvalResult r = evaluate(model, val_data, t.batch, false, monitor.eval_begins(step, val_data.count()));
+        monitor.eval_done(step, r);
         return r;
     };
 
@@ -128,17 +130,15 @@ TrainResult train(const Config& cfg, Device device, const std::string& out_dir, 
     std::vector<int32_t> labels;
     TrainResult result;
     const auto start = Clock::now();
-    auto window_start = start;
-    double window_data_s = 0, window_loss = 0;
-    int64_t window_images = 0, window_correct = 0, window_steps = 0;
     for (int64_t step = 0; step < total; step++) {
+        monitor.step_begins(step);
         const auto data_start = Clock::now();
         Batch b;
         b.size = loader.next(images, labels);
         b.images = images.data();
         b.labels = labels.data();
         b.channels = channels_for_step(t, m.channels, step);
-        window_data_s += seconds_since(data_start);
+        monitor.data_waited(seconds_since(data_start));
 
         const Losses l = model.forward(b, /*training=*/true, Rng(t.seed, kDropPathStream, step).next());
         if (!std::isfinite(l.total))
@@ -148,33 +148,13 @@ TrainResult train(const Config& cfg, Device device, const std::string& out_dir, 
         const double lr = learning_rate(t, step, total, warmup);
         const double grad_norm = opt.step(model, lr);
 
-        window_loss += l.total;
-        window_correct += l.correct;
-        window_images += b.size;
-        window_steps++;
+        monitor.step_done(step, l, b.size, lr, grad_norm, model.routing_counts());
         const bool last = step + 1 == total;
-        if ((step + 1) % t.log_every == 0 || last) {
-            const double secs = seconds_since(window_start);
-            const double ips = window_images / secs;
-            if (verbose)
-                std::printf("step %6lld/%lld | loss %.4f | acc %.3f | lr %.2e | |g| %.3f | %.0f img/s | data wait %.1f%%\n",
-                            (long long)(step + 1), (long long)total, window_loss / window_steps,
-                            double(window_correct) / window_images, lr, grad_norm, ips,
-                            100.0 * window_data_s / secs);
-            if (metrics.is_open())
-                metrics << nlohmann::json{{"type", "train"}, {"step", step + 1}, {"loss", window_loss / window_steps},
-                                          {"accuracy", double(window_correct) / window_images}, {"lr", lr},
-                                          {"grad_norm", grad_norm}, {"aux_loss", l.aux}, {"z_loss", l.z},
-                                          {"images_per_s", ips}, {"data_wait_s", window_data_s}}.dump()
-                        << "\n" << std::flush;
-            window_start = Clock::now();
-            window_data_s = window_loss = 0;
-            window_images = window_correct = window_steps = 0;
-        }
         if (val_data.count() && t.eval_every > 0 && (step + 1) % t.eval_every == 0 && !last) run_eval(step + 1);
         if (!out_dir.empty() && t.checkpoint_every > 0 && (step + 1) % t.checkpoint_every == 0 && !last)
             save_checkpoint(out_dir + "/model.safetensors", model, cfg);
     }
+    monitor.finish();
     result.steps = total;
     result.seconds = seconds_since(start);
     if (val_data.count()) result.val = run_eval(total);

@@ -1,10 +1,12 @@
 // The training loop and evaluation.
 #pragma once
+#include <functional>
 #include <string>
 #include <vector>
 #include "data/shard.h"
 #include "engine/common.h"
 #include "engine/config.h"
+#include "engine/metrics.h"
 #include "engine/model.h"
 
 namespace prism {
@@ -13,11 +15,19 @@ struct EvalResult {
     double accuracy = 0, loss = 0;
     int64_t count = 0;
     std::vector<float> logits;  // [count, classes] in data order, when asked for
+    std::vector<int64_t> confusion;  // [classes, classes]: row = label, column = prediction
 };
 
-// Evaluates on all channels, in order, without augmentation or drop path.
+struct EvalOptions {
+    std::vector<int> channels;                  // the channel subset S (sorted); empty = all
+    ClassRouting* routing = nullptr;            // moevit: add the per-class routing histogram
+    std::function<void(int64_t)> on_batch;      // called with the images done so far
+};
+
+// Evaluates in data order without augmentation or drop path.
 template <class T>
-EvalResult evaluate(Model<T>& model, const Dataset& data, int batch, bool keep_logits);
+EvalResult evaluate(Model<T>& model, const Dataset& data, int batch, bool keep_logits,
+                    const EvalOptions& opts = {});
 
 struct TrainResult {
     EvalResult val;
@@ -25,9 +35,20 @@ struct TrainResult {
     double seconds = 0;
 };
 
+struct TrainOptions {
+    int rank = 0;  // only rank 0 prints progress and writes metrics (no MPI yet: always 0)
+    // --profile-steps A:B: steps A..B (1-based, inclusive) run between
+    // cudaProfilerStart and cudaProfilerStop on CUDA; 0 = off.
+    int64_t profile_first = 0, profile_last = 0;
+    // The device's peak FLOP/s, for the MFU in metrics.jsonl; 0 = unknown
+    // (the CPU): no "mfu" key. The CUDA backend is to fill it in.
+    double peak_flops = 0;
+};
+
 // Trains per the config; writes out_dir/{config.json, metrics.jsonl,
-// model.safetensors} when out_dir is not empty.
-TrainResult train(const Config& cfg, Device device, const std::string& out_dir, bool verbose);
+// routing.json (moevit), model.safetensors} when out_dir is not empty.
+TrainResult train(const Config& cfg, Device device, const std::string& out_dir, bool verbose,
+                  const TrainOptions& opts = {});
 
 // The channel subset of one training step: all channels, or under HCS
 // m ~ U{1..C} then a uniform m-subset, sorted; drawn from (seed, step) so

@@ -1,5 +1,6 @@
 // Device discovery for the CUDA backend. The op kernels arrive with the CUDA
 // backend issue; until then this is the part of the backend that is built.
+#include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
 #include <cstdio>
 #include <string>
@@ -21,6 +22,15 @@ std::string device_name(int index) {
     cudaDeviceProp prop{};
     if (cudaGetDeviceProperties(&prop, index) != cudaSuccess) return "unknown CUDA device";
     return prop.name;
+}
+
+// The bracket of `prism train --profile-steps A:B`. Errors (no device, or
+// no profiler attached) are cleared: profiling is best effort.
+void profiler_start() {
+    if (cudaProfilerStart() != cudaSuccess) cudaGetLastError();
+}
+void profiler_stop() {
+    if (cudaProfilerStop() != cudaSuccess) cudaGetLastError();
 }
 
 }  // namespace prism::cuda
