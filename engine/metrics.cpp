@@ -1,4 +1,5 @@
 #include "engine/metrics.h"
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 
@@ -28,19 +29,24 @@ RoutingSummary summarize_routing(const RoutingWindow& w) {
     return s;
 }
 
-std::string collapse_warning(const RoutingSummary& s, int64_t step, double threshold) {
+std::string collapse_warning(const RoutingSummary& s, int64_t step, int top_k, double threshold) {
     std::string blocks;
-    for (size_t i = 0; i < s.shares.size(); i++)
-        for (size_t c = 0; c < s.shares[i].size(); c++)
-            if (s.shares[i][c] > threshold) {
+    for (size_t i = 0; i < s.shares.size(); i++) {
+        const int k = std::min<int>(top_k, int(s.shares[i].size()));
+        if (k >= int(s.shares[i].size())) continue;  // every token takes every channel
+        for (size_t c = 0; c < s.shares[i].size(); c++) {
+            const double tokens = s.shares[i][c] * k;  // share of the block's tokens choosing c
+            if (tokens > threshold) {
                 char buf[96];
-                std::snprintf(buf, sizeof buf, "%sblock %zu: channel %zu takes %.1f%%", blocks.empty() ? "" : "; ",
-                              i, c, 100.0 * s.shares[i][c]);
+                std::snprintf(buf, sizeof buf, "%sblock %zu: channel %zu chosen by %.1f%%", blocks.empty() ? "" : "; ",
+                              i, c, 100.0 * tokens);
                 blocks += buf;
             }
+        }
+    }
     if (blocks.empty()) return "";
     char head[128];
-    std::snprintf(head, sizeof head, "warning: router collapse at step %lld (over %.0f%% of a block's token-slots on one channel): ",
+    std::snprintf(head, sizeof head, "warning: router collapse at step %lld (one channel chosen by over %.0f%% of a block's tokens): ",
                   (long long)step, 100.0 * threshold);
     return head + blocks;
 }

@@ -26,11 +26,14 @@ struct RoutingSummary {
 };
 RoutingSummary summarize_routing(const RoutingWindow& w);
 
-// Router collapse: one channel took more than `threshold` of a block's
-// slots. Returns one warning line naming every such block, the channel and
-// its share, or "" when no block collapsed. With top_k = k a channel holds at
-// most 1/k of the slots, so this fires only for k = 1 (see the README).
-std::string collapse_warning(const RoutingSummary& s, int64_t step, double threshold = 0.9);
+// Router collapse: one channel is among the choices of more than `threshold`
+// of a block's tokens, i.e. holds more than threshold/k of its slots (a token
+// picks a channel at most once; k = min(top_k, C)). With k = 1 that is more
+// than 90% of the slots. When every token must pick every channel (k = C)
+// there is no choice to collapse and it never fires. Returns one warning
+// line naming every such block, the channel and its share of the tokens, or
+// "" when no block collapsed.
+std::string collapse_warning(const RoutingSummary& s, int64_t step, int top_k, double threshold = 0.9);
 
 // The per-class routing histogram of an evaluation: for each class, block and
 // channel, the token-slots of that class's images routed to the channel.

@@ -143,7 +143,7 @@ void TrainMonitor::step_done(int64_t step, const Losses& l, int images, double l
         }
         metrics_ << j.dump() << "\n" << std::flush;
     }
-    const std::string warning = collapse_warning(routing, done);
+    const std::string warning = collapse_warning(routing, done, cfg_.model.top_k);
     if (console_ && !warning.empty()) warn(warning);
 
     window_start_ = Clock::now();
