@@ -1,4 +1,5 @@
-// Exact-resume state (engine/state) and crash-safe checkpoint writes.
+// Exact-resume state (engine/state), crash-safe checkpoint writes, stop
+// signals and the non-finite guard (engine/faults).
 #include <chrono>
 #include <cmath>
 #include <csignal>
@@ -11,6 +12,7 @@
 #include <time.h>
 #include <unistd.h>
 #include "engine/checkpoint.h"
+#include "engine/faults.h"
 #include "engine/rng.h"
 #include "engine/state.h"
 #include "tests/testutil.h"
@@ -223,4 +225,52 @@ TEST(State, KilledAtAnyMomentLeavesACompleteCheckpoint) {
     std::printf("one checkpoint takes %.0f ms; killed after 0.5 to 4.8 of them, the state on disk was complete, "
                 "at steps:%s\n", one_ms, seen.c_str());
     EXPECT_FALSE(steps_seen.empty());
+}
+
+TEST(Faults, StopSignalSetsTheFlag) {
+    struct sigaction before = {};
+    sigaction(SIGTERM, nullptr, &before);
+    install_stop_signals();
+    EXPECT_EQ(stop_signal(), 0);
+    raise(SIGTERM);
+    EXPECT_EQ(stop_signal(), SIGTERM);
+    remove_stop_signals();
+    EXPECT_EQ(stop_signal(), 0);
+    struct sigaction after = {};
+    sigaction(SIGTERM, nullptr, &after);
+    EXPECT_EQ(after.sa_handler, before.sa_handler);
+
+    install_stop_signals();
+    raise(SIGINT);
+    EXPECT_EQ(stop_signal(), SIGINT);
+    remove_stop_signals();
+}
+
+TEST(Faults, SecondStopSignalEndsTheProcess) {
+    const int status = in_child([] {
+        install_stop_signals();
+        raise(SIGINT);
+        if (stop_signal() != SIGINT) _exit(3);
+        raise(SIGINT);
+        _exit(4);  // not reached
+    });
+    EXPECT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGINT) << status;
+}
+
+TEST(Faults, NonFinitePolicy) {
+    TrainConfig t;
+    int64_t skipped = 0;
+    EXPECT_TRUE(guard_nonfinite(t, 7, 2.5, 1e3, &skipped, ""));
+    EXPECT_EQ(skipped, 0);
+    expect_error([&] { guard_nonfinite(t, 7, NAN, 1.0, &skipped, "out/train_state.safetensors"); }, "train",
+                 "loss nan, gradient norm 1 at step 7; stopped before updating the weights; the last checkpoint, "
+                 "out/train_state.safetensors, is intact");
+    expect_error([&] { guard_nonfinite(t, 0, 1.0, INFINITY, &skipped, ""); }, "train",
+                 "no checkpoint was written yet");
+    EXPECT_EQ(skipped, 0);
+    t.skip_nonfinite = true;
+    EXPECT_FALSE(guard_nonfinite(t, 8, NAN, NAN, &skipped, ""));
+    EXPECT_FALSE(guard_nonfinite(t, 9, 1.0, -INFINITY, &skipped, ""));
+    EXPECT_TRUE(guard_nonfinite(t, 10, 1.0, 1.0, &skipped, ""));
+    EXPECT_EQ(skipped, 2);
 }
