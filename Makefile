@@ -1,6 +1,7 @@
 # Prism: one binary (build/prism), one test binary (build/prism_tests).
 # The CPU backend is always built; the CUDA backend whenever nvcc is found
-# under CUDA_HOME. MPI and HDF5 are used when their headers are present.
+# under CUDA_HOME. MPI (through mpicxx), NCCL (under NCCL_HOME, with CUDA) and
+# HDF5 are used when present.
 
 CUDA_HOME ?= /usr/local/cuda
 NCCL_HOME ?= $(CUDA_HOME)
@@ -21,6 +22,28 @@ ifneq ($(NVCC),)
   CXXFLAGS  += -DPRISM_CUDA -I$(CUDA_HOME)/include
   CUDA_LIBDIR := $(firstword $(wildcard $(CUDA_HOME)/lib64 $(CUDA_HOME)/lib))
   LDLIBS    += -L$(CUDA_LIBDIR) -Wl,-rpath,$(CUDA_LIBDIR) -lcudart -lcublasLt -lcublas
+  # NCCL (multi-GPU gradient all-reduce) is optional: used when nccl.h is under
+  # NCCL_HOME. Only the build flags exist so far; no code uses PRISM_NCCL yet.
+  NCCL_INC := $(firstword $(wildcard $(NCCL_HOME)/include/nccl.h))
+  ifneq ($(NCCL_INC),)
+    NCCL_LIBDIR := $(firstword $(wildcard $(NCCL_HOME)/lib64 $(NCCL_HOME)/lib))
+    CXXFLAGS  += -DPRISM_NCCL -I$(NCCL_HOME)/include
+    NVCCFLAGS += -DPRISM_NCCL -I$(NCCL_HOME)/include
+    LDLIBS    += -L$(NCCL_LIBDIR) -Wl,-rpath,$(NCCL_LIBDIR) -lnccl
+  endif
+endif
+
+# MPI (engine/comm.cpp: ranks under mpirun) is optional: Open MPI's mpicxx
+# says where its headers and libraries are. Without it every run is a world
+# of one.
+MPICXX := $(shell command -v mpicxx 2>/dev/null)
+ifneq ($(MPICXX),)
+  MPI_CFLAGS := $(shell $(MPICXX) --showme:compile 2>/dev/null)
+  MPI_LIBS   := $(filter-out -lmpi_cxx,$(shell $(MPICXX) --showme:link 2>/dev/null))
+  ifneq ($(MPI_CFLAGS),)
+    CXXFLAGS += -DPRISM_MPI $(MPI_CFLAGS)
+    LDLIBS   += $(MPI_LIBS)
+  endif
 endif
 
 # HDF5 (So2Sat converter) is optional: the GPU machine may lack it.
@@ -54,7 +77,7 @@ deps:
 	    || { echo "make deps: apt-get failed for:$$missing"; exit 1; }; \
 	fi
 
-build: $(BUILD)/prism $(BUILD)/prism_tests
+build: $(BUILD)/prism $(BUILD)/prism_tests $(BUILD)/comm_worker
 
 $(BUILD)/libprism.a: $(LIB_OBJS)
 	@mkdir -p $(dir $@)
@@ -65,6 +88,10 @@ $(BUILD)/prism: $(BUILD)/obj/apps/prism.o $(BUILD)/libprism.a
 
 $(BUILD)/prism_tests: $(TEST_OBJS) $(BUILD)/libprism.a
 	$(CXX) -o $@ $^ -lgtest $(LDLIBS)
+
+# The program tests/test_comm.cpp starts under `mpirun -np 2`.
+$(BUILD)/comm_worker: $(BUILD)/obj/tests/workers/comm_worker.o $(BUILD)/libprism.a
+	$(CXX) -o $@ $^ $(LDLIBS)
 
 $(BUILD)/obj/%.o: %.cpp
 	@mkdir -p $(dir $@)

@@ -57,6 +57,8 @@ struct TrainConfig {
     int64_t eval_every = 0;          // 0 = only at the end
     int64_t checkpoint_every = 0;    // 0 = only at the end
     int64_t log_every = 10;          // plain log line every N steps
+    bool skip_nonfinite = false;     // NaN/Inf loss or gradient norm: skip the step (counted) instead of stopping
+    double comm_timeout_s = 300;     // a rank that does not answer within this aborts the job (engine/comm.h)
 };
 
 struct Config {

@@ -1,4 +1,5 @@
 #include "engine/safetensors.h"
+#include <cerrno>
 #include <cstdio>
 #include <cstring>
 #include <fcntl.h>
@@ -51,6 +52,15 @@ void write_safetensors(const std::string& path, const std::vector<TensorOut>& te
         std::remove(tmp.c_str());
         throw UserError(path + ": write failed: " + std::strerror(errno));
     }
+    // The rename survives a power loss only once the directory is synced
+    // (some file systems cannot sync a directory: EINVAL).
+    const size_t slash = path.find_last_of('/');
+    const std::string dir = slash == std::string::npos ? "." : slash == 0 ? "/" : path.substr(0, slash);
+    const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY);
+    const bool synced = fd >= 0 && (fsync(fd) == 0 || errno == EINVAL);
+    const int err = errno;
+    if (fd >= 0) ::close(fd);
+    if (!synced) throw UserError(dir + ": cannot sync the directory after writing " + path + ": " + std::strerror(err));
 }
 
 const TensorIn& SafetensorsFile::at(const std::string& name) const {

@@ -16,7 +16,9 @@ struct TensorOut {
     const void* data;             // numel * element size bytes
 };
 
-// Writes atomically: PATH.tmp, fsync, rename. Throws UserError on I/O failure.
+// Writes atomically: PATH.tmp, fsync, rename, fsync of the directory; a
+// reader sees the previous file or the new one, never a partial one.
+// Throws UserError on I/O failure.
 void write_safetensors(const std::string& path, const std::vector<TensorOut>& tensors,
                        const std::map<std::string, std::string>& metadata);
 

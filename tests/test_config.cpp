@@ -241,3 +241,14 @@ TEST(Config, FromJsonOrigin) {
     std::string m = user_error([&] { config_from_json(j, "ckpt/model.safetensors"); });
     EXPECT_EQ(m.rfind("ckpt/model.safetensors: ", 0), 0u) << m;
 }
+
+TEST(Config, FaultKeysHaveDefaultsAndAreChecked) {
+    const Config c = config_from_json(json::object(), "x.json");
+    EXPECT_EQ(c.train.comm_timeout_s, 300);
+    EXPECT_FALSE(c.train.skip_nonfinite);
+    const Config d = config_from_json({{"train", {{"comm_timeout_s", 2.5}, {"skip_nonfinite", true}}}}, "x.json");
+    EXPECT_EQ(d.train.comm_timeout_s, 2.5);
+    EXPECT_TRUE(d.train.skip_nonfinite);
+    EXPECT_EQ(user_error([] { config_from_json({{"train", {{"comm_timeout_s", 0}}}}, "x.json"); }),
+              "x.json: train.comm_timeout_s must be > 0, got 0");
+}
