@@ -332,16 +332,20 @@ Losses Model<T>::forward(const Batch& batch, bool training, uint64_t drop_seed) 
     }
 
     // Stochastic depth: rate grows linearly over depth; a dropped sample's
-    // branch is skipped, a kept one is scaled by 1/keep.
-    Rng drop_rng(drop_seed, kDropPathStream);
+    // branch is skipped, a kept one is scaled by 1/keep. Each draw is keyed by
+    // (block, branch, image's index in the global batch), so a rank holding a
+    // slice of the batch draws what a single process would for those images.
     for (int i = 0; i < cfg_.depth; i++) {
         auto& b = x.blocks[i];
         const double rate = cfg_.depth > 1 ? cfg_.drop_path * i / (cfg_.depth - 1) : cfg_.drop_path;
         b.dropping = training && rate > 0;
-        if (b.dropping)
-            for (T* scales : {b.drop_attn, b.drop_mlp})
-                for (int s = 0; s < B_; s++)
-                    scales[s] = drop_rng.uniform() < rate ? T(0) : T(1.0 / (1.0 - rate));
+        if (!b.dropping) continue;
+        T* branch_scales[2] = {b.drop_attn, b.drop_mlp};
+        for (int branch = 0; branch < 2; branch++)
+            for (int s = 0; s < B_; s++) {
+                Rng draw(drop_seed, uint64_t(2 * i + branch), uint64_t(batch.first_image + s));
+                branch_scales[branch][s] = draw.uniform() < rate ? T(0) : T(1.0 / (1.0 - rate));
+            }
     }
 
     Losses losses;

@@ -29,6 +29,7 @@ struct Batch {
     const int32_t* labels = nullptr;
     int size = 0;                 // B, at most the model's batch capacity
     std::vector<int> channels;    // S, sorted; all of 0..C-1 unless HCS drew a subset
+    int64_t first_image = 0;      // index of image 0 in the global batch (a rank's offset)
 };
 
 struct Losses {
