@@ -6,6 +6,7 @@
 #include <cxxopts.hpp>
 #include <nlohmann/json.hpp>
 #include "data/convert.h"
+#include "data/loader.h"
 #include "data/shard.h"
 #include "data/synth.h"
 #include "engine/checkpoint.h"
@@ -99,14 +100,14 @@ int cmd_eval(int argc, char** argv) {
     const std::string glob = required(r, "data", "eval");
     const Checkpoint ck = load_checkpoint(required(r, "checkpoint", "eval"));
     resolve_device(r["device"].as<std::string>());  // CPU only until the CUDA kernels exist
-    const Dataset data = load_dataset(glob);
-    check_data_matches(data, ck.config.model, glob);
     const int batch = r["batch"].as<int>();
     if (batch < 1) throw UserError("--batch must be at least 1");
+    Loader data(eval_loader_options(glob, batch, ck.config.data.threads));
+    check_data_matches(data.shape(), ck.config.model, glob);
     Model<float> model(ck.config.model, batch, false);
     load_weights(model, ck);
     const bool want_logits = r.count("save-logits") > 0;
-    const EvalResult res = evaluate(model, data, batch, want_logits);
+    const EvalResult res = evaluate(model, data, want_logits);
     if (want_logits) write_npy(r["save-logits"].as<std::string>(), res.logits, res.count, ck.config.model.num_classes);
     std::printf("%s\n", nlohmann::json{{"accuracy", res.accuracy}, {"loss", res.loss}, {"count", res.count}}.dump().c_str());
     return 0;
