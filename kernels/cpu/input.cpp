@@ -5,7 +5,7 @@
 // Each output row reads its pixels along one straight line of the source
 // image: a source row forwards or backwards, or, after an odd number of
 // quarter turns, a source column, which is a row of the plane's transpose
-// (made in cache-sized tiles). The normalizing loop, which also reverses
+// (made in register-sized blocks). The normalizing loop, which also reverses
 // flipped rows, is the hot spot (JUMP-CP: 400k pixels per image); it is
 // chosen once for the CPU: AVX2 + F16C where present, portable code else.
 // Both give identical bits: every conversion is exact and the arithmetic is
@@ -130,16 +130,46 @@ NormalizeFn normalize_fn(Pixel p, bool reversed) {
     return nullptr;
 }
 
-// dst [W, H] = the transpose of src [H, W], in tiles that stay in L1.
+inline void swap_halves(uint64_t& a, uint64_t& b, int shift, uint64_t mask) {
+    const uint64_t t = ((a >> shift) ^ b) & mask;
+    b ^= t;
+    a ^= t << shift;
+}
+
+// An N x N block of pixels held in N 64-bit words, one row each (pixel i of
+// a word in its i-th lowest part: little-endian). Round D swaps the
+// Shift-bit halves between words i and i + D: after log2(N) rounds word j
+// holds column j.
+template <int N, int D = 1, int Shift = 64 / N>
+inline void transpose_block(uint64_t* r) {
+    if constexpr (D < N) {
+        constexpr uint64_t mask = Shift == 8 ? 0x00FF00FF00FF00FFull : Shift == 16 ? 0x0000FFFF0000FFFFull
+                                                                                    : 0x00000000FFFFFFFFull;
+        for (int i = 0; i < N; i++)
+            if ((i & D) == 0) swap_halves(r[i], r[i + D], Shift, mask);
+        transpose_block<N, 2 * D, 2 * Shift>(r);
+    }
+}
+
+// dst [W, H] = the transpose of src [H, W], a block of 8 bytes by 8 rows
+// (4 by 4 for 16-bit pixels, 2 by 2 for 32-bit) at a time.
 template <class T>
 void transpose_as(void* dst, const void* src, int H, int W) {
-    constexpr int kTile = 32;
+    static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "transpose_block assumes a little-endian host");
+    constexpr int N = 8 / sizeof(T);
     T* d = (T*)dst;
     const T* s = (const T*)src;
-    for (int y0 = 0; y0 < H; y0 += kTile)
-        for (int x0 = 0; x0 < W; x0 += kTile)
-            for (int x = x0; x < std::min(x0 + kTile, W); x++)
-                for (int y = y0; y < std::min(y0 + kTile, H); y++) d[size_t(x) * H + y] = s[size_t(y) * W + x];
+    const int HN = H / N * N, WN = W / N * N;
+    for (int y0 = 0; y0 < HN; y0 += N)
+        for (int x0 = 0; x0 < WN; x0 += N) {
+            uint64_t r[N];
+            for (int i = 0; i < N; i++) std::memcpy(&r[i], s + size_t(y0 + i) * W + x0, 8);
+            transpose_block<N>(r);
+            for (int j = 0; j < N; j++) std::memcpy(d + size_t(x0 + j) * H + y0, &r[j], 8);
+        }
+    // The edges: columns from WN on in every row, and rows from HN on.
+    for (int y = 0; y < H; y++)
+        for (int x = y < HN ? WN : 0; x < W; x++) d[size_t(x) * H + y] = s[size_t(y) * W + x];
 }
 
 void transpose(void* dst, const void* src, int H, int W, size_t size) {
