@@ -5,6 +5,7 @@
 #include <vector>
 #include <cxxopts.hpp>
 #include <nlohmann/json.hpp>
+#include "bench/bench.h"
 #include "data/convert.h"
 #include "data/loader.h"
 #include "data/shard.h"
@@ -28,6 +29,7 @@ const char* kUsage =
     "  synth   --preset tiny|so2sat|jumpcp --out DIR [--count N] [--seed S]\n"
     "  shards  verify GLOB\n"
     "  flops   --config FILE [--set key=value]... [--json]\n"
+    "  bench   loader --data GLOB [--batch N] [--threads T] [--seconds S] [--augment none|so2sat|jumpcp]\n"
     "Run 'prism <command> --help' for a command's options.\n";
 
 cxxopts::ParseResult parse(cxxopts::Options& opts, int argc, char** argv) {
@@ -209,6 +211,34 @@ int cmd_flops(int argc, char** argv) {
     return 0;
 }
 
+int cmd_bench(int argc, char** argv) {
+    const std::string what = argc >= 2 ? argv[1] : "";
+    if (what == "loader") {
+        cxxopts::Options opts("prism bench loader",
+                              "Images/s and MB/s through the training loader: read, shuffle, batch, normalize/augment.");
+        opts.add_options()
+            ("data", "glob of shards", cxxopts::value<std::string>())
+            ("batch", "global batch", cxxopts::value<int>()->default_value("256"))
+            ("threads", "reader threads (0 = min(cores, 4))", cxxopts::value<int>()->default_value("0"))
+            ("seconds", "how long to measure", cxxopts::value<double>()->default_value("10"))
+            ("augment", "none, so2sat or jumpcp", cxxopts::value<std::string>()->default_value("none"));
+        auto r = parse(opts, argc - 1, argv + 1);
+        LoaderBenchOptions o;
+        o.data = required(r, "data", "bench loader");
+        o.batch = r["batch"].as<int>();
+        o.threads = r["threads"].as<int>();
+        o.seconds = r["seconds"].as<double>();
+        o.augment = augment_from_name(r["augment"].as<std::string>());
+        const LoaderBenchResult res = bench_loader(o, true);
+        std::printf("%s\n", loader_bench_json(o, res).dump().c_str());
+        return 0;
+    }
+    if (what == "attention" || what == "step")
+        throw UserError("prism bench " + what + ": needs the CUDA backend, which this build does not have yet");
+    throw UserError("usage: prism bench loader --data GLOB [--batch N] [--threads T] [--seconds S] [--augment A]"
+                    " (bench attention and bench step need the CUDA backend)");
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -225,8 +255,7 @@ int main(int argc, char** argv) {
         if (cmd == "shards") return cmd_shards(argc - 1, argv + 1);
         if (cmd == "flops") return cmd_flops(argc - 1, argv + 1);
         if (cmd == "convert") return cmd_convert(argc - 1, argv + 1);
-        if (cmd == "bench")
-            throw UserError("prism " + cmd + ": not implemented in this build yet");
+        if (cmd == "bench") return cmd_bench(argc - 1, argv + 1);
         std::fprintf(stderr, "prism: unknown command '%s'\n%s", cmd.c_str(), kUsage);
         return 1;
     } catch (const UserError& e) {
