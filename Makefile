@@ -53,7 +53,7 @@ ifneq ($(HDF5_INC),)
   LDLIBS   += -L/usr/lib/x86_64-linux-gnu/hdf5/serial -lhdf5
 endif
 
-LIB_SRCS  := $(sort $(wildcard engine/*.cpp data/*.cpp kernels/*.cpp kernels/cpu/*.cpp))
+LIB_SRCS  := $(sort $(wildcard engine/*.cpp data/*.cpp bench/*.cpp kernels/*.cpp kernels/cpu/*.cpp))
 CU_SRCS   := $(if $(WITH_CUDA),$(sort $(wildcard kernels/cuda/*.cu)))
 TEST_SRCS := $(sort $(wildcard tests/*.cpp))
 LIB_OBJS  := $(LIB_SRCS:%.cpp=$(BUILD)/obj/%.o) $(CU_SRCS:%.cu=$(BUILD)/obj/%.cu.o)

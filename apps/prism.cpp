@@ -5,7 +5,9 @@
 #include <vector>
 #include <cxxopts.hpp>
 #include <nlohmann/json.hpp>
+#include "bench/bench.h"
 #include "data/convert.h"
+#include "data/loader.h"
 #include "data/shard.h"
 #include "data/synth.h"
 #include "engine/checkpoint.h"
@@ -32,6 +34,7 @@ const char* kUsage =
     "  synth   --preset tiny|so2sat|jumpcp --out DIR [--count N] [--seed S]\n"
     "  shards  verify GLOB\n"
     "  flops   --config FILE [--set key=value]... [--json]\n"
+    "  bench   loader --data GLOB [--batch N] [--threads T] [--seconds S] [--augment none|so2sat|jumpcp]\n"
     "Run 'prism <command> --help' for a command's options.\n";
 
 cxxopts::ParseResult parse(cxxopts::Options& opts, int argc, char** argv) {
@@ -125,23 +128,23 @@ int cmd_eval(int argc, char** argv) {
     const std::string glob = required(r, "data", "eval");
     const Checkpoint ck = load_checkpoint(required(r, "checkpoint", "eval"));
     resolve_device(r["device"].as<std::string>());  // CPU only until the CUDA kernels exist
-    const Dataset data = load_dataset(glob);
-    check_data_matches(data, ck.config.model, glob);
     const int batch = r["batch"].as<int>();
     if (batch < 1) throw UserError("--batch must be at least 1");
+    Loader data(eval_loader_options(glob, batch, ck.config.data.threads));
+    check_data_matches(data.shape(), ck.config.model, glob);
     Model<float> model(ck.config.model, batch, false);
     load_weights(model, ck);
     const int K = ck.config.model.num_classes;
     EvalOptions eopts;
     if (r.count("channels")) eopts.channels = parse_channel_list(r["channels"].as<std::string>(), ck.config.model.channels);
     const bool want_logits = r.count("save-logits") > 0;
-    const EvalResult res = evaluate(model, data, batch, want_logits, eopts);
+    const EvalResult res = evaluate(model, data, want_logits, eopts);
     if (want_logits) write_npy(r["save-logits"].as<std::string>(), res.logits, res.count, K);
     nlohmann::json j{{"accuracy", res.accuracy}, {"loss", res.loss}, {"count", res.count}};
     if (!eopts.channels.empty()) j["channels"] = eopts.channels;
     if (r.count("report")) add_report(j, res, K);
     if (r.count("all-subsets"))
-        j["subsets"] = subsets_json(evaluate_all_subsets(model, data, batch, [](const SubsetSweep::Size& s) {
+        j["subsets"] = subsets_json(evaluate_all_subsets(model, data, [](const SubsetSweep::Size& s) {
             std::fprintf(stderr, "subsets of size %d: %d evaluated, mean accuracy %.4f\n", s.size, s.subsets, s.accuracy);
         }));
     std::printf("%s\n", j.dump().c_str());
@@ -264,6 +267,34 @@ int cmd_flops(int argc, char** argv) {
     return 0;
 }
 
+int cmd_bench(int argc, char** argv) {
+    const std::string what = argc >= 2 ? argv[1] : "";
+    if (what == "loader") {
+        cxxopts::Options opts("prism bench loader",
+                              "Images/s and MB/s through the training loader: read, shuffle, batch, normalize/augment.");
+        opts.add_options()
+            ("data", "glob of shards", cxxopts::value<std::string>())
+            ("batch", "global batch", cxxopts::value<int>()->default_value("256"))
+            ("threads", "reader threads (0 = min(cores, 4))", cxxopts::value<int>()->default_value("0"))
+            ("seconds", "how long to measure", cxxopts::value<double>()->default_value("10"))
+            ("augment", "none, so2sat or jumpcp", cxxopts::value<std::string>()->default_value("none"));
+        auto r = parse(opts, argc - 1, argv + 1);
+        LoaderBenchOptions o;
+        o.data = required(r, "data", "bench loader");
+        o.batch = r["batch"].as<int>();
+        o.threads = r["threads"].as<int>();
+        o.seconds = r["seconds"].as<double>();
+        o.augment = augment_from_name(r["augment"].as<std::string>());
+        const LoaderBenchResult res = bench_loader(o, true);
+        std::printf("%s\n", loader_bench_json(o, res).dump().c_str());
+        return 0;
+    }
+    if (what == "attention" || what == "step")
+        throw UserError("prism bench " + what + ": needs the CUDA backend, which this build does not have yet");
+    throw UserError("usage: prism bench loader --data GLOB [--batch N] [--threads T] [--seconds S] [--augment A]"
+                    " (bench attention and bench step need the CUDA backend)");
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -281,8 +312,7 @@ int main(int argc, char** argv) {
         if (cmd == "flops") return cmd_flops(argc - 1, argv + 1);
         if (cmd == "report") return cmd_report(argc - 1, argv + 1);
         if (cmd == "convert") return cmd_convert(argc - 1, argv + 1);
-        if (cmd == "bench")
-            throw UserError("prism " + cmd + ": not implemented in this build yet");
+        if (cmd == "bench") return cmd_bench(argc - 1, argv + 1);
         std::fprintf(stderr, "prism: unknown command '%s'\n%s", cmd.c_str(), kUsage);
         return 1;
     } catch (const UserError& e) {

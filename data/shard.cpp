@@ -525,6 +525,38 @@ ShardHeader read_shard_header(const std::string& path) {
     return s.h;
 }
 
+ShardReader::ShardReader(const std::string& path) : path_(path) {
+    OpenShard s;
+    open_shard(path, s);
+    h_ = s.h;
+    std::swap(fd_, s.fd.fd);
+}
+
+ShardReader::~ShardReader() {
+    if (fd_ >= 0) ::close(fd_);
+}
+
+ShardReader::ShardReader(ShardReader&& o) noexcept : path_(std::move(o.path_)), h_(std::move(o.h_)) {
+    std::swap(fd_, o.fd_);
+}
+
+void ShardReader::read(void* buf, size_t n, uint64_t offset) const { pread_all(fd_, buf, n, offset, path_); }
+
+static void check_labels(const int32_t* labels, int64_t n, int64_t first, int num_classes, const std::string& path);
+
+std::vector<int32_t> ShardReader::read_labels() const {
+    std::vector<int32_t> labels(size_t(h_.count));
+    read(labels.data(), labels.size() * 4, h_.labels_offset);
+    check_labels(labels.data(), h_.count, 0, h_.num_classes, path_);
+    return labels;
+}
+
+void ShardReader::read_images(void* buf, int64_t first, int64_t n) const {
+    PRISM_ASSERT(first >= 0 && n >= 0 && first + n <= h_.count);
+    const size_t per = h_.image_bytes();
+    read(buf, size_t(n) * per, h_.images_offset + uint64_t(first) * per);
+}
+
 static void check_labels(const int32_t* labels, int64_t n, int64_t first, int num_classes, const std::string& path) {
     for (int64_t i = 0; i < n; i++)
         if (labels[i] < 0 || labels[i] >= num_classes)
@@ -563,8 +595,8 @@ static size_t first_nonfinite(const void* block, size_t pixels, DType d) {
                    ", x " + std::to_string(pixel % h.width) + ")");
 }
 
-static void check_finite(const void* block, size_t pixels, const ShardHeader& h, int64_t first,
-                         const std::string& path) {
+void check_finite(const void* block, size_t pixels, const ShardHeader& h, int64_t first,
+                  const std::string& path) {
     size_t bad = first_nonfinite(block, pixels, h.dtype);
     if (bad == pixels) return;
     uint64_t chw = uint64_t(h.channels) * h.height * h.width;
@@ -650,6 +682,12 @@ static std::string shape_str(const ShardHeader& h) {
            dtype_name(h.dtype) + ", " + std::to_string(h.num_classes) + " classes";
 }
 
+void check_same_shape(const ShardHeader& h, const std::string& path, const ShardHeader& first,
+                      const std::string& first_path) {
+    if (!h.same_shape(first))
+        fail(path, "shape " + shape_str(h) + " differs from " + first_path + ": " + shape_str(first));
+}
+
 Dataset load_dataset(const std::string& pattern) {
     std::vector<std::string> files = expand_glob(pattern);
     // Check every header before allocating, so a bad last shard fails fast.
@@ -657,8 +695,7 @@ Dataset load_dataset(const std::string& pattern) {
     int64_t total = 0;
     for (const std::string& f : files) {
         heads.push_back(read_shard_header(f));
-        if (!heads.back().same_shape(heads[0]))
-            fail(f, "shape " + shape_str(heads.back()) + " differs from " + files[0] + ": " + shape_str(heads[0]));
+        check_same_shape(heads.back(), f, heads[0], files[0]);
         total += heads.back().count;
     }
     Dataset ds;
@@ -684,12 +721,11 @@ Dataset load_dataset(const std::string& pattern) {
     int64_t at = 0;  // first sample of the current shard in the data set
     for (size_t s = 0; s < files.size(); s++) {
         const std::string& path = files[s];
-        OpenShard sh;
-        open_shard(path, sh);  // again: the file may have changed since the scan
-        const ShardHeader& h = sh.h;
+        const ShardReader sh(path);  // again: the file may have changed since the scan
+        const ShardHeader& h = sh.header();
         if (!h.same_shape(shape) || h.count != heads[s].count) fail(path, "changed while loading");
-        pread_all(sh.fd.fd, ds.labels.data() + at, size_t(h.count) * 4, h.labels_offset, path);
-        check_labels(ds.labels.data() + at, h.count, 0, h.num_classes, path);
+        const std::vector<int32_t> labels = sh.read_labels();
+        std::copy(labels.begin(), labels.end(), ds.labels.begin() + at);
 
         // Each shard is normalized with its own statistics: shards converted
         // separately may carry different ones.
@@ -704,7 +740,7 @@ Dataset load_dataset(const std::string& pattern) {
             float* dst = ds.images.data() + size_t(at + i) * per_px;
             // float32 lands straight in its final place and is normalized in place.
             const void* src = shape.dtype == DType::f32 ? (const void*)dst : (const void*)buf.get();
-            pread_all(sh.fd.fd, (void*)src, size_t(n) * per_bytes, h.images_offset + uint64_t(i) * per_bytes, path);
+            sh.read_images((void*)src, i, n);
             check_finite(src, size_t(n) * per_px, h, i, path);
             // One (image, channel) plane per iteration keeps the channel
             // lookup out of the pixel loop.

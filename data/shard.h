@@ -44,6 +44,43 @@ void write_shard(const std::string& path, ShardHeader h, const std::vector<int32
 // Throws UserError("<path>: <problem>").
 ShardHeader read_shard_header(const std::string& path);
 
+// A shard opened for reading: the header is checked as read_shard_header
+// does, and the file stays open, so every later read sees that same file.
+// Reads may run concurrently (pread). Errors are UserError naming the file.
+class ShardReader {
+public:
+    explicit ShardReader(const std::string& path);
+    ~ShardReader();
+    ShardReader(ShardReader&& o) noexcept;
+    ShardReader(const ShardReader&) = delete;
+    ShardReader& operator=(const ShardReader&) = delete;
+    ShardReader& operator=(ShardReader&&) = delete;
+
+    const std::string& path() const { return path_; }
+    const ShardHeader& header() const { return h_; }
+    // Exactly n bytes at `offset`; a short read means the file changed.
+    void read(void* buf, size_t n, uint64_t offset) const;
+    // All labels, checked to lie in [0, num_classes).
+    std::vector<int32_t> read_labels() const;
+    // The stored bytes of images [first, first + n).
+    void read_images(void* buf, int64_t first, int64_t n) const;
+
+private:
+    std::string path_;
+    ShardHeader h_;
+    int fd_ = -1;
+};
+
+// The checks load_dataset and the streaming loader share; each throws
+// UserError("<path>: ...").
+// `h` (of `path`) must have the shape of the set's first shard `first`.
+void check_same_shape(const ShardHeader& h, const std::string& path, const ShardHeader& first,
+                      const std::string& first_path);
+// The first NaN or Inf among `pixels` stored pixels that start at image
+// `first_image` of the shard: "NaN pixel in sample 3 (channel 1, y 4, x 5)".
+void check_finite(const void* block, size_t pixels, const ShardHeader& h, int64_t first_image,
+                  const std::string& path);
+
 // Everything read_shard_header checks, plus labels in range and the crc32c.
 void verify_shard(const std::string& path);
 
@@ -60,7 +97,8 @@ std::vector<std::string> remove_stale_shards(const std::string& dir, const std::
 std::vector<std::string> expand_glob(const std::string& pattern);
 
 // A whole data set in memory, normalized to float: image i, channel c is
-// (stored - mean[c]) / std[c]. The synchronous loader of the engine issue.
+// (stored - mean[c]) / std[c]. For tests and tools that want all of it at
+// once; training and evaluation stream through data/loader.h instead.
 struct Dataset {
     ShardHeader shape;                // header of the first shard (count = total)
     std::vector<int32_t> labels;      // [count]

@@ -64,6 +64,7 @@ static const Field kFields[] = {
     FIELD(data, train),
     FIELD(data, val),
     FIELD(data, augment),
+    FIELD(data, threads),
     FIELD(train, batch),
     FIELD(train, steps),
     FIELD(train, epochs),
@@ -347,6 +348,8 @@ void validate(const Config& c, const std::string& origin) {
           "model.channel_embed_std must be >= 0, got " + num(m.channel_embed_std));
 
     check_one_of(c.data.augment, "data.augment", {"none", "so2sat", "jumpcp"}, origin);
+    check(c.data.threads >= 0 && c.data.threads <= 256, origin,
+          "data.threads must be in [0, 256] (0 = default), got " + std::to_string(c.data.threads));
 
     const TrainConfig& t = c.train;
     check(t.batch >= 1, origin, "train.batch must be >= 1, got " + std::to_string(t.batch));

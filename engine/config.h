@@ -38,6 +38,7 @@ struct DataConfig {
     std::string train;               // glob of training shards
     std::string val;                 // glob of validation shards
     std::string augment = "none";    // none | so2sat | jumpcp
+    int threads = 0;                 // loader reader threads; 0 = min(cores, 4)
 };
 
 struct TrainConfig {

@@ -15,5 +15,37 @@ const char* device_label(Device d);
 // No-ops in a build without CUDA.
 void profiler_start();
 void profiler_stop();
+// Host memory for data on its way to a GPU (the loader's batches). Asked for
+// pinned and with a CUDA device present, it is page-locked, so that copies
+// from it can run asynchronously; otherwise (no GPU, or the CPU backend) it
+// is plain 64-byte-aligned memory. Move-only; throws UserError when memory
+// runs out.
+class HostBuffer {
+public:
+    HostBuffer() = default;
+    HostBuffer(size_t bytes, bool pinned);
+    ~HostBuffer();
+    HostBuffer(HostBuffer&& o) noexcept;
+    HostBuffer& operator=(HostBuffer&& o) noexcept;
+    HostBuffer(const HostBuffer&) = delete;
+    HostBuffer& operator=(const HostBuffer&) = delete;
+
+    void* data() const { return p_; }
+    size_t size() const { return bytes_; }
+    bool pinned() const { return pinned_; }
+
+private:
+    void* p_ = nullptr;
+    size_t bytes_ = 0;
+    bool pinned_ = false;
+};
+
+#ifdef PRISM_CUDA
+namespace cuda {
+// Queues a host-to-device copy on `stream` (a cudaStream_t); asynchronous
+// when `src` is pinned. Throws UserError if CUDA refuses.
+void copy_to_device_async(void* dst, const void* src, size_t bytes, void* stream);
+}  // namespace cuda
+#endif
 
 }  // namespace prism

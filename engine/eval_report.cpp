@@ -61,7 +61,7 @@ std::vector<std::vector<int>> channel_subsets(int C, int m, int max_subsets, uin
     return out;
 }
 
-SubsetSweep evaluate_all_subsets(Model<float>& model, const Dataset& data, int batch,
+SubsetSweep evaluate_all_subsets(Model<float>& model, Loader& data,
                                  const std::function<void(const SubsetSweep::Size&)>& on_size) {
     const int C = model.config().channels;
     SubsetSweep sweep;
@@ -71,7 +71,7 @@ SubsetSweep evaluate_all_subsets(Model<float>& model, const Dataset& data, int b
         for (const auto& subset : channel_subsets(C, m)) {
             EvalOptions o;
             o.channels = subset;
-            s.accuracy += evaluate(model, data, batch, false, o).accuracy;
+            s.accuracy += evaluate(model, data, false, o).accuracy;
             s.subsets++;
         }
         s.accuracy /= s.subsets;

@@ -29,7 +29,7 @@ struct SubsetSweep {
     std::vector<Size> sizes;  // m = 1..C
     double mean_accuracy = 0; // mean over the sizes
 };
-SubsetSweep evaluate_all_subsets(Model<float>& model, const Dataset& data, int batch,
+SubsetSweep evaluate_all_subsets(Model<float>& model, Loader& data,
                                  const std::function<void(const SubsetSweep::Size&)>& on_size = {});
 
 // Additions to eval's JSON line: "per_class_accuracy" [K] and "confusion"

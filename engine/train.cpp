@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include "data/loader.h"
 #include "engine/checkpoint.h"
@@ -33,8 +34,7 @@ std::vector<int> channels_for_step(const TrainConfig& t, int C, int64_t step) {
     return all;
 }
 
-void check_data_matches(const Dataset& d, const ModelConfig& m, const std::string& glob) {
-    const auto& h = d.shape;
+void check_data_matches(const ShardHeader& h, const ModelConfig& m, const std::string& glob) {
     if (h.channels != m.channels)
         throw UserError(glob + ": shards have " + std::to_string(h.channels) +
                         " channels, model.channels is " + std::to_string(m.channels));
@@ -46,12 +46,19 @@ void check_data_matches(const Dataset& d, const ModelConfig& m, const std::strin
                         " classes, model.num_classes is " + std::to_string(m.num_classes));
 }
 
+LoaderOptions eval_loader_options(const std::string& glob, int batch, int threads) {
+    LoaderOptions o;
+    o.pattern = glob;
+    o.batch = batch;
+    o.train = false;
+    o.threads = threads;
+    return o;
+}
+
 template <class T>
-EvalResult evaluate(Model<T>& model, const Dataset& data, int batch, bool keep_logits, const EvalOptions& opts) {
+EvalResult evaluate(Model<T>& model, Loader& loader, bool keep_logits, const EvalOptions& opts) {
     const int C = model.config().channels, K = model.config().num_classes;
-    Loader loader(data, batch, /*shuffle=*/false, 0);
-    std::vector<float> images;
-    std::vector<int32_t> labels;
+    loader.seek({});
     Batch b;
     b.channels = opts.channels;
     if (b.channels.empty())
@@ -60,9 +67,12 @@ EvalResult evaluate(Model<T>& model, const Dataset& data, int batch, bool keep_l
     r.confusion.assign(size_t(K) * K, 0);
     double loss_sum = 0;
     int64_t correct = 0;
-    while (int n = loader.next(images, labels)) {
-        b.images = images.data();
-        b.labels = labels.data();
+    for (;;) {
+        const LoaderBatch& lb = loader.next();
+        const int n = lb.size;
+        if (n == 0) break;
+        b.images = lb.images;
+        b.labels = lb.labels;
         b.size = n;
         const Losses l = model.forward(b, /*training=*/false);
         loss_sum += l.ce * n;
@@ -82,8 +92,8 @@ EvalResult evaluate(Model<T>& model, const Dataset& data, int batch, bool keep_l
     r.loss = r.count ? loss_sum / r.count : 0;
     return r;
 }
-template EvalResult evaluate(Model<float>&, const Dataset&, int, bool, const EvalOptions&);
-template EvalResult evaluate(Model<double>&, const Dataset&, int, bool, const EvalOptions&);
+template EvalResult evaluate(Model<float>&, Loader&, bool, const EvalOptions&);
+template EvalResult evaluate(Model<double>&, Loader&, bool, const EvalOptions&);
 
 TrainResult train(const Config& cfg, Device device, const std::string& out_dir, bool verbose,
                   const TrainOptions& opts) {
@@ -94,24 +104,25 @@ TrainResult train(const Config& cfg, Device device, const std::string& out_dir, 
     if (cfg.data.train.empty()) throw UserError("config: data.train is empty (a glob of training shards)");
     if (t.steps == 0 && t.epochs == 0) throw UserError("config: set train.steps or train.epochs");
 
-    const Dataset train_data = load_dataset(cfg.data.train);
-    check_data_matches(train_data, m, cfg.data.train);
-    Dataset val_data;
+    LoaderOptions lo;
+    lo.pattern = cfg.data.train;
+    lo.batch = t.batch;
+    lo.seed = t.seed;
+    lo.augment = augment_from_name(cfg.data.augment);
+    lo.threads = cfg.data.threads;
+    Loader loader(lo);
+    check_data_matches(loader.shape(), m, cfg.data.train);
+    std::unique_ptr<Loader> val_data;
     if (!cfg.data.val.empty()) {
-        val_data = load_dataset(cfg.data.val);
-        check_data_matches(val_data, m, cfg.data.val);
+        val_data = std::make_unique<Loader>(eval_loader_options(cfg.data.val, t.batch, cfg.data.threads));
+        check_data_matches(val_data->shape(), m, cfg.data.val);
     }
-    if (train_data.count() < t.batch)
-        throw UserError(cfg.data.train + ": " + std::to_string(train_data.count()) +
-                        " images, fewer than one batch of " + std::to_string(t.batch));
-
-    Loader loader(train_data, t.batch, /*shuffle=*/true, t.seed);
     const int64_t per_epoch = loader.batches_per_epoch();
     const int64_t total = t.steps > 0 ? t.steps : int64_t(std::ceil(t.epochs * per_epoch));
     const int64_t warmup = t.warmup_steps > 0 ? t.warmup_steps : int64_t(std::llround(t.warmup_epochs * per_epoch));
     if (verbose)
         std::printf("train: %s, %lld images (%lld steps/epoch), %lld steps, batch %d, device cpu\n",
-                    m.arch.c_str(), (long long)train_data.count(), (long long)per_epoch,
+                    m.arch.c_str(), (long long)loader.count(), (long long)per_epoch,
                     (long long)total, t.batch);
 
     Model<float> model(m, t.batch, verbose);
@@ -119,24 +130,23 @@ TrainResult train(const Config& cfg, Device device, const std::string& out_dir, 
     AdamW<float> opt(t, model.num_params(), verbose);
 
     // Progress, metrics.jsonl, config.json, routing diagnostics, profiler bracket.
-    TrainMonitor monitor(cfg, device, out_dir, verbose, opts, total, per_epoch, train_data.shape.channel_names);
+    TrainMonitor monitor(cfg, device, out_dir, verbose, opts, total, per_epoch, loader.shape().channel_names);
     auto run_eval = [&](int64_t step) {
-        EvalResult r = evaluate(model, val_data, t.batch, false, monitor.eval_begins(step, val_data.count()));
+        EvalResult r = evaluate(model, *val_data, false, monitor.eval_begins(step, val_data->count()));
         monitor.eval_done(step, r);
         return r;
     };
 
-    std::vector<float> images;
-    std::vector<int32_t> labels;
     TrainResult result;
     const auto start = Clock::now();
     for (int64_t step = 0; step < total; step++) {
         monitor.step_begins(step);
         const auto data_start = Clock::now();
+        const LoaderBatch& lb = loader.next();
         Batch b;
-        b.size = loader.next(images, labels);
-        b.images = images.data();
-        b.labels = labels.data();
+        b.size = lb.size;
+        b.images = lb.images;
+        b.labels = lb.labels;
         b.channels = channels_for_step(t, m.channels, step);
         monitor.data_waited(seconds_since(data_start));
 
@@ -150,14 +160,15 @@ TrainResult train(const Config& cfg, Device device, const std::string& out_dir, 
 
         monitor.step_done(step, l, b.size, lr, grad_norm, model.routing_counts());
         const bool last = step + 1 == total;
-        if (val_data.count() && t.eval_every > 0 && (step + 1) % t.eval_every == 0 && !last) run_eval(step + 1);
+        if (val_data && t.eval_every > 0 && (step + 1) % t.eval_every == 0 && !last) run_eval(step + 1);
         if (!out_dir.empty() && t.checkpoint_every > 0 && (step + 1) % t.checkpoint_every == 0 && !last)
             save_checkpoint(out_dir + "/model.safetensors", model, cfg);
     }
     monitor.finish();
     result.steps = total;
     result.seconds = seconds_since(start);
-    if (val_data.count()) result.val = run_eval(total);
+    result.position = loader.position();
+    if (val_data) result.val = run_eval(total);
     if (!out_dir.empty()) {
         save_checkpoint(out_dir + "/model.safetensors", model, cfg);
         if (verbose) std::printf("wrote %s/model.safetensors\n", out_dir.c_str());

@@ -3,6 +3,7 @@
 #include <functional>
 #include <string>
 #include <vector>
+#include "data/loader.h"
 #include "data/shard.h"
 #include "engine/common.h"
 #include "engine/config.h"
@@ -24,15 +25,20 @@ struct EvalOptions {
     std::function<void(int64_t)> on_batch;      // called with the images done so far
 };
 
-// Evaluates in data order without augmentation or drop path.
+// An evaluation loader over `glob`: the whole set once, in order
+// (threads 0 = the default).
+LoaderOptions eval_loader_options(const std::string& glob, int batch, int threads = 0);
+
+// Evaluates without augmentation or drop path: one pass of `loader` (an
+// evaluation loader) from its start.
 template <class T>
-EvalResult evaluate(Model<T>& model, const Dataset& data, int batch, bool keep_logits,
-                    const EvalOptions& opts = {});
+EvalResult evaluate(Model<T>& model, Loader& loader, bool keep_logits, const EvalOptions& opts = {});
 
 struct TrainResult {
     EvalResult val;
     int64_t steps = 0;
     double seconds = 0;
+    LoaderPosition position;  // of the training loader at the end (for the resume state)
 };
 
 struct TrainOptions {
@@ -57,6 +63,6 @@ std::vector<int> channels_for_step(const TrainConfig& t, int C, int64_t step);
 
 // Checks that a data set fits the model (channels, image size, classes);
 // throws UserError naming the glob.
-void check_data_matches(const Dataset& d, const ModelConfig& m, const std::string& glob);
+void check_data_matches(const ShardHeader& shape, const ModelConfig& m, const std::string& glob);
 
 }  // namespace prism

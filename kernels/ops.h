@@ -14,6 +14,7 @@
 //   router) need no special casing.
 // - Reductions run in a fixed order, so results are bit-identical run to run.
 #pragma once
+#include <cstddef>
 #include <cstdint>
 
 namespace prism::ops {
@@ -196,5 +197,44 @@ template <class T> void scale_inplace(T* x, int64_t n, T s);
 template <class T>
 void adamw_update(T* param, const T* grad, T* m, T* v, int64_t n, double lr, double beta1,
                   double beta2, double eps, double weight_decay, int64_t t);
+
+// ---- input step: normalization and augmentation of a batch ---------------------------
+// Stored pixels in the shard's encoding go in, the model's float input
+// [B, C, H, W] comes out, in one pass. For image b and output pixel (c, y, x):
+//   1. inside one of aug[b]'s dropout holes (rows hole_y[i] .. +hole_h, columns
+//      hole_x[i] .. +hole_w): 0;
+//   2. else (u, v) = where the dihedral transform takes (y, x) from:
+//      out = fliplr^(d >> 2)(rot90^(d & 3)(crop)), rot90 counterclockwise as
+//      numpy.rot90 (out[y][x] = in[x][W-1-y]); odd quarter turns need H == W;
+//   3. the crop reads source pixel (u + dy, v + dx): 0 outside the image (the
+//      padding), else (stored - mean[b*C + c]) * inv_std[b*C + c].
+// 0 is the channel mean after normalization. aug == nullptr means no
+// augmentation: pure normalization. Runs on the calling thread (the loader
+// calls it from its reader threads). Returns the index of the first image
+// with a non-finite output, or -1. kernels/cuda/input.cu is the device twin.
+enum class Pixel : uint8_t { u8, u16, f16, f32 };
+constexpr int kMaxHoles = 10;
+struct InputAug {
+    int dihedral = 0;            // 0..7
+    int dy = 0, dx = 0;          // crop offset
+    int holes = 0;               // 0..kMaxHoles
+    int hole_h = 0, hole_w = 0;
+    int hole_y[kMaxHoles] = {}, hole_x[kMaxHoles] = {};
+};
+size_t pixel_size(Pixel p);
+int input_forward(float* out, const void* raw, Pixel pixel, int B, int C, int H, int W,
+                  const float* mean, const float* inv_std, const InputAug* aug);
+
+#ifdef PRISM_CUDA
+namespace cuda {
+// Device twin of input_forward: every pointer is device memory, and the work
+// is queued on `stream` (a cudaStream_t). *bad_image (device int, may be null;
+// the caller sets it to INT_MAX first) ends at the lowest image index whose
+// output has a non-finite value.
+void input_forward(float* out, const void* raw, Pixel pixel, int B, int C, int H, int W,
+                   const float* mean, const float* inv_std, const InputAug* aug, int* bad_image,
+                   void* stream);
+}  // namespace cuda
+#endif
 
 }  // namespace prism::ops

@@ -248,7 +248,8 @@ TEST(Report, EvalConfusionMatrixSumsToCountAndItsDiagonalIsTheAccuracy) {
     for (const std::vector<int>& channels : {std::vector<int>{}, std::vector<int>{0, 2}}) {
         EvalOptions o;
         o.channels = channels;
-        const EvalResult r = evaluate(model, t.val, 8, false, o);
+        Loader val(eval_loader_options(t.cfg.data.val, 8));
+        const EvalResult r = evaluate(model, val, false, o);
         ASSERT_EQ(r.confusion.size(), size_t(K * K));
         int64_t sum = 0, diag = 0;
         for (int y = 0; y < K; y++)
@@ -275,7 +276,8 @@ TEST(Report, AllSubsetsAveragesEverySubsetSize) {
     const Checkpoint ck = load_checkpoint(t.run + "/model.safetensors");
     Model<float> model(ck.config.model, 32, false);
     load_weights(model, ck);
-    const SubsetSweep s = evaluate_all_subsets(model, t.val, 32);
+    Loader val(eval_loader_options(t.cfg.data.val, 32));
+    const SubsetSweep s = evaluate_all_subsets(model, val);
     ASSERT_EQ(s.sizes.size(), 4u);
     const int choose[] = {4, 6, 4, 1};
     double mean = 0;
@@ -287,7 +289,7 @@ TEST(Report, AllSubsetsAveragesEverySubsetSize) {
         mean += s.sizes[m - 1].accuracy / 4;
     }
     EXPECT_NEAR(s.mean_accuracy, mean, 1e-12);
-    EXPECT_DOUBLE_EQ(s.sizes[3].accuracy, evaluate(model, t.val, 32, false).accuracy);  // the only 4-subset: all
+    EXPECT_DOUBLE_EQ(s.sizes[3].accuracy, evaluate(model, val, false).accuracy);  // the only 4-subset: all
     EXPECT_EQ(subsets_json(s).at("sizes").size(), 4u);
 
     // All subsets when C choose m <= 64, in order; else 64 distinct, sorted, from a fixed seed.

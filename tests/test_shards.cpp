@@ -23,95 +23,13 @@
 #include "data/shard.h"
 #include "data/synth.h"
 #include "engine/common.h"
+#include "tests/shardutil.h"
 #include "tests/testutil.h"
 
 using namespace prism;
 using namespace prism::testing;
 
 namespace {
-
-ShardHeader make_header(int64_t count, int C, int H, int W, DType d, int classes) {
-    ShardHeader h;
-    h.count = count;
-    h.channels = C, h.height = H, h.width = W, h.dtype = d, h.num_classes = classes;
-    for (int c = 0; c < C; c++) {
-        h.channel_names.push_back("c" + std::to_string(c));
-        h.mean.push_back(0.5 * c + 0.25);
-        h.std.push_back(1.5 + c);
-    }
-    return h;
-}
-
-// Random pixels in the dtype, as bytes, and their float values.
-struct Pixels {
-    std::vector<char> bytes;
-    std::vector<float> values;
-};
-
-Pixels random_pixels(const ShardHeader& h, uint32_t seed) {
-    std::mt19937 rng(seed);
-    size_t n = size_t(h.count) * h.channels * h.height * h.width;
-    Pixels p;
-    p.bytes.resize(n * dtype_size(h.dtype));
-    p.values.resize(n);
-    for (size_t i = 0; i < n; i++) {
-        uint32_t r = rng();
-        switch (h.dtype) {
-            case DType::u8: p.bytes[i] = char(r & 0xff); p.values[i] = float(r & 0xff); break;
-            case DType::u16: {
-                uint16_t v = uint16_t(r);
-                std::memcpy(&p.bytes[2 * i], &v, 2);
-                p.values[i] = float(v);
-                break;
-            }
-            case DType::f16: {
-                uint16_t v = float_to_half(float(int(r % 20001) - 10000) / 100.f);
-                std::memcpy(&p.bytes[2 * i], &v, 2);
-                p.values[i] = half_to_float(v);
-                break;
-            }
-            case DType::f32: {
-                float v = float(int32_t(r)) * 1e-6f;
-                std::memcpy(&p.bytes[4 * i], &v, 4);
-                p.values[i] = v;
-                break;
-            }
-        }
-    }
-    return p;
-}
-
-std::vector<int32_t> cycle_labels(int64_t n, int classes) {
-    std::vector<int32_t> l((size_t)n);
-    for (int64_t i = 0; i < n; i++) l[size_t(i)] = int32_t((i * 7 + 3) % classes);
-    return l;
-}
-
-// A valid small shard at `path`; returns its header.
-ShardHeader write_test_shard(const std::string& path, DType d = DType::f32, int64_t count = 5, int C = 3,
-                             int classes = 17, uint32_t seed = 1) {
-    ShardHeader h = make_header(count, C, 4, 6, d, classes);
-    Pixels p = random_pixels(h, seed);
-    write_shard(path, h, cycle_labels(count, classes), p.bytes.data());
-    return read_shard_header(path);
-}
-
-// Edits the JSON header in place; the payload stays where it is.
-void edit_header(const std::string& path, const std::function<void(nlohmann::json&)>& edit) {
-    std::string b = read_bytes(path);
-    uint32_t len;
-    std::memcpy(&len, &b[12], 4);
-    nlohmann::json j = nlohmann::json::parse(b.substr(16, len));
-    uint64_t labels_offset = j["labels_offset"].get<uint64_t>();
-    edit(j);
-    std::string text = j.dump();
-    ASSERT_LE(16 + text.size(), labels_offset);
-    uint32_t n = uint32_t(text.size());
-    std::memcpy(&b[12], &n, 4);
-    std::fill(b.begin() + 16, b.begin() + long(labels_offset), '\0');
-    std::memcpy(&b[16], text.data(), text.size());
-    write_bytes(path, b);
-}
 
 uint32_t crc32c_bitwise(const std::string& s) {
     uint32_t c = 0xffffffffu;
@@ -437,26 +355,18 @@ TEST(Shards, RefusesShardsOfDifferentShapes) {
 
 TEST(Shards, RefusesNaNAndInfPixels) {
     TmpDir dir;
-    ShardHeader h = make_header(4, 2, 3, 3, DType::f32, 5);
-    std::vector<float> px(4 * 18, 0.5f);
-    px[2 * 18 + 9 + 4] = NAN;  // sample 2, channel 1, y 1, x 1
     std::string path = dir / "nan.shard";
-    write_shard(path, h, {0, 1, 2, 3}, px.data());
+    write_planted_shard(path, DType::f32, 0.5f, 2 * 18 + 9 + 4, NAN);  // sample 2, channel 1, y 1, x 1
     expect_error([&] { load_dataset(path); }, path, "NaN pixel in sample 2 (channel 1, y 1, x 1)");
     expect_error([&] { verify_shard(path); }, path, "NaN pixel in sample 2");
 
-    h.dtype = DType::f16;
-    std::vector<uint16_t> hp(4 * 18, float_to_half(0.5f));
-    hp[1 * 18 + 5] = float_to_half(-INFINITY);  // sample 1, channel 0, y 1, x 2
     path = dir / "inf.shard";
-    write_shard(path, h, {0, 1, 2, 3}, hp.data());
+    write_planted_shard(path, DType::f16, 0.5f, 1 * 18 + 5, -INFINITY);  // sample 1, channel 0, y 1, x 2
     expect_error([&] { load_dataset(path); }, path, "Inf pixel in sample 1 (channel 0, y 1, x 2)");
     expect_error([&] { verify_shard(path); }, path, "Inf pixel in sample 1");
     // A finite f16 max with a tiny std overflows float after normalization.
-    std::fill(hp.begin(), hp.end(), float_to_half(65504.f));
-    h.std = {1e-36, 1};
     path = dir / "big.shard";
-    write_shard(path, h, {0, 1, 2, 3}, hp.data());
+    write_planted_shard(path, DType::f16, 65504.f, 0, 65504.f, {1e-36, 1});
     expect_error([&] { load_dataset(path); }, path, "not finite after normalization");
 }
 

@@ -1,9 +1,12 @@
-// Device discovery for the CUDA backend. The op kernels arrive with the CUDA
-// backend issue; until then this is the part of the backend that is built.
+// Device discovery, host-memory helpers and the profiler bracket for the CUDA
+// backend. The op kernels arrive with the CUDA backend issue; until then this
+// (and the input step, input.cu) is the part of the backend that is built.
 #include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
 #include <cstdio>
 #include <string>
+#include "engine/common.h"
+#include "engine/device.h"
 
 namespace prism::cuda {
 
@@ -16,6 +19,23 @@ int device_count() {
         return 0;
     }
     return n;
+}
+
+// Page-locked host memory, so copies from it to the device are asynchronous.
+void* host_alloc_pinned(size_t bytes) {
+    void* p = nullptr;
+    if (cudaHostAlloc(&p, bytes, cudaHostAllocDefault) != cudaSuccess) {
+        cudaGetLastError();
+        return nullptr;
+    }
+    return p;
+}
+
+void host_free_pinned(void* p) { cudaFreeHost(p); }
+
+void copy_to_device_async(void* dst, const void* src, size_t bytes, void* stream) {
+    const cudaError_t e = cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, (cudaStream_t)stream);
+    if (e != cudaSuccess) throw UserError(std::string("CUDA copy to the device failed: ") + cudaGetErrorString(e));
 }
 
 std::string device_name(int index) {
