@@ -11,6 +11,7 @@
 #include "data/shard.h"
 #include "data/synth.h"
 #include "engine/checkpoint.h"
+#include "engine/comm.h"
 #include "engine/config.h"
 #include "engine/device.h"
 #include "engine/eval_report.h"
@@ -25,6 +26,7 @@ namespace {
 const char* kUsage =
     "usage: prism <command> [options]\n"
     "  train   --config FILE [--device cpu|cuda|auto] [--out DIR] [--set key=value]... [--profile-steps A:B]\n"
+    "  train   --resume DIR [--set train.steps=M]...   (continues DIR's run; mpirun -np N for N ranks)\n"
     "  eval    --checkpoint DIR/model.safetensors --data GLOB [--device ...] [--save-logits F.npy]\n"
     "          [--report] [--channels 0,3,5 | --all-subsets]\n"
     "  report  RUN [RUN...] [--out DIR]\n"
@@ -83,13 +85,24 @@ int cmd_train(int argc, char** argv) {
         ("device", "cpu, cuda or auto", cxxopts::value<std::string>()->default_value("auto"))
         ("out", "run directory (model.safetensors, metrics.jsonl, config.json)", cxxopts::value<std::string>())
         ("set", "override a config key: section.key=value", cxxopts::value<std::vector<std::string>>())
+        ("resume", "continue the run in DIR (its config.json and train_state.safetensors)",
+         cxxopts::value<std::string>())
         ("profile-steps", "CUDA: run steps A..B (1-based) between cudaProfilerStart/Stop, for nsys",
          cxxopts::value<std::string>());
     auto r = parse(opts, argc, argv);
-    const Config cfg = load_config(required(r, "config", "train"), sets_of(r));
-    const Device dev = resolve_device(r["device"].as<std::string>());
-    const std::string out = r.count("out") ? r["out"].as<std::string>() : "";
     TrainOptions topts;
+    std::string out = r.count("out") ? r["out"].as<std::string>() : "";
+    std::string config_file;
+    if (r.count("resume")) {
+        // The run's own resolved config; --set may change what resume allows (engine/state.h).
+        topts.resume_dir = r["resume"].as<std::string>();
+        config_file = r.count("config") ? r["config"].as<std::string>() : join_path(topts.resume_dir, "config.json");
+        if (out.empty()) out = topts.resume_dir;
+    } else {
+        config_file = required(r, "config", "train");
+    }
+    const Config cfg = load_config(config_file, sets_of(r));
+    const Device dev = resolve_device(r["device"].as<std::string>());
     if (r.count("profile-steps")) {
         const std::string range = r["profile-steps"].as<std::string>();
         long long a = 0, b = 0;
@@ -103,11 +116,24 @@ int cmd_train(int argc, char** argv) {
             std::fprintf(stderr, "prism train: --profile-steps only applies to CUDA runs; ignored on the CPU\n");
         }
     }
-    const TrainResult res = train(cfg, dev, out, true, topts);
-    std::printf("%s\n", nlohmann::json{{"arch", cfg.model.arch}, {"val_accuracy", res.val.accuracy},
-                                       {"val_loss", res.val.loss}, {"val_count", res.val.count},
-                                       {"steps", res.steps}, {"seconds", res.seconds}}.dump().c_str());
-    return 0;
+    // mpirun starts one process per rank; without it this is a world of one.
+    Comm comm = comm_init();
+    comm.timeout_s = cfg.train.comm_timeout_s;
+    topts.comm = &comm;
+    TrainResult res;
+    try {
+        res = train(cfg, dev, out, true, topts);
+    } catch (const UserError& e) {
+        if (comm.size > 1) comm_abort(comm, e.what());  // ends every rank, not just this one
+        throw;
+    }
+    if (comm.rank == 0)
+        std::printf("%s\n", nlohmann::json{{"arch", cfg.model.arch}, {"val_accuracy", res.val.accuracy},
+                                           {"val_loss", res.val.loss}, {"val_count", res.val.count},
+                                           {"steps", res.steps}, {"seconds", res.seconds},
+                                           {"ranks", comm.size}}.dump().c_str());
+    comm_finalize(comm);
+    return res.stop_signal ? 128 + res.stop_signal : 0;
 }
 
 int cmd_eval(int argc, char** argv) {

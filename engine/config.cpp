@@ -83,6 +83,7 @@ static const Field kFields[] = {
     FIELD(train, eval_every),
     FIELD(train, checkpoint_every),
     FIELD(train, log_every),
+    FIELD(train, stop_after),
     FIELD(train, skip_nonfinite),
     FIELD(train, comm_timeout_s),
 };
@@ -373,6 +374,7 @@ void validate(const Config& c, const std::string& origin) {
           "train.checkpoint_every must be >= 0, got " + std::to_string(t.checkpoint_every));
     // the trainer takes step % log_every, so 0 is not "off" but a division by zero
     check(t.log_every >= 1, origin, "train.log_every must be >= 1, got " + std::to_string(t.log_every));
+    check(t.stop_after >= 0, origin, "train.stop_after must be >= 0, got " + std::to_string(t.stop_after));
     check(t.comm_timeout_s > 0, origin, "train.comm_timeout_s must be > 0, got " + num(t.comm_timeout_s));
 }
 

@@ -58,6 +58,8 @@ struct TrainConfig {
     int64_t eval_every = 0;          // 0 = only at the end
     int64_t checkpoint_every = 0;    // 0 = only at the end
     int64_t log_every = 10;          // plain log line every N steps
+    int64_t stop_after = 0;          // > 0: run at most this many steps in this invocation, then checkpoint and stop
+                                     // (a job's time limit); the schedule still runs to train.steps, --resume continues
     bool skip_nonfinite = false;     // NaN/Inf loss or gradient norm: skip the step (counted) instead of stopping
     double comm_timeout_s = 300;     // a rank that does not answer within this aborts the job (engine/comm.h)
 };

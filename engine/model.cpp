@@ -117,6 +117,8 @@ struct BlockActs {
     T *z, *rprobs, *weights, *lse, *q, *k, *v, *qg, *og;   // MoE attention
     T *route_probs, *cls_probs;
     int *experts, *offsets, *pair_of_row, *row_of_pair, *counts;
+    double* aux_all;        // [2C+1] aux_stats summed over ranks (data-parallel training)
+    bool aux_global;        // aux_all holds them for this forward
     T aux_loss, z_loss;
     T *att_out, *proj_out, *x_mid, *ln2, *ln2_mean, *ln2_rstd, *fc1, *act, *fc2_out, *x_out;
     T *drop_attn, *drop_mlp;                               // per-image drop path scales
@@ -196,6 +198,7 @@ void Model<T>::carve_activations() {
             b.pair_of_row = a.take<int>(Tok * k);
             b.row_of_pair = a.take<int>(Tok * k);
             b.counts = a.take<int>(C);
+            b.aux_all = a.take<double>(2 * C + 1);
             b.qg = a.take<T>(Tok * k * D);
             b.og = a.take<T>(Tok * k * D);
             b.route_probs = a.take<T>(Tok * k * Hd * N);
@@ -414,8 +417,15 @@ void Model<T>::block_forward(int i, bool training) {
         ops::cls_attention_forward(b.att_out, L * D, b.cls_probs, b.q, L * D, b.k, b.v, B_,
                                    int(nS_ * N), int(D), int(Hd));
         // Load-balance and z losses (their gradients are taken in backward).
-        b.aux_loss = ops::aux_loss_forward_backward<T>(
-            nullptr, b.rprobs, b.counts, S_.data(), tokens, nS_, int(C), k, aux_kind(cfg_), T(cfg_.aux_coef), T(0));
+        // Under data parallelism the balance is that of the global batch.
+        b.aux_global = training_ && reduce_over_ranks_;
+        if (b.aux_global) {
+            ops::aux_stats(b.aux_all, b.rprobs, b.counts, S_.data(), tokens, nS_, int(C));
+            reduce_over_ranks_(b.aux_all, 2 * int64_t(nS_) + 1);
+        }
+        b.aux_loss = ops::aux_loss_forward_backward<T>(nullptr, b.rprobs, b.counts, S_.data(), tokens, nS_,
+                                                       int(C), k, aux_kind(cfg_), T(cfg_.aux_coef), T(0),
+                                                       b.aux_global ? b.aux_all : nullptr);
         b.z_loss = ops::z_loss_forward_backward<T>(nullptr, 0, b.rprobs, b.lse, B_, nS_, int(N),
                                                    int(C), T(cfg_.z_loss_coef), T(0));
     }
@@ -533,7 +543,8 @@ void Model<T>::block_backward(int i) {
         // The model's aux and z losses are means over blocks.
         const T per_block = T(1) / T(cfg_.depth);
         ops::aux_loss_forward_backward(x.drprobs, b.rprobs, b.counts, S_.data(), tokens, nS_,
-                                       int(C), k, aux_kind(cfg_), T(cfg_.aux_coef), per_block);
+                                       int(C), k, aux_kind(cfg_), T(cfg_.aux_coef), per_block,
+                                       b.aux_global ? b.aux_all : nullptr);
         ops::z_loss_forward_backward(x.dz + C, L * C, b.rprobs, b.lse, B_, nS_, int(N), int(C),
                                      T(cfg_.z_loss_coef), per_block);
         ops::router_backward(x.dz + C, L * C, b.rprobs, b.experts, b.weights, x.dweights,

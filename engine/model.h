@@ -3,6 +3,7 @@
 // from three arenas sized from the config and the batch capacity: parameters
 // (with their gradients), optimizer state (engine/optimizer.h) and activations.
 #pragma once
+#include <functional>
 #include <string>
 #include <vector>
 #include "engine/arena.h"
@@ -83,6 +84,10 @@ public:
     // each channel ([B, C] row-major; moevit, else empty).
     std::vector<int> routing_counts_per_image(int block) const;
     size_t param_arena_bytes() const { return param_arena_.capacity; }
+    // Data-parallel training: sums a few doubles over the ranks (in place), so
+    // that the load-balance loss is that of the global batch. Unset: this
+    // process's batch is the whole batch.
+    void set_reduce_over_ranks(std::function<void(double*, int64_t)> sum) { reduce_over_ranks_ = std::move(sum); }
     size_t activation_arena_bytes() const { return act_arena_.capacity; }
 
 private:
@@ -106,6 +111,7 @@ private:
     const float* images_ = nullptr;
     const int32_t* labels_ = nullptr;
     bool training_ = false;
+    std::function<void(double*, int64_t)> reduce_over_ranks_;
 };
 
 }  // namespace prism

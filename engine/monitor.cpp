@@ -44,7 +44,8 @@ TrainMonitor::TrainMonitor(const Config& cfg, Device device, const std::string& 
     if (record_) {
         make_dirs(out_dir_);
         std::ofstream(join_path(out_dir_, "config.json")) << config_to_json(cfg_).dump(2) << "\n";
-        metrics_.open(join_path(out_dir_, "metrics.jsonl"));
+        // A resumed run goes on with the lines of the run it continues.
+        metrics_.open(join_path(out_dir_, "metrics.jsonl"), opts.resume_dir.empty() ? std::ios::trunc : std::ios::app);
         if (!metrics_) throw UserError(join_path(out_dir_, "metrics.jsonl") + ": cannot write");
     }
     start_ = window_start_ = last_draw_ = Clock::now();

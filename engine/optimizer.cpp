@@ -25,9 +25,13 @@ AdamW<T>::AdamW(const TrainConfig& cfg, int64_t num_params, bool verbose) : cfg_
 }
 
 template <class T>
-double AdamW<T>::step(Model<T>& model, double lr) {
+double AdamW<T>::grad_norm(Model<T>& model) const {
+    return std::sqrt(ops::sum_squares(model.grads(), n_));
+}
+
+template <class T>
+void AdamW<T>::apply(Model<T>& model, double lr, double norm) {
     T* g = model.grads();
-    const double norm = std::sqrt(ops::sum_squares(g, n_));
     if (cfg_.grad_clip > 0 && norm > cfg_.grad_clip)
         ops::scale_inplace(g, n_, T(cfg_.grad_clip / norm));
     t_++;
@@ -35,6 +39,12 @@ double AdamW<T>::step(Model<T>& model, double lr) {
         ops::adamw_update(model.params() + p.offset, g + p.offset, m_ + p.offset, v_ + p.offset,
                           p.numel, lr, cfg_.beta1, cfg_.beta2, cfg_.eps,
                           p.decay ? cfg_.weight_decay : 0.0, t_);
+}
+
+template <class T>
+double AdamW<T>::step(Model<T>& model, double lr) {
+    const double norm = grad_norm(model);
+    apply(model, lr, norm);
     return norm;
 }
 

@@ -18,6 +18,10 @@ public:
     // One update of model.params() from model.grads(). Returns the gradient's
     // global L2 norm before clipping.
     double step(Model<T>& model, double lr);
+    // The same in two halves, so that a caller can look at the norm (NaN?)
+    // before any weight changes: the norm, then the update clipped with it.
+    double grad_norm(Model<T>& model) const;
+    void apply(Model<T>& model, double lr, double grad_norm);
     int64_t steps_taken() const { return t_; }
     T* first_moment() { return m_; }
     T* second_moment() { return v_; }

@@ -9,9 +9,12 @@
 #include <nlohmann/json.hpp>
 #include "data/loader.h"
 #include "engine/checkpoint.h"
+#include "engine/faults.h"
 #include "engine/monitor.h"
 #include "engine/optimizer.h"
 #include "engine/rng.h"
+#include "engine/state.h"
+#include "kernels/ops.h"
 
 namespace prism {
 
@@ -95,10 +98,36 @@ EvalResult evaluate(Model<T>& model, Loader& loader, bool keep_logits, const Eva
 template EvalResult evaluate(Model<float>&, Loader&, bool, const EvalOptions&);
 template EvalResult evaluate(Model<double>&, Loader&, bool, const EvalOptions&);
 
+// An evaluation of every rank's share, summed over ranks: every rank returns
+// the whole set's loss, accuracy, count and confusion matrix.
+static EvalResult reduce_eval(const Comm& comm, EvalResult r) {
+    if (comm.size == 1) return r;
+    std::vector<double> v = {double(r.count), r.loss * double(r.count), r.accuracy * double(r.count)};
+    for (int64_t n : r.confusion) v.push_back(double(n));
+    comm_allreduce_sum(comm, v.data(), int64_t(v.size()));
+    r.count = int64_t(std::llround(v[0]));
+    r.loss = r.count ? v[1] / v[0] : 0;
+    r.accuracy = r.count ? double(std::llround(v[2])) / v[0] : 0;
+    for (size_t i = 0; i < r.confusion.size(); i++) r.confusion[i] = int64_t(std::llround(v[3 + i]));
+    return r;
+}
+
+// FNV-1a over the weights' bytes: cheap proof that every rank holds the same.
+static uint64_t weights_hash(Model<float>& model) {
+    uint64_t h = 1469598103934665603ull;
+    const auto* p = reinterpret_cast<const unsigned char*>(model.params());
+    for (size_t i = 0; i < size_t(model.num_params()) * sizeof(float); i++) h = (h ^ p[i]) * 1099511628211ull;
+    return h;
+}
+
 TrainResult train(const Config& cfg, Device device, const std::string& out_dir, bool verbose,
                   const TrainOptions& opts) {
     const ModelConfig& m = cfg.model;
     const TrainConfig& t = cfg.train;
+    const Comm world_of_one;
+    const Comm& comm = opts.comm ? *opts.comm : world_of_one;
+    const bool lead = comm.rank == 0;  // logs, evaluates the reduced result, writes checkpoints
+    verbose = verbose && lead;
     if (device != Device::cpu)
         throw UserError("--device cuda: the CUDA backend's kernels are not implemented yet; use --device cpu");
     if (cfg.data.train.empty()) throw UserError("config: data.train is empty (a glob of training shards)");
@@ -110,36 +139,70 @@ TrainResult train(const Config& cfg, Device device, const std::string& out_dir, 
     lo.seed = t.seed;
     lo.augment = augment_from_name(cfg.data.augment);
     lo.threads = cfg.data.threads;
+    lo.rank = comm.rank;
+    lo.world = comm.size;
     Loader loader(lo);
     check_data_matches(loader.shape(), m, cfg.data.train);
     std::unique_ptr<Loader> val_data;
     if (!cfg.data.val.empty()) {
-        val_data = std::make_unique<Loader>(eval_loader_options(cfg.data.val, t.batch, cfg.data.threads));
+        LoaderOptions vo = eval_loader_options(cfg.data.val, t.batch, cfg.data.threads);
+        vo.rank = comm.rank;
+        vo.world = comm.size;
+        val_data = std::make_unique<Loader>(vo);
         check_data_matches(val_data->shape(), m, cfg.data.val);
     }
     const int64_t per_epoch = loader.batches_per_epoch();
     const int64_t total = t.steps > 0 ? t.steps : int64_t(std::ceil(t.epochs * per_epoch));
     const int64_t warmup = t.warmup_steps > 0 ? t.warmup_steps : int64_t(std::llround(t.warmup_epochs * per_epoch));
     if (verbose)
-        std::printf("train: %s, %lld images (%lld steps/epoch), %lld steps, batch %d, device cpu\n",
-                    m.arch.c_str(), (long long)loader.count(), (long long)per_epoch,
-                    (long long)total, t.batch);
+        std::printf("train: %s, %lld images (%lld steps/epoch), %lld steps, batch %d (%d rank%s of %d), device cpu\n",
+                    m.arch.c_str(), (long long)loader.count(), (long long)per_epoch, (long long)total, t.batch,
+                    comm.size, comm.size == 1 ? "" : "s", loader.local_batch());
 
-    Model<float> model(m, t.batch, verbose);
+    Model<float> model(m, loader.local_batch(), verbose);
     model.init_weights(t.seed);
+    if (comm.size > 1)
+        model.set_reduce_over_ranks([&comm](double* x, int64_t n) { comm_allreduce_sum(comm, x, n); });
     AdamW<float> opt(t, model.num_params(), verbose);
 
+    // Resume: weights, moments and counters from the state file; the loader
+    // continues at the batch the interrupted run would have drawn next.
+    ResumePoint at;
+    std::string last_state;  // the newest complete state file, named when a run stops
+    if (!opts.resume_dir.empty()) {
+        last_state = join_path(opts.resume_dir, kTrainStateFile);
+        at = load_train_state(last_state, cfg, model, opt);
+        loader.seek({at.epoch, at.batch_index});
+        if (verbose)
+            std::printf("resume: %s at step %lld (epoch %lld, batch %lld)\n", last_state.c_str(),
+                        (long long)at.step, (long long)at.epoch, (long long)at.batch_index);
+    }
+    const int64_t stop_at = t.stop_after > 0 ? std::min(total, at.step + t.stop_after) : total;
+
+    TrainOptions monitor_opts = opts;
+    monitor_opts.rank = comm.rank;
     // Progress, metrics.jsonl, config.json, routing diagnostics, profiler bracket.
-    TrainMonitor monitor(cfg, device, out_dir, verbose, opts, total, per_epoch, loader.shape().channel_names);
+    TrainMonitor monitor(cfg, device, lead ? out_dir : "", verbose, monitor_opts, total, per_epoch,
+                         loader.shape().channel_names);
     auto run_eval = [&](int64_t step) {
-        EvalResult r = evaluate(model, *val_data, false, monitor.eval_begins(step, val_data->count()));
+        EvalResult r = reduce_eval(comm, evaluate(model, *val_data, false, monitor.eval_begins(step, val_data->count())));
         monitor.eval_done(step, r);
         return r;
+    };
+    int64_t skipped = at.skipped_steps;
+    auto checkpoint = [&](int64_t steps_done) {
+        if (out_dir.empty()) return;
+        const LoaderPosition pos = loader.position();
+        if (lead) save_training_checkpoint(out_dir, model, opt, cfg, {steps_done, skipped, pos.epoch, pos.batch});
+        comm_barrier(comm);  // no rank runs ahead of a checkpoint it may need
+        last_state = join_path(out_dir, kTrainStateFile);
     };
 
     TrainResult result;
     const auto start = Clock::now();
-    for (int64_t step = 0; step < total; step++) {
+    install_stop_signals();
+    int64_t step = at.step;
+    for (; step < stop_at; step++) {
         monitor.step_begins(step);
         const auto data_start = Clock::now();
         const LoaderBatch& lb = loader.next();
@@ -148,32 +211,66 @@ TrainResult train(const Config& cfg, Device device, const std::string& out_dir, 
         b.images = lb.images;
         b.labels = lb.labels;
         b.channels = channels_for_step(t, m.channels, step);
+        b.first_image = int64_t(comm.rank) * loader.local_batch();
         monitor.data_waited(seconds_since(data_start));
 
         const Losses l = model.forward(b, /*training=*/true, Rng(t.seed, kDropPathStream, step).next());
-        if (!std::isfinite(l.total))
-            throw UserError("train: loss is " + std::to_string(l.total) + " at step " + std::to_string(step) +
-                            " (lower train.lr or set train.grad_clip)");
         model.backward();
+        // Data parallel: every rank's loss is the mean over its equal share,
+        // so the global gradient is the mean of the ranks' gradients.
+        double loss = l.total;
+        if (comm.size > 1) {
+            comm_allreduce_sum(comm, model.grads(), model.num_params());
+            ops::scale_inplace(model.grads(), model.num_params(), 1.0f / float(comm.size));
+            comm_allreduce_sum(comm, &loss, 1);
+            loss /= comm.size;
+        }
         const double lr = learning_rate(t, step, total, warmup);
-        const double grad_norm = opt.step(model, lr);
+        const double grad_norm = opt.grad_norm(model);
+        if (guard_nonfinite(t, step, loss, grad_norm, &skipped, last_state)) opt.apply(model, lr, grad_norm);
 
         monitor.step_done(step, l, b.size, lr, grad_norm, model.routing_counts());
         const bool last = step + 1 == total;
         if (val_data && t.eval_every > 0 && (step + 1) % t.eval_every == 0 && !last) run_eval(step + 1);
-        if (!out_dir.empty() && t.checkpoint_every > 0 && (step + 1) % t.checkpoint_every == 0 && !last)
-            save_checkpoint(out_dir + "/model.safetensors", model, cfg);
+        if (t.checkpoint_every > 0 && (step + 1) % t.checkpoint_every == 0 && step + 1 < stop_at) checkpoint(step + 1);
+        if (const int sig = int(comm_max(comm, double(stop_signal())))) {
+            step++;
+            checkpoint(step);
+            result.stop_signal = sig;
+            break;
+        }
     }
+    remove_stop_signals();
     monitor.finish();
-    result.steps = total;
+
+    // Every rank applied the same reduced gradients: the weights must agree bit for bit.
+    if (comm.size > 1) {
+        uint64_t mine = weights_hash(model), rank0 = mine;
+        comm_broadcast(comm, &rank0, sizeof rank0);
+        if (comm_max(comm, mine != rank0 ? 1.0 : 0.0) > 0)
+            throw UserError("train: the ranks' weights differ after step " + std::to_string(step) +
+                            " (a non-deterministic reduction?)");
+        if (verbose) std::printf("train: weights identical on all %d ranks\n", comm.size);
+    }
+    result.steps = step;
     result.seconds = seconds_since(start);
     result.position = loader.position();
-    if (val_data) result.val = run_eval(total);
-    if (!out_dir.empty()) {
-        save_checkpoint(out_dir + "/model.safetensors", model, cfg);
-        if (verbose) std::printf("wrote %s/model.safetensors\n", out_dir.c_str());
+    result.skipped_steps = skipped;
+    if (result.stop_signal) {
+        if (verbose)
+            std::printf("train: stopped by signal %d after step %lld%s\n", result.stop_signal, (long long)step,
+                        out_dir.empty() ? "" : ("; resume with --resume " + out_dir).c_str());
+        return result;
     }
-    if (verbose) std::printf("train: %lld steps in %.1f s\n", (long long)total, result.seconds);
+    if (val_data) result.val = run_eval(step);
+    checkpoint(step);
+    if (verbose && !out_dir.empty())
+        std::printf("wrote %s/model.safetensors and %s\n", out_dir.c_str(), kTrainStateFile);
+    if (verbose && step < total)
+        std::printf("train: stopped after step %lld of %lld (train.stop_after); resume with --resume %s\n",
+                    (long long)step, (long long)total, out_dir.c_str());
+    if (verbose) std::printf("train: %lld steps in %.1f s%s\n", (long long)(step - at.step), result.seconds,
+                             skipped ? (", " + std::to_string(skipped) + " skipped (non-finite)").c_str() : "");
     return result;
 }
 

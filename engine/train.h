@@ -6,6 +6,7 @@
 #include "data/loader.h"
 #include "data/shard.h"
 #include "engine/common.h"
+#include "engine/comm.h"
 #include "engine/config.h"
 #include "engine/metrics.h"
 #include "engine/model.h"
@@ -39,10 +40,16 @@ struct TrainResult {
     int64_t steps = 0;
     double seconds = 0;
     LoaderPosition position;  // of the training loader at the end (for the resume state)
+    int stop_signal = 0;      // SIGINT/SIGTERM that ended the run early (a checkpoint was written)
+    int64_t skipped_steps = 0;  // non-finite steps skipped (train.skip_nonfinite)
 };
 
 struct TrainOptions {
-    int rank = 0;  // only rank 0 prints progress and writes metrics (no MPI yet: always 0)
+    int rank = 0;  // only rank 0 prints progress and writes metrics (train() sets it from comm)
+    // The ranks of a data-parallel run (engine/comm.h); nullptr = a world of one.
+    const Comm* comm = nullptr;
+    // --resume DIR: continue from DIR/train_state.safetensors ("" = a fresh run).
+    std::string resume_dir;
     // --profile-steps A:B: steps A..B (1-based, inclusive) run between
     // cudaProfilerStart and cudaProfilerStop on CUDA; 0 = off.
     int64_t profile_first = 0, profile_last = 0;

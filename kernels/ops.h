@@ -115,11 +115,21 @@ void router_backward(T* dz, int64_t dz_image_stride, const T* probs, const int* 
 // Load balance. kind: 0 = Switch (α·|S|·Σ f_c·P_c), 1 = importance (α·CV²).
 // counts [nS] = token-slots routed to each position of S (from moe_dispatch).
 // Returns the loss; adds its gradient times `grad_scale` to dprobs (unless null).
+//
+// Data parallel: the loss is that of the union of every rank's tokens. Each
+// rank writes its aux_stats (stats [2*nS+1]: Σ_t p[t,S[s]], counts, tokens, in
+// double), they are summed over ranks and passed as `all_ranks`; then the loss
+// is the union's, and this rank's tokens get the union's gradient times
+// (all tokens / this rank's tokens), as the ranks' gradients are averaged.
+// all_ranks == nullptr: this rank's tokens alone.
 enum class AuxLoss { none, switch_, importance };
+template <class T>
+void aux_stats(double* stats, const T* probs, const int* counts, const int* S, int64_t tokens,
+               int nS, int C);
 template <class T>
 T aux_loss_forward_backward(T* dprobs, const T* probs, const int* counts, const int* S,
                             int64_t tokens, int nS, int C, int k_eff, AuxLoss kind, T coef,
-                            T grad_scale);
+                            T grad_scale, const double* all_ranks = nullptr);
 // Router z-loss coef·mean_t lse². Returns it and adds grad·grad_scale to dz (unless null).
 template <class T>
 T z_loss_forward_backward(T* dz, int64_t dz_image_stride, const T* probs, const T* lse,

@@ -10,6 +10,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 #include "engine/comm.h"
+#include "tests/shellutil.h"
 #include "tests/testutil.h"
 
 using namespace prism;
@@ -41,51 +42,8 @@ TEST(Comm, WorldOfOneWithoutLauncher) {
 
 namespace {
 
-struct ShellRun {
-    int status = -1;  // as from waitpid / pclose
-    std::string output;
-    double seconds = 0;
-};
-
-ShellRun run_shell(const std::string& cmd) {
-    ShellRun r;
-    const auto start = std::chrono::steady_clock::now();
-    FILE* p = popen((cmd + " 2>&1").c_str(), "r");
-    if (!p) return r;
-    char buf[4096];
-    size_t n;
-    while ((n = fread(buf, 1, sizeof buf, p)) > 0) r.output.append(buf, n);
-    r.status = pclose(p);
-    r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    return r;
-}
-
-bool exited_ok(const ShellRun& r) { return WIFEXITED(r.status) && WEXITSTATUS(r.status) == 0; }
-
-// Open MPI refuses to run as root unless told; CI runs as root.
-const char* kMpirun =
-    "OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 timeout 60 mpirun --oversubscribe";
-
-// Why mpirun cannot run two processes here ("" when it can), probed once.
-const std::string& why_no_mpirun() {
-    static const std::string why = [] {
-#ifndef PRISM_MPI
-        return std::string("this build has no MPI (mpicxx was not found when it was built)");
-#endif
-        if (!exited_ok(run_shell("command -v mpirun"))) return std::string("mpirun is not on PATH");
-        const ShellRun probe = run_shell(std::string(kMpirun) + " -np 2 true");
-        return exited_ok(probe) ? std::string() : "mpirun cannot start two processes here: " + probe.output;
-    }();
-    return why;
-}
-
 // build/comm_worker, next to this test binary.
-std::string worker_path() {
-    char exe[PATH_MAX];
-    const ssize_t len = readlink("/proc/self/exe", exe, sizeof exe - 1);
-    const std::string self(exe, size_t(len > 0 ? len : 0));
-    return self.substr(0, self.find_last_of('/') + 1) + "comm_worker";
-}
+std::string worker_path() { return build_dir() + "comm_worker"; }
 
 // Runs the worker under mpirun with -np ranks and the given arguments.
 ShellRun mpirun_worker(int ranks, const std::string& args) {

@@ -85,22 +85,40 @@ void router_backward(T* dz, int64_t dz_image_stride, const T* probs, const int* 
 PRISM_INSTANTIATE(router_backward)
 
 template <class T>
+void aux_stats(double* stats, const T* probs, const int* counts, const int* S, int64_t tokens,
+               int nS, int C) {
+    // Per-channel probability mass Σ_t p[t,c], summed in token order.
+    for (int s = 0; s < nS; s++) stats[s] = 0;
+    for (int64_t t = 0; t < tokens; t++)
+        for (int s = 0; s < nS; s++) stats[s] += double(probs[t * C + S[s]]);
+    for (int s = 0; s < nS; s++) stats[nS + s] = double(counts[s]);
+    stats[2 * nS] = double(tokens);
+}
+PRISM_INSTANTIATE(aux_stats)
+
+template <class T>
 T aux_loss_forward_backward(T* dprobs, const T* probs, const int* counts, const int* S,
                             int64_t tokens, int nS, int C, int k_eff, AuxLoss kind, T coef,
-                            T grad_scale) {
+                            T grad_scale, const double* all_ranks) {
     if (kind == AuxLoss::none || coef == T(0)) return T(0);
-    // Per-channel probability mass Σ_t p[t,c], summed in token order.
-    std::vector<T> mass(nS, T(0));
-    for (int64_t t = 0; t < tokens; t++)
-        for (int s = 0; s < nS; s++) mass[s] += probs[t * C + S[s]];
+    std::vector<double> local;
+    if (!all_ranks) {
+        local.resize(2 * size_t(nS) + 1);
+        aux_stats(local.data(), probs, counts, S, tokens, nS, C);
+        all_ranks = local.data();
+    }
+    // mass and counts of the union of the ranks' tokens, and their number.
+    std::vector<T> mass(nS), count(nS);
+    for (int s = 0; s < nS; s++) mass[s] = T(all_ranks[s]), count[s] = T(all_ranks[nS + s]);
+    const T all_tokens = T(all_ranks[2 * nS]);
     std::vector<T> dmass(nS);  // ∂loss/∂mass[s]
     T loss = 0;
     if (kind == AuxLoss::switch_) {
         // L = α·|S|·Σ f_c·P_c, f_c = count/(T·k_eff) (no gradient), P_c = mass/T
         for (int s = 0; s < nS; s++) {
-            const T f = T(counts[s]) / (T(tokens) * k_eff);
-            loss += coef * nS * f * mass[s] / T(tokens);
-            dmass[s] = coef * nS * f / T(tokens);
+            const T f = count[s] / (all_tokens * k_eff);
+            loss += coef * nS * f * mass[s] / all_tokens;
+            dmass[s] = coef * nS * f / all_tokens;
         }
     } else {
         // L = α·CV²(mass) with the population variance.
@@ -115,9 +133,10 @@ T aux_loss_forward_backward(T* dprobs, const T* probs, const int* counts, const 
             dmass[s] = coef * (T(2) * (mass[s] - mu) / (nS * mu * mu) - T(2) * var / (mu * mu * mu * nS));
     }
     if (dprobs) {
+        const T share = all_tokens / T(tokens);  // 1 on a single rank
         #pragma omp parallel for
         for (int64_t t = 0; t < tokens; t++)
-            for (int s = 0; s < nS; s++) dprobs[t * C + S[s]] += grad_scale * dmass[s];
+            for (int s = 0; s < nS; s++) dprobs[t * C + S[s]] += grad_scale * share * dmass[s];
     }
     return loss;
 }

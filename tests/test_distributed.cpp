@@ -1,0 +1,137 @@
+// Data-parallel training with mpirun, exact resume, stop signals and a dead
+// rank, through `prism train` itself (build/prism) and train().
+#include <cmath>
+#include <csignal>
+#include <string>
+#include <vector>
+#include "data/synth.h"
+#include "engine/checkpoint.h"
+#include "engine/train.h"
+#include "tests/shellutil.h"
+#include "tests/testutil.h"
+
+using namespace prism;
+using namespace prism::testing;
+
+namespace {
+
+// A small tiny-task data set, made once.
+const std::string& data_dir() {
+    static TmpDir* dir = [] {
+        auto* d = new TmpDir();
+        synthesize("tiny", d->path, 512, 2, false);
+        return d;
+    }();
+    return dir->path;
+}
+
+// Options for `prism train` on it; `extra` adds --set flags.
+std::string train_flags(const std::string& out, const std::string& extra) {
+    return "--config configs/synth_tiny_moevit.json --device cpu --out " + out +
+           " --set 'data.train=" + data_dir() + "/train-*.shard' --set 'data.val=" + data_dir() +
+           "/val-*.shard' --set train.batch=16 --set train.warmup_steps=3 --set train.eval_every=0 " + extra;
+}
+
+std::vector<float> weights(const std::string& dir) { return load_checkpoint(dir + "/model.safetensors").params; }
+
+double relative_difference(const std::vector<float>& a, const std::vector<float>& b) {
+    double num = 0, den = 0;
+    for (size_t i = 0; i < a.size(); i++) num += double(a[i] - b[i]) * (a[i] - b[i]), den += double(a[i]) * a[i];
+    return std::sqrt(num / den);
+}
+
+}  // namespace
+
+// Two ranks with batch 8 each train to the weights of one process with batch
+// 16: the gradients are averaged, drop path and HCS draw per global image and
+// per step, and the load-balance loss is that of the global batch. Every rank
+// checks that the ranks' weights are identical bit for bit.
+TEST(Distributed, TwoRanksTrainLikeOneProcess) {
+    if (!why_no_mpirun().empty()) GTEST_SKIP() << why_no_mpirun();
+    const std::string prism = build_dir() + "prism";
+    for (const std::string extra : {"--set train.hcs=true --set model.drop_path=0.1",
+                                    "--set train.hcs=false --set model.drop_path=0"}) {
+        TmpDir one, two;
+        const std::string flags = "--set train.steps=8 " + extra;
+        const ShellRun a = run_shell(prism + " train " + train_flags(one.path, flags));
+        ASSERT_TRUE(exited_ok(a)) << a.output;
+        const ShellRun b = run_shell("OMP_NUM_THREADS=1 " + std::string(kMpirun) + " -np 2 " + prism + " train " +
+                                     train_flags(two.path, flags));
+        ASSERT_TRUE(exited_ok(b)) << b.output;
+        EXPECT_NE(b.output.find("weights identical on all 2 ranks"), std::string::npos) << b.output;
+        EXPECT_NE(b.output.find("\"ranks\":2"), std::string::npos) << b.output;
+        const double diff = relative_difference(weights(one.path), weights(two.path));
+        std::printf("%s: 1 vs 2 ranks, relative difference %.2e\n", extra.c_str(), diff);
+        EXPECT_LE(diff, 1e-4) << extra;
+        EXPECT_GT(diff, 0.0) << "two ranks sum in another order: identical bits would be a surprise";
+    }
+}
+
+// 6 steps, stop (train.stop_after), --resume to 12: the same bits as 12 steps
+// straight, with HCS, drop path and the load-balance loss on.
+TEST(Distributed, StopAndResumeGivesTheBitsOfAStraightRun) {
+    const std::string prism = build_dir() + "prism";
+    TmpDir straight, resumed;
+    const std::string flags = "--set train.steps=12 --set train.hcs=true --set model.drop_path=0.1";
+    const ShellRun a = run_shell(prism + " train " + train_flags(straight.path, flags));
+    ASSERT_TRUE(exited_ok(a)) << a.output;
+    const ShellRun b = run_shell(prism + " train " + train_flags(resumed.path, flags + " --set train.stop_after=6"));
+    ASSERT_TRUE(exited_ok(b)) << b.output;
+    EXPECT_NE(b.output.find("stopped after step 6 of 12"), std::string::npos) << b.output;
+    EXPECT_NE(weights(straight.path), weights(resumed.path));
+    const ShellRun c = run_shell(prism + " train --resume " + resumed.path + " --device cpu");
+    ASSERT_TRUE(exited_ok(c)) << c.output;
+    EXPECT_NE(c.output.find("at step 6"), std::string::npos) << c.output;
+    EXPECT_EQ(weights(straight.path), weights(resumed.path));
+    // A key that exact resume depends on cannot change.
+    const ShellRun d = run_shell(prism + " train --resume " + resumed.path + " --device cpu --set train.lr=0.5");
+    EXPECT_EQ(WEXITSTATUS(d.status), 1) << d.output;
+    EXPECT_NE(d.output.find("train.lr"), std::string::npos) << d.output;
+}
+
+// SIGTERM mid-run: a checkpoint, exit code 128+15, and a resume that ends
+// where a straight run does.
+TEST(Distributed, SigtermWritesACheckpointThatResumes) {
+    const std::string prism = build_dir() + "prism";
+    TmpDir run, straight;
+    const std::string flags = "--set train.steps=3000 --set train.log_every=1";
+    const ShellRun a = run_shell("(" + prism + " train " + train_flags(run.path, flags) +
+                                 " > " + run.path + "/log 2>&1 & pid=$!; "
+                                 "for i in $(seq 100); do grep -q 'step *3/' " + run.path + "/log && break; sleep 0.1; done; "
+                                 "kill -TERM $pid; wait $pid; echo rc=$?)");
+    ASSERT_NE(a.output.find("rc=143"), std::string::npos) << a.output << read_bytes(run.path + "/log");
+    const std::string log = read_bytes(run.path + "/log");
+    EXPECT_NE(log.find("stopped by signal 15"), std::string::npos) << log;
+    ASSERT_TRUE(exists(run.path + "/train_state.safetensors")) << log;
+    // It goes on from the step it stopped at (two more steps are enough to see it).
+    const size_t at = log.find("stopped by signal 15 after step ");
+    ASSERT_NE(at, std::string::npos) << log;
+    const long stopped = std::atol(log.c_str() + at + 32);
+    EXPECT_GE(stopped, 3);
+    const ShellRun b = run_shell(prism + " train --resume " + run.path + " --device cpu --set train.stop_after=2");
+    ASSERT_TRUE(exited_ok(b)) << b.output;
+    EXPECT_NE(b.output.find("at step " + std::to_string(stopped) + " "), std::string::npos) << b.output;
+    EXPECT_NE(b.output.find("\"steps\":" + std::to_string(stopped + 2)), std::string::npos) << b.output;
+}
+
+// A rank that dies mid-run ends the job with a non-zero exit, within the
+// communication timeout, instead of leaving the other rank waiting forever.
+TEST(Distributed, ADeadRankEndsTheJob) {
+    if (!why_no_mpirun().empty()) GTEST_SKIP() << why_no_mpirun();
+    const std::string prism = build_dir() + "prism";
+    TmpDir run;
+    const std::string marker = run.path + "/marker";  // names this job's processes for pkill
+    const ShellRun r = run_shell("(OMP_NUM_THREADS=1 " + std::string(kMpirun) + " -np 2 " + prism + " train " +
+                                 train_flags(run.path, "--set train.steps=100000 --set train.comm_timeout_s=3 "
+                                                       "--set train.log_every=1 --set data.val=") +
+                                 " --set 'data.threads=1' > " + marker + " 2>&1 & job=$!; "
+                                 "for i in $(seq 100); do grep -q 'step *2/' " + marker + " && break; sleep 0.1; done; "
+                                 "pkill -KILL -n -f 'prism train.*" + run.path + "'; "
+                                 "start=$(date +%s); wait $job; rc=$?; echo rc=$rc waited=$(( $(date +%s) - start )))");
+    const size_t at = r.output.find("rc=");
+    ASSERT_NE(at, std::string::npos) << r.output;
+    EXPECT_NE(r.output.substr(at, 4), "rc=0") << r.output << read_bytes(marker);
+    const int waited = std::atoi(r.output.c_str() + r.output.find("waited=") + 7);
+    EXPECT_LE(waited, 20) << r.output;
+    std::printf("dead rank: %s", r.output.c_str() + at);
+}
