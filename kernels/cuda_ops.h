@@ -1,7 +1,7 @@
 // The CUDA op interface: kernels/ops.h op by op, on device pointers, float32
-// activations (the fp32 mode; bf16 comes later). Same names, same argument
-// order and meaning as the CPU ops, plus a cudaStream_t last; every kernel of
-// an op is queued on that stream and nothing waits for it.
+// activations (the fp32 mode; of bf16, only the linear layer so far). Same
+// names, same argument order and meaning as the CPU ops, plus a cudaStream_t
+// last; every kernel of an op is queued on that stream and nothing waits for it.
 //
 // Differences from kernels/ops.h, all so that nothing is copied to the host:
 // - Every pointer is a device pointer, index arrays (S, in_S, keep, experts,
@@ -35,7 +35,7 @@ using ops::AuxLoss;
 using ops::Combine;
 
 // False when the build found no cuBLAS (see the Makefile's CUBLAS_HOME): the
-// linear ops then throw, everything else works.
+// linear ops (fp32 and bf16) then throw, everything else works.
 bool has_cublas();
 // Destroys the cuBLAS handles made on first use (one per device). Optional:
 // for tools that check for leaks at exit.
@@ -74,6 +74,19 @@ void expert_linear_backward(float* dx, float* dW, float* dbias, const float* dou
                             const float* x, int64_t x_image_stride, const float* W,
                             const int* S, int B, int nS, int N, int in_dim, int out_dim,
                             cudaStream_t stream);
+
+// ---- bf16 (the first step of the bf16 mode): bf16 values stored as uint16_t bits ----
+// Round to nearest even / widen exactly.
+void to_bf16(uint16_t* out, const float* x, int64_t n, cudaStream_t stream);
+void from_bf16(float* out, const uint16_t* x, int64_t n, cudaStream_t stream);
+// cuBLASLt, bf16 inputs, fp32 accumulation. out = bf16(x·Wᵀ + bf16(b)); b fp32, may be null.
+void linear_forward_bf16(uint16_t* out, const uint16_t* x, const uint16_t* W, const float* b,
+                         int64_t rows, int in_dim, int out_dim, cudaStream_t stream);
+// dx (bf16, may be null) += dout·W, rounded once; dW (fp32) += doutᵀ·x; db (fp32, may
+// be null) += the column sums of dout.
+void linear_backward_bf16(uint16_t* dx, float* dW, float* db, const uint16_t* dout,
+                          const uint16_t* x, const uint16_t* W, int64_t rows, int in_dim,
+                          int out_dim, cudaStream_t stream);
 
 // ---- GELU (exact, erf) and the residual with drop path ------------------------------
 void gelu_forward(float* out, const float* x, int64_t n, cudaStream_t stream);

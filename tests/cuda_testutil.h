@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <stdexcept>
@@ -83,6 +84,31 @@ inline bool is_poison(float x) {
     uint32_t bits;
     std::memcpy(&bits, &x, 4);
     return bits == 0xFFFFFFFFu;
+}
+
+// bf16 on the host, as the device rounds it: nearest even, NaN stays NaN.
+inline uint16_t bf16_bits(float x) {
+    uint32_t u;
+    std::memcpy(&u, &x, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return uint16_t(u >> 16);
+}
+inline float bf16_value(uint16_t b) {
+    const uint32_t u = uint32_t(b) << 16;
+    float x;
+    std::memcpy(&x, &u, 4);
+    return x;
+}
+inline std::vector<uint16_t> to_bf16(const std::vector<float>& v) {
+    std::vector<uint16_t> out(v.size());
+    for (size_t i = 0; i < v.size(); i++) out[i] = bf16_bits(v[i]);
+    return out;
+}
+inline std::vector<float> widen(const std::vector<uint16_t>& v) {
+    std::vector<float> out(v.size());
+    for (size_t i = 0; i < v.size(); i++) out[i] = bf16_value(v[i]);
+    return out;
 }
 
 inline std::vector<float> randn_f(size_t n, Rng& rng, double scale = 1.0, double shift = 0.0) {

@@ -73,6 +73,16 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
+// bf16 as its 16 bits (the upper half of a float): exact widening, and
+// rounding to nearest even (NaN stays NaN).
+__device__ __forceinline__ float bf16_to_float(uint16_t b) { return __uint_as_float((uint32_t)b << 16); }
+__device__ __forceinline__ uint16_t float_to_bf16(float f) {
+    uint32_t u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
 // ---- deterministic column sums -------------------------------------------------
 // For each batch z < batches and column c < cols: out(z, c, Σ_r term(z, r, c)),
 // the sum over rows r < rows in a fixed order: stage one sums fixed chunks of

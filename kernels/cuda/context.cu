@@ -1,5 +1,5 @@
-// Error reporting for every CUDA file, and the cuBLAS handles, made once per
-// device on first use.
+// Error reporting for every CUDA file, and the cuBLAS and cuBLASLt handles,
+// made once per device on first use.
 #include <cstdio>
 #include <cstdlib>
 #include <map>
@@ -29,7 +29,30 @@ void check_or_abort(cudaError_t e, const char* file, int line, const char* call)
 namespace {
 std::mutex g_mutex;
 std::map<int, cublasHandle_t> g_handles;  // device → handle
+std::map<int, LtContext> g_lt;            // device → cuBLASLt handle and workspace
+constexpr size_t kLtWorkspaceBytes = 32u << 20;
 }  // namespace
+
+void check_blas_or_abort(cublasStatus_t s, const char* file, int line, const char* call) {
+    if (s == CUBLAS_STATUS_SUCCESS) return;
+    std::fprintf(stderr, "prism: cuBLAS error at %s:%d: %s: %s\n", file, line, call,
+                 cublasGetStatusString(s));
+    std::fflush(stderr);
+    std::abort();
+}
+
+LtContext lt_context() {
+    int device = 0;
+    PRISM_CUDA_CHECK(cudaGetDevice(&device));
+    std::lock_guard<std::mutex> lock(g_mutex);
+    LtContext& c = g_lt[device];
+    if (!c.handle) {
+        PRISM_CUBLAS_CHECK(cublasLtCreate(&c.handle));
+        PRISM_CUDA_CHECK(cudaMalloc(&c.workspace, kLtWorkspaceBytes));
+        c.workspace_bytes = kLtWorkspaceBytes;
+    }
+    return c;
+}
 
 cublasHandle_t blas_handle(cudaStream_t stream) {
     int device = 0;
@@ -60,6 +83,11 @@ void release_context() {
     for (auto& [device, h] : cuda_detail::g_handles)
         if (h) PRISM_CUBLAS_CHECK(cublasDestroy(h));
     cuda_detail::g_handles.clear();
+    for (auto& [device, c] : cuda_detail::g_lt) {
+        if (c.handle) PRISM_CUBLAS_CHECK(cublasLtDestroy(c.handle));
+        if (c.workspace) PRISM_CUDA_CHECK(cudaFree(c.workspace));
+    }
+    cuda_detail::g_lt.clear();
 }
 #else
 bool has_cublas() { return false; }

@@ -1,7 +1,8 @@
 // Linear layers y = x·Wᵀ + b (W stored [out, in]) and MoE-ViT's per-channel
 // expert projections: kernels/cpu/linear.cpp on the device. The products are
-// cuBLAS fp32 GEMMs (no TF32, no atomics: bit-reproducible on one device);
-// bias gradients are deterministic column sums.
+// cuBLAS fp32 GEMMs (no TF32, no atomics: bit-reproducible on one device), and
+// for the bf16 linear cuBLASLt GEMMs with fp32 accumulation; bias gradients
+// are deterministic column sums.
 //
 // Row-major X [rows, in] is column-major Xᵀ, so in cuBLAS's column-major terms
 //   forward  Yᵀ [out, rows]  = op_T(W) · Xᵀ
@@ -85,6 +86,86 @@ int as_int(int64_t v, const char* what) {
 }
 
 const float kOne = 1.f, kZero = 0.f;
+
+// ---- bf16 through cuBLASLt ------------------------------------------------------------
+// out[r, o] = bf16(bias[o])
+__global__ void fill_bias_bf16_kernel(uint16_t* out, const float* bias, int64_t rows, int out_dim) {
+    PRISM_GRID_STRIDE(i, rows * out_dim) out[i] = float_to_bf16(bias[i % out_dim]);
+}
+
+struct Bf16RowMajor {  // term = float(x[r*cols + c])
+    const uint16_t* x;
+    int cols;
+    __device__ float operator()(int, int64_t r, int c) const { return bf16_to_float(x[r * cols + c]); }
+};
+
+// Owners of cuBLASLt descriptors, destroyed (and checked) on scope exit.
+struct LtLayout {
+    cublasLtMatrixLayout_t p = nullptr;
+    LtLayout(cudaDataType_t type, int64_t rows, int64_t cols, int64_t ld) {
+        PRISM_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p, type, (uint64_t)rows, (uint64_t)cols, ld));
+    }
+    ~LtLayout() { check_blas_or_abort(cublasLtMatrixLayoutDestroy(p), __FILE__, __LINE__, "cublasLtMatrixLayoutDestroy"); }
+    LtLayout(const LtLayout&) = delete;
+    LtLayout& operator=(const LtLayout&) = delete;
+};
+struct LtMatmulDesc {
+    cublasLtMatmulDesc_t p = nullptr;
+    LtMatmulDesc() { PRISM_CUBLAS_CHECK(cublasLtMatmulDescCreate(&p, CUBLAS_COMPUTE_32F, CUDA_R_32F)); }
+    ~LtMatmulDesc() { check_blas_or_abort(cublasLtMatmulDescDestroy(p), __FILE__, __LINE__, "cublasLtMatmulDescDestroy"); }
+    LtMatmulDesc(const LtMatmulDesc&) = delete;
+    LtMatmulDesc& operator=(const LtMatmulDesc&) = delete;
+};
+struct LtPreference {
+    cublasLtMatmulPreference_t p = nullptr;
+    LtPreference() { PRISM_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&p)); }
+    ~LtPreference() { check_blas_or_abort(cublasLtMatmulPreferenceDestroy(p), __FILE__, __LINE__, "cublasLtMatmulPreferenceDestroy"); }
+    LtPreference(const LtPreference&) = delete;
+    LtPreference& operator=(const LtPreference&) = delete;
+};
+
+// The largest power of two up to 256 dividing both the address and the
+// leading dimension in bytes.
+uint32_t alignment(const void* p, int64_t ld_bytes) {
+    uint32_t a = 256;
+    while (a > 1 && (((uintptr_t)p % a) != 0 || (ld_bytes % a) != 0)) a /= 2;
+    return a;
+}
+
+// Column-major D = op(A)·op(B) + beta·D (C is D, in place) with A, B bf16, D of
+// `d_type`, fp32 compute and scale; op(A) is m×k, op(B) k×n. The heuristic's
+// first algorithm: the same one every run for the same shapes.
+void lt_matmul(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const uint16_t* A,
+               int64_t lda, const uint16_t* B, int64_t ldb, float beta, void* D,
+               cudaDataType_t d_type, int64_t ldd, cudaStream_t stream) {
+    const LtContext ctx = lt_context();
+    LtMatmulDesc desc;
+    const int32_t op_a = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, op_b = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+    PRISM_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc.p, CUBLASLT_MATMUL_DESC_TRANSA, &op_a, sizeof(op_a)));
+    PRISM_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc.p, CUBLASLT_MATMUL_DESC_TRANSB, &op_b, sizeof(op_b)));
+    // layouts describe the stored matrices: A is m×k (k×m when transposed), B k×n (n×k)
+    LtLayout a(CUDA_R_16BF, trans_a ? k : m, trans_a ? m : k, lda);
+    LtLayout b(CUDA_R_16BF, trans_b ? n : k, trans_b ? k : n, ldb);
+    LtLayout d(d_type, m, n, ldd);
+    LtPreference pref;
+    const uint64_t ws = ctx.workspace_bytes;
+    PRISM_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref.p, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
+    // The heuristic assumes 256-byte aligned operands unless told: say what
+    // the pointers and leading dimensions really allow.
+    const uint32_t align_a = alignment(A, lda * 2), align_b = alignment(B, ldb * 2),
+                   align_d = alignment(D, ldd * (d_type == CUDA_R_32F ? 4 : 2));
+    PRISM_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align_a, sizeof(align_a)));
+    PRISM_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align_b, sizeof(align_b)));
+    PRISM_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align_d, sizeof(align_d)));
+    PRISM_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align_d, sizeof(align_d)));
+    cublasLtMatmulHeuristicResult_t result{};
+    int found = 0;
+    PRISM_CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(ctx.handle, desc.p, a.p, b.p, d.p, d.p, pref.p, 1, &result, &found));
+    PRISM_CUDA_REQUIRE(found > 0, "cuBLASLt has no algorithm for this bf16 GEMM");
+    const float alpha = 1.f;
+    PRISM_CUBLAS_CHECK(cublasLtMatmul(ctx.handle, desc.p, &alpha, A, a.p, B, b.p, &beta, D, d.p, D, d.p,
+                                      &result.algo, ctx.workspace, ctx.workspace_bytes, stream));
+}
 
 }  // namespace
 
@@ -181,6 +262,29 @@ void expert_linear_backward(float* dx, float* dW, float* dbias, const float* dou
                AddTo{dbias, out_dim, S}, stream);
 }
 
+void linear_forward_bf16(uint16_t* out, const uint16_t* x, const uint16_t* W, const float* b,
+                         int64_t rows, int in_dim, int out_dim, cudaStream_t stream) {
+    if (rows <= 0) return;
+    if (b) {
+        fill_bias_bf16_kernel<<<grid_for(rows * out_dim), kThreads, 0, stream>>>(out, b, rows, out_dim);
+        PRISM_LAUNCH_CHECK();
+    }
+    lt_matmul(true, false, out_dim, rows, in_dim, W, in_dim, x, in_dim, b ? 1.f : 0.f, out,
+              CUDA_R_16BF, out_dim, stream);
+}
+
+void linear_backward_bf16(uint16_t* dx, float* dW, float* db, const uint16_t* dout,
+                          const uint16_t* x, const uint16_t* W, int64_t rows, int in_dim,
+                          int out_dim, cudaStream_t stream) {
+    if (rows <= 0) return;
+    if (dx)
+        lt_matmul(false, false, in_dim, rows, out_dim, W, in_dim, dout, out_dim, 1.f, dx,
+                  CUDA_R_16BF, in_dim, stream);
+    lt_matmul(false, true, in_dim, out_dim, rows, x, in_dim, dout, out_dim, 1.f, dW, CUDA_R_32F,
+              in_dim, stream);
+    if (db) column_sum(1, rows, out_dim, Bf16RowMajor{dout, out_dim}, AddTo{db, out_dim, nullptr}, stream);
+}
+
 #else  // built without cuBLAS: the linear ops say so
 
 namespace {
@@ -204,6 +308,14 @@ void expert_linear_forward(float*, const float*, int64_t, const float*, const fl
 }
 void expert_linear_backward(float*, float*, float*, const float*, const float*, int64_t,
                             const float*, const int*, int, int, int, int, int, cudaStream_t) {
+    no_cublas();
+}
+void linear_forward_bf16(uint16_t*, const uint16_t*, const uint16_t*, const float*, int64_t, int,
+                         int, cudaStream_t) {
+    no_cublas();
+}
+void linear_backward_bf16(uint16_t*, float*, float*, const uint16_t*, const uint16_t*,
+                          const uint16_t*, int64_t, int, int, cudaStream_t) {
     no_cublas();
 }
 #endif
