@@ -134,7 +134,8 @@ uint32_t alignment(const void* p, int64_t ld_bytes) {
 
 // Column-major D = op(A)·op(B) + beta·D (C is D, in place) with A, B bf16, D of
 // `d_type`, fp32 compute and scale; op(A) is m×k, op(B) k×n. The heuristic's
-// first algorithm: the same one every run for the same shapes.
+// first algorithm: the same one every run for the same shapes (cublasGemmEx
+// when the heuristic has none).
 void lt_matmul(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const uint16_t* A,
                int64_t lda, const uint16_t* B, int64_t ldb, float beta, void* D,
                cudaDataType_t d_type, int64_t ldd, cudaStream_t stream) {
@@ -160,9 +161,20 @@ void lt_matmul(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, cons
     PRISM_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align_d, sizeof(align_d)));
     cublasLtMatmulHeuristicResult_t result{};
     int found = 0;
-    PRISM_CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(ctx.handle, desc.p, a.p, b.p, d.p, d.p, pref.p, 1, &result, &found));
-    PRISM_CUDA_REQUIRE(found > 0, "cuBLASLt has no algorithm for this bf16 GEMM");
+    const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(ctx.handle, desc.p, a.p, b.p, d.p, d.p,
+                                                             pref.p, 1, &result, &found);
     const float alpha = 1.f;
+    if (st == CUBLAS_STATUS_NOT_SUPPORTED || (st == CUBLAS_STATUS_SUCCESS && found == 0)) {
+        // no Lt kernel for these shapes or alignments: cuBLAS's own GEMM, same types
+        PRISM_CUDA_REQUIRE(m <= INT_MAX && n <= INT_MAX && k <= INT_MAX, "bf16 GEMM too large for cublasGemmEx");
+        PRISM_CUBLAS_CHECK(cublasGemmEx(blas_handle(stream), trans_a ? CUBLAS_OP_T : CUBLAS_OP_N,
+                                        trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, (int)m, (int)n, (int)k,
+                                        &alpha, A, CUDA_R_16BF, (int)lda, B, CUDA_R_16BF, (int)ldb,
+                                        &beta, D, d_type, (int)ldd, CUBLAS_COMPUTE_32F,
+                                        CUBLAS_GEMM_DEFAULT));
+        return;
+    }
+    PRISM_CUBLAS_CHECK(st);
     PRISM_CUBLAS_CHECK(cublasLtMatmul(ctx.handle, desc.p, &alpha, A, a.p, B, b.p, &beta, D, d.p, D, d.p,
                                       &result.algo, ctx.workspace, ctx.workspace_bytes, stream));
 }
