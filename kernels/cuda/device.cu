@@ -1,5 +1,5 @@
-// Device discovery for the CUDA backend. The op kernels arrive with the CUDA
-// backend issue; until then this is the part of the backend that is built.
+// Device discovery for the CUDA backend (the op kernels are the other files
+// here, declared in kernels/cuda_ops.h).
 #include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
 #include <cstdio>
