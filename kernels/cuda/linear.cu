@@ -64,15 +64,15 @@ __global__ void channel_major_kernel(float* xp, float* gp, const float* x, int64
         if (col < in_dim)
             xp[row * in_dim + col] = x[b * x_image_stride + (s * N + n) * in_dim + col];
         else
-            gp[row * out_dim + col - in_dim] = dout[((b * nS + s) * N + n) * out_dim + col - in_dim];
+            gp[row * out_dim + col - in_dim] =
+                dout[((b * nS + s) * N + n) * out_dim + col - in_dim];
     }
 }
 
 // dW pointers for channel position s: dW[S[s]], xp and gp of s.
 __global__ void expert_weight_pointers_kernel(float** dw_ptr, float** xp_ptr, float** gp_ptr,
-                                              float* dW, float* xp, float* gp, const int* S,
-                                              int nS, int64_t rows_per_channel, int in_dim,
-                                              int out_dim) {
+                                              float* dW, float* xp, float* gp, const int* S, int nS,
+                                              int64_t rows_per_channel, int in_dim, int out_dim) {
     PRISM_GRID_STRIDE(s, (int64_t)nS) {
         dw_ptr[s] = dW + (int64_t)S[s] * out_dim * in_dim;
         xp_ptr[s] = xp + s * rows_per_channel * in_dim;
@@ -96,30 +96,44 @@ __global__ void fill_bias_bf16_kernel(uint16_t* out, const float* bias, int64_t 
 struct Bf16RowMajor {  // term = float(x[r*cols + c])
     const uint16_t* x;
     int cols;
-    __device__ float operator()(int, int64_t r, int c) const { return bf16_to_float(x[r * cols + c]); }
+    __device__ float operator()(int, int64_t r, int c) const {
+        return bf16_to_float(x[r * cols + c]);
+    }
 };
 
 // Owners of cuBLASLt descriptors, destroyed (and checked) on scope exit.
 struct LtLayout {
     cublasLtMatrixLayout_t p = nullptr;
     LtLayout(cudaDataType_t type, int64_t rows, int64_t cols, int64_t ld) {
-        PRISM_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p, type, (uint64_t)rows, (uint64_t)cols, ld));
+        PRISM_CUBLAS_CHECK(
+            cublasLtMatrixLayoutCreate(&p, type, (uint64_t)rows, (uint64_t)cols, ld));
     }
-    ~LtLayout() { check_blas_or_abort(cublasLtMatrixLayoutDestroy(p), __FILE__, __LINE__, "cublasLtMatrixLayoutDestroy"); }
+    ~LtLayout() {
+        check_blas_or_abort(cublasLtMatrixLayoutDestroy(p), __FILE__, __LINE__,
+                            "cublasLtMatrixLayoutDestroy");
+    }
     LtLayout(const LtLayout&) = delete;
     LtLayout& operator=(const LtLayout&) = delete;
 };
 struct LtMatmulDesc {
     cublasLtMatmulDesc_t p = nullptr;
-    LtMatmulDesc() { PRISM_CUBLAS_CHECK(cublasLtMatmulDescCreate(&p, CUBLAS_COMPUTE_32F, CUDA_R_32F)); }
-    ~LtMatmulDesc() { check_blas_or_abort(cublasLtMatmulDescDestroy(p), __FILE__, __LINE__, "cublasLtMatmulDescDestroy"); }
+    LtMatmulDesc() {
+        PRISM_CUBLAS_CHECK(cublasLtMatmulDescCreate(&p, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    }
+    ~LtMatmulDesc() {
+        check_blas_or_abort(cublasLtMatmulDescDestroy(p), __FILE__, __LINE__,
+                            "cublasLtMatmulDescDestroy");
+    }
     LtMatmulDesc(const LtMatmulDesc&) = delete;
     LtMatmulDesc& operator=(const LtMatmulDesc&) = delete;
 };
 struct LtPreference {
     cublasLtMatmulPreference_t p = nullptr;
     LtPreference() { PRISM_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&p)); }
-    ~LtPreference() { check_blas_or_abort(cublasLtMatmulPreferenceDestroy(p), __FILE__, __LINE__, "cublasLtMatmulPreferenceDestroy"); }
+    ~LtPreference() {
+        check_blas_or_abort(cublasLtMatmulPreferenceDestroy(p), __FILE__, __LINE__,
+                            "cublasLtMatmulPreferenceDestroy");
+    }
     LtPreference(const LtPreference&) = delete;
     LtPreference& operator=(const LtPreference&) = delete;
 };
@@ -141,24 +155,32 @@ void lt_matmul(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, cons
                cudaDataType_t d_type, int64_t ldd, cudaStream_t stream) {
     const LtContext ctx = lt_context();
     LtMatmulDesc desc;
-    const int32_t op_a = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, op_b = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
-    PRISM_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc.p, CUBLASLT_MATMUL_DESC_TRANSA, &op_a, sizeof(op_a)));
-    PRISM_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc.p, CUBLASLT_MATMUL_DESC_TRANSB, &op_b, sizeof(op_b)));
+    const int32_t op_a = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N,
+                  op_b = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+    PRISM_CUBLAS_CHECK(
+        cublasLtMatmulDescSetAttribute(desc.p, CUBLASLT_MATMUL_DESC_TRANSA, &op_a, sizeof(op_a)));
+    PRISM_CUBLAS_CHECK(
+        cublasLtMatmulDescSetAttribute(desc.p, CUBLASLT_MATMUL_DESC_TRANSB, &op_b, sizeof(op_b)));
     // layouts describe the stored matrices: A is m×k (k×m when transposed), B k×n (n×k)
     LtLayout a(CUDA_R_16BF, trans_a ? k : m, trans_a ? m : k, lda);
     LtLayout b(CUDA_R_16BF, trans_b ? n : k, trans_b ? k : n, ldb);
     LtLayout d(d_type, m, n, ldd);
     LtPreference pref;
     const uint64_t ws = ctx.workspace_bytes;
-    PRISM_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref.p, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
+    PRISM_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
+        pref.p, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
     // The heuristic assumes 256-byte aligned operands unless told: say what
     // the pointers and leading dimensions really allow.
     const uint32_t align_a = alignment(A, lda * 2), align_b = alignment(B, ldb * 2),
                    align_d = alignment(D, ldd * (d_type == CUDA_R_32F ? 4 : 2));
-    PRISM_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align_a, sizeof(align_a)));
-    PRISM_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align_b, sizeof(align_b)));
-    PRISM_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align_d, sizeof(align_d)));
-    PRISM_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align_d, sizeof(align_d)));
+    PRISM_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
+        pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align_a, sizeof(align_a)));
+    PRISM_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
+        pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align_b, sizeof(align_b)));
+    PRISM_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
+        pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align_d, sizeof(align_d)));
+    PRISM_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
+        pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align_d, sizeof(align_d)));
     cublasLtMatmulHeuristicResult_t result{};
     int found = 0;
     const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(ctx.handle, desc.p, a.p, b.p, d.p, d.p,
@@ -166,7 +188,8 @@ void lt_matmul(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, cons
     const float alpha = 1.f;
     if (st == CUBLAS_STATUS_NOT_SUPPORTED || (st == CUBLAS_STATUS_SUCCESS && found == 0)) {
         // no Lt kernel for these shapes or alignments: cuBLAS's own GEMM, same types
-        PRISM_CUDA_REQUIRE(m <= INT_MAX && n <= INT_MAX && k <= INT_MAX, "bf16 GEMM too large for cublasGemmEx");
+        PRISM_CUDA_REQUIRE(m <= INT_MAX && n <= INT_MAX && k <= INT_MAX,
+                           "bf16 GEMM too large for cublasGemmEx");
         PRISM_CUBLAS_CHECK(cublasGemmEx(blas_handle(stream), trans_a ? CUBLAS_OP_T : CUBLAS_OP_N,
                                         trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, (int)m, (int)n, (int)k,
                                         &alpha, A, CUDA_R_16BF, (int)lda, B, CUDA_R_16BF, (int)ldb,
@@ -175,8 +198,9 @@ void lt_matmul(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, cons
         return;
     }
     PRISM_CUBLAS_CHECK(st);
-    PRISM_CUBLAS_CHECK(cublasLtMatmul(ctx.handle, desc.p, &alpha, A, a.p, B, b.p, &beta, D, d.p, D, d.p,
-                                      &result.algo, ctx.workspace, ctx.workspace_bytes, stream));
+    PRISM_CUBLAS_CHECK(cublasLtMatmul(ctx.handle, desc.p, &alpha, A, a.p, B, b.p, &beta, D, d.p, D,
+                                      d.p, &result.algo, ctx.workspace, ctx.workspace_bytes,
+                                      stream));
 }
 
 }  // namespace
@@ -195,8 +219,7 @@ void linear_forward(float* out, const float* x, const float* W, const float* b, 
 }
 
 void linear_backward(float* dx, float* dW, float* db, const float* dout, const float* x,
-                     const float* W, int64_t rows, int in_dim, int out_dim,
-                     cudaStream_t stream) {
+                     const float* W, int64_t rows, int in_dim, int out_dim, cudaStream_t stream) {
     if (rows <= 0) return;
     const int n = as_int(rows, "linear_backward: rows must fit an int");
     cublasHandle_t h = blas_handle(stream);
@@ -205,7 +228,9 @@ void linear_backward(float* dx, float* dW, float* db, const float* dout, const f
                                        in_dim, dout, out_dim, &kOne, dx, in_dim));
     PRISM_CUBLAS_CHECK(cublasSgemm(h, CUBLAS_OP_N, CUBLAS_OP_T, in_dim, out_dim, n, &kOne, x,
                                    in_dim, dout, out_dim, &kOne, dW, in_dim));
-    if (db) column_sum(1, rows, out_dim, RowMajor{dout, rows, out_dim}, AddTo{db, out_dim, nullptr}, stream);
+    if (db)
+        column_sum(1, rows, out_dim, RowMajor{dout, rows, out_dim}, AddTo{db, out_dim, nullptr},
+                   stream);
 }
 
 void expert_linear_forward(float* out, const float* x, int64_t x_image_stride, const float* W,
@@ -220,19 +245,17 @@ void expert_linear_forward(float* out, const float* x, int64_t x_image_stride, c
     float** w_ptr = ptrs.as<float*>();
     float** x_ptr = w_ptr + G;
     float** y_ptr = w_ptr + 2 * G;
-    group_pointers_kernel<<<grid_for(G), kThreads, 0, stream>>>(w_ptr, x_ptr, y_ptr, W, x,
-                                                                x_image_stride, out, S, B, nS, N,
-                                                                in_dim, out_dim);
+    group_pointers_kernel<<<grid_for(G), kThreads, 0, stream>>>(
+        w_ptr, x_ptr, y_ptr, W, x, x_image_stride, out, S, B, nS, N, in_dim, out_dim);
     PRISM_LAUNCH_CHECK();
-    PRISM_CUBLAS_CHECK(cublasSgemmBatched(blas_handle(stream), CUBLAS_OP_T, CUBLAS_OP_N, out_dim,
-                                          N, in_dim, &kOne, w_ptr, in_dim, x_ptr, in_dim, &kOne,
-                                          y_ptr, out_dim, G));
+    PRISM_CUBLAS_CHECK(cublasSgemmBatched(blas_handle(stream), CUBLAS_OP_T, CUBLAS_OP_N, out_dim, N,
+                                          in_dim, &kOne, w_ptr, in_dim, x_ptr, in_dim, &kOne, y_ptr,
+                                          out_dim, G));
 }
 
-void expert_linear_backward(float* dx, float* dW, float* dbias, const float* dout,
-                            const float* x, int64_t x_image_stride, const float* W,
-                            const int* S, int B, int nS, int N, int in_dim, int out_dim,
-                            cudaStream_t stream) {
+void expert_linear_backward(float* dx, float* dW, float* dbias, const float* dout, const float* x,
+                            int64_t x_image_stride, const float* W, const int* S, int B, int nS,
+                            int N, int in_dim, int out_dim, cudaStream_t stream) {
     const int G = B * nS;
     if (G <= 0 || N <= 0) return;
     cublasHandle_t h = blas_handle(stream);
@@ -278,7 +301,8 @@ void linear_forward_bf16(uint16_t* out, const uint16_t* x, const uint16_t* W, co
                          int64_t rows, int in_dim, int out_dim, cudaStream_t stream) {
     if (rows <= 0) return;
     if (b) {
-        fill_bias_bf16_kernel<<<grid_for(rows * out_dim), kThreads, 0, stream>>>(out, b, rows, out_dim);
+        fill_bias_bf16_kernel<<<grid_for(rows * out_dim), kThreads, 0, stream>>>(out, b, rows,
+                                                                                 out_dim);
         PRISM_LAUNCH_CHECK();
     }
     lt_matmul(true, false, out_dim, rows, in_dim, W, in_dim, x, in_dim, b ? 1.f : 0.f, out,
@@ -294,7 +318,9 @@ void linear_backward_bf16(uint16_t* dx, float* dW, float* db, const uint16_t* do
                   CUDA_R_16BF, in_dim, stream);
     lt_matmul(false, true, in_dim, out_dim, rows, x, in_dim, dout, out_dim, 1.f, dW, CUDA_R_32F,
               in_dim, stream);
-    if (db) column_sum(1, rows, out_dim, Bf16RowMajor{dout, out_dim}, AddTo{db, out_dim, nullptr}, stream);
+    if (db)
+        column_sum(1, rows, out_dim, Bf16RowMajor{dout, out_dim}, AddTo{db, out_dim, nullptr},
+                   stream);
 }
 
 #else  // built without cuBLAS: the linear ops say so
@@ -310,8 +336,8 @@ void linear_forward(float*, const float*, const float*, const float*, int64_t, i
                     cudaStream_t) {
     no_cublas();
 }
-void linear_backward(float*, float*, float*, const float*, const float*, const float*, int64_t,
-                     int, int, cudaStream_t) {
+void linear_backward(float*, float*, float*, const float*, const float*, const float*, int64_t, int,
+                     int, cudaStream_t) {
     no_cublas();
 }
 void expert_linear_forward(float*, const float*, int64_t, const float*, const float*, const int*,
