@@ -2,9 +2,12 @@
 # The CPU backend is always built; the CUDA backend whenever nvcc is found
 # under CUDA_HOME. MPI (through mpicxx), NCCL (under NCCL_HOME, with CUDA) and
 # HDF5 are used when present.
+# cuBLAS comes from CUBLAS_HOME (default CUDA_HOME; on a machine whose cuBLAS
+# lives only in PyTorch's wheels: CUBLAS_HOME=.../site-packages/nvidia/cublas).
 
-CUDA_HOME ?= /usr/local/cuda
-NCCL_HOME ?= $(CUDA_HOME)
+CUDA_HOME   ?= /usr/local/cuda
+CUBLAS_HOME ?= $(CUDA_HOME)
+NCCL_HOME   ?= $(CUDA_HOME)
 PYTHON    ?= /usr/bin/python3
 BUILD     ?= build
 
@@ -18,10 +21,28 @@ ifneq ($(NVCC),)
   WITH_CUDA := 1
   CUDA_ARCH ?= -gencode arch=compute_90,code=sm_90
   NVCCFLAGS ?= -O3 -g -lineinfo
-  NVCCFLAGS += -std=c++17 $(CUDA_ARCH) -I. -I$(CUDA_HOME)/include -MMD -MP
+  NVCCFLAGS += -std=c++17 $(CUDA_ARCH) -I. -I$(CUDA_HOME)/include -MMD -MP \
+               -Xcompiler -Wall,-Wextra,-Wno-unused-parameter
   CXXFLAGS  += -DPRISM_CUDA -I$(CUDA_HOME)/include
   CUDA_LIBDIR := $(firstword $(wildcard $(CUDA_HOME)/lib64 $(CUDA_HOME)/lib))
-  LDLIBS    += -L$(CUDA_LIBDIR) -Wl,-rpath,$(CUDA_LIBDIR) -lcudart -lcublasLt -lcublas
+  LDLIBS    += -L$(CUDA_LIBDIR) -Wl,-rpath,$(CUDA_LIBDIR) -lcudart
+  # cuBLAS: wheels ship only versioned libraries (libcublas.so.12), so the
+  # libraries are linked by path, with an rpath to their folder. Without it
+  # the CUDA linear ops are built to throw "no cuBLAS" and the rest works.
+  ifeq ($(wildcard $(CUBLAS_HOME)/include/cublas_v2.h),)
+    # not in the toolkit: try the wheels of the python3 on PATH (nvidia/cublas, nvidia/cu13)
+    PIP_NVIDIA  := $(shell python3 -c "import nvidia; print(' '.join(nvidia.__path__))" 2>/dev/null)
+    CUBLAS_HOME := $(firstword $(foreach d,$(PIP_NVIDIA),$(foreach s,cublas cu13 cu12,$(if $(wildcard $(d)/$(s)/include/cublas_v2.h),$(d)/$(s)))) $(CUBLAS_HOME))
+  endif
+  CUBLAS_LIBDIR := $(firstword $(foreach d,$(CUBLAS_HOME)/lib64 $(CUBLAS_HOME)/lib,$(if $(wildcard $(d)/libcublas.so*),$(d))))
+  cublas_so = $(firstword $(wildcard $(CUBLAS_LIBDIR)/lib$(1).so) $(sort $(wildcard $(CUBLAS_LIBDIR)/lib$(1).so.[0-9]*)))
+  CUBLAS_LIBS := $(if $(CUBLAS_LIBDIR),$(call cublas_so,cublas) $(call cublas_so,cublasLt))
+  ifneq ($(and $(wildcard $(CUBLAS_HOME)/include/cublas_v2.h),$(CUBLAS_LIBS)),)
+    NVCCFLAGS += -DPRISM_CUBLAS -I$(CUBLAS_HOME)/include
+    LDLIBS    += $(CUBLAS_LIBS) -Wl,-rpath,$(CUBLAS_LIBDIR)
+  else
+    $(info Makefile: no cuBLAS under CUBLAS_HOME=$(CUBLAS_HOME): the CUDA linear ops will throw)
+  endif
   # NCCL (multi-GPU gradient all-reduce) is optional: used when nccl.h is under
   # NCCL_HOME. Only the build flags exist so far; no code uses PRISM_NCCL yet.
   NCCL_INC := $(firstword $(wildcard $(NCCL_HOME)/include/nccl.h))

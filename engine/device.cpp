@@ -17,8 +17,9 @@ void host_free_pinned(void* p);
 
 namespace prism {
 
-// The CUDA op kernels are not written yet (the CUDA backend issue); device
-// discovery is, so `--device cuda` can say precisely what is missing.
+// The CUDA op kernels exist (kernels/cuda_ops.h) but the model does not call
+// them yet (the CUDA backend issue); device discovery works, so `--device
+// cuda` can say precisely what is missing.
 constexpr bool kCudaKernelsBuilt = false;
 
 Device resolve_device(const std::string& flag) {
@@ -37,7 +38,7 @@ Device resolve_device(const std::string& flag) {
     if (gpus == 0) throw UserError("--device cuda: no CUDA device is visible");
     if (!kCudaKernelsBuilt)
         throw UserError("--device cuda: found " + cuda::device_name(0) +
-                        ", but the CUDA op kernels are not implemented yet; use --device cpu");
+                        ", but the model does not run on the CUDA kernels yet; use --device cpu");
     return Device::cuda;
 #endif
 }

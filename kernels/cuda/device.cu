@@ -1,6 +1,6 @@
 // Device discovery, host-memory helpers and the profiler bracket for the CUDA
-// backend. The op kernels arrive with the CUDA backend issue; until then this
-// (and the input step, input.cu) is the part of the backend that is built.
+// backend (the op kernels are the other files here, declared in
+// kernels/cuda_ops.h; the input step is input.cu).
 #include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
 #include <cstdio>

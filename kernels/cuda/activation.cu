@@ -1,0 +1,57 @@
+// Elementwise layers: exact (erf) GELU and the residual add with drop path,
+// kernels/cpu/activation.cpp on the device.
+#include "kernels/cuda/common.cuh"
+
+namespace prism::cuda_ops {
+using namespace cuda_detail;
+
+namespace {
+
+constexpr float kSqrtHalf = 0.70710678118654752440f;     // 1/√2
+constexpr float kInvSqrt2Pi = 0.39894228040143267794f;   // 1/√(2π)
+
+__global__ void gelu_forward_kernel(float* out, const float* x, int64_t n) {
+    PRISM_GRID_STRIDE(i, n) out[i] = 0.5f * x[i] * (1.f + erff(x[i] * kSqrtHalf));
+}
+
+__global__ void gelu_backward_kernel(float* dx, const float* dout, const float* x, int64_t n) {
+    PRISM_GRID_STRIDE(i, n) {
+        const float cdf = 0.5f * (1.f + erff(x[i] * kSqrtHalf));
+        const float pdf = kInvSqrt2Pi * expf(-0.5f * x[i] * x[i]);
+        dx[i] += dout[i] * (cdf + x[i] * pdf);
+    }
+}
+
+// x[b] += scale[b] · branch[b]; backward: dbranch[b] += scale[b] · dx[b].
+__global__ void scaled_add_kernel(float* dst, const float* src, const float* scale,
+                                  int64_t per_image, int64_t n) {
+    PRISM_GRID_STRIDE(i, n) dst[i] += (scale ? scale[i / per_image] : 1.f) * src[i];
+}
+
+}  // namespace
+
+void gelu_forward(float* out, const float* x, int64_t n, cudaStream_t stream) {
+    gelu_forward_kernel<<<grid_for(n), kThreads, 0, stream>>>(out, x, n);
+    PRISM_LAUNCH_CHECK();
+}
+
+void gelu_backward(float* dx, const float* dout, const float* x, int64_t n, cudaStream_t stream) {
+    gelu_backward_kernel<<<grid_for(n), kThreads, 0, stream>>>(dx, dout, x, n);
+    PRISM_LAUNCH_CHECK();
+}
+
+void residual_forward(float* x, const float* branch, const float* scale, int B,
+                      int64_t per_image, cudaStream_t stream) {
+    scaled_add_kernel<<<grid_for(B * per_image), kThreads, 0, stream>>>(x, branch, scale, per_image,
+                                                                        B * per_image);
+    PRISM_LAUNCH_CHECK();
+}
+
+void residual_backward(float* dbranch, const float* dx, const float* scale, int B,
+                       int64_t per_image, cudaStream_t stream) {
+    scaled_add_kernel<<<grid_for(B * per_image), kThreads, 0, stream>>>(dbranch, dx, scale,
+                                                                        per_image, B * per_image);
+    PRISM_LAUNCH_CHECK();
+}
+
+}  // namespace prism::cuda_ops

@@ -1,0 +1,86 @@
+// LayerNorm over the last dimension, eps 1e-6: kernels/cpu/layernorm.cpp on the
+// device. One warp per row with fp32 statistics (two passes over the row, as
+// the CPU: no cancellation for rows with a large mean); the weight and bias
+// gradients are deterministic column sums over the rows.
+#include "kernels/cuda/common.cuh"
+
+namespace prism::cuda_ops {
+using namespace cuda_detail;
+
+namespace {
+
+constexpr int kRowsPerBlock = 8;  // one warp each
+
+__global__ void layernorm_forward_kernel(float* out, float* mean, float* rstd, const float* x,
+                                         const float* w, const float* b, int64_t rows, int D) {
+    const int64_t r = (int64_t)blockIdx.x * kRowsPerBlock + threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    if (r >= rows) return;
+    const float* xr = x + r * D;
+    float s = 0.f;
+    for (int d = lane; d < D; d += 32) s += xr[d];
+    const float m = warp_sum(s) / D;
+    float v = 0.f;
+    for (int d = lane; d < D; d += 32) v += (xr[d] - m) * (xr[d] - m);
+    const float rs = 1.f / sqrtf(warp_sum(v) / D + 1e-6f);
+    float* o = out + r * D;
+    for (int d = lane; d < D; d += 32) o[d] = (xr[d] - m) * rs * w[d] + b[d];
+    if (lane == 0) {
+        mean[r] = m;
+        rstd[r] = rs;
+    }
+}
+
+__global__ void layernorm_dx_kernel(float* dx, const float* dout, const float* x, const float* w,
+                                    const float* mean, const float* rstd, int64_t rows, int D) {
+    const int64_t r = (int64_t)blockIdx.x * kRowsPerBlock + threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    if (r >= rows) return;
+    const float* xr = x + r * D;
+    const float* g = dout + r * D;
+    const float m = mean[r], rs = rstd[r];
+    float dn = 0.f, dn_xhat = 0.f;
+    for (int d = lane; d < D; d += 32) {
+        const float xhat = (xr[d] - m) * rs;
+        dn += g[d] * w[d];
+        dn_xhat += g[d] * w[d] * xhat;
+    }
+    const float mean_dn = warp_sum(dn) / D, mean_dn_xhat = warp_sum(dn_xhat) / D;
+    float* dxr = dx + r * D;
+    for (int d = lane; d < D; d += 32) {
+        const float xhat = (xr[d] - m) * rs;
+        dxr[d] += rs * (g[d] * w[d] - mean_dn - xhat * mean_dn_xhat);
+    }
+}
+
+struct DwTerm {  // dout ⊙ x̂
+    const float *dout, *x, *mean, *rstd;
+    int D;
+    __device__ float operator()(int, int64_t r, int c) const {
+        const int64_t i = r * D + c;
+        return dout[i] * ((x[i] - mean[r]) * rstd[r]);
+    }
+};
+
+}  // namespace
+
+void layernorm_forward(float* out, float* mean, float* rstd, const float* x, const float* w,
+                       const float* b, int64_t rows, int D, cudaStream_t stream) {
+    if (rows <= 0) return;
+    const unsigned blocks = (unsigned)((rows + kRowsPerBlock - 1) / kRowsPerBlock);
+    layernorm_forward_kernel<<<blocks, kRowsPerBlock * 32, 0, stream>>>(out, mean, rstd, x, w, b, rows, D);
+    PRISM_LAUNCH_CHECK();
+}
+
+void layernorm_backward(float* dx, float* dw, float* db, const float* dout, const float* x,
+                        const float* w, const float* mean, const float* rstd, int64_t rows,
+                        int D, cudaStream_t stream) {
+    if (rows <= 0) return;
+    const unsigned blocks = (unsigned)((rows + kRowsPerBlock - 1) / kRowsPerBlock);
+    layernorm_dx_kernel<<<blocks, kRowsPerBlock * 32, 0, stream>>>(dx, dout, x, w, mean, rstd, rows, D);
+    PRISM_LAUNCH_CHECK();
+    column_sum(1, rows, D, DwTerm{dout, x, mean, rstd, D}, AddTo{dw, D, nullptr}, stream);
+    column_sum(1, rows, D, RowMajor{dout, rows, D}, AddTo{db, D, nullptr}, stream);
+}
+
+}  // namespace prism::cuda_ops

@@ -1,0 +1,361 @@
+// Linear layers y = x·Wᵀ + b (W stored [out, in]) and MoE-ViT's per-channel
+// expert projections: kernels/cpu/linear.cpp on the device. The products are
+// cuBLAS fp32 GEMMs (no TF32, no atomics: bit-reproducible on one device), and
+// for the bf16 linear cuBLASLt GEMMs with fp32 accumulation; bias gradients
+// are deterministic column sums.
+//
+// Row-major X [rows, in] is column-major Xᵀ, so in cuBLAS's column-major terms
+//   forward  Yᵀ [out, rows]  = op_T(W) · Xᵀ
+//   dx       dXᵀ [in, rows] += W · dYᵀ          (W seen as [in, out], no transpose)
+//   dW       dWᵀ [in, out]  += Xᵀ · op_T(dYᵀ)
+// The experts run as one batched GEMM over the (image, channel) groups, their
+// weight pointers chosen on the device from S, so no index leaves the GPU.
+#include <climits>
+
+#include "kernels/cuda/blas.cuh"
+#include "kernels/cuda/common.cuh"
+
+namespace prism::cuda_ops {
+using namespace cuda_detail;
+
+#ifdef PRISM_CUBLAS
+namespace {
+
+// out[r, o] = bias[o] (the GEMM then adds x·Wᵀ with beta = 1).
+__global__ void fill_bias_kernel(float* out, const float* bias, int64_t rows, int out_dim) {
+    PRISM_GRID_STRIDE(i, rows * out_dim) out[i] = bias[i % out_dim];
+}
+
+// out[b, s, n, o] = bias[S[s], o]
+__global__ void fill_expert_bias_kernel(float* out, const float* bias, const int* S, int B, int nS,
+                                        int N, int out_dim) {
+    PRISM_GRID_STRIDE(i, (int64_t)B * nS * N * out_dim) {
+        const int o = (int)(i % out_dim);
+        const int s = (int)((i / out_dim / N) % nS);
+        out[i] = bias[(int64_t)S[s] * out_dim + o];
+    }
+}
+
+// Pointers of group g = b*nS + s: W[S[s]], the group's patch rows (image
+// stride, `in_dim` wide) and its rows of the contiguous [B, nS, N, out_dim]
+// buffer. One array type for all (cuBLAS takes float** for every operand).
+__global__ void group_pointers_kernel(float** w_ptr, float** patch_ptr, float** dense_ptr,
+                                      const float* W, const float* patch, int64_t image_stride,
+                                      const float* dense, const int* S, int B, int nS, int N,
+                                      int in_dim, int out_dim) {
+    PRISM_GRID_STRIDE(g, (int64_t)B * nS) {
+        const int64_t b = g / nS, s = g % nS;
+        w_ptr[g] = const_cast<float*>(W + (int64_t)S[s] * out_dim * in_dim);
+        patch_ptr[g] = const_cast<float*>(patch + b * image_stride + s * N * in_dim);
+        dense_ptr[g] = const_cast<float*>(dense + g * N * out_dim);
+    }
+}
+
+// Channel-major copies for the weight gradient: xp [nS, B, N, in] from the
+// patch rows, gp [nS, B, N, out] from dout [B, nS, N, out].
+__global__ void channel_major_kernel(float* xp, float* gp, const float* x, int64_t x_image_stride,
+                                     const float* dout, int B, int nS, int N, int in_dim,
+                                     int out_dim) {
+    const int64_t rows = (int64_t)nS * B * N;
+    PRISM_GRID_STRIDE(i, rows * (in_dim + out_dim)) {
+        const int64_t row = i / (in_dim + out_dim);  // (s*B + b)*N + n
+        const int col = (int)(i % (in_dim + out_dim));
+        const int64_t n = row % N, b = (row / N) % B, s = row / N / B;
+        if (col < in_dim)
+            xp[row * in_dim + col] = x[b * x_image_stride + (s * N + n) * in_dim + col];
+        else
+            gp[row * out_dim + col - in_dim] =
+                dout[((b * nS + s) * N + n) * out_dim + col - in_dim];
+    }
+}
+
+// dW pointers for channel position s: dW[S[s]], xp and gp of s.
+__global__ void expert_weight_pointers_kernel(float** dw_ptr, float** xp_ptr, float** gp_ptr,
+                                              float* dW, float* xp, float* gp, const int* S, int nS,
+                                              int64_t rows_per_channel, int in_dim, int out_dim) {
+    PRISM_GRID_STRIDE(s, (int64_t)nS) {
+        dw_ptr[s] = dW + (int64_t)S[s] * out_dim * in_dim;
+        xp_ptr[s] = xp + s * rows_per_channel * in_dim;
+        gp_ptr[s] = gp + s * rows_per_channel * out_dim;
+    }
+}
+
+int as_int(int64_t v, const char* what) {
+    PRISM_CUDA_REQUIRE(v >= 0 && v <= INT_MAX, what);
+    return (int)v;
+}
+
+const float kOne = 1.f, kZero = 0.f;
+
+// ---- bf16 through cuBLASLt ------------------------------------------------------------
+// out[r, o] = bf16(bias[o])
+__global__ void fill_bias_bf16_kernel(uint16_t* out, const float* bias, int64_t rows, int out_dim) {
+    PRISM_GRID_STRIDE(i, rows * out_dim) out[i] = float_to_bf16(bias[i % out_dim]);
+}
+
+struct Bf16RowMajor {  // term = float(x[r*cols + c])
+    const uint16_t* x;
+    int cols;
+    __device__ float operator()(int, int64_t r, int c) const {
+        return bf16_to_float(x[r * cols + c]);
+    }
+};
+
+// Owners of cuBLASLt descriptors, destroyed (and checked) on scope exit.
+struct LtLayout {
+    cublasLtMatrixLayout_t p = nullptr;
+    LtLayout(cudaDataType_t type, int64_t rows, int64_t cols, int64_t ld) {
+        PRISM_CUBLAS_CHECK(
+            cublasLtMatrixLayoutCreate(&p, type, (uint64_t)rows, (uint64_t)cols, ld));
+    }
+    ~LtLayout() {
+        check_blas_or_abort(cublasLtMatrixLayoutDestroy(p), __FILE__, __LINE__,
+                            "cublasLtMatrixLayoutDestroy");
+    }
+    LtLayout(const LtLayout&) = delete;
+    LtLayout& operator=(const LtLayout&) = delete;
+};
+struct LtMatmulDesc {
+    cublasLtMatmulDesc_t p = nullptr;
+    LtMatmulDesc() {
+        PRISM_CUBLAS_CHECK(cublasLtMatmulDescCreate(&p, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    }
+    ~LtMatmulDesc() {
+        check_blas_or_abort(cublasLtMatmulDescDestroy(p), __FILE__, __LINE__,
+                            "cublasLtMatmulDescDestroy");
+    }
+    LtMatmulDesc(const LtMatmulDesc&) = delete;
+    LtMatmulDesc& operator=(const LtMatmulDesc&) = delete;
+};
+struct LtPreference {
+    cublasLtMatmulPreference_t p = nullptr;
+    LtPreference() { PRISM_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&p)); }
+    ~LtPreference() {
+        check_blas_or_abort(cublasLtMatmulPreferenceDestroy(p), __FILE__, __LINE__,
+                            "cublasLtMatmulPreferenceDestroy");
+    }
+    LtPreference(const LtPreference&) = delete;
+    LtPreference& operator=(const LtPreference&) = delete;
+};
+
+// The largest power of two up to 256 dividing both the address and the
+// leading dimension in bytes.
+uint32_t alignment(const void* p, int64_t ld_bytes) {
+    uint32_t a = 256;
+    while (a > 1 && (((uintptr_t)p % a) != 0 || (ld_bytes % a) != 0)) a /= 2;
+    return a;
+}
+
+// Column-major D = op(A)·op(B) + beta·D (C is D, in place) with A, B bf16, D of
+// `d_type`, fp32 compute and scale; op(A) is m×k, op(B) k×n. The heuristic's
+// first algorithm: the same one every run for the same shapes (cublasGemmEx
+// when the heuristic has none).
+void lt_matmul(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const uint16_t* A,
+               int64_t lda, const uint16_t* B, int64_t ldb, float beta, void* D,
+               cudaDataType_t d_type, int64_t ldd, cudaStream_t stream) {
+    const LtContext ctx = lt_context();
+    LtMatmulDesc desc;
+    const int32_t op_a = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N,
+                  op_b = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+    PRISM_CUBLAS_CHECK(
+        cublasLtMatmulDescSetAttribute(desc.p, CUBLASLT_MATMUL_DESC_TRANSA, &op_a, sizeof(op_a)));
+    PRISM_CUBLAS_CHECK(
+        cublasLtMatmulDescSetAttribute(desc.p, CUBLASLT_MATMUL_DESC_TRANSB, &op_b, sizeof(op_b)));
+    // layouts describe the stored matrices: A is m×k (k×m when transposed), B k×n (n×k)
+    LtLayout a(CUDA_R_16BF, trans_a ? k : m, trans_a ? m : k, lda);
+    LtLayout b(CUDA_R_16BF, trans_b ? n : k, trans_b ? k : n, ldb);
+    LtLayout d(d_type, m, n, ldd);
+    LtPreference pref;
+    const uint64_t ws = ctx.workspace_bytes;
+    PRISM_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
+        pref.p, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
+    // The heuristic assumes 256-byte aligned operands unless told: say what
+    // the pointers and leading dimensions really allow.
+    const uint32_t align_a = alignment(A, lda * 2), align_b = alignment(B, ldb * 2),
+                   align_d = alignment(D, ldd * (d_type == CUDA_R_32F ? 4 : 2));
+    PRISM_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
+        pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align_a, sizeof(align_a)));
+    PRISM_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
+        pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align_b, sizeof(align_b)));
+    PRISM_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
+        pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align_d, sizeof(align_d)));
+    PRISM_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
+        pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align_d, sizeof(align_d)));
+    cublasLtMatmulHeuristicResult_t result{};
+    int found = 0;
+    const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(ctx.handle, desc.p, a.p, b.p, d.p, d.p,
+                                                             pref.p, 1, &result, &found);
+    const float alpha = 1.f;
+    if (st == CUBLAS_STATUS_NOT_SUPPORTED || (st == CUBLAS_STATUS_SUCCESS && found == 0)) {
+        // no Lt kernel for these shapes or alignments: cuBLAS's own GEMM, same types
+        PRISM_CUDA_REQUIRE(m <= INT_MAX && n <= INT_MAX && k <= INT_MAX,
+                           "bf16 GEMM too large for cublasGemmEx");
+        PRISM_CUBLAS_CHECK(cublasGemmEx(blas_handle(stream), trans_a ? CUBLAS_OP_T : CUBLAS_OP_N,
+                                        trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, (int)m, (int)n, (int)k,
+                                        &alpha, A, CUDA_R_16BF, (int)lda, B, CUDA_R_16BF, (int)ldb,
+                                        &beta, D, d_type, (int)ldd, CUBLAS_COMPUTE_32F,
+                                        CUBLAS_GEMM_DEFAULT));
+        return;
+    }
+    PRISM_CUBLAS_CHECK(st);
+    PRISM_CUBLAS_CHECK(cublasLtMatmul(ctx.handle, desc.p, &alpha, A, a.p, B, b.p, &beta, D, d.p, D,
+                                      d.p, &result.algo, ctx.workspace, ctx.workspace_bytes,
+                                      stream));
+}
+
+}  // namespace
+
+void linear_forward(float* out, const float* x, const float* W, const float* b, int64_t rows,
+                    int in_dim, int out_dim, cudaStream_t stream) {
+    if (rows <= 0) return;
+    const int n = as_int(rows, "linear_forward: rows must fit an int");
+    if (b) {
+        fill_bias_kernel<<<grid_for(rows * out_dim), kThreads, 0, stream>>>(out, b, rows, out_dim);
+        PRISM_LAUNCH_CHECK();
+    }
+    PRISM_CUBLAS_CHECK(cublasSgemm(blas_handle(stream), CUBLAS_OP_T, CUBLAS_OP_N, out_dim, n,
+                                   in_dim, &kOne, W, in_dim, x, in_dim, b ? &kOne : &kZero, out,
+                                   out_dim));
+}
+
+void linear_backward(float* dx, float* dW, float* db, const float* dout, const float* x,
+                     const float* W, int64_t rows, int in_dim, int out_dim, cudaStream_t stream) {
+    if (rows <= 0) return;
+    const int n = as_int(rows, "linear_backward: rows must fit an int");
+    cublasHandle_t h = blas_handle(stream);
+    if (dx)
+        PRISM_CUBLAS_CHECK(cublasSgemm(h, CUBLAS_OP_N, CUBLAS_OP_N, in_dim, n, out_dim, &kOne, W,
+                                       in_dim, dout, out_dim, &kOne, dx, in_dim));
+    PRISM_CUBLAS_CHECK(cublasSgemm(h, CUBLAS_OP_N, CUBLAS_OP_T, in_dim, out_dim, n, &kOne, x,
+                                   in_dim, dout, out_dim, &kOne, dW, in_dim));
+    if (db)
+        column_sum(1, rows, out_dim, RowMajor{dout, rows, out_dim}, AddTo{db, out_dim, nullptr},
+                   stream);
+}
+
+void expert_linear_forward(float* out, const float* x, int64_t x_image_stride, const float* W,
+                           const float* bias, const int* S, int B, int nS, int N, int in_dim,
+                           int out_dim, cudaStream_t stream) {
+    const int G = B * nS;
+    if (G <= 0 || N <= 0) return;
+    fill_expert_bias_kernel<<<grid_for((int64_t)G * N * out_dim), kThreads, 0, stream>>>(
+        out, bias, S, B, nS, N, out_dim);
+    PRISM_LAUNCH_CHECK();
+    Scratch ptrs(3 * sizeof(float*) * (size_t)G, stream);
+    float** w_ptr = ptrs.as<float*>();
+    float** x_ptr = w_ptr + G;
+    float** y_ptr = w_ptr + 2 * G;
+    group_pointers_kernel<<<grid_for(G), kThreads, 0, stream>>>(
+        w_ptr, x_ptr, y_ptr, W, x, x_image_stride, out, S, B, nS, N, in_dim, out_dim);
+    PRISM_LAUNCH_CHECK();
+    PRISM_CUBLAS_CHECK(cublasSgemmBatched(blas_handle(stream), CUBLAS_OP_T, CUBLAS_OP_N, out_dim, N,
+                                          in_dim, &kOne, w_ptr, in_dim, x_ptr, in_dim, &kOne, y_ptr,
+                                          out_dim, G));
+}
+
+void expert_linear_backward(float* dx, float* dW, float* dbias, const float* dout, const float* x,
+                            int64_t x_image_stride, const float* W, const int* S, int B, int nS,
+                            int N, int in_dim, int out_dim, cudaStream_t stream) {
+    const int G = B * nS;
+    if (G <= 0 || N <= 0) return;
+    cublasHandle_t h = blas_handle(stream);
+    // dx of group (b, s) += dout(b, s) · W[S[s]]
+    {
+        Scratch ptrs(3 * sizeof(float*) * (size_t)G, stream);
+        float** w_ptr = ptrs.as<float*>();
+        float** dx_ptr = w_ptr + G;
+        float** g_ptr = w_ptr + 2 * G;
+        group_pointers_kernel<<<grid_for(G), kThreads, 0, stream>>>(
+            w_ptr, dx_ptr, g_ptr, W, dx, x_image_stride, dout, S, B, nS, N, in_dim, out_dim);
+        PRISM_LAUNCH_CHECK();
+        PRISM_CUBLAS_CHECK(cublasSgemmBatched(h, CUBLAS_OP_N, CUBLAS_OP_N, in_dim, N, out_dim,
+                                              &kOne, w_ptr, in_dim, g_ptr, out_dim, &kOne, dx_ptr,
+                                              in_dim, G));
+    }
+    // dW[S[s]] += Σ_b dout(b, s)ᵀ · x(b, s): each channel's rows made contiguous,
+    // then one GEMM per channel with K = B·N (images summed inside the GEMM).
+    const int64_t per_channel = (int64_t)B * N;
+    const int K = as_int(per_channel, "expert_linear_backward: B*N must fit an int");
+    Scratch xp(sizeof(float) * (size_t)(nS * per_channel) * in_dim, stream);
+    Scratch gp(sizeof(float) * (size_t)(nS * per_channel) * out_dim, stream);
+    channel_major_kernel<<<grid_for(nS * per_channel * (in_dim + out_dim)), kThreads, 0, stream>>>(
+        xp.as<float>(), gp.as<float>(), x, x_image_stride, dout, B, nS, N, in_dim, out_dim);
+    PRISM_LAUNCH_CHECK();
+    Scratch ptrs(3 * sizeof(float*) * (size_t)nS, stream);
+    float** dw_ptr = ptrs.as<float*>();
+    float** xp_ptr = dw_ptr + nS;
+    float** gp_ptr = dw_ptr + 2 * nS;
+    expert_weight_pointers_kernel<<<grid_for(nS), kThreads, 0, stream>>>(
+        dw_ptr, xp_ptr, gp_ptr, dW, xp.as<float>(), gp.as<float>(), S, nS, per_channel, in_dim,
+        out_dim);
+    PRISM_LAUNCH_CHECK();
+    PRISM_CUBLAS_CHECK(cublasSgemmBatched(h, CUBLAS_OP_N, CUBLAS_OP_T, in_dim, out_dim, K, &kOne,
+                                          xp_ptr, in_dim, gp_ptr, out_dim, &kOne, dw_ptr, in_dim,
+                                          nS));
+    // dbias[S[s]] += column sums of channel s's dout rows
+    column_sum(nS, per_channel, out_dim, RowMajor{gp.as<float>(), per_channel, out_dim},
+               AddTo{dbias, out_dim, S}, stream);
+}
+
+void linear_forward_bf16(uint16_t* out, const uint16_t* x, const uint16_t* W, const float* b,
+                         int64_t rows, int in_dim, int out_dim, cudaStream_t stream) {
+    if (rows <= 0) return;
+    if (b) {
+        fill_bias_bf16_kernel<<<grid_for(rows * out_dim), kThreads, 0, stream>>>(out, b, rows,
+                                                                                 out_dim);
+        PRISM_LAUNCH_CHECK();
+    }
+    lt_matmul(true, false, out_dim, rows, in_dim, W, in_dim, x, in_dim, b ? 1.f : 0.f, out,
+              CUDA_R_16BF, out_dim, stream);
+}
+
+void linear_backward_bf16(uint16_t* dx, float* dW, float* db, const uint16_t* dout,
+                          const uint16_t* x, const uint16_t* W, int64_t rows, int in_dim,
+                          int out_dim, cudaStream_t stream) {
+    if (rows <= 0) return;
+    if (dx)
+        lt_matmul(false, false, in_dim, rows, out_dim, W, in_dim, dout, out_dim, 1.f, dx,
+                  CUDA_R_16BF, in_dim, stream);
+    lt_matmul(false, true, in_dim, out_dim, rows, x, in_dim, dout, out_dim, 1.f, dW, CUDA_R_32F,
+              in_dim, stream);
+    if (db)
+        column_sum(1, rows, out_dim, Bf16RowMajor{dout, out_dim}, AddTo{db, out_dim, nullptr},
+                   stream);
+}
+
+#else  // built without cuBLAS: the linear ops say so
+
+namespace {
+[[noreturn]] void no_cublas() {
+    throw_error("CUDA op", __FILE__, __LINE__, "linear",
+                "this build has no cuBLAS (set CUBLAS_HOME when building)");
+}
+}  // namespace
+
+void linear_forward(float*, const float*, const float*, const float*, int64_t, int, int,
+                    cudaStream_t) {
+    no_cublas();
+}
+void linear_backward(float*, float*, float*, const float*, const float*, const float*, int64_t, int,
+                     int, cudaStream_t) {
+    no_cublas();
+}
+void expert_linear_forward(float*, const float*, int64_t, const float*, const float*, const int*,
+                           int, int, int, int, int, cudaStream_t) {
+    no_cublas();
+}
+void expert_linear_backward(float*, float*, float*, const float*, const float*, int64_t,
+                            const float*, const int*, int, int, int, int, int, cudaStream_t) {
+    no_cublas();
+}
+void linear_forward_bf16(uint16_t*, const uint16_t*, const uint16_t*, const float*, int64_t, int,
+                         int, cudaStream_t) {
+    no_cublas();
+}
+void linear_backward_bf16(uint16_t*, float*, float*, const uint16_t*, const uint16_t*,
+                          const uint16_t*, int64_t, int, int, cudaStream_t) {
+    no_cublas();
+}
+#endif
+
+}  // namespace prism::cuda_ops

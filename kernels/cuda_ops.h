@@ -1,0 +1,171 @@
+// The CUDA op interface: kernels/ops.h op by op, on device pointers, float32
+// activations (the fp32 mode; of bf16, only the linear layer so far). Same
+// names, same argument order and meaning as the CPU ops, plus a cudaStream_t
+// last; every kernel of an op is queued on that stream and nothing waits for it.
+//
+// Differences from kernels/ops.h, all so that nothing is copied to the host:
+// - Every pointer is a device pointer, index arrays (S, in_S, keep, experts,
+//   offsets, counts, labels) included.
+// - An op whose CPU version returns a value (a loss, sum_squares) writes it to
+//   a device scalar given as its first argument instead.
+// - Scratch memory comes from the stream-ordered allocator (cudaMallocAsync).
+//
+// Conventions kept from kernels/ops.h: backward ops accumulate (+=) into every
+// gradient; every reduction runs in a fixed order, with no floating-point
+// atomics, so two runs give bit-identical results on the same device.
+// Errors (CUDA, cuBLAS, bad sizes) throw std::runtime_error naming file:line.
+//
+// A plain header: usable from .cpp files without the CUDA headers.
+#pragma once
+#include <cstdint>
+#include <string>
+
+#include "kernels/ops.h"  // Combine, AuxLoss
+
+typedef struct CUstream_st* cudaStream_t;  // as <driver_types.h> declares it
+
+namespace prism::cuda {
+int device_count();  // 0 when there is no driver or no device (kernels/cuda/device.cu)
+std::string device_name(int index);
+}  // namespace prism::cuda
+
+namespace prism::cuda_ops {
+
+using ops::AuxLoss;
+using ops::Combine;
+
+// False when the build found no cuBLAS (see the Makefile's CUBLAS_HOME): the
+// linear ops (fp32 and bf16) then throw, everything else works.
+bool has_cublas();
+// Destroys the cuBLAS handles made on first use (one per device). Optional:
+// for tools that check for leaks at exit.
+void release_context();
+
+// ---- patch embedding -------------------------------------------------------
+void patchify_channels(float* out, const float* images, int B, int C, int H, int W, int P,
+                       const int* S, int nS, cudaStream_t stream);
+void patchify_all(float* out, const float* images, int B, int C, int H, int W, int P,
+                  const uint8_t* keep, float scale, cudaStream_t stream);
+
+// ---- token assembly ----------------------------------------------------------
+void embed_forward(float* seq, const float* patch, const float* cls, const float* pos,
+                   const float* chan, const int* S, int B, int nS, int N, int D,
+                   cudaStream_t stream);
+void embed_backward(float* dpatch, float* dcls, float* dpos, float* dchan, const float* dseq,
+                    const int* S, int B, int nS, int N, int D, cudaStream_t stream);
+
+// ---- layer norm (eps 1e-6) -----------------------------------------------------
+void layernorm_forward(float* out, float* mean, float* rstd, const float* x, const float* w,
+                       const float* b, int64_t rows, int D, cudaStream_t stream);
+void layernorm_backward(float* dx, float* dw, float* db, const float* dout, const float* x,
+                        const float* w, const float* mean, const float* rstd, int64_t rows,
+                        int D, cudaStream_t stream);
+
+// ---- linear: out = x·Wᵀ + b (cuBLAS, fp32, no TF32) ------------------------------
+void linear_forward(float* out, const float* x, const float* W, const float* b, int64_t rows,
+                    int in_dim, int out_dim, cudaStream_t stream);
+void linear_backward(float* dx, float* dW, float* db, const float* dout, const float* x,
+                     const float* W, int64_t rows, int in_dim, int out_dim,
+                     cudaStream_t stream);
+void expert_linear_forward(float* out, const float* x, int64_t x_image_stride, const float* W,
+                           const float* bias, const int* S, int B, int nS, int N, int in_dim,
+                           int out_dim, cudaStream_t stream);
+void expert_linear_backward(float* dx, float* dW, float* dbias, const float* dout,
+                            const float* x, int64_t x_image_stride, const float* W,
+                            const int* S, int B, int nS, int N, int in_dim, int out_dim,
+                            cudaStream_t stream);
+
+// ---- bf16 (the first step of the bf16 mode): bf16 values stored as uint16_t bits ----
+// Round to nearest even / widen exactly.
+void to_bf16(uint16_t* out, const float* x, int64_t n, cudaStream_t stream);
+void from_bf16(float* out, const uint16_t* x, int64_t n, cudaStream_t stream);
+// cuBLASLt, bf16 inputs, fp32 accumulation. out = bf16(x·Wᵀ + bf16(b)); b fp32, may be null.
+void linear_forward_bf16(uint16_t* out, const uint16_t* x, const uint16_t* W, const float* b,
+                         int64_t rows, int in_dim, int out_dim, cudaStream_t stream);
+// dx (bf16, may be null) += dout·W, rounded once; dW (fp32) += doutᵀ·x; db (fp32, may
+// be null) += the column sums of dout.
+void linear_backward_bf16(uint16_t* dx, float* dW, float* db, const uint16_t* dout,
+                          const uint16_t* x, const uint16_t* W, int64_t rows, int in_dim,
+                          int out_dim, cudaStream_t stream);
+
+// ---- GELU (exact, erf) and the residual with drop path ------------------------------
+void gelu_forward(float* out, const float* x, int64_t n, cudaStream_t stream);
+void gelu_backward(float* dx, const float* dout, const float* x, int64_t n,
+                   cudaStream_t stream);
+void residual_forward(float* x, const float* branch, const float* scale, int B,
+                      int64_t per_image, cudaStream_t stream);
+void residual_backward(float* dbranch, const float* dx, const float* scale, int B,
+                       int64_t per_image, cudaStream_t stream);
+
+// ---- dense multi-head self-attention (head dim at most 128) ----------------------------
+void attention_forward(float* out, float* probs, const float* qkv, int B, int L, int D, int Hd,
+                       cudaStream_t stream);
+void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* probs,
+                        int B, int L, int D, int Hd, cudaStream_t stream);
+
+// ---- MoE-ViT channel routing ------------------------------------------------------------
+// router_forward needs 1 <= k <= nS.
+void router_forward(float* probs, int* experts, float* weights, float* lse, const float* z,
+                    int64_t z_image_stride, const uint8_t* in_S, const int* S, int B, int nS,
+                    int N, int C, int k, Combine combine, cudaStream_t stream);
+void router_backward(float* dz, int64_t dz_image_stride, const float* probs, const int* experts,
+                     const float* weights, const float* dweights, const float* dprobs,
+                     const int* S, int B, int nS, int N, int C, int k, Combine combine,
+                     cudaStream_t stream);
+// loss: device scalar (the CPU op's return value); 0 for AuxLoss::none or coef == 0.
+void aux_loss_forward_backward(float* loss, float* dprobs, const float* probs, const int* counts,
+                               const int* S, int64_t tokens, int nS, int C, int k_eff,
+                               AuxLoss kind, float coef, float grad_scale, cudaStream_t stream);
+void z_loss_forward_backward(float* loss, float* dz, int64_t dz_image_stride, const float* probs,
+                             const float* lse, int B, int nS, int N, int C, float coef,
+                             float grad_scale, cudaStream_t stream);
+// The stable counting sort of ops::moe_dispatch, on the device: the same rows
+// in the same order.
+void moe_dispatch(int* offsets, int* pair_of_row, int* row_of_pair, int* counts,
+                  const int* experts, int B, int nS, int N, int k, cudaStream_t stream);
+void moe_gather_forward(float* qg, const float* q, int64_t q_image_stride, const int* pair_of_row,
+                        int B, int nS, int N, int k, int D, cudaStream_t stream);
+void moe_gather_backward(float* dq, int64_t dq_image_stride, const float* dqg,
+                         const int* row_of_pair, int B, int nS, int N, int k, int D,
+                         cudaStream_t stream);
+void routed_attention_forward(float* og, float* probs, const float* qg, const float* k,
+                              const float* v, const int* offsets, int B, int nS, int N, int D,
+                              int Hd, cudaStream_t stream);
+void routed_attention_backward(float* dqg, float* dk, float* dv, const float* dog,
+                               const float* qg, const float* k, const float* v,
+                               const float* probs, const int* offsets, int B, int nS, int N,
+                               int D, int Hd, cudaStream_t stream);
+void combine_forward(float* a, int64_t a_image_stride, const float* og, const float* weights,
+                     const int* row_of_pair, int B, int nS, int N, int k, int D,
+                     cudaStream_t stream);
+void combine_backward(float* dog, float* dweights, const float* da, int64_t da_image_stride,
+                      const float* og, const float* weights, const int* row_of_pair, int B,
+                      int nS, int N, int k, int D, cudaStream_t stream);
+void cls_attention_forward(float* out, int64_t out_image_stride, float* probs, const float* q,
+                           int64_t q_image_stride, const float* k, const float* v, int B, int M,
+                           int D, int Hd, cudaStream_t stream);
+void cls_attention_backward(float* dq, int64_t dq_image_stride, float* dk, float* dv,
+                            const float* dout, int64_t dout_image_stride, const float* q,
+                            int64_t q_image_stride, const float* k, const float* v,
+                            const float* probs, int B, int M, int D, int Hd,
+                            cudaStream_t stream);
+
+// ---- head ---------------------------------------------------------------------------------
+void select_rows(float* out, const float* x, int64_t stride, int B, int D, cudaStream_t stream);
+void select_rows_backward(float* dx, const float* dout, int64_t stride, int B, int D,
+                          cudaStream_t stream);
+// loss: device scalar, the mean loss; correct (device, may be null): argmax hits.
+void cross_entropy_forward(float* loss, float* probs, const float* logits, const int32_t* labels,
+                           int B, int K, int* correct, cudaStream_t stream);
+void cross_entropy_backward(float* dlogits, const float* probs, const int32_t* labels, int B,
+                            int K, float grad_scale, cudaStream_t stream);
+
+// ---- optimizer ------------------------------------------------------------------------------
+// out: device scalar, Σ x² accumulated in double in a fixed order.
+void sum_squares(double* out, const float* x, int64_t n, cudaStream_t stream);
+void scale_inplace(float* x, int64_t n, float s, cudaStream_t stream);
+void adamw_update(float* param, const float* grad, float* m, float* v, int64_t n, double lr,
+                  double beta1, double beta2, double eps, double weight_decay, int64_t t,
+                  cudaStream_t stream);
+
+}  // namespace prism::cuda_ops

@@ -1,0 +1,888 @@
+// Every CUDA op (kernels/cuda_ops.h) against the CPU reference (kernels/ops.h)
+// in float, on fresh random inputs of several shapes: So2Sat (N=16, C=18,
+// D=384, 6 heads), JUMP-CP (N=196, C=8) and a tiny odd one, with all channels
+// and an HCS subset. Device outputs are poisoned first, so an element the op
+// fails to write fails the comparison; gradients start from the same random
+// values on both sides (every backward accumulates); each backward runs twice
+// and must give bit-identical results. Agreement: ‖out − ref‖/‖ref‖ ≤ 1e-5
+// (bf16: 2e-2, DESIGN.md §7).
+// Without a CUDA device every test is skipped, saying so.
+#ifdef PRISM_CUDA
+#include <algorithm>
+#include <cstring>
+#include <functional>
+#include <iterator>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "kernels/cuda_ops.h"
+#include "kernels/ops.h"
+#include "tests/cuda_testutil.h"
+
+using namespace prism;
+using namespace prism::testing;
+namespace cu = prism::cuda_ops;
+
+namespace {
+
+struct Shape {
+    const char* name;
+    int B, C, N, D, Hd, H, W, P;
+};
+const Shape kShapes[] = {
+    {"so2sat", 2, 18, 16, 384, 6, 32, 32, 8},
+    {"jumpcp", 2, 8, 196, 384, 6, 224, 224, 16},
+    {"tiny", 3, 3, 15, 10, 2, 9, 15, 3},
+};
+
+// The channels present: all of them, and a sorted random subset as HCS draws.
+std::vector<std::vector<int>> channel_sets(int C, Rng& rng) {
+    std::vector<int> all(C);
+    std::iota(all.begin(), all.end(), 0);
+    std::vector<std::vector<int>> sets = {all};
+    if (C > 1) {
+        std::vector<int> perm = all;
+        for (int i = C - 1; i > 0; i--) std::swap(perm[i], perm[rng.below(i + 1)]);
+        const int m = 1 + (int)rng.below(C - 1);  // 1..C-1
+        std::vector<int> sub(perm.begin(), perm.begin() + m);
+        std::sort(sub.begin(), sub.end());
+        sets.push_back(sub);
+    }
+    return sets;
+}
+
+std::vector<uint8_t> mask_of(const std::vector<int>& S, int C) {
+    std::vector<uint8_t> m(C, 0);
+    for (int c : S) m[c] = 1;
+    return m;
+}
+
+std::string tag(const Shape& sh, const std::vector<int>& S) {
+    return std::string(sh.name) + " |S|=" + std::to_string(S.size());
+}
+
+std::vector<int> top_k_values(int nS) {
+    std::vector<int> ks = {1};
+    if (nS >= 2) ks.push_back(2);
+    if (nS > 2) ks.push_back(nS);
+    return ks;
+}
+
+// Logits on a grid of 1/8: equal values tie exactly on both sides (testing
+// ties → lower channel), unequal ones differ far beyond rounding.
+std::vector<float> grid_logits(size_t n, Rng& rng) {
+    std::vector<float> v(n);
+    for (auto& x : v) x = float(std::round(rng.normal() * 4.0) / 8.0);
+    return v;
+}
+
+// Experts [T, k] of distinct positions: drawn from the first `allowed`
+// positions only (the other groups stay empty), or from all of them.
+std::vector<int> random_experts(int64_t T, int k, int allowed, Rng& rng) {
+    std::vector<int> e(T * k), pool(allowed);
+    for (int64_t t = 0; t < T; t++) {
+        std::iota(pool.begin(), pool.end(), 0);
+        for (int j = 0; j < k; j++) {
+            std::swap(pool[j], pool[j + rng.below(allowed - j)]);
+            e[t * k + j] = pool[j];
+        }
+    }
+    return e;
+}
+
+struct Dispatch {
+    std::vector<int> offsets, por, rop, counts;
+};
+Dispatch cpu_dispatch(const std::vector<int>& experts, int B, int nS, int N, int k) {
+    const int64_t T = (int64_t)B * nS * N;
+    Dispatch d{std::vector<int>(B * nS + 1), std::vector<int>(T * k), std::vector<int>(T * k),
+               std::vector<int>(nS)};
+    ops::moe_dispatch(d.offsets.data(), d.por.data(), d.rop.data(), d.counts.data(), experts.data(),
+                      B, nS, N, k);
+    return d;
+}
+
+// A backward op run twice from the same starting gradients: returns the
+// first run's gradients, after checking the second gives the same bits.
+using Grads = std::vector<std::pair<DeviceArray<float>*, std::vector<float>>>;
+std::vector<std::vector<float>> run_twice(const std::string& what, const Grads& grads,
+                                          const std::function<void()>& op) {
+    std::vector<std::vector<float>> runs[2];
+    for (int run = 0; run < 2; run++) {
+        for (const auto& [dev, init] : grads) dev->upload(init);
+        op();
+        for (const auto& g : grads) runs[run].push_back(g.first->download());
+    }
+    for (size_t i = 0; i < grads.size(); i++)
+        expect_bit_identical(what + ", gradient " + std::to_string(i), runs[0][i], runs[1][i]);
+    return runs[0];
+}
+
+// Linear layer shapes: odd tiny ones, and each shape's qkv and fc2 over its
+// whole channel-wise sequence.
+struct LinearCase {
+    std::string name;
+    int64_t rows;
+    int in, out;
+};
+std::vector<LinearCase> linear_cases() {
+    std::vector<LinearCase> cases = {{"tiny odd", 19, 6, 5}, {"one row", 1, 7, 3}};
+    for (const Shape& sh : kShapes) {
+        const int64_t rows = (int64_t)sh.B * (1 + sh.C * sh.N);
+        cases.push_back({std::string(sh.name) + " qkv", rows, sh.D, 3 * sh.D});
+        cases.push_back({std::string(sh.name) + " fc2", rows, 4 * sh.D, sh.D});
+    }
+    return cases;
+}
+
+class CudaOps : public ::testing::Test {
+protected:
+    void SetUp() override {
+        if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+        cuda_check(cudaStreamCreate(&stream), "cudaStreamCreate");
+    }
+    void TearDown() override {
+        if (stream) cuda_check(cudaStreamDestroy(stream), "cudaStreamDestroy");
+    }
+    void require_cublas() {
+        if (!cu::has_cublas()) GTEST_SKIP() << "this build has no cuBLAS (CUBLAS_HOME)";
+    }
+    cudaStream_t stream = nullptr;
+};
+
+}  // namespace
+
+TEST_F(CudaOps, Patchify) {
+    Rng rng(101);
+    for (const Shape& sh : kShapes)
+        for (const auto& S : channel_sets(sh.C, rng)) {
+            const int B = sh.B, C = sh.C, nS = (int)S.size(), N = sh.N, PP = sh.P * sh.P;
+            const auto images = randn_f((size_t)B * C * sh.H * sh.W, rng);
+            auto d_images = to_device(images);
+            auto d_S = to_device(S);
+            auto ref = poisoned<float>((size_t)B * nS * N * PP);
+            ops::patchify_channels(ref.data(), images.data(), B, C, sh.H, sh.W, sh.P, S.data(), nS);
+            DeviceArray<float> out(ref.size());
+            out.poison();
+            cu::patchify_channels(out.get(), d_images.get(), B, C, sh.H, sh.W, sh.P, d_S.get(), nS, stream);
+            expect_close(tag(sh, S) + " patchify_channels", out.download(), ref);
+
+            const auto keep = mask_of(S, C);
+            auto d_keep = to_device(keep);
+            const float scale = float(C) / float(nS);
+            for (bool masked : {false, true}) {
+                auto ref_all = poisoned<float>((size_t)B * N * C * PP);
+                ops::patchify_all(ref_all.data(), images.data(), B, C, sh.H, sh.W, sh.P,
+                                  masked ? keep.data() : nullptr, masked ? scale : 1.f);
+                DeviceArray<float> all(ref_all.size());
+                all.poison();
+                cu::patchify_all(all.get(), d_images.get(), B, C, sh.H, sh.W, sh.P,
+                                 masked ? d_keep.get() : nullptr, masked ? scale : 1.f, stream);
+                expect_close(tag(sh, S) + (masked ? " patchify_all keep" : " patchify_all"),
+                             all.download(), ref_all);
+            }
+        }
+}
+
+TEST_F(CudaOps, Embed) {
+    Rng rng(102);
+    for (const Shape& sh : kShapes)
+        for (const auto& channels : channel_sets(sh.C, rng))
+            for (bool with_chan : {true, false}) {  // chvit/moevit, vit (one row per patch)
+                const std::vector<int> S = with_chan ? channels : std::vector<int>{0};
+                const int B = sh.B, C = sh.C, nS = (int)S.size(), N = sh.N, D = sh.D;
+                const int64_t L = 1 + (int64_t)nS * N;
+                const std::string what = tag(sh, S) + (with_chan ? " embed" : " embed (vit)");
+                const auto patch = randn_f((size_t)B * nS * N * D, rng), cls = randn_f(D, rng),
+                           pos = randn_f((size_t)(1 + N) * D, rng), chan = randn_f((size_t)C * D, rng);
+                auto d_patch = to_device(patch), d_cls = to_device(cls), d_pos = to_device(pos),
+                     d_chan = to_device(chan);
+                auto d_S = to_device(S);
+                auto ref = poisoned<float>(B * L * D);
+                ops::embed_forward<float>(ref.data(), patch.data(), cls.data(), pos.data(),
+                                          with_chan ? chan.data() : nullptr, S.data(), B, nS, N, D);
+                DeviceArray<float> seq(ref.size());
+                seq.poison();
+                cu::embed_forward(seq.get(), d_patch.get(), d_cls.get(), d_pos.get(),
+                                  with_chan ? d_chan.get() : nullptr, d_S.get(), B, nS, N, D, stream);
+                expect_close(what + " forward", seq.download(), ref);
+
+                const auto dseq = randn_f(B * L * D, rng);
+                const auto g_patch = randn_f(patch.size(), rng), g_cls = randn_f(D, rng),
+                           g_pos = randn_f(pos.size(), rng), g_chan = randn_f(chan.size(), rng);
+                auto r_patch = g_patch, r_cls = g_cls, r_pos = g_pos, r_chan = g_chan;
+                ops::embed_backward<float>(r_patch.data(), r_cls.data(), r_pos.data(),
+                                           with_chan ? r_chan.data() : nullptr, dseq.data(),
+                                           S.data(), B, nS, N, D);
+                auto d_dseq = to_device(dseq);
+                DeviceArray<float> dp(patch.size()), dc(D), dpos(pos.size()), dch(chan.size());
+                auto got = run_twice(what + " backward",
+                                     {{&dp, g_patch}, {&dc, g_cls}, {&dpos, g_pos}, {&dch, g_chan}}, [&] {
+                    cu::embed_backward(dp.get(), dc.get(), dpos.get(), with_chan ? dch.get() : nullptr,
+                                       d_dseq.get(), d_S.get(), B, nS, N, D, stream);
+                });
+                expect_close(what + " dpatch", got[0], r_patch);
+                expect_close(what + " dcls", got[1], r_cls);
+                expect_close(what + " dpos", got[2], r_pos);
+                expect_close(what + " dchan", got[3], r_chan);
+            }
+}
+
+TEST_F(CudaOps, SelectRows) {
+    Rng rng(103);
+    for (const Shape& sh : kShapes) {
+        const int B = sh.B, D = sh.D;
+        const int64_t stride = (1 + (int64_t)sh.C * sh.N) * D;
+        const auto x = randn_f(B * stride, rng);
+        auto d_x = to_device(x);
+        auto ref = poisoned<float>((size_t)B * D);
+        ops::select_rows(ref.data(), x.data(), stride, B, D);
+        DeviceArray<float> out(ref.size());
+        out.poison();
+        cu::select_rows(out.get(), d_x.get(), stride, B, D, stream);
+        expect_close(std::string(sh.name) + " select_rows", out.download(), ref);
+
+        const auto dout = randn_f((size_t)B * D, rng), g = randn_f(x.size(), rng);
+        auto r = g;
+        ops::select_rows_backward(r.data(), dout.data(), stride, B, D);
+        auto d_dout = to_device(dout);
+        DeviceArray<float> dx(x.size());
+        auto got = run_twice(std::string(sh.name) + " select_rows_backward", {{&dx, g}}, [&] {
+            cu::select_rows_backward(dx.get(), d_dout.get(), stride, B, D, stream);
+        });
+        expect_close(std::string(sh.name) + " select_rows_backward", got[0], r);
+    }
+}
+
+TEST_F(CudaOps, LayerNorm) {
+    Rng rng(104);
+    for (const Shape& sh : kShapes) {
+        const int64_t rows = (int64_t)sh.B * (1 + sh.C * sh.N);
+        const int D = sh.D;
+        const std::string what = std::string(sh.name) + " layernorm";
+        // a large mean: the statistics must not cancel
+        const auto x = randn_f(rows * D, rng, 1.0, 3.0), w = randn_f(D, rng), b = randn_f(D, rng);
+        auto d_x = to_device(x), d_w = to_device(w), d_b = to_device(b);
+        auto ref = poisoned<float>(x.size()), ref_mean = poisoned<float>(rows), ref_rstd = poisoned<float>(rows);
+        ops::layernorm_forward(ref.data(), ref_mean.data(), ref_rstd.data(), x.data(), w.data(), b.data(), rows, D);
+        DeviceArray<float> out(x.size()), mean(rows), rstd(rows);
+        out.poison();
+        mean.poison();
+        rstd.poison();
+        cu::layernorm_forward(out.get(), mean.get(), rstd.get(), d_x.get(), d_w.get(), d_b.get(), rows, D, stream);
+        expect_close(what + " out", out.download(), ref);
+        expect_close(what + " mean", mean.download(), ref_mean);
+        expect_close(what + " rstd", rstd.download(), ref_rstd);
+
+        const auto dout = randn_f(x.size(), rng), g_x = randn_f(x.size(), rng), g_w = randn_f(D, rng),
+                   g_b = randn_f(D, rng);
+        auto r_x = g_x, r_w = g_w, r_b = g_b;
+        ops::layernorm_backward(r_x.data(), r_w.data(), r_b.data(), dout.data(), x.data(), w.data(),
+                                ref_mean.data(), ref_rstd.data(), rows, D);
+        auto d_dout = to_device(dout), d_mean = to_device(ref_mean), d_rstd = to_device(ref_rstd);
+        DeviceArray<float> dx(x.size()), dw(D), db(D);
+        auto got = run_twice(what + " backward", {{&dx, g_x}, {&dw, g_w}, {&db, g_b}}, [&] {
+            cu::layernorm_backward(dx.get(), dw.get(), db.get(), d_dout.get(), d_x.get(), d_w.get(),
+                                   d_mean.get(), d_rstd.get(), rows, D, stream);
+        });
+        expect_close(what + " dx", got[0], r_x);
+        expect_close(what + " dw", got[1], r_w);
+        expect_close(what + " db", got[2], r_b);
+    }
+}
+
+TEST_F(CudaOps, Linear) {
+    require_cublas();
+    const auto cases = linear_cases();
+    Rng rng(105);
+    for (const LinearCase& c : cases)
+        for (bool bias : {true, false}) {
+            const std::string what = "linear " + c.name + (bias ? "" : " (no bias, no dx)");
+            const auto x = randn_f(c.rows * c.in, rng), W = randn_f((size_t)c.out * c.in, rng),
+                       b = randn_f(c.out, rng);
+            auto d_x = to_device(x), d_W = to_device(W), d_b = to_device(b);
+            auto ref = poisoned<float>(c.rows * c.out);
+            ops::linear_forward<float>(ref.data(), x.data(), W.data(), bias ? b.data() : nullptr, c.rows, c.in, c.out);
+            DeviceArray<float> out(ref.size());
+            out.poison();
+            cu::linear_forward(out.get(), d_x.get(), d_W.get(), bias ? d_b.get() : nullptr, c.rows, c.in, c.out, stream);
+            expect_close(what + " forward", out.download(), ref);
+
+            const auto dout = randn_f(ref.size(), rng), g_x = randn_f(x.size(), rng),
+                       g_W = randn_f(W.size(), rng), g_b = randn_f(b.size(), rng);
+            auto r_x = g_x, r_W = g_W, r_b = g_b;
+            ops::linear_backward<float>(bias ? r_x.data() : nullptr, r_W.data(), bias ? r_b.data() : nullptr,
+                                        dout.data(), x.data(), W.data(), c.rows, c.in, c.out);
+            auto d_dout = to_device(dout);
+            DeviceArray<float> dx(x.size()), dW(W.size()), db(b.size());
+            auto got = run_twice(what + " backward", {{&dx, g_x}, {&dW, g_W}, {&db, g_b}}, [&] {
+                cu::linear_backward(bias ? dx.get() : nullptr, dW.get(), bias ? db.get() : nullptr,
+                                    d_dout.get(), d_x.get(), d_W.get(), c.rows, c.in, c.out, stream);
+            });
+            expect_close(what + " dx", got[0], r_x);
+            expect_close(what + " dW", got[1], r_W);
+            expect_close(what + " db", got[2], r_b);
+        }
+}
+
+TEST_F(CudaOps, Bf16Conversions) {
+    Rng rng(117);
+    auto x = randn_f(100003, rng, 3.0);
+    // exact halves between two bf16 values (both parities), signed zeros, inf, NaN
+    const float specials[] = {1.00390625f, 1.01171875f, -1.00390625f, 0.f, -0.f, INFINITY, -INFINITY, NAN,
+                              3.0e38f, 1.0e-40f};
+    std::copy(std::begin(specials), std::end(specials), x.begin());
+    auto d_x = to_device(x);
+    DeviceArray<uint16_t> b(x.size());
+    b.poison();
+    cu::to_bf16(b.get(), d_x.get(), (int64_t)x.size(), stream);
+    const auto bits = b.download();
+    EXPECT_EQ(bits, to_bf16(x)) << "float → bf16 differs from round-to-nearest-even";
+    DeviceArray<float> back(x.size());
+    back.poison();
+    cu::from_bf16(back.get(), b.get(), (int64_t)x.size(), stream);
+    const auto wide = back.download(), ref = widen(bits);
+    EXPECT_EQ(std::memcmp(wide.data(), ref.data(), wide.size() * sizeof(float)), 0) << "bf16 → float is not exact";
+}
+
+// bf16 inputs, fp32 accumulation: against the CPU on the same bf16-rounded
+// values; bf16 outputs within DESIGN.md §7's 2e-2, fp32 gradients within 1e-4.
+TEST_F(CudaOps, LinearBf16) {
+    require_cublas();
+    const auto cases = linear_cases();
+    Rng rng(118);
+    for (const LinearCase& c : cases)
+        for (bool bias : {true, false}) {
+            const std::string what = "linear bf16 " + c.name + (bias ? "" : " (no bias, no dx)");
+            const auto xb = to_bf16(randn_f(c.rows * c.in, rng)), Wb = to_bf16(randn_f((size_t)c.out * c.in, rng));
+            const auto b = randn_f(c.out, rng);
+            const auto x = widen(xb), W = widen(Wb), b_rounded = widen(to_bf16(b));
+            auto d_x = to_device(xb), d_W = to_device(Wb);
+            auto d_b = to_device(b);
+            auto ref = poisoned<float>(c.rows * c.out);
+            ops::linear_forward<float>(ref.data(), x.data(), W.data(), bias ? b_rounded.data() : nullptr, c.rows, c.in, c.out);
+            DeviceArray<uint16_t> out(ref.size());
+            out.poison();
+            cu::linear_forward_bf16(out.get(), d_x.get(), d_W.get(), bias ? d_b.get() : nullptr, c.rows, c.in, c.out, stream);
+            expect_close(what + " forward", widen(out.download()), ref, 2e-2);
+
+            const auto doutb = to_bf16(randn_f(ref.size(), rng)), g_xb = to_bf16(randn_f(x.size(), rng));
+            const auto g_W = randn_f(W.size(), rng), g_b = randn_f(b.size(), rng);
+            const auto dout = widen(doutb);
+            auto r_x = widen(g_xb), r_W = g_W, r_b = g_b;
+            ops::linear_backward<float>(bias ? r_x.data() : nullptr, r_W.data(), bias ? r_b.data() : nullptr,
+                                        dout.data(), x.data(), W.data(), c.rows, c.in, c.out);
+            auto d_dout = to_device(doutb);
+            DeviceArray<uint16_t> dx(x.size());
+            DeviceArray<float> dW(W.size()), db(b.size());
+            std::vector<uint16_t> got_dx[2];
+            std::vector<float> got_dW[2], got_db[2];
+            for (int run = 0; run < 2; run++) {
+                dx.upload(g_xb);
+                dW.upload(g_W);
+                db.upload(g_b);
+                cu::linear_backward_bf16(bias ? dx.get() : nullptr, dW.get(), bias ? db.get() : nullptr, d_dout.get(),
+                                         d_x.get(), d_W.get(), c.rows, c.in, c.out, stream);
+                got_dx[run] = dx.download();
+                got_dW[run] = dW.download();
+                got_db[run] = db.download();
+            }
+            expect_bit_identical(what + " dx", got_dx[0], got_dx[1]);
+            expect_bit_identical(what + " dW", got_dW[0], got_dW[1]);
+            expect_bit_identical(what + " db", got_db[0], got_db[1]);
+            expect_close(what + " dx", widen(got_dx[0]), r_x, 2e-2);
+            expect_close(what + " dW", got_dW[0], r_W, 1e-4);
+            expect_close(what + " db", got_db[0], r_b, 1e-4);
+        }
+}
+
+TEST_F(CudaOps, ExpertLinear) {
+    require_cublas();
+    Rng rng(106);
+    for (const Shape& sh : kShapes)
+        for (const auto& S : channel_sets(sh.C, rng)) {
+            const int B = sh.B, C = sh.C, nS = (int)S.size(), N = sh.N, D = sh.D;
+            const int64_t L = 1 + (int64_t)nS * N, stride = L * D;
+            const std::string what = tag(sh, S) + " expert_linear";
+            // x: the patch rows of a sequence buffer (its CLS rows are skipped)
+            const auto x = randn_f(B * stride, rng), W = randn_f((size_t)C * D * D, rng),
+                       bias = randn_f((size_t)C * D, rng);
+            auto d_x = to_device(x), d_W = to_device(W), d_bias = to_device(bias);
+            auto d_S = to_device(S);
+            auto ref = poisoned<float>((size_t)B * nS * N * D);
+            ops::expert_linear_forward(ref.data(), x.data() + D, stride, W.data(), bias.data(), S.data(), B, nS, N, D, D);
+            DeviceArray<float> out(ref.size());
+            out.poison();
+            cu::expert_linear_forward(out.get(), d_x.get() + D, stride, d_W.get(), d_bias.get(), d_S.get(), B, nS, N, D, D, stream);
+            expect_close(what + " forward", out.download(), ref);
+
+            const auto dout = randn_f(ref.size(), rng), g_x = randn_f(x.size(), rng),
+                       g_W = randn_f(W.size(), rng), g_b = randn_f(bias.size(), rng);
+            auto r_x = g_x, r_W = g_W, r_b = g_b;
+            ops::expert_linear_backward(r_x.data() + D, r_W.data(), r_b.data(), dout.data(), x.data() + D,
+                                        stride, W.data(), S.data(), B, nS, N, D, D);
+            auto d_dout = to_device(dout);
+            DeviceArray<float> dx(x.size()), dW(W.size()), db(bias.size());
+            auto got = run_twice(what + " backward", {{&dx, g_x}, {&dW, g_W}, {&db, g_b}}, [&] {
+                cu::expert_linear_backward(dx.get() + D, dW.get(), db.get(), d_dout.get(), d_x.get() + D,
+                                           stride, d_W.get(), d_S.get(), B, nS, N, D, D, stream);
+            });
+            expect_close(what + " dx", got[0], r_x);
+            expect_close(what + " dW", got[1], r_W);
+            expect_close(what + " dbias", got[2], r_b);
+        }
+}
+
+TEST_F(CudaOps, GeluAndResidual) {
+    Rng rng(107);
+    for (int64_t n : {int64_t(7), int64_t(1000003)}) {
+        const std::string what = "gelu n=" + std::to_string(n);
+        const auto x = randn_f(n, rng, 2.0);
+        auto d_x = to_device(x);
+        auto ref = poisoned<float>(n);
+        ops::gelu_forward(ref.data(), x.data(), n);
+        DeviceArray<float> out(n);
+        out.poison();
+        cu::gelu_forward(out.get(), d_x.get(), n, stream);
+        expect_close(what + " forward", out.download(), ref);
+        const auto dout = randn_f(n, rng), g = randn_f(n, rng);
+        auto r = g;
+        ops::gelu_backward(r.data(), dout.data(), x.data(), n);
+        auto d_dout = to_device(dout);
+        DeviceArray<float> dx(n);
+        auto got = run_twice(what + " backward", {{&dx, g}}, [&] {
+            cu::gelu_backward(dx.get(), d_dout.get(), d_x.get(), n, stream);
+        });
+        expect_close(what + " backward", got[0], r);
+    }
+    const int B = 3;
+    const int64_t per = 1001;
+    const std::vector<float> scale = {0.f, 1.25f, 1.f};  // dropped, kept (1/keep_prob), no drop path
+    auto d_scale = to_device(scale);
+    for (bool drop : {true, false}) {
+        const std::string what = drop ? "residual (drop path)" : "residual";
+        const auto x = randn_f(B * per, rng), branch = randn_f(B * per, rng);
+        auto ref = x;
+        ops::residual_forward<float>(ref.data(), branch.data(), drop ? scale.data() : nullptr, B, per);
+        DeviceArray<float> d_x(x.size());
+        auto d_branch = to_device(branch);
+        auto got = run_twice(what + " forward", {{&d_x, x}}, [&] {
+            cu::residual_forward(d_x.get(), d_branch.get(), drop ? d_scale.get() : nullptr, B, per, stream);
+        });
+        expect_close(what + " forward", got[0], ref);
+        const auto dx = randn_f(B * per, rng), g = randn_f(B * per, rng);
+        auto r = g;
+        ops::residual_backward<float>(r.data(), dx.data(), drop ? scale.data() : nullptr, B, per);
+        auto d_dx = to_device(dx);
+        DeviceArray<float> dbranch(g.size());
+        auto gotb = run_twice(what + " backward", {{&dbranch, g}}, [&] {
+            cu::residual_backward(dbranch.get(), d_dx.get(), drop ? d_scale.get() : nullptr, B, per, stream);
+        });
+        expect_close(what + " backward", gotb[0], r);
+    }
+}
+
+TEST_F(CudaOps, DenseAttention) {
+    Rng rng(108);
+    for (const Shape& sh : kShapes)
+        for (bool channelwise : {true, false}) {  // chvit: 1 + C·N tokens; vit: 1 + N
+            const int B = std::string(sh.name) == "jumpcp" ? 1 : sh.B, D = sh.D, Hd = sh.Hd;
+            const int L = 1 + (channelwise ? sh.C : 1) * sh.N;
+            const std::string what = std::string(sh.name) + " attention L=" + std::to_string(L);
+            const auto qkv = randn_f((size_t)B * L * 3 * D, rng);
+            auto d_qkv = to_device(qkv);
+            auto ref = poisoned<float>((size_t)B * L * D), ref_p = poisoned<float>((size_t)B * Hd * L * L);
+            ops::attention_forward(ref.data(), ref_p.data(), qkv.data(), B, L, D, Hd);
+            DeviceArray<float> out(ref.size()), probs(ref_p.size());
+            out.poison();
+            probs.poison();
+            cu::attention_forward(out.get(), probs.get(), d_qkv.get(), B, L, D, Hd, stream);
+            expect_close(what + " out", out.download(), ref);
+            expect_close(what + " probs", probs.download(), ref_p);
+
+            const auto dout = randn_f(ref.size(), rng), g = randn_f(qkv.size(), rng);
+            auto r = g;
+            ops::attention_backward(r.data(), dout.data(), qkv.data(), ref_p.data(), B, L, D, Hd);
+            auto d_dout = to_device(dout), d_probs = to_device(ref_p);
+            DeviceArray<float> dqkv(qkv.size());
+            auto got = run_twice(what + " backward", {{&dqkv, g}}, [&] {
+                cu::attention_backward(dqkv.get(), d_dout.get(), d_qkv.get(), d_probs.get(), B, L, D, Hd, stream);
+            });
+            expect_close(what + " dqkv", got[0], r);
+        }
+}
+
+TEST_F(CudaOps, Router) {
+    Rng rng(109);
+    for (const Shape& sh : kShapes)
+        for (const auto& S : channel_sets(sh.C, rng))
+            for (int k : top_k_values((int)S.size()))
+                for (auto combine : {ops::Combine::softmax, ops::Combine::renorm}) {
+                    const int B = sh.B, C = sh.C, nS = (int)S.size(), N = sh.N;
+                    const int64_t L = 1 + (int64_t)nS * N, T = (int64_t)B * nS * N;
+                    const std::string what = tag(sh, S) + " k=" + std::to_string(k) +
+                                             (combine == ops::Combine::renorm ? " renorm" : " softmax");
+                    const auto z = grid_logits(B * L * C, rng);  // router logits as patch rows
+                    const auto in_S = mask_of(S, C);
+                    auto d_z = to_device(z);
+                    auto d_in_S = to_device(in_S);
+                    auto d_S = to_device(S);
+                    auto r_probs = poisoned<float>(T * C), r_w = poisoned<float>(T * k), r_lse = poisoned<float>(T);
+                    auto r_e = poisoned<int>(T * k);
+                    ops::router_forward(r_probs.data(), r_e.data(), r_w.data(), r_lse.data(), z.data() + C, L * C,
+                                        in_S.data(), S.data(), B, nS, N, C, k, combine);
+                    DeviceArray<float> probs(r_probs.size()), w(r_w.size()), lse(r_lse.size());
+                    DeviceArray<int> e(r_e.size());
+                    probs.poison();
+                    w.poison();
+                    lse.poison();
+                    e.poison();
+                    cu::router_forward(probs.get(), e.get(), w.get(), lse.get(), d_z.get() + C, L * C,
+                                       d_in_S.get(), d_S.get(), B, nS, N, C, k, combine, stream);
+                    expect_close(what + " probs", probs.download(), r_probs);
+                    EXPECT_EQ(e.download(), r_e) << what << ": experts differ";
+                    expect_close(what + " weights", w.download(), r_w);
+                    expect_close(what + " lse", lse.download(), r_lse);
+
+                    // backward from the reference's forward, with and without loss gradients
+                    auto d_probs = to_device(r_probs), d_w = to_device(r_w);
+                    auto d_e = to_device(r_e);
+                    for (bool with_dprobs : {true, false}) {
+                        const auto dweights = randn_f(T * k, rng), dprobs = randn_f(T * C, rng),
+                                   g = randn_f(z.size(), rng);
+                        auto r = g;
+                        ops::router_backward<float>(r.data() + C, L * C, r_probs.data(), r_e.data(), r_w.data(),
+                                                    dweights.data(), with_dprobs ? dprobs.data() : nullptr,
+                                                    S.data(), B, nS, N, C, k, combine);
+                        auto d_dw = to_device(dweights), d_dp = to_device(dprobs);
+                        DeviceArray<float> dz(z.size());
+                        auto got = run_twice(what + " backward", {{&dz, g}}, [&] {
+                            cu::router_backward(dz.get() + C, L * C, d_probs.get(), d_e.get(), d_w.get(),
+                                                d_dw.get(), with_dprobs ? d_dp.get() : nullptr, d_S.get(), B,
+                                                nS, N, C, k, combine, stream);
+                        });
+                        expect_close(what + (with_dprobs ? " dz (with dprobs)" : " dz"), got[0], r);
+                    }
+                }
+}
+
+TEST_F(CudaOps, RouterTiesGoToLowerChannel) {
+    const int B = 1, C = 5, N = 3, k = 3;
+    const std::vector<int> S = {0, 1, 3, 4};
+    const int nS = 4;
+    const int64_t T = (int64_t)nS * N;
+    const std::vector<float> z(T * C, 0.5f);  // every channel ties
+    const auto in_S = mask_of(S, C);
+    auto d_z = to_device(z);
+    auto d_in_S = to_device(in_S);
+    auto d_S = to_device(S);
+    DeviceArray<float> probs(T * C), w(T * k), lse(T);
+    DeviceArray<int> e(T * k);
+    e.poison();
+    cu::router_forward(probs.get(), e.get(), w.get(), lse.get(), d_z.get(), C, d_in_S.get(), d_S.get(),
+                       B, nS, N, C, k, ops::Combine::softmax, stream);
+    const auto experts = e.download();
+    for (int64_t t = 0; t < T; t++)
+        EXPECT_EQ(std::vector<int>(experts.begin() + t * k, experts.begin() + (t + 1) * k),
+                  (std::vector<int>{0, 1, 2}))
+            << "token " << t;
+}
+
+TEST_F(CudaOps, AuxAndZLoss) {
+    Rng rng(110);
+    for (const Shape& sh : kShapes)
+        for (const auto& S : channel_sets(sh.C, rng))
+            for (auto kind : {ops::AuxLoss::switch_, ops::AuxLoss::importance, ops::AuxLoss::none}) {
+                const int B = sh.B, C = sh.C, nS = (int)S.size(), N = sh.N, k = std::min(2, nS);
+                const int64_t L = 1 + (int64_t)nS * N, T = (int64_t)B * nS * N;
+                const char* kind_name = kind == ops::AuxLoss::switch_ ? " switch" : kind == ops::AuxLoss::importance ? " importance" : " none";
+                const std::string what = tag(sh, S) + kind_name;
+                const auto z = randn_f(B * L * C, rng, 2.0);
+                const auto in_S = mask_of(S, C);
+                std::vector<float> probs(T * C), w(T * k), lse(T);
+                std::vector<int> experts(T * k);
+                ops::router_forward(probs.data(), experts.data(), w.data(), lse.data(), z.data() + C, L * C,
+                                    in_S.data(), S.data(), B, nS, N, C, k, ops::Combine::softmax);
+                const Dispatch dsp = cpu_dispatch(experts, B, nS, N, k);
+                auto d_probs = to_device(probs), d_lse = to_device(lse);
+                auto d_counts = to_device(dsp.counts), d_S = to_device(S);
+
+                const auto g = randn_f(T * C, rng);
+                auto r = g;
+                const float ref_loss = ops::aux_loss_forward_backward<float>(
+                    r.data(), probs.data(), dsp.counts.data(), S.data(), T, nS, C, k, kind, 0.3f, 0.7f);
+                DeviceArray<float> loss(1), dprobs(g.size());
+                loss.poison();
+                auto got = run_twice(what + " aux loss", {{&dprobs, g}}, [&] {
+                    cu::aux_loss_forward_backward(loss.get(), dprobs.get(), d_probs.get(), d_counts.get(), d_S.get(),
+                                                  T, nS, C, k, kind, 0.3f, 0.7f, stream);
+                });
+                expect_close_scalar(what + " aux loss", loss.download()[0], ref_loss);
+                expect_close(what + " aux dprobs", got[0], r);
+
+                if (kind != ops::AuxLoss::switch_) continue;  // the z-loss once per shape and subset
+                for (float coef : {0.2f, 0.f}) {
+                    const auto gz = randn_f(z.size(), rng);
+                    auto rz = gz;
+                    const float ref_z = ops::z_loss_forward_backward<float>(rz.data() + C, L * C, probs.data(),
+                                                                           lse.data(), B, nS, N, C, coef, 0.7f);
+                    DeviceArray<float> zl(1), dz(gz.size());
+                    zl.poison();
+                    auto gotz = run_twice(what + " z-loss", {{&dz, gz}}, [&] {
+                        cu::z_loss_forward_backward(zl.get(), dz.get() + C, L * C, d_probs.get(), d_lse.get(), B, nS,
+                                                    N, C, coef, 0.7f, stream);
+                    });
+                    expect_close_scalar(what + " z-loss coef=" + std::to_string(coef), zl.download()[0], ref_z);
+                    expect_close(what + " z-loss dz coef=" + std::to_string(coef), gotz[0], rz);
+                }
+            }
+}
+
+TEST_F(CudaOps, DispatchIsTheCpuCountingSort) {
+    Rng rng(111);
+    for (const Shape& sh : kShapes)
+        for (const auto& S : channel_sets(sh.C, rng))
+            for (int k : top_k_values((int)S.size())) {
+                const int B = sh.B, nS = (int)S.size(), N = sh.N;
+                const int64_t T = (int64_t)B * nS * N;
+                // all positions; only the first k+1 (empty groups); the same k for every token
+                for (int allowed : {nS, std::min(nS, k + 1), k}) {
+                    const std::string what = tag(sh, S) + " k=" + std::to_string(k) + " from " +
+                                             std::to_string(allowed) + " positions";
+                    const auto experts = random_experts(T, k, allowed, rng);
+                    const Dispatch ref = cpu_dispatch(experts, B, nS, N, k);
+                    auto d_e = to_device(experts);
+                    DeviceArray<int> offsets(ref.offsets.size()), por(ref.por.size()), rop(ref.rop.size()),
+                        counts(ref.counts.size());
+                    std::vector<int> runs[2];
+                    for (int run = 0; run < 2; run++) {
+                        offsets.poison();
+                        por.poison();
+                        rop.poison();
+                        counts.poison();
+                        cu::moe_dispatch(offsets.get(), por.get(), rop.get(), counts.get(), d_e.get(), B, nS, N, k, stream);
+                        runs[run] = por.download();
+                    }
+                    EXPECT_EQ(offsets.download(), ref.offsets) << what;
+                    EXPECT_EQ(runs[0], ref.por) << what << ": pair_of_row";
+                    EXPECT_EQ(runs[1], ref.por) << what << ": pair_of_row, second run";
+                    EXPECT_EQ(rop.download(), ref.rop) << what << ": row_of_pair";
+                    EXPECT_EQ(counts.download(), ref.counts) << what << ": counts";
+                }
+            }
+}
+
+TEST_F(CudaOps, GatherAndCombine) {
+    Rng rng(112);
+    for (const Shape& sh : kShapes)
+        for (const auto& S : channel_sets(sh.C, rng))
+            for (int k : top_k_values((int)S.size())) {
+                const int B = sh.B, nS = (int)S.size(), N = sh.N, D = sh.D;
+                const int64_t L = 1 + (int64_t)nS * N, T = (int64_t)B * nS * N, stride = L * D;
+                const std::string what = tag(sh, S) + " k=" + std::to_string(k);
+                const Dispatch dsp = cpu_dispatch(random_experts(T, k, std::min(nS, k + 1), rng), B, nS, N, k);
+                auto d_por = to_device(dsp.por), d_rop = to_device(dsp.rop);
+
+                // gather: q as patch rows of a sequence buffer
+                const auto q = randn_f(B * stride, rng);
+                auto d_q = to_device(q);
+                auto ref_qg = poisoned<float>(T * k * D);
+                ops::moe_gather_forward(ref_qg.data(), q.data() + D, stride, dsp.por.data(), B, nS, N, k, D);
+                DeviceArray<float> qg(ref_qg.size());
+                qg.poison();
+                cu::moe_gather_forward(qg.get(), d_q.get() + D, stride, d_por.get(), B, nS, N, k, D, stream);
+                expect_close(what + " gather", qg.download(), ref_qg);
+                const auto dqg = randn_f(ref_qg.size(), rng), g_q = randn_f(q.size(), rng);
+                auto r_q = g_q;
+                ops::moe_gather_backward(r_q.data() + D, stride, dqg.data(), dsp.rop.data(), B, nS, N, k, D);
+                auto d_dqg = to_device(dqg);
+                DeviceArray<float> dq(q.size());
+                auto got = run_twice(what + " gather backward", {{&dq, g_q}}, [&] {
+                    cu::moe_gather_backward(dq.get() + D, stride, d_dqg.get(), d_rop.get(), B, nS, N, k, D, stream);
+                });
+                expect_close(what + " gather backward", got[0], r_q);
+
+                // combine into patch rows; the CLS rows stay untouched
+                const auto og = randn_f(T * k * D, rng), w = randn_f(T * k, rng);
+                auto d_og = to_device(og), d_w = to_device(w);
+                auto ref_a = poisoned<float>(B * stride);
+                ops::combine_forward(ref_a.data() + D, stride, og.data(), w.data(), dsp.rop.data(), B, nS, N, k, D);
+                DeviceArray<float> a(ref_a.size());
+                a.poison();
+                cu::combine_forward(a.get() + D, stride, d_og.get(), d_w.get(), d_rop.get(), B, nS, N, k, D, stream);
+                expect_close(what + " combine", a.download(), ref_a);
+                const auto da = randn_f(B * stride, rng), g_og = randn_f(og.size(), rng), g_w = randn_f(w.size(), rng);
+                auto r_og = g_og, r_w = g_w;
+                ops::combine_backward(r_og.data(), r_w.data(), da.data() + D, stride, og.data(), w.data(),
+                                      dsp.rop.data(), B, nS, N, k, D);
+                auto d_da = to_device(da);
+                DeviceArray<float> dog(og.size()), dw(w.size());
+                auto gotc = run_twice(what + " combine backward", {{&dog, g_og}, {&dw, g_w}}, [&] {
+                    cu::combine_backward(dog.get(), dw.get(), d_da.get() + D, stride, d_og.get(), d_w.get(),
+                                         d_rop.get(), B, nS, N, k, D, stream);
+                });
+                expect_close(what + " combine dog", gotc[0], r_og);
+                expect_close(what + " combine dweights", gotc[1], r_w);
+            }
+}
+
+TEST_F(CudaOps, RoutedAttention) {
+    Rng rng(113);
+    for (const Shape& sh : kShapes)
+        for (const auto& S : channel_sets(sh.C, rng))
+            for (int k : top_k_values((int)S.size()))
+                for (bool empty_groups : {true, false}) {
+                    const int B = sh.B, nS = (int)S.size(), N = sh.N, D = sh.D, Hd = sh.Hd;
+                    const int64_t T = (int64_t)B * nS * N, rows = T * k;
+                    const int allowed = empty_groups ? std::min(nS, k + 1) : nS;
+                    const std::string what = tag(sh, S) + " k=" + std::to_string(k) +
+                                             (empty_groups && allowed < nS ? " (empty groups)" : "");
+                    if (!empty_groups && allowed == std::min(nS, k + 1)) continue;  // same case twice
+                    const Dispatch dsp = cpu_dispatch(random_experts(T, k, allowed, rng), B, nS, N, k);
+                    const auto qg = randn_f(rows * D, rng), kk = randn_f(T * D, rng), vv = randn_f(T * D, rng);
+                    auto d_qg = to_device(qg), d_k = to_device(kk), d_v = to_device(vv);
+                    auto d_off = to_device(dsp.offsets);
+                    auto ref = poisoned<float>(rows * D), ref_p = poisoned<float>(rows * Hd * N);
+                    ops::routed_attention_forward(ref.data(), ref_p.data(), qg.data(), kk.data(), vv.data(),
+                                                  dsp.offsets.data(), B, nS, N, D, Hd);
+                    DeviceArray<float> og(ref.size()), probs(ref_p.size());
+                    og.poison();
+                    probs.poison();
+                    cu::routed_attention_forward(og.get(), probs.get(), d_qg.get(), d_k.get(), d_v.get(), d_off.get(),
+                                                 B, nS, N, D, Hd, stream);
+                    expect_close(what + " routed og", og.download(), ref);
+                    expect_close(what + " routed probs", probs.download(), ref_p);
+
+                    const auto dog = randn_f(ref.size(), rng), g_q = randn_f(qg.size(), rng),
+                               g_k = randn_f(kk.size(), rng), g_v = randn_f(vv.size(), rng);
+                    auto r_q = g_q, r_k = g_k, r_v = g_v;
+                    ops::routed_attention_backward(r_q.data(), r_k.data(), r_v.data(), dog.data(), qg.data(),
+                                                   kk.data(), vv.data(), ref_p.data(), dsp.offsets.data(), B, nS,
+                                                   N, D, Hd);
+                    auto d_dog = to_device(dog), d_p = to_device(ref_p);
+                    DeviceArray<float> dqg(qg.size()), dk(kk.size()), dv(vv.size());
+                    auto got = run_twice(what + " routed backward", {{&dqg, g_q}, {&dk, g_k}, {&dv, g_v}}, [&] {
+                        cu::routed_attention_backward(dqg.get(), dk.get(), dv.get(), d_dog.get(), d_qg.get(),
+                                                      d_k.get(), d_v.get(), d_p.get(), d_off.get(), B, nS, N, D,
+                                                      Hd, stream);
+                    });
+                    expect_close(what + " routed dqg", got[0], r_q);
+                    expect_close(what + " routed dk", got[1], r_k);
+                    expect_close(what + " routed dv", got[2], r_v);
+                }
+}
+
+TEST_F(CudaOps, ClsAttention) {
+    Rng rng(114);
+    for (const Shape& sh : kShapes)
+        for (const auto& S : channel_sets(sh.C, rng)) {
+            const int B = sh.B, nS = (int)S.size(), N = sh.N, D = sh.D, Hd = sh.Hd, M = nS * N;
+            const int64_t L = 1 + (int64_t)M, stride = L * D;
+            const std::string what = tag(sh, S) + " cls attention";
+            const auto q = randn_f(B * stride, rng), kk = randn_f((size_t)B * M * D, rng),
+                       vv = randn_f((size_t)B * M * D, rng);
+            auto d_q = to_device(q), d_k = to_device(kk), d_v = to_device(vv);
+            // the result goes to row 0 of each image; the patch rows stay untouched
+            auto ref = poisoned<float>(B * stride), ref_p = poisoned<float>((size_t)B * Hd * M);
+            ops::cls_attention_forward(ref.data(), stride, ref_p.data(), q.data(), stride, kk.data(), vv.data(),
+                                       B, M, D, Hd);
+            DeviceArray<float> out(ref.size()), probs(ref_p.size());
+            out.poison();
+            probs.poison();
+            cu::cls_attention_forward(out.get(), stride, probs.get(), d_q.get(), stride, d_k.get(), d_v.get(), B,
+                                      M, D, Hd, stream);
+            expect_close(what + " out", out.download(), ref);
+            expect_close(what + " probs", probs.download(), ref_p);
+
+            const auto dout = randn_f(B * stride, rng), g_q = randn_f(q.size(), rng),
+                       g_k = randn_f(kk.size(), rng), g_v = randn_f(vv.size(), rng);
+            auto r_q = g_q, r_k = g_k, r_v = g_v;
+            ops::cls_attention_backward(r_q.data(), stride, r_k.data(), r_v.data(), dout.data(), stride, q.data(),
+                                        stride, kk.data(), vv.data(), ref_p.data(), B, M, D, Hd);
+            auto d_dout = to_device(dout), d_p = to_device(ref_p);
+            DeviceArray<float> dq(q.size()), dk(kk.size()), dv(vv.size());
+            auto got = run_twice(what + " backward", {{&dq, g_q}, {&dk, g_k}, {&dv, g_v}}, [&] {
+                cu::cls_attention_backward(dq.get(), stride, dk.get(), dv.get(), d_dout.get(), stride, d_q.get(),
+                                           stride, d_k.get(), d_v.get(), d_p.get(), B, M, D, Hd, stream);
+            });
+            expect_close(what + " dq", got[0], r_q);
+            expect_close(what + " dk", got[1], r_k);
+            expect_close(what + " dv", got[2], r_v);
+        }
+}
+
+TEST_F(CudaOps, CrossEntropy) {
+    Rng rng(115);
+    for (int B : {1, 37})
+        for (int K : {17, 1000}) {
+            const std::string what = "cross entropy B=" + std::to_string(B) + " K=" + std::to_string(K);
+            auto logits = grid_logits((size_t)B * K, rng);
+            std::fill(logits.begin(), logits.begin() + K, 0.25f);  // row 0: every class ties
+            std::vector<int32_t> labels(B);
+            for (auto& l : labels) l = (int32_t)rng.below(K);
+            auto d_logits = to_device(logits);
+            auto d_labels = to_device(labels);
+            auto ref_p = poisoned<float>((size_t)B * K);
+            int ref_correct = -1;
+            const float ref_loss = ops::cross_entropy_forward(ref_p.data(), logits.data(), labels.data(), B, K, &ref_correct);
+            DeviceArray<float> probs(ref_p.size()), loss(1);
+            DeviceArray<int> correct(1);
+            probs.poison();
+            loss.poison();
+            correct.poison();
+            cu::cross_entropy_forward(loss.get(), probs.get(), d_logits.get(), d_labels.get(), B, K, correct.get(), stream);
+            expect_close(what + " probs", probs.download(), ref_p);
+            expect_close_scalar(what + " loss", loss.download()[0], ref_loss);
+            EXPECT_EQ(correct.download()[0], ref_correct) << what;
+
+            const auto g = randn_f(logits.size(), rng);
+            auto r = g;
+            ops::cross_entropy_backward(r.data(), ref_p.data(), labels.data(), B, K, 0.5f);
+            auto d_p = to_device(ref_p);
+            DeviceArray<float> dl(g.size());
+            auto got = run_twice(what + " backward", {{&dl, g}}, [&] {
+                cu::cross_entropy_backward(dl.get(), d_p.get(), d_labels.get(), B, K, 0.5f, stream);
+            });
+            expect_close(what + " dlogits", got[0], r);
+        }
+}
+
+TEST_F(CudaOps, Optimizer) {
+    Rng rng(116);
+    for (int64_t n : {int64_t(1), int64_t(8191), int64_t(8193), int64_t(1000003)}) {
+        const std::string what = "n=" + std::to_string(n);
+        const auto x = randn_f(n, rng);
+        auto d_x = to_device(x);
+        DeviceArray<double> ss(1);
+        double runs[2];
+        for (double& r : runs) {
+            ss.poison();
+            cu::sum_squares(ss.get(), d_x.get(), n, stream);
+            r = ss.download()[0];
+        }
+        expect_close_scalar(what + " sum_squares", runs[0], ops::sum_squares(x.data(), n), 1e-12);
+        EXPECT_EQ(std::memcmp(&runs[0], &runs[1], sizeof(double)), 0) << what << ": sum_squares differs between runs";
+
+        auto ref = x;
+        ops::scale_inplace(ref.data(), n, 0.37f);
+        cu::scale_inplace(d_x.get(), n, 0.37f, stream);
+        expect_close(what + " scale_inplace", d_x.download(), ref);
+
+        for (int64_t t : {int64_t(1), int64_t(7)}) {
+            const auto grad = randn_f(n, rng), m0 = randn_f(n, rng, 0.1);
+            auto v0 = randn_f(n, rng, 0.01);
+            for (auto& v : v0) v = std::fabs(v);
+            auto p = x, m = m0, v = v0;
+            ops::adamw_update(p.data(), grad.data(), m.data(), v.data(), n, 1e-3, 0.9, 0.999, 1e-8, 0.05, t);
+            auto d_p = to_device(x), d_g = to_device(grad), d_m = to_device(m0), d_v = to_device(v0);
+            cu::adamw_update(d_p.get(), d_g.get(), d_m.get(), d_v.get(), n, 1e-3, 0.9, 0.999, 1e-8, 0.05, t, stream);
+            const std::string step = what + " adamw t=" + std::to_string(t);
+            expect_close(step + " param", d_p.download(), p);
+            expect_close(step + " m", d_m.download(), m);
+            expect_close(step + " v", d_v.download(), v);
+        }
+    }
+}
+
+#endif  // PRISM_CUDA
