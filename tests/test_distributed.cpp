@@ -97,7 +97,7 @@ TEST(Distributed, SigtermWritesACheckpointThatResumes) {
     const std::string flags = "--set train.steps=3000 --set train.log_every=1";
     const ShellRun a = run_shell("(" + prism + " train " + train_flags(run.path, flags) +
                                  " > " + run.path + "/log 2>&1 & pid=$!; "
-                                 "for i in $(seq 100); do grep -q 'step *3/' " + run.path + "/log && break; sleep 0.1; done; "
+                                 "for i in $(seq 600); do grep -q 'step *3/' " + run.path + "/log && break; sleep 0.1; done; "
                                  "kill -TERM $pid; wait $pid; echo rc=$?)");
     ASSERT_NE(a.output.find("rc=143"), std::string::npos) << a.output << read_bytes(run.path + "/log");
     const std::string log = read_bytes(run.path + "/log");
@@ -125,7 +125,7 @@ TEST(Distributed, ADeadRankEndsTheJob) {
                                  train_flags(run.path, "--set train.steps=100000 --set train.comm_timeout_s=3 "
                                                        "--set train.log_every=1 --set data.val=") +
                                  " --set 'data.threads=1' > " + marker + " 2>&1 & job=$!; "
-                                 "for i in $(seq 100); do grep -q 'step *2/' " + marker + " && break; sleep 0.1; done; "
+                                 "for i in $(seq 600); do grep -q 'step *2/' " + marker + " && break; sleep 0.1; done; "
                                  "pkill -KILL -n -f 'prism train.*" + run.path + "'; "
                                  "start=$(date +%s); wait $job; rc=$?; echo rc=$rc waited=$(( $(date +%s) - start )))");
     const size_t at = r.output.find("rc=");
