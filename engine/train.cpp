@@ -129,7 +129,7 @@ TrainResult train(const Config& cfg, Device device, const std::string& out_dir, 
     const bool lead = comm.rank == 0;  // logs, evaluates the reduced result, writes checkpoints
     verbose = verbose && lead;
     if (device != Device::cpu)
-        throw UserError("--device cuda: the CUDA backend's kernels are not implemented yet; use --device cpu");
+        throw UserError("--device cuda: the model does not run on the CUDA op kernels yet (they exist, untested on a GPU); use --device cpu");
     if (cfg.data.train.empty()) throw UserError("config: data.train is empty (a glob of training shards)");
     if (t.steps == 0 && t.epochs == 0) throw UserError("config: set train.steps or train.epochs");
 
