@@ -1,5 +1,6 @@
 #include "engine/train.h"
 #include <algorithm>
+#include <csignal>
 #include <chrono>
 #include <cstring>
 #include <cmath>
@@ -218,12 +219,15 @@ TrainResult train(const Config& cfg, Device device, const std::string& out_dir, 
         model.backward();
         // Data parallel: every rank's loss is the mean over its equal share,
         // so the global gradient is the mean of the ranks' gradients.
-        double loss = l.total;
+        // The loss and any rank's stop signal share one small reduction.
+        double loss = l.total, stop = double(stop_signal());
         if (comm.size > 1) {
             comm_allreduce_sum(comm, model.grads(), model.num_params());
             ops::scale_inplace(model.grads(), model.num_params(), 1.0f / float(comm.size));
-            comm_allreduce_sum(comm, &loss, 1);
-            loss /= comm.size;
+            double both[2] = {loss, stop};
+            comm_allreduce_sum(comm, both, 2);
+            loss = both[0] / comm.size;
+            stop = both[1];
         }
         const double lr = learning_rate(t, step, total, warmup);
         const double grad_norm = opt.grad_norm(model);
@@ -233,7 +237,8 @@ TrainResult train(const Config& cfg, Device device, const std::string& out_dir, 
         const bool last = step + 1 == total;
         if (val_data && t.eval_every > 0 && (step + 1) % t.eval_every == 0 && !last) run_eval(step + 1);
         if (t.checkpoint_every > 0 && (step + 1) % t.checkpoint_every == 0 && step + 1 < stop_at) checkpoint(step + 1);
-        if (const int sig = int(comm_max(comm, double(stop_signal())))) {
+        if (stop > 0) {
+            const int sig = stop_signal() ? stop_signal() : SIGTERM;  // another rank's signal: stop alike
             step++;
             checkpoint(step);
             result.stop_signal = sig;
