@@ -16,6 +16,15 @@ CXXFLAGS ?= -O3 -g
 CXXFLAGS += -std=c++17 -fopenmp -Wall -Wextra -Wno-unused-parameter -I. -MMD -MP
 LDLIBS   += -fopenmp -lpthread
 
+# A machine that cannot install the Debian packages (the GPU machine reaches no
+# registry) gets cxxopts, nlohmann/json and GoogleTest from a folder carried
+# there: THIRD_PARTY/include and THIRD_PARTY/lib/libgtest.a (`make third_party`
+# fills build/third_party from this machine's packages).
+ifneq ($(THIRD_PARTY),)
+  CXXFLAGS += -isystem $(THIRD_PARTY)/include
+  LDLIBS   += -L$(THIRD_PARTY)/lib
+endif
+
 NVCC := $(wildcard $(CUDA_HOME)/bin/nvcc)
 ifneq ($(NVCC),)
   WITH_CUDA := 1
@@ -83,7 +92,7 @@ TEST_OBJS := $(TEST_SRCS:%.cpp=$(BUILD)/obj/%.o)
 DEB_PACKAGES := libcxxopts-dev nlohmann-json3-dev libgtest-dev libopenmpi-dev openmpi-bin \
                 libhdf5-dev python3-torch gnuplot-nox
 
-.PHONY: all deps build test run profile clean
+.PHONY: all deps build test run profile clean third_party
 all: deps build
 
 # Installs the Debian packages that are missing (needs root and apt).
@@ -148,6 +157,12 @@ profile: build
 	  --set data.train='$(PROFILE_DIR)/data/train-*.shard' --set data.val= --set train.steps=40 \
 	  --out $(PROFILE_DIR)/run
 	@echo "make profile: wrote $(PROFILE_DIR)/prism.nsys-rep (nsys stats $(PROFILE_DIR)/prism.nsys-rep, or open it in Nsight Systems)"
+
+# The headers and library a registry-less machine needs from here (see THIRD_PARTY).
+third_party: deps
+	rm -rf $(BUILD)/third_party && mkdir -p $(BUILD)/third_party/include $(BUILD)/third_party/lib
+	cp -r /usr/include/cxxopts.hpp /usr/include/nlohmann /usr/include/gtest $(BUILD)/third_party/include/
+	cp /usr/lib/x86_64-linux-gnu/libgtest.a $(BUILD)/third_party/lib/
 
 clean:
 	rm -rf $(BUILD)

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine (no package registry there): look at what the
+# machine has, build the CUDA backend against it, run the GPU tests, then the
+# same tests under compute-sanitizer. Logs go to $OUT (or build/gpu-logs).
+# Usage: bash bench/gpu/check.sh [gtest filter]   (carry build/third_party)
+set -uo pipefail
+OUT=${OUT:-build/gpu-logs}; mkdir -p "$OUT"
+FILTER=${1:-CudaOps*}
+BUILD=build/gpu
+echo "== machine"; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
+nvcc --version | tail -1; g++ --version | head -1
+python3 -c "import torch; print('torch', torch.__version__)"
+NV=$(python3 -c "import nvidia; print(nvidia.__path__[0])" 2>/dev/null); echo "pip nvidia: $NV"; ls "$NV" 2>/dev/null | tr '\n' ' '; echo
+for lib in libcublas.so libcublasLt.so libnccl.so; do
+  echo "$lib: $(find /usr/local/cuda* "$NV" -name "$lib*" 2>/dev/null | head -3 | tr '\n' ' ')"; done
+echo "nccl.h: $(find /usr/local/cuda* "$NV" /usr/include -name nccl.h 2>/dev/null | head -2 | tr '\n' ' ')"
+echo "mpicxx: $(command -v mpicxx || echo none); compute-sanitizer: $(command -v compute-sanitizer || echo none)"
+NCCL_DIR=$(dirname "$(dirname "$(find "$NV" -name nccl.h 2>/dev/null | head -1)")" 2>/dev/null)
+
+echo "== build"
+start=$(date +%s)
+make -j16 BUILD=$BUILD THIRD_PARTY=build/third_party ${NCCL_DIR:+NCCL_HOME=$NCCL_DIR} \
+  $BUILD/prism $BUILD/prism_tests > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+echo "built in $(( $(date +%s) - start )) s"; grep -i "makefile:" "$OUT/build.log"
+ldd $BUILD/prism_tests | grep -E "cublas|nccl|cudart|not found"
+
+echo "== GPU tests ($FILTER)"
+$BUILD/prism_tests --gtest_filter="$FILTER" 2>&1 | tee "$OUT/tests.log" | grep -E "^\[  (FAILED|PASSED|SKIPPED) |OK \]|Failure|error|rel" | head -80
+for tool in memcheck racecheck; do
+  echo "== compute-sanitizer $tool"
+  timeout 110 compute-sanitizer --tool $tool --error-exitcode 9 $BUILD/prism_tests --gtest_filter="$FILTER" \
+    > "$OUT/sanitizer-$tool.log" 2>&1; echo "rc $?"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|PASSED|FAILED" "$OUT/sanitizer-$tool.log" | tail -4
+done
