@@ -153,12 +153,12 @@ int cmd_eval(int argc, char** argv) {
         throw UserError("prism eval: --channels and --all-subsets exclude each other");
     const std::string glob = required(r, "data", "eval");
     const Checkpoint ck = load_checkpoint(required(r, "checkpoint", "eval"));
-    resolve_device(r["device"].as<std::string>());  // CPU only until the CUDA kernels exist
+    const Device dev = resolve_device(r["device"].as<std::string>());
     const int batch = r["batch"].as<int>();
     if (batch < 1) throw UserError("--batch must be at least 1");
     Loader data(eval_loader_options(glob, batch, ck.config.data.threads));
     check_data_matches(data.shape(), ck.config.model, glob);
-    Model<float> model(ck.config.model, batch, false);
+    Model<float> model(ck.config.model, batch, false, dev);
     load_weights(model, ck);
     const int K = ck.config.model.num_classes;
     EvalOptions eopts;

@@ -2,12 +2,27 @@
 #include <cstdlib>
 #include <cstring>
 #include "engine/common.h"
+#ifdef PRISM_CUDA
+#include "kernels/cuda_ops.h"
+#endif
 
 namespace prism {
 
-void Arena::allocate() {
+void Arena::allocate(bool device) {
     capacity = (used + 63) & ~size_t(63);
     if (capacity == 0) capacity = 64;
+    on_device = device;
+    if (device) {
+#ifdef PRISM_CUDA
+        base = static_cast<char*>(cuda::device_alloc(capacity, "arena " + name));
+        cuda::zero_async(base, capacity, nullptr);
+        cuda::stream_sync(nullptr);
+        used = 0;
+        return;
+#else
+        throw UserError("arena " + name + ": this build has no CUDA backend");
+#endif
+    }
     base = static_cast<char*>(std::aligned_alloc(64, capacity));
     if (!base)
         throw UserError("arena " + name + ": cannot allocate " + format_bytes(capacity) +
@@ -17,7 +32,11 @@ void Arena::allocate() {
 }
 
 void Arena::release() {
-    std::free(base);
+#ifdef PRISM_CUDA
+    if (on_device) cuda::device_free(base);
+    else
+#endif
+        std::free(base);
     base = nullptr;
     capacity = used = 0;
 }

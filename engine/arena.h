@@ -22,9 +22,11 @@ struct Arena {
         if (base && used > capacity) overflow();
         return p;
     }
-    // Allocates `used` bytes (host memory, zeroed); throws UserError naming the
-    // arena and the bytes when the allocation fails.
-    void allocate();
+    // Allocates `used` bytes, zeroed: host memory, or GPU memory when
+    // on_device. Throws UserError naming the arena, the bytes it wanted and
+    // (GPU) the device's free bytes when the allocation fails.
+    void allocate(bool on_device = false);
+    bool on_device = false;
     void release();
     void rewind() { used = 0; }
     [[noreturn]] void overflow() const;

@@ -7,8 +7,9 @@ namespace prism {
 
 template <class T>
 void save_checkpoint(const std::string& path, Model<T>& model, const Config& cfg) {
-    std::vector<float> fp32(model.num_params());
-    for (int64_t i = 0; i < model.num_params(); i++) fp32[i] = float(model.params()[i]);
+    std::vector<T> host(model.num_params());
+    model.params_to_host(host.data());
+    std::vector<float> fp32(host.begin(), host.end());
     std::vector<TensorOut> tensors;
     for (const auto& p : model.layout())
         tensors.push_back({p.name, "F32", p.shape, fp32.data() + p.offset});
@@ -43,7 +44,8 @@ Checkpoint load_checkpoint(const std::string& path) {
 template <class T>
 void load_weights(Model<T>& model, const Checkpoint& ckpt) {
     PRISM_ASSERT(int64_t(ckpt.params.size()) == model.num_params());
-    for (int64_t i = 0; i < model.num_params(); i++) model.params()[i] = T(ckpt.params[i]);
+    const std::vector<T> host(ckpt.params.begin(), ckpt.params.end());
+    model.params_from_host(host.data());
 }
 template void load_weights(Model<float>&, const Checkpoint&);
 template void load_weights(Model<double>&, const Checkpoint&);

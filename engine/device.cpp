@@ -17,10 +17,9 @@ void host_free_pinned(void* p);
 
 namespace prism {
 
-// The CUDA op kernels exist (kernels/cuda_ops.h) but the model does not call
-// them yet (the CUDA backend issue); device discovery works, so `--device
-// cuda` can say precisely what is missing.
-constexpr bool kCudaKernelsBuilt = false;
+#ifdef PRISM_CUDA
+namespace cuda_ops { bool has_cublas(); }
+#endif
 
 Device resolve_device(const std::string& flag) {
     if (flag != "cpu" && flag != "cuda" && flag != "auto")
@@ -31,19 +30,27 @@ Device resolve_device(const std::string& flag) {
 #else
     const int gpus = 0;
 #endif
-    if (flag == "auto") return (kCudaKernelsBuilt && gpus > 0) ? Device::cuda : Device::cpu;
 #ifndef PRISM_CUDA
+    if (flag == "auto") return Device::cpu;
     throw UserError("--device cuda: this build has no CUDA backend (nvcc was not found at build time)");
 #else
+    // The linear layers need cuBLAS: a build without it cannot train on the GPU.
+    if (flag == "auto") return (gpus > 0 && cuda_ops::has_cublas()) ? Device::cuda : Device::cpu;
     if (gpus == 0) throw UserError("--device cuda: no CUDA device is visible");
-    if (!kCudaKernelsBuilt)
-        throw UserError("--device cuda: found " + cuda::device_name(0) +
-                        ", but the model does not run on the CUDA kernels yet; use --device cpu");
+    if (!cuda_ops::has_cublas())
+        throw UserError("--device cuda: this build found no cuBLAS (set CUBLAS_HOME when building)");
     return Device::cuda;
 #endif
 }
 
 const char* device_label(Device d) { return d == Device::cuda ? "cuda" : "cpu"; }
+
+std::string device_description(Device d) {
+#ifdef PRISM_CUDA
+    if (d == Device::cuda) return "cuda (" + cuda::device_name(0) + ")";
+#endif
+    return device_label(d);
+}
 
 #ifdef PRISM_CUDA
 void profiler_start() { cuda::profiler_start(); }

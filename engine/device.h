@@ -9,6 +9,8 @@ namespace prism {
 // and its kernels exist, else the CPU. Throws UserError for an impossible choice.
 Device resolve_device(const std::string& flag);
 const char* device_label(Device d);
+// "cpu" or "cuda (NVIDIA H100 80GB HBM3)".
+std::string device_description(Device d);
 
 // cudaProfilerStart / cudaProfilerStop: what `nsys profile
 // --capture-range=cudaProfilerApi` waits for (`prism train --profile-steps`).

@@ -1,12 +1,13 @@
 // ViT, channel-wise ViT and MoE-ViT, forward and backward, read top to bottom
-// as DESIGN.md §1 writes them. Every line of math is an op from kernels/ops.h.
+// as DESIGN.md §1 writes them. Every line of math is an op of
+// kernels/backend.h, run where ex_ says (CPU or CUDA).
 #include "engine/model.h"
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include "engine/common.h"
 #include "engine/rng.h"
-#include "kernels/ops.h"
+#include "kernels/backend.h"
 
 namespace prism {
 
@@ -14,10 +15,9 @@ namespace {
 bool is_moe(const ModelConfig& c) { return c.arch == "moevit"; }
 bool is_vit(const ModelConfig& c) { return c.arch == "vit"; }
 int max_seq(const ModelConfig& c) { return 1 + (is_vit(c) ? 1 : c.channels) * c.num_patches(); }
-template <class T> void zero(T* p, int64_t n) { std::memset(p, 0, sizeof(T) * n); }
-ops::AuxLoss aux_kind(const ModelConfig& c) {
-    return c.aux == "switch" ? ops::AuxLoss::switch_
-         : c.aux == "importance" ? ops::AuxLoss::importance : ops::AuxLoss::none;
+op::AuxLoss aux_kind(const ModelConfig& c) {
+    return c.aux == "switch" ? op::AuxLoss::switch_
+         : c.aux == "importance" ? op::AuxLoss::importance : op::AuxLoss::none;
 }
 }  // namespace
 
@@ -119,7 +119,6 @@ struct BlockActs {
     int *experts, *offsets, *pair_of_row, *row_of_pair, *counts;
     double* aux_all;        // [2C+1] aux_stats summed over ranks (data-parallel training)
     bool aux_global;        // aux_all holds them for this forward
-    T aux_loss, z_loss;
     T *att_out, *proj_out, *x_mid, *ln2, *ln2_mean, *ln2_rstd, *fc1, *act, *fc2_out, *x_out;
     T *drop_attn, *drop_mlp;                               // per-image drop path scales
     bool dropping;
@@ -131,31 +130,50 @@ struct Activations {
     std::vector<BlockActs<T>> blocks;
     T *cls_rows, *lnf, *lnf_mean, *lnf_rstd, *logits, *ce_probs;
     Losses losses;
+    // The batch uploaded (CUDA; on the CPU the ops read the caller's arrays),
+    // the drop-path scales of every block [depth, 2, B], and the slots the
+    // losses are written to: [ce, aux per block, z per block, scratch] and the hits.
+    float* images;
+    int32_t* labels;
+    int* S;
+    uint8_t* in_S;
+    T *drop_scales, *loss_slots;
+    int *correct, *counts;   // counts [depth, C]: every block's routing counts
     // Backward scratch, reused by every block.
     T *dres, *dbranch, *datt, *dln, *dqkv, *dfc1, *dact, *dz, *drprobs, *dweights;
     T *dq, *dk, *dv, *dqg, *dog, *dcls, *dlnf, *dlogits, *dpatch;
 };
 
 template <class T>
-Model<T>::Model(const ModelConfig& cfg, int batch_capacity, bool verbose)
+Model<T>::Model(const ModelConfig& cfg, int batch_capacity, bool verbose, Device device)
     : cfg_(cfg), capacity_(batch_capacity), layout_(param_layout(cfg)) {
+    if (device == Device::cuda) {
+        if (!std::is_same_v<T, float>) throw UserError("the CUDA backend runs float32 models only");
+#ifdef PRISM_CUDA
+        ex_.cuda = true;
+        ex_.stream = cuda::stream_create();
+#else
+        throw UserError("this build has no CUDA backend");
+#endif
+    }
     num_params_ = param_count(layout_);
     for (int pass = 0; pass < 2; pass++) {  // measure, then carve
         param_mem_ = param_arena_.take<T>(num_params_);
         grad_mem_ = param_arena_.take<T>(num_params_);
-        if (pass == 0) param_arena_.allocate();
+        if (pass == 0) param_arena_.allocate(ex_.cuda);
     }
     bind_weights(w_, param_mem_, layout_, cfg_.depth);
     bind_weights(g_, grad_mem_, layout_, cfg_.depth);
     act_ = new Activations<T>();
     carve_activations();       // measure
-    act_arena_.allocate();
+    act_arena_.allocate(ex_.cuda);
     carve_activations();       // bind
     if (verbose)
-        std::printf("arena %-22s %10s  (%lld parameters, %s each, with gradients)\n"
+        std::printf("arena %-22s %10s  (%lld parameters, %s each, with gradients; %s)\n"
                     "arena %-22s %10s  (batch capacity %d, sequence %d)\n",
                     param_arena_.name.c_str(), format_bytes(param_arena_.capacity).c_str(),
                     (long long)num_params_, sizeof(T) == 4 ? "fp32" : "fp64",
+                    ex_.cuda ? "GPU memory" : "host memory",
                     act_arena_.name.c_str(), format_bytes(act_arena_.capacity).c_str(), capacity_,
                     max_seq(cfg_));
 }
@@ -165,6 +183,20 @@ Model<T>::~Model() {
     delete act_;
     act_arena_.release();
     param_arena_.release();
+#ifdef PRISM_CUDA
+    if (ex_.cuda) cuda::stream_destroy(ex_.stream);
+#endif
+}
+
+template <class T> void Model<T>::params_to_host(T* dst) const { op::download(ex_, dst, param_mem_, num_params_); }
+template <class T> void Model<T>::grads_to_host(T* dst) const { op::download(ex_, dst, grad_mem_, num_params_); }
+template <class T> void Model<T>::params_from_host(const T* src) {
+    op::upload(ex_, param_mem_, src, num_params_);
+    op::sync(ex_);
+}
+template <class T> void Model<T>::grads_from_host(const T* src) {
+    op::upload(ex_, grad_mem_, src, num_params_);
+    op::sync(ex_);
 }
 
 template <class T>
@@ -175,13 +207,26 @@ void Model<T>::carve_activations() {
     const int64_t P = cfg_.patch, Hd = cfg_.heads, H = cfg_.hidden(), L = max_seq(cfg_);
     const int64_t k = cfg_.top_k, Tok = B * C * N, K = cfg_.num_classes;
     Activations<T>& x = *act_;
+    const int64_t pixels = ex_.cuda ? B * C * int64_t(cfg_.image) * cfg_.image : 0;
+    x.images = a.take<float>(pixels);
+    x.labels = a.take<int32_t>(ex_.cuda ? B : 0);
+    x.S = a.take<int>(ex_.cuda ? C : 0);
+    x.in_S = a.take<uint8_t>(ex_.cuda ? C : 0);
+    x.drop_scales = a.take<T>(cfg_.depth * 2 * B);
+    x.loss_slots = a.take<T>(2 + 2 * cfg_.depth);
+    x.correct = a.take<int>(1);
+    x.counts = a.take<int>(cfg_.depth * C);
     x.patches = a.take<T>(B * C * N * P * P);
     x.patch_tok = a.take<T>(B * (L - 1) * D);
     x.seq = a.take<T>(B * L * D);
     x.blocks.assign(cfg_.depth, BlockActs<T>{});
     T* prev = x.seq;
-    for (auto& b : x.blocks) {
+    for (size_t i = 0; i < x.blocks.size(); i++) {
+        auto& b = x.blocks[i];
         b.x_in = prev;
+        b.drop_attn = x.drop_scales + (2 * i) * B;
+        b.drop_mlp = x.drop_scales + (2 * i + 1) * B;
+        b.counts = x.counts + i * C;
         b.ln1 = a.take<T>(B * L * D);
         b.ln1_mean = a.take<T>(B * L);
         b.ln1_rstd = a.take<T>(B * L);
@@ -197,7 +242,6 @@ void Model<T>::carve_activations() {
             b.offsets = a.take<int>(B * C + 1);
             b.pair_of_row = a.take<int>(Tok * k);
             b.row_of_pair = a.take<int>(Tok * k);
-            b.counts = a.take<int>(C);
             b.aux_all = a.take<double>(2 * C + 1);
             b.qg = a.take<T>(Tok * k * D);
             b.og = a.take<T>(Tok * k * D);
@@ -217,8 +261,6 @@ void Model<T>::carve_activations() {
         b.act = a.take<T>(B * L * H);
         b.fc2_out = a.take<T>(B * L * D);
         b.x_out = a.take<T>(B * L * D);
-        b.drop_attn = a.take<T>(B);
-        b.drop_mlp = a.take<T>(B);
         prev = b.x_out;
     }
     x.cls_rows = a.take<T>(B * D);
@@ -254,8 +296,9 @@ void Model<T>::carve_activations() {
 template <class T>
 void Model<T>::init_weights(uint64_t seed) {
     Rng rng(seed, kInitStream);
+    std::vector<T> host(num_params_);
     for (const auto& p : layout_) {
-        T* w = param_mem_ + p.offset;
+        T* w = host.data() + p.offset;
         const bool is_bias = p.name.size() >= 4 && p.name.compare(p.name.size() - 4, 4, "bias") == 0;
         const bool is_norm = p.name.find("norm") != std::string::npos;
         for (int64_t i = 0; i < p.numel; i++) {
@@ -266,10 +309,11 @@ void Model<T>::init_weights(uint64_t seed) {
             else w[i] = T(rng.trunc_normal(0.02));                  // weights, pos_embed
         }
     }
+    params_from_host(host.data());
 }
 
 template <class T>
-const T* Model<T>::logits() const { return act_->logits; }
+const T* Model<T>::logits() const { return logits_host_.data(); }
 
 template <class T>
 std::vector<std::vector<int>> Model<T>::routing_counts() const {
@@ -277,7 +321,8 @@ std::vector<std::vector<int>> Model<T>::routing_counts() const {
     if (!is_moe(cfg_)) return out;
     for (const auto& b : act_->blocks) {
         std::vector<int> per_channel(cfg_.channels, 0);
-        for (int s = 0; s < nS_; s++) per_channel[S_[s]] = b.counts[s];
+        const int* counts = counts_host_.data() + (&b - act_->blocks.data()) * cfg_.channels;
+        for (int s = 0; s < nS_; s++) per_channel[S_[s]] = counts[s];
         out.push_back(per_channel);
     }
     return out;
@@ -289,7 +334,8 @@ std::vector<int> Model<T>::routing_counts_per_image(int block) const {
     if (!is_moe(cfg_)) return out;
     const int C = cfg_.channels, k = std::min(cfg_.top_k, nS_);
     const int64_t slots = int64_t(nS_) * cfg_.num_patches() * k;  // per image
-    const int* experts = act_->blocks[block].experts;            // [B, nS·N, k]: positions in S
+    std::vector<int> experts(size_t(B_) * slots);                // [B, nS·N, k]: positions in S
+    op::download(ex_, experts.data(), act_->blocks[block].experts, int64_t(experts.size()));
     out.assign(size_t(B_) * C, 0);
     for (int b = 0; b < B_; b++)
         for (int64_t j = 0; j < slots; j++) out[size_t(b) * C + S_[experts[b * slots + j]]]++;
@@ -310,63 +356,98 @@ Losses Model<T>::forward(const Batch& batch, bool training, uint64_t drop_seed) 
     nS_ = int(S_.size());
     in_S_.assign(C, 0);
     for (int c : S_) in_S_[c] = 1;
-    images_ = batch.images;
-    labels_ = batch.labels;
     training_ = training;
     Activations<T>& x = *act_;
+    op::Range range(ex_, training ? "forward" : "forward (eval)");
+    if (ex_.cuda) {
+        op::upload(ex_, x.images, batch.images, int64_t(B_) * C * cfg_.image * cfg_.image);
+        op::upload(ex_, x.S, S_.data(), nS_);
+        op::upload(ex_, x.in_S, in_S_.data(), C);
+        if (batch.labels) op::upload(ex_, x.labels, batch.labels, B_);
+        images_ = x.images;
+        labels_ = batch.labels ? x.labels : nullptr;
+        S_at_ = x.S;
+        in_S_at_ = x.in_S;
+    } else {
+        images_ = batch.images;
+        labels_ = batch.labels;
+        S_at_ = S_.data();
+        in_S_at_ = in_S_.data();
+    }
 
     // Patch embedding: a shared linear map of each P×P patch (a stride-P conv).
     if (is_vit(cfg_)) {
         // vit sees all channels at once; under HCS the missing ones are zeroed
         // and the rest scaled by C/|S| so the input's scale is unchanged.
-        ops::patchify_all(x.patches, images_, B_, C, cfg_.image, cfg_.image, P, in_S_.data(),
+        op::patchify_all(ex_, x.patches, images_, B_, C, cfg_.image, cfg_.image, P, in_S_at_,
                           T(C) / T(nS_));
-        ops::linear_forward(x.patch_tok, x.patches, w_.patch_w, w_.patch_b, int64_t(B_) * N,
+        op::linear_forward(ex_, x.patch_tok, x.patches, w_.patch_w, w_.patch_b, int64_t(B_) * N,
                             C * P * P, D);
-        ops::embed_forward(x.seq, x.patch_tok, w_.cls_token, w_.pos_embed, (const T*)nullptr,
-                           S_.data(), B_, 1, N, D);
+        op::embed_forward(ex_, x.seq, x.patch_tok, w_.cls_token, w_.pos_embed, (const T*)nullptr,
+                           S_at_, B_, 1, N, D);
     } else {
         // chvit/moevit: token (c, n) = conv(x[c])[n] + pos[1+n] + channel_embed[c]
-        ops::patchify_channels(x.patches, images_, B_, C, cfg_.image, cfg_.image, P, S_.data(), nS_);
-        ops::linear_forward(x.patch_tok, x.patches, w_.patch_w, w_.patch_b,
+        op::patchify_channels(ex_, x.patches, images_, B_, C, cfg_.image, cfg_.image, P, S_at_, nS_);
+        op::linear_forward(ex_, x.patch_tok, x.patches, w_.patch_w, w_.patch_b,
                             int64_t(B_) * nS_ * N, P * P, D);
-        ops::embed_forward(x.seq, x.patch_tok, w_.cls_token, w_.pos_embed, w_.channel_embed,
-                           S_.data(), B_, nS_, N, D);
+        op::embed_forward(ex_, x.seq, x.patch_tok, w_.cls_token, w_.pos_embed, w_.channel_embed,
+                           S_at_, B_, nS_, N, D);
     }
 
     // Stochastic depth: rate grows linearly over depth; a dropped sample's
     // branch is skipped, a kept one is scaled by 1/keep. Each draw is keyed by
     // (block, branch, image's index in the global batch), so a rank holding a
     // slice of the batch draws what a single process would for those images.
+    // Drawn on the host for every block, then uploaded at once.
+    std::vector<T> scales(size_t(cfg_.depth) * 2 * B_, T(1));
+    bool any_dropping = false;
     for (int i = 0; i < cfg_.depth; i++) {
         auto& b = x.blocks[i];
         const double rate = cfg_.depth > 1 ? cfg_.drop_path * i / (cfg_.depth - 1) : cfg_.drop_path;
         b.dropping = training && rate > 0;
+        b.drop_attn = x.drop_scales + (2 * i) * B_;
+        b.drop_mlp = x.drop_scales + (2 * i + 1) * B_;
         if (!b.dropping) continue;
-        T* branch_scales[2] = {b.drop_attn, b.drop_mlp};
+        any_dropping = true;
         for (int branch = 0; branch < 2; branch++)
             for (int s = 0; s < B_; s++) {
                 Rng draw(drop_seed, uint64_t(2 * i + branch), uint64_t(batch.first_image + s));
-                branch_scales[branch][s] = draw.uniform() < rate ? T(0) : T(1.0 / (1.0 - rate));
+                scales[(2 * i + branch) * B_ + s] = draw.uniform() < rate ? T(0) : T(1.0 / (1.0 - rate));
             }
     }
+    if (any_dropping) op::upload(ex_, x.drop_scales, scales.data(), int64_t(scales.size()));
 
-    Losses losses;
-    for (int i = 0; i < cfg_.depth; i++) {
-        block_forward(i, training);
-        losses.aux += double(x.blocks[i].aux_loss) / cfg_.depth;
-        losses.z += double(x.blocks[i].z_loss) / cfg_.depth;
-    }
+    for (int i = 0; i < cfg_.depth; i++) block_forward(i, training);
 
     // Head: final LayerNorm and the classifier on the CLS token.
     const int64_t L = 1 + int64_t(is_vit(cfg_) ? 1 : nS_) * N;
     const T* x_last = cfg_.depth ? x.blocks.back().x_out : x.seq;
-    ops::select_rows(x.cls_rows, x_last, L * D, B_, D);
-    ops::layernorm_forward(x.lnf, x.lnf_mean, x.lnf_rstd, x.cls_rows, w_.norm_w, w_.norm_b, B_, D);
-    ops::linear_forward(x.logits, x.lnf, w_.head_w, w_.head_b, B_, D, cfg_.num_classes);
+    op::select_rows(ex_, x.cls_rows, x_last, L * D, B_, D);
+    op::layernorm_forward(ex_, x.lnf, x.lnf_mean, x.lnf_rstd, x.cls_rows, w_.norm_w, w_.norm_b, B_, D);
+    op::linear_forward(ex_, x.logits, x.lnf, w_.head_w, w_.head_b, B_, D, cfg_.num_classes);
+    if (labels_)
+        op::cross_entropy_forward(ex_, x.loss_slots, x.ce_probs, x.logits, labels_, B_,
+                                  cfg_.num_classes, x.correct);
+
+    // Read back what the host needs: the losses, the logits, the routing counts.
+    std::vector<T> slots(1 + 2 * cfg_.depth);
+    int correct = 0;
+    op::download(ex_, slots.data(), x.loss_slots, int64_t(slots.size()));
+    if (labels_) op::download(ex_, &correct, x.correct, 1);
+    logits_host_.resize(size_t(B_) * cfg_.num_classes);
+    op::download(ex_, logits_host_.data(), x.logits, int64_t(logits_host_.size()));
+    if (is_moe(cfg_)) {
+        counts_host_.resize(size_t(cfg_.depth) * C);
+        op::download(ex_, counts_host_.data(), x.counts, int64_t(counts_host_.size()));
+    }
+    Losses losses;
     if (labels_) {
-        losses.ce = double(ops::cross_entropy_forward(x.ce_probs, x.logits, labels_, B_,
-                                                      cfg_.num_classes, &losses.correct));
+        losses.ce = double(slots[0]);
+        losses.correct = correct;
+    }
+    for (int i = 0; i < cfg_.depth; i++) {
+        losses.aux += double(slots[1 + i]) / cfg_.depth;
+        losses.z += double(slots[1 + cfg_.depth + i]) / cfg_.depth;
     }
     losses.total = losses.ce + losses.aux + losses.z;
     x.losses = losses;
@@ -380,66 +461,70 @@ void Model<T>::block_forward(int i, bool training) {
     const int64_t L = 1 + int64_t(is_vit(cfg_) ? 1 : nS_) * N, rows = B_ * L;
     const auto& w = w_.blocks[i];
     auto& b = act_->blocks[i];
-    b.aux_loss = b.z_loss = T(0);
+    T* aux_slot = act_->loss_slots + 1 + i;
+    T* z_slot = act_->loss_slots + 1 + cfg_.depth + i;
+    op::zero(ex_, aux_slot, 1);
+    op::zero(ex_, z_slot, 1);
+    op::Range range(ex_, "block");
 
     // y = LN1(x)
-    ops::layernorm_forward(b.ln1, b.ln1_mean, b.ln1_rstd, b.x_in, w.norm1_w, w.norm1_b, rows, int(D));
+    op::layernorm_forward(ex_, b.ln1, b.ln1_mean, b.ln1_rstd, b.x_in, w.norm1_w, w.norm1_b, rows, int(D));
 
     if (!is_moe(cfg_)) {
         // Dense multi-head attention over the whole sequence.
-        ops::linear_forward(b.qkv, b.ln1, w.qkv_w, w.qkv_b, rows, int(D), int(3 * D));
-        ops::attention_forward(b.att_out, b.att_probs, b.qkv, B_, int(L), int(D), int(Hd));
+        op::linear_forward(ex_, b.qkv, b.ln1, w.qkv_w, w.qkv_b, rows, int(D), int(3 * D));
+        op::attention_forward(ex_, b.att_out, b.att_probs, b.qkv, B_, int(L), int(D), int(Hd));
     } else {
         // Channel-MoE attention. Patch rows of a [B, L, ·] buffer start at row 1.
         const int k = std::min(cfg_.top_k, nS_);
         const int64_t tokens = int64_t(B_) * nS_ * N;
-        const auto combine = cfg_.combine == "renorm" ? ops::Combine::renorm : ops::Combine::softmax;
+        const auto combine = cfg_.combine == "renorm" ? op::Combine::renorm : op::Combine::softmax;
         // Router: z = y·W_rᵀ + b_r; p = softmax over S; E(t) = top-k; R = combine weights.
-        ops::linear_forward(b.z, b.ln1, w.router_w, w.router_b, rows, int(D), int(C));
-        ops::router_forward(b.rprobs, b.experts, b.weights, b.lse, b.z + C, L * C, in_S_.data(),
-                            S_.data(), B_, nS_, int(N), int(C), k, combine);
+        op::linear_forward(ex_, b.z, b.ln1, w.router_w, w.router_b, rows, int(D), int(C));
+        op::router_forward(ex_, b.rprobs, b.experts, b.weights, b.lse, b.z + C, L * C, in_S_at_,
+                            S_at_, B_, nS_, int(N), int(C), k, combine);
         // Dispatch: sort the (token, slot) pairs into (image, channel) groups.
-        ops::moe_dispatch(b.offsets, b.pair_of_row, b.row_of_pair, b.counts, b.experts, B_, nS_,
+        op::moe_dispatch(ex_, b.offsets, b.pair_of_row, b.row_of_pair, b.counts, b.experts, B_, nS_,
                           int(N), k);
         // q shared by all tokens; k, v from each channel's own expert.
-        ops::linear_forward(b.q, b.ln1, w.q_w, w.q_b, rows, int(D), int(D));
-        ops::expert_linear_forward(b.k, b.ln1 + D, L * D, w.k_w, w.k_b, S_.data(), B_, nS_, int(N),
+        op::linear_forward(ex_, b.q, b.ln1, w.q_w, w.q_b, rows, int(D), int(D));
+        op::expert_linear_forward(ex_, b.k, b.ln1 + D, L * D, w.k_w, w.k_b, S_at_, B_, nS_, int(N),
                                    int(D), int(D));
-        ops::expert_linear_forward(b.v, b.ln1 + D, L * D, w.v_w, w.v_b, S_.data(), B_, nS_, int(N),
+        op::expert_linear_forward(ex_, b.v, b.ln1 + D, L * D, w.v_w, w.v_b, S_at_, B_, nS_, int(N),
                                    int(D), int(D));
         // a[t] = Σ_{c∈E(t)} R[t,c]·MHA(q[t], K_{b,c}, V_{b,c})
-        ops::moe_gather_forward(b.qg, b.q + D, L * D, b.pair_of_row, B_, nS_, int(N), k, int(D));
-        ops::routed_attention_forward(b.og, b.route_probs, b.qg, b.k, b.v, b.offsets, B_, nS_,
+        op::moe_gather_forward(ex_, b.qg, b.q + D, L * D, b.pair_of_row, B_, nS_, int(N), k, int(D));
+        op::routed_attention_forward(ex_, b.og, b.route_probs, b.qg, b.k, b.v, b.offsets, B_, nS_,
                                       int(N), int(D), int(Hd));
-        ops::combine_forward(b.att_out + D, L * D, b.og, b.weights, b.row_of_pair, B_, nS_, int(N),
+        op::combine_forward(ex_, b.att_out + D, L * D, b.og, b.weights, b.row_of_pair, B_, nS_, int(N),
                              k, int(D));
         // The CLS row attends densely to every patch key of its image.
-        ops::cls_attention_forward(b.att_out, L * D, b.cls_probs, b.q, L * D, b.k, b.v, B_,
+        op::cls_attention_forward(ex_, b.att_out, L * D, b.cls_probs, b.q, L * D, b.k, b.v, B_,
                                    int(nS_ * N), int(D), int(Hd));
         // Load-balance and z losses (their gradients are taken in backward).
         // Under data parallelism the balance is that of the global batch.
         b.aux_global = training_ && reduce_over_ranks_;
         if (b.aux_global) {
-            ops::aux_stats(b.aux_all, b.rprobs, b.counts, S_.data(), tokens, nS_, int(C));
+            op::aux_stats(ex_, b.aux_all, b.rprobs, b.counts, S_at_, tokens, nS_, int(C));
             reduce_over_ranks_(b.aux_all, 2 * int64_t(nS_) + 1);
         }
-        b.aux_loss = ops::aux_loss_forward_backward<T>(nullptr, b.rprobs, b.counts, S_.data(), tokens, nS_,
-                                                       int(C), k, aux_kind(cfg_), T(cfg_.aux_coef), T(0),
-                                                       b.aux_global ? b.aux_all : nullptr);
-        b.z_loss = ops::z_loss_forward_backward<T>(nullptr, 0, b.rprobs, b.lse, B_, nS_, int(N),
-                                                   int(C), T(cfg_.z_loss_coef), T(0));
+        op::aux_loss_forward_backward<T>(ex_, aux_slot, nullptr, b.rprobs, b.counts, S_at_, tokens, nS_,
+                                         int(C), k, aux_kind(cfg_), T(cfg_.aux_coef), T(0),
+                                         b.aux_global ? b.aux_all : nullptr);
+        op::z_loss_forward_backward<T>(ex_, z_slot, nullptr, 0, b.rprobs, b.lse, B_, nS_, int(N),
+                                       int(C), T(cfg_.z_loss_coef), T(0));
     }
     // x_mid = x + drop_path(attn_out·W_oᵀ + b_o)
-    ops::linear_forward(b.proj_out, b.att_out, w.proj_w, w.proj_b, rows, int(D), int(D));
-    std::memcpy(b.x_mid, b.x_in, sizeof(T) * rows * D);
-    ops::residual_forward(b.x_mid, b.proj_out, b.dropping ? b.drop_attn : nullptr, B_, L * D);
+    op::linear_forward(ex_, b.proj_out, b.att_out, w.proj_w, w.proj_b, rows, int(D), int(D));
+    op::copy(ex_, b.x_mid, b.x_in, rows * D);
+    op::residual_forward(ex_, b.x_mid, b.proj_out, b.dropping ? b.drop_attn : nullptr, B_, L * D);
     // x_out = x_mid + drop_path(MLP(LN2(x_mid)))
-    ops::layernorm_forward(b.ln2, b.ln2_mean, b.ln2_rstd, b.x_mid, w.norm2_w, w.norm2_b, rows, int(D));
-    ops::linear_forward(b.fc1, b.ln2, w.fc1_w, w.fc1_b, rows, int(D), int(H));
-    ops::gelu_forward(b.act, b.fc1, rows * H);
-    ops::linear_forward(b.fc2_out, b.act, w.fc2_w, w.fc2_b, rows, int(H), int(D));
-    std::memcpy(b.x_out, b.x_mid, sizeof(T) * rows * D);
-    ops::residual_forward(b.x_out, b.fc2_out, b.dropping ? b.drop_mlp : nullptr, B_, L * D);
+    op::layernorm_forward(ex_, b.ln2, b.ln2_mean, b.ln2_rstd, b.x_mid, w.norm2_w, w.norm2_b, rows, int(D));
+    op::linear_forward(ex_, b.fc1, b.ln2, w.fc1_w, w.fc1_b, rows, int(D), int(H));
+    op::gelu_forward(ex_, b.act, b.fc1, rows * H);
+    op::linear_forward(ex_, b.fc2_out, b.act, w.fc2_w, w.fc2_b, rows, int(H), int(D));
+    op::copy(ex_, b.x_out, b.x_mid, rows * D);
+    op::residual_forward(ex_, b.x_out, b.fc2_out, b.dropping ? b.drop_mlp : nullptr, B_, L * D);
 }
 
 // ---------------------------------------------------------------------------
@@ -454,31 +539,31 @@ void Model<T>::backward() {
     const int K = cfg_.num_classes;
     const int64_t L = 1 + int64_t(is_vit(cfg_) ? 1 : nS_) * N;
     Activations<T>& x = *act_;
-    zero(grad_mem_, num_params_);
+    op::zero(ex_, grad_mem_, num_params_);
 
-    zero(x.dlogits, int64_t(B_) * K);
-    ops::cross_entropy_backward(x.dlogits, x.ce_probs, labels_, B_, K, T(1));
-    zero(x.dlnf, int64_t(B_) * D);
-    ops::linear_backward(x.dlnf, g_.head_w, g_.head_b, x.dlogits, x.lnf, w_.head_w, B_, D, K);
-    zero(x.dcls, int64_t(B_) * D);
-    ops::layernorm_backward(x.dcls, g_.norm_w, g_.norm_b, x.dlnf, x.cls_rows, w_.norm_w,
+    op::zero(ex_, x.dlogits, int64_t(B_) * K);
+    op::cross_entropy_backward(ex_, x.dlogits, x.ce_probs, labels_, B_, K, T(1));
+    op::zero(ex_, x.dlnf, int64_t(B_) * D);
+    op::linear_backward(ex_, x.dlnf, g_.head_w, g_.head_b, x.dlogits, x.lnf, w_.head_w, B_, D, K);
+    op::zero(ex_, x.dcls, int64_t(B_) * D);
+    op::layernorm_backward(ex_, x.dcls, g_.norm_w, g_.norm_b, x.dlnf, x.cls_rows, w_.norm_w,
                             x.lnf_mean, x.lnf_rstd, B_, D);
-    zero(x.dres, B_ * L * D);
-    ops::select_rows_backward(x.dres, x.dcls, L * D, B_, D);
+    op::zero(ex_, x.dres, B_ * L * D);
+    op::select_rows_backward(ex_, x.dres, x.dcls, L * D, B_, D);
 
     for (int i = cfg_.depth - 1; i >= 0; i--) block_backward(i);
 
     const int64_t patch_rows = int64_t(B_) * (L - 1);
-    zero(x.dpatch, patch_rows * D);
+    op::zero(ex_, x.dpatch, patch_rows * D);
     if (is_vit(cfg_)) {
-        ops::embed_backward(x.dpatch, g_.cls_token, g_.pos_embed, (T*)nullptr, x.dres, S_.data(),
+        op::embed_backward(ex_, x.dpatch, g_.cls_token, g_.pos_embed, (T*)nullptr, x.dres, S_at_,
                             B_, 1, N, D);
-        ops::linear_backward((T*)nullptr, g_.patch_w, g_.patch_b, x.dpatch, x.patches, w_.patch_w,
+        op::linear_backward(ex_, (T*)nullptr, g_.patch_w, g_.patch_b, x.dpatch, x.patches, w_.patch_w,
                              patch_rows, C * P * P, D);
     } else {
-        ops::embed_backward(x.dpatch, g_.cls_token, g_.pos_embed, g_.channel_embed, x.dres,
-                            S_.data(), B_, nS_, N, D);
-        ops::linear_backward((T*)nullptr, g_.patch_w, g_.patch_b, x.dpatch, x.patches, w_.patch_w,
+        op::embed_backward(ex_, x.dpatch, g_.cls_token, g_.pos_embed, g_.channel_embed, x.dres,
+                            S_at_, B_, nS_, N, D);
+        op::linear_backward(ex_, (T*)nullptr, g_.patch_w, g_.patch_b, x.dpatch, x.patches, w_.patch_w,
                              patch_rows, P * P, D);
     }
 }
@@ -495,63 +580,64 @@ void Model<T>::block_backward(int i) {
     // x.dres holds ∂loss/∂x_out on entry and ∂loss/∂x_in on exit.
 
     // MLP branch
-    zero(x.dbranch, rows * D);
-    ops::residual_backward(x.dbranch, x.dres, b.dropping ? b.drop_mlp : nullptr, B_, L * D);
-    zero(x.dact, rows * H);
-    ops::linear_backward(x.dact, g.fc2_w, g.fc2_b, x.dbranch, b.act, w.fc2_w, rows, int(H), int(D));
-    zero(x.dfc1, rows * H);
-    ops::gelu_backward(x.dfc1, x.dact, b.fc1, rows * H);
-    zero(x.dln, rows * D);
-    ops::linear_backward(x.dln, g.fc1_w, g.fc1_b, x.dfc1, b.ln2, w.fc1_w, rows, int(D), int(H));
-    ops::layernorm_backward(x.dres, g.norm2_w, g.norm2_b, x.dln, b.x_mid, w.norm2_w, b.ln2_mean,
+    op::zero(ex_, x.dbranch, rows * D);
+    op::residual_backward(ex_, x.dbranch, x.dres, b.dropping ? b.drop_mlp : nullptr, B_, L * D);
+    op::zero(ex_, x.dact, rows * H);
+    op::linear_backward(ex_, x.dact, g.fc2_w, g.fc2_b, x.dbranch, b.act, w.fc2_w, rows, int(H), int(D));
+    op::zero(ex_, x.dfc1, rows * H);
+    op::gelu_backward(ex_, x.dfc1, x.dact, b.fc1, rows * H);
+    op::zero(ex_, x.dln, rows * D);
+    op::linear_backward(ex_, x.dln, g.fc1_w, g.fc1_b, x.dfc1, b.ln2, w.fc1_w, rows, int(D), int(H));
+    op::layernorm_backward(ex_, x.dres, g.norm2_w, g.norm2_b, x.dln, b.x_mid, w.norm2_w, b.ln2_mean,
                             b.ln2_rstd, rows, int(D));
 
     // Attention branch
-    zero(x.dbranch, rows * D);
-    ops::residual_backward(x.dbranch, x.dres, b.dropping ? b.drop_attn : nullptr, B_, L * D);
-    zero(x.datt, rows * D);
-    ops::linear_backward(x.datt, g.proj_w, g.proj_b, x.dbranch, b.att_out, w.proj_w, rows, int(D), int(D));
-    zero(x.dln, rows * D);
+    op::zero(ex_, x.dbranch, rows * D);
+    op::residual_backward(ex_, x.dbranch, x.dres, b.dropping ? b.drop_attn : nullptr, B_, L * D);
+    op::zero(ex_, x.datt, rows * D);
+    op::linear_backward(ex_, x.datt, g.proj_w, g.proj_b, x.dbranch, b.att_out, w.proj_w, rows, int(D), int(D));
+    op::zero(ex_, x.dln, rows * D);
     if (!is_moe(cfg_)) {
-        zero(x.dqkv, rows * 3 * D);
-        ops::attention_backward(x.dqkv, x.datt, b.qkv, b.att_probs, B_, int(L), int(D), int(Hd));
-        ops::linear_backward(x.dln, g.qkv_w, g.qkv_b, x.dqkv, b.ln1, w.qkv_w, rows, int(D), int(3 * D));
+        op::zero(ex_, x.dqkv, rows * 3 * D);
+        op::attention_backward(ex_, x.dqkv, x.datt, b.qkv, b.att_probs, B_, int(L), int(D), int(Hd));
+        op::linear_backward(ex_, x.dln, g.qkv_w, g.qkv_b, x.dqkv, b.ln1, w.qkv_w, rows, int(D), int(3 * D));
     } else {
         const int k = std::min(cfg_.top_k, nS_);
         const int64_t tokens = int64_t(B_) * nS_ * N;
-        const auto combine = cfg_.combine == "renorm" ? ops::Combine::renorm : ops::Combine::softmax;
-        zero(x.dq, rows * D);
-        zero(x.dk, tokens * D);
-        zero(x.dv, tokens * D);
-        zero(x.dog, tokens * k * D);
-        zero(x.dqg, tokens * k * D);
-        zero(x.dweights, tokens * k);
-        zero(x.drprobs, tokens * C);
-        zero(x.dz, rows * C);
-        ops::cls_attention_backward(x.dq, L * D, x.dk, x.dv, x.datt, L * D, b.q, L * D, b.k, b.v,
+        const auto combine = cfg_.combine == "renorm" ? op::Combine::renorm : op::Combine::softmax;
+        op::zero(ex_, x.dq, rows * D);
+        op::zero(ex_, x.dk, tokens * D);
+        op::zero(ex_, x.dv, tokens * D);
+        op::zero(ex_, x.dog, tokens * k * D);
+        op::zero(ex_, x.dqg, tokens * k * D);
+        op::zero(ex_, x.dweights, tokens * k);
+        op::zero(ex_, x.drprobs, tokens * C);
+        op::zero(ex_, x.dz, rows * C);
+        op::cls_attention_backward(ex_, x.dq, L * D, x.dk, x.dv, x.datt, L * D, b.q, L * D, b.k, b.v,
                                     b.cls_probs, B_, int(nS_ * N), int(D), int(Hd));
-        ops::combine_backward(x.dog, x.dweights, x.datt + D, L * D, b.og, b.weights, b.row_of_pair,
+        op::combine_backward(ex_, x.dog, x.dweights, x.datt + D, L * D, b.og, b.weights, b.row_of_pair,
                               B_, nS_, int(N), k, int(D));
-        ops::routed_attention_backward(x.dqg, x.dk, x.dv, x.dog, b.qg, b.k, b.v, b.route_probs,
+        op::routed_attention_backward(ex_, x.dqg, x.dk, x.dv, x.dog, b.qg, b.k, b.v, b.route_probs,
                                        b.offsets, B_, nS_, int(N), int(D), int(Hd));
-        ops::moe_gather_backward(x.dq + D, L * D, x.dqg, b.row_of_pair, B_, nS_, int(N), k, int(D));
-        ops::expert_linear_backward(x.dln + D, g.k_w, g.k_b, x.dk, b.ln1 + D, L * D, w.k_w,
-                                    S_.data(), B_, nS_, int(N), int(D), int(D));
-        ops::expert_linear_backward(x.dln + D, g.v_w, g.v_b, x.dv, b.ln1 + D, L * D, w.v_w,
-                                    S_.data(), B_, nS_, int(N), int(D), int(D));
-        ops::linear_backward(x.dln, g.q_w, g.q_b, x.dq, b.ln1, w.q_w, rows, int(D), int(D));
+        op::moe_gather_backward(ex_, x.dq + D, L * D, x.dqg, b.row_of_pair, B_, nS_, int(N), k, int(D));
+        op::expert_linear_backward(ex_, x.dln + D, g.k_w, g.k_b, x.dk, b.ln1 + D, L * D, w.k_w,
+                                    S_at_, B_, nS_, int(N), int(D), int(D));
+        op::expert_linear_backward(ex_, x.dln + D, g.v_w, g.v_b, x.dv, b.ln1 + D, L * D, w.v_w,
+                                    S_at_, B_, nS_, int(N), int(D), int(D));
+        op::linear_backward(ex_, x.dln, g.q_w, g.q_b, x.dq, b.ln1, w.q_w, rows, int(D), int(D));
         // The model's aux and z losses are means over blocks.
         const T per_block = T(1) / T(cfg_.depth);
-        ops::aux_loss_forward_backward(x.drprobs, b.rprobs, b.counts, S_.data(), tokens, nS_,
-                                       int(C), k, aux_kind(cfg_), T(cfg_.aux_coef), per_block,
-                                       b.aux_global ? b.aux_all : nullptr);
-        ops::z_loss_forward_backward(x.dz + C, L * C, b.rprobs, b.lse, B_, nS_, int(N), int(C),
-                                     T(cfg_.z_loss_coef), per_block);
-        ops::router_backward(x.dz + C, L * C, b.rprobs, b.experts, b.weights, x.dweights,
-                             x.drprobs, S_.data(), B_, nS_, int(N), int(C), k, combine);
-        ops::linear_backward(x.dln, g.router_w, g.router_b, x.dz, b.ln1, w.router_w, rows, int(D), int(C));
+        T* unused_loss = x.loss_slots + 1 + 2 * cfg_.depth;  // forward recorded these losses
+        op::aux_loss_forward_backward(ex_, unused_loss, x.drprobs, b.rprobs, b.counts, S_at_, tokens, nS_,
+                                      int(C), k, aux_kind(cfg_), T(cfg_.aux_coef), per_block,
+                                      b.aux_global ? b.aux_all : nullptr);
+        op::z_loss_forward_backward(ex_, unused_loss, x.dz + C, L * C, b.rprobs, b.lse, B_, nS_, int(N),
+                                    int(C), T(cfg_.z_loss_coef), per_block);
+        op::router_backward(ex_, x.dz + C, L * C, b.rprobs, b.experts, b.weights, x.dweights,
+                             x.drprobs, S_at_, B_, nS_, int(N), int(C), k, combine);
+        op::linear_backward(ex_, x.dln, g.router_w, g.router_b, x.dz, b.ln1, w.router_w, rows, int(D), int(C));
     }
-    ops::layernorm_backward(x.dres, g.norm1_w, g.norm1_b, x.dln, b.x_in, w.norm1_w, b.ln1_mean,
+    op::layernorm_backward(ex_, x.dres, g.norm1_w, g.norm1_b, x.dln, b.x_in, w.norm1_w, b.ln1_mean,
                             b.ln1_rstd, rows, int(D));
 }
 

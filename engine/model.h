@@ -1,13 +1,17 @@
 // The three architectures of DESIGN.md §1 (vit, chvit, moevit) as one model
-// whose forward and backward are written against kernels/ops.h. Memory comes
-// from three arenas sized from the config and the batch capacity: parameters
-// (with their gradients), optimizer state (engine/optimizer.h) and activations.
+// whose forward and backward are written against kernels/backend.h (the ops
+// of kernels/ops.h on the CPU or their CUDA twins). Memory comes from three
+// arenas sized from the config and the batch capacity: parameters (with their
+// gradients), optimizer state (engine/optimizer.h) and activations. On CUDA
+// the arenas are device memory, and the batch is uploaded by forward().
 #pragma once
 #include <functional>
 #include <string>
 #include <vector>
 #include "engine/arena.h"
+#include "engine/common.h"
 #include "engine/config.h"
+#include "kernels/backend.h"
 
 namespace prism {
 
@@ -25,6 +29,7 @@ int64_t param_count(const std::vector<ParamInfo>& layout);
 
 // One batch as the model sees it: normalized float images [B, C, H, W] with
 // all C channels, and the sorted channel subset S present in this batch.
+// Host memory, whatever the device.
 struct Batch {
     const float* images = nullptr;
     const int32_t* labels = nullptr;
@@ -57,8 +62,9 @@ struct Activations;  // model.cpp
 template <class T>
 class Model {
 public:
-    // batch_capacity: the largest batch forward() will be given.
-    Model(const ModelConfig& cfg, int batch_capacity, bool verbose);
+    // batch_capacity: the largest batch forward() will be given. Device::cuda
+    // needs T = float.
+    Model(const ModelConfig& cfg, int batch_capacity, bool verbose, Device device = Device::cpu);
     ~Model();
     Model(const Model&) = delete;
     Model& operator=(const Model&) = delete;
@@ -75,9 +81,17 @@ public:
     const ModelConfig& config() const { return cfg_; }
     const std::vector<ParamInfo>& layout() const { return layout_; }
     int64_t num_params() const { return num_params_; }
+    Device device() const { return ex_.cuda ? Device::cuda : Device::cpu; }
+    const op::Exec& exec() const { return ex_; }
+    // Where the model's device keeps them (device memory on CUDA).
     T* params() { return param_mem_; }
     T* grads() { return grad_mem_; }
-    const T* logits() const;   // [B, classes] of the last forward
+    // Copies between those and host memory of num_params() elements.
+    void params_to_host(T* dst) const;
+    void params_from_host(const T* src);
+    void grads_to_host(T* dst) const;
+    void grads_from_host(const T* src);
+    const T* logits() const;   // [B, classes] of the last forward, in host memory
     // Per block: token-slots routed to each channel in the last forward ([C]; moevit).
     std::vector<std::vector<int>> routing_counts() const;
     // Block `block`'s token-slots of each image of the last forward routed to
@@ -108,8 +122,16 @@ private:
     int B_ = 0, nS_ = 0;
     std::vector<int> S_;
     std::vector<uint8_t> in_S_;
+    // The batch where the ops read it: the caller's host arrays on the CPU,
+    // their uploaded copies on CUDA.
+    const int* S_at_ = nullptr;
+    const uint8_t* in_S_at_ = nullptr;
     const float* images_ = nullptr;
     const int32_t* labels_ = nullptr;
+    // What forward() reads back to the host: logits and routing counts.
+    std::vector<T> logits_host_;
+    std::vector<int> counts_host_;     // [depth, C]: positions in S (moevit)
+    op::Exec ex_;
     bool training_ = false;
     std::function<void(double*, int64_t)> reduce_over_ranks_;
 };

@@ -1,7 +1,7 @@
 #include "engine/optimizer.h"
 #include <cmath>
 #include <cstdio>
-#include "kernels/ops.h"
+#include "kernels/backend.h"
 
 namespace prism {
 
@@ -13,11 +13,13 @@ double learning_rate(const TrainConfig& t, int64_t step, int64_t total_steps, in
 }
 
 template <class T>
-AdamW<T>::AdamW(const TrainConfig& cfg, int64_t num_params, bool verbose) : cfg_(cfg), n_(num_params) {
+AdamW<T>::AdamW(const TrainConfig& cfg, int64_t num_params, bool verbose, Device device)
+    : cfg_(cfg), n_(num_params) {
     for (int pass = 0; pass < 2; pass++) {  // measure, then carve
         m_ = state_.take<T>(n_);
         v_ = state_.take<T>(n_);
-        if (pass == 0) state_.allocate();
+        norm_slot_ = state_.take<double>(1);
+        if (pass == 0) state_.allocate(device == Device::cuda);
     }
     if (verbose)
         std::printf("arena %-22s %10s  (AdamW first and second moments)\n", state_.name.c_str(),
@@ -26,19 +28,37 @@ AdamW<T>::AdamW(const TrainConfig& cfg, int64_t num_params, bool verbose) : cfg_
 
 template <class T>
 double AdamW<T>::grad_norm(Model<T>& model) const {
-    return std::sqrt(ops::sum_squares(model.grads(), n_));
+    double sum = 0;
+    op::sum_squares(model.exec(), norm_slot_, model.grads(), n_);
+    op::download(model.exec(), &sum, norm_slot_, 1);
+    return std::sqrt(sum);
 }
 
 template <class T>
 void AdamW<T>::apply(Model<T>& model, double lr, double norm) {
+    const op::Exec& ex = model.exec();
+    op::Range range(ex, "optimizer");
     T* g = model.grads();
     if (cfg_.grad_clip > 0 && norm > cfg_.grad_clip)
-        ops::scale_inplace(g, n_, T(cfg_.grad_clip / norm));
+        op::scale_inplace(ex, g, n_, T(cfg_.grad_clip / norm));
     t_++;
     for (const auto& p : model.layout())
-        ops::adamw_update(model.params() + p.offset, g + p.offset, m_ + p.offset, v_ + p.offset,
-                          p.numel, lr, cfg_.beta1, cfg_.beta2, cfg_.eps,
-                          p.decay ? cfg_.weight_decay : 0.0, t_);
+        op::adamw_update(ex, model.params() + p.offset, g + p.offset, m_ + p.offset, v_ + p.offset,
+                         p.numel, lr, cfg_.beta1, cfg_.beta2, cfg_.eps,
+                         p.decay ? cfg_.weight_decay : 0.0, t_);
+}
+
+template <class T>
+void AdamW<T>::moments_to_host(T* m, T* v, const Model<T>& model) const {
+    op::download(model.exec(), m, m_, n_);
+    op::download(model.exec(), v, v_, n_);
+}
+
+template <class T>
+void AdamW<T>::moments_from_host(const T* m, const T* v, const Model<T>& model) {
+    op::upload(model.exec(), m_, m, n_);
+    op::upload(model.exec(), v_, v, n_);
+    op::sync(model.exec());
 }
 
 template <class T>

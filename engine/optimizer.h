@@ -13,7 +13,8 @@ double learning_rate(const TrainConfig& t, int64_t step, int64_t total_steps, in
 template <class T>
 class AdamW {
 public:
-    AdamW(const TrainConfig& cfg, int64_t num_params, bool verbose);
+    // The moments live where the model does (`device`).
+    AdamW(const TrainConfig& cfg, int64_t num_params, bool verbose, Device device = Device::cpu);
     ~AdamW() { state_.release(); }
     // One update of model.params() from model.grads(). Returns the gradient's
     // global L2 norm before clipping.
@@ -23,8 +24,9 @@ public:
     double grad_norm(Model<T>& model) const;
     void apply(Model<T>& model, double lr, double grad_norm);
     int64_t steps_taken() const { return t_; }
-    T* first_moment() { return m_; }
-    T* second_moment() { return v_; }
+    // Host copies of the moments (num_params() elements each), for the training state.
+    void moments_to_host(T* m, T* v, const Model<T>& model) const;
+    void moments_from_host(const T* m, const T* v, const Model<T>& model);
     void set_steps_taken(int64_t t) { t_ = t; }
 
 private:
@@ -32,6 +34,7 @@ private:
     int64_t n_;
     Arena state_{"optimizer state"};
     T *m_ = nullptr, *v_ = nullptr;
+    double* norm_slot_ = nullptr;  // Σ g², written where the moments live
     int64_t t_ = 0;
 };
 

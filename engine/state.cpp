@@ -59,10 +59,13 @@ const std::vector<std::string>& resume_free_keys() {
 void save_train_state(const std::string& path, Model<float>& model, AdamW<float>& opt, const Config& cfg,
                       const ResumePoint& at) {
     const std::vector<int64_t> shape = {model.num_params()};
+    std::vector<float> params(model.num_params()), m(model.num_params()), v(model.num_params());
+    model.params_to_host(params.data());
+    opt.moments_to_host(m.data(), v.data(), model);
     const std::vector<TensorOut> tensors = {
-        {"params", "F32", shape, model.params()},
-        {"adamw.m", "F32", shape, opt.first_moment()},
-        {"adamw.v", "F32", shape, opt.second_moment()},
+        {"params", "F32", shape, params.data()},
+        {"adamw.m", "F32", shape, m.data()},
+        {"adamw.v", "F32", shape, v.data()},
     };
     write_safetensors(path, tensors,
                       {{"format", kFormat},
@@ -100,7 +103,6 @@ ResumePoint load_train_state(const std::string& path, const Config& cfg, Model<f
                         std::to_string(at.step));
 
     const int64_t n = model.num_params();
-    float* dst[] = {model.params(), opt.first_moment(), opt.second_moment()};
     const char* names[] = {"params", "adamw.m", "adamw.v"};
     for (int i = 0; i < 3; i++) {
         const TensorIn& t = f.at(names[i]);
@@ -108,7 +110,14 @@ ResumePoint load_train_state(const std::string& path, const Config& cfg, Model<f
             throw UserError(path + ": " + names[i] + " is not F32 [" + std::to_string(n) +
                             "], as the model of its config needs");
     }
-    for (int i = 0; i < 3; i++) std::memcpy(dst[i], f.at(names[i]).data, size_t(n) * sizeof(float));
+    // The file's bytes may be unaligned for float: copy them out first.
+    std::vector<float> host[3];
+    for (int i = 0; i < 3; i++) {
+        host[i].resize(n);
+        std::memcpy(host[i].data(), f.at(names[i]).data, size_t(n) * sizeof(float));
+    }
+    model.params_from_host(host[0].data());
+    opt.moments_from_host(host[1].data(), host[2].data(), model);
     opt.set_steps_taken(optimizer_steps);
     return at;
 }

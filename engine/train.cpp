@@ -15,6 +15,7 @@
 #include "engine/optimizer.h"
 #include "engine/rng.h"
 #include "engine/state.h"
+#include "engine/device.h"
 #include "kernels/ops.h"
 
 namespace prism {
@@ -116,7 +117,9 @@ static EvalResult reduce_eval(const Comm& comm, EvalResult r) {
 // FNV-1a over the weights' bytes: cheap proof that every rank holds the same.
 static uint64_t weights_hash(Model<float>& model) {
     uint64_t h = 1469598103934665603ull;
-    const auto* p = reinterpret_cast<const unsigned char*>(model.params());
+    std::vector<float> params(model.num_params());
+    model.params_to_host(params.data());
+    const auto* p = reinterpret_cast<const unsigned char*>(params.data());
     for (size_t i = 0; i < size_t(model.num_params()) * sizeof(float); i++) h = (h ^ p[i]) * 1099511628211ull;
     return h;
 }
@@ -129,8 +132,11 @@ TrainResult train(const Config& cfg, Device device, const std::string& out_dir, 
     const Comm& comm = opts.comm ? *opts.comm : world_of_one;
     const bool lead = comm.rank == 0;  // logs, evaluates the reduced result, writes checkpoints
     verbose = verbose && lead;
-    if (device != Device::cpu)
-        throw UserError("--device cuda: the model does not run on the CUDA op kernels yet (they exist, untested on a GPU); use --device cpu");
+    if (device == Device::cuda && comm.size > 1)
+        throw UserError("--device cuda under mpirun: the NCCL gradient path is not built yet; run one process per "
+                        "GPU job, or --device cpu for data parallelism over MPI");
+    if (device == Device::cuda && t.precision == "bf16" && verbose)
+        std::printf("train: train.precision bf16 asked for, but the CUDA backend computes in fp32 so far; running fp32\n");
     if (cfg.data.train.empty()) throw UserError("config: data.train is empty (a glob of training shards)");
     if (t.steps == 0 && t.epochs == 0) throw UserError("config: set train.steps or train.epochs");
 
@@ -156,15 +162,15 @@ TrainResult train(const Config& cfg, Device device, const std::string& out_dir, 
     const int64_t total = t.steps > 0 ? t.steps : int64_t(std::ceil(t.epochs * per_epoch));
     const int64_t warmup = t.warmup_steps > 0 ? t.warmup_steps : int64_t(std::llround(t.warmup_epochs * per_epoch));
     if (verbose)
-        std::printf("train: %s, %lld images (%lld steps/epoch), %lld steps, batch %d (%d rank%s of %d), device cpu\n",
+        std::printf("train: %s, %lld images (%lld steps/epoch), %lld steps, batch %d (%d rank%s of %d), device %s\n",
                     m.arch.c_str(), (long long)loader.count(), (long long)per_epoch, (long long)total, t.batch,
-                    comm.size, comm.size == 1 ? "" : "s", loader.local_batch());
+                    comm.size, comm.size == 1 ? "" : "s", loader.local_batch(), device_description(device).c_str());
 
-    Model<float> model(m, loader.local_batch(), verbose);
+    Model<float> model(m, loader.local_batch(), verbose, device);
     model.init_weights(t.seed);
     if (comm.size > 1)
         model.set_reduce_over_ranks([&comm](double* x, int64_t n) { comm_allreduce_sum(comm, x, n); });
-    AdamW<float> opt(t, model.num_params(), verbose);
+    AdamW<float> opt(t, model.num_params(), verbose, device);
 
     // Resume: weights, moments and counters from the state file; the loader
     // continues at the batch the interrupted run would have drawn next.

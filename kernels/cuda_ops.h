@@ -17,6 +17,7 @@
 //
 // A plain header: usable from .cpp files without the CUDA headers.
 #pragma once
+#include <cstddef>
 #include <cstdint>
 #include <string>
 
@@ -27,6 +28,23 @@ typedef struct CUstream_st* cudaStream_t;  // as <driver_types.h> declares it
 namespace prism::cuda {
 int device_count();  // 0 when there is no driver or no device (kernels/cuda/device.cu)
 std::string device_name(int index);
+
+// Device memory and streams for the engine (kernels/cuda/device.cu). Failures
+// throw UserError (device_free and stream_destroy, called from destructors,
+// print instead); an allocation that does not fit names `what`, the bytes it
+// wanted and the device's free bytes.
+void* device_alloc(size_t bytes, const std::string& what);
+void device_free(void* p);
+cudaStream_t stream_create();
+void stream_destroy(cudaStream_t s);
+void stream_sync(cudaStream_t s);
+// cudaMemcpyDefault: either side may be host or device memory. Queued on `s`;
+// from/to pageable host memory it returns once the host side is consumed.
+void copy_async(void* dst, const void* src, size_t bytes, cudaStream_t s);
+void zero_async(void* p, size_t bytes, cudaStream_t s);
+// NVTX ranges (Nsight Systems shows them as the model's structure).
+void range_push(const char* name);
+void range_pop();
 }  // namespace prism::cuda
 
 namespace prism::cuda_ops {

@@ -37,17 +37,27 @@ struct Trainee {
     int64_t n() { return model.num_params(); }
     void fill(uint64_t tag) {
         Rng rng(tag, 99);
-        float* t[] = {model.params(), opt.first_moment(), opt.second_moment()};
-        for (float* p : t)
+        std::vector<float> t[3];
+        for (auto& p : t) {
+            p.resize(n());
             for (int64_t i = 0; i < n(); i++) p[i] = float(rng.normal() * std::pow(10.0, rng.uniform() * 60 - 30));
-        model.params()[0] = -0.0f;
-        opt.second_moment()[1] = 1e-45f;  // a denormal
+        }
+        t[0][0] = -0.0f;
+        t[2][1] = 1e-45f;  // a denormal
+        model.params_from_host(t[0].data());
+        opt.moments_from_host(t[1].data(), t[2].data(), model);
         opt.set_steps_taken(int64_t(tag) - int64_t(tag) / 3);  // as point(tag): a third skipped
     }
+    // params, first and second moments, one after the other.
+    std::vector<float> tensors() {
+        std::vector<float> all(3 * n());
+        model.params_to_host(all.data());
+        opt.moments_to_host(all.data() + n(), all.data() + 2 * n(), model);
+        return all;
+    }
     bool equals(Trainee& o) {
-        return std::memcmp(model.params(), o.model.params(), n() * sizeof(float)) == 0 &&
-               std::memcmp(opt.first_moment(), o.opt.first_moment(), n() * sizeof(float)) == 0 &&
-               std::memcmp(opt.second_moment(), o.opt.second_moment(), n() * sizeof(float)) == 0 &&
+        const std::vector<float> a = tensors(), b = o.tensors();
+        return std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0 &&
                opt.steps_taken() == o.opt.steps_taken();
     }
 };

@@ -3,12 +3,68 @@
 // kernels/cuda_ops.h; the input step is input.cu).
 #include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
+#include <nvtx3/nvToolsExt.h>
 #include <cstdio>
 #include <string>
+#include "engine/arena.h"
 #include "engine/common.h"
 #include "engine/device.h"
+#include "kernels/cuda_ops.h"
 
 namespace prism::cuda {
+
+namespace {
+void check(cudaError_t e, const char* what) {
+    if (e != cudaSuccess) throw UserError(std::string("CUDA: ") + what + ": " + cudaGetErrorString(e));
+}
+}  // namespace
+
+void* device_alloc(size_t bytes, const std::string& what) {
+    void* p = nullptr;
+    const cudaError_t e = cudaMalloc(&p, bytes);
+    if (e == cudaSuccess) return p;
+    cudaGetLastError();
+    size_t free_bytes = 0, total_bytes = 0;
+    cudaMemGetInfo(&free_bytes, &total_bytes);
+    cudaGetLastError();
+    throw UserError(what + ": cannot allocate " + format_bytes(bytes) + " on the GPU (" +
+                    format_bytes(free_bytes) + " of " + format_bytes(total_bytes) +
+                    " free): lower train.batch or the model size");
+}
+
+// Called from destructors: a failure is reported, not thrown.
+void device_free(void* p) {
+    if (!p) return;
+    const cudaError_t e = cudaFree(p);
+    if (e != cudaSuccess) std::fprintf(stderr, "prism: cudaFree failed: %s\n", cudaGetErrorString(e));
+}
+
+cudaStream_t stream_create() {
+    cudaStream_t s = nullptr;
+    check(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreate");
+    return s;
+}
+
+void stream_destroy(cudaStream_t s) {
+    if (!s) return;
+    const cudaError_t e = cudaStreamDestroy(s);
+    if (e != cudaSuccess) std::fprintf(stderr, "prism: cudaStreamDestroy failed: %s\n", cudaGetErrorString(e));
+}
+
+// Kernel faults surface at the next synchronization: this is where a step's
+// errors are reported.
+void stream_sync(cudaStream_t s) { check(cudaStreamSynchronize(s), "a queued kernel or copy failed"); }
+
+void copy_async(void* dst, const void* src, size_t bytes, cudaStream_t s) {
+    if (bytes) check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, s), "cudaMemcpyAsync");
+}
+
+void zero_async(void* p, size_t bytes, cudaStream_t s) {
+    if (bytes) check(cudaMemsetAsync(p, 0, bytes, s), "cudaMemsetAsync");
+}
+
+void range_push(const char* name) { nvtxRangePushA(name); }
+void range_pop() { nvtxRangePop(); }
 
 // Number of usable CUDA devices; 0 when there is no driver or no device
 // (which is not an error: the CPU backend runs then).

@@ -1,0 +1,361 @@
+// The op interface the model is written against: every op of kernels/ops.h
+// with an Exec first, which says where the arrays live. On the CPU it is the
+// op itself; with Exec::cuda (float only) it is the same op from
+// kernels/cuda_ops.h, queued on Exec::stream. The model never branches on the
+// device; this file is the only place that does.
+//
+// Differences from kernels/ops.h, so one call reads the same on both sides:
+// - An op whose CPU version returns a value (a loss, Σx²) writes it to a slot
+//   in the same memory as its arrays (a device scalar on CUDA); the caller
+//   reads the slots after download().
+// - Index arrays (S, in_S, labels, experts, offsets) live where the data lives.
+// - Memory moves (copy, zero, upload, download) go through here too.
+#pragma once
+#include <cstring>
+#include <stdexcept>
+#include <type_traits>
+#include "kernels/ops.h"
+#ifdef PRISM_CUDA
+#include "kernels/cuda_ops.h"
+#else
+typedef struct CUstream_st* cudaStream_t;
+#endif
+
+namespace prism::op {
+
+using ops::AuxLoss;
+using ops::Combine;
+
+struct Exec {
+    bool cuda = false;
+    cudaStream_t stream = nullptr;
+};
+
+// PRISM_OP(cpu_call, cuda_call): the CUDA call for float on a CUDA Exec, else
+// the CPU call. Calls are written without their namespace.
+#ifdef PRISM_CUDA
+#define PRISM_OP(cpu_call, cuda_call)                                                     \
+    do {                                                                                  \
+        if constexpr (std::is_same_v<T, float>) {                                         \
+            if (ex.cuda) { cuda_ops::cuda_call; return; }                                 \
+        }                                                                                 \
+        ops::cpu_call;                                                                    \
+    } while (0)
+#else
+#define PRISM_OP(cpu_call, cuda_call) ops::cpu_call
+#endif
+
+// ---- memory ----------------------------------------------------------------------
+template <class T> void copy(const Exec& ex, T* dst, const T* src, int64_t n) {
+#ifdef PRISM_CUDA
+    if (ex.cuda) return cuda::copy_async(dst, src, sizeof(T) * size_t(n), ex.stream);
+#endif
+    std::memcpy(dst, src, sizeof(T) * size_t(n));
+}
+template <class T> void zero(const Exec& ex, T* p, int64_t n) {
+#ifdef PRISM_CUDA
+    if (ex.cuda) return cuda::zero_async(p, sizeof(T) * size_t(n), ex.stream);
+#endif
+    std::memset(p, 0, sizeof(T) * size_t(n));
+}
+// Host → where the data lives, and back. download waits for the queued work.
+template <class T> void upload(const Exec& ex, T* dst, const T* host, int64_t n) { copy(ex, dst, host, n); }
+template <class T> void download(const Exec& ex, T* host, const T* src, int64_t n) {
+    copy(ex, host, src, n);
+#ifdef PRISM_CUDA
+    if (ex.cuda) cuda::stream_sync(ex.stream);
+#endif
+}
+inline void sync(const Exec& ex) {
+#ifdef PRISM_CUDA
+    if (ex.cuda) cuda::stream_sync(ex.stream);
+#endif
+}
+
+// A named range in the Nsight Systems timeline for as long as it lives.
+struct Range {
+    Range(const Exec& ex, const char* name) : on(ex.cuda) {
+#ifdef PRISM_CUDA
+        if (on) cuda::range_push(name);
+#endif
+    }
+    ~Range() {
+#ifdef PRISM_CUDA
+        if (on) cuda::range_pop();
+#endif
+    }
+    Range(const Range&) = delete;
+    Range& operator=(const Range&) = delete;
+    bool on;
+};
+
+// ---- patch embedding and tokens -----------------------------------------------------
+template <class T>
+void patchify_channels(const Exec& ex, T* out, const float* images, int B, int C, int H, int W, int P,
+                       const int* S, int nS) {
+    PRISM_OP(patchify_channels(out, images, B, C, H, W, P, S, nS),
+             patchify_channels(out, images, B, C, H, W, P, S, nS, ex.stream));
+}
+template <class T>
+void patchify_all(const Exec& ex, T* out, const float* images, int B, int C, int H, int W, int P,
+                  const uint8_t* keep, T scale) {
+    PRISM_OP(patchify_all(out, images, B, C, H, W, P, keep, scale),
+             patchify_all(out, images, B, C, H, W, P, keep, scale, ex.stream));
+}
+template <class T>
+void embed_forward(const Exec& ex, T* seq, const T* patch, const T* cls, const T* pos, const T* chan,
+                   const int* S, int B, int nS, int N, int D) {
+    PRISM_OP(embed_forward(seq, patch, cls, pos, chan, S, B, nS, N, D),
+             embed_forward(seq, patch, cls, pos, chan, S, B, nS, N, D, ex.stream));
+}
+template <class T>
+void embed_backward(const Exec& ex, T* dpatch, T* dcls, T* dpos, T* dchan, const T* dseq, const int* S,
+                    int B, int nS, int N, int D) {
+    PRISM_OP(embed_backward(dpatch, dcls, dpos, dchan, dseq, S, B, nS, N, D),
+             embed_backward(dpatch, dcls, dpos, dchan, dseq, S, B, nS, N, D, ex.stream));
+}
+
+// ---- layer norm, linear, GELU, residual ------------------------------------------------
+template <class T>
+void layernorm_forward(const Exec& ex, T* out, T* mean, T* rstd, const T* x, const T* w, const T* b,
+                       int64_t rows, int D) {
+    PRISM_OP(layernorm_forward(out, mean, rstd, x, w, b, rows, D),
+             layernorm_forward(out, mean, rstd, x, w, b, rows, D, ex.stream));
+}
+template <class T>
+void layernorm_backward(const Exec& ex, T* dx, T* dw, T* db, const T* dout, const T* x, const T* w,
+                        const T* mean, const T* rstd, int64_t rows, int D) {
+    PRISM_OP(layernorm_backward(dx, dw, db, dout, x, w, mean, rstd, rows, D),
+             layernorm_backward(dx, dw, db, dout, x, w, mean, rstd, rows, D, ex.stream));
+}
+template <class T>
+void linear_forward(const Exec& ex, T* out, const T* x, const T* W, const T* b, int64_t rows, int in_dim,
+                    int out_dim) {
+    PRISM_OP(linear_forward(out, x, W, b, rows, in_dim, out_dim),
+             linear_forward(out, x, W, b, rows, in_dim, out_dim, ex.stream));
+}
+template <class T>
+void linear_backward(const Exec& ex, T* dx, T* dW, T* db, const T* dout, const T* x, const T* W,
+                     int64_t rows, int in_dim, int out_dim) {
+    PRISM_OP(linear_backward(dx, dW, db, dout, x, W, rows, in_dim, out_dim),
+             linear_backward(dx, dW, db, dout, x, W, rows, in_dim, out_dim, ex.stream));
+}
+template <class T>
+void expert_linear_forward(const Exec& ex, T* out, const T* x, int64_t x_image_stride, const T* W,
+                           const T* bias, const int* S, int B, int nS, int N, int in_dim, int out_dim) {
+    PRISM_OP(expert_linear_forward(out, x, x_image_stride, W, bias, S, B, nS, N, in_dim, out_dim),
+             expert_linear_forward(out, x, x_image_stride, W, bias, S, B, nS, N, in_dim, out_dim,
+                                   ex.stream));
+}
+template <class T>
+void expert_linear_backward(const Exec& ex, T* dx, T* dW, T* dbias, const T* dout, const T* x,
+                            int64_t x_image_stride, const T* W, const int* S, int B, int nS, int N,
+                            int in_dim, int out_dim) {
+    PRISM_OP(expert_linear_backward(dx, dW, dbias, dout, x, x_image_stride, W, S, B, nS, N, in_dim,
+                                    out_dim),
+             expert_linear_backward(dx, dW, dbias, dout, x, x_image_stride, W, S, B, nS, N, in_dim,
+                                    out_dim, ex.stream));
+}
+template <class T> void gelu_forward(const Exec& ex, T* out, const T* x, int64_t n) {
+    PRISM_OP(gelu_forward(out, x, n), gelu_forward(out, x, n, ex.stream));
+}
+template <class T> void gelu_backward(const Exec& ex, T* dx, const T* dout, const T* x, int64_t n) {
+    PRISM_OP(gelu_backward(dx, dout, x, n), gelu_backward(dx, dout, x, n, ex.stream));
+}
+template <class T>
+void residual_forward(const Exec& ex, T* x, const T* branch, const T* scale, int B, int64_t per_image) {
+    PRISM_OP(residual_forward(x, branch, scale, B, per_image),
+             residual_forward(x, branch, scale, B, per_image, ex.stream));
+}
+template <class T>
+void residual_backward(const Exec& ex, T* dbranch, const T* dx, const T* scale, int B, int64_t per_image) {
+    PRISM_OP(residual_backward(dbranch, dx, scale, B, per_image),
+             residual_backward(dbranch, dx, scale, B, per_image, ex.stream));
+}
+
+// ---- attention ------------------------------------------------------------------------
+template <class T>
+void attention_forward(const Exec& ex, T* out, T* probs, const T* qkv, int B, int L, int D, int Hd) {
+    PRISM_OP(attention_forward(out, probs, qkv, B, L, D, Hd),
+             attention_forward(out, probs, qkv, B, L, D, Hd, ex.stream));
+}
+template <class T>
+void attention_backward(const Exec& ex, T* dqkv, const T* dout, const T* qkv, const T* probs, int B,
+                        int L, int D, int Hd) {
+    PRISM_OP(attention_backward(dqkv, dout, qkv, probs, B, L, D, Hd),
+             attention_backward(dqkv, dout, qkv, probs, B, L, D, Hd, ex.stream));
+}
+
+// ---- MoE-ViT channel routing -------------------------------------------------------------
+template <class T>
+void router_forward(const Exec& ex, T* probs, int* experts, T* weights, T* lse, const T* z,
+                    int64_t z_image_stride, const uint8_t* in_S, const int* S, int B, int nS, int N,
+                    int C, int k, Combine combine) {
+    PRISM_OP(router_forward(probs, experts, weights, lse, z, z_image_stride, in_S, S, B, nS, N, C, k,
+                            combine),
+             router_forward(probs, experts, weights, lse, z, z_image_stride, in_S, S, B, nS, N, C, k,
+                            combine, ex.stream));
+}
+template <class T>
+void router_backward(const Exec& ex, T* dz, int64_t dz_image_stride, const T* probs, const int* experts,
+                     const T* weights, const T* dweights, const T* dprobs, const int* S, int B, int nS,
+                     int N, int C, int k, Combine combine) {
+    PRISM_OP(router_backward(dz, dz_image_stride, probs, experts, weights, dweights, dprobs, S, B, nS,
+                             N, C, k, combine),
+             router_backward(dz, dz_image_stride, probs, experts, weights, dweights, dprobs, S, B, nS,
+                             N, C, k, combine, ex.stream));
+}
+// The data-parallel statistics of the load-balance loss (ops::aux_stats): CPU only.
+template <class T>
+void aux_stats(const Exec& ex, double* stats, const T* probs, const int* counts, const int* S,
+               int64_t tokens, int nS, int C) {
+    if (ex.cuda) throw std::runtime_error("aux_stats: the CUDA backend has no data-parallel load balance yet");
+    ops::aux_stats(stats, probs, counts, S, tokens, nS, C);
+}
+// *loss = the load-balance loss; its gradient × grad_scale is added to dprobs (unless null).
+template <class T>
+void aux_loss_forward_backward(const Exec& ex, T* loss, T* dprobs, const T* probs, const int* counts,
+                               const int* S, int64_t tokens, int nS, int C, int k_eff, AuxLoss kind,
+                               T coef, T grad_scale, const double* all_ranks) {
+#ifdef PRISM_CUDA
+    if constexpr (std::is_same_v<T, float>) {
+        if (ex.cuda) {
+            if (all_ranks) throw std::runtime_error("aux loss: the CUDA backend has no data-parallel load balance yet");
+            return cuda_ops::aux_loss_forward_backward(loss, dprobs, probs, counts, S, tokens, nS, C, k_eff,
+                                                       kind, coef, grad_scale, ex.stream);
+        }
+    }
+#endif
+    *loss = ops::aux_loss_forward_backward(dprobs, probs, counts, S, tokens, nS, C, k_eff, kind, coef,
+                                           grad_scale, all_ranks);
+}
+// *loss = the router z-loss; its gradient × grad_scale is added to dz (unless null).
+template <class T>
+void z_loss_forward_backward(const Exec& ex, T* loss, T* dz, int64_t dz_image_stride, const T* probs,
+                             const T* lse, int B, int nS, int N, int C, T coef, T grad_scale) {
+#ifdef PRISM_CUDA
+    if constexpr (std::is_same_v<T, float>) {
+        if (ex.cuda)
+            return cuda_ops::z_loss_forward_backward(loss, dz, dz_image_stride, probs, lse, B, nS, N, C,
+                                                     coef, grad_scale, ex.stream);
+    }
+#endif
+    *loss = ops::z_loss_forward_backward(dz, dz_image_stride, probs, lse, B, nS, N, C, coef, grad_scale);
+}
+inline void moe_dispatch(const Exec& ex, int* offsets, int* pair_of_row, int* row_of_pair, int* counts,
+                         const int* experts, int B, int nS, int N, int k) {
+#ifdef PRISM_CUDA
+    if (ex.cuda)
+        return cuda_ops::moe_dispatch(offsets, pair_of_row, row_of_pair, counts, experts, B, nS, N, k,
+                                      ex.stream);
+#endif
+    ops::moe_dispatch(offsets, pair_of_row, row_of_pair, counts, experts, B, nS, N, k);
+}
+template <class T>
+void moe_gather_forward(const Exec& ex, T* qg, const T* q, int64_t q_image_stride, const int* pair_of_row,
+                        int B, int nS, int N, int k, int D) {
+    PRISM_OP(moe_gather_forward(qg, q, q_image_stride, pair_of_row, B, nS, N, k, D),
+             moe_gather_forward(qg, q, q_image_stride, pair_of_row, B, nS, N, k, D, ex.stream));
+}
+template <class T>
+void moe_gather_backward(const Exec& ex, T* dq, int64_t dq_image_stride, const T* dqg,
+                         const int* row_of_pair, int B, int nS, int N, int k, int D) {
+    PRISM_OP(moe_gather_backward(dq, dq_image_stride, dqg, row_of_pair, B, nS, N, k, D),
+             moe_gather_backward(dq, dq_image_stride, dqg, row_of_pair, B, nS, N, k, D, ex.stream));
+}
+template <class T>
+void routed_attention_forward(const Exec& ex, T* og, T* probs, const T* qg, const T* k, const T* v,
+                              const int* offsets, int B, int nS, int N, int D, int Hd) {
+    PRISM_OP(routed_attention_forward(og, probs, qg, k, v, offsets, B, nS, N, D, Hd),
+             routed_attention_forward(og, probs, qg, k, v, offsets, B, nS, N, D, Hd, ex.stream));
+}
+template <class T>
+void routed_attention_backward(const Exec& ex, T* dqg, T* dk, T* dv, const T* dog, const T* qg,
+                               const T* k, const T* v, const T* probs, const int* offsets, int B, int nS,
+                               int N, int D, int Hd) {
+    PRISM_OP(routed_attention_backward(dqg, dk, dv, dog, qg, k, v, probs, offsets, B, nS, N, D, Hd),
+             routed_attention_backward(dqg, dk, dv, dog, qg, k, v, probs, offsets, B, nS, N, D, Hd,
+                                       ex.stream));
+}
+template <class T>
+void combine_forward(const Exec& ex, T* a, int64_t a_image_stride, const T* og, const T* weights,
+                     const int* row_of_pair, int B, int nS, int N, int k, int D) {
+    PRISM_OP(combine_forward(a, a_image_stride, og, weights, row_of_pair, B, nS, N, k, D),
+             combine_forward(a, a_image_stride, og, weights, row_of_pair, B, nS, N, k, D, ex.stream));
+}
+template <class T>
+void combine_backward(const Exec& ex, T* dog, T* dweights, const T* da, int64_t da_image_stride,
+                      const T* og, const T* weights, const int* row_of_pair, int B, int nS, int N, int k,
+                      int D) {
+    PRISM_OP(combine_backward(dog, dweights, da, da_image_stride, og, weights, row_of_pair, B, nS, N, k, D),
+             combine_backward(dog, dweights, da, da_image_stride, og, weights, row_of_pair, B, nS, N, k, D,
+                              ex.stream));
+}
+template <class T>
+void cls_attention_forward(const Exec& ex, T* out, int64_t out_image_stride, T* probs, const T* q,
+                           int64_t q_image_stride, const T* k, const T* v, int B, int M, int D, int Hd) {
+    PRISM_OP(cls_attention_forward(out, out_image_stride, probs, q, q_image_stride, k, v, B, M, D, Hd),
+             cls_attention_forward(out, out_image_stride, probs, q, q_image_stride, k, v, B, M, D, Hd,
+                                   ex.stream));
+}
+template <class T>
+void cls_attention_backward(const Exec& ex, T* dq, int64_t dq_image_stride, T* dk, T* dv, const T* dout,
+                            int64_t dout_image_stride, const T* q, int64_t q_image_stride, const T* k,
+                            const T* v, const T* probs, int B, int M, int D, int Hd) {
+    PRISM_OP(cls_attention_backward(dq, dq_image_stride, dk, dv, dout, dout_image_stride, q,
+                                    q_image_stride, k, v, probs, B, M, D, Hd),
+             cls_attention_backward(dq, dq_image_stride, dk, dv, dout, dout_image_stride, q,
+                                    q_image_stride, k, v, probs, B, M, D, Hd, ex.stream));
+}
+
+// ---- head -----------------------------------------------------------------------------------
+template <class T> void select_rows(const Exec& ex, T* out, const T* x, int64_t stride, int B, int D) {
+    PRISM_OP(select_rows(out, x, stride, B, D), select_rows(out, x, stride, B, D, ex.stream));
+}
+template <class T>
+void select_rows_backward(const Exec& ex, T* dx, const T* dout, int64_t stride, int B, int D) {
+    PRISM_OP(select_rows_backward(dx, dout, stride, B, D),
+             select_rows_backward(dx, dout, stride, B, D, ex.stream));
+}
+// *loss = the mean cross-entropy, *correct = argmax hits.
+template <class T>
+void cross_entropy_forward(const Exec& ex, T* loss, T* probs, const T* logits, const int32_t* labels,
+                           int B, int K, int* correct) {
+#ifdef PRISM_CUDA
+    if constexpr (std::is_same_v<T, float>) {
+        if (ex.cuda)
+            return cuda_ops::cross_entropy_forward(loss, probs, logits, labels, B, K, correct, ex.stream);
+    }
+#endif
+    *loss = ops::cross_entropy_forward(probs, logits, labels, B, K, correct);
+}
+template <class T>
+void cross_entropy_backward(const Exec& ex, T* dlogits, const T* probs, const int32_t* labels, int B,
+                            int K, T grad_scale) {
+    PRISM_OP(cross_entropy_backward(dlogits, probs, labels, B, K, grad_scale),
+             cross_entropy_backward(dlogits, probs, labels, B, K, grad_scale, ex.stream));
+}
+
+// ---- optimizer ----------------------------------------------------------------------------------
+// *out = Σ x² in double, in a fixed order.
+template <class T> void sum_squares(const Exec& ex, double* out, const T* x, int64_t n) {
+#ifdef PRISM_CUDA
+    if constexpr (std::is_same_v<T, float>) {
+        if (ex.cuda) return cuda_ops::sum_squares(out, x, n, ex.stream);
+    }
+#endif
+    *out = ops::sum_squares(x, n);
+}
+template <class T> void scale_inplace(const Exec& ex, T* x, int64_t n, T s) {
+    PRISM_OP(scale_inplace(x, n, s), scale_inplace(x, n, s, ex.stream));
+}
+template <class T>
+void adamw_update(const Exec& ex, T* param, const T* grad, T* m, T* v, int64_t n, double lr, double beta1,
+                  double beta2, double eps, double weight_decay, int64_t t) {
+    PRISM_OP(adamw_update(param, grad, m, v, n, lr, beta1, beta2, eps, weight_decay, t),
+             adamw_update(param, grad, m, v, n, lr, beta1, beta2, eps, weight_decay, t, ex.stream));
+}
+
+#undef PRISM_OP
+
+}  // namespace prism::op

@@ -1,0 +1,252 @@
+// The whole model on the CUDA backend against the CPU reference: a training
+// step of each architecture (forward losses and logits, every gradient, the
+// AdamW update), bit-identical repeat runs, the arenas' out-of-memory message,
+// and the tiny task trained through `train()` on the GPU. Skipped, with the
+// reason, where no CUDA device (or no CUDA build) is present.
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <unistd.h>
+#include <vector>
+
+#include "data/synth.h"
+#include "engine/device.h"
+#include "engine/model.h"
+#include "engine/optimizer.h"
+#include "engine/rng.h"
+#include "engine/train.h"
+#include <gtest/gtest.h>
+
+using namespace prism;
+
+namespace {
+
+// Empty when `--device cuda` would work, else why not.
+std::string why_no_gpu() {
+    try {
+        resolve_device("cuda");
+        return "";
+    } catch (const UserError& e) {
+        return e.what();
+    }
+}
+#define REQUIRE_GPU()                                        \
+    do {                                                     \
+        const std::string why = why_no_gpu();                \
+        if (!why.empty()) GTEST_SKIP() << why;               \
+    } while (0)
+
+// Big enough that every kernel runs more than one block, small enough for a quick test.
+ModelConfig small_model(const std::string& arch) {
+    ModelConfig m;
+    m.arch = arch;
+    m.image = 32;
+    m.channels = 5;
+    m.patch = 8;       // N = 16
+    m.dim = 64;
+    m.depth = 2;
+    m.heads = 4;
+    m.mlp_ratio = 4;
+    m.num_classes = 10;
+    m.top_k = 2;
+    m.aux_coef = 0.05;
+    m.drop_path = 0.2;
+    return m;
+}
+
+struct Case {
+    std::string name;
+    ModelConfig model;
+    std::vector<int> channels;
+};
+
+std::vector<Case> cases() {
+    std::vector<Case> out;
+    out.push_back({"vit_hcs", small_model("vit"), {0, 2, 3}});
+    out.push_back({"chvit_all", small_model("chvit"), {0, 1, 2, 3, 4}});
+    Case m1{"moevit_k1_hcs", small_model("moevit"), {0, 2, 4}};
+    m1.model.top_k = 1;
+    out.push_back(m1);
+    Case m2{"moevit_k2_renorm_importance_z", small_model("moevit"), {0, 1, 2, 3, 4}};
+    m2.model.combine = "renorm";
+    m2.model.aux = "importance";
+    m2.model.z_loss_coef = 0.01;
+    out.push_back(m2);
+    Case m3{"moevit_kC", small_model("moevit"), {0, 1, 2, 3, 4}};
+    m3.model.top_k = 5;
+    out.push_back(m3);
+    return out;
+}
+
+double rel_error(const std::vector<float>& got, const std::vector<float>& ref, size_t begin = 0,
+                 size_t end = size_t(-1)) {
+    end = std::min(end, ref.size());
+    double d2 = 0, r2 = 0;
+    for (size_t i = begin; i < end; i++) {
+        if (!std::isfinite(got[i])) return NAN;
+        d2 += (double(got[i]) - ref[i]) * (double(got[i]) - ref[i]);
+        r2 += double(ref[i]) * ref[i];
+    }
+    return std::sqrt(d2) / (r2 > 0 ? std::sqrt(r2) : 1.0);
+}
+
+double rel_scalar(double got, double ref) { return std::fabs(got - ref) / std::max(std::fabs(ref), 1e-12); }
+
+struct BatchData {
+    std::vector<float> images;
+    std::vector<int32_t> labels;
+};
+
+BatchData random_batch(const ModelConfig& m, int B, uint64_t seed) {
+    Rng rng(seed, 7);
+    BatchData d;
+    d.images.resize(size_t(B) * m.channels * m.image * m.image);
+    for (auto& x : d.images) x = float(rng.normal());
+    for (int b = 0; b < B; b++) d.labels.push_back(int32_t(rng.below(m.num_classes)));
+    return d;
+}
+
+// Initialized weights plus noise, so that attention and routing are far from uniform.
+std::vector<float> noisy_weights(Model<float>& model, uint64_t seed) {
+    model.init_weights(seed);
+    std::vector<float> w(model.num_params());
+    model.params_to_host(w.data());
+    Rng rng(seed, 99);
+    for (auto& x : w) x += float(rng.normal() * 0.1);
+    return w;
+}
+
+std::vector<float> host_params(const Model<float>& m) {
+    std::vector<float> w(m.num_params());
+    m.params_to_host(w.data());
+    return w;
+}
+
+}  // namespace
+
+TEST(CudaModel, TrainingStepOfEveryArchitectureMatchesTheCpu) {
+    REQUIRE_GPU();
+    for (const Case& c : cases()) {
+        SCOPED_TRACE(c.name);
+        const int B = 6;
+        Model<float> cpu(c.model, B, false, Device::cpu), gpu(c.model, B, false, Device::cuda);
+        const std::vector<float> w = noisy_weights(cpu, 3);
+        cpu.params_from_host(w.data());
+        gpu.params_from_host(w.data());
+        const BatchData data = random_batch(c.model, B, 4);
+        const Batch batch{data.images.data(), data.labels.data(), B, c.channels};
+
+        const Losses lc = cpu.forward(batch, true, 17), lg = gpu.forward(batch, true, 17);
+        std::printf("[ cuda-vs-cpu ] %-32s loss %.6f vs %.6f (ce %.3g aux %.3g z %.3g rel)\n", c.name.c_str(),
+                    lg.total, lc.total, rel_scalar(lg.ce, lc.ce), rel_scalar(lg.aux, lc.aux),
+                    rel_scalar(lg.z, lc.z));
+        EXPECT_LE(rel_scalar(lg.ce, lc.ce), 1e-5);
+        EXPECT_LE(rel_scalar(lg.aux, lc.aux), 1e-5);
+        EXPECT_LE(rel_scalar(lg.z, lc.z), 1e-5);
+        EXPECT_EQ(lg.correct, lc.correct);
+        const std::vector<float> logits_c(cpu.logits(), cpu.logits() + B * c.model.num_classes);
+        const std::vector<float> logits_g(gpu.logits(), gpu.logits() + B * c.model.num_classes);
+        EXPECT_LE(rel_error(logits_g, logits_c), 1e-5) << "logits";
+        EXPECT_EQ(cpu.routing_counts(), gpu.routing_counts());
+
+        cpu.backward();
+        gpu.backward();
+        std::vector<float> gc(cpu.num_params()), gg(gpu.num_params());
+        cpu.grads_to_host(gc.data());
+        gpu.grads_to_host(gg.data());
+        const double all = rel_error(gg, gc);
+        // Per tensor, relative to the tensor's norm, or to a thousandth of the
+        // whole gradient's where the tensor's own is about zero (with k = C
+        // the router's bias gradient cancels to rounding noise).
+        double all_norm = 0;
+        for (float g : gc) all_norm += double(g) * g;
+        all_norm = std::sqrt(all_norm);
+        double worst = 0;
+        std::string worst_name;
+        for (const auto& p : cpu.layout()) {
+            double d2 = 0, r2 = 0;
+            for (int64_t i = p.offset; i < p.offset + p.numel; i++) {
+                d2 += (double(gg[i]) - gc[i]) * (double(gg[i]) - gc[i]);
+                r2 += double(gc[i]) * gc[i];
+            }
+            const double e = std::sqrt(d2) / std::max(std::sqrt(r2), 1e-3 * all_norm);
+            if (!(e <= worst)) {
+                worst = e;
+                worst_name = p.name;
+            }
+        }
+        std::printf("[ cuda-vs-cpu ] %-32s gradients rel %.3g (worst tensor %s %.3g)\n", c.name.c_str(), all,
+                    worst_name.c_str(), worst);
+        EXPECT_LE(all, 1e-5) << "all gradients";
+        EXPECT_LE(worst, 1e-4) << worst_name;
+
+        TrainConfig t;
+        t.grad_clip = 1.0;
+        AdamW<float> opt_c(t, cpu.num_params(), false, Device::cpu), opt_g(t, gpu.num_params(), false, Device::cuda);
+        const double norm_c = opt_c.step(cpu, 1e-3), norm_g = opt_g.step(gpu, 1e-3);
+        EXPECT_LE(rel_scalar(norm_g, norm_c), 1e-5) << "gradient norm";
+        const double upd = rel_error(host_params(gpu), host_params(cpu));
+        std::printf("[ cuda-vs-cpu ] %-32s weights after AdamW rel %.3g\n", c.name.c_str(), upd);
+        EXPECT_LE(upd, 1e-5) << "weights after one AdamW step";
+    }
+}
+
+TEST(CudaModel, TwoRunsGiveBitIdenticalWeights) {
+    REQUIRE_GPU();
+    for (const char* arch : {"chvit", "moevit"}) {
+        SCOPED_TRACE(arch);
+        const ModelConfig m = small_model(arch);
+        std::vector<float> result[2];
+        for (int run = 0; run < 2; run++) {
+            const int B = 8;
+            Model<float> model(m, B, false, Device::cuda);
+            model.init_weights(5);
+            TrainConfig t;
+            AdamW<float> opt(t, model.num_params(), false, Device::cuda);
+            for (int step = 0; step < 4; step++) {
+                const BatchData data = random_batch(m, B, 100 + step);
+                const std::vector<int> S = step % 2 ? std::vector<int>{1, 3, 4} : std::vector<int>{0, 1, 2, 3, 4};
+                model.forward({data.images.data(), data.labels.data(), B, S}, true, 1000 + step);
+                model.backward();
+                opt.step(model, 1e-3);
+            }
+            result[run] = host_params(model);
+        }
+        EXPECT_EQ(0, std::memcmp(result[0].data(), result[1].data(), result[0].size() * sizeof(float)))
+            << "two runs from the same seed differ";
+    }
+}
+
+TEST(CudaModel, AnArenaTooLargeForTheGpuNamesItself) {
+    REQUIRE_GPU();
+    ModelConfig m = small_model("chvit");
+    m.image = 224;
+    m.channels = 8;
+    m.patch = 8;
+    m.dim = 384;
+    try {
+        Model<float> model(m, 1 << 16, false, Device::cuda);
+        FAIL() << "a 65536-image JUMP-CP P=8 batch fit in GPU memory";
+    } catch (const UserError& e) {
+        const std::string what = e.what();
+        EXPECT_NE(what.find("arena activations"), std::string::npos) << what;
+        EXPECT_NE(what.find("free"), std::string::npos) << what;
+        std::printf("%s\n", what.c_str());
+    }
+}
+
+TEST(CudaModel, EveryShippedTinyConfigLearnsTheTinyTaskOnTheGpu) {
+    REQUIRE_GPU();
+    const std::string dir = ::testing::TempDir() + "prism_cuda_train_" + std::to_string(getpid());
+    synthesize("tiny", dir, 4096, 5, false);
+    for (const char* arch : {"vit", "chvit", "moevit"}) {
+        const Config cfg = load_config(std::string("configs/synth_tiny_") + arch + ".json",
+                                       {"data.train=" + dir + "/train-*.shard", "data.val=" + dir + "/val-*.shard",
+                                        "train.steps=600", "train.eval_every=0"});
+        const TrainResult r = train(cfg, Device::cuda, "", false);
+        std::printf("%s on the GPU: val accuracy %.3f, val loss %.3f after %lld steps, %.1f s\n", arch,
+                    r.val.accuracy, r.val.loss, (long long)r.steps, r.seconds);
+        EXPECT_GE(r.val.accuracy, 0.9) << arch << " reached only " << r.val.accuracy << " (chance 0.25)";
+    }
+}
