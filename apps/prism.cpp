@@ -6,6 +6,7 @@
 #include <cxxopts.hpp>
 #include <nlohmann/json.hpp>
 #include "bench/bench.h"
+#include "bench/step.h"
 #include "data/convert.h"
 #include "data/loader.h"
 #include "data/shard.h"
@@ -37,6 +38,7 @@ const char* kUsage =
     "  shards  verify GLOB\n"
     "  flops   --config FILE [--set key=value]... [--json]\n"
     "  bench   loader --data GLOB [--batch N] [--threads T] [--seconds S] [--augment none|so2sat|jumpcp]\n"
+    "  bench   step --config FILE [--set k=v]... [--device D] [--batch N] [--warmup N] [--iters N]\n"
     "Run 'prism <command> --help' for a command's options.\n";
 
 cxxopts::ParseResult parse(cxxopts::Options& opts, int argc, char** argv) {
@@ -315,7 +317,28 @@ int cmd_bench(int argc, char** argv) {
         std::printf("%s\n", loader_bench_json(o, res).dump().c_str());
         return 0;
     }
-    if (what == "attention" || what == "step")
+    if (what == "step") {
+        cxxopts::Options opts("prism bench step",
+                              "Whole training steps per second (upload, forward, backward, AdamW) of one config.");
+        opts.add_options()
+            ("config", "config file", cxxopts::value<std::string>())
+            ("set", "override a config key", cxxopts::value<std::vector<std::string>>())
+            ("device", "cpu, cuda or auto", cxxopts::value<std::string>()->default_value("auto"))
+            ("batch", "images per step (0: the config's train.batch)", cxxopts::value<int>()->default_value("0"))
+            ("warmup", "untimed steps first", cxxopts::value<int>()->default_value("5"))
+            ("iters", "timed steps (the median is reported)", cxxopts::value<int>()->default_value("20"));
+        auto r = parse(opts, argc - 1, argv + 1);
+        const Config cfg = load_config(required(r, "config", "bench step"), sets_of(r));
+        StepBenchOptions o;
+        o.device = resolve_device(r["device"].as<std::string>());
+        o.batch = r["batch"].as<int>();
+        o.warmup = r["warmup"].as<int>();
+        o.iters = r["iters"].as<int>();
+        const StepBenchResult res = bench_step(cfg, o, true);
+        std::printf("\n%s\n", step_bench_json(cfg, res).dump().c_str());
+        return 0;
+    }
+    if (what == "attention")
         throw UserError("prism bench " + what + ": needs the CUDA backend, which this build does not have yet");
     throw UserError("usage: prism bench loader --data GLOB [--batch N] [--threads T] [--seconds S] [--augment A]"
                     " (bench attention and bench step need the CUDA backend)");

@@ -539,6 +539,7 @@ void Model<T>::backward() {
     const int K = cfg_.num_classes;
     const int64_t L = 1 + int64_t(is_vit(cfg_) ? 1 : nS_) * N;
     Activations<T>& x = *act_;
+    op::Range range(ex_, "backward");
     op::zero(ex_, grad_mem_, num_params_);
 
     op::zero(ex_, x.dlogits, int64_t(B_) * K);
@@ -577,6 +578,7 @@ void Model<T>::block_backward(int i) {
     auto& g = g_.blocks[i];
     auto& b = act_->blocks[i];
     Activations<T>& x = *act_;
+    op::Range range(ex_, "block backward");
     // x.dres holds ∂loss/∂x_out on entry and ∂loss/∂x_in on exit.
 
     // MLP branch

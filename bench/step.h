@@ -1,0 +1,31 @@
+// `prism bench step`: training steps per second and images/s of one config.
+#pragma once
+#include <nlohmann/json.hpp>
+#include "engine/common.h"
+#include "engine/config.h"
+
+namespace prism {
+
+struct StepBenchOptions {
+    Device device = Device::cuda;
+    int batch = 0;      // 0: the config's train.batch
+    int warmup = 5;
+    int iters = 20;
+};
+
+struct StepBenchResult {
+    Device device = Device::cpu;
+    int batch = 0;
+    double step_ms = 0;                  // median over the timed steps
+    double images_per_s = 0;
+    double train_gflops_per_image = 0;   // DESIGN.md §5 count, forward + backward
+    double tflops = 0;                   // model FLOPs per second achieved
+    double peak_fp32_tflops = 0, peak_bf16_tflops = 0;  // measured 8192³ GEMMs (CUDA only)
+};
+
+// Times whole steps (batch upload, forward, backward, AdamW) on random images
+// with every channel present; the median of `iters` after `warmup`.
+StepBenchResult bench_step(const Config& cfg, const StepBenchOptions& o, bool verbose);
+nlohmann::json step_bench_json(const Config& cfg, const StepBenchResult& r);
+
+}  // namespace prism
