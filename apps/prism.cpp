@@ -38,7 +38,8 @@ const char* kUsage =
     "  shards  verify GLOB\n"
     "  flops   --config FILE [--set key=value]... [--json]\n"
     "  bench   loader --data GLOB [--batch N] [--threads T] [--seconds S] [--augment none|so2sat|jumpcp]\n"
-    "  bench   step --config FILE [--set k=v]... [--device D] [--batch N] [--warmup N] [--iters N]\n"
+    "  bench   attention --config FILE [--set key=value]... [--batch N] [--iters N] [--warmup N] [--k 1,2,4,C]\n"
+    "  bench   step --config FILE [--set key=value]... [--device D] [--batch N] [--warmup N] [--iters N]\n"
     "Run 'prism <command> --help' for a command's options.\n";
 
 cxxopts::ParseResult parse(cxxopts::Options& opts, int argc, char** argv) {
@@ -317,6 +318,53 @@ int cmd_bench(int argc, char** argv) {
         std::printf("%s\n", loader_bench_json(o, res).dump().c_str());
         return 0;
     }
+    if (what == "attention") {
+        cxxopts::Options opts("prism bench attention",
+                              "Forward + backward of one attention sublayer on the CUDA ops: the chvit (dense) block "
+                              "and moevit blocks at each k, all channels present, at the config's shapes.");
+        opts.add_options()
+            ("config", "config file (JSON): image, channels, patch, dim, heads, combine, aux...",
+             cxxopts::value<std::string>())
+            ("set", "override a config key: section.key=value", cxxopts::value<std::vector<std::string>>())
+            ("batch", "images per iteration (0: the largest up to 256 whose buffers fit in 8 GiB)",
+             cxxopts::value<int>()->default_value("0"))
+            ("iters", "timed iterations (the median is reported)", cxxopts::value<int>()->default_value("50"))
+            ("warmup", "untimed iterations first", cxxopts::value<int>()->default_value("10"))
+            ("k,top-k", "moevit top-k values (--k LIST also works); C = model.channels",
+             cxxopts::value<std::string>()->default_value("1,2,4,C"));
+        // cxxopts takes no one-letter long option, and the documented spelling is --k.
+        std::vector<std::string> args(argv + 1, argv + argc);
+        for (auto& a : args)
+            if (a == "--k" || a.rfind("--k=", 0) == 0) a = "--top-k" + a.substr(3);
+        std::vector<char*> arg_ptrs;
+        for (auto& a : args) arg_ptrs.push_back(a.data());
+        auto r = parse(opts, int(arg_ptrs.size()), arg_ptrs.data());
+        AttentionBenchOptions o;
+        o.model = load_config(required(r, "config", "bench attention"), sets_of(r)).model;
+        o.ks = parse_k_list(r["k"].as<std::string>(), o.model.channels);
+        o.batch = r["batch"].as<int>();
+        o.iters = r["iters"].as<int>();
+        o.warmup = r["warmup"].as<int>();
+        if (o.batch < 0) throw UserError("bench attention: --batch must be at least 0 (0: automatic)");
+        if (o.iters < 1) throw UserError("bench attention: --iters must be at least 1");
+        if (o.warmup < 0) throw UserError("bench attention: --warmup must be at least 0");
+        // Checked after the options, so that their errors show on any machine.
+        if (!attention_bench_has_device()) {
+            std::fprintf(stderr, "prism bench attention: no CUDA device\n");
+            return 1;
+        }
+        std::vector<AttentionBenchRow> rows;
+        try {
+            rows = bench_attention(o, true);
+        } catch (const UserError&) {
+            throw;
+        } catch (const std::runtime_error& e) {  // the CUDA ops' errors, out of device memory included
+            throw UserError(std::string("bench attention: ") + e.what());
+        }
+        std::printf("%s", attention_bench_table(rows).c_str());
+        for (const auto& row : rows) std::printf("%s\n", attention_bench_json(o, row).dump().c_str());
+        return 0;
+    }
     if (what == "step") {
         cxxopts::Options opts("prism bench step",
                               "Whole training steps per second (upload, forward, backward, AdamW) of one config.");
@@ -338,10 +386,8 @@ int cmd_bench(int argc, char** argv) {
         std::printf("\n%s\n", step_bench_json(cfg, res).dump().c_str());
         return 0;
     }
-    if (what == "attention")
-        throw UserError("prism bench " + what + ": needs the CUDA backend, which this build does not have yet");
     throw UserError("usage: prism bench loader --data GLOB [--batch N] [--threads T] [--seconds S] [--augment A]"
-                    " (bench attention and bench step need the CUDA backend)");
+                    " | prism bench attention --config FILE [...] | prism bench step --config FILE [...]");
 }
 
 }  // namespace

@@ -2,8 +2,10 @@
 #pragma once
 #include <cstdint>
 #include <string>
+#include <vector>
 #include <nlohmann/json.hpp>
 #include "data/loader.h"
+#include "engine/config.h"
 
 namespace prism {
 
@@ -33,5 +35,58 @@ struct LoaderBenchResult {
 // reports the rate, with a progress line every second when verbose.
 LoaderBenchResult bench_loader(const LoaderBenchOptions& o, bool verbose);
 nlohmann::json loader_bench_json(const LoaderBenchOptions& o, const LoaderBenchResult& r);
+
+// ---- `prism bench attention` (bench/attention.cpp) ---------------------------------
+// Forward + backward of one attention sublayer (what DESIGN.md §5 counts: the
+// projections, the router, the attention core; no LayerNorm, no MLP) on the
+// CUDA ops, at the config's shapes with all C channels present: the chvit
+// (dense) block, then a moevit block for each k.
+
+struct AttentionBenchOptions {
+    ModelConfig model;        // shapes (image, channels, patch, dim, heads) and the
+                              // moevit settings (combine, aux, aux_coef, z_loss_coef, depth)
+    std::vector<int> ks;      // top-k of the moevit variants, each in 1..channels
+    int batch = 0;            // 0: default_attention_batch(model, ks)
+    int iters = 50;           // timed iterations (the median is reported)
+    int warmup = 10;          // untimed iterations first
+    uint64_t seed = 1;        // of the random inputs and weights
+};
+
+struct AttentionBenchRow {
+    std::string arch;         // "chvit" (dense) or "moevit"
+    int k = 0;                // moevit's top-k; 0 for the dense block
+    int batch = 0;
+    double ms = 0;            // median over the timed iterations, forward + backward
+    double ms_min = 0, ms_max = 0;
+    double train_gflop = 0;   // 3 × attention_flops × batch: forward + backward, one iteration
+    double tflops = 0;        // train_gflop over the median time
+    double speedup = 0;       // dense ms / this ms
+    double ideal_speedup = 0; // dense FLOPs / this variant's FLOPs
+    double buffer_gib = 0;    // device buffers this variant allocated (without the ops' scratch)
+    std::string device;       // the GPU's name
+};
+
+// "1,2,4,C" → {1, 2, 4, channels}; each value in 1..channels, duplicates
+// dropped, order kept. Throws UserError naming the bad entry.
+std::vector<int> parse_k_list(const std::string& list, int channels);
+
+// Device memory one image adds to a variant's buffers (k = 0: the dense
+// block), in bytes, with the ops' largest scratch: the rule behind the
+// default batch, which bench/torch_peer.py repeats.
+double attention_bench_bytes_per_image(const ModelConfig& m, int k);
+constexpr double kAttentionBenchBudget = 8.0 * (1u << 30);  // bytes
+constexpr int kAttentionBenchMaxBatch = 256;
+// The largest batch ≤ kAttentionBenchMaxBatch whose biggest variant stays
+// within kAttentionBenchBudget (at least 1).
+int default_attention_batch(const ModelConfig& m, const std::vector<int>& ks);
+
+// False in a build without CUDA or on a machine without a CUDA device.
+bool attention_bench_has_device();
+// Runs every variant (throws std::runtime_error on a CUDA error, UserError
+// on a bad option). Progress lines go to stderr when verbose.
+std::vector<AttentionBenchRow> bench_attention(const AttentionBenchOptions& o, bool verbose);
+// The table: variant, ms fwd+bwd, TFLOP/s, speedup over dense, ideal speedup.
+std::string attention_bench_table(const std::vector<AttentionBenchRow>& rows);
+nlohmann::json attention_bench_json(const AttentionBenchOptions& o, const AttentionBenchRow& r);
 
 }  // namespace prism

@@ -16,39 +16,57 @@
 
 namespace prism {
 
-FlopCount count_flops(const ModelConfig& cfg, int subset) {
-    const double C = cfg.channels;
+namespace {
+int checked_subset(const ModelConfig& cfg, int subset) {
     const int s = subset > 0 ? subset : cfg.channels;
     if (s > cfg.channels)
         throw UserError("flops: subset of " + std::to_string(s) + " channels exceeds model.channels " +
                         std::to_string(cfg.channels));
-    const double S = s;
+    return s;
+}
+
+// Tokens that go through a block (CLS included). vit sees one token per
+// spatial patch whatever S is: HCS zeroes channels instead of dropping them.
+double block_tokens(const ModelConfig& cfg, int s) {
+    const double N = cfg.num_patches();
+    return cfg.arch == "vit" ? N + 1 : double(s) * N + 1;
+}
+}  // namespace
+
+double attention_flops(const ModelConfig& cfg, int subset) {
+    const int s = checked_subset(cfg, subset);
+    const double C = cfg.channels;
     const double N = cfg.num_patches();
     const double D = cfg.dim;
     const double Hd = cfg.heads;
-    const double P = cfg.patch;
-    const double hidden = cfg.hidden();
-    const double T = S * N;  // patch tokens of the channel-wise models
-
-    // Tokens that go through the block (CLS included). vit sees one token per
-    // spatial patch whatever S is: HCS zeroes channels instead of dropping them.
-    double tokens = cfg.arch == "vit" ? N + 1 : T + 1;
-
-    double attn = 0;
+    const double T = double(s) * N;  // patch tokens of the channel-wise models
     if (cfg.arch == "moevit") {
-        double k = std::min(cfg.top_k, s);
+        const double k = std::min(cfg.top_k, s);
         // q for every token + per-channel k, v + out (4 matmuls D×D), the
         // router scoring all C channels (it is masked, not shrunk, under HCS),
         // then QKᵀ and AV against N keys for each of k routed channels, and
         // one softmax FLOP per score per head.
-        attn = 8 * T * D * D + 2 * T * D * C + 4 * T * k * N * D + T * k * N * Hd;
+        double attn = 8 * T * D * D + 2 * T * D * C + 4 * T * k * N * D + T * k * N * Hd;
         // CLS: its q and out projections, dense QKᵀ/AV over all T patches
         attn += 4 * D * D + 4 * T * D + T * Hd;
-    } else {
-        // qkv + out projections, QKᵀ + AV, softmax
-        attn = 2 * tokens * D * 4 * D + 4 * tokens * tokens * D + tokens * tokens * Hd;
+        return attn;
     }
+    // qkv + out projections, QKᵀ + AV, softmax
+    const double tokens = block_tokens(cfg, s);
+    return 2 * tokens * D * 4 * D + 4 * tokens * tokens * D + tokens * tokens * Hd;
+}
 
+FlopCount count_flops(const ModelConfig& cfg, int subset) {
+    const double C = cfg.channels;
+    const int s = checked_subset(cfg, subset);
+    const double N = cfg.num_patches();
+    const double D = cfg.dim;
+    const double P = cfg.patch;
+    const double hidden = cfg.hidden();
+    const double T = double(s) * N;
+    const double tokens = block_tokens(cfg, s);
+
+    const double attn = attention_flops(cfg, s);
     double mlp = 2 * tokens * D * hidden * 2;
     double norms = 2 * 8 * tokens * D;
     double block = attn + mlp + norms;

@@ -15,4 +15,9 @@ struct FlopCount {
 // with |S| = subset channels instead.
 FlopCount count_flops(const ModelConfig& cfg, int subset = 0);
 
+// DESIGN.md §5's attention count of one block for one image, in FLOPs (not
+// GFLOPs), with |S| = subset channels (0: all C): what count_flops reports as
+// attention_gflops, and what `prism bench attention` divides its time into.
+double attention_flops(const ModelConfig& cfg, int subset = 0);
+
 }  // namespace prism
