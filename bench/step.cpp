@@ -79,6 +79,8 @@ StepBenchResult bench_step(const Config& cfg, const StepBenchOptions& o, bool ve
     const int B = r.batch, C = m.channels, HW = m.image * m.image;
 
     Model<float> model(m, B, verbose, o.device);
+    model.set_bf16_matmul(cfg.train.precision == "bf16");
+    r.bf16_matmul = model.bf16_matmul();
     model.init_weights(cfg.train.seed);
     AdamW<float> opt(cfg.train, model.num_params(), verbose, o.device);
     // Random images (never zeros: they can run faster than real data) and labels.
@@ -119,7 +121,7 @@ nlohmann::json step_bench_json(const Config& cfg, const StepBenchResult& r) {
     nlohmann::json j{{"arch", cfg.model.arch},       {"device", device_label(r.device)},
                      {"batch", r.batch},             {"top_k", cfg.model.top_k},
                      {"patch", cfg.model.patch},     {"channels", cfg.model.channels},
-                     {"precision", "fp32"},          {"step_ms", r.step_ms},
+                     {"precision", r.bf16_matmul ? "bf16 matmul" : "fp32"},          {"step_ms", r.step_ms},
                      {"images_per_s", r.images_per_s}, {"train_gflops_per_image", r.train_gflops_per_image},
                      {"model_tflops", r.tflops}};
     if (r.peak_bf16_tflops > 0) {

@@ -15,6 +15,11 @@ namespace {
 bool is_moe(const ModelConfig& c) { return c.arch == "moevit"; }
 bool is_vit(const ModelConfig& c) { return c.arch == "vit"; }
 int max_seq(const ModelConfig& c) { return 1 + (is_vit(c) ? 1 : c.channels) * c.num_patches(); }
+// The same device and stream with every product in fp32.
+op::Exec fp32(op::Exec ex) {
+    ex.bf16_matmul = false;
+    return ex;
+}
 op::AuxLoss aux_kind(const ModelConfig& c) {
     return c.aux == "switch" ? op::AuxLoss::switch_
          : c.aux == "importance" ? op::AuxLoss::importance : op::AuxLoss::none;
@@ -480,7 +485,9 @@ void Model<T>::block_forward(int i, bool training) {
         const int64_t tokens = int64_t(B_) * nS_ * N;
         const auto combine = cfg_.combine == "renorm" ? op::Combine::renorm : op::Combine::softmax;
         // Router: z = y·W_rᵀ + b_r; p = softmax over S; E(t) = top-k; R = combine weights.
-        op::linear_forward(ex_, b.z, b.ln1, w.router_w, w.router_b, rows, int(D), int(C));
+        // The router's product stays fp32 in the bf16 mode: a rounding must not
+        // flip which channels a token attends to.
+        op::linear_forward(fp32(ex_), b.z, b.ln1, w.router_w, w.router_b, rows, int(D), int(C));
         op::router_forward(ex_, b.rprobs, b.experts, b.weights, b.lse, b.z + C, L * C, in_S_at_,
                             S_at_, B_, nS_, int(N), int(C), k, combine);
         // Dispatch: sort the (token, slot) pairs into (image, channel) groups.
@@ -637,7 +644,8 @@ void Model<T>::block_backward(int i) {
                                     int(C), T(cfg_.z_loss_coef), per_block);
         op::router_backward(ex_, x.dz + C, L * C, b.rprobs, b.experts, b.weights, x.dweights,
                              x.drprobs, S_at_, B_, nS_, int(N), int(C), k, combine);
-        op::linear_backward(ex_, x.dln, g.router_w, g.router_b, x.dz, b.ln1, w.router_w, rows, int(D), int(C));
+        op::linear_backward(fp32(ex_), x.dln, g.router_w, g.router_b, x.dz, b.ln1, w.router_w, rows, int(D),
+                            int(C));
     }
     op::layernorm_backward(ex_, x.dres, g.norm1_w, g.norm1_b, x.dln, b.x_in, w.norm1_w, b.ln1_mean,
                             b.ln1_rstd, rows, int(D));

@@ -135,8 +135,6 @@ TrainResult train(const Config& cfg, Device device, const std::string& out_dir, 
     if (device == Device::cuda && comm.size > 1)
         throw UserError("--device cuda under mpirun: the NCCL gradient path is not built yet; run one process per "
                         "GPU job, or --device cpu for data parallelism over MPI");
-    if (device == Device::cuda && t.precision == "bf16" && verbose)
-        std::printf("train: train.precision bf16 asked for, but the CUDA backend computes in fp32 so far; running fp32\n");
     if (cfg.data.train.empty()) throw UserError("config: data.train is empty (a glob of training shards)");
     if (t.steps == 0 && t.epochs == 0) throw UserError("config: set train.steps or train.epochs");
 
@@ -167,6 +165,11 @@ TrainResult train(const Config& cfg, Device device, const std::string& out_dir, 
                     comm.size, comm.size == 1 ? "" : "s", loader.local_batch(), device_description(device).c_str());
 
     Model<float> model(m, loader.local_batch(), verbose, device);
+    model.set_bf16_matmul(t.precision == "bf16");
+    if (verbose && t.precision == "bf16")
+        std::printf(device == Device::cuda
+                        ? "precision: bf16 inputs to the linear layers' products (fp32 accumulation); everything else fp32\n"
+                        : "precision: train.precision bf16 applies on CUDA only; the CPU computes in fp32\n");
     model.init_weights(t.seed);
     if (comm.size > 1)
         model.set_reduce_over_ranks([&comm](double* x, int64_t n) { comm_allreduce_sum(comm, x, n); });

@@ -29,6 +29,9 @@ using ops::Combine;
 struct Exec {
     bool cuda = false;
     cudaStream_t stream = nullptr;
+    // CUDA only: the linear layers take bf16 matrix inputs (tensor cores,
+    // fp32 accumulation); every tensor stays fp32.
+    bool bf16_matmul = false;
 };
 
 // PRISM_OP(cpu_call, cuda_call): the CUDA call for float on a CUDA Exec, else
@@ -131,12 +134,24 @@ void layernorm_backward(const Exec& ex, T* dx, T* dw, T* db, const T* dout, cons
 template <class T>
 void linear_forward(const Exec& ex, T* out, const T* x, const T* W, const T* b, int64_t rows, int in_dim,
                     int out_dim) {
+#ifdef PRISM_CUDA
+    if constexpr (std::is_same_v<T, float>) {
+        if (ex.cuda && ex.bf16_matmul)
+            return cuda_ops::linear_forward_mixed(out, x, W, b, rows, in_dim, out_dim, ex.stream);
+    }
+#endif
     PRISM_OP(linear_forward(out, x, W, b, rows, in_dim, out_dim),
              linear_forward(out, x, W, b, rows, in_dim, out_dim, ex.stream));
 }
 template <class T>
 void linear_backward(const Exec& ex, T* dx, T* dW, T* db, const T* dout, const T* x, const T* W,
                      int64_t rows, int in_dim, int out_dim) {
+#ifdef PRISM_CUDA
+    if constexpr (std::is_same_v<T, float>) {
+        if (ex.cuda && ex.bf16_matmul)
+            return cuda_ops::linear_backward_mixed(dx, dW, db, dout, x, W, rows, in_dim, out_dim, ex.stream);
+    }
+#endif
     PRISM_OP(linear_backward(dx, dW, db, dout, x, W, rows, in_dim, out_dim),
              linear_backward(dx, dW, db, dout, x, W, rows, in_dim, out_dim, ex.stream));
 }

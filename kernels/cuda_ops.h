@@ -106,6 +106,16 @@ void linear_backward_bf16(uint16_t* dx, float* dW, float* db, const uint16_t* do
                           const uint16_t* x, const uint16_t* W, int64_t rows, int in_dim,
                           int out_dim, cudaStream_t stream);
 
+// The model's bf16 mode (train.precision = bf16): the fp32 linear layer with
+// x, W and (backward) dout rounded to bf16 for the product, fp32 accumulation
+// and fp32 results; the bias and its gradient stay fp32. Same contract as
+// linear_forward / linear_backward otherwise.
+void linear_forward_mixed(float* out, const float* x, const float* W, const float* b, int64_t rows,
+                          int in_dim, int out_dim, cudaStream_t stream);
+void linear_backward_mixed(float* dx, float* dW, float* db, const float* dout, const float* x,
+                           const float* W, int64_t rows, int in_dim, int out_dim,
+                           cudaStream_t stream);
+
 // ---- GELU (exact, erf) and the residual with drop path ------------------------------
 void gelu_forward(float* out, const float* x, int64_t n, cudaStream_t stream);
 void gelu_backward(float* dx, const float* dout, const float* x, int64_t n,

@@ -2,6 +2,7 @@
 // default batch rule (bench/torch_peer.py repeats it, so it is pinned here),
 // the FLOP helper it divides by, and the clean refusal without a CUDA device.
 // The timing itself needs a GPU and is run there by hand (README).
+#include <nlohmann/json.hpp>
 #include <gtest/gtest.h>
 
 #include <string>
@@ -104,9 +105,27 @@ TEST(BenchAttention, RefusesCleanlyWithoutCudaDevice) {
     EXPECT_EQ(r.output, "prism bench attention: no CUDA device\n");
 }
 
-TEST(BenchAttention, StepStillRefused) {
-    const ShellRun r = run_shell(build_dir() + "prism bench step --config configs/jumpcp_chvit.json");
-    EXPECT_EQ(exit_code(r), 1) << r.output;
-    EXPECT_EQ(lines_of(r.output), 1) << r.output;
-    EXPECT_NE(r.output.find("bench step"), std::string::npos) << r.output;
+// `prism bench step` runs on either device; on the CPU a tiny config keeps it quick.
+TEST(BenchStep, TimesStepsAndPrintsOneJsonLine) {
+    const ShellRun r = run_shell(build_dir() +
+                                 "prism bench step --config configs/synth_tiny_moevit.json --device cpu --batch 8 "
+                                 "--iters 2 --warmup 1");
+    ASSERT_EQ(exit_code(r), 0) << r.output;
+    const size_t at = r.output.rfind("{\"arch\"");
+    ASSERT_NE(at, std::string::npos) << r.output;
+    const nlohmann::json j = nlohmann::json::parse(r.output.substr(at));
+    EXPECT_EQ(j["arch"], "moevit");
+    EXPECT_EQ(j["batch"], 8);
+    EXPECT_EQ(j["device"], "cpu");
+    EXPECT_GT(j["images_per_s"].get<double>(), 0);
+    EXPECT_GT(j["train_gflops_per_image"].get<double>(), 0);
+}
+
+TEST(BenchStep, BadOptionsFailWithOneLine) {
+    for (const std::string args : {"--config configs/synth_tiny_moevit.json --device cpu --iters 0",
+                                   "--config /nonexistent.json --device cpu", "--device cpu"}) {
+        const ShellRun r = run_shell(build_dir() + "prism bench step " + args);
+        EXPECT_EQ(exit_code(r), 1) << args << ": " << r.output;
+        EXPECT_EQ(lines_of(r.output), 1) << args << ": " << r.output;
+    }
 }

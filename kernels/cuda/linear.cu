@@ -323,6 +323,45 @@ void linear_backward_bf16(uint16_t* dx, float* dW, float* db, const uint16_t* do
                    stream);
 }
 
+// ---- the bf16 mode of the model: fp32 tensors, bf16 matrix inputs ----------------------
+// The operands are rounded to bf16 into stream-ordered scratch, the products
+// run on the tensor cores with fp32 accumulation, and the results land in the
+// fp32 tensors (beta = 1 where they accumulate).
+void linear_forward_mixed(float* out, const float* x, const float* W, const float* b, int64_t rows,
+                          int in_dim, int out_dim, cudaStream_t stream) {
+    if (rows <= 0) return;
+    Scratch xb(sizeof(uint16_t) * (size_t)(rows * in_dim), stream);
+    Scratch wb(sizeof(uint16_t) * (size_t)out_dim * in_dim, stream);
+    to_bf16(xb.as<uint16_t>(), x, rows * in_dim, stream);
+    to_bf16(wb.as<uint16_t>(), W, (int64_t)out_dim * in_dim, stream);
+    if (b) {
+        fill_bias_kernel<<<grid_for(rows * out_dim), kThreads, 0, stream>>>(out, b, rows, out_dim);
+        PRISM_LAUNCH_CHECK();
+    }
+    lt_matmul(true, false, out_dim, rows, in_dim, wb.as<uint16_t>(), in_dim, xb.as<uint16_t>(), in_dim,
+              b ? 1.f : 0.f, out, CUDA_R_32F, out_dim, stream);
+}
+
+void linear_backward_mixed(float* dx, float* dW, float* db, const float* dout, const float* x,
+                           const float* W, int64_t rows, int in_dim, int out_dim, cudaStream_t stream) {
+    if (rows <= 0) return;
+    Scratch gb(sizeof(uint16_t) * (size_t)(rows * out_dim), stream);
+    Scratch xb(sizeof(uint16_t) * (size_t)(rows * in_dim), stream);
+    to_bf16(gb.as<uint16_t>(), dout, rows * out_dim, stream);
+    to_bf16(xb.as<uint16_t>(), x, rows * in_dim, stream);
+    if (dx) {
+        Scratch wb(sizeof(uint16_t) * (size_t)out_dim * in_dim, stream);
+        to_bf16(wb.as<uint16_t>(), W, (int64_t)out_dim * in_dim, stream);
+        lt_matmul(false, false, in_dim, rows, out_dim, wb.as<uint16_t>(), in_dim, gb.as<uint16_t>(),
+                  out_dim, 1.f, dx, CUDA_R_32F, in_dim, stream);
+    }
+    lt_matmul(false, true, in_dim, out_dim, rows, xb.as<uint16_t>(), in_dim, gb.as<uint16_t>(), out_dim,
+              1.f, dW, CUDA_R_32F, in_dim, stream);
+    if (db)  // from the fp32 gradient: the bias sum needs no rounding
+        column_sum(1, rows, out_dim, RowMajor{dout, rows, out_dim}, AddTo{db, out_dim, nullptr},
+                   stream);
+}
+
 #else  // built without cuBLAS: the linear ops say so
 
 namespace {
@@ -354,6 +393,14 @@ void linear_forward_bf16(uint16_t*, const uint16_t*, const uint16_t*, const floa
 }
 void linear_backward_bf16(uint16_t*, float*, float*, const uint16_t*, const uint16_t*,
                           const uint16_t*, int64_t, int, int, cudaStream_t) {
+    no_cublas();
+}
+void linear_forward_mixed(float*, const float*, const float*, const float*, int64_t, int, int,
+                          cudaStream_t) {
+    no_cublas();
+}
+void linear_backward_mixed(float*, float*, float*, const float*, const float*, const float*, int64_t,
+                           int, int, cudaStream_t) {
     no_cublas();
 }
 #endif
