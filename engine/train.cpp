@@ -114,6 +114,18 @@ static EvalResult reduce_eval(const Comm& comm, EvalResult r) {
     return r;
 }
 
+// The per-class routing histograms of every rank's share, summed, so that
+// routing.json describes the whole validation set.
+static void reduce_class_routing(const Comm& comm, ClassRouting& routing) {
+    if (comm.size == 1) return;
+    std::vector<double> v(routing.images.begin(), routing.images.end());
+    v.insert(v.end(), routing.slots.begin(), routing.slots.end());
+    comm_allreduce_sum(comm, v.data(), int64_t(v.size()));  // counts far below 2^53: exact
+    for (size_t i = 0; i < routing.images.size(); i++) routing.images[i] = int64_t(std::llround(v[i]));
+    for (size_t i = 0; i < routing.slots.size(); i++)
+        routing.slots[i] = int64_t(std::llround(v[routing.images.size() + i]));
+}
+
 // FNV-1a over the weights' bytes: cheap proof that every rank holds the same.
 static uint64_t weights_hash(Model<float>& model) {
     uint64_t h = 1469598103934665603ull;
@@ -195,7 +207,9 @@ TrainResult train(const Config& cfg, Device device, const std::string& out_dir, 
     TrainMonitor monitor(cfg, device, lead ? out_dir : "", verbose, monitor_opts, total, per_epoch,
                          loader.shape().channel_names);
     auto run_eval = [&](int64_t step) {
-        EvalResult r = reduce_eval(comm, evaluate(model, *val_data, false, monitor.eval_begins(step, val_data->count())));
+        const EvalOptions eo = monitor.eval_begins(step, val_data->count());
+        EvalResult r = reduce_eval(comm, evaluate(model, *val_data, false, eo));
+        if (eo.routing) reduce_class_routing(comm, *eo.routing);
         monitor.eval_done(step, r);
         return r;
     };

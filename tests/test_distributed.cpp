@@ -4,6 +4,7 @@
 #include <csignal>
 #include <string>
 #include <vector>
+#include <nlohmann/json.hpp>
 #include "data/synth.h"
 #include "engine/checkpoint.h"
 #include "engine/train.h"
@@ -64,6 +65,15 @@ TEST(Distributed, TwoRanksTrainLikeOneProcess) {
         std::printf("%s: 1 vs 2 ranks, relative difference %.2e\n", extra.c_str(), diff);
         EXPECT_LE(diff, 1e-4) << extra;
         EXPECT_GT(diff, 0.0) << "two ranks sum in another order: identical bits would be a surprise";
+        // routing.json covers the whole validation set, not rank 0's share.
+        const nlohmann::json r1 = nlohmann::json::parse(read_bytes(one.path + "/routing.json"));
+        const nlohmann::json r2 = nlohmann::json::parse(read_bytes(two.path + "/routing.json"));
+        EXPECT_EQ(r1["class_images"], r2["class_images"]);
+        int64_t slots1 = 0, slots2 = 0;
+        for (const auto& block : r1["slots"]) for (const auto& cls : block) for (const auto& n : cls) slots1 += n.get<int64_t>();
+        for (const auto& block : r2["slots"]) for (const auto& cls : block) for (const auto& n : cls) slots2 += n.get<int64_t>();
+        EXPECT_EQ(slots1, slots2);
+        EXPECT_GT(slots1, 0);
     }
 }
 
