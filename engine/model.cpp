@@ -229,9 +229,7 @@ void Model<T>::carve_activations() {
     for (size_t i = 0; i < x.blocks.size(); i++) {
         auto& b = x.blocks[i];
         b.x_in = prev;
-        b.drop_attn = x.drop_scales + (2 * i) * B;
-        b.drop_mlp = x.drop_scales + (2 * i + 1) * B;
-        b.counts = x.counts + i * C;
+        b.counts = x.counts + i * C;  // (drop_attn, drop_mlp: set by forward, strided by its batch)
         b.ln1 = a.take<T>(B * L * D);
         b.ln1_mean = a.take<T>(B * L);
         b.ln1_rstd = a.take<T>(B * L);
