@@ -52,8 +52,9 @@ ifneq ($(NVCC),)
   else
     $(info Makefile: no cuBLAS under CUBLAS_HOME=$(CUBLAS_HOME): the CUDA linear ops will throw)
   endif
-  # NCCL (multi-GPU gradient all-reduce) is optional: used when nccl.h is under
-  # NCCL_HOME. Only the build flags exist so far; no code uses PRISM_NCCL yet.
+  # NCCL (the GPU ranks' all-reduce, engine/nccl.cpp) is optional: used when
+  # nccl.h is under NCCL_HOME. Without it `--device cuda` runs one process per
+  # job, and more ranks under mpirun are refused with one line.
   NCCL_INC := $(firstword $(wildcard $(NCCL_HOME)/include/nccl.h))
   ifneq ($(NCCL_INC),)
     NCCL_LIBDIR := $(firstword $(wildcard $(NCCL_HOME)/lib64 $(NCCL_HOME)/lib))
