@@ -4,14 +4,18 @@
 // load-balance statistics all-reduced on the device) and must train to the
 // weights of a plain single-GPU run; with two GPUs, two ranks train like one
 // process. Each test skips, saying why, without a CUDA device, NCCL in the
-// build, or a working mpirun (and the two-rank ones without two GPUs).
+// build, or a working mpirun (and the two-rank ones without two GPUs). The
+// same world-of-one check also runs in this process through train(), which
+// needs no mpirun (a GPU machine may have NCCL but no MPI).
 #include <cmath>
 #include <cstring>
 #include <string>
 #include <vector>
 #include "data/synth.h"
 #include "engine/checkpoint.h"
+#include "engine/config.h"
 #include "engine/nccl.h"
+#include "engine/train.h"
 #include "tests/shellutil.h"
 #include "tests/testutil.h"
 #ifdef PRISM_CUDA
@@ -31,17 +35,20 @@ int visible_gpus() {
 #endif
 }
 
-// Why the NCCL path cannot run here ("" when it can).
-std::string why_no_nccl_run() {
+// Why the NCCL path cannot run in this process ("" when it can).
+std::string why_no_nccl() {
 #ifndef PRISM_CUDA
     return "this build has no CUDA backend";
 #else
     if (visible_gpus() == 0) return "no CUDA device";
     if (!nccl_built()) return "this build has no NCCL (nccl.h was not found under NCCL_HOME)";
     if (!cuda_ops::has_cublas()) return "this build has no cuBLAS (CUBLAS_HOME)";
-    return why_no_mpirun();
+    return "";
 #endif
 }
+
+// ... nor under mpirun.
+std::string why_no_nccl_run() { return why_no_nccl().empty() ? why_no_mpirun() : why_no_nccl(); }
 
 const std::string& data_dir() {
     static TmpDir* dir = [] {
@@ -111,6 +118,30 @@ TEST(Nccl, WorldOfOneTrainsLikeOneProcess) {
     // The step phases reach metrics.jsonl.
     const std::string metrics = read_bytes(one.path + "/metrics.jsonl");
     EXPECT_NE(metrics.find("\"allreduce_s\""), std::string::npos) << metrics;
+}
+
+// The same check without mpirun: train() in this process, once plainly and
+// once with a world of one's NCCL communicator made by comm_init_nccl.
+TEST(Nccl, WorldOfOneInProcessTrainsLikeOneProcess) {
+    if (!why_no_nccl().empty()) GTEST_SKIP() << why_no_nccl();
+    TmpDir plain, one;
+    const Config cfg = load_config("configs/synth_tiny_moevit.json",
+                                   {"data.train=" + data_dir() + "/train-*.shard", "data.val=", "train.batch=16",
+                                    "train.steps=8", "train.warmup_steps=3", "train.hcs=true", "model.drop_path=0.1"});
+    train(cfg, Device::cuda, plain.path, false);
+    Comm comm;  // a world of one, no MPI
+    comm.timeout_s = 60;
+    comm_init_nccl(comm);
+    ASSERT_NE(comm.nccl, nullptr);
+    std::printf("[ nccl ] %s\n", nccl_description(comm).c_str());
+    TrainOptions o;
+    o.comm = &comm;
+    train(cfg, Device::cuda, one.path, false, o);
+    comm_free_nccl(comm);
+    EXPECT_EQ(comm.nccl, nullptr);
+    const auto w_plain = weights(plain.path), w_one = weights(one.path);
+    report("plain vs in-process world of one (NCCL, overlap)", w_plain, w_one);
+    EXPECT_LE(relative_difference(w_plain, w_one), 1e-6);
 }
 
 // Two ranks, one GPU each, with batch 8 each train to the weights of one
