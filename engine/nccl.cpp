@@ -300,8 +300,9 @@ struct GradAllReduce::Impl {
 };
 
 GradAllReduce::GradAllReduce(const Comm& c, float* grads, int64_t n, cudaStream_t model_stream, bool overlap)
-    : impl_(new Impl), comm_(c), overlap_(overlap), n_(n) {
+    : comm_(c), overlap_(overlap), n_(n) {
     if (!c.nccl) throw std::logic_error("GradAllReduce without a communicator (comm_init_nccl)");
+    impl_ = new Impl;
     Impl& m = *impl_;
     m.grads = grads;
     m.model = model_stream;
@@ -319,11 +320,12 @@ GradAllReduce::GradAllReduce(const Comm& c, float* grads, int64_t n, cudaStream_
 // Called after wait() or while an error unwinds: failures are printed, not thrown.
 GradAllReduce::~GradAllReduce() {
     Impl& m = *impl_;
-    for (cudaEvent_t e : {m.range_ready, m.comm_done, m.t_begin, m.t_backward, m.t_reduced})
-        if (e && cudaEventDestroy(e) != cudaSuccess)
-            std::fprintf(stderr, "prism: cudaEventDestroy failed: %s\n", cudaGetErrorString(cudaGetLastError()));
-    if (m.comm && cudaStreamDestroy(m.comm) != cudaSuccess)
-        std::fprintf(stderr, "prism: cudaStreamDestroy failed: %s\n", cudaGetErrorString(cudaGetLastError()));
+    for (cudaEvent_t e : {m.range_ready, m.comm_done, m.t_begin, m.t_backward, m.t_reduced}) {
+        const cudaError_t rc = e ? cudaEventDestroy(e) : cudaSuccess;
+        if (rc != cudaSuccess) std::fprintf(stderr, "prism: cudaEventDestroy failed: %s\n", cudaGetErrorString(rc));
+    }
+    const cudaError_t rc = m.comm ? cudaStreamDestroy(m.comm) : cudaSuccess;
+    if (rc != cudaSuccess) std::fprintf(stderr, "prism: cudaStreamDestroy failed: %s\n", cudaGetErrorString(rc));
     delete impl_;
 }
 
