@@ -52,14 +52,23 @@ ifneq ($(NVCC),)
   else
     $(info Makefile: no cuBLAS under CUBLAS_HOME=$(CUBLAS_HOME): the CUDA linear ops will throw)
   endif
-  # NCCL (multi-GPU gradient all-reduce) is optional: used when nccl.h is under
-  # NCCL_HOME. Only the build flags exist so far; no code uses PRISM_NCCL yet.
+  # NCCL (the GPU ranks' all-reduce, engine/nccl.cpp) is optional: used when
+  # nccl.h is under NCCL_HOME. Without it `--device cuda` runs one process per
+  # job, and more ranks under mpirun are refused with one line.
+  # Wheels (nvidia/nccl) ship only libnccl.so.2: the library is linked by path,
+  # like cuBLAS. Its include folder goes first, so that a toolkit's own
+  # nccl.h cannot pair another version's header with this library.
   NCCL_INC := $(firstword $(wildcard $(NCCL_HOME)/include/nccl.h))
   ifneq ($(NCCL_INC),)
-    NCCL_LIBDIR := $(firstword $(wildcard $(NCCL_HOME)/lib64 $(NCCL_HOME)/lib))
-    CXXFLAGS  += -DPRISM_NCCL -I$(NCCL_HOME)/include
-    NVCCFLAGS += -DPRISM_NCCL -I$(NCCL_HOME)/include
-    LDLIBS    += -L$(NCCL_LIBDIR) -Wl,-rpath,$(NCCL_LIBDIR) -lnccl
+    NCCL_LIBDIR := $(firstword $(foreach d,$(NCCL_HOME)/lib64 $(NCCL_HOME)/lib,$(if $(wildcard $(d)/libnccl.so*),$(d))))
+    NCCL_LIB    := $(firstword $(wildcard $(NCCL_LIBDIR)/libnccl.so) $(sort $(wildcard $(NCCL_LIBDIR)/libnccl.so.[0-9]*)))
+    ifneq ($(NCCL_LIB),)
+      CXXFLAGS  := -DPRISM_NCCL -I$(NCCL_HOME)/include $(CXXFLAGS)
+      NVCCFLAGS := -DPRISM_NCCL -I$(NCCL_HOME)/include $(NVCCFLAGS)
+      LDLIBS    += $(NCCL_LIB) -Wl,-rpath,$(NCCL_LIBDIR)
+    else
+      $(info Makefile: nccl.h but no libnccl.so* under NCCL_HOME=$(NCCL_HOME): building without NCCL)
+    endif
   endif
 endif
 

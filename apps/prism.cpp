@@ -13,6 +13,7 @@
 #include "data/synth.h"
 #include "engine/checkpoint.h"
 #include "engine/comm.h"
+#include "engine/nccl.h"
 #include "engine/config.h"
 #include "engine/device.h"
 #include "engine/eval_report.h"
@@ -125,6 +126,9 @@ int cmd_train(int argc, char** argv) {
     topts.comm = &comm;
     TrainResult res;
     try {
+        // GPU ranks: one GPU each and an NCCL communicator, even in a world
+        // of one under mpirun (so the NCCL path can be checked on one GPU).
+        if (dev == Device::cuda && comm.mpi) comm_init_nccl(comm);
         res = train(cfg, dev, out, true, topts);
     } catch (const UserError& e) {
         if (comm.size > 1) comm_abort(comm, e.what());  // ends every rank, not just this one

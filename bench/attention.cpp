@@ -331,7 +331,7 @@ public:
         cu::combine_forward(att_ + D, L * D, og_, weights_, row_of_pair_, B, C, N, k, D, s);
         cu::cls_attention_forward(att_, L * D, cls_probs_, q_, L * D, kb_, vb_, B, C * N, D, Hd, s);
         cu::aux_loss_forward_backward(losses_, nullptr, rprobs_, counts_, S_, T, C, C, k, aux_, aux_coef_,
-                                      0.f, s);
+                                      0.f, nullptr, s);
         cu::z_loss_forward_backward(losses_ + 1, nullptr, 0, rprobs_, lse_, B, C, N, C, z_coef_, 0.f, s);
         cu::linear_forward(out_, att_, w_o_, b_o_, rows, D, D, s);
         // ---- backward (block_backward, moevit branch) ----
@@ -357,7 +357,7 @@ public:
         cu::expert_linear_backward(dx_ + D, g_v_, gb_v_, dv_, xp, L * D, w_v_, S_, B, C, N, D, D, s);
         cu::linear_backward(dx_, g_q_, gb_q_, dq_, x, w_q_, rows, D, D, s);
         cu::aux_loss_forward_backward(losses_, drprobs_, rprobs_, counts_, S_, T, C, C, k, aux_, aux_coef_,
-                                      per_block_, s);
+                                      per_block_, nullptr, s);
         cu::z_loss_forward_backward(losses_ + 1, dz_ + C, L * C, rprobs_, lse_, B, C, N, C, z_coef_,
                                     per_block_, s);
         cu::router_backward(dz_ + C, L * C, rprobs_, experts_, weights_, dweights_, drprobs_, S_, B, C, N, C,

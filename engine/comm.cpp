@@ -13,6 +13,7 @@
 #include <time.h>
 #include <unistd.h>
 #include "engine/common.h"
+#include "engine/nccl.h"
 #ifdef PRISM_MPI
 #define OMPI_SKIP_MPICXX 1  // the C API only: no C++ bindings, no libmpi_cxx
 #define MPICH_SKIP_MPICXX 1
@@ -63,7 +64,7 @@ Comm comm_init() {
     }
     return Comm{};
 }
-void comm_finalize(Comm&) {}
+void comm_finalize(Comm& c) { comm_free_nccl(c); }
 void comm_allreduce_sum(const Comm&, float*, int64_t) {}
 void comm_allreduce_sum(const Comm&, double*, int64_t) {}
 void comm_broadcast(const Comm&, void*, int64_t) {}
@@ -222,6 +223,7 @@ Comm comm_init() {
 }
 
 void comm_finalize(Comm& c) {
+    comm_free_nccl(c);  // before MPI: destroying the communicator may still talk to the other ranks
     if (!c.mpi || !g_started) return;
     check(c, MPI_Comm_free(&g_comm), "MPI_Comm_free");
     check(c, MPI_Finalize(), "MPI_Finalize");

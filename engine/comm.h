@@ -15,6 +15,8 @@
 
 namespace prism {
 
+struct NcclComm;  // engine/nccl.cpp: the GPU ranks' NCCL communicator
+
 struct Comm {
     int rank = 0;
     int size = 1;
@@ -22,6 +24,9 @@ struct Comm {
     int local_size = 1;
     bool mpi = false;        // MPI is initialized (the run was started by an MPI launcher)
     double timeout_s = 300;  // seconds any wait may take; set from train.comm_timeout_s
+    // --device cuda under an MPI launcher: the NCCL communicator that sums
+    // device memory (engine/nccl.h, comm_init_nccl); null otherwise.
+    NcclComm* nccl = nullptr;
 };
 
 // A world of one unless an MPI launcher started this process (it sets
@@ -29,7 +34,8 @@ struct Comm {
 // errors returned, not fatal. Throws UserError when a launcher started several
 // ranks but this build has no MPI.
 Comm comm_init();
-// Ends MPI if comm_init started it. Call once, on every rank, at exit.
+// Ends NCCL (if comm_init_nccl started it) and MPI (if comm_init started it).
+// Call once, on every rank, at exit.
 void comm_finalize(Comm& c);
 
 // In place: every rank ends with the sum over ranks, added in rank order.

@@ -86,6 +86,7 @@ static const Field kFields[] = {
     FIELD(train, stop_after),
     FIELD(train, skip_nonfinite),
     FIELD(train, comm_timeout_s),
+    FIELD(train, overlap_comm),
 };
 #undef FIELD
 

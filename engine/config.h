@@ -62,6 +62,7 @@ struct TrainConfig {
                                      // (a job's time limit); the schedule still runs to train.steps, --resume continues
     bool skip_nonfinite = false;     // NaN/Inf loss or gradient norm: skip the step (counted) instead of stopping
     double comm_timeout_s = 300;     // a rank that does not answer within this aborts the job (engine/comm.h)
+    bool overlap_comm = true;        // GPU ranks: all-reduce each block's gradients during backward (false: all after)
 };
 
 struct Config {

@@ -162,6 +162,15 @@ Model<T>::Model(const ModelConfig& cfg, int batch_capacity, bool verbose, Device
 #endif
     }
     num_params_ = param_count(layout_);
+    // Where each block's parameters start (they are contiguous), and the head's.
+    block_begin_.assign(cfg_.depth + 1, -1);
+    for (const auto& p : layout_) {
+        if (p.name == "norm.weight") block_begin_[cfg_.depth] = p.offset;
+        for (int i = 0; i < cfg_.depth; i++)
+            if (p.name == "blocks." + std::to_string(i) + ".norm1.weight") block_begin_[i] = p.offset;
+    }
+    for (int i = 0; i <= cfg_.depth; i++)
+        PRISM_ASSERT(block_begin_[i] >= 0 && (i == 0 || block_begin_[i] > block_begin_[i - 1]));
     for (int pass = 0; pass < 2; pass++) {  // measure, then carve
         param_mem_ = param_arena_.take<T>(num_params_);
         grad_mem_ = param_arena_.take<T>(num_params_);
@@ -556,8 +565,12 @@ void Model<T>::backward() {
                             x.lnf_mean, x.lnf_rstd, B_, D);
     op::zero(ex_, x.dres, B_ * L * D);
     op::select_rows_backward(ex_, x.dres, x.dcls, L * D, B_, D);
+    grads_ready(block_begin_[cfg_.depth], num_params_);  // head and final norm
 
-    for (int i = cfg_.depth - 1; i >= 0; i--) block_backward(i);
+    for (int i = cfg_.depth - 1; i >= 0; i--) {
+        block_backward(i);
+        grads_ready(block_begin_[i], block_begin_[i + 1]);
+    }
 
     const int64_t patch_rows = int64_t(B_) * (L - 1);
     op::zero(ex_, x.dpatch, patch_rows * D);
@@ -572,6 +585,7 @@ void Model<T>::backward() {
         op::linear_backward(ex_, (T*)nullptr, g_.patch_w, g_.patch_b, x.dpatch, x.patches, w_.patch_w,
                              patch_rows, P * P, D);
     }
+    grads_ready(0, block_begin_[0]);  // patch embedding, cls token, position and channel embeddings
 }
 
 template <class T>

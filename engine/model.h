@@ -105,8 +105,20 @@ public:
     size_t param_arena_bytes() const { return param_arena_.capacity; }
     // Data-parallel training: sums a few doubles over the ranks (in place), so
     // that the load-balance loss is that of the global batch. Unset: this
-    // process's batch is the whole batch.
+    // process's batch is the whole batch. The doubles live where the model's
+    // data lives: on CUDA they are device memory, and the sum is to be queued
+    // on exec().stream (the next kernels there read it).
     void set_reduce_over_ranks(std::function<void(double*, int64_t)> sum) { reduce_over_ranks_ = std::move(sum); }
+    // Data-parallel training: backward() calls this as soon as a range of
+    // grads() is final, so that its all-reduce can overlap the rest of the
+    // backward pass: the head and final norm right after they are computed,
+    // each block's range after block_backward (the last block first), the
+    // embeddings at the end. The ranges partition [0, num_params()): every
+    // element is in exactly one call per backward(). On CUDA "final" means on
+    // exec().stream: the work that wrote the range is queued there, not done.
+    void set_on_grads_ready(std::function<void(int64_t offset, int64_t count)> hook) {
+        on_grads_ready_ = std::move(hook);
+    }
     size_t activation_arena_bytes() const { return act_arena_.capacity; }
 
 private:
@@ -139,6 +151,15 @@ private:
     op::Exec ex_;
     bool training_ = false;
     std::function<void(double*, int64_t)> reduce_over_ranks_;
+    std::function<void(int64_t, int64_t)> on_grads_ready_;
+    // Parameter ranges (offsets into the parameter block) of the layout's
+    // three parts: embeddings [0, block_begin_[0]), block i
+    // [block_begin_[i], block_begin_[i+1]) with block_begin_[depth] = the head's
+    // start, head and final norm [block_begin_[depth], num_params_).
+    std::vector<int64_t> block_begin_;
+    void grads_ready(int64_t begin, int64_t end) {
+        if (on_grads_ready_ && end > begin) on_grads_ready_(begin, end - begin);
+    }
 };
 
 }  // namespace prism

@@ -93,6 +93,12 @@ void TrainMonitor::step_begins(int64_t step) {
 
 void TrainMonitor::data_waited(double seconds) { data_s_ += seconds; }
 
+void TrainMonitor::step_phases(double forward_s, double backward_s, double allreduce_s) {
+    forward_s_ += forward_s;
+    backward_s_ += backward_s;
+    allreduce_s_ += allreduce_s;
+}
+
 std::string TrainMonitor::train_status(int64_t done, double lr, double grad_norm) const {
     const auto now = Clock::now();
     const double secs = seconds_between(window_start_, now);
@@ -135,6 +141,8 @@ void TrainMonitor::step_done(int64_t step, const Losses& l, int images, double l
                          {"loss", loss_ / double(steps_)}, {"accuracy", double(correct_) / double(images_)},
                          {"lr", lr}, {"grad_norm", grad_norm}, {"images_per_s", ips}, {"data_wait_s", data_s_},
                          {"aux_loss", aux_ / double(steps_)}, {"z_loss", z_ / double(steps_)},
+                         {"forward_s", forward_s_ / double(steps_)}, {"backward_s", backward_s_ / double(steps_)},
+                         {"allreduce_s", allreduce_s_ / double(steps_)},
                          {"time_s", seconds_between(start_, Clock::now())}};
         // MFU: model FLOPs (all channels, forward + backward) per second over the device's peak.
         if (device_ == Device::cuda && peak_flops_ > 0) j["mfu"] = ips * train_flops_per_image_ / peak_flops_;
@@ -149,6 +157,7 @@ void TrainMonitor::step_done(int64_t step, const Losses& l, int images, double l
 
     window_start_ = Clock::now();
     data_s_ = loss_ = aux_ = z_ = 0;
+    forward_s_ = backward_s_ = allreduce_s_ = 0;
     images_ = correct_ = steps_ = 0;
     routing_.clear();
 }

@@ -31,6 +31,9 @@ public:
 
     void step_begins(int64_t step);       // step counts from 0
     void data_waited(double seconds);     // time this step spent waiting for its batch
+    // Where this step's time went: forward, backward, and the gradient
+    // all-reduce (data parallel: on GPUs the part backward did not hide).
+    void step_phases(double forward_s, double backward_s, double allreduce_s);
     // After the optimizer step; routing_counts = Model::routing_counts() (empty unless moevit).
     void step_done(int64_t step, const Losses& l, int images, double lr, double grad_norm,
                    const std::vector<std::vector<int>>& routing_counts);
@@ -63,6 +66,7 @@ private:
     bool line_open_ = false, profiling_ = false;
     // The logging window.
     double data_s_ = 0, loss_ = 0, aux_ = 0, z_ = 0;
+    double forward_s_ = 0, backward_s_ = 0, allreduce_s_ = 0;
     int64_t images_ = 0, correct_ = 0, steps_ = 0;
     RoutingWindow routing_;
 };

@@ -51,7 +51,7 @@ const std::vector<std::string>& resume_free_keys() {
     static const std::vector<std::string> keys = {
         "data.train",       "data.val",       "train.steps",         "train.epochs",          "train.eval_every",
         "train.checkpoint_every", "train.log_every", "train.skip_nonfinite", "train.comm_timeout_s",
-        "train.stop_after", "data.threads",
+        "train.stop_after", "data.threads",       "train.overlap_comm",
     };
     return keys;
 }

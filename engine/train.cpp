@@ -12,6 +12,7 @@
 #include "engine/checkpoint.h"
 #include "engine/faults.h"
 #include "engine/monitor.h"
+#include "engine/nccl.h"
 #include "engine/optimizer.h"
 #include "engine/rng.h"
 #include "engine/state.h"
@@ -144,9 +145,13 @@ TrainResult train(const Config& cfg, Device device, const std::string& out_dir, 
     const Comm& comm = opts.comm ? *opts.comm : world_of_one;
     const bool lead = comm.rank == 0;  // logs, evaluates the reduced result, writes checkpoints
     verbose = verbose && lead;
-    if (device == Device::cuda && comm.size > 1)
-        throw UserError("--device cuda under mpirun: the NCCL gradient path is not built yet; run one process per "
-                        "GPU job, or --device cpu for data parallelism over MPI");
+    // GPU ranks sum device memory through NCCL (engine/nccl.h): the caller
+    // made the communicator (prism train does, with comm_init_nccl).
+    if (device == Device::cuda && comm.size > 1 && !comm.nccl)
+        throw UserError("--device cuda with " + std::to_string(comm.size) +
+                        " ranks needs NCCL, and there is no NCCL communicator (a build without NCCL, or "
+                        "comm_init_nccl was not called); --device cpu trains data parallel over MPI");
+    const bool nccl = device == Device::cuda && comm.nccl;
     if (cfg.data.train.empty()) throw UserError("config: data.train is empty (a glob of training shards)");
     if (t.steps == 0 && t.epochs == 0) throw UserError("config: set train.steps or train.epochs");
 
@@ -183,8 +188,26 @@ TrainResult train(const Config& cfg, Device device, const std::string& out_dir, 
                         ? "precision: bf16 inputs to the linear layers' products (fp32 accumulation); everything else fp32\n"
                         : "precision: train.precision bf16 applies on CUDA only; the CPU computes in fp32\n");
     model.init_weights(t.seed);
-    if (comm.size > 1)
+    // Data parallel. The CPU sums host memory over MPI after backward. GPU
+    // ranks (also a world of one under mpirun, so that the path can be
+    // checked on one GPU) sum device memory with NCCL: the gradients on a
+    // stream of their own, each range as soon as backward has written it
+    // (train.overlap_comm), and the load-balance statistics on the model's stream.
+    std::unique_ptr<GradAllReduce> grad_reduce;
+    if (nccl) {
+        grad_reduce = std::make_unique<GradAllReduce>(comm, model.grads(), model.num_params(), model.exec().stream,
+                                                      t.overlap_comm);
+        if (t.overlap_comm)
+            model.set_on_grads_ready([&grad_reduce](int64_t offset, int64_t count) { grad_reduce->ready(offset, count); });
+        model.set_reduce_over_ranks(
+            [&comm, &model](double* x, int64_t n) { nccl_allreduce_sum(comm, x, n, model.exec().stream); });
+        if (verbose)
+            std::printf("comm: %s; gradients all-reduced %s\n", nccl_description(comm).c_str(),
+                        t.overlap_comm ? "block by block, overlapped with backward (train.overlap_comm)"
+                                       : "at once after backward (train.overlap_comm=false)");
+    } else if (comm.size > 1) {
         model.set_reduce_over_ranks([&comm](double* x, int64_t n) { comm_allreduce_sum(comm, x, n); });
+    }
     AdamW<float> opt(t, model.num_params(), verbose, device);
 
     // Resume: weights, moments and counters from the state file; the loader
@@ -223,6 +246,10 @@ TrainResult train(const Config& cfg, Device device, const std::string& out_dir, 
     };
 
     TrainResult result;
+    // Step phases for the final summary (metrics.jsonl has them per window);
+    // the first step of this invocation warms up and is left out.
+    double phase_sum[3] = {0, 0, 0};
+    int64_t phase_steps = 0;
     const auto start = Clock::now();
     install_stop_signals();
     int64_t step = at.step;
@@ -238,19 +265,50 @@ TrainResult train(const Config& cfg, Device device, const std::string& out_dir, 
         b.first_image = int64_t(comm.rank) * loader.local_batch();
         monitor.data_waited(seconds_since(data_start));
 
+        // forward() reads the losses back: its time is the device's too.
+        const auto forward_start = Clock::now();
         const Losses l = model.forward(b, /*training=*/true, Rng(t.seed, kDropPathStream, step).next());
+        const double forward_s = seconds_since(forward_start);
+        double backward_s = 0, allreduce_s = 0;
+        const auto backward_start = Clock::now();
+        if (grad_reduce) grad_reduce->begin();
         model.backward();
         // Data parallel: every rank's loss is the mean over its equal share,
         // so the global gradient is the mean of the ranks' gradients.
         // The loss and any rank's stop signal share one small reduction.
         double loss = l.total, stop = double(stop_signal());
-        if (comm.size > 1) {
+        if (grad_reduce) {
+            // Queued behind the all-reduces; the host goes on to the loss's
+            // reduction meanwhile and waits below.
+            grad_reduce->end();
+            op::scale_inplace(model.exec(), model.grads(), model.num_params(), 1.0f / float(comm.size));
+        } else if (comm.size > 1) {
+            backward_s = seconds_since(backward_start);
+            const auto allreduce_start = Clock::now();
             comm_allreduce_sum(comm, model.grads(), model.num_params());
             ops::scale_inplace(model.grads(), model.num_params(), 1.0f / float(comm.size));
+            allreduce_s = seconds_since(allreduce_start);
+        } else {
+            op::sync(model.exec());  // CUDA: backward was only queued (grad_norm waits for it anyway)
+            backward_s = seconds_since(backward_start);
+        }
+        if (comm.size > 1) {
             double both[2] = {loss, stop};
             comm_allreduce_sum(comm, both, 2);
             loss = both[0] / comm.size;
             stop = both[1];
+        }
+        if (grad_reduce) {
+            // Measured on the GPU: backward, then how long the model's stream
+            // still waited for the all-reduces (what overlap did not hide).
+            const GradReduceTimes gt = grad_reduce->wait();
+            backward_s = gt.backward_s;
+            allreduce_s = gt.exposed_s;
+        }
+        monitor.step_phases(forward_s, backward_s, allreduce_s);
+        if (step > at.step || stop_at - at.step == 1) {
+            phase_sum[0] += forward_s, phase_sum[1] += backward_s, phase_sum[2] += allreduce_s;
+            phase_steps++;
         }
         const double lr = learning_rate(t, step, total, warmup);
         const double grad_norm = opt.grad_norm(model);
@@ -270,6 +328,24 @@ TrainResult train(const Config& cfg, Device device, const std::string& out_dir, 
     }
     remove_stop_signals();
     monitor.finish();
+    if (verbose && phase_steps > 0) {
+        const double n = double(phase_steps);
+        std::string allreduce;
+        char buf[200];
+        if (nccl) {
+            std::snprintf(buf, sizeof buf, ", then %.2f ms waiting for the gradient all-reduce (%lld per step, %s)",
+                          1e3 * phase_sum[2] / n, (long long)grad_reduce->calls_per_step(),
+                          t.overlap_comm ? "overlapped with backward" : "after backward: train.overlap_comm=false");
+            allreduce = buf;
+        } else if (comm.size > 1) {
+            std::snprintf(buf, sizeof buf, ", gradient all-reduce %.2f ms", 1e3 * phase_sum[2] / n);
+            allreduce = buf;
+        }
+        std::printf("train: step phases, mean of %lld step%s%s: forward %.2f ms, backward %.2f ms%s\n",
+                    (long long)phase_steps, phase_steps == 1 ? "" : "s",
+                    phase_steps < step - at.step ? " (the first left out)" : "", 1e3 * phase_sum[0] / n,
+                    1e3 * phase_sum[1] / n, allreduce.c_str());
+    }
 
     // Every rank applied the same reduced gradients: the weights must agree bit for bit.
     if (comm.size > 1) {

@@ -220,25 +220,25 @@ void router_backward(const Exec& ex, T* dz, int64_t dz_image_stride, const T* pr
              router_backward(dz, dz_image_stride, probs, experts, weights, dweights, dprobs, S, B, nS,
                              N, C, k, combine, ex.stream));
 }
-// The data-parallel statistics of the load-balance loss (ops::aux_stats): CPU only.
+// The data-parallel statistics of the load-balance loss (ops::aux_stats):
+// stats [2*nS+1] doubles where the data lives (device memory on CUDA).
 template <class T>
 void aux_stats(const Exec& ex, double* stats, const T* probs, const int* counts, const int* S,
                int64_t tokens, int nS, int C) {
-    if (ex.cuda) throw std::runtime_error("aux_stats: the CUDA backend has no data-parallel load balance yet");
-    ops::aux_stats(stats, probs, counts, S, tokens, nS, C);
+    PRISM_OP(aux_stats(stats, probs, counts, S, tokens, nS, C),
+             aux_stats(stats, probs, counts, S, tokens, nS, C, ex.stream));
 }
 // *loss = the load-balance loss; its gradient × grad_scale is added to dprobs (unless null).
+// all_ranks: aux_stats summed over the ranks, where the data lives, or null.
 template <class T>
 void aux_loss_forward_backward(const Exec& ex, T* loss, T* dprobs, const T* probs, const int* counts,
                                const int* S, int64_t tokens, int nS, int C, int k_eff, AuxLoss kind,
                                T coef, T grad_scale, const double* all_ranks) {
 #ifdef PRISM_CUDA
     if constexpr (std::is_same_v<T, float>) {
-        if (ex.cuda) {
-            if (all_ranks) throw std::runtime_error("aux loss: the CUDA backend has no data-parallel load balance yet");
+        if (ex.cuda)
             return cuda_ops::aux_loss_forward_backward(loss, dprobs, probs, counts, S, tokens, nS, C, k_eff,
-                                                       kind, coef, grad_scale, ex.stream);
-        }
+                                                       kind, coef, grad_scale, all_ranks, ex.stream);
     }
 #endif
     *loss = ops::aux_loss_forward_backward(dprobs, probs, counts, S, tokens, nS, C, k_eff, kind, coef,

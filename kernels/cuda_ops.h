@@ -140,10 +140,20 @@ void router_backward(float* dz, int64_t dz_image_stride, const float* probs, con
                      const float* weights, const float* dweights, const float* dprobs,
                      const int* S, int B, int nS, int N, int C, int k, Combine combine,
                      cudaStream_t stream);
+// The load-balance statistics of ops::aux_stats, stats [2*nS+1] doubles on the
+// device: Σ_t p[t, S[s]] accumulated in double in a fixed order (fixed chunks
+// of tokens, then the chunks in order: the same bits in every run, and the
+// CPU's token-order sum to within double rounding), the counts, the tokens.
+void aux_stats(double* stats, const float* probs, const int* counts, const int* S, int64_t tokens,
+               int nS, int C, cudaStream_t stream);
 // loss: device scalar (the CPU op's return value); 0 for AuxLoss::none or coef == 0.
+// all_ranks: device stats summed over the ranks (data parallel), or null for
+// this process's tokens alone; the loss is computed from the statistics as
+// the CPU op computes it.
 void aux_loss_forward_backward(float* loss, float* dprobs, const float* probs, const int* counts,
                                const int* S, int64_t tokens, int nS, int C, int k_eff,
-                               AuxLoss kind, float coef, float grad_scale, cudaStream_t stream);
+                               AuxLoss kind, float coef, float grad_scale, const double* all_ranks,
+                               cudaStream_t stream);
 void z_loss_forward_backward(float* loss, float* dz, int64_t dz_image_stride, const float* probs,
                              const float* lse, int B, int nS, int N, int C, float coef,
                              float grad_scale, cudaStream_t stream);

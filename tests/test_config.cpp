@@ -246,6 +246,10 @@ TEST(Config, FaultKeysHaveDefaultsAndAreChecked) {
     const Config c = config_from_json(json::object(), "x.json");
     EXPECT_EQ(c.train.comm_timeout_s, 300);
     EXPECT_FALSE(c.train.skip_nonfinite);
+    EXPECT_TRUE(c.train.overlap_comm);
+    EXPECT_FALSE(config_from_json({{"train", {{"overlap_comm", false}}}}, "x.json").train.overlap_comm);
+    EXPECT_EQ(user_error([] { config_from_json({{"train", {{"overlap_comm", "no"}}}}, "x.json"); }).rfind("x.json: ", 0),
+              0u);
     const Config d = config_from_json({{"train", {{"comm_timeout_s", 2.5}, {"skip_nonfinite", true}}}}, "x.json");
     EXPECT_EQ(d.train.comm_timeout_s, 2.5);
     EXPECT_TRUE(d.train.skip_nonfinite);

@@ -616,7 +616,7 @@ TEST_F(CudaOps, AuxAndZLoss) {
                 loss.poison();
                 auto got = run_twice(what + " aux loss", {{&dprobs, g}}, [&] {
                     cu::aux_loss_forward_backward(loss.get(), dprobs.get(), d_probs.get(), d_counts.get(), d_S.get(),
-                                                  T, nS, C, k, kind, 0.3f, 0.7f, stream);
+                                                  T, nS, C, k, kind, 0.3f, 0.7f, nullptr, stream);
                 });
                 expect_close_scalar(what + " aux loss", loss.download()[0], ref_loss);
                 expect_close(what + " aux dprobs", got[0], r);
@@ -637,6 +637,78 @@ TEST_F(CudaOps, AuxAndZLoss) {
                     expect_close(what + " z-loss dz coef=" + std::to_string(coef), gotz[0], rz);
                 }
             }
+}
+
+// The data-parallel load balance: aux_stats against the CPU's (the mass in
+// double to within double rounding, counts and tokens exact, two runs the
+// same bits), and the loss from statistics summed over "ranks" (this batch's
+// and another's, as the all-reduce would give them) against the CPU op.
+TEST_F(CudaOps, AuxStatsAndTheLossOfAllRanks) {
+    Rng rng(112);
+    for (const Shape& sh : kShapes)
+        for (const auto& S : channel_sets(sh.C, rng)) {
+            const int B = sh.B, C = sh.C, nS = (int)S.size(), N = sh.N, k = std::min(2, nS);
+            const int64_t L = 1 + (int64_t)nS * N, T = (int64_t)B * nS * N;
+            const std::string what = tag(sh, S);
+            const auto in_S = mask_of(S, C);
+            // This rank's batch and another rank's (a different batch, same S).
+            std::vector<float> probs[2];
+            Dispatch dsp[2];
+            for (int r = 0; r < 2; r++) {
+                const auto z = randn_f(B * L * C, rng, 2.0);
+                std::vector<float> w(T * k), lse(T);
+                std::vector<int> experts(T * k);
+                probs[r].resize(T * C);
+                ops::router_forward(probs[r].data(), experts.data(), w.data(), lse.data(), z.data() + C, L * C,
+                                    in_S.data(), S.data(), B, nS, N, C, k, ops::Combine::softmax);
+                dsp[r] = cpu_dispatch(experts, B, nS, N, k);
+            }
+            auto d_probs = to_device(probs[0]);
+            auto d_counts = to_device(dsp[0].counts), d_S = to_device(S);
+
+            std::vector<double> ref(2 * nS + 1), other(2 * nS + 1);
+            ops::aux_stats(ref.data(), probs[0].data(), dsp[0].counts.data(), S.data(), T, nS, C);
+            ops::aux_stats(other.data(), probs[1].data(), dsp[1].counts.data(), S.data(), T, nS, C);
+            DeviceArray<double> stats(ref.size());
+            std::vector<double> runs[2];
+            for (int run = 0; run < 2; run++) {
+                stats.poison();
+                cu::aux_stats(stats.get(), d_probs.get(), d_counts.get(), d_S.get(), T, nS, C, stream);
+                runs[run] = stats.download();
+            }
+            expect_bit_identical(what + " aux_stats", runs[0], runs[1]);
+            double worst = 0;
+            for (int s = 0; s < nS; s++) {
+                ASSERT_TRUE(std::isfinite(runs[0][s])) << what << " mass " << s;
+                worst = std::max(worst, std::fabs(runs[0][s] - ref[s]) / std::fabs(ref[s]));
+                EXPECT_EQ(runs[0][nS + s], ref[nS + s]) << what << " count " << s;
+            }
+            EXPECT_EQ(runs[0][2 * nS], ref[2 * nS]) << what << " tokens";
+            std::printf("[ cuda-vs-cpu ] %-48s rel %.3g (bit-identical mass: %s)\n", (what + " aux_stats mass").c_str(),
+                        worst, std::memcmp(runs[0].data(), ref.data(), sizeof(double) * nS) == 0 ? "yes" : "no");
+            EXPECT_LE(worst, 1e-12) << what;
+
+            // The loss of both "ranks" together, from the summed statistics.
+            std::vector<double> sum(ref.size());
+            for (size_t i = 0; i < sum.size(); i++) sum[i] = ref[i] + other[i];
+            auto d_sum = to_device(sum);
+            for (auto kind : {ops::AuxLoss::switch_, ops::AuxLoss::importance}) {
+                const std::string w = what + (kind == ops::AuxLoss::switch_ ? " switch" : " importance") + " all ranks";
+                const auto g = randn_f(T * C, rng);
+                auto r = g;
+                const float ref_loss = ops::aux_loss_forward_backward<float>(
+                    r.data(), probs[0].data(), dsp[0].counts.data(), S.data(), T, nS, C, k, kind, 0.3f, 0.7f,
+                    sum.data());
+                DeviceArray<float> loss(1), dprobs(g.size());
+                loss.poison();
+                auto got = run_twice(w, {{&dprobs, g}}, [&] {
+                    cu::aux_loss_forward_backward(loss.get(), dprobs.get(), d_probs.get(), d_counts.get(), d_S.get(),
+                                                  T, nS, C, k, kind, 0.3f, 0.7f, d_sum.get(), stream);
+                });
+                expect_close_scalar(w + " loss", loss.download()[0], ref_loss);
+                expect_close(w + " dprobs", got[0], r);
+            }
+        }
 }
 
 TEST_F(CudaOps, DispatchIsTheCpuCountingSort) {

@@ -1,5 +1,6 @@
 // Whole-model checks: float64 gradient check of each architecture, the
 // independent PyTorch oracle, and bit-identical training from the same seed.
+#include <algorithm>
 #include <cstdlib>
 #include <fstream>
 #include <sstream>
@@ -250,4 +251,53 @@ TEST(Model, HcsDrawsSortedSubsetsOfEverySize) {
         EXPECT_EQ(s, channels_for_step(t, 8, step)) << "same step, same subset";
     }
     for (int m = 1; m <= 8; m++) EXPECT_GT(sizes[m], 50) << "subset size " << m;
+}
+
+// The data-parallel hook (Model::set_on_grads_ready): in every architecture
+// the ranges partition the parameters (each element in exactly one call per
+// backward), come in the order backward writes them (head, the blocks from
+// the last, embeddings), and hold their final gradients when the hook runs.
+TEST(Model, GradsReadyHookCoversEveryParameterOnceWithFinalValues) {
+    for (const Case& c : cases()) {
+        SCOPED_TRACE(c.name);
+        const int B = 3;
+        Model<double> model(c.model, B, false);
+        randomize(model, 21);
+        BatchData data = random_batch(c.model, B, 22);
+        Batch batch{data.images.data(), data.labels.data(), B, c.channels};
+        struct Call {
+            int64_t offset, count;
+            std::vector<double> grads;  // the range's values when the hook ran
+        };
+        std::vector<Call> calls;
+        model.set_on_grads_ready([&](int64_t offset, int64_t count) {
+            calls.push_back({offset, count, std::vector<double>(model.grads() + offset, model.grads() + offset + count)});
+        });
+        for (int pass = 0; pass < 2; pass++) {  // a second backward calls it again, alike
+            calls.clear();
+            model.forward(batch, true);
+            model.backward();
+            ASSERT_EQ(calls.size(), size_t(c.model.depth + 2));
+            std::vector<int> seen(size_t(model.num_params()), 0);
+            for (const Call& k : calls) {
+                ASSERT_GT(k.count, 0);
+                ASSERT_LE(k.offset + k.count, model.num_params());
+                for (int64_t i = k.offset; i < k.offset + k.count; i++) seen[size_t(i)]++;
+                EXPECT_EQ(k.grads, std::vector<double>(model.grads() + k.offset, model.grads() + k.offset + k.count))
+                    << "range at " << k.offset << " changed after its hook";
+            }
+            EXPECT_EQ(std::count(seen.begin(), seen.end(), 1), model.num_params()) << "every element exactly once";
+            // Head and final norm first, the blocks from the last, the embeddings last.
+            auto offset_of = [&](const std::string& name) {
+                for (const auto& p : model.layout())
+                    if (p.name == name) return p.offset;
+                return int64_t(-1);
+            };
+            EXPECT_EQ(calls.front().offset, offset_of("norm.weight"));
+            for (int i = 0; i < c.model.depth; i++)
+                EXPECT_EQ(calls[size_t(1 + i)].offset,
+                          offset_of("blocks." + std::to_string(c.model.depth - 1 - i) + ".norm1.weight"));
+            EXPECT_EQ(calls.back().offset, 0);
+        }
+    }
 }

@@ -88,55 +88,62 @@ __device__ __forceinline__ uint16_t float_to_bf16(float f) {
 // the sum over rows r < rows in a fixed order: stage one sums fixed chunks of
 // rows (a 32-column × 8-row block, its 8 partial sums added in order), stage
 // two adds the chunks in order. The chunking depends on `rows` alone.
+// Acc is the accumulator (float; double where the CPU sums in double, as
+// aux_stats does); out receives an Acc.
 constexpr int kColTile = 32, kColRows = 8;
 
-template <class Term>
-__global__ void column_partials_kernel(float* partial, int64_t rows, int cols,
+template <class Acc, class Term>
+__global__ void column_partials_kernel(Acc* partial, int64_t rows, int cols,
                                        int64_t chunk_rows, Term term) {
-    __shared__ float red[kColRows][kColTile];
+    __shared__ Acc red[kColRows][kColTile];
     const int c = blockIdx.x * kColTile + threadIdx.x;
     const int64_t r0 = (int64_t)blockIdx.y * chunk_rows;
     const int64_t r1 = r0 + chunk_rows < rows ? r0 + chunk_rows : rows;
-    float acc = 0.f;
+    Acc acc = 0;
     if (c < cols)
-        for (int64_t r = r0 + threadIdx.y; r < r1; r += kColRows) acc += term(blockIdx.z, r, c);
+        for (int64_t r = r0 + threadIdx.y; r < r1; r += kColRows) acc += (Acc)term(blockIdx.z, r, c);
     red[threadIdx.y][threadIdx.x] = acc;
     __syncthreads();
     if (threadIdx.y == 0 && c < cols) {
-        float s = 0.f;
+        Acc s = 0;
         for (int y = 0; y < kColRows; y++) s += red[y][threadIdx.x];
         partial[((int64_t)blockIdx.z * gridDim.y + blockIdx.y) * cols + c] = s;
     }
 }
 
-template <class Out>
-__global__ void column_finish_kernel(const float* partial, int chunks, int cols, int batches,
+template <class Acc, class Out>
+__global__ void column_finish_kernel(const Acc* partial, int chunks, int cols, int batches,
                                      Out out) {
     PRISM_GRID_STRIDE(i, (int64_t)batches * cols) {
         const int z = (int)(i / cols), c = (int)(i % cols);
-        float s = 0.f;
+        Acc s = 0;
         for (int k = 0; k < chunks; k++) s += partial[((int64_t)z * chunks + k) * cols + c];
         out(z, c, s);
     }
 }
 
-template <class Term, class Out>
-void column_sum(int batches, int64_t rows, int cols, Term term, Out out, cudaStream_t stream) {
+template <class Acc, class Term, class Out>
+void column_sum_as(int batches, int64_t rows, int cols, Term term, Out out, cudaStream_t stream) {
     if (batches <= 0 || cols <= 0) return;
     int64_t chunk_rows = 256;
     if ((rows + chunk_rows - 1) / chunk_rows > 1024) chunk_rows = (rows + 1023) / 1024;
     const int chunks = (int)((rows + chunk_rows - 1) / chunk_rows);
     PRISM_CUDA_REQUIRE(batches <= 65535, "column_sum: too many batches");
-    Scratch partial(sizeof(float) * (size_t)batches * (chunks > 0 ? chunks : 1) * cols, stream);
+    Scratch partial(sizeof(Acc) * (size_t)batches * (chunks > 0 ? chunks : 1) * cols, stream);
     if (chunks > 0) {
         const dim3 grid((cols + kColTile - 1) / kColTile, chunks, batches);
-        column_partials_kernel<<<grid, dim3(kColTile, kColRows), 0, stream>>>(
-            partial.as<float>(), rows, cols, chunk_rows, term);
+        column_partials_kernel<Acc><<<grid, dim3(kColTile, kColRows), 0, stream>>>(
+            partial.as<Acc>(), rows, cols, chunk_rows, term);
         PRISM_LAUNCH_CHECK();
     }
-    column_finish_kernel<<<grid_for((int64_t)batches * cols), kThreads, 0, stream>>>(
-        partial.as<float>(), chunks, cols, batches, out);
+    column_finish_kernel<Acc><<<grid_for((int64_t)batches * cols), kThreads, 0, stream>>>(
+        partial.as<Acc>(), chunks, cols, batches, out);
     PRISM_LAUNCH_CHECK();
+}
+
+template <class Term, class Out>
+void column_sum(int batches, int64_t rows, int cols, Term term, Out out, cudaStream_t stream) {
+    column_sum_as<float>(batches, rows, cols, term, out, stream);
 }
 
 // ---- deterministic whole-array sums, in double ------------------------------------

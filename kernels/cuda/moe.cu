@@ -128,50 +128,70 @@ __global__ void router_backward_kernel(float* dz, int64_t dz_image_stride, const
 }
 
 // ---- load balance -------------------------------------------------------------------
-struct ProbsOfS {  // probs[t, S[s]]
+// Everything goes through the statistics of ops::aux_stats, as on the CPU:
+// [2*nS+1] doubles (Σ_t p[t, S[s]], counts, tokens), this rank's or, in data
+// parallel training, the sum over ranks. The loss is computed from them in
+// float exactly as the CPU does; a world of one and a single process
+// therefore give the same bits.
+struct ProbsOfS {  // probs[t, S[s]], widened to double by the accumulator
     const float* probs;
     const int* S;
     int C;
     __device__ float operator()(int, int64_t t, int s) const { return probs[t * C + S[s]]; }
 };
-struct Store {  // dst[c] = v
-    float* dst;
-    __device__ void operator()(int, int c, float v) const { dst[c] = v; }
+struct StoreMass {  // stats[s] = Σ_t p[t, S[s]]
+    double* stats;
+    __device__ void operator()(int, int s, double v) const { stats[s] = v; }
 };
 
-// One thread: the loss from the per-channel mass (as the CPU, in s order) and
-// ∂loss/∂mass into dmass.
-__global__ void aux_loss_kernel(float* loss_out, float* dmass, const float* mass, const int* counts,
+__global__ void aux_counts_kernel(double* stats, const int* counts, int64_t tokens, int nS) {
+    for (int s = threadIdx.x; s < nS; s += blockDim.x) stats[nS + s] = (double)counts[s];
+    if (threadIdx.x == 0) stats[2 * nS] = (double)tokens;
+}
+
+// One thread: the loss from the statistics (as the CPU, in s order),
+// ∂loss/∂mass into dmass, and this rank's share of the tokens (all tokens /
+// this rank's; 1 on a single rank) into *share.
+__global__ void aux_loss_kernel(float* loss_out, float* dmass, float* share, const double* stats,
                                 int64_t tokens, int nS, int k_eff, bool importance, float coef) {
     if (threadIdx.x != 0 || blockIdx.x != 0) return;
+    const float all_tokens = (float)stats[2 * nS];
     float loss = 0.f;
     if (!importance) {
         // L = α·|S|·Σ f_c·P_c, f_c = count/(T·k_eff) (no gradient), P_c = mass/T
         for (int s = 0; s < nS; s++) {
-            const float f = float(counts[s]) / (float(tokens) * k_eff);
-            loss += coef * nS * f * mass[s] / float(tokens);
-            dmass[s] = coef * nS * f / float(tokens);
+            const float mass = (float)stats[s], count = (float)stats[nS + s];
+            const float f = count / (all_tokens * k_eff);
+            loss += coef * nS * f * mass / all_tokens;
+            dmass[s] = coef * nS * f / all_tokens;
         }
     } else {
         // L = α·CV²(mass) with the population variance
         float mu = 0.f;
-        for (int s = 0; s < nS; s++) mu += mass[s];
+        for (int s = 0; s < nS; s++) mu += (float)stats[s];
         mu /= nS;
         float var = 0.f;
-        for (int s = 0; s < nS; s++) var += (mass[s] - mu) * (mass[s] - mu);
+        for (int s = 0; s < nS; s++) {
+            const float m = (float)stats[s];
+            var += (m - mu) * (m - mu);
+        }
         var /= nS;
         loss = coef * var / (mu * mu);
-        for (int s = 0; s < nS; s++)
-            dmass[s] = coef * (2.f * (mass[s] - mu) / (nS * mu * mu) - 2.f * var / (mu * mu * mu * nS));
+        for (int s = 0; s < nS; s++) {
+            const float m = (float)stats[s];
+            dmass[s] = coef * (2.f * (m - mu) / (nS * mu * mu) - 2.f * var / (mu * mu * mu * nS));
+        }
     }
+    *share = all_tokens / float(tokens);
     *loss_out = loss;
 }
 
-__global__ void aux_grad_kernel(float* dprobs, const float* dmass, const int* S, int64_t tokens,
-                                int nS, int C, float grad_scale) {
+__global__ void aux_grad_kernel(float* dprobs, const float* dmass, const float* share, const int* S,
+                                int64_t tokens, int nS, int C, float grad_scale) {
+    const float sh = *share;
     PRISM_GRID_STRIDE(i, tokens * nS) {
         const int s = (int)(i % nS);
-        dprobs[(i / nS) * C + S[s]] += grad_scale * dmass[s];
+        dprobs[(i / nS) * C + S[s]] += grad_scale * sh * dmass[s];
     }
 }
 
@@ -361,23 +381,40 @@ void router_backward(float* dz, int64_t dz_image_stride, const float* probs, con
     PRISM_LAUNCH_CHECK();
 }
 
+void aux_stats(double* stats, const float* probs, const int* counts, const int* S, int64_t tokens,
+               int nS, int C, cudaStream_t stream) {
+    PRISM_CUDA_REQUIRE(nS >= 0 && tokens >= 0, "aux_stats: negative size");
+    // Σ_t p[t, S[s]] in double: fixed chunks of tokens, each summed in a fixed
+    // order, then the chunks in order (the CPU adds in token order; the two
+    // differ only by double rounding, far below float resolution).
+    column_sum_as<double>(1, tokens, nS, ProbsOfS{probs, S, C}, StoreMass{stats}, stream);
+    aux_counts_kernel<<<1, 128, 0, stream>>>(stats, counts, tokens, nS);
+    PRISM_LAUNCH_CHECK();
+}
+
 void aux_loss_forward_backward(float* loss, float* dprobs, const float* probs, const int* counts,
                                const int* S, int64_t tokens, int nS, int C, int k_eff,
-                               AuxLoss kind, float coef, float grad_scale, cudaStream_t stream) {
+                               AuxLoss kind, float coef, float grad_scale, const double* all_ranks,
+                               cudaStream_t stream) {
     if (kind == AuxLoss::none || coef == 0.f || nS <= 0) {
         PRISM_CUDA_CHECK(cudaMemsetAsync(loss, 0, sizeof(float), stream));
         return;
     }
-    Scratch scratch(2 * sizeof(float) * (size_t)nS, stream);
-    float* mass = scratch.as<float>();  // Σ_t p[t, S[s]], then ∂loss/∂mass
-    float* dmass = mass + nS;
-    column_sum(1, tokens, nS, ProbsOfS{probs, S, C}, Store{mass}, stream);
-    aux_loss_kernel<<<1, 32, 0, stream>>>(loss, dmass, mass, counts, tokens, nS, k_eff,
+    // [this rank's stats when all_ranks is null: 2*nS+1 doubles][dmass: nS floats][share]
+    const size_t stats_bytes = all_ranks ? 0 : sizeof(double) * (2 * (size_t)nS + 1);
+    Scratch scratch(stats_bytes + sizeof(float) * ((size_t)nS + 1), stream);
+    float* dmass = reinterpret_cast<float*>(scratch.as<char>() + stats_bytes);  // ∂loss/∂mass
+    float* share = dmass + nS;
+    if (!all_ranks) {
+        aux_stats(scratch.as<double>(), probs, counts, S, tokens, nS, C, stream);
+        all_ranks = scratch.as<double>();
+    }
+    aux_loss_kernel<<<1, 32, 0, stream>>>(loss, dmass, share, all_ranks, tokens, nS, k_eff,
                                           kind == AuxLoss::importance, coef);
     PRISM_LAUNCH_CHECK();
-    if (dprobs) {
-        aux_grad_kernel<<<grid_for(tokens * nS), kThreads, 0, stream>>>(dprobs, dmass, S, tokens,
-                                                                       nS, C, grad_scale);
+    if (dprobs && tokens > 0) {
+        aux_grad_kernel<<<grid_for(tokens * nS), kThreads, 0, stream>>>(dprobs, dmass, share, S,
+                                                                       tokens, nS, C, grad_scale);
         PRISM_LAUNCH_CHECK();
     }
 }

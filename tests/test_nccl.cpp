@@ -1,0 +1,207 @@
+// Data parallel on GPUs (engine/nccl.h) through `prism train --device cuda`
+// itself: a world of one under mpirun takes the NCCL path (communicator,
+// gradient all-reduce on its own stream overlapped with backward, the
+// load-balance statistics all-reduced on the device) and must train to the
+// weights of a plain single-GPU run; with two GPUs, two ranks train like one
+// process. Each test skips, saying why, without a CUDA device, NCCL in the
+// build, or a working mpirun (and the two-rank ones without two GPUs). The
+// same world-of-one check also runs in this process through train(), which
+// needs no mpirun (a GPU machine may have NCCL but no MPI).
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <vector>
+#include "data/synth.h"
+#include "engine/checkpoint.h"
+#include "engine/config.h"
+#include "engine/nccl.h"
+#include "engine/train.h"
+#include "tests/shellutil.h"
+#include "tests/testutil.h"
+#ifdef PRISM_CUDA
+#include "kernels/cuda_ops.h"
+#endif
+
+using namespace prism;
+using namespace prism::testing;
+
+namespace {
+
+int visible_gpus() {
+#ifdef PRISM_CUDA
+    return cuda::device_count();
+#else
+    return 0;
+#endif
+}
+
+// Why the NCCL path cannot run in this process ("" when it can).
+std::string why_no_nccl() {
+#ifndef PRISM_CUDA
+    return "this build has no CUDA backend";
+#else
+    if (visible_gpus() == 0) return "no CUDA device";
+    if (!nccl_built()) return "this build has no NCCL (nccl.h was not found under NCCL_HOME)";
+    if (!cuda_ops::has_cublas()) return "this build has no cuBLAS (CUBLAS_HOME)";
+    return "";
+#endif
+}
+
+// ... nor under mpirun.
+std::string why_no_nccl_run() { return why_no_nccl().empty() ? why_no_mpirun() : why_no_nccl(); }
+
+const std::string& data_dir() {
+    static TmpDir* dir = [] {
+        auto* d = new TmpDir();
+        synthesize("tiny", d->path, 512, 2, false);
+        return d;
+    }();
+    return dir->path;
+}
+
+// `prism train` on the tiny MoE-ViT task: HCS, drop path and the load-balance
+// loss on, so every data-parallel piece is used.
+std::string train_flags(const std::string& out, const std::string& extra = "") {
+    return "--config configs/synth_tiny_moevit.json --device cuda --out " + out + " --set 'data.train=" + data_dir() +
+           "/train-*.shard' --set 'data.val=" + data_dir() +
+           "/val-*.shard' --set train.batch=16 --set train.steps=8 --set train.warmup_steps=3 "
+           "--set train.eval_every=0 --set train.hcs=true --set model.drop_path=0.1 " + extra;
+}
+
+std::vector<float> weights(const std::string& dir) { return load_checkpoint(dir + "/model.safetensors").params; }
+
+double relative_difference(const std::vector<float>& a, const std::vector<float>& b) {
+    if (a.size() != b.size()) return INFINITY;
+    double num = 0, den = 0;
+    for (size_t i = 0; i < a.size(); i++) num += double(a[i] - b[i]) * (a[i] - b[i]), den += double(a[i]) * a[i];
+    return std::sqrt(num / den);
+}
+
+bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
+    return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+
+void report(const char* what, const std::vector<float>& a, const std::vector<float>& b) {
+    std::printf("[ nccl ] %-52s relative difference %.3g, bit-identical: %s\n", what, relative_difference(a, b),
+                same_bits(a, b) ? "yes" : "no");
+}
+
+}  // namespace
+
+// `mpirun -np 1 prism train --device cuda` is the NCCL path with one rank:
+// NCCL's sum over one rank is a copy and the 1/1 scaling exact, and the
+// load-balance statistics are the same doubles, so the final weights should
+// be those of a plain run bit for bit (required: relative difference <= 1e-6),
+// with and without overlap.
+TEST(Nccl, WorldOfOneTrainsLikeOneProcess) {
+    if (!why_no_nccl_run().empty()) GTEST_SKIP() << why_no_nccl_run();
+    const std::string prism = build_dir() + "prism";
+    TmpDir plain, one, one_serial;
+    const ShellRun a = run_shell(prism + " train " + train_flags(plain.path));
+    ASSERT_TRUE(exited_ok(a)) << a.output;
+    EXPECT_EQ(a.output.find("comm: NCCL"), std::string::npos) << "a plain run uses no NCCL\n" << a.output;
+    const ShellRun b = run_shell(std::string(kMpirun) + " -np 1 " + prism + " train " + train_flags(one.path));
+    ASSERT_TRUE(exited_ok(b)) << b.output;
+    EXPECT_NE(b.output.find("comm: NCCL"), std::string::npos) << b.output;
+    EXPECT_NE(b.output.find("overlapped with backward"), std::string::npos) << b.output;
+    EXPECT_NE(b.output.find("step phases"), std::string::npos) << b.output;
+    const ShellRun c = run_shell(std::string(kMpirun) + " -np 1 " + prism + " train " +
+                                 train_flags(one_serial.path, "--set train.overlap_comm=false"));
+    ASSERT_TRUE(exited_ok(c)) << c.output;
+    EXPECT_NE(c.output.find("train.overlap_comm=false"), std::string::npos) << c.output;
+
+    const auto w_plain = weights(plain.path), w_one = weights(one.path), w_serial = weights(one_serial.path);
+    report("plain vs mpirun -np 1 (NCCL, overlap)", w_plain, w_one);
+    report("mpirun -np 1: overlap vs train.overlap_comm=false", w_one, w_serial);
+    EXPECT_LE(relative_difference(w_plain, w_one), 1e-6);
+    EXPECT_LE(relative_difference(w_one, w_serial), 1e-6);
+    // The step phases reach metrics.jsonl.
+    const std::string metrics = read_bytes(one.path + "/metrics.jsonl");
+    EXPECT_NE(metrics.find("\"allreduce_s\""), std::string::npos) << metrics;
+}
+
+// The same check without mpirun: train() in this process, once plainly and
+// once with a world of one's NCCL communicator made by comm_init_nccl.
+TEST(Nccl, WorldOfOneInProcessTrainsLikeOneProcess) {
+    if (!why_no_nccl().empty()) GTEST_SKIP() << why_no_nccl();
+    TmpDir plain, one;
+    const Config cfg = load_config("configs/synth_tiny_moevit.json",
+                                   {"data.train=" + data_dir() + "/train-*.shard", "data.val=", "train.batch=16",
+                                    "train.steps=8", "train.warmup_steps=3", "train.hcs=true", "model.drop_path=0.1"});
+    train(cfg, Device::cuda, plain.path, false);
+    Comm comm;  // a world of one, no MPI
+    comm.timeout_s = 60;
+    comm_init_nccl(comm);
+    ASSERT_NE(comm.nccl, nullptr);
+    std::printf("[ nccl ] %s\n", nccl_description(comm).c_str());
+    TrainOptions o;
+    o.comm = &comm;
+    train(cfg, Device::cuda, one.path, false, o);
+    comm_free_nccl(comm);
+    EXPECT_EQ(comm.nccl, nullptr);
+    const auto w_plain = weights(plain.path), w_one = weights(one.path);
+    report("plain vs in-process world of one (NCCL, overlap)", w_plain, w_one);
+    EXPECT_LE(relative_difference(w_plain, w_one), 1e-6);
+}
+
+// Two ranks, one GPU each, with batch 8 each train to the weights of one
+// process with batch 16 (to the tolerance of the CPU's two-rank test: the sums
+// run in another order), and every rank checks that the ranks' weights are
+// bit-identical. With two ranks each sum has two terms, so overlap does not
+// change the bits.
+TEST(Nccl, TwoGpusTrainLikeOneProcess) {
+    if (!why_no_nccl_run().empty()) GTEST_SKIP() << why_no_nccl_run();
+    if (visible_gpus() < 2) GTEST_SKIP() << "needs two GPUs (" << visible_gpus() << " visible)";
+    const std::string prism = build_dir() + "prism";
+    TmpDir one, two, two_serial;
+    const ShellRun a = run_shell(prism + " train " + train_flags(one.path));
+    ASSERT_TRUE(exited_ok(a)) << a.output;
+    const ShellRun b = run_shell(std::string(kMpirun) + " -np 2 " + prism + " train " + train_flags(two.path));
+    ASSERT_TRUE(exited_ok(b)) << b.output;
+    EXPECT_NE(b.output.find("weights identical on all 2 ranks"), std::string::npos) << b.output;
+    EXPECT_NE(b.output.find("\"ranks\":2"), std::string::npos) << b.output;
+    const ShellRun c = run_shell(std::string(kMpirun) + " -np 2 " + prism + " train " +
+                                 train_flags(two_serial.path, "--set train.overlap_comm=false"));
+    ASSERT_TRUE(exited_ok(c)) << c.output;
+    const auto w_one = weights(one.path), w_two = weights(two.path), w_serial = weights(two_serial.path);
+    report("1 process vs 2 ranks (NCCL)", w_one, w_two);
+    report("2 ranks: overlap vs train.overlap_comm=false", w_two, w_serial);
+    EXPECT_LE(relative_difference(w_one, w_two), 1e-4);
+    EXPECT_GT(relative_difference(w_one, w_two), 0.0) << "two ranks sum in another order: identical bits would be a surprise";
+    EXPECT_LE(relative_difference(w_two, w_serial), 1e-6);
+}
+
+// NCCL cannot put two ranks on one GPU: with one GPU visible, two ranks are
+// refused with one line instead of failing somewhere inside NCCL.
+TEST(Nccl, TwoRanksOnOneGpuAreRefused) {
+    if (!why_no_nccl_run().empty()) GTEST_SKIP() << why_no_nccl_run();
+    const std::string prism = build_dir() + "prism";
+    TmpDir run;
+    const ShellRun r = run_shell(std::string(kMpirun) + " -x CUDA_VISIBLE_DEVICES=0 -np 2 " + prism + " train " +
+                                 train_flags(run.path));
+    EXPECT_FALSE(exited_ok(r)) << r.output;
+    EXPECT_NE(r.output.find("ranks 0 and 1 would share one GPU"), std::string::npos) << r.output;
+}
+
+// A rank that dies mid-run ends the GPU job too, within the communication
+// timeout, instead of leaving the other rank inside an NCCL collective.
+TEST(Nccl, ADeadRankEndsTheJob) {
+    if (!why_no_nccl_run().empty()) GTEST_SKIP() << why_no_nccl_run();
+    if (visible_gpus() < 2) GTEST_SKIP() << "needs two GPUs (" << visible_gpus() << " visible)";
+    const std::string prism = build_dir() + "prism";
+    TmpDir run;
+    const std::string log = run.path + "/log";
+    const ShellRun r = run_shell("(" + std::string(kMpirun) + " -np 2 " + prism + " train " +
+                                 train_flags(run.path, "--set train.steps=1000000 --set train.comm_timeout_s=3 "
+                                                       "--set train.log_every=1 --set data.val=") +
+                                 " > " + log + " 2>&1 & job=$!; "
+                                 "for i in $(seq 600); do grep -q 'step *2/' " + log + " && break; sleep 0.1; done; "
+                                 "pkill -KILL -n -f 'prism train.*" + run.path + "'; "
+                                 "start=$(date +%s); wait $job; rc=$?; echo rc=$rc waited=$(( $(date +%s) - start )))");
+    const size_t at = r.output.find("rc=");
+    ASSERT_NE(at, std::string::npos) << r.output;
+    EXPECT_NE(r.output.substr(at, 4), "rc=0") << r.output << read_bytes(log);
+    const int waited = std::atoi(r.output.c_str() + r.output.find("waited=") + 7);
+    EXPECT_LE(waited, 30) << r.output << read_bytes(log);
+    std::printf("dead rank (GPU): %s%s", r.output.c_str() + at, read_bytes(log).c_str());
+}
