@@ -264,8 +264,9 @@ void launch(Dim grid, int threads, size_t smem_bytes, Kernel kernel, const Param
 #define FLASH_UNROLL
 #define FLASH_SMEM(name) unsigned char* name = ::prism::emu::block.smem.data()
 
-// The primitives of flash_attention.cuh.
+// The primitives of flash_attention.cuh (in its emulated namespace, see there).
 namespace prism::flash {
+inline namespace emulated {
 
 inline void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
     struct In {
@@ -406,4 +407,5 @@ inline void add_f2(float* p, float x, float y) {
     p[0] += x, p[1] += y;
 }
 
+}  // inline namespace emulated
 }  // namespace prism::flash

@@ -74,10 +74,13 @@ double logsumexp_ref(const double* q, const double* K, int64_t kv_stride, int M,
 constexpr double kTol = 2e-2;  // DESIGN.md §7, bf16
 constexpr double kLseTol = 1e-3;
 
-void run_dense(int B, int L, int Hd, uint64_t seed) {
+// fwd_warps: the forward's block size, dense_fwd_warps(L) unless given.
+void run_dense(int B, int L, int Hd, uint64_t seed, int fwd_warps = 0) {
+    if (!fwd_warps) fwd_warps = fl::dense_fwd_warps(L);
     const int D = fl::kDh * Hd;
     const int64_t rows = (int64_t)B * L;
-    const std::string what = "dense B=" + std::to_string(B) + " L=" + std::to_string(L) + " Hd=" + std::to_string(Hd);
+    const std::string what = "dense B=" + std::to_string(B) + " L=" + std::to_string(L) + " Hd=" + std::to_string(Hd) +
+                             (fwd_warps != 4 ? " (forward " + std::to_string(fwd_warps) + " warps)" : "");
     Rng rng(seed);
     const auto qkv = bf16_normal(rows * 3 * D, rng), dout = bf16_normal(rows * D, rng);
     const auto q16 = bits(qkv);
@@ -87,8 +90,13 @@ void run_dense(int B, int L, int Hd, uint64_t seed) {
     std::vector<float> out(rows * D, NAN), lse(rows * Hd, NAN);
     fl::FwdParams<uint16_t> fp{s, {q16.data(), 3 * D}, {q16.data() + D, 3 * D}, {q16.data() + 2 * D, 3 * D},
                                out.data(), D, lse.data()};
-    emu::launch({(unsigned)B, (unsigned)Hd, (unsigned)tiles}, 128, fl::fwd_smem<4, false>(L),
-                fl::flash_fwd_kernel<uint16_t, 4, false>, fp);
+    const unsigned fwd_tiles = (L + 16 * fwd_warps - 1) / (16 * fwd_warps);
+    if (fwd_warps == 8)
+        emu::launch({(unsigned)B, (unsigned)Hd, fwd_tiles}, 256, fl::fwd_smem<8, false>(L),
+                    fl::flash_fwd_kernel<uint16_t, 8, false>, fp);
+    else
+        emu::launch({(unsigned)B, (unsigned)Hd, fwd_tiles}, 128, fl::fwd_smem<4, false>(L),
+                    fl::flash_fwd_kernel<uint16_t, 4, false>, fp);
 
     const auto qkv_d = wide(qkv), dout_d = wide(dout);
     std::vector<double> ref(rows * D), probs((size_t)B * Hd * L * L), ref_lse(rows * Hd);
@@ -212,6 +220,8 @@ void run_routed(int B, int nS, int N, int Hd, int max_queries, uint64_t seed, in
 TEST(FlashEmulated, DenseOneTile) { run_dense(2, 17, 1, 1); }
 TEST(FlashEmulated, DensePartialTiles) { run_dense(1, 75, 2, 2); }
 TEST(FlashEmulated, DenseThreeTiles) { run_dense(1, 130, 1, 3); }
+// the long-sequence forward's 8-warp blocks, on a short sequence
+TEST(FlashEmulated, DenseEightWarpForward) { run_dense(1, 150, 1, 10, 8); }
 
 // N = 16 (So2Sat): one key chunk, one-warp dK/dV blocks
 TEST(FlashEmulated, RoutedSixteenKeys) { run_routed(2, 3, 16, 1, 48, 4); }

@@ -66,8 +66,12 @@ void flash_attention_forward(float* out, float* lse, const float* qkv, int B, in
     to_bf16(q, qkv, n, stream);
     FwdParams<uint16_t> p{make_sets(nullptr, L, L, Hd), {q, 3 * D}, {q + D, 3 * D}, {q + 2 * D, 3 * D}, out,
                           D, lse};
-    const dim3 grid(B, Hd, (L + kWarps * 16 - 1) / (kWarps * 16));
-    launch(flash_fwd_kernel<uint16_t, kWarps, false>, grid, kWarps * 32, fwd_smem<kWarps, false>(L), stream, p);
+    const int w = dense_fwd_warps(L);
+    const dim3 grid(B, Hd, (L + w * 16 - 1) / (w * 16));
+    if (w == 8)
+        launch(flash_fwd_kernel<uint16_t, 8, false>, grid, 8 * 32, fwd_smem<8, false>(L), stream, p);
+    else
+        launch(flash_fwd_kernel<uint16_t, kWarps, false>, grid, kWarps * 32, fwd_smem<kWarps, false>(L), stream, p);
 }
 
 void flash_attention_backward(float* dqkv, const float* dout, const float* qkv, const float* out,

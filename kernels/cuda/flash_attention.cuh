@@ -56,6 +56,11 @@
 #endif
 
 namespace prism::flash {
+// The emulated build gets its own names: the kernels' host stubs in the CUDA
+// object and their emulated bodies must not meet in the linker.
+#ifdef PRISM_FLASH_EMULATION
+inline namespace emulated {
+#endif
 
 constexpr int kDh = 64;      // head dim (the only one supported)
 constexpr int kKT = 64;      // keys per tile (forward, dq)
@@ -599,7 +604,6 @@ FLASH_KERNEL(W * 32) flash_bwd_dkv_kernel(BwdParams<Src> p) {
     cp_async_commit();
     const bool active = warp * 16 < nk;  // the warp owns keys key0 + 16·warp ..
 
-    uint32_t kf[4][4], vf[4][4];
     float dk[8][4], dv[8][4];
     zero(dk);
     zero(dv);
@@ -609,11 +613,6 @@ FLASH_KERNEL(W * 32) flash_bwd_dkv_kernel(BwdParams<Src> p) {
         if (qt + 1 < q_tiles) stage_queries(qt + 1);
         cp_async_commit();
         if (!active) continue;
-        if (qt == 0)
-            for (int ks = 0; ks < 4; ks++) {
-                frag_a(kf[ks], sK, warp * 16, ks, lane);
-                frag_a(vf[ks], sV, warp * 16, ks, lane);
-            }
         const int b = qt & 1;
         const uint16_t* tQ = sQ + b * kQT2 * kDh;
         const uint16_t* tdO = sdO + b * kQT2 * kDh;
@@ -621,6 +620,10 @@ FLASH_KERNEL(W * 32) flash_bwd_dkv_kernel(BwdParams<Src> p) {
         const float* tD = sD + b * kQT2;
         const int chunks = imin(4, (count - qt * kQT2 + 15) / 16);  // 16-query chunks with queries
 
+        // The warp's K and V rows are fragments read again for every tile:
+        // kept in registers across tiles they would cost 32 more per thread.
+        uint32_t kf[4][4], vf[4][4];
+        for (int ks = 0; ks < 4; ks++) frag_a(kf[ks], sK, warp * 16, ks, lane);
         float st[8][4];  // Sᵀ: the warp's 16 keys × the tile's 64 queries
         zero(st);
         product_nk(st, kf, tQ, chunks, lane);
@@ -630,6 +633,7 @@ FLASH_UNROLL
             for (int e = 0; e < 4; e++)
                 st[j][e] = exp2f(fmaf(st[j][e], s.scale_log2, -ld_shared(tL + 8 * j + 2 * t + (e & 1))));
         product_kn(dv, st, tdO, chunks, lane);  // dV += Pᵀ·dO
+        for (int ks = 0; ks < 4; ks++) frag_a(vf[ks], sV, warp * 16, ks, lane);
         float dpt[8][4];
         zero(dpt);
         product_nk(dpt, vf, tdO, chunks, lane);  // dPᵀ = V·dOᵀ
@@ -671,6 +675,12 @@ inline size_t dkv_smem() {
 
 constexpr int kWarps = 4;  // warps per block of the query-tile kernels: 64 query rows
 
+// Warps per block of the dense forward: 128 query rows per block halve the
+// key/value tiles each query row waits for, which long sequences need (the
+// registers per thread stay the same, so does the occupancy); short ones would
+// waste more of their last tile.
+inline int dense_fwd_warps(int L) { return L > 512 ? 8 : kWarps; }
+
 // The query-tile kernels' grid for routed sets, (sets, Hd, z). With at most
 // kMaxStationaryKeys keys a group's K and V stay in shared memory and each of
 // its z blocks walks every z-th query tile over them: z = 1 (the most reuse)
@@ -695,4 +705,7 @@ inline QueryGrid routed_query_grid(int B, int nS, int N, int Hd, int64_t target_
 // group's keys need (So2Sat: N = 16, one warp).
 inline int routed_dkv_warps(int N) { return N <= 16 ? 1 : (N <= 32 ? 2 : kWarps); }
 
+#ifdef PRISM_FLASH_EMULATION
+}  // inline namespace emulated
+#endif
 }  // namespace prism::flash
