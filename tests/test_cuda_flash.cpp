@@ -10,7 +10,7 @@
 // logsumexp; gradients start from random values (the ops accumulate) and the
 // error is relative to what the op added; every op runs twice and must give
 // the same bits. Without a CUDA device every test is skipped.
-// The sanitizer runs use the *Small* tests (bench/gpu/flash_check.sh).
+// The sanitizer runs use the *Small* tests, tiny shapes (bench/gpu/flash_check.sh).
 #ifdef PRISM_CUDA
 #include <algorithm>
 #include <cmath>
@@ -229,10 +229,16 @@ protected:
 
 }  // namespace
 
-// tiny; So2Sat vit (1 + 16) and chvit (1 + 18·16)
+// tiny (one tile; partial tiles): the sanitizers' shapes
 TEST_F(CudaFlash, DenseSmall) {
-    dense(3, 17, 2, false, 201);
-    dense(2, 289, 6, false, 202);
+    dense(3, 17, 2, false, 200);
+    dense(1, 75, 2, false, 201);
+}
+
+// So2Sat vit (1 + 16) and chvit (1 + 18·16)
+TEST_F(CudaFlash, DenseSo2sat) {
+    dense(2, 17, 6, false, 202);
+    dense(2, 289, 6, false, 206);
 }
 
 // JUMP-CP vit (1 + 196) and chvit (1 + 8·196)
@@ -244,10 +250,15 @@ TEST_F(CudaFlash, DenseJumpcp) {
 // JUMP-CP P=8 chvit (1 + 8·784): forward only (the CPU backward would take long)
 TEST_F(CudaFlash, DenseLongForward) { dense(1, 6273, 6, true, 205); }
 
-// tiny (N = 15, Hd = 2) and So2Sat (N = 16, 18 channels), k = 1, 2, all; empty groups
+// tiny (N = 15, 40; Hd = 2), k = 1, 2, all; empty groups: the sanitizers' shapes
 TEST_F(CudaFlash, RoutedSmall) {
     for (int k : {1, 2, 3}) routed(3, 3, 15, 2, k, 3, 210 + k);
     routed(3, 3, 15, 2, 1, 2, 214);
+    routed(2, 3, 40, 2, 2, 3, 217);
+}
+
+// So2Sat (N = 16, 18 channels), k = 1 over all channels, k = 2 over 3 of them
+TEST_F(CudaFlash, RoutedSo2sat) {
     routed(2, 18, 16, 6, 1, 18, 215);
     routed(2, 18, 16, 6, 2, 3, 216);
 }
