@@ -40,6 +40,7 @@ const char* kUsage =
     "  flops   --config FILE [--set key=value]... [--json]\n"
     "  bench   loader --data GLOB [--batch N] [--threads T] [--seconds S] [--augment none|so2sat|jumpcp]\n"
     "  bench   attention --config FILE [--set key=value]... [--batch N] [--iters N] [--warmup N] [--k 1,2,4,C]\n"
+    "                    [--impl reference|flash]\n"
     "  bench   step --config FILE [--set key=value]... [--device D] [--batch N] [--warmup N] [--iters N]\n"
     "Run 'prism <command> --help' for a command's options.\n";
 
@@ -336,7 +337,9 @@ int cmd_bench(int argc, char** argv) {
             ("iters", "timed iterations (the median is reported)", cxxopts::value<int>()->default_value("50"))
             ("warmup", "untimed iterations first", cxxopts::value<int>()->default_value("10"))
             ("k,top-k", "moevit top-k values (--k LIST also works); C = model.channels",
-             cxxopts::value<std::string>()->default_value("1,2,4,C"));
+             cxxopts::value<std::string>()->default_value("1,2,4,C"))
+            ("impl", "attention kernels: reference (probabilities stored) or flash (bf16 tensor cores)",
+             cxxopts::value<std::string>()->default_value("reference"));
         // cxxopts takes no one-letter long option, and the documented spelling is --k.
         std::vector<std::string> args(argv + 1, argv + argc);
         for (auto& a : args)
@@ -350,6 +353,9 @@ int cmd_bench(int argc, char** argv) {
         o.batch = r["batch"].as<int>();
         o.iters = r["iters"].as<int>();
         o.warmup = r["warmup"].as<int>();
+        o.impl = r["impl"].as<std::string>();
+        if (o.impl != "reference" && o.impl != "flash")
+            throw UserError("bench attention: --impl " + printable(o.impl) + ": expected reference or flash");
         if (o.batch < 0) throw UserError("bench attention: --batch must be at least 0 (0: automatic)");
         if (o.iters < 1) throw UserError("bench attention: --iters must be at least 1");
         if (o.warmup < 0) throw UserError("bench attention: --warmup must be at least 0");

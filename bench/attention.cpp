@@ -3,6 +3,12 @@
 // several k, with the FLOPs of DESIGN.md §5 beside each time, so that the
 // measured speedup can be read against the ideal one (the FLOP ratio).
 //
+// --impl flash swaps the attention core for the flash ops
+// (kernels/cuda/flash_attention.cu: bf16 tensor cores, no probabilities
+// stored): flash_attention_* in the dense block, flash_routed_attention_* in
+// the moevit blocks (their CLS row stays on cls_attention_*). Everything else
+// is the same, so the two runs compare the kernels.
+//
 // The op sequence is engine/model.cpp's block_forward / block_backward for
 // the attention branch, from LN1's output to the projection's output and
 // back (the gradient buffers the model zeroes are zeroed here too, inside
@@ -122,6 +128,7 @@ nlohmann::json attention_bench_json(const AttentionBenchOptions& o, const Attent
             {"ideal_speedup", r.ideal_speedup},
             {"buffer_gib", r.buffer_gib},
             {"precision", "fp32"},
+            {"attention_kernels", o.impl},
             {"device", r.device},
             {"iters", o.iters},
             {"warmup", o.warmup},
@@ -198,7 +205,7 @@ public:
 
 class DenseBlock : public Variant {
 public:
-    explicit DenseBlock(const Shapes& sh) : sh_(sh) {}
+    DenseBlock(const Shapes& sh, bool flash) : sh_(sh), flash_(flash) {}
     void carve(Carver& c) override {
         const int64_t rows = sh_.rows, D = sh_.D, Hd = sh_.Hd, L = sh_.L, B = sh_.B;
         for (int i = 0; i < 2; i++) {
@@ -214,7 +221,8 @@ public:
         g_o_ = c.random(D * D, kWeight);
         gb_o_ = c.random(D, kWeight);
         qkv_ = c.random(rows * 3 * D, kUnit);
-        probs_ = c.random(B * Hd * L * L, kUnit);
+        // the reference kernels keep the probabilities, flash only the logsumexp
+        probs_ = flash_ ? c.random(B * Hd * L, kUnit) : c.random(B * Hd * L * L, kUnit);
         att_ = c.random(rows * D, kUnit);
         out_ = c.random(rows * D, kUnit);
         datt_ = c.random(rows * D, kUnit);
@@ -227,13 +235,15 @@ public:
         const float* x = x_[set];
         // forward: qkv, attention with softmax, projection
         cu::linear_forward(qkv_, x, w_qkv_, b_qkv_, rows, D, 3 * D, s);
-        cu::attention_forward(att_, probs_, qkv_, B, L, D, Hd, s);
+        if (flash_) cu::flash_attention_forward(att_, probs_, qkv_, B, L, D, Hd, s);
+        else cu::attention_forward(att_, probs_, qkv_, B, L, D, Hd, s);
         cu::linear_forward(out_, att_, w_o_, b_o_, rows, D, D, s);
         // backward, every gradient zeroed first as the model does
         cuda::memset_async(datt_, 0, sizeof(float) * rows * D, s);
         cu::linear_backward(datt_, g_o_, gb_o_, dy_[set], att_, w_o_, rows, D, D, s);
         cuda::memset_async(dqkv_, 0, sizeof(float) * rows * 3 * D, s);
-        cu::attention_backward(dqkv_, datt_, qkv_, probs_, B, L, D, Hd, s);
+        if (flash_) cu::flash_attention_backward(dqkv_, datt_, qkv_, att_, probs_, B, L, D, Hd, s);
+        else cu::attention_backward(dqkv_, datt_, qkv_, probs_, B, L, D, Hd, s);
         cuda::memset_async(dx_, 0, sizeof(float) * rows * D, s);
         cu::linear_backward(dx_, g_qkv_, gb_qkv_, dqkv_, x, w_qkv_, rows, D, 3 * D, s);
     }
@@ -241,6 +251,7 @@ public:
 
 private:
     Shapes sh_;
+    bool flash_;
     float *x_[2], *dy_[2];
     float *w_qkv_, *b_qkv_, *w_o_, *b_o_, *g_qkv_, *gb_qkv_, *g_o_, *gb_o_;
     float *qkv_, *probs_, *att_, *out_, *datt_, *dqkv_, *dx_;
@@ -248,7 +259,7 @@ private:
 
 class MoeBlock : public Variant {
 public:
-    MoeBlock(const Shapes& sh, const ModelConfig& m, int k) : sh_(sh), k_(k) {
+    MoeBlock(const Shapes& sh, const ModelConfig& m, int k, bool flash) : sh_(sh), k_(k), flash_(flash) {
         combine_ = m.combine == "renorm" ? cu::Combine::renorm : cu::Combine::softmax;
         aux_ = m.aux == "switch" ? cu::AuxLoss::switch_
              : m.aux == "importance" ? cu::AuxLoss::importance : cu::AuxLoss::none;
@@ -282,7 +293,7 @@ public:
         vb_ = c.random(T * D, kUnit);
         qg_ = c.random(T * k * D, kUnit);
         og_ = c.random(T * k * D, kUnit);
-        route_probs_ = c.random(T * k * Hd * N, kUnit);
+        route_probs_ = flash_ ? c.random(T * k * Hd, kUnit) : c.random(T * k * Hd * N, kUnit);  // flash: lse
         cls_probs_ = c.random(Hd * T, kUnit);  // [B, Hd, C·N]
         att_ = c.random(rows * D, kUnit);
         out_ = c.random(rows * D, kUnit);
@@ -327,7 +338,8 @@ public:
         cu::expert_linear_forward(kb_, xp, L * D, w_k_, b_k_, S_, B, C, N, D, D, s);
         cu::expert_linear_forward(vb_, xp, L * D, w_v_, b_v_, S_, B, C, N, D, D, s);
         cu::moe_gather_forward(qg_, q_ + D, L * D, pair_of_row_, B, C, N, k, D, s);
-        cu::routed_attention_forward(og_, route_probs_, qg_, kb_, vb_, offsets_, B, C, N, D, Hd, s);
+        if (flash_) cu::flash_routed_attention_forward(og_, route_probs_, qg_, kb_, vb_, offsets_, B, C, N, D, Hd, s);
+        else cu::routed_attention_forward(og_, route_probs_, qg_, kb_, vb_, offsets_, B, C, N, D, Hd, s);
         cu::combine_forward(att_ + D, L * D, og_, weights_, row_of_pair_, B, C, N, k, D, s);
         cu::cls_attention_forward(att_, L * D, cls_probs_, q_, L * D, kb_, vb_, B, C * N, D, Hd, s);
         cu::aux_loss_forward_backward(losses_, nullptr, rprobs_, counts_, S_, T, C, C, k, aux_, aux_coef_,
@@ -350,8 +362,12 @@ public:
                                    C * N, D, Hd, s);
         cu::combine_backward(dog_, dweights_, datt_ + D, L * D, og_, weights_, row_of_pair_, B, C, N, k, D,
                              s);
-        cu::routed_attention_backward(dqg_, dk_, dv_, dog_, qg_, kb_, vb_, route_probs_, offsets_, B, C, N,
-                                      D, Hd, s);
+        if (flash_)
+            cu::flash_routed_attention_backward(dqg_, dk_, dv_, dog_, qg_, kb_, vb_, og_, route_probs_, offsets_, B,
+                                                C, N, D, Hd, s);
+        else
+            cu::routed_attention_backward(dqg_, dk_, dv_, dog_, qg_, kb_, vb_, route_probs_, offsets_, B, C, N,
+                                          D, Hd, s);
         cu::moe_gather_backward(dq_ + D, L * D, dqg_, row_of_pair_, B, C, N, k, D, s);
         cu::expert_linear_backward(dx_ + D, g_k_, gb_k_, dk_, xp, L * D, w_k_, S_, B, C, N, D, D, s);
         cu::expert_linear_backward(dx_ + D, g_v_, gb_v_, dv_, xp, L * D, w_v_, S_, B, C, N, D, D, s);
@@ -371,6 +387,7 @@ private:
 
     Shapes sh_;
     int k_;
+    bool flash_;
     cu::Combine combine_;
     cu::AuxLoss aux_;
     float aux_coef_, z_coef_, per_block_;
@@ -439,10 +456,11 @@ std::string shape_line(const AttentionBenchOptions& o, int batch, const std::str
     const ModelConfig& m = o.model;
     char buf[512];
     std::snprintf(buf, sizeof buf,
-                  "bench attention: %s, fp32 (no TF32); image %d, C=%d, P=%d: N=%d, dense sequence %d; "
-                  "D=%d, %d heads; |S|=C; batch %d; %d warm-up + %d timed iterations (median)",
-                  device.c_str(), m.image, m.channels, m.patch, m.num_patches(),
-                  1 + m.channels * m.num_patches(), m.dim, m.heads, batch, o.warmup, o.iters);
+                  "bench attention: %s, fp32 (no TF32), %s attention kernels; image %d, C=%d, P=%d: N=%d, "
+                  "dense sequence %d; D=%d, %d heads; |S|=C; batch %d; %d warm-up + %d timed iterations (median)",
+                  device.c_str(), o.impl == "flash" ? "flash (bf16 tensor cores)" : "reference", m.image,
+                  m.channels, m.patch, m.num_patches(), 1 + m.channels * m.num_patches(), m.dim, m.heads, batch,
+                  o.warmup, o.iters);
     return buf;
 }
 
@@ -452,6 +470,8 @@ std::vector<AttentionBenchRow> bench_attention(const AttentionBenchOptions& o, b
     if (o.iters < 1) throw UserError("bench attention: --iters must be at least 1");
     if (o.warmup < 0) throw UserError("bench attention: --warmup must be at least 0");
     if (o.ks.empty()) throw UserError("bench attention: no value of k");
+    if (o.impl != "reference" && o.impl != "flash")
+        throw UserError("bench attention: --impl " + printable(o.impl) + ": expected reference or flash");
     if (!attention_bench_has_device()) throw UserError("bench attention: no CUDA device");
     if (!cu::has_cublas()) throw UserError("bench attention: this build has no cuBLAS (the linear ops need it)");
     cuda::set_device(0);
@@ -495,10 +515,10 @@ std::vector<AttentionBenchRow> bench_attention(const AttentionBenchOptions& o, b
         const std::string name = k ? "moevit k=" + std::to_string(k) : "chvit";
         try {
             if (k == 0) {
-                DenseBlock v(sh);
+                DenseBlock v(sh, o.impl == "flash");
                 run_variant(v, nullptr, o, o.seed, stream, row);
             } else {
-                MoeBlock v(sh, m, k);
+                MoeBlock v(sh, m, k, o.impl == "flash");
                 run_variant(v, &v, o, o.seed, stream, row);
             }
         } catch (const UserError&) {

@@ -50,6 +50,9 @@ struct AttentionBenchOptions {
     int iters = 50;           // timed iterations (the median is reported)
     int warmup = 10;          // untimed iterations first
     uint64_t seed = 1;        // of the random inputs and weights
+    std::string impl = "reference";  // attention core: "reference" (attention.cu, probabilities
+                              // stored) or "flash" (flash_attention.cu); the default batch
+                              // follows the reference's buffers either way, so both compare
 };
 
 struct AttentionBenchRow {

@@ -131,6 +131,20 @@ void attention_forward(float* out, float* probs, const float* qkv, int B, int L,
 void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* probs,
                         int B, int L, int D, int Hd, cudaStream_t stream);
 
+// Fused ("flash") attention on tensor cores (kernels/cuda/flash_attention.cu):
+// the same layouts and meaning as attention_forward/backward, but the L×L
+// probabilities are never stored. Forward keeps the per-row logsumexp of the
+// scaled scores, lse [B, Hd, L] (natural log, fp32); backward recomputes the
+// probabilities from q, k and lse, and reads the forward's out. q, k, v and dO
+// enter the products as bf16 with fp32 accumulation (DESIGN.md §7: bf16
+// tolerance); softmax, lse and gradients are fp32. Head dim 64 only (D = 64·Hd,
+// else a clear error); buffers 16-byte aligned. Deterministic, no atomics;
+// backward accumulates into dqkv.
+void flash_attention_forward(float* out, float* lse, const float* qkv, int B, int L, int D, int Hd,
+                             cudaStream_t stream);
+void flash_attention_backward(float* dqkv, const float* dout, const float* qkv, const float* out,
+                              const float* lse, int B, int L, int D, int Hd, cudaStream_t stream);
+
 // ---- MoE-ViT channel routing ------------------------------------------------------------
 // router_forward needs 1 <= k <= nS.
 void router_forward(float* probs, int* experts, float* weights, float* lse, const float* z,
@@ -173,6 +187,17 @@ void routed_attention_backward(float* dqg, float* dk, float* dv, const float* do
                                const float* qg, const float* k, const float* v,
                                const float* probs, const int* offsets, int B, int nS, int N,
                                int D, int Hd, cudaStream_t stream);
+// The flash versions of the two above (see flash_attention_forward): lse
+// [rows, Hd] per gathered row instead of probs; backward also reads og. A
+// group's K and V stay in shared memory while its queries stream through
+// (N ≤ 256; larger N streams key tiles); groups without queries cost nothing.
+void flash_routed_attention_forward(float* og, float* lse, const float* qg, const float* k,
+                                    const float* v, const int* offsets, int B, int nS, int N, int D,
+                                    int Hd, cudaStream_t stream);
+void flash_routed_attention_backward(float* dqg, float* dk, float* dv, const float* dog,
+                                     const float* qg, const float* k, const float* v, const float* og,
+                                     const float* lse, const int* offsets, int B, int nS, int N, int D,
+                                     int Hd, cudaStream_t stream);
 void combine_forward(float* a, int64_t a_image_stride, const float* og, const float* weights,
                      const int* row_of_pair, int B, int nS, int N, int k, int D,
                      cudaStream_t stream);

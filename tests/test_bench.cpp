@@ -86,6 +86,7 @@ TEST(BenchAttention, BadOptionsFailWithOneLine) {
         {"--config configs/jumpcp_chvit.json --k 1,x", "'x'"},
         {"--config configs/jumpcp_chvit.json --iters 0", "--iters"},
         {"--config configs/jumpcp_chvit.json --batch -1", "--batch"},
+        {"--config configs/jumpcp_chvit.json --impl fast", "--impl fast"},
         {"--config configs/no_such.json", "no_such.json"},
         {"", "--config is required"},
     };

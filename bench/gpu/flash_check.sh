@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The flash attention kernels on a lent GPU machine, in one call under 8
+# minutes: build, the GPU tests (CudaFlash*: every flash op against the CPU
+# reference), compute-sanitizer memcheck and racecheck on the small-shape
+# tests, then `prism bench attention` with the reference and the flash kernels
+# at JUMP-CP P=16, P=8 and So2Sat. Each part has its own timeout, and no part
+# may run past the overall deadline (BUDGET seconds from the start). Logs go to
+# $OUT (or build/gpu-logs).
+# Usage: bash bench/gpu/flash_check.sh   (carry build/third_party)
+#   ITERS=10 WARMUP=2 BUDGET=470 SAN_FILTER='CudaFlash.DenseSmall:CudaFlash.RoutedSmall'
+set -uo pipefail
+OUT=${OUT:-build/gpu-logs}; mkdir -p "$OUT"
+BUILD=build/gpu
+ITERS=${ITERS:-10}; WARMUP=${WARMUP:-2}
+BUDGET=${BUDGET:-470}
+SAN_FILTER=${SAN_FILTER:-CudaFlash.DenseSmall:CudaFlash.RoutedSmall:CudaFlash.RejectsOtherHeadDims}
+start=$(date +%s)
+# limit CAP: the part's own cap, cut to what is left of the budget (at least 1 s)
+limit() { local left=$(( BUDGET - ($(date +%s) - start) )); [ "$left" -lt 1 ] && left=1
+          [ "$1" -lt "$left" ] && echo "$1" || echo "$left"; }
+stamp() { echo "== $1 (t=$(( $(date +%s) - start )) s)"; }
+
+stamp machine
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
+nvcc --version | tail -1
+
+stamp build
+NV=$(python3 -c "import nvidia; print(nvidia.__path__[0])" 2>/dev/null)
+NCCL_DIR=$(dirname "$(dirname "$(find "$NV" -name nccl.h 2>/dev/null | head -1)")" 2>/dev/null)
+timeout "$(limit 220)" make -j16 BUILD=$BUILD THIRD_PARTY=build/third_party ${NCCL_DIR:+NCCL_HOME=$NCCL_DIR} \
+  $BUILD/prism $BUILD/prism_tests > "$OUT/build.log" 2>&1 || { echo "build failed or timed out"; tail -30 "$OUT/build.log"; exit 1; }
+echo "built at t=$(( $(date +%s) - start )) s"
+# registers and spills of the flash kernels as this build compiled them
+cuobjdump --dump-resource-usage $BUILD/obj/kernels/cuda/flash_attention.cu.o 2>/dev/null \
+  | grep -E "Function|REG" | sed 's/_ZN5prism5flash//' | paste - - | sed 's/  */ /g' > "$OUT/flash-resources.txt"
+cat "$OUT/flash-resources.txt"
+
+stamp "GPU tests (CudaFlash*)"
+timeout "$(limit 120)" $BUILD/prism_tests --gtest_filter='CudaFlash*' > "$OUT/tests.log" 2>&1; echo "rc $?"
+grep -E "^\[ +(FAILED|PASSED|SKIPPED|OK) |Failure|cuda-vs-cpu" "$OUT/tests.log" | tail -80
+
+for tool in memcheck racecheck; do
+  stamp "compute-sanitizer $tool ($SAN_FILTER)"
+  extra=""; cap=50; [ $tool = racecheck ] && { extra="--kernel-name-exclude kns=nvjet"; cap=70; }
+  timeout "$(limit $cap)" compute-sanitizer --tool $tool $extra --error-exitcode 9 $BUILD/prism_tests \
+    --gtest_filter="$SAN_FILTER" > "$OUT/sanitizer-$tool.log" 2>&1; echo "rc $? (124: timed out)"
+  grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Hazard|Invalid|PASSED|FAILED" "$OUT/sanitizer-$tool.log" | head -8
+done
+
+# reference then flash at each shape; the same default batch for both
+bench() {  # name, cap, config args...
+  local name=$1 cap=$2; shift 2
+  for impl in reference flash; do
+    stamp "bench attention $name --impl $impl"
+    timeout "$(limit $cap)" $BUILD/prism bench attention "$@" --impl $impl --iters $ITERS --warmup $WARMUP \
+      > "$OUT/bench-$name-$impl.txt" 2>&1; echo "rc $?"
+    grep -vE '^\{' "$OUT/bench-$name-$impl.txt" | tail -7
+  done
+}
+bench jumpcp-p16 25 --config configs/jumpcp_chvit.json
+bench jumpcp-p8 30 --config configs/jumpcp_chvit.json --set model.patch=8
+bench so2sat 15 --config configs/so2sat_chvit.json
+stamp done

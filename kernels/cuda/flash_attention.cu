@@ -1,0 +1,162 @@
+// Fused ("flash") attention ops on tensor cores: the host side. The kernels
+// and the design notes are in flash_attention.cuh.
+//
+// Dense: qkv is rounded to bf16 once per op into scratch of the same layout
+// (one read of 4 bytes, one write of 2, per element), so that the K/V tiles
+// every query tile streams are half the bytes and come in by cp.async.
+// Backward also rounds dO (in the kernel that computes δ).
+// Routed: the tiles are rounded as they are staged, straight from the fp32
+// operands: the gathered buffers' row count lives on the device only (the
+// last offset), and with K/V resident each row is read once or a few times.
+#include <cmath>
+
+#include "kernels/cuda/common.cuh"
+#include "kernels/cuda/flash_attention.cuh"
+
+namespace prism::cuda_ops {
+using namespace cuda_detail;
+using namespace prism::flash;
+
+namespace {
+
+void require_head_dim(int D, int Hd, const char* op) {
+    PRISM_CUDA_REQUIRE(Hd > 0 && D == kDh * Hd,
+                       (std::string(op) + ": head dim D/Hd must be 64 (D = " + std::to_string(D) +
+                        ", Hd = " + std::to_string(Hd) + ")")
+                           .c_str());
+}
+
+void require_aligned(const void* p, const char* what) {
+    PRISM_CUDA_REQUIRE(reinterpret_cast<uintptr_t>(p) % 16 == 0,
+                       (std::string("flash attention: ") + what + " must be 16-byte aligned").c_str());
+}
+
+// Launches with the dynamic shared memory the kernel needs (above 48 KiB it
+// has to be allowed per kernel first).
+template <class Params>
+void launch(void (*kernel)(Params), dim3 grid, int threads, size_t smem, cudaStream_t stream,
+            const Params& p) {
+    if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
+    if (smem > 48 * 1024)
+        PRISM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    kernel<<<grid, threads, smem, stream>>>(p);
+    PRISM_LAUNCH_CHECK();
+}
+
+unsigned clamp_grid(int64_t n) { return (unsigned)(n < 1 ? 1 : (n > 65535 ? 65535 : n)); }
+
+void bwd_prep(const PrepParams& p, cudaStream_t stream) {
+    const int64_t blocks = (p.rows + kPrepWarps - 1) / kPrepWarps;
+    if (p.rows <= 0) return;
+    flash_bwd_prep_kernel<<<clamp_grid(blocks), kPrepWarps * 32, 0, stream>>>(p);
+    PRISM_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+// ---- dense -----------------------------------------------------------------------------------
+void flash_attention_forward(float* out, float* lse, const float* qkv, int B, int L, int D, int Hd,
+                             cudaStream_t stream) {
+    require_head_dim(D, Hd, "flash_attention_forward");
+    if (B <= 0 || L <= 0) return;
+    require_aligned(out, "out");
+    const int64_t n = (int64_t)B * L * 3 * D;
+    Scratch qkv16(sizeof(uint16_t) * n, stream);
+    uint16_t* q = qkv16.as<uint16_t>();
+    to_bf16(q, qkv, n, stream);
+    FwdParams<uint16_t> p{make_sets(nullptr, L, L, Hd), {q, 3 * D}, {q + D, 3 * D}, {q + 2 * D, 3 * D}, out,
+                          D, lse};
+    const int w = dense_fwd_warps(L);
+    const dim3 grid(B, Hd, (L + w * 16 - 1) / (w * 16));
+    if (w == 8)
+        launch(flash_fwd_kernel<uint16_t, 8, false>, grid, 8 * 32, fwd_smem<8, false>(L), stream, p);
+    else
+        launch(flash_fwd_kernel<uint16_t, kWarps, false>, grid, kWarps * 32, fwd_smem<kWarps, false>(L), stream, p);
+}
+
+void flash_attention_backward(float* dqkv, const float* dout, const float* qkv, const float* out,
+                              const float* lse, int B, int L, int D, int Hd, cudaStream_t stream) {
+    require_head_dim(D, Hd, "flash_attention_backward");
+    if (B <= 0 || L <= 0) return;
+    require_aligned(dqkv, "dqkv");
+    require_aligned(dout, "dout");
+    require_aligned(out, "out");
+    const int64_t n = (int64_t)B * L * 3 * D, rows = (int64_t)B * L;
+    PRISM_CUDA_REQUIRE(rows < INT32_MAX, "flash_attention_backward: B·L must be below 2^31");
+    Scratch qkv16(sizeof(uint16_t) * n, stream), dout16(sizeof(uint16_t) * rows * D, stream),
+        delta(sizeof(float) * rows * Hd, stream);
+    uint16_t* q = qkv16.as<uint16_t>();
+    to_bf16(q, qkv, n, stream);
+    const Sets s = make_sets(nullptr, L, L, Hd);
+    bwd_prep(PrepParams{s, dout, out, D, rows, nullptr, delta.as<float>(), dout16.as<uint16_t>()}, stream);
+    const BwdParams<uint16_t> p{s,
+                                {q, 3 * D},
+                                {q + D, 3 * D},
+                                {q + 2 * D, 3 * D},
+                                {dout16.as<uint16_t>(), D},
+                                lse,
+                                delta.as<float>(),
+                                dqkv,
+                                3 * D,
+                                dqkv + D,
+                                dqkv + 2 * D,
+                                3 * D};
+    const int tiles = (L + kWarps * 16 - 1) / (kWarps * 16);
+    launch(flash_bwd_dq_kernel<uint16_t, kWarps, false>, dim3(B, Hd, tiles), kWarps * 32,
+           dq_smem<kWarps, false>(L), stream, p);
+    launch(flash_bwd_dkv_kernel<uint16_t, kWarps>, dim3(B, Hd, tiles), kWarps * 32, dkv_smem<kWarps>(), stream, p);
+}
+
+// ---- routed -----------------------------------------------------------------------------------
+void flash_routed_attention_forward(float* og, float* lse, const float* qg, const float* k,
+                                    const float* v, const int* offsets, int B, int nS, int N, int D,
+                                    int Hd, cudaStream_t stream) {
+    require_head_dim(D, Hd, "flash_routed_attention_forward");
+    if (B <= 0 || nS <= 0 || N <= 0) return;
+    require_aligned(qg, "qg");
+    require_aligned(k, "k");
+    require_aligned(v, "v");
+    require_aligned(og, "og");
+    const FwdParams<float> p{make_sets(offsets, 0, N, Hd), {qg, D}, {k, D}, {v, D}, og, D, lse};
+    const QueryGrid q = routed_query_grid(B, nS, N, Hd);
+    const dim3 grid(q.sets, Hd, q.z);
+    if (q.stationary)
+        launch(flash_fwd_kernel<float, kWarps, true>, grid, kWarps * 32, fwd_smem<kWarps, true>(N), stream, p);
+    else
+        launch(flash_fwd_kernel<float, kWarps, false>, grid, kWarps * 32, fwd_smem<kWarps, false>(N), stream, p);
+}
+
+void flash_routed_attention_backward(float* dqg, float* dk, float* dv, const float* dog,
+                                     const float* qg, const float* k, const float* v, const float* og,
+                                     const float* lse, const int* offsets, int B, int nS, int N, int D,
+                                     int Hd, cudaStream_t stream) {
+    require_head_dim(D, Hd, "flash_routed_attention_backward");
+    if (B <= 0 || nS <= 0 || N <= 0) return;
+    for (const void* ptr : {(const void*)dqg, (const void*)dk, (const void*)dv, (const void*)dog,
+                            (const void*)qg, (const void*)k, (const void*)v, (const void*)og})
+        require_aligned(ptr, "every routed attention buffer");
+    // δ is indexed by gathered row; the rows number B·nS·N·k ≤ B·nS·N·nS, and
+    // the prep kernel stops at the real count, offsets[B·nS].
+    const int sets = B * nS;
+    const int64_t max_rows = (int64_t)sets * N * nS;
+    Scratch delta(sizeof(float) * max_rows * Hd, stream);
+    const Sets s = make_sets(offsets, 0, N, Hd);
+    bwd_prep(PrepParams{s, dog, og, D, max_rows, offsets + sets, delta.as<float>(), nullptr}, stream);
+    const BwdParams<float> p{s, {qg, D}, {k, D}, {v, D}, {dog, D}, lse, delta.as<float>(), dqg, D, dk, dv, D};
+    const QueryGrid q = routed_query_grid(B, nS, N, Hd);
+    const dim3 grid(q.sets, Hd, q.z);
+    if (q.stationary)
+        launch(flash_bwd_dq_kernel<float, kWarps, true>, grid, kWarps * 32, dq_smem<kWarps, true>(N), stream, p);
+    else
+        launch(flash_bwd_dq_kernel<float, kWarps, false>, grid, kWarps * 32, dq_smem<kWarps, false>(N), stream, p);
+    const int w = routed_dkv_warps(N);
+    const dim3 kgrid(sets, Hd, (N + 16 * w - 1) / (16 * w));
+    if (w == 1)
+        launch(flash_bwd_dkv_kernel<float, 1>, kgrid, 32, dkv_smem<1>(), stream, p);
+    else if (w == 2)
+        launch(flash_bwd_dkv_kernel<float, 2>, kgrid, 64, dkv_smem<2>(), stream, p);
+    else
+        launch(flash_bwd_dkv_kernel<float, kWarps>, kgrid, kWarps * 32, dkv_smem<kWarps>(), stream, p);
+}
+
+}  // namespace prism::cuda_ops

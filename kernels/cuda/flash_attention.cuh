@@ -1,0 +1,711 @@
+// Flash attention on tensor cores: the kernels of kernels/cuda/flash_attention.cu.
+//
+// One engine serves dense self-attention and MoE-ViT's routed cross-attention,
+// as in attention.cu: a "set" of query rows attends to that set's M key/value
+// rows (dense: a set is an image, its L rows; routed: a set is an (image,
+// channel) group, its queries are rows offsets[g]..offsets[g+1] of the
+// gathered buffer and its keys the N patches of that channel). Head dim 64.
+//
+// Numerics: q, k, v, dO enter the matrix products as bf16 (rounded when a
+// tile is staged in shared memory, or beforehand on the host side of the op);
+// products accumulate in fp32 (mma.sync m16n8k16); softmax, its statistics
+// and every output are fp32. P and dS are rounded to bf16 for the products
+// they feed. The scores are never stored: forward keeps the per-row
+// logsumexp (natural log, of the scaled scores), backward recomputes P from it.
+//
+// Kernels (all deterministic: fixed loop orders, each output element written
+// by one thread, no atomics):
+// - flash_fwd_kernel: a block owns W·16 query rows of one (set, head); each
+//   warp 16 rows. Key/value tiles of 64 rows stream through shared memory
+//   (double-buffered, cp.async) or, kStationary, the set's whole K and V are
+//   staged once and the block walks several query tiles over them. S = QKᵀ,
+//   the online softmax and O += PV stay in registers (FlashAttention-2).
+// - flash_bwd_prep_kernel: δ_i = Σ_d dO_id·O_id per (row, head), fp32; for
+//   dense also dO in bf16.
+// - flash_bwd_dq_kernel: the forward's structure; per key tile S, P (from the
+//   logsumexp), dP = dO·Vᵀ, dS = P∘(dP − δ), dQ += dS·K; dQ·scale is added to
+//   the gradient at the end.
+// - flash_bwd_dkv_kernel: a block owns W·16 keys of one (set, head), each warp
+//   16 keys; the set's query tiles stream through in order. Per tile, in
+//   registers: Sᵀ = K·Qᵀ, Pᵀ, dV += Pᵀ·dO, dPᵀ = V·dOᵀ, dSᵀ, dK += dSᵀ·Q.
+//
+// Fragment layouts are those of the PTX ISA for mma.m16n8k16 (.bf16, fp32
+// accumulators): lane = 4·g + t; A (16×16, row) holds (g, 2t..2t+1),
+// (g+8, 2t..), (g, 2t+8..), (g+8, 2t+8..); B (16×8, col) holds (k = 2t..2t+1,
+// n = g) and (k = 2t+8.., n = g); C holds (g, 2t..2t+1) and (g+8, 2t..2t+1).
+// A C fragment pair is therefore directly the A fragment of the next product
+// (P·V, dS·K): no shuffles. Shared-memory tiles are [rows][64] bf16, 128-byte
+// rows of eight 16-byte chunks, chunk c of row r stored at chunk c ^ (r & 7) so
+// that ldmatrix's eight row reads hit eight different bank groups.
+//
+// The file is written so that tests can compile it on the host with the
+// primitives below replaced (PRISM_FLASH_EMULATION: a CPU model of warps,
+// ldmatrix, mma and cp.async; see tests/flash_emulator.h).
+#pragma once
+#include <math.h>
+#include <stdint.h>
+
+#ifndef PRISM_FLASH_EMULATION
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#define FLASH_DEVICE __device__ __forceinline__
+#define FLASH_HOST_DEVICE __host__ __device__ __forceinline__
+#define FLASH_KERNEL(threads) __global__ void __launch_bounds__(threads)
+#define FLASH_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
+#define FLASH_UNROLL _Pragma("unroll")
+#endif
+
+namespace prism::flash {
+// The emulated build gets its own names: the kernels' host stubs in the CUDA
+// object and their emulated bodies must not meet in the linker.
+#ifdef PRISM_FLASH_EMULATION
+inline namespace emulated {
+#endif
+
+constexpr int kDh = 64;      // head dim (the only one supported)
+constexpr int kKT = 64;      // keys per tile (forward, dq)
+constexpr int kQT2 = 64;     // queries per tile of the dK/dV kernel
+constexpr int kMaxStationaryKeys = 256;  // sets with at most this many keys keep K, V resident
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// ---- device primitives --------------------------------------------------------------
+#ifndef PRISM_FLASH_EMULATION
+// d += a·b, bf16 inputs, fp32 accumulators.
+FLASH_DEVICE void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+// Four 8×8 bf16 matrices; lanes 8j..8j+7 give the row addresses of matrix j.
+FLASH_DEVICE void ldsm_x4(uint32_t (&r)[4], const uint16_t* row) {
+    const uint32_t a = (uint32_t)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+FLASH_DEVICE void ldsm_x4_trans(uint32_t (&r)[4], const uint16_t* row) {
+    const uint32_t a = (uint32_t)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+// 16 bytes global → shared, asynchronous; valid == false writes 16 zero bytes.
+FLASH_DEVICE void cp_async_16(void* smem, const void* gmem, bool valid) {
+    const uint32_t a = (uint32_t)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(a), "l"(gmem),
+                 "r"(valid ? 16 : 0));
+}
+FLASH_DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+FLASH_DEVICE void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
+FLASH_DEVICE void block_sync() { __syncthreads(); }
+FLASH_DEVICE float shfl_xor(float v, int mask) { return __shfl_xor_sync(0xffffffffu, v, mask); }
+// Two floats as bf16 (nearest even), lo in the low half: an mma operand register.
+FLASH_DEVICE uint32_t pack_bf16(float lo, float hi) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+}
+FLASH_DEVICE float ld_shared(const float* p) { return *p; }  // (the emulator checks these)
+FLASH_DEVICE void st_shared(float* p, float v) { *p = v; }
+FLASH_DEVICE void load_f8(float (&v)[8], const float* p) {  // 32 bytes, read-only path
+    const float4 a = __ldg(reinterpret_cast<const float4*>(p));
+    const float4 b = __ldg(reinterpret_cast<const float4*>(p + 4));
+    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+}
+FLASH_DEVICE void store_shared_16(void* p, uint32_t a, uint32_t b, uint32_t c, uint32_t d) {
+    *reinterpret_cast<uint4*>(p) = make_uint4(a, b, c, d);
+}
+FLASH_DEVICE void load_f2(float& x, float& y, const float* p) {
+    const float2 v = *reinterpret_cast<const float2*>(p);
+    x = v.x, y = v.y;
+}
+FLASH_DEVICE void store_f2(float* p, float x, float y) { *reinterpret_cast<float2*>(p) = make_float2(x, y); }
+FLASH_DEVICE void add_f2(float* p, float x, float y) {
+    float2 v = *reinterpret_cast<float2*>(p);
+    v.x += x, v.y += y;
+    *reinterpret_cast<float2*>(p) = v;
+}
+#endif
+
+FLASH_DEVICE int imin(int a, int b) { return a < b ? a : b; }
+
+// Element offset of chunk `c` (8 bf16) of row `r` in a swizzled [rows][64] tile.
+FLASH_DEVICE int swz(int r, int c) { return r * kDh + ((c ^ (r & 7)) << 3); }
+
+// ---- what the kernels see ----------------------------------------------------------------
+// Rows of one operand: row r, head h at p + r*row + h*64.
+template <class T>
+struct Operand {
+    const T* p;
+    int64_t row;
+};
+
+// Which query rows and keys a set has, and where its softmax statistics go.
+struct Sets {
+    const int* offsets;  // routed: set g's queries are rows offsets[g]..offsets[g+1]; dense: null
+    int nq;              // dense: set g's queries are rows g*nq .. g*nq + nq - 1
+    int M;               // keys per set: key m of set g is row g*M + m of k and v
+    int Hd;
+    float scale;         // 1/√dh
+    float scale_log2;    // scale·log2(e): softmax in base 2
+};
+
+inline Sets make_sets(const int* offsets, int nq, int M, int Hd) {
+    const float scale = 1.f / sqrtf((float)kDh);
+    return Sets{offsets, nq, M, Hd, scale, scale * kLog2e};
+}
+
+FLASH_DEVICE void set_queries(const Sets& s, int g, int64_t& first, int& count) {
+    if (s.offsets) {
+        first = s.offsets[g];
+        count = s.offsets[g + 1] - s.offsets[g];
+    } else {
+        first = (int64_t)g * s.nq;
+        count = s.nq;
+    }
+}
+
+// lse and δ: dense [sets, Hd, nq] (the query's index i in its set), routed
+// [rows, Hd] (its gathered row).
+FLASH_DEVICE int64_t stat_index(const Sets& s, int g, int h, int i, int64_t row) {
+    return s.offsets ? row * s.Hd + h : ((int64_t)g * s.Hd + h) * s.nq + i;
+}
+
+template <class Src>
+struct FwdParams {
+    Sets s;
+    Operand<Src> q, k, v;
+    float* out;  // row r, head h at out + r*out_row + h*64 (r as for q)
+    int64_t out_row;
+    float* lse;
+};
+
+template <class Src>
+struct BwdParams {
+    Sets s;
+    Operand<Src> q, k, v, dout;
+    const float* lse;
+    const float* delta;  // indexed like lse
+    float* dq;           // rows as q
+    int64_t dq_row;
+    float* dk;  // rows as k (dv as v)
+    float* dv;
+    int64_t dkv_row;
+};
+
+// ---- staging tiles in shared memory --------------------------------------------------
+// Rows [0, rows) of the swizzled tile get operand rows row0 + r for r < n and
+// zeros beyond: bf16 sources by cp.async (the caller commits and waits), fp32
+// sources converted on the way (plain loads and stores: visible after the next
+// block_sync).
+template <int kThreads>
+FLASH_DEVICE void stage_rows(uint16_t* tile, const Operand<uint16_t>& src, int64_t row0, int n,
+                             int rows, int h) {
+    for (int e = threadIdx.x; e < rows * 8; e += kThreads) {
+        const int r = e >> 3, c = e & 7;
+        const bool ok = r < n;
+        const uint16_t* g = ok ? src.p + (row0 + r) * src.row + h * kDh + c * 8 : src.p;
+        cp_async_16(tile + swz(r, c), g, ok);
+    }
+}
+template <int kThreads>
+FLASH_DEVICE void stage_rows(uint16_t* tile, const Operand<float>& src, int64_t row0, int n,
+                             int rows, int h) {
+    for (int e = threadIdx.x; e < rows * 8; e += kThreads) {
+        const int r = e >> 3, c = e & 7;
+        uint32_t w[4] = {0u, 0u, 0u, 0u};
+        if (r < n) {
+            float x[8];
+            load_f8(x, src.p + (row0 + r) * src.row + h * kDh + c * 8);
+            for (int i = 0; i < 4; i++) w[i] = pack_bf16(x[2 * i], x[2 * i + 1]);
+        }
+        store_shared_16(tile + swz(r, c), w[0], w[1], w[2], w[3]);
+    }
+}
+
+// ---- warp-level fragments ------------------------------------------------------------------
+// A operand (16×16) from a [m][k] tile: rows m0.., columns 16·ks..
+FLASH_DEVICE void frag_a(uint32_t (&a)[4], const uint16_t* tile, int m0, int ks, int lane) {
+    ldsm_x4(a, tile + swz(m0 + (lane & 15), 2 * ks + (lane >> 4)));
+}
+// B operands of two n-tiles (n0.., n0+8..) for k-step ks, from a [n][k] tile
+// (Kᵀ from K, Qᵀ from Q, ...): b[0], b[1] for n0; b[2], b[3] for n0+8.
+FLASH_DEVICE void frag_b_nk(uint32_t (&b)[4], const uint16_t* tile, int n0, int ks, int lane) {
+    ldsm_x4(b, tile + swz(n0 + (lane & 7) + ((lane >> 4) << 3), 2 * ks + ((lane >> 3) & 1)));
+}
+// The same from a [k][n] tile (V for P·V, K for dS·K, ...): rows k0 = 16·ks..,
+// columns 16·np.. (n-tiles 2np, 2np+1).
+FLASH_DEVICE void frag_b_kn(uint32_t (&b)[4], const uint16_t* tile, int ks, int np, int lane) {
+    ldsm_x4_trans(b, tile + swz(16 * ks + (lane & 7) + (((lane >> 3) & 1) << 3), 2 * np + (lane >> 4)));
+}
+// The accumulators of n-tiles 2kk, 2kk+1 as the A operand of k-step kk.
+FLASH_DEVICE void c_to_a(uint32_t (&a)[4], const float (&c)[8][4], int kk) {
+    a[0] = pack_bf16(c[2 * kk][0], c[2 * kk][1]);
+    a[1] = pack_bf16(c[2 * kk][2], c[2 * kk][3]);
+    a[2] = pack_bf16(c[2 * kk + 1][0], c[2 * kk + 1][1]);
+    a[3] = pack_bf16(c[2 * kk + 1][2], c[2 * kk + 1][3]);
+}
+
+FLASH_DEVICE void zero(float (&c)[8][4]) {
+    for (int j = 0; j < 8; j++)
+        for (int e = 0; e < 4; e++) c[j][e] = 0.f;
+}
+
+// c[j] (+)= a_frags · tile_nkᵀ over the 64 head dims: rows of the warp's 16 × 64
+// columns n of a [n][64] tile, only the first `chunks` 16-column chunks.
+FLASH_DEVICE void product_nk(float (&c)[8][4], const uint32_t (&a)[4][4], const uint16_t* tile,
+                             int chunks, int lane) {
+FLASH_UNROLL
+    for (int np = 0; np < 4; np++) {
+        if (np >= chunks) break;
+FLASH_UNROLL
+        for (int ks = 0; ks < 4; ks++) {
+            uint32_t b[4];
+            frag_b_nk(b, tile, 16 * np, ks, lane);
+            mma_bf16(c[2 * np], a[ks], b[0], b[1]);
+            mma_bf16(c[2 * np + 1], a[ks], b[2], b[3]);
+        }
+    }
+}
+
+// acc (+)= c · tile_kn: the warp's 16 rows × 64 head dims, summing over the
+// first `chunks`·16 rows of a [k][64] tile (k = the columns of c).
+FLASH_DEVICE void product_kn(float (&acc)[8][4], const float (&c)[8][4], const uint16_t* tile,
+                             int chunks, int lane) {
+FLASH_UNROLL
+    for (int kk = 0; kk < 4; kk++) {
+        if (kk >= chunks) break;
+        uint32_t a[4];
+        c_to_a(a, c, kk);
+FLASH_UNROLL
+        for (int np = 0; np < 4; np++) {
+            uint32_t b[4];
+            frag_b_kn(b, tile, kk, np, lane);
+            mma_bf16(acc[2 * np], a, b[0], b[1]);
+            mma_bf16(acc[2 * np + 1], a, b[2], b[3]);
+        }
+    }
+}
+
+FLASH_DEVICE float quad_max(float v) {
+    v = fmaxf(v, shfl_xor(v, 1));
+    return fmaxf(v, shfl_xor(v, 2));
+}
+FLASH_DEVICE float quad_sum(float v) {
+    v += shfl_xor(v, 1);
+    return v + shfl_xor(v, 2);
+}
+
+// Key tiles of a set for the query-tile kernels: kStationary stages all of K
+// and V once (round_up(M, 16) rows each) and tile kt is a view into them;
+// otherwise two 64-row buffers alternate.
+template <bool kStationary>
+struct KeyTiles {
+    uint16_t *k, *v;
+    static FLASH_HOST_DEVICE int rows(int M) { return kStationary ? (M + 15) / 16 * 16 : 2 * kKT; }
+    FLASH_DEVICE const uint16_t* k_tile(int kt) const { return k + (kStationary ? kt : (kt & 1)) * kKT * kDh; }
+    FLASH_DEVICE const uint16_t* v_tile(int kt) const { return v + (kStationary ? kt : (kt & 1)) * kKT * kDh; }
+};
+
+// Issues the staging of key tile kt into its buffer (streaming mode).
+template <int kThreads, class Src>
+FLASH_DEVICE void stage_key_tile(const KeyTiles<false>& t, const Operand<Src>& k, const Operand<Src>& v,
+                                 int64_t kv0, int M, int kt, int h) {
+    uint16_t* kb = t.k + (kt & 1) * kKT * kDh;
+    uint16_t* vb = t.v + (kt & 1) * kKT * kDh;
+    const int n = imin(kKT, M - kt * kKT);
+    stage_rows<kThreads>(kb, k, kv0 + kt * kKT, n, kKT, h);
+    stage_rows<kThreads>(vb, v, kv0 + kt * kKT, n, kKT, h);
+}
+
+// Masks the scores of keys ≥ M (tile starting at key0) with −∞.
+FLASH_DEVICE void mask_keys(float (&s)[8][4], int key0, int M, int lane) {
+    if (key0 + kKT <= M) return;
+    const int t = lane & 3;
+FLASH_UNROLL
+    for (int j = 0; j < 8; j++)
+FLASH_UNROLL
+        for (int e = 0; e < 4; e++)
+            if (key0 + 8 * j + 2 * t + (e & 1) >= M) s[j][e] = -INFINITY;
+}
+
+// ---- forward ------------------------------------------------------------------------------
+// Grid (sets, Hd, Z): block z takes the set's query tiles z, z+Z, ...
+template <class Src, int W, bool kStationary>
+FLASH_KERNEL(W * 32) flash_fwd_kernel(FwdParams<Src> p) {
+    constexpr int kThreads = W * 32, QT = W * 16;
+    FLASH_SMEM(smem_raw);
+    const Sets& s = p.s;
+    const int g = blockIdx.x, h = blockIdx.y, M = s.M;
+    int64_t first;
+    int count;
+    set_queries(s, g, first, count);
+    const int q_tiles = (count + QT - 1) / QT;
+    if ((int)blockIdx.z >= q_tiles) return;  // also every empty group
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gr = lane >> 2, t = lane & 3;
+    const int k_tiles = (M + kKT - 1) / kKT;
+    const int64_t kv0 = (int64_t)g * M;
+
+    uint16_t* sQ = reinterpret_cast<uint16_t*>(smem_raw);
+    KeyTiles<kStationary> kv;
+    kv.k = sQ + QT * kDh;
+    kv.v = kv.k + KeyTiles<kStationary>::rows(M) * kDh;
+    if (kStationary) {
+        const int rows = KeyTiles<kStationary>::rows(M);
+        stage_rows<kThreads>(kv.k, p.k, kv0, M, rows, h);
+        stage_rows<kThreads>(kv.v, p.v, kv0, M, rows, h);
+    }
+
+    for (int qt = blockIdx.z; qt < q_tiles; qt += gridDim.z) {
+        block_sync();  // everyone is done with the previous tile's buffers
+        const int i0 = qt * QT;
+        stage_rows<kThreads>(sQ, p.q, first + i0, imin(QT, count - i0), QT, h);
+        if constexpr (!kStationary) stage_key_tile<kThreads>(kv, p.k, p.v, kv0, M, 0, h);
+        cp_async_commit();
+        // A warp whose 16 rows are all past the set's end only helps staging.
+        const bool active = i0 + warp * 16 < count;
+
+        uint32_t qf[4][4];
+        float o[8][4];
+        zero(o);
+        float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // rows gr, gr+8 (base 2)
+        for (int kt = 0; kt < k_tiles; kt++) {
+            cp_async_wait_all();
+            block_sync();  // tile kt visible to all; tile kt-1's buffer free
+            if constexpr (!kStationary) {
+                if (kt + 1 < k_tiles) stage_key_tile<kThreads>(kv, p.k, p.v, kv0, M, kt + 1, h);
+                cp_async_commit();
+            }
+            if (!active) continue;
+            if (kt == 0)
+                for (int ks = 0; ks < 4; ks++) frag_a(qf[ks], sQ, warp * 16, ks, lane);
+            const int key0 = kt * kKT;
+            const int chunks = imin(4, (M - key0 + 15) / 16);  // 16-key chunks holding keys < M
+
+            float sc[8][4];
+            zero(sc);
+            product_nk(sc, qf, kv.k_tile(kt), chunks, lane);
+            mask_keys(sc, key0, M, lane);
+
+            // Online softmax, base 2: each row's max over its quad, then rescale.
+            float mx0 = -INFINITY, mx1 = -INFINITY;
+FLASH_UNROLL
+            for (int j = 0; j < 8; j++) {
+                mx0 = fmaxf(mx0, fmaxf(sc[j][0], sc[j][1]));
+                mx1 = fmaxf(mx1, fmaxf(sc[j][2], sc[j][3]));
+            }
+            // Every tile has a key < M, so the new maxima are finite.
+            const float n0 = fmaxf(m0, quad_max(mx0) * s.scale_log2);
+            const float n1 = fmaxf(m1, quad_max(mx1) * s.scale_log2);
+            const float a0 = exp2f(m0 - n0), a1 = exp2f(m1 - n1);
+            m0 = n0, m1 = n1;
+            float r0 = 0.f, r1 = 0.f;
+FLASH_UNROLL
+            for (int j = 0; j < 8; j++) {
+                sc[j][0] = exp2f(fmaf(sc[j][0], s.scale_log2, -n0));
+                sc[j][1] = exp2f(fmaf(sc[j][1], s.scale_log2, -n0));
+                sc[j][2] = exp2f(fmaf(sc[j][2], s.scale_log2, -n1));
+                sc[j][3] = exp2f(fmaf(sc[j][3], s.scale_log2, -n1));
+                r0 += sc[j][0] + sc[j][1];
+                r1 += sc[j][2] + sc[j][3];
+                o[j][0] *= a0, o[j][1] *= a0, o[j][2] *= a1, o[j][3] *= a1;
+            }
+            l0 = l0 * a0 + r0;  // this lane's columns; the quad's sum at the end
+            l1 = l1 * a1 + r1;
+            product_kn(o, sc, kv.v_tile(kt), chunks, lane);
+        }
+        if (!active) continue;
+        l0 = quad_sum(l0);
+        l1 = quad_sum(l1);
+        const float inv0 = 1.f / l0, inv1 = 1.f / l1;
+        for (int half = 0; half < 2; half++) {
+            const int i = i0 + warp * 16 + gr + 8 * half;
+            if (i >= count) continue;
+            const int64_t row = first + i;
+            float* out = p.out + row * p.out_row + h * kDh;
+            const float inv = half ? inv1 : inv0;
+FLASH_UNROLL
+            for (int j = 0; j < 8; j++) store_f2(out + 8 * j + 2 * t, o[j][2 * half] * inv, o[j][2 * half + 1] * inv);
+            if (t == 0) p.lse[stat_index(s, g, h, i, row)] = ((half ? m1 : m0) + log2f(half ? l1 : l0)) * kLn2;
+        }
+    }
+    cp_async_wait_all();  // nothing may be in flight when the block exits
+}
+
+// ---- backward -------------------------------------------------------------------------------
+// One warp per (row, all heads): δ = Σ dO·O per head (fp32, a butterfly sum),
+// and, when dout_bf16 is set, dO rounded to bf16 in the same layout.
+// Rows r < rows, and r < *rows_on_device when that is set (routed: offsets[B·nS]).
+constexpr int kPrepWarps = 8;
+struct PrepParams {
+    Sets s;
+    const float* dout;
+    const float* out;
+    int64_t row_stride;  // of dout and out (D)
+    int64_t rows;
+    const int* rows_on_device;
+    float* delta;
+    uint16_t* dout_bf16;
+};
+
+FLASH_KERNEL(kPrepWarps * 32) flash_bwd_prep_kernel(PrepParams p) {
+    const int lane = threadIdx.x & 31;
+    const int64_t rows = p.rows_on_device && *p.rows_on_device < p.rows ? (int64_t)*p.rows_on_device : p.rows;
+    for (int64_t row = (int64_t)blockIdx.x * kPrepWarps + (threadIdx.x >> 5); row < rows;
+         row += (int64_t)gridDim.x * kPrepWarps) {
+        // dense rows are fewer than 2^31 (the host checks): 32-bit division
+        const int g = p.s.offsets ? 0 : (int)row / p.s.nq, i = p.s.offsets ? 0 : (int)row % p.s.nq;
+        for (int h = 0; h < p.s.Hd; h++) {
+            const int64_t e = row * p.row_stride + h * kDh + 2 * lane;
+            float dx, dy, ox, oy;
+            load_f2(dx, dy, p.dout + e);
+            load_f2(ox, oy, p.out + e);
+            float d = dx * ox + dy * oy;
+            for (int m = 16; m > 0; m >>= 1) d += shfl_xor(d, m);
+            if (lane == 0) p.delta[stat_index(p.s, g, h, i, row)] = d;
+            if (p.dout_bf16) *reinterpret_cast<uint32_t*>(p.dout_bf16 + e) = pack_bf16(dx, dy);
+        }
+    }
+}
+
+// dQ: grid and staging as the forward; the query tile stages Q and dO.
+template <class Src, int W, bool kStationary>
+FLASH_KERNEL(W * 32) flash_bwd_dq_kernel(BwdParams<Src> p) {
+    constexpr int kThreads = W * 32, QT = W * 16;
+    FLASH_SMEM(smem_raw);
+    const Sets& s = p.s;
+    const int g = blockIdx.x, h = blockIdx.y, M = s.M;
+    int64_t first;
+    int count;
+    set_queries(s, g, first, count);
+    const int q_tiles = (count + QT - 1) / QT;
+    if ((int)blockIdx.z >= q_tiles) return;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gr = lane >> 2, t = lane & 3;
+    const int k_tiles = (M + kKT - 1) / kKT;
+    const int64_t kv0 = (int64_t)g * M;
+
+    uint16_t* sQ = reinterpret_cast<uint16_t*>(smem_raw);
+    uint16_t* sdO = sQ + QT * kDh;
+    KeyTiles<kStationary> kv;
+    kv.k = sdO + QT * kDh;
+    kv.v = kv.k + KeyTiles<kStationary>::rows(M) * kDh;
+    if (kStationary) {
+        const int rows = KeyTiles<kStationary>::rows(M);
+        stage_rows<kThreads>(kv.k, p.k, kv0, M, rows, h);
+        stage_rows<kThreads>(kv.v, p.v, kv0, M, rows, h);
+    }
+
+    for (int qt = blockIdx.z; qt < q_tiles; qt += gridDim.z) {
+        block_sync();
+        const int i0 = qt * QT, n = imin(QT, count - i0);
+        stage_rows<kThreads>(sQ, p.q, first + i0, n, QT, h);
+        stage_rows<kThreads>(sdO, p.dout, first + i0, n, QT, h);
+        if constexpr (!kStationary) stage_key_tile<kThreads>(kv, p.k, p.v, kv0, M, 0, h);
+        cp_async_commit();
+        const bool active = i0 + warp * 16 < count;
+
+        // This lane's two rows: logsumexp in base 2, and δ (rows past the end: 0, unused).
+        float lse2[2] = {0.f, 0.f}, dlt[2] = {0.f, 0.f};
+        for (int half = 0; half < 2; half++) {
+            const int i = i0 + warp * 16 + gr + 8 * half;
+            if (i < count) {
+                const int64_t x = stat_index(s, g, h, i, first + i);
+                lse2[half] = p.lse[x] * kLog2e;
+                dlt[half] = p.delta[x];
+            }
+        }
+        uint32_t qf[4][4], df[4][4];
+        float dq[8][4];
+        zero(dq);
+        for (int kt = 0; kt < k_tiles; kt++) {
+            cp_async_wait_all();
+            block_sync();
+            if constexpr (!kStationary) {
+                if (kt + 1 < k_tiles) stage_key_tile<kThreads>(kv, p.k, p.v, kv0, M, kt + 1, h);
+                cp_async_commit();
+            }
+            if (!active) continue;
+            if (kt == 0)
+                for (int ks = 0; ks < 4; ks++) {
+                    frag_a(qf[ks], sQ, warp * 16, ks, lane);
+                    frag_a(df[ks], sdO, warp * 16, ks, lane);
+                }
+            const int key0 = kt * kKT;
+            const int chunks = imin(4, (M - key0 + 15) / 16);
+            float sc[8][4], dp[8][4];
+            zero(sc);
+            zero(dp);
+            product_nk(sc, qf, kv.k_tile(kt), chunks, lane);
+            mask_keys(sc, key0, M, lane);
+            product_nk(dp, df, kv.v_tile(kt), chunks, lane);
+FLASH_UNROLL
+            for (int j = 0; j < 8; j++)
+FLASH_UNROLL
+                for (int e = 0; e < 4; e++) {
+                    const float pr = exp2f(fmaf(sc[j][e], s.scale_log2, -lse2[e >> 1]));
+                    sc[j][e] = pr * (dp[j][e] - dlt[e >> 1]);  // dS (of the scaled score)
+                }
+            product_kn(dq, sc, kv.k_tile(kt), chunks, lane);
+        }
+        if (!active) continue;
+        for (int half = 0; half < 2; half++) {
+            const int i = i0 + warp * 16 + gr + 8 * half;
+            if (i >= count) continue;
+            float* d = p.dq + (first + i) * p.dq_row + h * kDh;
+FLASH_UNROLL
+            for (int j = 0; j < 8; j++)
+                add_f2(d + 8 * j + 2 * t, dq[j][2 * half] * s.scale, dq[j][2 * half + 1] * s.scale);
+        }
+    }
+    cp_async_wait_all();
+}
+
+// dK, dV: grid (sets, Hd, ceil(M / (16W))); the set's query tiles in order.
+template <class Src, int W>
+FLASH_KERNEL(W * 32) flash_bwd_dkv_kernel(BwdParams<Src> p) {
+    constexpr int kThreads = W * 32, KB = W * 16;
+    FLASH_SMEM(smem_raw);
+    const Sets& s = p.s;
+    const int g = blockIdx.x, h = blockIdx.y, M = s.M;
+    const int key0 = blockIdx.z * KB;
+    int64_t first;
+    int count;
+    set_queries(s, g, first, count);
+    if (count == 0 || key0 >= M) return;  // a group without queries adds nothing
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gr = lane >> 2, t = lane & 3;
+    const int q_tiles = (count + kQT2 - 1) / kQT2;
+    const int64_t kv0 = (int64_t)g * M + key0;
+
+    uint16_t* sK = reinterpret_cast<uint16_t*>(smem_raw);
+    uint16_t* sV = sK + KB * kDh;
+    uint16_t* sQ = sV + KB * kDh;          // [2][kQT2][64]
+    uint16_t* sdO = sQ + 2 * kQT2 * kDh;   // [2][kQT2][64]
+    float* sL = reinterpret_cast<float*>(sdO + 2 * kQT2 * kDh);  // [2][kQT2]: logsumexp, base 2
+    float* sD = sL + 2 * kQT2;                                   // [2][kQT2]: δ
+    const int nk = imin(KB, M - key0);
+    stage_rows<kThreads>(sK, p.k, kv0, nk, KB, h);
+    stage_rows<kThreads>(sV, p.v, kv0, nk, KB, h);
+
+    // Query tile qt into buffer qt & 1; rows past the end get lse = +∞ (P = 0).
+    auto stage_queries = [&](int qt) {
+        const int b = qt & 1, i0 = qt * kQT2, n = imin(kQT2, count - i0);
+        stage_rows<kThreads>(sQ + b * kQT2 * kDh, p.q, first + i0, n, kQT2, h);
+        stage_rows<kThreads>(sdO + b * kQT2 * kDh, p.dout, first + i0, n, kQT2, h);
+        for (int r = threadIdx.x; r < kQT2; r += kThreads) {
+            const int i = i0 + r;
+            const int64_t x = i < count ? stat_index(s, g, h, i, first + i) : 0;
+            st_shared(sL + b * kQT2 + r, i < count ? p.lse[x] * kLog2e : INFINITY);
+            st_shared(sD + b * kQT2 + r, i < count ? p.delta[x] : 0.f);
+        }
+    };
+    stage_queries(0);
+    cp_async_commit();
+    const bool active = warp * 16 < nk;  // the warp owns keys key0 + 16·warp ..
+
+    float dk[8][4], dv[8][4];
+    zero(dk);
+    zero(dv);
+    for (int qt = 0; qt < q_tiles; qt++) {
+        cp_async_wait_all();
+        block_sync();
+        if (qt + 1 < q_tiles) stage_queries(qt + 1);
+        cp_async_commit();
+        if (!active) continue;
+        const int b = qt & 1;
+        const uint16_t* tQ = sQ + b * kQT2 * kDh;
+        const uint16_t* tdO = sdO + b * kQT2 * kDh;
+        const float* tL = sL + b * kQT2;
+        const float* tD = sD + b * kQT2;
+        const int chunks = imin(4, (count - qt * kQT2 + 15) / 16);  // 16-query chunks with queries
+
+        // The warp's K and V rows are fragments read again for every tile:
+        // kept in registers across tiles they would cost 32 more per thread.
+        uint32_t kf[4][4], vf[4][4];
+        for (int ks = 0; ks < 4; ks++) frag_a(kf[ks], sK, warp * 16, ks, lane);
+        float st[8][4];  // Sᵀ: the warp's 16 keys × the tile's 64 queries
+        zero(st);
+        product_nk(st, kf, tQ, chunks, lane);
+FLASH_UNROLL
+        for (int j = 0; j < 8; j++)
+FLASH_UNROLL
+            for (int e = 0; e < 4; e++)
+                st[j][e] = exp2f(fmaf(st[j][e], s.scale_log2, -ld_shared(tL + 8 * j + 2 * t + (e & 1))));
+        product_kn(dv, st, tdO, chunks, lane);  // dV += Pᵀ·dO
+        for (int ks = 0; ks < 4; ks++) frag_a(vf[ks], sV, warp * 16, ks, lane);
+        float dpt[8][4];
+        zero(dpt);
+        product_nk(dpt, vf, tdO, chunks, lane);  // dPᵀ = V·dOᵀ
+FLASH_UNROLL
+        for (int j = 0; j < 8; j++)
+FLASH_UNROLL
+            for (int e = 0; e < 4; e++) st[j][e] *= dpt[j][e] - ld_shared(tD + 8 * j + 2 * t + (e & 1));
+        product_kn(dk, st, tQ, chunks, lane);  // dK += dSᵀ·Q
+    }
+    cp_async_wait_all();
+    if (!active) return;
+    for (int half = 0; half < 2; half++) {
+        const int m = warp * 16 + gr + 8 * half;
+        if (m >= nk) continue;
+        float* dkr = p.dk + (kv0 + m) * p.dkv_row + h * kDh;
+        float* dvr = p.dv + (kv0 + m) * p.dkv_row + h * kDh;
+FLASH_UNROLL
+        for (int j = 0; j < 8; j++) {
+            add_f2(dkr + 8 * j + 2 * t, dk[j][2 * half] * s.scale, dk[j][2 * half + 1] * s.scale);
+            add_f2(dvr + 8 * j + 2 * t, dv[j][2 * half], dv[j][2 * half + 1]);
+        }
+    }
+}
+
+// ---- launch geometry (host) ----------------------------------------------------------------
+// Dynamic shared memory of each kernel, in bytes.
+template <int W, bool kStationary>
+inline size_t fwd_smem(int M) {
+    return sizeof(uint16_t) * kDh * (W * 16 + 2 * KeyTiles<kStationary>::rows(M));
+}
+template <int W, bool kStationary>
+inline size_t dq_smem(int M) {
+    return sizeof(uint16_t) * kDh * (2 * W * 16 + 2 * KeyTiles<kStationary>::rows(M));
+}
+template <int W>
+inline size_t dkv_smem() {
+    return sizeof(uint16_t) * kDh * (2 * W * 16 + 4 * kQT2) + sizeof(float) * 4 * kQT2;
+}
+
+constexpr int kWarps = 4;  // warps per block of the query-tile kernels: 64 query rows
+
+// Warps per block of the dense forward: 128 query rows per block halve the
+// key/value tiles each query row waits for, which long sequences need (the
+// registers per thread stay the same, so does the occupancy); short ones would
+// waste more of their last tile.
+inline int dense_fwd_warps(int L) { return L > 512 ? 8 : kWarps; }
+
+// The query-tile kernels' grid for routed sets, (sets, Hd, z). With at most
+// kMaxStationaryKeys keys a group's K and V stay in shared memory and each of
+// its z blocks walks every z-th query tile over them: z = 1 (the most reuse)
+// unless the grid would leave the device idle. With more keys, key tiles
+// stream as in the dense case and each block takes one query tile. A group
+// has at most nS·N queries (one slot per token of its image).
+struct QueryGrid {
+    bool stationary;
+    int sets, z;
+};
+inline QueryGrid routed_query_grid(int B, int nS, int N, int Hd, int64_t target_blocks = 2048) {
+    const int sets = B * nS;
+    int64_t max_tiles = ((int64_t)nS * N + kWarps * 16 - 1) / (kWarps * 16);
+    if (max_tiles > 65535) max_tiles = 65535;
+    if (N > kMaxStationaryKeys) return {false, sets, (int)max_tiles};
+    const int64_t base = (int64_t)sets * Hd;
+    int64_t z = (target_blocks + base - 1) / base;
+    if (z > max_tiles) z = max_tiles;
+    return {true, sets, (int)(z < 1 ? 1 : z)};
+}
+// Warps (16 keys each) per block of the routed dK/dV kernel: as few as the
+// group's keys need (So2Sat: N = 16, one warp).
+inline int routed_dkv_warps(int N) { return N <= 16 ? 1 : (N <= 32 ? 2 : kWarps); }
+
+#ifdef PRISM_FLASH_EMULATION
+}  // inline namespace emulated
+#endif
+}  // namespace prism::flash

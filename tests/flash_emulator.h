@@ -1,0 +1,411 @@
+// A CPU model of the few CUDA features kernels/cuda/flash_attention.cuh uses,
+// so that its kernels run (slowly) on a machine without a GPU and can be
+// checked against the CPU reference ops. Include this header first, then the
+// .cuh.
+//
+// Every CUDA thread of a block is a fiber (ucontext) on the calling thread,
+// run until it blocks. What is modelled, from the PTX ISA:
+// - warp collectives (mma.sync m16n8k16 bf16 → fp32, ldmatrix .x4 and
+//   .x4.trans, shfl.xor): all 32 lanes must arrive at the same one (else:
+//   "warp divergence"); the last to arrive computes every lane's result from
+//   the documented fragment layouts;
+// - __syncthreads over the block's live threads; a thread that exits while
+//   others wait at a barrier, or a block where no thread can move, fails;
+// - cp.async as late as the ISA allows: a copy lands in shared memory only at
+//   the issuing thread's cp.async.wait_group, so reading a tile before waiting
+//   (and, often, before the barrier that publishes it) reads stale data;
+// - shared memory starts as 0xFF bytes (NaN as bf16 or fp32): reading what
+//   was never written shows up as NaN; ldmatrix, cp.async and 16-byte shared
+//   stores check their bounds and alignment;
+// - a racecheck of shared memory: every access through the primitives is
+//   recorded per 4-byte word with its thread and barrier interval (a cp.async
+//   write may land anywhere from its issue to its wait); two threads touching
+//   a word in the same interval, one of them writing, fail.
+// Not modelled: timing, bank conflicts, memory ordering beyond the above,
+// the hardware's accumulation order inside an mma (here: double, then fp32).
+#pragma once
+#define PRISM_FLASH_EMULATION 1
+
+#include <ucontext.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace prism::emu {
+
+struct Dim {
+    unsigned x = 1, y = 1, z = 1;
+};
+inline Dim thread_idx, block_idx, grid_dim, block_dim;
+
+[[noreturn]] inline void fail(const std::string& what) {
+    throw std::runtime_error("flash emulator: " + what);
+}
+
+struct Copy {
+    void* dst;
+    const void* src;
+    bool valid;
+    uint64_t issued;  // barrier interval of the issue
+};
+
+// Per 4-byte word of shared memory: the last writer (and the barrier
+// intervals its write may fall in) and the last reader(s) of the latest interval.
+struct Shadow {
+    int writer = -1;
+    uint64_t w_lo = 0, w_hi = 0;
+    int reader = -1;  // -2: several threads
+    uint64_t r_at = 0;
+};
+
+struct Fiber {
+    ucontext_t ctx;
+    std::vector<char> stack;
+    Dim tid;
+    bool done = false;
+    const uint64_t* wait_gen = nullptr;  // blocked while *wait_gen == wait_value
+    uint64_t wait_value = 0;
+    std::vector<Copy> pending;                // issued since the last commit
+    std::vector<std::vector<Copy>> groups;    // committed, not yet waited for
+};
+
+// One warp's rendezvous: each lane leaves pointers to its operands.
+struct Rendezvous {
+    int arrived = 0;
+    uint32_t mask = 0;
+    uint64_t gen = 0;
+    const char* kind = nullptr;
+    const void* in[32];
+    void* out[32];
+};
+
+struct Block {
+    std::vector<Fiber> fibers;
+    ucontext_t scheduler;
+    int current = -1;
+    int live = 0;
+    std::vector<unsigned char> smem;
+    std::vector<Rendezvous> warps;
+    int bar_arrived = 0;
+    uint64_t bar_gen = 0;  // the barrier interval: +1 at every completed __syncthreads
+    std::vector<Shadow> shadow;
+    std::function<void()> body;
+    std::string error;  // the first failure inside a fiber
+};
+inline Block block;
+
+inline Fiber& self() { return block.fibers[block.current]; }
+
+inline void block_until(const uint64_t* gen, uint64_t value) {
+    Fiber& f = self();
+    f.wait_gen = gen;
+    f.wait_value = value;
+    swapcontext(&f.ctx, &block.scheduler);
+    f.wait_gen = nullptr;
+}
+
+inline void check_shared(const void* p, size_t bytes, size_t align, const char* what) {
+    const auto* c = static_cast<const unsigned char*>(p);
+    if (c < block.smem.data() || c + bytes > block.smem.data() + block.smem.size())
+        fail(std::string(what) + ": address outside the block's shared memory");
+    if ((uintptr_t)p % align) fail(std::string(what) + ": misaligned shared address");
+}
+
+inline void race(const char* kind, const void* p, int a, int b) {
+    const size_t off = static_cast<const unsigned char*>(p) - block.smem.data();
+    fail(std::string("shared-memory race (") + kind + ") at byte " + std::to_string(off) + ": threads " +
+         std::to_string(a) + " and " + (b == -2 ? std::string("several others") : std::to_string(b)) +
+         " in one barrier interval");
+}
+inline void shared_write(const void* p, size_t bytes, uint64_t lo, uint64_t hi) {
+    const int me = block.current;
+    const size_t w0 = (static_cast<const unsigned char*>(p) - block.smem.data()) / 4;
+    for (size_t w = w0; w < w0 + bytes / 4; w++) {
+        Shadow& s = block.shadow[w];
+        if (s.writer >= 0 && s.writer != me && s.w_lo <= hi && lo <= s.w_hi) race("write-write", p, me, s.writer);
+        if (s.reader != -1 && s.reader != me && lo <= s.r_at && s.r_at <= hi) race("read-write", p, me, s.reader);
+        s.writer = me, s.w_lo = lo, s.w_hi = hi;
+    }
+}
+inline void shared_read(const void* p, size_t bytes) {
+    const int me = block.current;
+    const uint64_t now = block.bar_gen;
+    const size_t w0 = (static_cast<const unsigned char*>(p) - block.smem.data()) / 4;
+    for (size_t w = w0; w < w0 + bytes / 4; w++) {
+        Shadow& s = block.shadow[w];
+        if (s.writer >= 0 && s.writer != me && s.w_lo <= now && now <= s.w_hi) race("write-read", p, me, s.writer);
+        if (s.r_at != now || s.reader == -1) s.reader = me, s.r_at = now;
+        else if (s.reader != me) s.reader = -2;
+    }
+}
+
+// The last lane to arrive runs op(in, out) for all 32.
+template <class Op>
+void warp_collective(const char* kind, const void* in, void* out, Op&& op) {
+    const int lane = thread_idx.x & 31, w = thread_idx.x >> 5;
+    Rendezvous& r = block.warps[w];
+    if (r.arrived == 0) r.kind = kind;
+    else if (std::strcmp(r.kind, kind) != 0)
+        fail(std::string("warp divergence: ") + kind + " while other lanes are in " + r.kind);
+    if (r.mask >> lane & 1) fail(std::string("lane arrives twice at ") + kind);
+    r.mask |= 1u << lane;
+    r.in[lane] = in;
+    r.out[lane] = out;
+    const uint64_t gen = r.gen;
+    if (++r.arrived == 32) {
+        op(r.in, r.out);
+        r.arrived = 0;
+        r.mask = 0;
+        r.gen++;
+        return;
+    }
+    block_until(&r.gen, gen);
+}
+
+inline uint16_t bf16_bits(float x) {
+    uint32_t u;
+    std::memcpy(&u, &x, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return uint16_t(u >> 16);
+}
+inline float bf16_float(uint16_t b) {
+    const uint32_t u = uint32_t(b) << 16;
+    float x;
+    std::memcpy(&x, &u, 4);
+    return x;
+}
+inline float lo(uint32_t r) { return bf16_float(uint16_t(r & 0xffff)); }
+inline float hi(uint32_t r) { return bf16_float(uint16_t(r >> 16)); }
+
+inline void fiber_entry() {
+    try {
+        block.body();
+        Fiber& f = self();
+        if (!f.pending.empty() || !f.groups.empty()) fail("a thread exits with cp.async copies in flight");
+        if (block.bar_arrived > 0) fail("a thread exits while others wait at __syncthreads");
+    } catch (const std::exception& e) {
+        if (block.error.empty()) block.error = e.what();
+    }
+    self().done = true;
+    block.live--;
+    swapcontext(&self().ctx, &block.scheduler);
+}
+
+// Runs one kernel over the grid, block after block.
+template <class Kernel, class Params>
+void launch(Dim grid, int threads, size_t smem_bytes, Kernel kernel, const Params& p) {
+    if (threads <= 0 || threads % 32 || threads > 1024) fail("block size must be a multiple of 32, at most 1024");
+    if (smem_bytes > 227 * 1024) fail("dynamic shared memory above the 227 KiB of an H100 block");
+    grid_dim = grid;
+    block_dim = Dim{(unsigned)threads, 1, 1};
+    block.fibers.resize(threads);
+    block.warps.assign(threads / 32, Rendezvous{});
+    block.body = [&] { kernel(p); };
+    for (unsigned z = 0; z < grid.z; z++)
+        for (unsigned y = 0; y < grid.y; y++)
+            for (unsigned x = 0; x < grid.x; x++) {
+                block_idx = Dim{x, y, z};
+                block.smem.assign(smem_bytes, 0xFF);
+                block.shadow.assign((smem_bytes + 3) / 4, Shadow{});
+                block.bar_gen = 0;
+                block.live = threads;
+                block.bar_arrived = 0;
+                block.error.clear();
+                for (int t = 0; t < threads; t++) {
+                    Fiber& f = block.fibers[t];
+                    f.stack.resize(64 * 1024);
+                    f.tid = Dim{(unsigned)t, 0, 0};
+                    f.done = false;
+                    f.wait_gen = nullptr;
+                    f.pending.clear();
+                    f.groups.clear();
+                    getcontext(&f.ctx);
+                    f.ctx.uc_stack.ss_sp = f.stack.data();
+                    f.ctx.uc_stack.ss_size = f.stack.size();
+                    f.ctx.uc_link = nullptr;
+                    makecontext(&f.ctx, fiber_entry, 0);
+                }
+                while (block.live > 0) {
+                    bool ran = false;
+                    for (int t = 0; t < threads; t++) {
+                        Fiber& f = block.fibers[t];
+                        if (f.done || (f.wait_gen && *f.wait_gen == f.wait_value)) continue;
+                        block.current = t;
+                        thread_idx = f.tid;
+                        swapcontext(&block.scheduler, &f.ctx);
+                        ran = true;
+                        if (!block.error.empty()) break;
+                    }
+                    if (!block.error.empty())
+                        fail(block.error + " (block " + std::to_string(x) + "," + std::to_string(y) + "," +
+                             std::to_string(z) + ")");
+                    if (block.live > 0 && !ran) fail("deadlock: every live thread waits");
+                }
+            }
+}
+
+}  // namespace prism::emu
+
+#define threadIdx (::prism::emu::thread_idx)
+#define blockIdx (::prism::emu::block_idx)
+#define gridDim (::prism::emu::grid_dim)
+#define blockDim (::prism::emu::block_dim)
+#define FLASH_DEVICE inline
+#define FLASH_HOST_DEVICE inline
+#define FLASH_KERNEL(threads) void
+#define FLASH_UNROLL
+#define FLASH_SMEM(name) unsigned char* name = ::prism::emu::block.smem.data()
+
+// The primitives of flash_attention.cuh (in its emulated namespace, see there).
+namespace prism::flash {
+inline namespace emulated {
+
+inline void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    struct In {
+        const uint32_t* a;
+        uint32_t b0, b1;
+    } in{a, b0, b1};
+    emu::warp_collective("mma", &in, d, [](const void* const* ins, void* const* outs) {
+        float A[16][16], B[16][8], C[16][8];
+        for (int l = 0; l < 32; l++) {
+            const In& x = *static_cast<const In*>(ins[l]);
+            const float* c = static_cast<const float*>(outs[l]);
+            const int g = l >> 2, t = l & 3;
+            A[g][2 * t] = emu::lo(x.a[0]), A[g][2 * t + 1] = emu::hi(x.a[0]);
+            A[g + 8][2 * t] = emu::lo(x.a[1]), A[g + 8][2 * t + 1] = emu::hi(x.a[1]);
+            A[g][2 * t + 8] = emu::lo(x.a[2]), A[g][2 * t + 9] = emu::hi(x.a[2]);
+            A[g + 8][2 * t + 8] = emu::lo(x.a[3]), A[g + 8][2 * t + 9] = emu::hi(x.a[3]);
+            B[2 * t][g] = emu::lo(x.b0), B[2 * t + 1][g] = emu::hi(x.b0);
+            B[2 * t + 8][g] = emu::lo(x.b1), B[2 * t + 9][g] = emu::hi(x.b1);
+            C[g][2 * t] = c[0], C[g][2 * t + 1] = c[1], C[g + 8][2 * t] = c[2], C[g + 8][2 * t + 1] = c[3];
+        }
+        float D[16][8];
+        for (int i = 0; i < 16; i++)
+            for (int j = 0; j < 8; j++) {
+                double s = C[i][j];
+                for (int k = 0; k < 16; k++) s += double(A[i][k]) * B[k][j];
+                D[i][j] = float(s);
+            }
+        for (int l = 0; l < 32; l++) {
+            float* d = static_cast<float*>(outs[l]);
+            const int g = l >> 2, t = l & 3;
+            d[0] = D[g][2 * t], d[1] = D[g][2 * t + 1], d[2] = D[g + 8][2 * t], d[3] = D[g + 8][2 * t + 1];
+        }
+    });
+}
+
+// Lanes 8j..8j+7 address the rows of matrix j; lane l receives, of each
+// matrix, row l/4, columns 2(l%4) and 2(l%4)+1 (transposed: rows 2(l%4) and
+// 2(l%4)+1 of column l/4).
+inline void ldsm(uint32_t (&r)[4], const uint16_t* row, bool trans) {
+    emu::check_shared(row, 16, 16, "ldmatrix");
+    emu::shared_read(row, 16);
+    emu::warp_collective(trans ? "ldmatrix.trans" : "ldmatrix", row, r,
+                         [trans](const void* const* ins, void* const* outs) {
+        for (int l = 0; l < 32; l++) {
+            uint32_t* out = static_cast<uint32_t*>(outs[l]);
+            for (int j = 0; j < 4; j++) {
+                auto at = [&](int rr, int cc) { return static_cast<const uint16_t*>(ins[8 * j + rr])[cc]; };
+                const int a = l >> 2, b = 2 * (l & 3);
+                const uint16_t x0 = trans ? at(b, a) : at(a, b);
+                const uint16_t x1 = trans ? at(b + 1, a) : at(a, b + 1);
+                out[j] = uint32_t(x0) | uint32_t(x1) << 16;
+            }
+        }
+    });
+}
+inline void ldsm_x4(uint32_t (&r)[4], const uint16_t* row) { ldsm(r, row, false); }
+inline void ldsm_x4_trans(uint32_t (&r)[4], const uint16_t* row) { ldsm(r, row, true); }
+
+inline void cp_async_16(void* smem, const void* gmem, bool valid) {
+    emu::check_shared(smem, 16, 16, "cp.async");
+    if (valid && (uintptr_t)gmem % 16) emu::fail("cp.async: misaligned global address");
+    emu::self().pending.push_back({smem, gmem, valid, emu::block.bar_gen});
+}
+inline void cp_async_commit() {
+    emu::Fiber& f = emu::self();
+    f.groups.push_back(std::move(f.pending));
+    f.pending.clear();
+}
+inline void cp_async_wait_all() {
+    emu::Fiber& f = emu::self();
+    for (const auto& group : f.groups)
+        for (const emu::Copy& c : group) {
+            emu::shared_write(c.dst, 16, c.issued, emu::block.bar_gen);
+            if (c.valid) std::memcpy(c.dst, c.src, 16);
+            else std::memset(c.dst, 0, 16);
+        }
+    f.groups.clear();
+}
+inline void block_sync() {
+    emu::Block& b = emu::block;
+    const uint64_t gen = b.bar_gen;
+    if (++b.bar_arrived == b.live) {
+        b.bar_arrived = 0;
+        b.bar_gen++;
+        return;
+    }
+    emu::block_until(&b.bar_gen, gen);
+}
+inline float shfl_xor(float v, int mask) {
+    struct In {
+        float v;
+        int mask;
+    } in{v, mask};
+    float out;
+    emu::warp_collective("shfl.xor", &in, &out, [](const void* const* ins, void* const* outs) {
+        for (int l = 0; l < 32; l++) {
+            const In& mine = *static_cast<const In*>(ins[l]);
+            const In& other = *static_cast<const In*>(ins[l ^ mine.mask]);
+            if (other.mask != mine.mask) emu::fail("shfl.xor: lanes use different masks");
+            *static_cast<float*>(outs[l]) = other.v;
+        }
+    });
+    return out;
+}
+inline uint32_t pack_bf16(float lo, float hi) {
+    return uint32_t(emu::bf16_bits(lo)) | uint32_t(emu::bf16_bits(hi)) << 16;
+}
+inline float ld_shared(const float* p) {
+    emu::check_shared(p, 4, 4, "shared load");
+    emu::shared_read(p, 4);
+    return *p;
+}
+inline void st_shared(float* p, float v) {
+    emu::check_shared(p, 4, 4, "shared store");
+    emu::shared_write(p, 4, emu::block.bar_gen, emu::block.bar_gen);
+    *p = v;
+}
+inline void load_f8(float (&v)[8], const float* p) {
+    if ((uintptr_t)p % 16) emu::fail("load_f8: misaligned global address");
+    std::memcpy(v, p, sizeof v);
+}
+inline void store_shared_16(void* p, uint32_t a, uint32_t b, uint32_t c, uint32_t d) {
+    emu::check_shared(p, 16, 16, "16-byte shared store");
+    emu::shared_write(p, 16, emu::block.bar_gen, emu::block.bar_gen);
+    const uint32_t w[4] = {a, b, c, d};
+    std::memcpy(p, w, 16);
+}
+inline void load_f2(float& x, float& y, const float* p) {
+    if ((uintptr_t)p % 8) emu::fail("float2 load: misaligned");
+    x = p[0], y = p[1];
+}
+inline void store_f2(float* p, float x, float y) {
+    if ((uintptr_t)p % 8) emu::fail("float2 store: misaligned");
+    p[0] = x, p[1] = y;
+}
+inline void add_f2(float* p, float x, float y) {
+    if ((uintptr_t)p % 8) emu::fail("float2 add: misaligned");
+    p[0] += x, p[1] += y;
+}
+
+}  // inline namespace emulated
+}  // namespace prism::flash

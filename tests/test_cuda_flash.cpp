@@ -1,0 +1,284 @@
+// The flash attention ops (kernels/cuda/flash_attention.cu) against the CPU
+// reference ops in float, on the GPU: dense self-attention at the tiny,
+// So2Sat (L = 17, 289), JUMP-CP (L = 197, 1569) and JUMP-CP P=8 (L = 6273,
+// forward) shapes; routed attention at N = 15, 16 (So2Sat), 196 (JUMP-CP) and
+// 784 (JUMP-CP P=8: key tiles streamed), with empty groups.
+//
+// Inputs are bf16-representable (the ops round q, k, v, dO to bf16), so what
+// is measured is the ops' own rounding (P and dS in bf16): DESIGN.md §7's 2e-2.
+// Forward outputs are poisoned first; lse is compared with the CPU's
+// logsumexp; gradients start from random values (the ops accumulate) and the
+// error is relative to what the op added; every op runs twice and must give
+// the same bits. Without a CUDA device every test is skipped.
+// The sanitizer runs use the *Small* tests, tiny shapes (bench/gpu/flash_check.sh).
+#ifdef PRISM_CUDA
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "kernels/cuda_ops.h"
+#include "kernels/ops.h"
+#include "tests/cuda_testutil.h"
+
+using namespace prism;
+using namespace prism::testing;
+namespace cu = prism::cuda_ops;
+
+namespace {
+
+constexpr double kTol = 2e-2;     // bf16 (DESIGN.md §7)
+constexpr double kLseTol = 1e-4;  // the scores themselves are exact products of bf16 values
+
+std::vector<float> bf16_randn(size_t n, Rng& rng) { return widen(to_bf16(randn_f(n, rng))); }
+
+// ‖got − ref‖ / ‖ref − base‖ (the error in what a backward op added to base);
+// NaN when got has a non-finite element.
+void expect_increment_close(const std::string& what, const std::vector<float>& got,
+                            const std::vector<float>& ref, const std::vector<float>& base) {
+    ASSERT_EQ(got.size(), ref.size()) << what;
+    double d2 = 0, r2 = 0;
+    size_t bad = 0;
+    for (size_t i = 0; i < ref.size(); i++) {
+        bad += !std::isfinite(got[i]);
+        const double d = double(got[i]) - ref[i], r = double(ref[i]) - base[i];
+        d2 += d * d;
+        r2 += r * r;
+    }
+    const double rel = bad ? NAN : std::sqrt(d2) / (r2 > 0 ? std::sqrt(r2) : 1.0);
+    std::printf("[ cuda-vs-cpu ] %-48s rel %.3g\n", what.c_str(), rel);
+    EXPECT_LE(rel, kTol) << what << ": relative error " << rel << " (" << bad << " non-finite)";
+}
+
+// The logsumexp of the scaled scores of query q (head h) over the M keys
+// K[m*stride]: s_j − log p_j at the row's largest reference probability p_j,
+// exact up to p's float rounding, and a dot product per row instead of M.
+double lse_from_probs(const float* q, const float* K, int64_t stride, const float* p, int M, int h, int dh) {
+    const int j = int(std::max_element(p, p + M) - p);
+    double s = 0;
+    for (int d = 0; d < dh; d++) s += double(q[h * dh + d]) * K[j * stride + h * dh + d];
+    return s / std::sqrt(double(dh)) - std::log(double(p[j]));
+}
+
+template <class T>
+std::vector<T> download_twice(const std::string& what, DeviceArray<T>& a, const std::vector<T>& first) {
+    auto second = a.download();
+    expect_bit_identical(what + ": two runs", first, second);
+    return second;
+}
+
+class CudaFlash : public ::testing::Test {
+protected:
+    void SetUp() override {
+        if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+        cuda_check(cudaStreamCreate(&stream), "cudaStreamCreate");
+    }
+    void TearDown() override {
+        if (stream) cuda_check(cudaStreamDestroy(stream), "cudaStreamDestroy");
+    }
+
+    // Dense self-attention: out and lse, then (unless forward_only) dqkv.
+    void dense(int B, int L, int Hd, bool forward_only, uint64_t seed) {
+        const int D = 64 * Hd;
+        const int64_t rows = (int64_t)B * L;
+        const std::string what = "flash dense B=" + std::to_string(B) + " L=" + std::to_string(L);
+        Rng rng(seed);
+        const auto qkv = bf16_randn(rows * 3 * D, rng);
+        auto d_qkv = to_device(qkv);
+        auto ref = poisoned<float>(rows * D), probs = poisoned<float>((size_t)B * Hd * L * L);
+        ops::attention_forward(ref.data(), probs.data(), qkv.data(), B, L, D, Hd);
+        std::vector<float> ref_lse(rows * Hd);
+        for (int b = 0; b < B; b++)
+            for (int h = 0; h < Hd; h++)
+                for (int i = 0; i < L; i++) {
+                    const float* base = qkv.data() + (int64_t)b * L * 3 * D;
+                    ref_lse[((int64_t)b * Hd + h) * L + i] =
+                        (float)lse_from_probs(base + (int64_t)i * 3 * D, base + D, 3 * D,
+                                              probs.data() + (((int64_t)b * Hd + h) * L + i) * L, L, h, 64);
+                }
+        DeviceArray<float> out(ref.size()), lse(ref_lse.size());
+        std::vector<float> got_out, got_lse;
+        for (int run = 0; run < 2; run++) {
+            out.poison();
+            lse.poison();
+            cu::flash_attention_forward(out.get(), lse.get(), d_qkv.get(), B, L, D, Hd, stream);
+            if (run == 0) {
+                got_out = out.download();
+                got_lse = lse.download();
+            } else {
+                download_twice(what + " out", out, got_out);
+                download_twice(what + " lse", lse, got_lse);
+            }
+        }
+        expect_close(what + " out", got_out, ref, kTol);
+        expect_close(what + " lse", got_lse, ref_lse, kLseTol);
+        if (forward_only) return;
+
+        const auto dout = bf16_randn(rows * D, rng), g = randn_f(qkv.size(), rng);
+        auto r = g;
+        ops::attention_backward(r.data(), dout.data(), qkv.data(), probs.data(), B, L, D, Hd);
+        // the op reads the forward's own out and lse, as the model will
+        auto d_dout = to_device(dout);
+        DeviceArray<float> dqkv(qkv.size());
+        std::vector<float> got;
+        for (int run = 0; run < 2; run++) {
+            dqkv.upload(g);
+            cu::flash_attention_backward(dqkv.get(), d_dout.get(), d_qkv.get(), out.get(), lse.get(), B, L, D, Hd,
+                                         stream);
+            if (run == 0) got = dqkv.download();
+            else download_twice(what + " dqkv", dqkv, got);
+        }
+        for (int part = 0; part < 3; part++) {  // dq, dk, dv separately: each has its own kernel
+            std::vector<float> gp, rp, bp;
+            for (int64_t row = 0; row < rows; row++)
+                for (int c = 0; c < D; c++) {
+                    const int64_t e = row * 3 * D + part * D + c;
+                    gp.push_back(got[e]);
+                    rp.push_back(r[e]);
+                    bp.push_back(g[e]);
+                }
+            expect_increment_close(what + (part == 0 ? " dq" : part == 1 ? " dk" : " dv"), gp, rp, bp);
+        }
+    }
+
+    // Routed attention over groups from a real dispatch: `allowed` < nS leaves
+    // the groups of the other channel positions empty.
+    void routed(int B, int nS, int N, int Hd, int k, int allowed, uint64_t seed) {
+        const int D = 64 * Hd, sets = B * nS;
+        const int64_t T = (int64_t)sets * N, rows = T * k;
+        const std::string what = "flash routed B=" + std::to_string(B) + " nS=" + std::to_string(nS) +
+                                 " N=" + std::to_string(N) + " k=" + std::to_string(k) +
+                                 (allowed < nS ? " (empty groups)" : "");
+        Rng rng(seed);
+        // experts: k distinct positions per token among the first `allowed`
+        std::vector<int> experts(T * k), pool(allowed);
+        for (int64_t t = 0; t < T; t++) {
+            for (int i = 0; i < allowed; i++) pool[i] = i;
+            for (int j = 0; j < k; j++) {
+                std::swap(pool[j], pool[j + rng.below(allowed - j)]);
+                experts[t * k + j] = pool[j];
+            }
+        }
+        std::vector<int> offsets(sets + 1), por(T * k), rop(T * k), counts(nS);
+        ops::moe_dispatch(offsets.data(), por.data(), rop.data(), counts.data(), experts.data(), B, nS, N, k);
+        ASSERT_EQ(offsets.back(), rows);
+
+        const auto qg = bf16_randn(rows * D, rng), kk = bf16_randn(T * D, rng), vv = bf16_randn(T * D, rng);
+        auto d_qg = to_device(qg), d_k = to_device(kk), d_v = to_device(vv);
+        auto d_off = to_device(offsets);
+        auto ref = poisoned<float>(rows * D), probs = poisoned<float>(rows * Hd * N);
+        ops::routed_attention_forward(ref.data(), probs.data(), qg.data(), kk.data(), vv.data(), offsets.data(), B,
+                                      nS, N, D, Hd);
+        std::vector<float> ref_lse(rows * Hd);
+        for (int g = 0; g < sets; g++)
+            for (int r = offsets[g]; r < offsets[g + 1]; r++)
+                for (int h = 0; h < Hd; h++)
+                    ref_lse[(int64_t)r * Hd + h] =
+                        (float)lse_from_probs(qg.data() + (int64_t)r * D, kk.data() + (int64_t)g * N * D, D,
+                                              probs.data() + ((int64_t)r * Hd + h) * N, N, h, 64);
+        DeviceArray<float> og(ref.size()), lse(ref_lse.size());
+        std::vector<float> got_og, got_lse;
+        for (int run = 0; run < 2; run++) {
+            og.poison();
+            lse.poison();
+            cu::flash_routed_attention_forward(og.get(), lse.get(), d_qg.get(), d_k.get(), d_v.get(), d_off.get(), B,
+                                               nS, N, D, Hd, stream);
+            if (run == 0) {
+                got_og = og.download();
+                got_lse = lse.download();
+            } else {
+                download_twice(what + " og", og, got_og);
+                download_twice(what + " lse", lse, got_lse);
+            }
+        }
+        expect_close(what + " og", got_og, ref, kTol);
+        expect_close(what + " lse", got_lse, ref_lse, kLseTol);
+
+        const auto dog = bf16_randn(ref.size(), rng), g_q = randn_f(qg.size(), rng), g_k = randn_f(kk.size(), rng),
+                   g_v = randn_f(vv.size(), rng);
+        auto r_q = g_q, r_k = g_k, r_v = g_v;
+        ops::routed_attention_backward(r_q.data(), r_k.data(), r_v.data(), dog.data(), qg.data(), kk.data(),
+                                       vv.data(), probs.data(), offsets.data(), B, nS, N, D, Hd);
+        auto d_dog = to_device(dog);
+        DeviceArray<float> dqg(qg.size()), dk(kk.size()), dv(vv.size());
+        std::vector<float> got[3];
+        for (int run = 0; run < 2; run++) {
+            dqg.upload(g_q);
+            dk.upload(g_k);
+            dv.upload(g_v);
+            cu::flash_routed_attention_backward(dqg.get(), dk.get(), dv.get(), d_dog.get(), d_qg.get(), d_k.get(),
+                                                d_v.get(), og.get(), lse.get(), d_off.get(), B, nS, N, D, Hd, stream);
+            if (run == 0) {
+                got[0] = dqg.download();
+                got[1] = dk.download();
+                got[2] = dv.download();
+            } else {
+                download_twice(what + " dqg", dqg, got[0]);
+                download_twice(what + " dk", dk, got[1]);
+                download_twice(what + " dv", dv, got[2]);
+            }
+        }
+        expect_increment_close(what + " dqg", got[0], r_q, g_q);
+        expect_increment_close(what + " dk", got[1], r_k, g_k);
+        expect_increment_close(what + " dv", got[2], r_v, g_v);
+    }
+
+    cudaStream_t stream = nullptr;
+};
+
+}  // namespace
+
+// tiny (one tile; partial tiles): the sanitizers' shapes
+TEST_F(CudaFlash, DenseSmall) {
+    dense(3, 17, 2, false, 200);
+    dense(1, 75, 2, false, 201);
+}
+
+// So2Sat vit (1 + 16) and chvit (1 + 18·16)
+TEST_F(CudaFlash, DenseSo2sat) {
+    dense(2, 17, 6, false, 202);
+    dense(2, 289, 6, false, 206);
+}
+
+// JUMP-CP vit (1 + 196) and chvit (1 + 8·196)
+TEST_F(CudaFlash, DenseJumpcp) {
+    dense(2, 197, 6, false, 203);
+    dense(1, 1569, 6, false, 204);
+}
+
+// JUMP-CP P=8 chvit (1 + 8·784): forward only (the CPU backward would take long)
+TEST_F(CudaFlash, DenseLongForward) { dense(1, 6273, 6, true, 205); }
+
+// tiny (N = 15, 40; Hd = 2), k = 1, 2, all; empty groups: the sanitizers' shapes
+TEST_F(CudaFlash, RoutedSmall) {
+    for (int k : {1, 2, 3}) routed(3, 3, 15, 2, k, 3, 210 + k);
+    routed(3, 3, 15, 2, 1, 2, 214);
+    routed(2, 3, 40, 2, 2, 3, 217);
+}
+
+// So2Sat (N = 16, 18 channels), k = 1 over all channels, k = 2 over 3 of them
+TEST_F(CudaFlash, RoutedSo2sat) {
+    routed(2, 18, 16, 6, 1, 18, 215);
+    routed(2, 18, 16, 6, 2, 3, 216);
+}
+
+// JUMP-CP (N = 196, 8 channels): K/V resident over four key tiles
+TEST_F(CudaFlash, RoutedJumpcp) {
+    routed(2, 8, 196, 6, 1, 8, 220);
+    routed(2, 8, 196, 6, 2, 3, 221);
+}
+
+// JUMP-CP P=8 (N = 784 > 256): key tiles streamed
+TEST_F(CudaFlash, RoutedLong) { routed(1, 8, 784, 6, 1, 8, 230); }
+
+TEST_F(CudaFlash, RejectsOtherHeadDims) {
+    DeviceArray<float> x(3 * 2 * 17 * 96), out(2 * 17 * 96), lse(2 * 17 * 2);
+    EXPECT_THROW(cu::flash_attention_forward(out.get(), lse.get(), x.get(), 2, 17, 96, 2, stream),
+                 std::runtime_error);  // head dim 48
+    EXPECT_THROW(cu::flash_routed_attention_forward(out.get(), lse.get(), x.get(), x.get(), x.get(), nullptr, 1, 1,
+                                                    17, 96, 1, stream),
+                 std::runtime_error);  // head dim 96
+}
+
+#endif  // PRISM_CUDA

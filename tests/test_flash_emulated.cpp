@@ -1,0 +1,248 @@
+// The flash attention kernels (kernels/cuda/flash_attention.cuh) run on the
+// CPU through tests/flash_emulator.h, against the CPU reference ops in double.
+// This checks the kernels' logic (tiling, masking, the online softmax, the
+// fragment layouts they assume, staging and barriers as far as the emulator
+// models them) on any machine; the GPU tests (test_cuda_flash.cpp) check the
+// compiled kernels themselves. Shapes are small but cross every boundary: a
+// partial last tile, several query and key tiles, empty routed groups, K/V
+// resident (N ≤ 256) and streamed (N > 256), and 1, 2 and 4 warps per dK/dV block.
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "engine/rng.h"
+#include "kernels/ops.h"
+// last: the emulator defines threadIdx and friends as macros
+#include "tests/flash_emulator.h"
+#include "kernels/cuda/flash_attention.cuh"
+
+using namespace prism;
+namespace fl = prism::flash;
+
+namespace {
+
+std::vector<float> bf16_normal(size_t n, Rng& rng) {
+    std::vector<float> v(n);
+    for (auto& x : v) x = emu::bf16_float(emu::bf16_bits(float(rng.normal())));
+    return v;
+}
+std::vector<uint16_t> bits(const std::vector<float>& v) {
+    std::vector<uint16_t> b(v.size());
+    for (size_t i = 0; i < v.size(); i++) b[i] = emu::bf16_bits(v[i]);
+    return b;
+}
+std::vector<double> wide(const std::vector<float>& v) { return std::vector<double>(v.begin(), v.end()); }
+
+// ‖got − ref‖ / ‖ref − base‖: for accumulated gradients, the error relative
+// to what the op added (base: the starting values; empty: zero).
+double rel_error(const std::vector<float>& got, const std::vector<double>& ref,
+                 const std::vector<float>& base = {}) {
+    double d2 = 0, r2 = 0;
+    for (size_t i = 0; i < ref.size(); i++) {
+        if (!std::isfinite(got[i])) return NAN;
+        const double d = got[i] - ref[i], r = ref[i] - (base.empty() ? 0.0 : base[i]);
+        d2 += d * d;
+        r2 += r * r;
+    }
+    return std::sqrt(d2 / (r2 > 0 ? r2 : 1.0));
+}
+
+void expect_rel(const std::string& what, double rel, double tol) {
+    std::printf("[ emulated   ] %-44s rel %.3g\n", what.c_str(), rel);
+    EXPECT_LE(rel, tol) << what;  // NaN fails too
+}
+
+// lse of query row q (D wide, head h) over M key rows (stride kv_stride).
+double logsumexp_ref(const double* q, const double* K, int64_t kv_stride, int M, int h) {
+    std::vector<double> s(M);
+    double mx = -INFINITY;
+    for (int m = 0; m < M; m++) {
+        double x = 0;
+        for (int d = 0; d < fl::kDh; d++) x += q[h * fl::kDh + d] * K[m * kv_stride + h * fl::kDh + d];
+        s[m] = x / 8.0;  // 1/√64
+        mx = std::max(mx, s[m]);
+    }
+    double sum = 0;
+    for (double x : s) sum += std::exp(x - mx);
+    return mx + std::log(sum);
+}
+
+constexpr double kTol = 2e-2;  // DESIGN.md §7, bf16
+constexpr double kLseTol = 1e-3;
+
+// fwd_warps: the forward's block size, dense_fwd_warps(L) unless given.
+void run_dense(int B, int L, int Hd, uint64_t seed, int fwd_warps = 0) {
+    if (!fwd_warps) fwd_warps = fl::dense_fwd_warps(L);
+    const int D = fl::kDh * Hd;
+    const int64_t rows = (int64_t)B * L;
+    const std::string what = "dense B=" + std::to_string(B) + " L=" + std::to_string(L) + " Hd=" + std::to_string(Hd) +
+                             (fwd_warps != 4 ? " (forward " + std::to_string(fwd_warps) + " warps)" : "");
+    Rng rng(seed);
+    const auto qkv = bf16_normal(rows * 3 * D, rng), dout = bf16_normal(rows * D, rng);
+    const auto q16 = bits(qkv);
+    const fl::Sets s = fl::make_sets(nullptr, L, L, Hd);
+    const int tiles = (L + 63) / 64;
+
+    std::vector<float> out(rows * D, NAN), lse(rows * Hd, NAN);
+    fl::FwdParams<uint16_t> fp{s, {q16.data(), 3 * D}, {q16.data() + D, 3 * D}, {q16.data() + 2 * D, 3 * D},
+                               out.data(), D, lse.data()};
+    const unsigned fwd_tiles = (L + 16 * fwd_warps - 1) / (16 * fwd_warps);
+    if (fwd_warps == 8)
+        emu::launch({(unsigned)B, (unsigned)Hd, fwd_tiles}, 256, fl::fwd_smem<8, false>(L),
+                    fl::flash_fwd_kernel<uint16_t, 8, false>, fp);
+    else
+        emu::launch({(unsigned)B, (unsigned)Hd, fwd_tiles}, 128, fl::fwd_smem<4, false>(L),
+                    fl::flash_fwd_kernel<uint16_t, 4, false>, fp);
+
+    const auto qkv_d = wide(qkv), dout_d = wide(dout);
+    std::vector<double> ref(rows * D), probs((size_t)B * Hd * L * L), ref_lse(rows * Hd);
+    ops::attention_forward<double>(ref.data(), probs.data(), qkv_d.data(), B, L, D, Hd);
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < Hd; h++)
+            for (int i = 0; i < L; i++) {
+                const double* base = qkv_d.data() + (int64_t)b * L * 3 * D;
+                ref_lse[((int64_t)b * Hd + h) * L + i] = logsumexp_ref(base + (int64_t)i * 3 * D, base + D, 3 * D, L, h);
+            }
+    expect_rel(what + " out", rel_error(out, ref), kTol);
+    expect_rel(what + " lse", rel_error(lse, ref_lse), kLseTol);
+
+    // backward from random starting gradients (it accumulates)
+    const auto g0 = bf16_normal(rows * 3 * D, rng);
+    std::vector<float> dqkv = g0, dout16_unused;
+    std::vector<uint16_t> do16(rows * D, 0xFFFF);
+    std::vector<float> delta(rows * Hd, NAN);
+    fl::PrepParams pp{s, dout.data(), out.data(), D, rows, nullptr, delta.data(), do16.data()};
+    emu::launch({(unsigned)((rows + fl::kPrepWarps - 1) / fl::kPrepWarps), 1, 1}, fl::kPrepWarps * 32, 0,
+                fl::flash_bwd_prep_kernel, pp);
+    const fl::BwdParams<uint16_t> bp{s, {q16.data(), 3 * D}, {q16.data() + D, 3 * D}, {q16.data() + 2 * D, 3 * D},
+                                     {do16.data(), D}, lse.data(), delta.data(), dqkv.data(), 3 * D,
+                                     dqkv.data() + D, dqkv.data() + 2 * D, 3 * D};
+    emu::launch({(unsigned)B, (unsigned)Hd, (unsigned)tiles}, 128, fl::dq_smem<4, false>(L),
+                fl::flash_bwd_dq_kernel<uint16_t, 4, false>, bp);
+    emu::launch({(unsigned)B, (unsigned)Hd, (unsigned)tiles}, 128, fl::dkv_smem<4>(),
+                fl::flash_bwd_dkv_kernel<uint16_t, 4>, bp);
+    std::vector<double> ref_d(g0.begin(), g0.end());
+    ops::attention_backward<double>(ref_d.data(), dout_d.data(), qkv_d.data(), probs.data(), B, L, D, Hd);
+    // per part: dq, dk, dv columns
+    for (int part = 0; part < 3; part++) {
+        std::vector<float> got, base;
+        std::vector<double> r;
+        for (int64_t row = 0; row < rows; row++)
+            for (int c = 0; c < D; c++) {
+                const int64_t e = row * 3 * D + part * D + c;
+                got.push_back(dqkv[e]);
+                base.push_back(g0[e]);
+                r.push_back(ref_d[e]);
+            }
+        expect_rel(what + (part == 0 ? " dq" : part == 1 ? " dk" : " dv"), rel_error(got, r, base), kTol);
+    }
+}
+
+// Group sizes drawn in 0..max_queries, some groups forced empty.
+std::vector<int> random_offsets(int groups, int max_queries, Rng& rng) {
+    std::vector<int> off(groups + 1, 0);
+    for (int g = 0; g < groups; g++) {
+        const int n = g % 3 == 1 ? 0 : (int)rng.below(max_queries + 1);
+        off[g + 1] = off[g] + n;
+    }
+    return off;
+}
+
+// target_blocks: routed_query_grid's; 1 makes each block walk all of its
+// group's query tiles (what large batches do), the default gives the small
+// test grids a block per tile.
+void run_routed(int B, int nS, int N, int Hd, int max_queries, uint64_t seed, int64_t target_blocks = 2048) {
+    const int D = fl::kDh * Hd, sets = B * nS;
+    const std::string what = "routed B=" + std::to_string(B) + " nS=" + std::to_string(nS) +
+                             " N=" + std::to_string(N) + " Hd=" + std::to_string(Hd);
+    ASSERT_LE(max_queries, nS * N) << "a group holds at most one slot per token of its image";
+    Rng rng(seed);
+    const auto offsets = random_offsets(sets, max_queries, rng);
+    const int64_t rows = offsets.back(), T = (int64_t)sets * N;
+    ASSERT_GT(rows, 0) << what << ": every group drew no query; pick another seed";
+    const auto qg = bf16_normal(rows * D, rng), k = bf16_normal(T * D, rng), v = bf16_normal(T * D, rng),
+               dog = bf16_normal(rows * D, rng);
+    const fl::Sets s = fl::make_sets(offsets.data(), 0, N, Hd);
+    const fl::QueryGrid qgrid = fl::routed_query_grid(B, nS, N, Hd, target_blocks);
+    const emu::Dim grid{(unsigned)qgrid.sets, (unsigned)Hd, (unsigned)qgrid.z};
+
+    std::vector<float> og(rows * D, NAN), lse(rows * Hd, NAN);
+    const fl::FwdParams<float> fp{s, {qg.data(), D}, {k.data(), D}, {v.data(), D}, og.data(), D, lse.data()};
+    if (qgrid.stationary)
+        emu::launch(grid, 128, fl::fwd_smem<4, true>(N), fl::flash_fwd_kernel<float, 4, true>, fp);
+    else
+        emu::launch(grid, 128, fl::fwd_smem<4, false>(N), fl::flash_fwd_kernel<float, 4, false>, fp);
+
+    const auto qg_d = wide(qg), k_d = wide(k), v_d = wide(v), dog_d = wide(dog);
+    std::vector<double> ref(rows * D), probs(rows * Hd * N), ref_lse(rows * Hd);
+    ops::routed_attention_forward<double>(ref.data(), probs.data(), qg_d.data(), k_d.data(), v_d.data(),
+                                          offsets.data(), B, nS, N, D, Hd);
+    for (int g = 0; g < sets; g++)
+        for (int r = offsets[g]; r < offsets[g + 1]; r++)
+            for (int h = 0; h < Hd; h++)
+                ref_lse[(int64_t)r * Hd + h] = logsumexp_ref(qg_d.data() + (int64_t)r * D, k_d.data() + (int64_t)g * N * D, D, N, h);
+    const std::string mode = qgrid.stationary ? " (K/V resident, z=" + std::to_string(qgrid.z) + ")" : " (K/V streamed)";
+    expect_rel(what + " og" + mode, rel_error(og, ref), kTol);
+    expect_rel(what + " lse", rel_error(lse, ref_lse), kLseTol);
+
+    const auto gq = bf16_normal(rows * D, rng), gk = bf16_normal(T * D, rng), gv = bf16_normal(T * D, rng);
+    std::vector<float> dqg = gq, dk = gk, dv = gv, delta((size_t)sets * N * nS * Hd, NAN);
+    const int64_t max_rows = (int64_t)sets * N * nS;
+    fl::PrepParams pp{s, dog.data(), og.data(), D, max_rows, offsets.data() + sets, delta.data(), nullptr};
+    emu::launch({(unsigned)((max_rows + fl::kPrepWarps - 1) / fl::kPrepWarps), 1, 1}, fl::kPrepWarps * 32, 0,
+                fl::flash_bwd_prep_kernel, pp);
+    const fl::BwdParams<float> bp{s, {qg.data(), D}, {k.data(), D}, {v.data(), D}, {dog.data(), D}, lse.data(),
+                                  delta.data(), dqg.data(), D, dk.data(), dv.data(), D};
+    if (qgrid.stationary)
+        emu::launch(grid, 128, fl::dq_smem<4, true>(N), fl::flash_bwd_dq_kernel<float, 4, true>, bp);
+    else
+        emu::launch(grid, 128, fl::dq_smem<4, false>(N), fl::flash_bwd_dq_kernel<float, 4, false>, bp);
+    const int w = fl::routed_dkv_warps(N);
+    const emu::Dim kgrid{(unsigned)sets, (unsigned)Hd, (unsigned)((N + 16 * w - 1) / (16 * w))};
+    if (w == 1) emu::launch(kgrid, 32, fl::dkv_smem<1>(), fl::flash_bwd_dkv_kernel<float, 1>, bp);
+    else if (w == 2) emu::launch(kgrid, 64, fl::dkv_smem<2>(), fl::flash_bwd_dkv_kernel<float, 2>, bp);
+    else emu::launch(kgrid, 128, fl::dkv_smem<4>(), fl::flash_bwd_dkv_kernel<float, 4>, bp);
+
+    std::vector<double> rq(gq.begin(), gq.end()), rk(gk.begin(), gk.end()), rv(gv.begin(), gv.end());
+    ops::routed_attention_backward<double>(rq.data(), rk.data(), rv.data(), dog_d.data(), qg_d.data(), k_d.data(),
+                                           v_d.data(), probs.data(), offsets.data(), B, nS, N, D, Hd);
+    expect_rel(what + " dqg", rel_error(dqg, rq, gq), kTol);
+    expect_rel(what + " dk (" + std::to_string(w) + " warps)", rel_error(dk, rk, gk), kTol);
+    expect_rel(what + " dv", rel_error(dv, rv, gv), kTol);
+}
+
+}  // namespace
+
+TEST(FlashEmulated, DenseOneTile) { run_dense(2, 17, 1, 1); }
+TEST(FlashEmulated, DensePartialTiles) { run_dense(1, 75, 2, 2); }
+TEST(FlashEmulated, DenseThreeTiles) { run_dense(1, 130, 1, 3); }
+// the long-sequence forward's 8-warp blocks, on a short sequence
+TEST(FlashEmulated, DenseEightWarpForward) { run_dense(1, 150, 1, 10, 8); }
+
+// N = 16 (So2Sat): one key chunk, one-warp dK/dV blocks
+TEST(FlashEmulated, RoutedSixteenKeys) { run_routed(2, 3, 16, 1, 48, 4); }
+// N = 20: two-warp dK/dV blocks; several blocks per group (few groups)
+TEST(FlashEmulated, RoutedTwentyKeys) { run_routed(1, 3, 20, 2, 60, 5); }
+// N = 70: K/V resident over two key tiles, the last partial
+TEST(FlashEmulated, RoutedResidentTwoKeyTiles) { run_routed(1, 2, 70, 1, 140, 6); }
+// one block per group walking all its query tiles over resident K/V (one key tile, two)
+TEST(FlashEmulated, RoutedResidentOneBlockPerGroup) {
+    run_routed(2, 3, 48, 1, 144, 8, 1);
+    run_routed(1, 3, 70, 1, 210, 9, 1);
+}
+// N = 300 > 256: key tiles streamed
+TEST(FlashEmulated, RoutedStreamedKeys) { run_routed(1, 2, 300, 1, 100, 7); }
+
+TEST(FlashEmulated, TheEmulatorCatchesAWarpThatSkipsACollective) {
+    // A kernel whose lanes disagree on a shuffle must fail, not pass quietly.
+    struct P {};
+    auto bad = [](P) {
+        if ((threadIdx.x & 31) < 16) fl::shfl_xor(1.f, 1);
+        else fl::block_sync();
+    };
+    EXPECT_THROW(emu::launch({1, 1, 1}, 32, 0, bad, P{}), std::runtime_error);
+}
