@@ -392,18 +392,18 @@ Losses Model<T>::forward(const Batch& batch, bool training, uint64_t drop_seed) 
         // vit sees all channels at once; under HCS the missing ones are zeroed
         // and the rest scaled by C/|S| so the input's scale is unchanged.
         op::patchify_all(ex_, x.patches, images_, B_, C, cfg_.image, cfg_.image, P, in_S_at_,
-                          T(C) / T(nS_));
+                         T(C) / T(nS_));
         op::linear_forward(ex_, x.patch_tok, x.patches, w_.patch_w, w_.patch_b, int64_t(B_) * N,
-                            C * P * P, D);
+                           C * P * P, D);
         op::embed_forward(ex_, x.seq, x.patch_tok, w_.cls_token, w_.pos_embed, (const T*)nullptr,
-                           S_at_, B_, 1, N, D);
+                          S_at_, B_, 1, N, D);
     } else {
         // chvit/moevit: token (c, n) = conv(x[c])[n] + pos[1+n] + channel_embed[c]
         op::patchify_channels(ex_, x.patches, images_, B_, C, cfg_.image, cfg_.image, P, S_at_, nS_);
         op::linear_forward(ex_, x.patch_tok, x.patches, w_.patch_w, w_.patch_b,
-                            int64_t(B_) * nS_ * N, P * P, D);
+                           int64_t(B_) * nS_ * N, P * P, D);
         op::embed_forward(ex_, x.seq, x.patch_tok, w_.cls_token, w_.pos_embed, w_.channel_embed,
-                           S_at_, B_, nS_, N, D);
+                          S_at_, B_, nS_, N, D);
     }
 
     // Stochastic depth: rate grows linearly over depth; a dropped sample's
@@ -496,25 +496,25 @@ void Model<T>::block_forward(int i, bool training) {
         // flip which channels a token attends to.
         op::linear_forward(fp32(ex_), b.z, b.ln1, w.router_w, w.router_b, rows, int(D), int(C));
         op::router_forward(ex_, b.rprobs, b.experts, b.weights, b.lse, b.z + C, L * C, in_S_at_,
-                            S_at_, B_, nS_, int(N), int(C), k, combine);
+                           S_at_, B_, nS_, int(N), int(C), k, combine);
         // Dispatch: sort the (token, slot) pairs into (image, channel) groups.
         op::moe_dispatch(ex_, b.offsets, b.pair_of_row, b.row_of_pair, b.counts, b.experts, B_, nS_,
-                          int(N), k);
+                         int(N), k);
         // q shared by all tokens; k, v from each channel's own expert.
         op::linear_forward(ex_, b.q, b.ln1, w.q_w, w.q_b, rows, int(D), int(D));
         op::expert_linear_forward(ex_, b.k, b.ln1 + D, L * D, w.k_w, w.k_b, S_at_, B_, nS_, int(N),
-                                   int(D), int(D));
+                                  int(D), int(D));
         op::expert_linear_forward(ex_, b.v, b.ln1 + D, L * D, w.v_w, w.v_b, S_at_, B_, nS_, int(N),
-                                   int(D), int(D));
+                                  int(D), int(D));
         // a[t] = Σ_{c∈E(t)} R[t,c]·MHA(q[t], K_{b,c}, V_{b,c})
         op::moe_gather_forward(ex_, b.qg, b.q + D, L * D, b.pair_of_row, B_, nS_, int(N), k, int(D));
         op::routed_attention_forward(ex_, b.og, b.route_probs, b.qg, b.k, b.v, b.offsets, B_, nS_,
-                                      int(N), int(D), int(Hd));
+                                     int(N), int(D), int(Hd));
         op::combine_forward(ex_, b.att_out + D, L * D, b.og, b.weights, b.row_of_pair, B_, nS_, int(N),
-                             k, int(D));
+                            k, int(D));
         // The CLS row attends densely to every patch key of its image.
         op::cls_attention_forward(ex_, b.att_out, L * D, b.cls_probs, b.q, L * D, b.k, b.v, B_,
-                                   int(nS_ * N), int(D), int(Hd));
+                                  int(nS_ * N), int(D), int(Hd));
         // Load-balance and z losses (their gradients are taken in backward).
         // Under data parallelism the balance is that of the global batch.
         b.aux_global = training_ && reduce_over_ranks_;
@@ -562,7 +562,7 @@ void Model<T>::backward() {
     op::linear_backward(ex_, x.dlnf, g_.head_w, g_.head_b, x.dlogits, x.lnf, w_.head_w, B_, D, K);
     op::zero(ex_, x.dcls, int64_t(B_) * D);
     op::layernorm_backward(ex_, x.dcls, g_.norm_w, g_.norm_b, x.dlnf, x.cls_rows, w_.norm_w,
-                            x.lnf_mean, x.lnf_rstd, B_, D);
+                           x.lnf_mean, x.lnf_rstd, B_, D);
     op::zero(ex_, x.dres, B_ * L * D);
     op::select_rows_backward(ex_, x.dres, x.dcls, L * D, B_, D);
     grads_ready(block_begin_[cfg_.depth], num_params_);  // head and final norm
@@ -576,14 +576,14 @@ void Model<T>::backward() {
     op::zero(ex_, x.dpatch, patch_rows * D);
     if (is_vit(cfg_)) {
         op::embed_backward(ex_, x.dpatch, g_.cls_token, g_.pos_embed, (T*)nullptr, x.dres, S_at_,
-                            B_, 1, N, D);
+                           B_, 1, N, D);
         op::linear_backward(ex_, (T*)nullptr, g_.patch_w, g_.patch_b, x.dpatch, x.patches, w_.patch_w,
-                             patch_rows, C * P * P, D);
+                            patch_rows, C * P * P, D);
     } else {
         op::embed_backward(ex_, x.dpatch, g_.cls_token, g_.pos_embed, g_.channel_embed, x.dres,
-                            S_at_, B_, nS_, N, D);
+                           S_at_, B_, nS_, N, D);
         op::linear_backward(ex_, (T*)nullptr, g_.patch_w, g_.patch_b, x.dpatch, x.patches, w_.patch_w,
-                             patch_rows, P * P, D);
+                            patch_rows, P * P, D);
     }
     grads_ready(0, block_begin_[0]);  // patch embedding, cls token, position and channel embeddings
 }
@@ -610,7 +610,7 @@ void Model<T>::block_backward(int i) {
     op::zero(ex_, x.dln, rows * D);
     op::linear_backward(ex_, x.dln, g.fc1_w, g.fc1_b, x.dfc1, b.ln2, w.fc1_w, rows, int(D), int(H));
     op::layernorm_backward(ex_, x.dres, g.norm2_w, g.norm2_b, x.dln, b.x_mid, w.norm2_w, b.ln2_mean,
-                            b.ln2_rstd, rows, int(D));
+                           b.ln2_rstd, rows, int(D));
 
     // Attention branch
     op::zero(ex_, x.dbranch, rows * D);
@@ -635,16 +635,16 @@ void Model<T>::block_backward(int i) {
         op::zero(ex_, x.drprobs, tokens * C);
         op::zero(ex_, x.dz, rows * C);
         op::cls_attention_backward(ex_, x.dq, L * D, x.dk, x.dv, x.datt, L * D, b.q, L * D, b.k, b.v,
-                                    b.cls_probs, B_, int(nS_ * N), int(D), int(Hd));
+                                   b.cls_probs, B_, int(nS_ * N), int(D), int(Hd));
         op::combine_backward(ex_, x.dog, x.dweights, x.datt + D, L * D, b.og, b.weights, b.row_of_pair,
-                              B_, nS_, int(N), k, int(D));
+                             B_, nS_, int(N), k, int(D));
         op::routed_attention_backward(ex_, x.dqg, x.dk, x.dv, x.dog, b.qg, b.k, b.v, b.route_probs,
-                                       b.offsets, B_, nS_, int(N), int(D), int(Hd));
+                                      b.offsets, B_, nS_, int(N), int(D), int(Hd));
         op::moe_gather_backward(ex_, x.dq + D, L * D, x.dqg, b.row_of_pair, B_, nS_, int(N), k, int(D));
         op::expert_linear_backward(ex_, x.dln + D, g.k_w, g.k_b, x.dk, b.ln1 + D, L * D, w.k_w,
-                                    S_at_, B_, nS_, int(N), int(D), int(D));
+                                   S_at_, B_, nS_, int(N), int(D), int(D));
         op::expert_linear_backward(ex_, x.dln + D, g.v_w, g.v_b, x.dv, b.ln1 + D, L * D, w.v_w,
-                                    S_at_, B_, nS_, int(N), int(D), int(D));
+                                   S_at_, B_, nS_, int(N), int(D), int(D));
         op::linear_backward(ex_, x.dln, g.q_w, g.q_b, x.dq, b.ln1, w.q_w, rows, int(D), int(D));
         // The model's aux and z losses are means over blocks.
         const T per_block = T(1) / T(cfg_.depth);
@@ -655,12 +655,12 @@ void Model<T>::block_backward(int i) {
         op::z_loss_forward_backward(ex_, unused_loss, x.dz + C, L * C, b.rprobs, b.lse, B_, nS_, int(N),
                                     int(C), T(cfg_.z_loss_coef), per_block);
         op::router_backward(ex_, x.dz + C, L * C, b.rprobs, b.experts, b.weights, x.dweights,
-                             x.drprobs, S_at_, B_, nS_, int(N), int(C), k, combine);
+                            x.drprobs, S_at_, B_, nS_, int(N), int(C), k, combine);
         op::linear_backward(fp32(ex_), x.dln, g.router_w, g.router_b, x.dz, b.ln1, w.router_w, rows, int(D),
                             int(C));
     }
     op::layernorm_backward(ex_, x.dres, g.norm1_w, g.norm1_b, x.dln, b.x_in, w.norm1_w, b.ln1_mean,
-                            b.ln1_rstd, rows, int(D));
+                           b.ln1_rstd, rows, int(D));
 }
 
 template class Model<float>;
