@@ -5,9 +5,9 @@
 #include <sys/mman.h>
 
 #ifdef PRISM_CUDA
+#include "kernels/cuda_ops.h"  // device_count, device_name, has_cublas
+// The rest of kernels/cuda/device.cu, used only here.
 namespace prism::cuda {
-int device_count();
-std::string device_name(int index);
 void profiler_start();
 void profiler_stop();
 void* host_alloc_pinned(size_t bytes);  // nullptr when there is no device or it fails
@@ -16,10 +16,6 @@ void host_free_pinned(void* p);
 #endif
 
 namespace prism {
-
-#ifdef PRISM_CUDA
-namespace cuda_ops { bool has_cublas(); }
-#endif
 
 Device resolve_device(const std::string& flag) {
     if (flag != "cpu" && flag != "cuda" && flag != "auto")

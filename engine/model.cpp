@@ -325,7 +325,15 @@ void Model<T>::init_weights(uint64_t seed) {
 }
 
 template <class T>
-const T* Model<T>::logits() const { return logits_host_.data(); }
+const T* Model<T>::logits() const {
+    // Read back on first use: a training step never asks for them.
+    if (logits_stale_) {
+        logits_host_.resize(size_t(B_) * cfg_.num_classes);
+        op::download(ex_, logits_host_.data(), act_->logits, int64_t(logits_host_.size()));
+        logits_stale_ = false;
+    }
+    return logits_host_.data();
+}
 
 template <class T>
 std::vector<std::vector<int>> Model<T>::routing_counts() const {
@@ -429,6 +437,8 @@ Losses Model<T>::forward(const Batch& batch, bool training, uint64_t drop_seed) 
     }
     if (any_dropping) op::upload(ex_, x.drop_scales, scales.data(), int64_t(scales.size()));
 
+    // Blocks without a router leave their aux and z slots at zero.
+    op::zero(ex_, x.loss_slots, 1 + 2 * cfg_.depth);
     for (int i = 0; i < cfg_.depth; i++) block_forward(i, training);
 
     // Head: final LayerNorm and the classifier on the CLS token.
@@ -441,13 +451,13 @@ Losses Model<T>::forward(const Batch& batch, bool training, uint64_t drop_seed) 
         op::cross_entropy_forward(ex_, x.loss_slots, x.ce_probs, x.logits, labels_, B_,
                                   cfg_.num_classes, x.correct);
 
-    // Read back what the host needs: the losses, the logits, the routing counts.
+    // Read back what every step needs: the losses and the routing counts
+    // (the logits only when asked for: logits()).
+    logits_stale_ = true;
     std::vector<T> slots(1 + 2 * cfg_.depth);
     int correct = 0;
     op::download(ex_, slots.data(), x.loss_slots, int64_t(slots.size()));
     if (labels_) op::download(ex_, &correct, x.correct, 1);
-    logits_host_.resize(size_t(B_) * cfg_.num_classes);
-    op::download(ex_, logits_host_.data(), x.logits, int64_t(logits_host_.size()));
     if (is_moe(cfg_)) {
         counts_host_.resize(size_t(cfg_.depth) * C);
         op::download(ex_, counts_host_.data(), x.counts, int64_t(counts_host_.size()));
@@ -475,8 +485,6 @@ void Model<T>::block_forward(int i, bool training) {
     auto& b = act_->blocks[i];
     T* aux_slot = act_->loss_slots + 1 + i;
     T* z_slot = act_->loss_slots + 1 + cfg_.depth + i;
-    op::zero(ex_, aux_slot, 1);
-    op::zero(ex_, z_slot, 1);
     op::Range range(ex_, "block");
 
     // y = LN1(x)

@@ -146,7 +146,8 @@ private:
     const float* images_ = nullptr;
     const int32_t* labels_ = nullptr;
     // What forward() reads back to the host: logits and routing counts.
-    std::vector<T> logits_host_;
+    mutable std::vector<T> logits_host_;   // logits() reads them back once per forward
+    mutable bool logits_stale_ = false;
     std::vector<int> counts_host_;     // [depth, C]: positions in S (moevit)
     op::Exec ex_;
     bool training_ = false;

@@ -17,6 +17,7 @@
 #include <gtest/gtest.h>
 
 #include "engine/rng.h"
+#include "kernels/cuda_ops.h"
 
 namespace prism::testing {
 
@@ -155,6 +156,19 @@ void expect_bit_identical(const std::string& what, const std::vector<T>& a, cons
     EXPECT_TRUE(a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0)
         << what << ": two runs differ";
 }
+
+// A test with its own stream, skipped where no CUDA device is present.
+class CudaStreamTest : public ::testing::Test {
+protected:
+    void SetUp() override {
+        if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+        cuda_check(cudaStreamCreate(&stream), "cudaStreamCreate");
+    }
+    void TearDown() override {
+        if (stream) cuda_check(cudaStreamDestroy(stream), "cudaStreamDestroy");
+    }
+    cudaStream_t stream = nullptr;
+};
 
 }  // namespace prism::testing
 #endif  // PRISM_CUDA

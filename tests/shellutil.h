@@ -3,6 +3,7 @@
 #pragma once
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <string>
 #include <limits.h>
 #include <sys/wait.h>
@@ -54,6 +55,36 @@ inline std::string build_dir() {
     const ssize_t len = readlink("/proc/self/exe", exe, sizeof exe - 1);
     const std::string self(exe, size_t(len > 0 ? len : 0));
     return self.substr(0, self.find_last_of('/') + 1);
+}
+
+
+// How a data-parallel job ended after one of its ranks was SIGKILLed.
+struct DeadRankRun {
+    std::string output;   // the shell's report, "rc=R waited=S"
+    bool found = false;   // the report is there
+    int rc = 0;           // the job's exit code
+    int waited = 0;       // seconds from the kill to the job's end
+};
+
+// Starts `job` (an mpirun command line) in the background with its output in
+// `log`, waits until it has logged step 2, SIGKILLs the newest process whose
+// command line holds `prism train` and `tag`, and waits for the job.
+inline DeadRankRun kill_a_rank_mid_run(const std::string& job, const std::string& log, const std::string& tag) {
+    DeadRankRun d;
+    d.output = run_shell("(" + job + " > " + log + " 2>&1 & job=$!; "
+                         "for i in $(seq 600); do grep -q 'step *2/' " + log + " && break; sleep 0.1; done; "
+                         "pkill -KILL -n -f 'prism train.*" + tag + "'; "
+                         "start=$(date +%s); wait $job; rc=$?; echo rc=$rc waited=$(( $(date +%s) - start )))")
+                   .output;
+    const size_t at = d.output.find("rc=");
+    d.found = at != std::string::npos;
+    if (d.found) {
+        d.output = d.output.substr(at);
+        d.rc = std::atoi(d.output.c_str() + 3);
+        const size_t w = d.output.find("waited=");
+        d.waited = w == std::string::npos ? -1 : std::atoi(d.output.c_str() + w + 7);
+    }
+    return d;
 }
 
 }  // namespace prism::testing

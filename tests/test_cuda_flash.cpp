@@ -68,15 +68,8 @@ std::vector<T> download_twice(const std::string& what, DeviceArray<T>& a, const 
     return second;
 }
 
-class CudaFlash : public ::testing::Test {
+class CudaFlash : public CudaStreamTest {
 protected:
-    void SetUp() override {
-        if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
-        cuda_check(cudaStreamCreate(&stream), "cudaStreamCreate");
-    }
-    void TearDown() override {
-        if (stream) cuda_check(cudaStreamDestroy(stream), "cudaStreamDestroy");
-    }
 
     // Dense self-attention: out and lse, then (unless forward_only) dqkv.
     void dense(int B, int L, int Hd, bool forward_only, uint64_t seed) {
@@ -224,7 +217,6 @@ protected:
         expect_increment_close(what + " dv", got[2], r_v, g_v);
     }
 
-    cudaStream_t stream = nullptr;
 };
 
 }  // namespace

@@ -136,19 +136,11 @@ std::vector<LinearCase> linear_cases() {
     return cases;
 }
 
-class CudaOps : public ::testing::Test {
+class CudaOps : public CudaStreamTest {
 protected:
-    void SetUp() override {
-        if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
-        cuda_check(cudaStreamCreate(&stream), "cudaStreamCreate");
-    }
-    void TearDown() override {
-        if (stream) cuda_check(cudaStreamDestroy(stream), "cudaStreamDestroy");
-    }
     void require_cublas() {
         if (!cu::has_cublas()) GTEST_SKIP() << "this build has no cuBLAS (CUBLAS_HOME)";
     }
-    cudaStream_t stream = nullptr;
 };
 
 }  // namespace

@@ -131,17 +131,14 @@ TEST(Distributed, ADeadRankEndsTheJob) {
     const std::string prism = build_dir() + "prism";
     TmpDir run;
     const std::string marker = run.path + "/marker";  // names this job's processes for pkill
-    const ShellRun r = run_shell("(OMP_NUM_THREADS=1 " + std::string(kMpirun) + " -np 2 " + prism + " train " +
-                                 train_flags(run.path, "--set train.steps=100000 --set train.comm_timeout_s=3 "
-                                                       "--set train.log_every=1 --set data.val=") +
-                                 " --set 'data.threads=1' > " + marker + " 2>&1 & job=$!; "
-                                 "for i in $(seq 600); do grep -q 'step *2/' " + marker + " && break; sleep 0.1; done; "
-                                 "pkill -KILL -n -f 'prism train.*" + run.path + "'; "
-                                 "start=$(date +%s); wait $job; rc=$?; echo rc=$rc waited=$(( $(date +%s) - start )))");
-    const size_t at = r.output.find("rc=");
-    ASSERT_NE(at, std::string::npos) << r.output;
-    EXPECT_NE(r.output.substr(at, 4), "rc=0") << r.output << read_bytes(marker);
-    const int waited = std::atoi(r.output.c_str() + r.output.find("waited=") + 7);
-    EXPECT_LE(waited, 20) << r.output;
-    std::printf("dead rank: %s", r.output.c_str() + at);
+    const DeadRankRun d = kill_a_rank_mid_run(
+        "OMP_NUM_THREADS=1 " + std::string(kMpirun) + " -np 2 " + prism + " train " +
+            train_flags(run.path, "--set train.steps=100000 --set train.comm_timeout_s=3 "
+                                  "--set train.log_every=1 --set data.val=") +
+            " --set 'data.threads=1'",
+        marker, run.path);
+    ASSERT_TRUE(d.found) << d.output;
+    EXPECT_NE(d.rc, 0) << d.output << read_bytes(marker);
+    EXPECT_LE(d.waited, 20) << d.output;
+    std::printf("dead rank: %s", d.output.c_str());
 }

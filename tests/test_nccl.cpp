@@ -191,17 +191,13 @@ TEST(Nccl, ADeadRankEndsTheJob) {
     const std::string prism = build_dir() + "prism";
     TmpDir run;
     const std::string log = run.path + "/log";
-    const ShellRun r = run_shell("(" + std::string(kMpirun) + " -np 2 " + prism + " train " +
-                                 train_flags(run.path, "--set train.steps=1000000 --set train.comm_timeout_s=3 "
-                                                       "--set train.log_every=1 --set data.val=") +
-                                 " > " + log + " 2>&1 & job=$!; "
-                                 "for i in $(seq 600); do grep -q 'step *2/' " + log + " && break; sleep 0.1; done; "
-                                 "pkill -KILL -n -f 'prism train.*" + run.path + "'; "
-                                 "start=$(date +%s); wait $job; rc=$?; echo rc=$rc waited=$(( $(date +%s) - start )))");
-    const size_t at = r.output.find("rc=");
-    ASSERT_NE(at, std::string::npos) << r.output;
-    EXPECT_NE(r.output.substr(at, 4), "rc=0") << r.output << read_bytes(log);
-    const int waited = std::atoi(r.output.c_str() + r.output.find("waited=") + 7);
-    EXPECT_LE(waited, 30) << r.output << read_bytes(log);
-    std::printf("dead rank (GPU): %s%s", r.output.c_str() + at, read_bytes(log).c_str());
+    const DeadRankRun d = kill_a_rank_mid_run(
+        std::string(kMpirun) + " -np 2 " + prism + " train " +
+            train_flags(run.path, "--set train.steps=1000000 --set train.comm_timeout_s=3 "
+                                  "--set train.log_every=1 --set data.val="),
+        log, run.path);
+    ASSERT_TRUE(d.found) << d.output;
+    EXPECT_NE(d.rc, 0) << d.output << read_bytes(log);
+    EXPECT_LE(d.waited, 30) << d.output << read_bytes(log);
+    std::printf("dead rank (GPU): %s%s", d.output.c_str(), read_bytes(log).c_str());
 }
