@@ -17,6 +17,7 @@
 #include <gtest/gtest.h>
 
 #include "engine/rng.h"
+#include "tests/bf16_host.h"
 #include "kernels/cuda_ops.h"
 
 namespace prism::testing {
@@ -87,20 +88,6 @@ inline bool is_poison(float x) {
     return bits == 0xFFFFFFFFu;
 }
 
-// bf16 on the host, as the device rounds it: nearest even, NaN stays NaN.
-inline uint16_t bf16_bits(float x) {
-    uint32_t u;
-    std::memcpy(&u, &x, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return uint16_t(u >> 16);
-}
-inline float bf16_value(uint16_t b) {
-    const uint32_t u = uint32_t(b) << 16;
-    float x;
-    std::memcpy(&x, &u, 4);
-    return x;
-}
 inline std::vector<uint16_t> to_bf16(const std::vector<float>& v) {
     std::vector<uint16_t> out(v.size());
     for (size_t i = 0; i < v.size(); i++) out[i] = bf16_bits(v[i]);

@@ -38,6 +38,8 @@
 #include <string>
 #include <vector>
 
+#include "tests/bf16_host.h"
+
 namespace prism::emu {
 
 struct Dim {
@@ -169,19 +171,8 @@ void warp_collective(const char* kind, const void* in, void* out, Op&& op) {
     block_until(&r.gen, gen);
 }
 
-inline uint16_t bf16_bits(float x) {
-    uint32_t u;
-    std::memcpy(&u, &x, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return uint16_t(u >> 16);
-}
-inline float bf16_float(uint16_t b) {
-    const uint32_t u = uint32_t(b) << 16;
-    float x;
-    std::memcpy(&x, &u, 4);
-    return x;
-}
+using testing::bf16_bits;
+inline float bf16_float(uint16_t b) { return testing::bf16_value(b); }
 inline float lo(uint32_t r) { return bf16_float(uint16_t(r & 0xffff)); }
 inline float hi(uint32_t r) { return bf16_float(uint16_t(r >> 16)); }
 
