@@ -401,12 +401,6 @@ private:
     uint8_t* in_S_;
 };
 
-double median(std::vector<double> v) {
-    std::sort(v.begin(), v.end());
-    const size_t n = v.size();
-    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
 // Allocates the variant's buffers, fills them, and times warm-up + timed
 // iterations on one stream, an event pair around each timed one. Fills in
 // the times and the buffer size of `row`.

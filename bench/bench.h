@@ -1,5 +1,7 @@
 // Benchmarks behind `prism bench` (bench/results/ records what they measured).
 #pragma once
+#include <algorithm>
+#include <vector>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -8,6 +10,14 @@
 #include "engine/config.h"
 
 namespace prism {
+
+// The median of timed runs (the mean of the two middle ones for an even count).
+inline double median(std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    const size_t n = v.size();
+    if (n == 0) return 0;
+    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
 
 struct LoaderBenchOptions {
     std::string data;                  // glob of shards

@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <vector>
 
+#include "bench/bench.h"
 #include "bench/step.h"
 #include "engine/common.h"
 #include "engine/device.h"
@@ -23,11 +24,6 @@ namespace prism {
 namespace {
 using Clock = std::chrono::steady_clock;
 double since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
-
-double median(std::vector<double> v) {
-    std::sort(v.begin(), v.end());
-    return v.empty() ? 0 : v[v.size() / 2];
-}
 
 #ifdef PRISM_CUDA
 // One n×n×n matrix product through the same cuBLAS paths the engine uses
