@@ -52,6 +52,11 @@ std::string seconds_text(double s) {
     std::_Exit(1);
 }
 
+Shard comm_shard(const Comm& c, int64_t n, int rank) {
+    auto edge = [&](int r) { return n * r / c.size; };  // n·size stays far below 2^63
+    return {edge(rank), edge(rank + 1)};
+}
+
 #ifndef PRISM_MPI
 
 Comm comm_init() {
@@ -66,6 +71,8 @@ Comm comm_init() {
 }
 void comm_finalize(Comm& c) { comm_free_nccl(c); }
 void comm_allreduce_sum(const Comm&, float*, int64_t) {}
+void comm_reduce_scatter_sum(const Comm&, float*, int64_t) {}
+void comm_allgather(const Comm&, float*, int64_t) {}
 void comm_allreduce_sum(const Comm&, double*, int64_t) {}
 void comm_broadcast(const Comm&, void*, int64_t) {}
 void comm_barrier(const Comm&) {}
@@ -80,7 +87,7 @@ bool g_started = false;            // comm_init called MPI_Init
 
 // One tag per kind of message, so that ranks calling different collectives
 // (a bug) time out instead of exchanging the wrong bytes.
-enum Tag { kTagPart = 1, kTagResult, kTagBroadcast };
+enum Tag { kTagPart = 1, kTagResult, kTagBroadcast, kTagShardPart, kTagShard };
 
 // Each message carries at most this many bytes (counts are int in MPI, and
 // rank 0 buffers one chunk per rank).
@@ -196,6 +203,37 @@ T add(T a, T b) { return a + b; }
 
 double max_or_nan(double a, double b) { return std::isnan(a) || std::isnan(b) ? NAN : std::max(a, b); }
 
+// Shards between every pair of ranks, point to point (no star: each rank
+// moves its own bytes). For every other rank p, this rank sends
+// data[send_shard(p)] and receives recv_shard(p) bytes into recv_into(p), in
+// messages of at most kChunkBytes (MPI keeps the order of messages between
+// two ranks with one tag, so chunk j meets chunk j).
+template <class SendShard, class RecvShard, class RecvInto>
+void exchange_shards(const Comm& c, float* data, SendShard send_shard, RecvShard recv_shard, RecvInto recv_into,
+                     int tag, const char* what) {
+    const int64_t chunk = kChunkBytes / int64_t(sizeof(float));
+    std::vector<MPI_Request> reqs;
+    std::vector<int> peers;
+    for (int p = 0; p < c.size; p++) {
+        if (p == c.rank) continue;
+        const Shard in = recv_shard(p), out = send_shard(p);
+        float* into = recv_into(p);
+        for (int64_t at = 0; at < in.size(); at += chunk) {
+            reqs.emplace_back();
+            peers.push_back(p);
+            check(c, MPI_Irecv(into + at, int(std::min(chunk, in.size() - at)), MPI_FLOAT, p, tag, g_comm,
+                               &reqs.back()), "MPI_Irecv");
+        }
+        for (int64_t at = 0; at < out.size(); at += chunk) {
+            reqs.emplace_back();
+            peers.push_back(p);
+            check(c, MPI_Isend(data + out.begin + at, int(std::min(chunk, out.size() - at)), MPI_FLOAT, p, tag,
+                               g_comm, &reqs.back()), "MPI_Isend");
+        }
+    }
+    wait_all(c, reqs, peers, c.rank == 0 ? c.timeout_s : follower_timeout(c), what);
+}
+
 }  // namespace
 
 Comm comm_init() {
@@ -233,6 +271,32 @@ void comm_finalize(Comm& c) {
 
 void comm_allreduce_sum(const Comm& c, float* data, int64_t n) { star_reduce(c, data, n, add<float>, "allreduce"); }
 void comm_allreduce_sum(const Comm& c, double* data, int64_t n) { star_reduce(c, data, n, add<double>, "allreduce"); }
+
+void comm_reduce_scatter_sum(const Comm& c, float* data, int64_t n) {
+    if (c.size == 1) return;
+    const Shard mine = comm_shard(c, n, c.rank);
+    // parts[p]: rank p's values of this rank's shard (this rank's own stay in data)
+    std::vector<float> parts(size_t(c.size) * size_t(mine.size()));
+    exchange_shards(
+        c, data, [&](int p) { return comm_shard(c, n, p); }, [&](int) { return mine; },
+        [&](int p) { return parts.data() + size_t(p) * size_t(mine.size()); }, kTagShardPart, "reduce-scatter");
+    auto part = [&](int r) { return r == c.rank ? data + mine.begin : parts.data() + size_t(r) * size_t(mine.size()); };
+    // In rank order, as star_reduce sums: rank 0's value, then rank 1's added, ...
+    float* out = data + mine.begin;
+    for (int64_t i = 0; i < mine.size(); i++) {
+        float sum = part(0)[i];
+        for (int r = 1; r < c.size; r++) sum += part(r)[i];
+        out[i] = sum;
+    }
+}
+
+void comm_allgather(const Comm& c, float* data, int64_t n) {
+    if (c.size == 1) return;
+    const Shard mine = comm_shard(c, n, c.rank);
+    exchange_shards(
+        c, data, [&](int) { return mine; }, [&](int p) { return comm_shard(c, n, p); },
+        [&](int p) { return data + comm_shard(c, n, p).begin; }, kTagShard, "allgather");
+}
 
 void comm_broadcast(const Comm& c, void* data, int64_t bytes) {
     if (c.size == 1) return;

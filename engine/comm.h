@@ -47,6 +47,22 @@ void comm_barrier(const Comm& c);
 // The largest x over ranks (NaN if any rank's x is NaN).
 double comm_max(const Comm& c, double x);
 
+// ZeRO-1 (train.zero): n values split into one contiguous shard per rank,
+// shard r = [n·r/size, n·(r+1)/size), so that each rank keeps the optimizer
+// state of its shard alone.
+struct Shard {
+    int64_t begin = 0, end = 0;
+    int64_t size() const { return end - begin; }
+};
+Shard comm_shard(const Comm& c, int64_t n, int rank);
+// In place: this rank's shard of data becomes the sum over ranks, added in
+// rank order (the bits comm_allreduce_sum gives there); the rest of data is
+// left as it was. Each rank receives only its shard: (size−1)/size of the
+// bytes an all-reduce moves.
+void comm_reduce_scatter_sum(const Comm& c, float* data, int64_t n);
+// In place: every rank's shard of data to every other rank.
+void comm_allgather(const Comm& c, float* data, int64_t n);
+
 // Prints "prism: rank R: <line>" to stderr and ends every rank of the job
 // with exit code 1 (MPI_Abort), or this process alone in a world of one.
 [[noreturn]] void comm_abort(const Comm& c, const std::string& line);

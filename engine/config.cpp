@@ -87,6 +87,7 @@ static const Field kFields[] = {
     FIELD(train, skip_nonfinite),
     FIELD(train, comm_timeout_s),
     FIELD(train, overlap_comm),
+    FIELD(train, zero),
 };
 #undef FIELD
 
@@ -377,6 +378,9 @@ void validate(const Config& c, const std::string& origin) {
     check(t.log_every >= 1, origin, "train.log_every must be >= 1, got " + std::to_string(t.log_every));
     check(t.stop_after >= 0, origin, "train.stop_after must be >= 0, got " + std::to_string(t.stop_after));
     check(t.comm_timeout_s > 0, origin, "train.comm_timeout_s must be > 0, got " + num(t.comm_timeout_s));
+    check(t.zero == 0 || t.zero == 1, origin,
+          "train.zero must be 0 (off) or 1 (ZeRO-1: shard AdamW's moments over the ranks), got " +
+              std::to_string(t.zero));
 }
 
 }  // namespace prism

@@ -63,6 +63,7 @@ struct TrainConfig {
     bool skip_nonfinite = false;     // NaN/Inf loss or gradient norm: skip the step (counted) instead of stopping
     double comm_timeout_s = 300;     // a rank that does not answer within this aborts the job (engine/comm.h)
     bool overlap_comm = true;        // GPU ranks: all-reduce each block's gradients during backward (false: all after)
+    int64_t zero = 0;                // 1: ZeRO-1, each rank keeps AdamW's moments of its shard of the parameters
 };
 
 struct Config {

@@ -43,9 +43,12 @@ namespace {
 
 void nccl_allreduce_sum(const Comm&, float*, int64_t, cudaStream_t) { no_nccl(); }
 void nccl_allreduce_sum(const Comm&, double*, int64_t, cudaStream_t) { no_nccl(); }
+void nccl_reduce_to_owners(const Comm&, float*, int64_t, int64_t, int64_t, cudaStream_t) { no_nccl(); }
+void nccl_allgather(const Comm&, float*, int64_t, cudaStream_t) { no_nccl(); }
+void nccl_wait(const Comm&, cudaStream_t, const std::string&) { no_nccl(); }
 
-GradAllReduce::GradAllReduce(const Comm& c, float*, int64_t n, cudaStream_t, bool overlap)
-    : comm_(c), overlap_(overlap), n_(n) {
+GradAllReduce::GradAllReduce(const Comm& c, float*, int64_t n, cudaStream_t, bool overlap, bool to_owners)
+    : comm_(c), overlap_(overlap), to_owners_(to_owners), n_(n) {
     no_nccl();
 }
 GradAllReduce::~GradAllReduce() = default;
@@ -285,6 +288,77 @@ void nccl_allreduce_sum(const Comm& c, double* data, int64_t n, cudaStream_t str
     allreduce(c, data, n, ncclDouble, stream);
 }
 
+namespace {
+
+// One NCCL call per rank r (one_call(r) returns its result, or ncclSuccess
+// for nothing to do), as one group: NCCL runs them together, and the group
+// either completes on every rank or the deadline ends the job.
+template <class OneCall>
+void grouped(const Comm& c, const char* call, OneCall one_call) {
+    NcclComm* nc = c.nccl;
+    if (!nc) throw std::logic_error(std::string(call) + " without a communicator (comm_init_nccl)");
+    touch(nc);
+    settle_or_abort(c, nc->comm, ncclGroupStart(), "ncclGroupStart");
+    for (int r = 0; r < c.size; r++) {
+        const ncclResult_t rc = one_call(r);
+        if (rc != ncclSuccess && rc != ncclInProgress)
+            comm_abort(c, std::string("comm: NCCL ") + call + " failed: " + nccl_error(nc->comm, rc));
+    }
+    settle_or_abort(c, nc->comm, ncclGroupEnd(), call);
+}
+
+// Polls query() (a cudaEventQuery or cudaStreamQuery) until it reports
+// done, checking NCCL's asynchronous errors; at an error or the deadline
+// train.comm_timeout_s, ends the job with one line naming `what`. Then the
+// watchdog stands down: no NCCL work is outstanding.
+template <class Query>
+void wait_until_done(const Comm& c, Query query, const std::string& what) {
+    NcclComm* nc = c.nccl;
+    touch(nc);
+    const auto deadline = Clock::now() + std::chrono::duration<double>(c.timeout_s);
+    Backoff backoff;
+    for (;;) {
+        const cudaError_t e = query();
+        if (e == cudaSuccess) break;
+        if (e != cudaErrorNotReady) cuda_ok(c, e, ("a kernel, copy or NCCL call before " + what + " failed").c_str());
+        ncclResult_t state = ncclSuccess;
+        const ncclResult_t q = ncclCommGetAsyncError(nc->comm, &state);
+        if (q != ncclSuccess || (state != ncclSuccess && state != ncclInProgress))
+            comm_abort(c, "comm: NCCL: " + nccl_error(nc->comm, q != ncclSuccess ? q : state) + " during " + what);
+        if (Clock::now() > deadline)
+            comm_abort(c, "comm: " + what + " did not complete within " + seconds_text(c.timeout_s) +
+                              " (train.comm_timeout_s): a rank stalled or died, or a GPU hangs");
+        backoff();
+    }
+    nc->armed.store(false);
+}
+
+}  // namespace
+
+void nccl_reduce_to_owners(const Comm& c, float* data, int64_t offset, int64_t count, int64_t n,
+                           cudaStream_t stream) {
+    grouped(c, "ncclReduce (ZeRO-1 gradients)", [&](int r) {
+        const Shard s = comm_shard(c, n, r);
+        const int64_t begin = std::max(offset, s.begin), end = std::min(offset + count, s.end);
+        if (begin >= end) return ncclSuccess;
+        return ncclReduce(data + begin, data + begin, size_t(end - begin), ncclFloat, ncclSum, r, c.nccl->comm,
+                          stream);
+    });
+}
+
+void nccl_allgather(const Comm& c, float* data, int64_t n, cudaStream_t stream) {
+    grouped(c, "ncclBroadcast (ZeRO-1 parameters)", [&](int r) {
+        const Shard s = comm_shard(c, n, r);
+        if (s.size() == 0) return ncclSuccess;
+        return ncclBroadcast(data + s.begin, data + s.begin, size_t(s.size()), ncclFloat, r, c.nccl->comm, stream);
+    });
+}
+
+void nccl_wait(const Comm& c, cudaStream_t stream, const std::string& what) {
+    if (!c.nccl) throw std::logic_error("nccl_wait without a communicator (comm_init_nccl)");
+    wait_until_done(c, [&] { return cudaStreamQuery(stream); }, what);
+}
+
 // ---- the gradient all-reduce ---------------------------------------------------------------
 
 struct GradAllReduce::Impl {
@@ -299,8 +373,9 @@ struct GradAllReduce::Impl {
     cudaEvent_t t_begin = nullptr, t_backward = nullptr, t_reduced = nullptr;
 };
 
-GradAllReduce::GradAllReduce(const Comm& c, float* grads, int64_t n, cudaStream_t model_stream, bool overlap)
-    : comm_(c), overlap_(overlap), n_(n) {
+GradAllReduce::GradAllReduce(const Comm& c, float* grads, int64_t n, cudaStream_t model_stream, bool overlap,
+                             bool to_owners)
+    : comm_(c), overlap_(overlap), to_owners_(to_owners), n_(n) {
     if (!c.nccl) throw std::logic_error("GradAllReduce without a communicator (comm_init_nccl)");
     impl_ = new Impl;
     Impl& m = *impl_;
@@ -341,7 +416,10 @@ void GradAllReduce::ready(int64_t offset, int64_t count) {
                                std::to_string(offset + count) + ") outside the " + std::to_string(n_) + " gradients");
     cuda_ok(comm_, cudaEventRecord(m.range_ready, m.model), "cudaEventRecord");
     cuda_ok(comm_, cudaStreamWaitEvent(m.comm, m.range_ready, 0), "cudaStreamWaitEvent");
-    nccl_allreduce_sum(comm_, m.grads + offset, count, m.comm);
+    if (to_owners_)
+        nccl_reduce_to_owners(comm_, m.grads, offset, count, n_, m.comm);
+    else
+        nccl_allreduce_sum(comm_, m.grads + offset, count, m.comm);
     reduced_ += count;
     calls_++;
 }
@@ -363,25 +441,7 @@ void GradAllReduce::end() {
 
 GradReduceTimes GradAllReduce::wait() {
     Impl& m = *impl_;
-    NcclComm* nc = comm_.nccl;
-    touch(nc);
-    const auto deadline = Clock::now() + std::chrono::duration<double>(comm_.timeout_s);
-    Backoff backoff;
-    for (;;) {
-        const cudaError_t e = cudaEventQuery(m.t_reduced);
-        if (e == cudaSuccess) break;
-        if (e != cudaErrorNotReady) cuda_ok(comm_, e, "a kernel, copy or NCCL call of this step failed");
-        ncclResult_t state = ncclSuccess;
-        const ncclResult_t q = ncclCommGetAsyncError(nc->comm, &state);
-        if (q != ncclSuccess || (state != ncclSuccess && state != ncclInProgress))
-            comm_abort(comm_, "comm: NCCL: " + nccl_error(nc->comm, q != ncclSuccess ? q : state) +
-                                  " during the gradient all-reduce");
-        if (Clock::now() > deadline)
-            comm_abort(comm_, "comm: the gradient all-reduce did not complete within " + seconds_text(comm_.timeout_s) +
-                                  " (train.comm_timeout_s): a rank stalled or died, or a GPU hangs");
-        backoff();
-    }
-    nc->armed.store(false);
+    wait_until_done(comm_, [&] { return cudaEventQuery(m.t_reduced); }, "the gradient all-reduce");
     GradReduceTimes t;
     float ms = 0;
     cuda_ok(comm_, cudaEventElapsedTime(&ms, m.t_begin, m.t_backward), "cudaEventElapsedTime");

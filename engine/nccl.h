@@ -57,6 +57,21 @@ std::string nccl_description(const Comm& c);
 void nccl_allreduce_sum(const Comm& c, float* data, int64_t n, cudaStream_t stream);
 void nccl_allreduce_sum(const Comm& c, double* data, int64_t n, cudaStream_t stream);
 
+// ZeRO-1 (train.zero), with comm_shard's shards of n values. In place on
+// device memory, queued on `stream`:
+// - reduce to owners: for data[offset, offset + count), each rank's shard
+//   part of it becomes the sum over the ranks (one ncclReduce per owner, in
+//   one group); the rest is left as it was;
+// - all-gather: every rank's shard of data to every rank (one ncclBroadcast
+//   per rank, in one group).
+void nccl_reduce_to_owners(const Comm& c, float* data, int64_t offset, int64_t count, int64_t n,
+                           cudaStream_t stream);
+void nccl_allgather(const Comm& c, float* data, int64_t n, cudaStream_t stream);
+// Host: waits for `stream` to finish what is queued on it, with the deadline
+// train.comm_timeout_s and NCCL's asynchronous errors checked (as
+// GradAllReduce::wait); `what` names the wait in the line that ends the job.
+void nccl_wait(const Comm& c, cudaStream_t stream, const std::string& what);
+
 // What GradAllReduce::wait measured on the GPU for one step.
 struct GradReduceTimes {
     double backward_s = 0;  // the backward pass on the model's stream
@@ -67,13 +82,16 @@ struct GradReduceTimes {
 // its own. With overlap, each range is reduced as soon as backward has written
 // it (Model::set_on_grads_ready calls ready()), while backward goes on with
 // the blocks before it; without, end() reduces all gradients at once.
+// With ZeRO-1 (to_owners) each range is reduced only to the ranks whose
+// shards it covers (nccl_reduce_to_owners), not all-reduced.
 // A step: begin(); model.backward(); end(); scale the gradients by 1/ranks on
 // the model's stream; wait().
 class GradAllReduce {
 public:
     // grads: the model's gradients (device memory, n floats); model_stream:
     // the stream the model computes on.
-    GradAllReduce(const Comm& c, float* grads, int64_t n, cudaStream_t model_stream, bool overlap);
+    GradAllReduce(const Comm& c, float* grads, int64_t n, cudaStream_t model_stream, bool overlap,
+                  bool to_owners = false);
     ~GradAllReduce();
     GradAllReduce(const GradAllReduce&) = delete;
     GradAllReduce& operator=(const GradAllReduce&) = delete;
@@ -95,7 +113,7 @@ private:
     struct Impl;
     Impl* impl_ = nullptr;
     const Comm& comm_;
-    bool overlap_;
+    bool overlap_, to_owners_;
     int64_t n_, reduced_ = 0, calls_ = 0, last_calls_ = 0;
 };
 

@@ -1,6 +1,11 @@
 #include "engine/optimizer.h"
 #include <cmath>
 #include <cstdio>
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include "engine/nccl.h"
 #include "kernels/backend.h"
 
 namespace prism {
@@ -13,24 +18,31 @@ double learning_rate(const TrainConfig& t, int64_t step, int64_t total_steps, in
 }
 
 template <class T>
-AdamW<T>::AdamW(const TrainConfig& cfg, int64_t num_params, bool verbose, Device device)
-    : cfg_(cfg), n_(num_params) {
+AdamW<T>::AdamW(const TrainConfig& cfg, int64_t num_params, bool verbose, Device device, const Comm* zero)
+    : cfg_(cfg), n_(num_params), zero_(zero && zero->size > 1 ? zero : nullptr), shard_{0, num_params} {
+    if (zero_) shard_ = comm_shard(*zero_, n_, zero_->rank);
     for (int pass = 0; pass < 2; pass++) {  // measure, then carve
-        m_ = state_.take<T>(n_);
-        v_ = state_.take<T>(n_);
+        m_ = state_.take<T>(shard_.size());
+        v_ = state_.take<T>(shard_.size());
         norm_slot_ = state_.take<double>(1);
         if (pass == 0) state_.allocate(device == Device::cuda);
     }
-    if (verbose)
-        std::printf("arena %-22s %10s  (AdamW first and second moments)\n", state_.name.c_str(),
-                    format_bytes(state_.capacity).c_str());
+    if (verbose) {
+        const std::string what = zero_ ? "AdamW moments of this rank's shard: " + std::to_string(shard_.size()) +
+                                             " of " + std::to_string(n_) + " parameters, ZeRO-1 over " +
+                                             std::to_string(zero_->size) + " ranks"
+                                       : "AdamW first and second moments";
+        std::printf("arena %-22s %10s  (%s)\n", state_.name.c_str(), format_bytes(state_.capacity).c_str(),
+                    what.c_str());
+    }
 }
 
 template <class T>
 double AdamW<T>::grad_norm(Model<T>& model) const {
     double sum = 0;
-    op::sum_squares(model.exec(), norm_slot_, model.grads(), n_);
+    op::sum_squares(model.exec(), norm_slot_, model.grads() + shard_.begin, shard_.size());
     op::download(model.exec(), &sum, norm_slot_, 1);
+    if (zero_) comm_allreduce_sum(*zero_, &sum, 1);
     return std::sqrt(sum);
 }
 
@@ -40,24 +52,46 @@ void AdamW<T>::apply(Model<T>& model, double lr, double norm) {
     op::Range range(ex, "optimizer");
     T* g = model.grads();
     if (cfg_.grad_clip > 0 && norm > cfg_.grad_clip)
-        op::scale_inplace(ex, g, n_, T(cfg_.grad_clip / norm));
+        op::scale_inplace(ex, g + shard_.begin, shard_.size(), T(cfg_.grad_clip / norm));
     t_++;
-    for (const auto& p : model.layout())
-        op::adamw_update(ex, model.params() + p.offset, g + p.offset, m_ + p.offset, v_ + p.offset,
-                         p.numel, lr, cfg_.beta1, cfg_.beta2, cfg_.eps,
+    // Each tensor's part inside the shard (all of it unsharded); the moments
+    // are indexed from the shard's start.
+    for (const auto& p : model.layout()) {
+        const int64_t begin = std::max(p.offset, shard_.begin), end = std::min(p.offset + p.numel, shard_.end);
+        if (begin >= end) continue;
+        op::adamw_update(ex, model.params() + begin, g + begin, m_ + (begin - shard_.begin),
+                         v_ + (begin - shard_.begin), end - begin, lr, cfg_.beta1, cfg_.beta2, cfg_.eps,
                          p.decay ? cfg_.weight_decay : 0.0, t_);
+    }
+    if (!zero_) return;
+    if constexpr (std::is_same_v<T, float>) {
+        if (ex.cuda) {
+            nccl_allgather(*zero_, model.params(), n_, ex.stream);
+            nccl_wait(*zero_, ex.stream, "the ZeRO-1 parameter all-gather");
+        } else
+            comm_allgather(*zero_, model.params(), n_);
+    } else {
+        throw std::logic_error("ZeRO-1 shards float parameters only");
+    }
 }
 
 template <class T>
 void AdamW<T>::moments_to_host(T* m, T* v, const Model<T>& model) const {
-    op::download(model.exec(), m, m_, n_);
-    op::download(model.exec(), v, v_, n_);
+    op::download(model.exec(), m + shard_.begin, m_, shard_.size());
+    op::download(model.exec(), v + shard_.begin, v_, shard_.size());
+    if (!zero_) return;
+    if constexpr (std::is_same_v<T, float>) {
+        comm_allgather(*zero_, m, n_);  // host memory, over MPI, also on GPU ranks
+        comm_allgather(*zero_, v, n_);
+    } else {
+        throw std::logic_error("ZeRO-1 shards float parameters only");
+    }
 }
 
 template <class T>
 void AdamW<T>::moments_from_host(const T* m, const T* v, const Model<T>& model) {
-    op::upload(model.exec(), m_, m, n_);
-    op::upload(model.exec(), v_, v, n_);
+    op::upload(model.exec(), m_, m + shard_.begin, shard_.size());
+    op::upload(model.exec(), v_, v + shard_.begin, shard_.size());
     op::sync(model.exec());
 }
 

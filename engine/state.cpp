@@ -51,17 +51,18 @@ const std::vector<std::string>& resume_free_keys() {
     static const std::vector<std::string> keys = {
         "data.train",       "data.val",       "train.steps",         "train.epochs",          "train.eval_every",
         "train.checkpoint_every", "train.log_every", "train.skip_nonfinite", "train.comm_timeout_s",
-        "train.stop_after", "data.threads",       "train.overlap_comm",
+        "train.stop_after", "data.threads",       "train.overlap_comm", "train.zero",
     };
     return keys;
 }
 
 void save_train_state(const std::string& path, Model<float>& model, AdamW<float>& opt, const Config& cfg,
-                      const ResumePoint& at) {
+                      const ResumePoint& at, bool write) {
     const std::vector<int64_t> shape = {model.num_params()};
     std::vector<float> params(model.num_params()), m(model.num_params()), v(model.num_params());
+    opt.moments_to_host(m.data(), v.data(), model);  // sharded: collective
+    if (!write) return;
     model.params_to_host(params.data());
-    opt.moments_to_host(m.data(), v.data(), model);
     const std::vector<TensorOut> tensors = {
         {"params", "F32", shape, params.data()},
         {"adamw.m", "F32", shape, m.data()},
@@ -123,9 +124,9 @@ ResumePoint load_train_state(const std::string& path, const Config& cfg, Model<f
 }
 
 void save_training_checkpoint(const std::string& dir, Model<float>& model, AdamW<float>& opt, const Config& cfg,
-                              const ResumePoint& at) {
-    save_checkpoint(join_path(dir, "model.safetensors"), model, cfg);
-    save_train_state(join_path(dir, kTrainStateFile), model, opt, cfg, at);
+                              const ResumePoint& at, bool write) {
+    if (write) save_checkpoint(join_path(dir, "model.safetensors"), model, cfg);
+    save_train_state(join_path(dir, kTrainStateFile), model, opt, cfg, at, write);
 }
 
 }  // namespace prism

@@ -34,8 +34,10 @@ struct ResumePoint {
 
 // Writes the state atomically (PATH.tmp, fsync, rename). The optimizer's step
 // count comes from opt. Throws UserError naming the file on I/O failure.
+// With a sharded optimizer (ZeRO-1) every rank calls it, as the moments are
+// gathered from all ranks; only the rank with write == true writes.
 void save_train_state(const std::string& path, Model<float>& model, AdamW<float>& opt, const Config& cfg,
-                      const ResumePoint& at);
+                      const ResumePoint& at, bool write = true);
 
 // Restores the weights, the moments and the optimizer's step count into a
 // model and optimizer built from cfg, and returns the counters. Throws
@@ -49,8 +51,9 @@ ResumePoint load_train_state(const std::string& path, const Config& cfg, Model<f
 const std::vector<std::string>& resume_free_keys();
 
 // A checkpoint of a training run: DIR/model.safetensors, then
-// DIR/train_state.safetensors, each replaced atomically.
+// DIR/train_state.safetensors, each replaced atomically. `write` as for
+// save_train_state.
 void save_training_checkpoint(const std::string& dir, Model<float>& model, AdamW<float>& opt, const Config& cfg,
-                              const ResumePoint& at);
+                              const ResumePoint& at, bool write = true);
 
 }  // namespace prism

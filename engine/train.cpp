@@ -193,22 +193,27 @@ TrainResult train(const Config& cfg, Device device, const std::string& out_dir, 
     // checked on one GPU) sum device memory with NCCL: the gradients on a
     // stream of their own, each range as soon as backward has written it
     // (train.overlap_comm), and the load-balance statistics on the model's stream.
+    // ZeRO-1 (train.zero): each rank keeps the moments of its shard, gets the
+    // summed gradients of that shard alone, and all-gathers the parameters
+    // after its update (engine/optimizer.h).
+    AdamW<float> opt(t, model.num_params(), verbose, device, t.zero ? &comm : nullptr);
+    if (verbose && t.zero && comm.size == 1) std::printf("train.zero=1 with one rank: nothing to shard\n");
     std::unique_ptr<GradAllReduce> grad_reduce;
     if (nccl) {
         grad_reduce = std::make_unique<GradAllReduce>(comm, model.grads(), model.num_params(), model.exec().stream,
-                                                      t.overlap_comm);
+                                                      t.overlap_comm, opt.sharded());
         if (t.overlap_comm)
             model.set_on_grads_ready([&grad_reduce](int64_t offset, int64_t count) { grad_reduce->ready(offset, count); });
         model.set_reduce_over_ranks(
             [&comm, &model](double* x, int64_t n) { nccl_allreduce_sum(comm, x, n, model.exec().stream); });
         if (verbose)
-            std::printf("comm: %s; gradients all-reduced %s\n", nccl_description(comm).c_str(),
+            std::printf("comm: %s; gradients %s %s\n", nccl_description(comm).c_str(),
+                        opt.sharded() ? "reduced to the ranks that own them (ZeRO-1)" : "all-reduced",
                         t.overlap_comm ? "block by block, overlapped with backward (train.overlap_comm)"
                                        : "at once after backward (train.overlap_comm=false)");
     } else if (comm.size > 1) {
         model.set_reduce_over_ranks([&comm](double* x, int64_t n) { comm_allreduce_sum(comm, x, n); });
     }
-    AdamW<float> opt(t, model.num_params(), verbose, device);
 
     // Resume: weights, moments and counters from the state file; the loader
     // continues at the batch the interrupted run would have drawn next.
@@ -240,7 +245,9 @@ TrainResult train(const Config& cfg, Device device, const std::string& out_dir, 
     auto checkpoint = [&](int64_t steps_done) {
         if (out_dir.empty()) return;
         const LoaderPosition pos = loader.position();
-        if (lead) save_training_checkpoint(out_dir, model, opt, cfg, {steps_done, skipped, pos.epoch, pos.batch});
+        // A sharded optimizer's moments are gathered from every rank: all take part.
+        if (lead || opt.sharded())
+            save_training_checkpoint(out_dir, model, opt, cfg, {steps_done, skipped, pos.epoch, pos.batch}, lead);
         comm_barrier(comm);  // no rank runs ahead of a checkpoint it may need
         last_state = join_path(out_dir, kTrainStateFile);
     };
@@ -285,8 +292,12 @@ TrainResult train(const Config& cfg, Device device, const std::string& out_dir, 
         } else if (comm.size > 1) {
             backward_s = seconds_since(backward_start);
             const auto allreduce_start = Clock::now();
-            comm_allreduce_sum(comm, model.grads(), model.num_params());
-            ops::scale_inplace(model.grads(), model.num_params(), 1.0f / float(comm.size));
+            const Shard mine = opt.shard();  // all of them without ZeRO-1
+            if (opt.sharded())
+                comm_reduce_scatter_sum(comm, model.grads(), model.num_params());
+            else
+                comm_allreduce_sum(comm, model.grads(), model.num_params());
+            ops::scale_inplace(model.grads() + mine.begin, mine.size(), 1.0f / float(comm.size));
             allreduce_s = seconds_since(allreduce_start);
         } else {
             op::sync(model.exec());  // CUDA: backward was only queued (grad_norm waits for it anyway)
@@ -338,7 +349,8 @@ TrainResult train(const Config& cfg, Device device, const std::string& out_dir, 
                           t.overlap_comm ? "overlapped with backward" : "after backward: train.overlap_comm=false");
             allreduce = buf;
         } else if (comm.size > 1) {
-            std::snprintf(buf, sizeof buf, ", gradient all-reduce %.2f ms", 1e3 * phase_sum[2] / n);
+            std::snprintf(buf, sizeof buf, ", gradient %s %.2f ms", opt.sharded() ? "reduce-scatter" : "all-reduce",
+                          1e3 * phase_sum[2] / n);
             allreduce = buf;
         }
         std::printf("train: step phases, mean of %lld step%s%s: forward %.2f ms, backward %.2f ms%s\n",

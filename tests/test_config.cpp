@@ -255,4 +255,8 @@ TEST(Config, FaultKeysHaveDefaultsAndAreChecked) {
     EXPECT_TRUE(d.train.skip_nonfinite);
     EXPECT_EQ(user_error([] { config_from_json({{"train", {{"comm_timeout_s", 0}}}}, "x.json"); }),
               "x.json: train.comm_timeout_s must be > 0, got 0");
+    EXPECT_EQ(c.train.zero, 0);
+    EXPECT_EQ(config_from_json({{"train", {{"zero", 1}}}}, "x.json").train.zero, 1);
+    EXPECT_EQ(user_error([] { config_from_json({{"train", {{"zero", 2}}}}, "x.json"); }),
+              "x.json: train.zero must be 0 (off) or 1 (ZeRO-1: shard AdamW's moments over the ranks), got 2");
 }

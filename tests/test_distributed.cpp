@@ -77,6 +77,38 @@ TEST(Distributed, TwoRanksTrainLikeOneProcess) {
     }
 }
 
+// ZeRO-1 (train.zero=1): each of 2 ranks keeps AdamW's moments of half the
+// parameters, and the run ends at the weights of the unsharded run: the
+// gradients are summed in the same order, only the gradient norm is summed
+// shard by shard. A run stopped after 6 steps resumes (the shards' moments
+// gathered into one state file) to the bits of 12 steps straight.
+TEST(Distributed, ZeroOneShardsTheOptimizerAndTrainsLikeAllReduce) {
+    if (!why_no_mpirun().empty()) GTEST_SKIP() << why_no_mpirun();
+    const std::string prism = build_dir() + "prism";
+    const std::string mpirun = "OMP_NUM_THREADS=1 " + std::string(kMpirun) + " -np 2 " + prism + " train ";
+    TmpDir plain, zero, stopped;
+    const std::string flags = "--set train.steps=12 --set train.hcs=true --set model.drop_path=0.1 "
+                              "--set train.grad_clip=0.05";  // clipping on: the sharded norm matters
+    const ShellRun a = run_shell(mpirun + train_flags(plain.path, flags));
+    ASSERT_TRUE(exited_ok(a)) << a.output;
+    const ShellRun b = run_shell(mpirun + train_flags(zero.path, flags + " --set train.zero=1"));
+    ASSERT_TRUE(exited_ok(b)) << b.output;
+    EXPECT_NE(b.output.find("ZeRO-1 over 2 ranks"), std::string::npos) << b.output;
+    EXPECT_NE(b.output.find("weights identical on all 2 ranks"), std::string::npos) << b.output;
+    EXPECT_NE(b.output.find("gradient reduce-scatter"), std::string::npos) << b.output;
+    const double diff = relative_difference(weights(plain.path), weights(zero.path));
+    std::printf("ZeRO-1 vs all-reduce, 2 ranks: relative difference %.2e\n", diff);
+    EXPECT_LE(diff, 1e-6);
+
+    const ShellRun c = run_shell(mpirun + train_flags(stopped.path, flags + " --set train.zero=1 --set train.stop_after=6"));
+    ASSERT_TRUE(exited_ok(c)) << c.output;
+    EXPECT_NE(weights(zero.path), weights(stopped.path));
+    const ShellRun d = run_shell(mpirun + "--resume " + stopped.path + " --device cpu");
+    ASSERT_TRUE(exited_ok(d)) << d.output;
+    EXPECT_NE(d.output.find("at step 6"), std::string::npos) << d.output;
+    EXPECT_EQ(weights(zero.path), weights(stopped.path));
+}
+
 // 6 steps, stop (train.stop_after), --resume to 12: the same bits as 12 steps
 // straight, with HCS, drop path and the load-balance loss on.
 TEST(Distributed, StopAndResumeGivesTheBitsOfAStraightRun) {

@@ -171,6 +171,33 @@ TEST(Nccl, TwoGpusTrainLikeOneProcess) {
     EXPECT_LE(relative_difference(w_two, w_serial), 1e-6);
 }
 
+// ZeRO-1 on two GPUs: each rank gets its shard of the summed gradients by
+// ncclReduce, updates it and broadcasts it; the weights are those of the
+// all-reduce run (two-term sums: the same bits are expected, 1e-6 required),
+// and a run stopped after 4 steps resumes (moments gathered into one state
+// file) to the bits of the straight run.
+TEST(Nccl, TwoGpusZeroOneTrainsLikeAllReduce) {
+    if (!why_no_nccl_run().empty()) GTEST_SKIP() << why_no_nccl_run();
+    if (visible_gpus() < 2) GTEST_SKIP() << "needs two GPUs (" << visible_gpus() << " visible)";
+    const std::string mpirun = std::string(kMpirun) + " -np 2 " + build_dir() + "prism train ";
+    TmpDir plain, zero, stopped;
+    const ShellRun a = run_shell(mpirun + train_flags(plain.path));
+    ASSERT_TRUE(exited_ok(a)) << a.output;
+    const ShellRun b = run_shell(mpirun + train_flags(zero.path, "--set train.zero=1"));
+    ASSERT_TRUE(exited_ok(b)) << b.output;
+    EXPECT_NE(b.output.find("ZeRO-1 over 2 ranks"), std::string::npos) << b.output;
+    EXPECT_NE(b.output.find("weights identical on all 2 ranks"), std::string::npos) << b.output;
+    const ShellRun c = run_shell(mpirun + train_flags(stopped.path, "--set train.zero=1 --set train.stop_after=4"));
+    ASSERT_TRUE(exited_ok(c)) << c.output;
+    const ShellRun d = run_shell(mpirun + "--resume " + stopped.path + " --device cuda");
+    ASSERT_TRUE(exited_ok(d)) << d.output;
+    const auto w_plain = weights(plain.path), w_zero = weights(zero.path), w_resumed = weights(stopped.path);
+    report("2 ranks: all-reduce vs ZeRO-1 (NCCL)", w_plain, w_zero);
+    report("2 ranks, ZeRO-1: straight vs stopped at 4 + resumed", w_zero, w_resumed);
+    EXPECT_LE(relative_difference(w_plain, w_zero), 1e-6);
+    EXPECT_TRUE(same_bits(w_zero, w_resumed));
+}
+
 // NCCL cannot put two ranks on one GPU: with one GPU visible, two ranks are
 // refused with one line instead of failing somewhere inside NCCL.
 TEST(Nccl, TwoRanksOnOneGpuAreRefused) {

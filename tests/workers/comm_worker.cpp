@@ -56,11 +56,41 @@ void check_allreduce(const Comm& c, int64_t n, const char* type) {
            std::string("allreduce of ") + type + " is identical on every rank");
 }
 
+// ZeRO-1's pair: each rank's shard of the reduce-scatter holds the bits the
+// all-reduce gives there, the rest of its buffer is untouched; the all-gather
+// then gives every rank the whole all-reduced vector.
+void check_shards(const Comm& c, int64_t n) {
+    std::vector<float> reduced = rank_values<float>(c.rank, n), data = reduced;
+    comm_allreduce_sum(c, reduced.data(), n);
+    const Shard mine = comm_shard(c, n, c.rank);
+    int64_t covered = 0;
+    for (int r = 0; r < c.size; r++) covered += comm_shard(c, n, r).size();
+    expect(c, covered == n && comm_shard(c, n, 0).begin == 0 && comm_shard(c, n, c.size - 1).end == n,
+           "the shards partition " + std::to_string(n) + " values");
+    comm_reduce_scatter_sum(c, data.data(), n);
+    const std::vector<float> own = rank_values<float>(c.rank, n);
+    bool shard_ok = true, rest_ok = true;
+    for (int64_t i = 0; i < n; i++) {
+        const bool in = i >= mine.begin && i < mine.end;
+        if (in) shard_ok = shard_ok && std::memcmp(&data[i], &reduced[i], sizeof(float)) == 0;
+        else rest_ok = rest_ok && std::memcmp(&data[i], &own[i], sizeof(float)) == 0;
+    }
+    expect(c, shard_ok, "reduce-scatter of " + std::to_string(n) + " floats: this rank's shard [" +
+                            std::to_string(mine.begin) + ", " + std::to_string(mine.end) +
+                            ") equals the all-reduce bit for bit");
+    expect(c, rest_ok, "reduce-scatter leaves the other shards as they were");
+    comm_allgather(c, data.data(), n);
+    expect(c, std::memcmp(data.data(), reduced.data(), n * sizeof(float)) == 0,
+           "allgather after reduce-scatter gives the whole all-reduce");
+}
+
 int check(Comm& c) {
     expect(c, c.mpi && c.size >= 2, "MPI world of " + std::to_string(c.size) + " ranks");
     expect(c, c.local_rank == c.rank && c.local_size == c.size, "local rank on one node");
     check_allreduce<float>(c, 3 * (int64_t(1) << 20) + 123, "floats");  // crosses 4 MiB chunks
     check_allreduce<double>(c, 100003, "doubles");
+    check_shards(c, 4 * (int64_t(1) << 20) + 7);  // shards cross 4 MiB chunks, sizes differ by one
+    check_shards(c, 2);                            // fewer values than ranks: some shards are empty
     std::vector<char> bytes(5 << 20);
     for (size_t i = 0; i < bytes.size(); i++) bytes[i] = char(c.rank == 0 ? i * 31 + 7 : 0);
     comm_broadcast(c, bytes.data(), int64_t(bytes.size()));
