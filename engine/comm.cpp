@@ -275,8 +275,10 @@ void comm_allreduce_sum(const Comm& c, double* data, int64_t n) { star_reduce(c,
 void comm_reduce_scatter_sum(const Comm& c, float* data, int64_t n) {
     if (c.size == 1) return;
     const Shard mine = comm_shard(c, n, c.rank);
-    // parts[p]: rank p's values of this rank's shard (this rank's own stay in data)
-    std::vector<float> parts(size_t(c.size) * size_t(mine.size()));
+    // parts[p]: rank p's values of this rank's shard (this rank's own stay in
+    // data). Kept between steps: the gradients' shard is the same size each time.
+    static std::vector<float> parts;
+    parts.resize(size_t(c.size) * size_t(mine.size()));
     exchange_shards(
         c, data, [&](int p) { return comm_shard(c, n, p); }, [&](int) { return mine; },
         [&](int p) { return parts.data() + size_t(p) * size_t(mine.size()); }, kTagShardPart, "reduce-scatter");
