@@ -158,6 +158,13 @@ void linear_backward(const Exec& ex, T* dx, T* dW, T* db, const T* dout, const T
 template <class T>
 void expert_linear_forward(const Exec& ex, T* out, const T* x, int64_t x_image_stride, const T* W,
                            const T* bias, const int* S, int B, int nS, int N, int in_dim, int out_dim) {
+#ifdef PRISM_CUDA
+    if constexpr (std::is_same_v<T, float>) {
+        if (ex.cuda && ex.bf16_matmul)
+            return cuda_ops::expert_linear_forward_mixed(out, x, x_image_stride, W, bias, S, B, nS, N, in_dim,
+                                                         out_dim, ex.stream);
+    }
+#endif
     PRISM_OP(expert_linear_forward(out, x, x_image_stride, W, bias, S, B, nS, N, in_dim, out_dim),
              expert_linear_forward(out, x, x_image_stride, W, bias, S, B, nS, N, in_dim, out_dim,
                                    ex.stream));
@@ -166,6 +173,13 @@ template <class T>
 void expert_linear_backward(const Exec& ex, T* dx, T* dW, T* dbias, const T* dout, const T* x,
                             int64_t x_image_stride, const T* W, const int* S, int B, int nS, int N,
                             int in_dim, int out_dim) {
+#ifdef PRISM_CUDA
+    if constexpr (std::is_same_v<T, float>) {
+        if (ex.cuda && ex.bf16_matmul)
+            return cuda_ops::expert_linear_backward_mixed(dx, dW, dbias, dout, x, x_image_stride, W, S, B, nS, N,
+                                                          in_dim, out_dim, ex.stream);
+    }
+#endif
     PRISM_OP(expert_linear_backward(dx, dW, dbias, dout, x, x_image_stride, W, S, B, nS, N, in_dim,
                                     out_dim),
              expert_linear_backward(dx, dW, dbias, dout, x, x_image_stride, W, S, B, nS, N, in_dim,

@@ -115,6 +115,16 @@ void linear_forward_mixed(float* out, const float* x, const float* W, const floa
 void linear_backward_mixed(float* dx, float* dW, float* db, const float* dout, const float* x,
                            const float* W, int64_t rows, int in_dim, int out_dim,
                            cudaStream_t stream);
+// The same for MoE-ViT's per-channel expert projections (expert_linear_*):
+// x, the used experts' W[S[s]] and (backward) dout rounded to bf16 once per
+// call into compact copies, the batched products on the tensor cores with
+// fp32 accumulation into the fp32 results; the bias and its gradient fp32.
+void expert_linear_forward_mixed(float* out, const float* x, int64_t x_image_stride, const float* W,
+                                 const float* bias, const int* S, int B, int nS, int N, int in_dim,
+                                 int out_dim, cudaStream_t stream);
+void expert_linear_backward_mixed(float* dx, float* dW, float* dbias, const float* dout, const float* x,
+                                  int64_t x_image_stride, const float* W, const int* S, int B, int nS,
+                                  int N, int in_dim, int out_dim, cudaStream_t stream);
 
 // ---- GELU (exact, erf) and the residual with drop path ------------------------------
 void gelu_forward(float* out, const float* x, int64_t n, cudaStream_t stream);

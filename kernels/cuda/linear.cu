@@ -51,9 +51,45 @@ __global__ void group_pointers_kernel(float** w_ptr, float** patch_ptr, float** 
     }
 }
 
+// The bf16 expert products' pointers of group g = b*nS + s: the compact
+// bf16 weights of position s, the group's rows of a [B, nS, N, ·] operand
+// (`rows`, `rows_width` wide, element type R) and the group's rows of the
+// fp32 result (patch rows with an image stride, or a contiguous [B, nS, N, ·]
+// buffer when image_stride is 0).
+template <class R>
+__global__ void mixed_group_pointers_kernel(uint16_t** w_ptr, R** rows_ptr, float** out_ptr,
+                                            const uint16_t* Wb, const R* rows, int rows_width, float* out,
+                                            int64_t out_image_stride, int B, int nS, int N, int in_dim,
+                                            int out_dim, int out_width) {
+    PRISM_GRID_STRIDE(g, (int64_t)B * nS) {
+        const int64_t b = g / nS, s = g % nS;
+        w_ptr[g] = const_cast<uint16_t*>(Wb + s * (int64_t)out_dim * in_dim);
+        rows_ptr[g] = const_cast<R*>(rows + g * N * rows_width);
+        out_ptr[g] = out_image_stride ? out + b * out_image_stride + s * N * out_width : out + g * N * out_width;
+    }
+}
+
+// Wb [nS, out, in] = bf16(W[S[s]]): only the experts this step uses.
+__global__ void used_experts_bf16_kernel(uint16_t* Wb, const float* W, const int* S, int nS, int64_t per_expert) {
+    PRISM_GRID_STRIDE(i, nS * per_expert) {
+        const int64_t s = i / per_expert;
+        Wb[i] = float_to_bf16(W[(int64_t)S[s] * per_expert + i % per_expert]);
+    }
+}
+
+// xb [B, nS, N, in] = bf16 of the patch rows of x (image stride).
+__global__ void patch_rows_bf16_kernel(uint16_t* xb, const float* x, int64_t x_image_stride, int B,
+                                       int64_t per_image) {
+    PRISM_GRID_STRIDE(i, B * per_image) xb[i] = float_to_bf16(x[(i / per_image) * x_image_stride + i % per_image]);
+}
+
+__device__ __forceinline__ void store_as(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store_as(uint16_t* p, float v) { *p = float_to_bf16(v); }
+
 // Channel-major copies for the weight gradient: xp [nS, B, N, in] from the
 // patch rows, gp [nS, B, N, out] from dout [B, nS, N, out].
-__global__ void channel_major_kernel(float* xp, float* gp, const float* x, int64_t x_image_stride,
+template <class E>
+__global__ void channel_major_kernel(E* xp, E* gp, const float* x, int64_t x_image_stride,
                                      const float* dout, int B, int nS, int N, int in_dim,
                                      int out_dim) {
     const int64_t rows = (int64_t)nS * B * N;
@@ -62,16 +98,16 @@ __global__ void channel_major_kernel(float* xp, float* gp, const float* x, int64
         const int col = (int)(i % (in_dim + out_dim));
         const int64_t n = row % N, b = (row / N) % B, s = row / N / B;
         if (col < in_dim)
-            xp[row * in_dim + col] = x[b * x_image_stride + (s * N + n) * in_dim + col];
+            store_as(&xp[row * in_dim + col], x[b * x_image_stride + (s * N + n) * in_dim + col]);
         else
-            gp[row * out_dim + col - in_dim] =
-                dout[((b * nS + s) * N + n) * out_dim + col - in_dim];
+            store_as(&gp[row * out_dim + col - in_dim], dout[((b * nS + s) * N + n) * out_dim + col - in_dim]);
     }
 }
 
 // dW pointers for channel position s: dW[S[s]], xp and gp of s.
-__global__ void expert_weight_pointers_kernel(float** dw_ptr, float** xp_ptr, float** gp_ptr,
-                                              float* dW, float* xp, float* gp, const int* S, int nS,
+template <class E>
+__global__ void expert_weight_pointers_kernel(float** dw_ptr, E** xp_ptr, E** gp_ptr,
+                                              float* dW, E* xp, E* gp, const int* S, int nS,
                                               int64_t rows_per_channel, int in_dim, int out_dim) {
     PRISM_GRID_STRIDE(s, (int64_t)nS) {
         dw_ptr[s] = dW + (int64_t)S[s] * out_dim * in_dim;
@@ -92,6 +128,17 @@ const float kOne = 1.f, kZero = 0.f;
 __global__ void fill_bias_bf16_kernel(uint16_t* out, const float* bias, int64_t rows, int out_dim) {
     PRISM_GRID_STRIDE(i, rows * out_dim) out[i] = float_to_bf16(bias[i % out_dim]);
 }
+
+// Channel s's rows of dout [B, nS, N, out] in (b, n) order: the bias
+// gradient of expert S[s] sums them.
+struct ChannelRows {  // term = dout[((b*nS + s)*N + n)*out + c], r = b*N + n
+    const float* dout;
+    int nS, N, out;
+    __device__ float operator()(int s, int64_t r, int c) const {
+        const int64_t b = r / N, n = r % N;
+        return dout[((b * nS + s) * N + n) * out + c];
+    }
+};
 
 struct Bf16RowMajor {  // term = float(x[r*cols + c])
     const uint16_t* x;
@@ -362,6 +409,92 @@ void linear_backward_mixed(float* dx, float* dW, float* db, const float* dout, c
                    stream);
 }
 
+void expert_linear_forward_mixed(float* out, const float* x, int64_t x_image_stride, const float* W,
+                                 const float* bias, const int* S, int B, int nS, int N, int in_dim,
+                                 int out_dim, cudaStream_t stream) {
+    const int G = B * nS;
+    if (G <= 0 || N <= 0) return;
+    const int64_t per_image = (int64_t)nS * N * in_dim, per_expert = (int64_t)out_dim * in_dim;
+    Scratch xb(sizeof(uint16_t) * (size_t)(B * per_image), stream);
+    Scratch wb(sizeof(uint16_t) * (size_t)(nS * per_expert), stream);
+    patch_rows_bf16_kernel<<<grid_for(B * per_image), kThreads, 0, stream>>>(xb.as<uint16_t>(), x, x_image_stride,
+                                                                              B, per_image);
+    PRISM_LAUNCH_CHECK();
+    used_experts_bf16_kernel<<<grid_for(nS * per_expert), kThreads, 0, stream>>>(wb.as<uint16_t>(), W, S, nS,
+                                                                                 per_expert);
+    PRISM_LAUNCH_CHECK();
+    fill_expert_bias_kernel<<<grid_for((int64_t)G * N * out_dim), kThreads, 0, stream>>>(
+        out, bias, S, B, nS, N, out_dim);
+    PRISM_LAUNCH_CHECK();
+    Scratch ptrs(3 * sizeof(void*) * (size_t)G, stream);
+    void** slots = ptrs.as<void*>();
+    uint16_t** w_ptr = reinterpret_cast<uint16_t**>(slots);
+    uint16_t** x_ptr = w_ptr + G;
+    float** y_ptr = reinterpret_cast<float**>(slots + 2 * G);
+    mixed_group_pointers_kernel<uint16_t><<<grid_for(G), kThreads, 0, stream>>>(
+        w_ptr, x_ptr, y_ptr, wb.as<uint16_t>(), xb.as<uint16_t>(), in_dim, out, 0, B, nS, N, in_dim, out_dim,
+        out_dim);
+    PRISM_LAUNCH_CHECK();
+    // column-major: Yᵀ [out, N] += W_sᵀ-as-stored · Xᵀ, per group
+    PRISM_CUBLAS_CHECK(cublasGemmBatchedEx(
+        blas_handle(stream), CUBLAS_OP_T, CUBLAS_OP_N, out_dim, N, in_dim, &kOne,
+        reinterpret_cast<const void* const*>(w_ptr), CUDA_R_16BF, in_dim,
+        reinterpret_cast<const void* const*>(x_ptr), CUDA_R_16BF, in_dim, &kOne,
+        reinterpret_cast<void* const*>(y_ptr), CUDA_R_32F, out_dim, G, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+void expert_linear_backward_mixed(float* dx, float* dW, float* dbias, const float* dout, const float* x,
+                                  int64_t x_image_stride, const float* W, const int* S, int B, int nS,
+                                  int N, int in_dim, int out_dim, cudaStream_t stream) {
+    const int G = B * nS;
+    if (G <= 0 || N <= 0) return;
+    cublasHandle_t h = blas_handle(stream);
+    const int64_t per_expert = (int64_t)out_dim * in_dim, per_channel = (int64_t)B * N;
+    // dx of group (b, s) += dout(b, s) · W[S[s]]
+    {
+        Scratch wb(sizeof(uint16_t) * (size_t)(nS * per_expert), stream);
+        Scratch gb(sizeof(uint16_t) * (size_t)G * N * out_dim, stream);
+        used_experts_bf16_kernel<<<grid_for(nS * per_expert), kThreads, 0, stream>>>(wb.as<uint16_t>(), W, S, nS,
+                                                                                     per_expert);
+        PRISM_LAUNCH_CHECK();
+        to_bf16(gb.as<uint16_t>(), dout, (int64_t)G * N * out_dim, stream);
+        Scratch ptrs(3 * sizeof(void*) * (size_t)G, stream);
+        void** slots = ptrs.as<void*>();
+        uint16_t** w_ptr = reinterpret_cast<uint16_t**>(slots);
+        uint16_t** g_ptr = w_ptr + G;
+        float** dx_ptr = reinterpret_cast<float**>(slots + 2 * G);
+        mixed_group_pointers_kernel<uint16_t><<<grid_for(G), kThreads, 0, stream>>>(
+            w_ptr, g_ptr, dx_ptr, wb.as<uint16_t>(), gb.as<uint16_t>(), out_dim, dx, x_image_stride, B, nS, N,
+            in_dim, out_dim, in_dim);
+        PRISM_LAUNCH_CHECK();
+        PRISM_CUBLAS_CHECK(cublasGemmBatchedEx(
+            h, CUBLAS_OP_N, CUBLAS_OP_N, in_dim, N, out_dim, &kOne, reinterpret_cast<const void* const*>(w_ptr),
+            CUDA_R_16BF, in_dim, reinterpret_cast<const void* const*>(g_ptr), CUDA_R_16BF, out_dim, &kOne,
+            reinterpret_cast<void* const*>(dx_ptr), CUDA_R_32F, in_dim, G, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    }
+    // dW[S[s]] += Σ_b dout(b, s)ᵀ · x(b, s), from channel-major bf16 copies:
+    // one product per channel with K = B·N.
+    const int K = as_int(per_channel, "expert_linear_backward: B*N must fit an int");
+    Scratch xp(sizeof(uint16_t) * (size_t)(nS * per_channel) * in_dim, stream);
+    Scratch gp(sizeof(uint16_t) * (size_t)(nS * per_channel) * out_dim, stream);
+    channel_major_kernel<uint16_t><<<grid_for(nS * per_channel * (in_dim + out_dim)), kThreads, 0, stream>>>(
+        xp.as<uint16_t>(), gp.as<uint16_t>(), x, x_image_stride, dout, B, nS, N, in_dim, out_dim);
+    PRISM_LAUNCH_CHECK();
+    Scratch ptrs(3 * sizeof(void*) * (size_t)nS, stream);
+    float** dw_ptr = ptrs.as<float*>();
+    uint16_t** xp_ptr = reinterpret_cast<uint16_t**>(dw_ptr + nS);
+    uint16_t** gp_ptr = reinterpret_cast<uint16_t**>(dw_ptr + 2 * nS);
+    expert_weight_pointers_kernel<uint16_t><<<grid_for(nS), kThreads, 0, stream>>>(
+        dw_ptr, xp_ptr, gp_ptr, dW, xp.as<uint16_t>(), gp.as<uint16_t>(), S, nS, per_channel, in_dim, out_dim);
+    PRISM_LAUNCH_CHECK();
+    PRISM_CUBLAS_CHECK(cublasGemmBatchedEx(
+        h, CUBLAS_OP_N, CUBLAS_OP_T, in_dim, out_dim, K, &kOne, reinterpret_cast<const void* const*>(xp_ptr),
+        CUDA_R_16BF, in_dim, reinterpret_cast<const void* const*>(gp_ptr), CUDA_R_16BF, out_dim, &kOne,
+        reinterpret_cast<void* const*>(dw_ptr), CUDA_R_32F, in_dim, nS, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    // dbias[S[s]] += column sums of channel s's fp32 dout rows (no rounding)
+    column_sum(nS, per_channel, out_dim, ChannelRows{dout, nS, N, out_dim}, AddTo{dbias, out_dim, S}, stream);
+}
+
 #else  // built without cuBLAS: the linear ops say so
 
 namespace {
@@ -401,6 +534,14 @@ void linear_forward_mixed(float*, const float*, const float*, const float*, int6
 }
 void linear_backward_mixed(float*, float*, float*, const float*, const float*, const float*, int64_t,
                            int, int, cudaStream_t) {
+    no_cublas();
+}
+void expert_linear_forward_mixed(float*, const float*, int64_t, const float*, const float*, const int*, int, int,
+                                 int, int, int, cudaStream_t) {
+    no_cublas();
+}
+void expert_linear_backward_mixed(float*, float*, float*, const float*, const float*, int64_t, const float*,
+                                  const int*, int, int, int, int, int, cudaStream_t) {
     no_cublas();
 }
 #endif
