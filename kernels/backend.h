@@ -189,16 +189,18 @@ void residual_backward(const Exec& ex, T* dbranch, const T* dx, const T* scale, 
 }
 
 // ---- attention ------------------------------------------------------------------------
+// Dense and routed attention keep the logsumexp of each query row, never the
+// probabilities (kernels/ops.h); on CUDA the fused fp32 kernels.
 template <class T>
-void attention_forward(const Exec& ex, T* out, T* probs, const T* qkv, int B, int L, int D, int Hd) {
-    PRISM_OP(attention_forward(out, probs, qkv, B, L, D, Hd),
-             attention_forward(out, probs, qkv, B, L, D, Hd, ex.stream));
+void attention_forward(const Exec& ex, T* out, T* lse, const T* qkv, int B, int L, int D, int Hd) {
+    PRISM_OP(attention_forward(out, lse, qkv, B, L, D, Hd),
+             attention_forward(out, lse, qkv, B, L, D, Hd, ex.stream));
 }
 template <class T>
-void attention_backward(const Exec& ex, T* dqkv, const T* dout, const T* qkv, const T* probs, int B,
-                        int L, int D, int Hd) {
-    PRISM_OP(attention_backward(dqkv, dout, qkv, probs, B, L, D, Hd),
-             attention_backward(dqkv, dout, qkv, probs, B, L, D, Hd, ex.stream));
+void attention_backward(const Exec& ex, T* dqkv, const T* dout, const T* qkv, const T* out, const T* lse,
+                        int B, int L, int D, int Hd) {
+    PRISM_OP(attention_backward(dqkv, dout, qkv, out, lse, B, L, D, Hd),
+             attention_backward(dqkv, dout, qkv, out, lse, B, L, D, Hd, ex.stream));
 }
 
 // ---- MoE-ViT channel routing -------------------------------------------------------------
@@ -279,17 +281,17 @@ void moe_gather_backward(const Exec& ex, T* dq, int64_t dq_image_stride, const T
              moe_gather_backward(dq, dq_image_stride, dqg, row_of_pair, B, nS, N, k, D, ex.stream));
 }
 template <class T>
-void routed_attention_forward(const Exec& ex, T* og, T* probs, const T* qg, const T* k, const T* v,
+void routed_attention_forward(const Exec& ex, T* og, T* lse, const T* qg, const T* k, const T* v,
                               const int* offsets, int B, int nS, int N, int D, int Hd) {
-    PRISM_OP(routed_attention_forward(og, probs, qg, k, v, offsets, B, nS, N, D, Hd),
-             routed_attention_forward(og, probs, qg, k, v, offsets, B, nS, N, D, Hd, ex.stream));
+    PRISM_OP(routed_attention_forward(og, lse, qg, k, v, offsets, B, nS, N, D, Hd),
+             routed_attention_forward(og, lse, qg, k, v, offsets, B, nS, N, D, Hd, ex.stream));
 }
 template <class T>
 void routed_attention_backward(const Exec& ex, T* dqg, T* dk, T* dv, const T* dog, const T* qg,
-                               const T* k, const T* v, const T* probs, const int* offsets, int B, int nS,
-                               int N, int D, int Hd) {
-    PRISM_OP(routed_attention_backward(dqg, dk, dv, dog, qg, k, v, probs, offsets, B, nS, N, D, Hd),
-             routed_attention_backward(dqg, dk, dv, dog, qg, k, v, probs, offsets, B, nS, N, D, Hd,
+                               const T* k, const T* v, const T* og, const T* lse, const int* offsets,
+                               int B, int nS, int N, int D, int Hd) {
+    PRISM_OP(routed_attention_backward(dqg, dk, dv, dog, qg, k, v, og, lse, offsets, B, nS, N, D, Hd),
+             routed_attention_backward(dqg, dk, dv, dog, qg, k, v, og, lse, offsets, B, nS, N, D, Hd,
                                        ex.stream));
 }
 template <class T>
