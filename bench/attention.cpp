@@ -3,11 +3,13 @@
 // several k, with the FLOPs of DESIGN.md §5 beside each time, so that the
 // measured speedup can be read against the ideal one (the FLOP ratio).
 //
-// --impl flash swaps the attention core for the flash ops
-// (kernels/cuda/flash_attention.cu: bf16 tensor cores, no probabilities
-// stored): flash_attention_* in the dense block, flash_routed_attention_* in
-// the moevit blocks (their CLS row stays on cls_attention_*). Everything else
-// is the same, so the two runs compare the kernels.
+// Dense and routed attention run on the fused kernels, which keep only each
+// query row's logsumexp: --impl reference the fp32 ones (attention_*,
+// routed_attention_*: kernels/cuda/attention.cu), --impl flash the bf16
+// tensor-core ones (flash_attention_*, flash_routed_attention_*:
+// kernels/cuda/flash_attention.cu). The moevit CLS row stays on
+// cls_attention_* either way. Everything else is the same, so the two runs
+// compare the kernels.
 //
 // The op sequence is engine/model.cpp's block_forward / block_backward for
 // the attention branch, from LN1's output to the projection's output and
@@ -74,18 +76,18 @@ double attention_bench_bytes_per_image(const ModelConfig& m, int k) {
     const double L = T + 1;   // with CLS
     double floats = 0;
     if (k == 0) {
-        // x, dy (2 sets each), qkv, att, out; datt, dqkv, dx: 14·L·D; probs;
-        // attention_backward's row sums
-        floats = 14 * L * D + Hd * L * L + L * Hd;
+        // x, dy (2 sets each), qkv, att, out; datt, dqkv, dx: 14·L·D; lse;
+        // attention_backward's row sums (δ)
+        floats = 14 * L * D + 2 * L * Hd;
     } else {
         floats = 10 * L * D                 // x, dy (2 sets each); q, att, out; datt, dx, dq
                  + 2 * L * C + 2 * T * C    // z, dz; router probs and their gradient
                  + 5 * T * k + T + C        // experts, weights, dweights, pair/row maps; lse; offsets
                  + 4 * T * D                // k, v, dk, dv
                  + 4 * T * k * D            // qg, og, dqg, dog
-                 + T * k * Hd * N           // routed attention probs
+                 + T * k * Hd               // routed attention lse
                  + Hd * T                   // CLS probs
-                 + 2 * T * D + T * C * Hd;  // scratch: expert_linear_backward, routed row sums
+                 + 2 * T * D + T * C * Hd;  // scratch: expert_linear_backward, routed row sums (δ)
     }
     return 4 * floats;
 }
@@ -221,8 +223,7 @@ public:
         g_o_ = c.random(D * D, kWeight);
         gb_o_ = c.random(D, kWeight);
         qkv_ = c.random(rows * 3 * D, kUnit);
-        // the reference kernels keep the probabilities, flash only the logsumexp
-        probs_ = flash_ ? c.random(B * Hd * L, kUnit) : c.random(B * Hd * L * L, kUnit);
+        lse_ = c.random(B * Hd * L, kUnit);
         att_ = c.random(rows * D, kUnit);
         out_ = c.random(rows * D, kUnit);
         datt_ = c.random(rows * D, kUnit);
@@ -235,15 +236,15 @@ public:
         const float* x = x_[set];
         // forward: qkv, attention with softmax, projection
         cu::linear_forward(qkv_, x, w_qkv_, b_qkv_, rows, D, 3 * D, s);
-        if (flash_) cu::flash_attention_forward(att_, probs_, qkv_, B, L, D, Hd, s);
-        else cu::attention_forward(att_, probs_, qkv_, B, L, D, Hd, s);
+        if (flash_) cu::flash_attention_forward(att_, lse_, qkv_, B, L, D, Hd, s);
+        else cu::attention_forward(att_, lse_, qkv_, B, L, D, Hd, s);
         cu::linear_forward(out_, att_, w_o_, b_o_, rows, D, D, s);
         // backward, every gradient zeroed first as the model does
         cuda::memset_async(datt_, 0, sizeof(float) * rows * D, s);
         cu::linear_backward(datt_, g_o_, gb_o_, dy_[set], att_, w_o_, rows, D, D, s);
         cuda::memset_async(dqkv_, 0, sizeof(float) * rows * 3 * D, s);
-        if (flash_) cu::flash_attention_backward(dqkv_, datt_, qkv_, att_, probs_, B, L, D, Hd, s);
-        else cu::attention_backward(dqkv_, datt_, qkv_, probs_, B, L, D, Hd, s);
+        if (flash_) cu::flash_attention_backward(dqkv_, datt_, qkv_, att_, lse_, B, L, D, Hd, s);
+        else cu::attention_backward(dqkv_, datt_, qkv_, att_, lse_, B, L, D, Hd, s);
         cuda::memset_async(dx_, 0, sizeof(float) * rows * D, s);
         cu::linear_backward(dx_, g_qkv_, gb_qkv_, dqkv_, x, w_qkv_, rows, D, 3 * D, s);
     }
@@ -254,7 +255,7 @@ private:
     bool flash_;
     float *x_[2], *dy_[2];
     float *w_qkv_, *b_qkv_, *w_o_, *b_o_, *g_qkv_, *gb_qkv_, *g_o_, *gb_o_;
-    float *qkv_, *probs_, *att_, *out_, *datt_, *dqkv_, *dx_;
+    float *qkv_, *lse_, *att_, *out_, *datt_, *dqkv_, *dx_;
 };
 
 class MoeBlock : public Variant {
@@ -268,7 +269,7 @@ public:
         per_block_ = 1.f / float(std::max(1, m.depth));  // the model's aux losses are means over blocks
     }
     void carve(Carver& c) override {
-        const int64_t rows = sh_.rows, T = sh_.tokens, D = sh_.D, C = sh_.C, Hd = sh_.Hd, N = sh_.N;
+        const int64_t rows = sh_.rows, T = sh_.tokens, D = sh_.D, C = sh_.C, Hd = sh_.Hd;
         const int64_t B = sh_.B, k = k_;
         for (int i = 0; i < 2; i++) {
             x_[i] = c.random(rows * D, kUnit);
@@ -293,7 +294,7 @@ public:
         vb_ = c.random(T * D, kUnit);
         qg_ = c.random(T * k * D, kUnit);
         og_ = c.random(T * k * D, kUnit);
-        route_probs_ = flash_ ? c.random(T * k * Hd, kUnit) : c.random(T * k * Hd * N, kUnit);  // flash: lse
+        route_lse_ = c.random(T * k * Hd, kUnit);
         cls_probs_ = c.random(Hd * T, kUnit);  // [B, Hd, C·N]
         att_ = c.random(rows * D, kUnit);
         out_ = c.random(rows * D, kUnit);
@@ -338,8 +339,8 @@ public:
         cu::expert_linear_forward(kb_, xp, L * D, w_k_, b_k_, S_, B, C, N, D, D, s);
         cu::expert_linear_forward(vb_, xp, L * D, w_v_, b_v_, S_, B, C, N, D, D, s);
         cu::moe_gather_forward(qg_, q_ + D, L * D, pair_of_row_, B, C, N, k, D, s);
-        if (flash_) cu::flash_routed_attention_forward(og_, route_probs_, qg_, kb_, vb_, offsets_, B, C, N, D, Hd, s);
-        else cu::routed_attention_forward(og_, route_probs_, qg_, kb_, vb_, offsets_, B, C, N, D, Hd, s);
+        if (flash_) cu::flash_routed_attention_forward(og_, route_lse_, qg_, kb_, vb_, offsets_, B, C, N, D, Hd, s);
+        else cu::routed_attention_forward(og_, route_lse_, qg_, kb_, vb_, offsets_, B, C, N, D, Hd, s);
         cu::combine_forward(att_ + D, L * D, og_, weights_, row_of_pair_, B, C, N, k, D, s);
         cu::cls_attention_forward(att_, L * D, cls_probs_, q_, L * D, kb_, vb_, B, C * N, D, Hd, s);
         cu::aux_loss_forward_backward(losses_, nullptr, rprobs_, counts_, S_, T, C, C, k, aux_, aux_coef_,
@@ -363,11 +364,11 @@ public:
         cu::combine_backward(dog_, dweights_, datt_ + D, L * D, og_, weights_, row_of_pair_, B, C, N, k, D,
                              s);
         if (flash_)
-            cu::flash_routed_attention_backward(dqg_, dk_, dv_, dog_, qg_, kb_, vb_, og_, route_probs_, offsets_, B,
+            cu::flash_routed_attention_backward(dqg_, dk_, dv_, dog_, qg_, kb_, vb_, og_, route_lse_, offsets_, B,
                                                 C, N, D, Hd, s);
         else
-            cu::routed_attention_backward(dqg_, dk_, dv_, dog_, qg_, kb_, vb_, route_probs_, offsets_, B, C, N,
-                                          D, Hd, s);
+            cu::routed_attention_backward(dqg_, dk_, dv_, dog_, qg_, kb_, vb_, og_, route_lse_, offsets_, B, C,
+                                          N, D, Hd, s);
         cu::moe_gather_backward(dq_ + D, L * D, dqg_, row_of_pair_, B, C, N, k, D, s);
         cu::expert_linear_backward(dx_ + D, g_k_, gb_k_, dk_, xp, L * D, w_k_, S_, B, C, N, D, D, s);
         cu::expert_linear_backward(dx_ + D, g_v_, gb_v_, dv_, xp, L * D, w_v_, S_, B, C, N, D, D, s);
@@ -394,7 +395,7 @@ private:
     float *x_[2], *dy_[2];
     float *w_r_, *b_r_, *w_q_, *b_q_, *w_k_, *b_k_, *w_v_, *b_v_, *w_o_, *b_o_;
     float *g_r_, *gb_r_, *g_q_, *gb_q_, *g_k_, *gb_k_, *g_v_, *gb_v_, *g_o_, *gb_o_;
-    float *z_, *rprobs_, *weights_, *lse_, *q_, *kb_, *vb_, *qg_, *og_, *route_probs_, *cls_probs_;
+    float *z_, *rprobs_, *weights_, *lse_, *q_, *kb_, *vb_, *qg_, *og_, *route_lse_, *cls_probs_;
     float *att_, *out_, *datt_, *dx_, *dq_, *dk_, *dv_, *dqg_, *dog_, *dweights_, *drprobs_, *dz_;
     float* losses_;
     int *experts_, *offsets_, *pair_of_row_, *row_of_pair_, *counts_, *S_;
@@ -452,7 +453,7 @@ std::string shape_line(const AttentionBenchOptions& o, int batch, const std::str
     std::snprintf(buf, sizeof buf,
                   "bench attention: %s, fp32 (no TF32), %s attention kernels; image %d, C=%d, P=%d: N=%d, "
                   "dense sequence %d; D=%d, %d heads; |S|=C; batch %d; %d warm-up + %d timed iterations (median)",
-                  device.c_str(), o.impl == "flash" ? "flash (bf16 tensor cores)" : "reference", m.image,
+                  device.c_str(), o.impl == "flash" ? "flash (bf16 tensor cores)" : "reference (fused fp32)", m.image,
                   m.channels, m.patch, m.num_patches(), 1 + m.channels * m.num_patches(), m.dim, m.heads, batch,
                   o.warmup, o.iters);
     return buf;

@@ -120,10 +120,10 @@ def prism_bytes_per_image(m, k):
     T = C * N
     L = T + 1
     if k == 0:
-        floats = 14 * L * D + Hd * L * L + L * Hd
+        floats = 14 * L * D + 2 * L * Hd
     else:
         floats = (10 * L * D + 2 * L * C + 2 * T * C + 5 * T * k + T + C + 4 * T * D + 4 * T * k * D
-                  + T * k * Hd * N + Hd * T + 2 * T * D + T * C * Hd)
+                  + T * k * Hd + Hd * T + 2 * T * D + T * C * Hd)
     return 4.0 * floats
 
 

@@ -118,9 +118,9 @@ static void bind_weights(Weights<T>& w, T* base, const std::vector<ParamInfo>& l
 template <class T>
 struct BlockActs {
     T *x_in, *ln1, *ln1_mean, *ln1_rstd;
-    T *qkv, *att_probs;                                    // dense attention
+    T *qkv, *att_lse;                                      // dense attention
     T *z, *rprobs, *weights, *lse, *q, *k, *v, *qg, *og;   // MoE attention
-    T *route_probs, *cls_probs;
+    T *route_lse, *cls_probs;
     int *experts, *offsets, *pair_of_row, *row_of_pair, *counts;
     double* aux_all;        // [2C+1] aux_stats summed over ranks (data-parallel training)
     bool aux_global;        // aux_all holds them for this forward
@@ -257,11 +257,11 @@ void Model<T>::carve_activations() {
             b.aux_all = a.take<double>(2 * C + 1);
             b.qg = a.take<T>(Tok * k * D);
             b.og = a.take<T>(Tok * k * D);
-            b.route_probs = a.take<T>(Tok * k * Hd * N);
+            b.route_lse = a.take<T>(Tok * k * Hd);
             b.cls_probs = a.take<T>(B * Hd * C * N);
         } else {
             b.qkv = a.take<T>(B * L * 3 * D);
-            b.att_probs = a.take<T>(B * Hd * L * L);
+            b.att_lse = a.take<T>(B * Hd * L);
         }
         b.att_out = a.take<T>(B * L * D);
         b.proj_out = a.take<T>(B * L * D);
@@ -493,7 +493,7 @@ void Model<T>::block_forward(int i, bool training) {
     if (!is_moe(cfg_)) {
         // Dense multi-head attention over the whole sequence.
         op::linear_forward(ex_, b.qkv, b.ln1, w.qkv_w, w.qkv_b, rows, int(D), int(3 * D));
-        op::attention_forward(ex_, b.att_out, b.att_probs, b.qkv, B_, int(L), int(D), int(Hd));
+        op::attention_forward(ex_, b.att_out, b.att_lse, b.qkv, B_, int(L), int(D), int(Hd));
     } else {
         // Channel-MoE attention. Patch rows of a [B, L, ·] buffer start at row 1.
         const int k = std::min(cfg_.top_k, nS_);
@@ -516,7 +516,7 @@ void Model<T>::block_forward(int i, bool training) {
                                   int(D), int(D));
         // a[t] = Σ_{c∈E(t)} R[t,c]·MHA(q[t], K_{b,c}, V_{b,c})
         op::moe_gather_forward(ex_, b.qg, b.q + D, L * D, b.pair_of_row, B_, nS_, int(N), k, int(D));
-        op::routed_attention_forward(ex_, b.og, b.route_probs, b.qg, b.k, b.v, b.offsets, B_, nS_,
+        op::routed_attention_forward(ex_, b.og, b.route_lse, b.qg, b.k, b.v, b.offsets, B_, nS_,
                                      int(N), int(D), int(Hd));
         op::combine_forward(ex_, b.att_out + D, L * D, b.og, b.weights, b.row_of_pair, B_, nS_, int(N),
                             k, int(D));
@@ -628,7 +628,7 @@ void Model<T>::block_backward(int i) {
     op::zero(ex_, x.dln, rows * D);
     if (!is_moe(cfg_)) {
         op::zero(ex_, x.dqkv, rows * 3 * D);
-        op::attention_backward(ex_, x.dqkv, x.datt, b.qkv, b.att_probs, B_, int(L), int(D), int(Hd));
+        op::attention_backward(ex_, x.dqkv, x.datt, b.qkv, b.att_out, b.att_lse, B_, int(L), int(D), int(Hd));
         op::linear_backward(ex_, x.dln, g.qkv_w, g.qkv_b, x.dqkv, b.ln1, w.qkv_w, rows, int(D), int(3 * D));
     } else {
         const int k = std::min(cfg_.top_k, nS_);
@@ -646,8 +646,8 @@ void Model<T>::block_backward(int i) {
                                    b.cls_probs, B_, int(nS_ * N), int(D), int(Hd));
         op::combine_backward(ex_, x.dog, x.dweights, x.datt + D, L * D, b.og, b.weights, b.row_of_pair,
                              B_, nS_, int(N), k, int(D));
-        op::routed_attention_backward(ex_, x.dqg, x.dk, x.dv, x.dog, b.qg, b.k, b.v, b.route_probs,
-                                      b.offsets, B_, nS_, int(N), int(D), int(Hd));
+        op::routed_attention_backward(ex_, x.dqg, x.dk, x.dv, x.dog, b.qg, b.k, b.v, b.og,
+                                      b.route_lse, b.offsets, B_, nS_, int(N), int(D), int(Hd));
         op::moe_gather_backward(ex_, x.dq + D, L * D, x.dqg, b.row_of_pair, B_, nS_, int(N), k, int(D));
         op::expert_linear_backward(ex_, x.dln + D, g.k_w, g.k_b, x.dk, b.ln1 + D, L * D, w.k_w,
                                    S_at_, B_, nS_, int(N), int(D), int(D));

@@ -85,7 +85,9 @@ public:
     const op::Exec& exec() const { return ex_; }
     // train.precision = bf16 on CUDA: the linear layers' products take bf16
     // inputs (fp32 accumulation; weights, activations and gradients stay fp32),
-    // moevit's per-channel expert projections too; the router stays fp32.
+    // moevit's per-channel expert projections too, and so do dense and routed
+    // attention where the head dim is 64 (the flash kernels, kernels/backend.h);
+    // the router stays fp32.
     void set_bf16_matmul(bool on) { ex_.bf16_matmul = on && ex_.cuda; }
     bool bf16_matmul() const { return ex_.bf16_matmul; }
     // Where the model's device keeps them (device memory on CUDA).

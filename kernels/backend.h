@@ -11,7 +11,9 @@
 // - Index arrays (S, in_S, labels, experts, offsets) live where the data lives.
 // - Memory moves (copy, zero, upload, download) go through here too.
 #pragma once
+#include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <stdexcept>
 #include <type_traits>
 #include "kernels/ops.h"
@@ -29,8 +31,9 @@ using ops::Combine;
 struct Exec {
     bool cuda = false;
     cudaStream_t stream = nullptr;
-    // CUDA only: the linear layers take bf16 matrix inputs (tensor cores,
-    // fp32 accumulation); every tensor stays fp32.
+    // CUDA only, the bf16 mode: the linear layers take bf16 matrix inputs
+    // (tensor cores, fp32 accumulation), and so does attention where the flash
+    // kernels apply (see attention_forward); every tensor stays fp32.
     bool bf16_matmul = false;
 };
 
@@ -203,16 +206,48 @@ void residual_backward(const Exec& ex, T* dbranch, const T* dx, const T* scale, 
 }
 
 // ---- attention ------------------------------------------------------------------------
+// Dense and routed attention keep the logsumexp of each query row, never the
+// probabilities (kernels/ops.h). On the CPU: the reference ops. On CUDA, one
+// of two implementations of that contract:
+// - the flash kernels (kernels/cuda/flash_attention.cu: bf16 tensor cores,
+//   fp32 softmax) in the bf16 mode (Exec::bf16_matmul), when the head dim
+//   D/Hd is 64 and every buffer they access in 16-byte vectors is 16-byte
+//   aligned (the arenas' are);
+// - otherwise the fused fp32 kernels (kernels/cuda/attention.cu), within
+//   DESIGN.md §7's fp32 tolerance of the CPU.
+// Both write and read lse in the same layout, so forward and backward may
+// take different ones (the alignment of the buffers each sees decides).
+#ifdef PRISM_CUDA
+inline bool use_flash(const Exec& ex, int D, int Hd, std::initializer_list<const void*> vector_buffers) {
+    if (!ex.cuda || !ex.bf16_matmul || Hd <= 0 || D != cuda_ops::kFlashHeadDim * Hd) return false;
+    for (const void* p : vector_buffers)
+        if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+    return true;
+}
+#endif
+
 template <class T>
-void attention_forward(const Exec& ex, T* out, T* probs, const T* qkv, int B, int L, int D, int Hd) {
-    PRISM_OP(attention_forward(out, probs, qkv, B, L, D, Hd),
-             attention_forward(out, probs, qkv, B, L, D, Hd, ex.stream));
+void attention_forward(const Exec& ex, T* out, T* lse, const T* qkv, int B, int L, int D, int Hd) {
+#ifdef PRISM_CUDA
+    if constexpr (std::is_same_v<T, float>) {
+        if (use_flash(ex, D, Hd, {out}))
+            return cuda_ops::flash_attention_forward(out, lse, qkv, B, L, D, Hd, ex.stream);
+    }
+#endif
+    PRISM_OP(attention_forward(out, lse, qkv, B, L, D, Hd),
+             attention_forward(out, lse, qkv, B, L, D, Hd, ex.stream));
 }
 template <class T>
-void attention_backward(const Exec& ex, T* dqkv, const T* dout, const T* qkv, const T* probs, int B,
-                        int L, int D, int Hd) {
-    PRISM_OP(attention_backward(dqkv, dout, qkv, probs, B, L, D, Hd),
-             attention_backward(dqkv, dout, qkv, probs, B, L, D, Hd, ex.stream));
+void attention_backward(const Exec& ex, T* dqkv, const T* dout, const T* qkv, const T* out, const T* lse,
+                        int B, int L, int D, int Hd) {
+#ifdef PRISM_CUDA
+    if constexpr (std::is_same_v<T, float>) {
+        if (use_flash(ex, D, Hd, {dqkv, dout, out}))
+            return cuda_ops::flash_attention_backward(dqkv, dout, qkv, out, lse, B, L, D, Hd, ex.stream);
+    }
+#endif
+    PRISM_OP(attention_backward(dqkv, dout, qkv, out, lse, B, L, D, Hd),
+             attention_backward(dqkv, dout, qkv, out, lse, B, L, D, Hd, ex.stream));
 }
 
 // ---- MoE-ViT channel routing -------------------------------------------------------------
@@ -292,18 +327,33 @@ void moe_gather_backward(const Exec& ex, T* dq, int64_t dq_image_stride, const T
     PRISM_OP(moe_gather_backward(dq, dq_image_stride, dqg, row_of_pair, B, nS, N, k, D),
              moe_gather_backward(dq, dq_image_stride, dqg, row_of_pair, B, nS, N, k, D, ex.stream));
 }
+// Routed attention: the dispatch of dense attention's (above).
 template <class T>
-void routed_attention_forward(const Exec& ex, T* og, T* probs, const T* qg, const T* k, const T* v,
+void routed_attention_forward(const Exec& ex, T* og, T* lse, const T* qg, const T* k, const T* v,
                               const int* offsets, int B, int nS, int N, int D, int Hd) {
-    PRISM_OP(routed_attention_forward(og, probs, qg, k, v, offsets, B, nS, N, D, Hd),
-             routed_attention_forward(og, probs, qg, k, v, offsets, B, nS, N, D, Hd, ex.stream));
+#ifdef PRISM_CUDA
+    if constexpr (std::is_same_v<T, float>) {
+        if (use_flash(ex, D, Hd, {og, qg, k, v}))
+            return cuda_ops::flash_routed_attention_forward(og, lse, qg, k, v, offsets, B, nS, N, D, Hd,
+                                                            ex.stream);
+    }
+#endif
+    PRISM_OP(routed_attention_forward(og, lse, qg, k, v, offsets, B, nS, N, D, Hd),
+             routed_attention_forward(og, lse, qg, k, v, offsets, B, nS, N, D, Hd, ex.stream));
 }
 template <class T>
 void routed_attention_backward(const Exec& ex, T* dqg, T* dk, T* dv, const T* dog, const T* qg,
-                               const T* k, const T* v, const T* probs, const int* offsets, int B, int nS,
-                               int N, int D, int Hd) {
-    PRISM_OP(routed_attention_backward(dqg, dk, dv, dog, qg, k, v, probs, offsets, B, nS, N, D, Hd),
-             routed_attention_backward(dqg, dk, dv, dog, qg, k, v, probs, offsets, B, nS, N, D, Hd,
+                               const T* k, const T* v, const T* og, const T* lse, const int* offsets,
+                               int B, int nS, int N, int D, int Hd) {
+#ifdef PRISM_CUDA
+    if constexpr (std::is_same_v<T, float>) {
+        if (use_flash(ex, D, Hd, {dqg, dk, dv, dog, qg, k, v, og}))
+            return cuda_ops::flash_routed_attention_backward(dqg, dk, dv, dog, qg, k, v, og, lse, offsets, B,
+                                                             nS, N, D, Hd, ex.stream);
+    }
+#endif
+    PRISM_OP(routed_attention_backward(dqg, dk, dv, dog, qg, k, v, og, lse, offsets, B, nS, N, D, Hd),
+             routed_attention_backward(dqg, dk, dv, dog, qg, k, v, og, lse, offsets, B, nS, N, D, Hd,
                                        ex.stream));
 }
 template <class T>

@@ -135,21 +135,23 @@ void residual_forward(float* x, const float* branch, const float* scale, int B,
 void residual_backward(float* dbranch, const float* dx, const float* scale, int B,
                        int64_t per_image, cudaStream_t stream);
 
-// ---- dense multi-head self-attention (head dim at most 128) ----------------------------
-void attention_forward(float* out, float* probs, const float* qkv, int B, int L, int D, int Hd,
+// ---- dense multi-head self-attention -------------------------------------------------------
+// The contract of ops::attention_forward/backward (lse [B, Hd, L], no
+// probabilities stored), as fused fp32 kernels (kernels/cuda/attention.cu):
+// the scores never reach global memory. Head dim at most 128.
+void attention_forward(float* out, float* lse, const float* qkv, int B, int L, int D, int Hd,
                        cudaStream_t stream);
-void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* probs,
-                        int B, int L, int D, int Hd, cudaStream_t stream);
+void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* out,
+                        const float* lse, int B, int L, int D, int Hd, cudaStream_t stream);
 
 // Fused ("flash") attention on tensor cores (kernels/cuda/flash_attention.cu):
-// the same layouts and meaning as attention_forward/backward, but the L×L
-// probabilities are never stored. Forward keeps the per-row logsumexp of the
-// scaled scores, lse [B, Hd, L] (natural log, fp32); backward recomputes the
-// probabilities from q, k and lse, and reads the forward's out. q, k, v and dO
-// enter the products as bf16 with fp32 accumulation (DESIGN.md §7: bf16
-// tolerance); softmax, lse and gradients are fp32. Head dim 64 only (D = 64·Hd,
-// else a clear error); buffers 16-byte aligned. Deterministic, no atomics;
-// backward accumulates into dqkv.
+// the same contract as attention_forward/backward, lse [B, Hd, L] (natural
+// log, fp32) in the same layout, so either one's forward can feed the other's
+// backward. q, k, v and dO enter the products as bf16 with fp32 accumulation
+// (DESIGN.md §7: bf16 tolerance); softmax, lse and gradients are fp32. Head
+// dim kFlashHeadDim only (else a clear error); out, dout and dqkv 16-byte
+// aligned. Deterministic, no atomics; backward accumulates into dqkv.
+constexpr int kFlashHeadDim = 64;
 void flash_attention_forward(float* out, float* lse, const float* qkv, int B, int L, int D, int Hd,
                              cudaStream_t stream);
 void flash_attention_backward(float* dqkv, const float* dout, const float* qkv, const float* out,
@@ -190,17 +192,20 @@ void moe_gather_forward(float* qg, const float* q, int64_t q_image_stride, const
 void moe_gather_backward(float* dq, int64_t dq_image_stride, const float* dqg,
                          const int* row_of_pair, int B, int nS, int N, int k, int D,
                          cudaStream_t stream);
-void routed_attention_forward(float* og, float* probs, const float* qg, const float* k,
+// Routed attention (ops::routed_attention_*: lse [rows, Hd], backward reads
+// og), fused fp32 kernels like attention_forward's. A group's queries stream
+// past its keys; groups without queries cost nothing.
+void routed_attention_forward(float* og, float* lse, const float* qg, const float* k,
                               const float* v, const int* offsets, int B, int nS, int N, int D,
                               int Hd, cudaStream_t stream);
 void routed_attention_backward(float* dqg, float* dk, float* dv, const float* dog,
-                               const float* qg, const float* k, const float* v,
-                               const float* probs, const int* offsets, int B, int nS, int N,
+                               const float* qg, const float* k, const float* v, const float* og,
+                               const float* lse, const int* offsets, int B, int nS, int N,
                                int D, int Hd, cudaStream_t stream);
-// The flash versions of the two above (see flash_attention_forward): lse
-// [rows, Hd] per gathered row instead of probs; backward also reads og. A
-// group's K and V stay in shared memory while its queries stream through
-// (N ≤ 256; larger N streams key tiles); groups without queries cost nothing.
+// The flash versions of the two above (see flash_attention_forward), same
+// contract and layouts; every buffer 16-byte aligned. A group's K and V stay
+// in shared memory while its queries stream through (N ≤ 256; larger N
+// streams key tiles); groups without queries cost nothing.
 void flash_routed_attention_forward(float* og, float* lse, const float* qg, const float* k,
                                     const float* v, const int* offsets, int B, int nS, int N, int D,
                                     int Hd, cudaStream_t stream);
@@ -214,6 +219,7 @@ void combine_forward(float* a, int64_t a_image_stride, const float* og, const fl
 void combine_backward(float* dog, float* dweights, const float* da, int64_t da_image_stride,
                       const float* og, const float* weights, const int* row_of_pair, int B,
                       int nS, int N, int k, int D, cudaStream_t stream);
+// The CLS row keeps its probabilities [B, Hd, M] (ops::cls_attention_*).
 void cls_attention_forward(float* out, int64_t out_image_stride, float* probs, const float* q,
                            int64_t q_image_stride, const float* k, const float* v, int B, int M,
                            int D, int Hd, cudaStream_t stream);

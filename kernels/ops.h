@@ -86,13 +86,18 @@ template <class T>
 void residual_backward(T* dbranch, const T* dx, const T* scale, int B, int64_t per_image);
 
 // ---- dense multi-head self-attention (vit, chvit) -------------------------------------
-// qkv [B, L, 3D] (q | k | v, heads contiguous dh-wide inside each), out [B, L, D],
-// probs [B, Hd, L, L] kept for backward.
+// qkv [B, L, 3D] (q | k | v, heads contiguous dh-wide inside each), out [B, L, D].
+// Per image, head h and query i, over the image's L keys j:
+//   s_ij = q_i·k_j/√dh,  lse_i = log Σ_j exp(s_ij),  out_i = Σ_j exp(s_ij − lse_i)·v_j.
+// lse [B, Hd, L] (natural log) is what forward keeps for backward: the L×L
+// probabilities are never stored. Backward recomputes them as exp(s − lse)
+// and takes δ_i = Σ_d dO_id·out_id (= Σ_j P_ij·dP_ij), so it reads the
+// forward's out as well.
 template <class T>
-void attention_forward(T* out, T* probs, const T* qkv, int B, int L, int D, int Hd);
+void attention_forward(T* out, T* lse, const T* qkv, int B, int L, int D, int Hd);
 template <class T>
-void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* probs, int B, int L,
-                        int D, int Hd);
+void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* out, const T* lse, int B,
+                        int L, int D, int Hd);
 
 // ---- MoE-ViT channel routing --------------------------------------------------------
 // Patch tokens are numbered t = b*(nS*N) + r. The router logits z are patch rows
@@ -152,14 +157,15 @@ void moe_gather_backward(T* dq, int64_t dq_image_stride, const T* dqg, const int
 
 // Routed cross-attention: the gathered queries of group g = (b, s) attend to
 // the N keys/values of channel position s in image b. k, v [B, nS, N, D];
-// og [T*k, D]; probs [T*k, Hd, N] kept for backward.
+// og [T*k, D]; lse [T*k, Hd] per gathered row and head, with the meaning and
+// the backward of dense attention's (no probabilities stored).
 template <class T>
-void routed_attention_forward(T* og, T* probs, const T* qg, const T* k, const T* v,
+void routed_attention_forward(T* og, T* lse, const T* qg, const T* k, const T* v,
                               const int* offsets, int B, int nS, int N, int D, int Hd);
 template <class T>
 void routed_attention_backward(T* dqg, T* dk, T* dv, const T* dog, const T* qg, const T* k,
-                               const T* v, const T* probs, const int* offsets, int B, int nS,
-                               int N, int D, int Hd);
+                               const T* v, const T* og, const T* lse, const int* offsets, int B,
+                               int nS, int N, int D, int Hd);
 
 // Combine: a[t] = Σ_j weights[t,j] · og[row_of_pair[t*k+j]], written to patch
 // rows (a, a_image_stride).
@@ -173,7 +179,9 @@ void combine_backward(T* dog, T* dweights, const T* da, int64_t da_image_stride,
 
 // CLS row: the CLS query of image b (row 0 of q, image stride q_image_stride)
 // attends to all nS*N patch keys/values of image b (k, v [B, nS*N, D]); the
-// result goes to row 0 of (out, out_image_stride). probs [B, Hd, nS*N].
+// result goes to row 0 of (out, out_image_stride). probs [B, Hd, nS*N] kept
+// for backward: one query per image makes them a vector per (image, head), not
+// a score matrix, so they are stored rather than recomputed.
 template <class T>
 void cls_attention_forward(T* out, int64_t out_image_stride, T* probs, const T* q,
                            int64_t q_image_stride, const T* k, const T* v, int B, int M, int D,

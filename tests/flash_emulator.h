@@ -1,7 +1,8 @@
-// A CPU model of the few CUDA features kernels/cuda/flash_attention.cuh uses,
-// so that its kernels run (slowly) on a machine without a GPU and can be
-// checked against the CPU reference ops. Include this header first, then the
-// .cuh.
+// A CPU model of the few CUDA features the attention kernels use (the
+// primitives of kernels/cuda/primitives.cuh), so that the kernels of
+// flash_attention.cuh (bf16 tensor cores) and attention.cuh (fp32) run
+// (slowly) on a machine without a GPU and can be checked against the CPU
+// reference ops. Include this header first, then the .cuh.
 //
 // Every CUDA thread of a block is a fiber (ucontext) on the calling thread,
 // run until it blocks. What is modelled, from the PTX ISA:
@@ -255,7 +256,7 @@ void launch(Dim grid, int threads, size_t smem_bytes, Kernel kernel, const Param
 #define FLASH_UNROLL
 #define FLASH_SMEM(name) unsigned char* name = ::prism::emu::block.smem.data()
 
-// The primitives of flash_attention.cuh (in its emulated namespace, see there).
+// The primitives of kernels/cuda/primitives.cuh (in its emulated namespace, see there).
 namespace prism::flash {
 inline namespace emulated {
 

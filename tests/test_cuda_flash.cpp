@@ -6,10 +6,10 @@
 //
 // Inputs are bf16-representable (the ops round q, k, v, dO to bf16), so what
 // is measured is the ops' own rounding (P and dS in bf16): DESIGN.md §7's 2e-2.
-// Forward outputs are poisoned first; lse is compared with the CPU's
-// logsumexp; gradients start from random values (the ops accumulate) and the
-// error is relative to what the op added; every op runs twice and must give
-// the same bits. Without a CUDA device every test is skipped.
+// Forward outputs are poisoned first; lse is compared with the CPU op's;
+// gradients start from random values (the ops accumulate) and the error is
+// relative to what the op added; every op runs twice and must give the same
+// bits. Without a CUDA device every test is skipped.
 // The sanitizer runs use the *Small* tests, tiny shapes (bench/gpu/flash_check.sh).
 #ifdef PRISM_CUDA
 #include <algorithm>
@@ -51,16 +51,6 @@ void expect_increment_close(const std::string& what, const std::vector<float>& g
     EXPECT_LE(rel, kTol) << what << ": relative error " << rel << " (" << bad << " non-finite)";
 }
 
-// The logsumexp of the scaled scores of query q (head h) over the M keys
-// K[m*stride]: s_j − log p_j at the row's largest reference probability p_j,
-// exact up to p's float rounding, and a dot product per row instead of M.
-double lse_from_probs(const float* q, const float* K, int64_t stride, const float* p, int M, int h, int dh) {
-    const int j = int(std::max_element(p, p + M) - p);
-    double s = 0;
-    for (int d = 0; d < dh; d++) s += double(q[h * dh + d]) * K[j * stride + h * dh + d];
-    return s / std::sqrt(double(dh)) - std::log(double(p[j]));
-}
-
 template <class T>
 std::vector<T> download_twice(const std::string& what, DeviceArray<T>& a, const std::vector<T>& first) {
     auto second = a.download();
@@ -79,17 +69,8 @@ protected:
         Rng rng(seed);
         const auto qkv = bf16_randn(rows * 3 * D, rng);
         auto d_qkv = to_device(qkv);
-        auto ref = poisoned<float>(rows * D), probs = poisoned<float>((size_t)B * Hd * L * L);
-        ops::attention_forward(ref.data(), probs.data(), qkv.data(), B, L, D, Hd);
-        std::vector<float> ref_lse(rows * Hd);
-        for (int b = 0; b < B; b++)
-            for (int h = 0; h < Hd; h++)
-                for (int i = 0; i < L; i++) {
-                    const float* base = qkv.data() + (int64_t)b * L * 3 * D;
-                    ref_lse[((int64_t)b * Hd + h) * L + i] =
-                        (float)lse_from_probs(base + (int64_t)i * 3 * D, base + D, 3 * D,
-                                              probs.data() + (((int64_t)b * Hd + h) * L + i) * L, L, h, 64);
-                }
+        auto ref = poisoned<float>(rows * D), ref_lse = poisoned<float>(rows * Hd);
+        ops::attention_forward(ref.data(), ref_lse.data(), qkv.data(), B, L, D, Hd);
         DeviceArray<float> out(ref.size()), lse(ref_lse.size());
         std::vector<float> got_out, got_lse;
         for (int run = 0; run < 2; run++) {
@@ -110,7 +91,7 @@ protected:
 
         const auto dout = bf16_randn(rows * D, rng), g = randn_f(qkv.size(), rng);
         auto r = g;
-        ops::attention_backward(r.data(), dout.data(), qkv.data(), probs.data(), B, L, D, Hd);
+        ops::attention_backward(r.data(), dout.data(), qkv.data(), ref.data(), ref_lse.data(), B, L, D, Hd);
         // the op reads the forward's own out and lse, as the model will
         auto d_dout = to_device(dout);
         DeviceArray<float> dqkv(qkv.size());
@@ -160,16 +141,9 @@ protected:
         const auto qg = bf16_randn(rows * D, rng), kk = bf16_randn(T * D, rng), vv = bf16_randn(T * D, rng);
         auto d_qg = to_device(qg), d_k = to_device(kk), d_v = to_device(vv);
         auto d_off = to_device(offsets);
-        auto ref = poisoned<float>(rows * D), probs = poisoned<float>(rows * Hd * N);
-        ops::routed_attention_forward(ref.data(), probs.data(), qg.data(), kk.data(), vv.data(), offsets.data(), B,
-                                      nS, N, D, Hd);
-        std::vector<float> ref_lse(rows * Hd);
-        for (int g = 0; g < sets; g++)
-            for (int r = offsets[g]; r < offsets[g + 1]; r++)
-                for (int h = 0; h < Hd; h++)
-                    ref_lse[(int64_t)r * Hd + h] =
-                        (float)lse_from_probs(qg.data() + (int64_t)r * D, kk.data() + (int64_t)g * N * D, D,
-                                              probs.data() + ((int64_t)r * Hd + h) * N, N, h, 64);
+        auto ref = poisoned<float>(rows * D), ref_lse = poisoned<float>(rows * Hd);
+        ops::routed_attention_forward(ref.data(), ref_lse.data(), qg.data(), kk.data(), vv.data(), offsets.data(),
+                                      B, nS, N, D, Hd);
         DeviceArray<float> og(ref.size()), lse(ref_lse.size());
         std::vector<float> got_og, got_lse;
         for (int run = 0; run < 2; run++) {
@@ -192,7 +166,7 @@ protected:
                    g_v = randn_f(vv.size(), rng);
         auto r_q = g_q, r_k = g_k, r_v = g_v;
         ops::routed_attention_backward(r_q.data(), r_k.data(), r_v.data(), dog.data(), qg.data(), kk.data(),
-                                       vv.data(), probs.data(), offsets.data(), B, nS, N, D, Hd);
+                                       vv.data(), ref.data(), ref_lse.data(), offsets.data(), B, nS, N, D, Hd);
         auto d_dog = to_device(dog);
         DeviceArray<float> dqg(qg.size()), dk(kk.size()), dv(vv.size());
         std::vector<float> got[3];
@@ -263,6 +237,38 @@ TEST_F(CudaFlash, RoutedJumpcp) {
 
 // JUMP-CP P=8 (N = 784 > 256): key tiles streamed
 TEST_F(CudaFlash, RoutedLong) { routed(1, 8, 784, 6, 1, 8, 230); }
+
+// kernels/backend.h may pair a flash forward with an fp32 backward and the
+// reverse (the buffers' alignment decides each): both forwards must write the
+// same lse in the same layout.
+TEST_F(CudaFlash, LseMatchesTheFp32Kernels) {
+    Rng rng(240);
+    const int B = 2, L = 75, Hd = 2, D = 64 * Hd;
+    const auto qkv = bf16_randn((size_t)B * L * 3 * D, rng);
+    auto d_qkv = to_device(qkv);
+    DeviceArray<float> out(B * L * D), lse_flash(B * Hd * L), lse_fp32(B * Hd * L);
+    lse_flash.poison();
+    lse_fp32.poison();
+    cu::flash_attention_forward(out.get(), lse_flash.get(), d_qkv.get(), B, L, D, Hd, stream);
+    cu::attention_forward(out.get(), lse_fp32.get(), d_qkv.get(), B, L, D, Hd, stream);
+    expect_close("dense lse, flash vs fp32", lse_flash.download(), lse_fp32.download(), kLseTol);
+
+    const int nS = 3, N = 16, sets = B * nS;
+    std::vector<int> offsets(sets + 1, 0);
+    for (int g = 0; g < sets; g++) offsets[g + 1] = offsets[g] + (g % 3 == 1 ? 0 : N);  // some groups empty
+    const int rows = offsets.back();
+    const auto qg = bf16_randn((size_t)rows * D, rng), kv = bf16_randn((size_t)sets * N * D, rng);
+    auto d_qg = to_device(qg), d_kv = to_device(kv);
+    auto d_off = to_device(offsets);
+    DeviceArray<float> og(rows * D), rl_flash(rows * Hd), rl_fp32(rows * Hd);
+    rl_flash.poison();
+    rl_fp32.poison();
+    cu::flash_routed_attention_forward(og.get(), rl_flash.get(), d_qg.get(), d_kv.get(), d_kv.get(), d_off.get(), B,
+                                       nS, N, D, Hd, stream);
+    cu::routed_attention_forward(og.get(), rl_fp32.get(), d_qg.get(), d_kv.get(), d_kv.get(), d_off.get(), B, nS, N,
+                                 D, Hd, stream);
+    expect_close("routed lse, flash vs fp32", rl_flash.download(), rl_fp32.download(), kLseTol);
+}
 
 TEST_F(CudaFlash, RejectsOtherHeadDims) {
     DeviceArray<float> x(3 * 2 * 17 * 96), out(2 * 17 * 96), lse(2 * 17 * 2);

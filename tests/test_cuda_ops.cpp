@@ -3,9 +3,9 @@
 // D=384, 6 heads), JUMP-CP (N=196, C=8) and a tiny odd one, with all channels
 // and an HCS subset. Device outputs are poisoned first, so an element the op
 // fails to write fails the comparison; gradients start from the same random
-// values on both sides (every backward accumulates); each backward runs twice
-// and must give bit-identical results. Agreement: ‖out − ref‖/‖ref‖ ≤ 1e-5
-// (bf16: 2e-2, DESIGN.md §7).
+// values on both sides (every backward accumulates); each backward (and the
+// attention forwards) runs twice and must give bit-identical results.
+// Agreement: ‖out − ref‖/‖ref‖ ≤ 1e-5 (bf16: 2e-2, DESIGN.md §7).
 // Without a CUDA device every test is skipped, saying so.
 #ifdef PRISM_CUDA
 #include <algorithm>
@@ -516,34 +516,57 @@ TEST_F(CudaOps, GeluAndResidual) {
     }
 }
 
+// Dense attention at each shape's chvit and vit sequence, and at head dim 128.
+// lse is compared with the CPU's; backward reads the CPU's out and lse.
 TEST_F(CudaOps, DenseAttention) {
     Rng rng(108);
+    struct Case {
+        std::string name;
+        int B, L, D, Hd;
+    };
+    std::vector<Case> cases;
     for (const Shape& sh : kShapes)
         for (bool channelwise : {true, false}) {  // chvit: 1 + C·N tokens; vit: 1 + N
-            const int B = std::string(sh.name) == "jumpcp" ? 1 : sh.B, D = sh.D, Hd = sh.Hd;
             const int L = 1 + (channelwise ? sh.C : 1) * sh.N;
-            const std::string what = std::string(sh.name) + " attention L=" + std::to_string(L);
-            const auto qkv = randn_f((size_t)B * L * 3 * D, rng);
-            auto d_qkv = to_device(qkv);
-            auto ref = poisoned<float>((size_t)B * L * D), ref_p = poisoned<float>((size_t)B * Hd * L * L);
-            ops::attention_forward(ref.data(), ref_p.data(), qkv.data(), B, L, D, Hd);
-            DeviceArray<float> out(ref.size()), probs(ref_p.size());
-            out.poison();
-            probs.poison();
-            cu::attention_forward(out.get(), probs.get(), d_qkv.get(), B, L, D, Hd, stream);
-            expect_close(what + " out", out.download(), ref);
-            expect_close(what + " probs", probs.download(), ref_p);
-
-            const auto dout = randn_f(ref.size(), rng), g = randn_f(qkv.size(), rng);
-            auto r = g;
-            ops::attention_backward(r.data(), dout.data(), qkv.data(), ref_p.data(), B, L, D, Hd);
-            auto d_dout = to_device(dout), d_probs = to_device(ref_p);
-            DeviceArray<float> dqkv(qkv.size());
-            auto got = run_twice(what + " backward", {{&dqkv, g}}, [&] {
-                cu::attention_backward(dqkv.get(), d_dout.get(), d_qkv.get(), d_probs.get(), B, L, D, Hd, stream);
-            });
-            expect_close(what + " dqkv", got[0], r);
+            cases.push_back({std::string(sh.name) + " attention L=" + std::to_string(L),
+                             std::string(sh.name) == "jumpcp" ? 1 : sh.B, L, sh.D, sh.Hd});
         }
+    cases.push_back({"head dim 128 attention L=45", 2, 45, 256, 2});
+    for (const Case& c : cases) {
+        const int B = c.B, L = c.L, D = c.D, Hd = c.Hd;
+        const std::string& what = c.name;
+        const auto qkv = randn_f((size_t)B * L * 3 * D, rng);
+        auto d_qkv = to_device(qkv);
+        auto ref = poisoned<float>((size_t)B * L * D), ref_lse = poisoned<float>((size_t)B * Hd * L);
+        ops::attention_forward(ref.data(), ref_lse.data(), qkv.data(), B, L, D, Hd);
+        DeviceArray<float> out(ref.size()), lse(ref_lse.size());
+        std::vector<float> got_out, got_lse;
+        for (int run = 0; run < 2; run++) {
+            out.poison();
+            lse.poison();
+            cu::attention_forward(out.get(), lse.get(), d_qkv.get(), B, L, D, Hd, stream);
+            if (run == 0) {
+                got_out = out.download();
+                got_lse = lse.download();
+            } else {
+                expect_bit_identical(what + " out, two runs", got_out, out.download());
+                expect_bit_identical(what + " lse, two runs", got_lse, lse.download());
+            }
+        }
+        expect_close(what + " out", got_out, ref);
+        expect_close(what + " lse", got_lse, ref_lse);
+
+        const auto dout = randn_f(ref.size(), rng), g = randn_f(qkv.size(), rng);
+        auto r = g;
+        ops::attention_backward(r.data(), dout.data(), qkv.data(), ref.data(), ref_lse.data(), B, L, D, Hd);
+        auto d_dout = to_device(dout), d_out = to_device(ref), d_lse = to_device(ref_lse);
+        DeviceArray<float> dqkv(qkv.size());
+        auto got = run_twice(what + " backward", {{&dqkv, g}}, [&] {
+            cu::attention_backward(dqkv.get(), d_dout.get(), d_qkv.get(), d_out.get(), d_lse.get(), B, L, D, Hd,
+                                   stream);
+        });
+        expect_close(what + " dqkv", got[0], r);
+    }
 }
 
 TEST_F(CudaOps, Router) {
@@ -832,50 +855,63 @@ TEST_F(CudaOps, GatherAndCombine) {
             }
 }
 
+// Routed attention over a real dispatch at every shape, |S| and k, with and
+// without empty groups, and at head dim 128. Backward reads the CPU's og and lse.
 TEST_F(CudaOps, RoutedAttention) {
     Rng rng(113);
+    auto check = [&](const std::string& what, int B, int nS, int N, int D, int Hd, int k, int allowed) {
+        const int64_t T = (int64_t)B * nS * N, rows = T * k;
+        const Dispatch dsp = cpu_dispatch(random_experts(T, k, allowed, rng), B, nS, N, k);
+        const auto qg = randn_f(rows * D, rng), kk = randn_f(T * D, rng), vv = randn_f(T * D, rng);
+        auto d_qg = to_device(qg), d_k = to_device(kk), d_v = to_device(vv);
+        auto d_off = to_device(dsp.offsets);
+        auto ref = poisoned<float>(rows * D), ref_lse = poisoned<float>(rows * Hd);
+        ops::routed_attention_forward(ref.data(), ref_lse.data(), qg.data(), kk.data(), vv.data(),
+                                      dsp.offsets.data(), B, nS, N, D, Hd);
+        DeviceArray<float> og(ref.size()), lse(ref_lse.size());
+        std::vector<float> got_og, got_lse;
+        for (int run = 0; run < 2; run++) {
+            og.poison();
+            lse.poison();
+            cu::routed_attention_forward(og.get(), lse.get(), d_qg.get(), d_k.get(), d_v.get(), d_off.get(), B, nS,
+                                         N, D, Hd, stream);
+            if (run == 0) {
+                got_og = og.download();
+                got_lse = lse.download();
+            } else {
+                expect_bit_identical(what + " routed og, two runs", got_og, og.download());
+                expect_bit_identical(what + " routed lse, two runs", got_lse, lse.download());
+            }
+        }
+        expect_close(what + " routed og", got_og, ref);
+        expect_close(what + " routed lse", got_lse, ref_lse);
+
+        const auto dog = randn_f(ref.size(), rng), g_q = randn_f(qg.size(), rng), g_k = randn_f(kk.size(), rng),
+                   g_v = randn_f(vv.size(), rng);
+        auto r_q = g_q, r_k = g_k, r_v = g_v;
+        ops::routed_attention_backward(r_q.data(), r_k.data(), r_v.data(), dog.data(), qg.data(), kk.data(),
+                                       vv.data(), ref.data(), ref_lse.data(), dsp.offsets.data(), B, nS, N, D, Hd);
+        auto d_dog = to_device(dog), d_og = to_device(ref), d_lse = to_device(ref_lse);
+        DeviceArray<float> dqg(qg.size()), dk(kk.size()), dv(vv.size());
+        auto got = run_twice(what + " routed backward", {{&dqg, g_q}, {&dk, g_k}, {&dv, g_v}}, [&] {
+            cu::routed_attention_backward(dqg.get(), dk.get(), dv.get(), d_dog.get(), d_qg.get(), d_k.get(),
+                                          d_v.get(), d_og.get(), d_lse.get(), d_off.get(), B, nS, N, D, Hd, stream);
+        });
+        expect_close(what + " routed dqg", got[0], r_q);
+        expect_close(what + " routed dk", got[1], r_k);
+        expect_close(what + " routed dv", got[2], r_v);
+    };
     for (const Shape& sh : kShapes)
         for (const auto& S : channel_sets(sh.C, rng))
             for (int k : top_k_values((int)S.size()))
                 for (bool empty_groups : {true, false}) {
-                    const int B = sh.B, nS = (int)S.size(), N = sh.N, D = sh.D, Hd = sh.Hd;
-                    const int64_t T = (int64_t)B * nS * N, rows = T * k;
+                    const int nS = (int)S.size();
                     const int allowed = empty_groups ? std::min(nS, k + 1) : nS;
-                    const std::string what = tag(sh, S) + " k=" + std::to_string(k) +
-                                             (empty_groups && allowed < nS ? " (empty groups)" : "");
                     if (!empty_groups && allowed == std::min(nS, k + 1)) continue;  // same case twice
-                    const Dispatch dsp = cpu_dispatch(random_experts(T, k, allowed, rng), B, nS, N, k);
-                    const auto qg = randn_f(rows * D, rng), kk = randn_f(T * D, rng), vv = randn_f(T * D, rng);
-                    auto d_qg = to_device(qg), d_k = to_device(kk), d_v = to_device(vv);
-                    auto d_off = to_device(dsp.offsets);
-                    auto ref = poisoned<float>(rows * D), ref_p = poisoned<float>(rows * Hd * N);
-                    ops::routed_attention_forward(ref.data(), ref_p.data(), qg.data(), kk.data(), vv.data(),
-                                                  dsp.offsets.data(), B, nS, N, D, Hd);
-                    DeviceArray<float> og(ref.size()), probs(ref_p.size());
-                    og.poison();
-                    probs.poison();
-                    cu::routed_attention_forward(og.get(), probs.get(), d_qg.get(), d_k.get(), d_v.get(), d_off.get(),
-                                                 B, nS, N, D, Hd, stream);
-                    expect_close(what + " routed og", og.download(), ref);
-                    expect_close(what + " routed probs", probs.download(), ref_p);
-
-                    const auto dog = randn_f(ref.size(), rng), g_q = randn_f(qg.size(), rng),
-                               g_k = randn_f(kk.size(), rng), g_v = randn_f(vv.size(), rng);
-                    auto r_q = g_q, r_k = g_k, r_v = g_v;
-                    ops::routed_attention_backward(r_q.data(), r_k.data(), r_v.data(), dog.data(), qg.data(),
-                                                   kk.data(), vv.data(), ref_p.data(), dsp.offsets.data(), B, nS,
-                                                   N, D, Hd);
-                    auto d_dog = to_device(dog), d_p = to_device(ref_p);
-                    DeviceArray<float> dqg(qg.size()), dk(kk.size()), dv(vv.size());
-                    auto got = run_twice(what + " routed backward", {{&dqg, g_q}, {&dk, g_k}, {&dv, g_v}}, [&] {
-                        cu::routed_attention_backward(dqg.get(), dk.get(), dv.get(), d_dog.get(), d_qg.get(),
-                                                      d_k.get(), d_v.get(), d_p.get(), d_off.get(), B, nS, N, D,
-                                                      Hd, stream);
-                    });
-                    expect_close(what + " routed dqg", got[0], r_q);
-                    expect_close(what + " routed dk", got[1], r_k);
-                    expect_close(what + " routed dv", got[2], r_v);
+                    check(tag(sh, S) + " k=" + std::to_string(k) + (allowed < nS ? " (empty groups)" : ""), sh.B,
+                          nS, sh.N, sh.D, sh.Hd, k, allowed);
                 }
+    check("head dim 128 N=20 k=2 (empty groups)", 2, 4, 20, 256, 2, 2, 3);
 }
 
 TEST_F(CudaOps, ClsAttention) {

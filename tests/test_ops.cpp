@@ -90,14 +90,36 @@ TEST(OpGrad, Embed) {
     expect_gradient("embed dchan", chan, dchan, loss, rng);
 }
 
+// lse of query row q (head h of D = Hd·dh columns) over M key rows K (stride
+// kv_stride), straight from the definition: log Σ_m exp(q_h·k_m/√dh).
+static double direct_lse(const double* q, const double* K, int64_t kv_stride, int M, int h, int dh) {
+    double sum = 0;
+    for (int m = 0; m < M; m++) {
+        double s = 0;
+        for (int d = 0; d < dh; d++) s += q[h * dh + d] * K[m * kv_stride + h * dh + d];
+        sum += std::exp(s / std::sqrt(double(dh)));
+    }
+    return std::log(sum);
+}
+
 TEST(OpGrad, DenseAttention) {
     Rng rng(6);
-    const int B = 2, L = 5, D = 6, Hd = 2;
-    Vec qkv = randn(B * L * 3 * D, rng), R = randn(B * L * D, rng), out(B * L * D), probs(B * Hd * L * L);
-    auto loss = [&] { ops::attention_forward(out.data(), probs.data(), qkv.data(), B, L, D, Hd); return dot(out, R); };
+    const int B = 2, L = 5, D = 6, Hd = 2, dh = D / Hd;
+    Vec qkv = randn(B * L * 3 * D, rng), R = randn(B * L * D, rng), out(B * L * D), lse(B * Hd * L);
+    auto loss = [&] { ops::attention_forward(out.data(), lse.data(), qkv.data(), B, L, D, Hd); return dot(out, R); };
     loss();
-    Vec dqkv = zeros(qkv.size());
-    ops::attention_backward(dqkv.data(), R.data(), qkv.data(), probs.data(), B, L, D, Hd);
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < Hd; h++)
+            for (int i = 0; i < L; i++) {
+                const double* base = qkv.data() + b * L * 3 * D;
+                EXPECT_NEAR(lse[(b * Hd + h) * L + i], direct_lse(base + i * 3 * D, base + D, 3 * D, L, h, dh), 1e-12)
+                    << "b=" << b << " h=" << h << " i=" << i;
+            }
+    // backward adds to what the gradient holds
+    const Vec g0 = randn(qkv.size(), rng);
+    Vec dqkv = g0;
+    ops::attention_backward(dqkv.data(), R.data(), qkv.data(), out.data(), lse.data(), B, L, D, Hd);
+    for (size_t i = 0; i < dqkv.size(); i++) dqkv[i] -= g0[i];
     expect_gradient("attention dqkv", qkv, dqkv, loss, rng, 60);
 }
 
@@ -128,13 +150,13 @@ TEST(OpGrad, RoutedPath) {
             SCOPED_TRACE("k=" + std::to_string(k) + (combine == ops::Combine::renorm ? " renorm" : " softmax"));
             Vec z = randn(B * L * C, rng, 2.0), q = randn(B * L * D, rng), kk = randn(B * nS * N * D, rng), vv = randn(B * nS * N * D, rng);
             Vec R = randn(B * L * D, rng);
-            Vec probs(T * C), weights(T * k), lse(T), qg(T * k * D), og(T * k * D), rp(T * k * Hd * N), a = zeros(B * L * D);
+            Vec probs(T * C), weights(T * k), lse(T), qg(T * k * D), og(T * k * D), rlse(T * k * Hd), a = zeros(B * L * D);
             std::vector<int> experts(T * k), offsets(B * nS + 1), por(T * k), rop(T * k), counts(nS);
             auto loss = [&] {
                 ops::router_forward(probs.data(), experts.data(), weights.data(), lse.data(), z.data() + C, L * C, in_S, S, B, nS, N, C, k, combine);
                 ops::moe_dispatch(offsets.data(), por.data(), rop.data(), counts.data(), experts.data(), B, nS, N, k);
                 ops::moe_gather_forward(qg.data(), q.data() + D, L * D, por.data(), B, nS, N, k, D);
-                ops::routed_attention_forward(og.data(), rp.data(), qg.data(), kk.data(), vv.data(), offsets.data(), B, nS, N, D, Hd);
+                ops::routed_attention_forward(og.data(), rlse.data(), qg.data(), kk.data(), vv.data(), offsets.data(), B, nS, N, D, Hd);
                 ops::combine_forward(a.data() + D, L * D, og.data(), weights.data(), rop.data(), B, nS, N, k, D);
                 return dot(a, R);
             };
@@ -147,11 +169,15 @@ TEST(OpGrad, RoutedPath) {
                     if (j) { EXPECT_GE(probs[t * C + S[experts[t * k + j - 1]]], probs[t * C + S[experts[t * k + j]]]); }
                 }
             EXPECT_EQ(offsets[B * nS], T * k);
+            for (int g = 0; g < B * nS; g++)
+                for (int i = offsets[g]; i < offsets[g + 1]; i++)
+                    for (int h = 0; h < Hd; h++)
+                        EXPECT_NEAR(rlse[i * Hd + h], direct_lse(qg.data() + i * D, kk.data() + g * N * D, D, N, h, D / Hd), 1e-12);
             EXPECT_EQ(std::accumulate(counts.begin(), counts.end(), 0), T * k);
             Vec dog = zeros(og.size()), dw = zeros(weights.size()), dqg = zeros(qg.size()), dk = zeros(kk.size()), dv = zeros(vv.size());
             Vec dq = zeros(q.size()), dz = zeros(z.size());
             ops::combine_backward(dog.data(), dw.data(), R.data() + D, L * D, og.data(), weights.data(), rop.data(), B, nS, N, k, D);
-            ops::routed_attention_backward(dqg.data(), dk.data(), dv.data(), dog.data(), qg.data(), kk.data(), vv.data(), rp.data(), offsets.data(), B, nS, N, D, Hd);
+            ops::routed_attention_backward(dqg.data(), dk.data(), dv.data(), dog.data(), qg.data(), kk.data(), vv.data(), og.data(), rlse.data(), offsets.data(), B, nS, N, D, Hd);
             ops::moe_gather_backward(dq.data() + D, L * D, dqg.data(), rop.data(), B, nS, N, k, D);
             ops::router_backward(dz.data() + C, L * C, probs.data(), experts.data(), weights.data(), dw.data(), (const double*)nullptr, S, B, nS, N, C, k, combine);
             expect_gradient("routed dq", q, dq, loss, rng, 40);

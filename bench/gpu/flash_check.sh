@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The flash attention kernels on a lent GPU machine, in one call under 8
+# The fused attention kernels on a lent GPU machine, in one call under 8
 # minutes: build, the GPU tests (CudaFlash*: every flash op against the CPU
-# reference), compute-sanitizer memcheck and racecheck on the small-shape
-# tests, then `prism bench attention` with the reference and the flash kernels
-# at JUMP-CP P=16, P=8 and So2Sat. Each part has its own timeout, and no part
-# may run past the overall deadline (BUDGET seconds from the start). Logs go to
-# $OUT (or build/gpu-logs).
+# reference; CudaOps.*Attention: the fp32 ones), compute-sanitizer memcheck
+# and racecheck on the small-shape flash tests, then `prism bench attention`
+# with the reference (the fused fp32 kernels of attention.cu) and the flash
+# kernels at JUMP-CP P=16, P=8 and So2Sat. Each part has its own timeout, and
+# no part may run past the overall deadline (BUDGET seconds from the start).
+# Logs go to $OUT (or build/gpu-logs).
 # Usage: bash bench/gpu/flash_check.sh   (carry build/third_party)
 #   ITERS=10 WARMUP=2 BUDGET=470 SAN_FILTER='CudaFlash.DenseSmall:CudaFlash.RoutedSmall'
 set -uo pipefail
@@ -30,13 +31,15 @@ NCCL_DIR=$(dirname "$(dirname "$(find "$NV" -name nccl.h 2>/dev/null | head -1)"
 timeout "$(limit 220)" make -j16 BUILD=$BUILD THIRD_PARTY=build/third_party ${NCCL_DIR:+NCCL_HOME=$NCCL_DIR} \
   $BUILD/prism $BUILD/prism_tests > "$OUT/build.log" 2>&1 || { echo "build failed or timed out"; tail -30 "$OUT/build.log"; exit 1; }
 echo "built at t=$(( $(date +%s) - start )) s"
-# registers and spills of the flash kernels as this build compiled them
-cuobjdump --dump-resource-usage $BUILD/obj/kernels/cuda/flash_attention.cu.o 2>/dev/null \
-  | grep -E "Function|REG" | sed 's/_ZN5prism5flash//' | paste - - | sed 's/  */ /g' > "$OUT/flash-resources.txt"
+# registers and spills of the attention kernels (flash and fused fp32) as this build compiled them
+for o in flash_attention attention; do
+  cuobjdump --dump-resource-usage $BUILD/obj/kernels/cuda/$o.cu.o 2>/dev/null \
+    | grep -E "Function|REG" | sed 's/_ZN5prism5\(flash\|fused\)//' | paste - - | sed 's/  */ /g'
+done > "$OUT/flash-resources.txt"
 cat "$OUT/flash-resources.txt"
 
-stamp "GPU tests (CudaFlash*)"
-timeout "$(limit 120)" $BUILD/prism_tests --gtest_filter='CudaFlash*' > "$OUT/tests.log" 2>&1; echo "rc $?"
+stamp "GPU tests (CudaFlash*, CudaOps.*Attention: the fused fp32 kernels)"
+timeout "$(limit 120)" $BUILD/prism_tests --gtest_filter='CudaFlash*:CudaOps.*Attention' > "$OUT/tests.log" 2>&1; echo "rc $?"
 grep -E "^\[ +(FAILED|PASSED|SKIPPED|OK) |Failure|cuda-vs-cpu" "$OUT/tests.log" | tail -80
 
 for tool in memcheck racecheck; do

@@ -17,6 +17,8 @@ namespace prism::cuda_ops {
 using namespace cuda_detail;
 using namespace prism::flash;
 
+static_assert(kDh == kFlashHeadDim, "cuda_ops.h announces the head dim the kernels support");
+
 namespace {
 
 void require_head_dim(int D, int Hd, const char* op) {

@@ -1,0 +1,92 @@
+// The device primitives of the attention kernels (flash_attention.cuh, the
+// bf16 tensor-core ones, and attention.cuh, the fp32 ones): everything they
+// do beyond plain arithmetic and global memory goes through these, so that
+// tests can compile the kernels on the host with the primitives replaced
+// (PRISM_FLASH_EMULATION: a CPU model of warps, barriers, shared memory,
+// ldmatrix, mma and cp.async; see tests/flash_emulator.h).
+#pragma once
+#include <math.h>
+#include <stdint.h>
+
+#ifndef PRISM_FLASH_EMULATION
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#define FLASH_DEVICE __device__ __forceinline__
+#define FLASH_HOST_DEVICE __host__ __device__ __forceinline__
+#define FLASH_KERNEL(threads) __global__ void __launch_bounds__(threads)
+#define FLASH_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
+#define FLASH_UNROLL _Pragma("unroll")
+#endif
+
+namespace prism::flash {
+// The emulated build gets its own names: the kernels' host stubs in the CUDA
+// object and their emulated bodies must not meet in the linker.
+#ifdef PRISM_FLASH_EMULATION
+inline namespace emulated {
+#endif
+
+#ifndef PRISM_FLASH_EMULATION
+// d += a·b, bf16 inputs, fp32 accumulators.
+FLASH_DEVICE void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+// Four 8×8 bf16 matrices; lanes 8j..8j+7 give the row addresses of matrix j.
+FLASH_DEVICE void ldsm_x4(uint32_t (&r)[4], const uint16_t* row) {
+    const uint32_t a = (uint32_t)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+FLASH_DEVICE void ldsm_x4_trans(uint32_t (&r)[4], const uint16_t* row) {
+    const uint32_t a = (uint32_t)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+// 16 bytes global → shared, asynchronous; valid == false writes 16 zero bytes.
+FLASH_DEVICE void cp_async_16(void* smem, const void* gmem, bool valid) {
+    const uint32_t a = (uint32_t)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(a), "l"(gmem),
+                 "r"(valid ? 16 : 0));
+}
+FLASH_DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+FLASH_DEVICE void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
+FLASH_DEVICE void block_sync() { __syncthreads(); }
+FLASH_DEVICE float shfl_xor(float v, int mask) { return __shfl_xor_sync(0xffffffffu, v, mask); }
+// Two floats as bf16 (nearest even), lo in the low half: an mma operand register.
+FLASH_DEVICE uint32_t pack_bf16(float lo, float hi) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+}
+FLASH_DEVICE float ld_shared(const float* p) { return *p; }  // (the emulator checks these)
+FLASH_DEVICE void st_shared(float* p, float v) { *p = v; }
+FLASH_DEVICE void load_f8(float (&v)[8], const float* p) {  // 32 bytes, read-only path
+    const float4 a = __ldg(reinterpret_cast<const float4*>(p));
+    const float4 b = __ldg(reinterpret_cast<const float4*>(p + 4));
+    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+}
+FLASH_DEVICE void store_shared_16(void* p, uint32_t a, uint32_t b, uint32_t c, uint32_t d) {
+    *reinterpret_cast<uint4*>(p) = make_uint4(a, b, c, d);
+}
+FLASH_DEVICE void load_f2(float& x, float& y, const float* p) {
+    const float2 v = *reinterpret_cast<const float2*>(p);
+    x = v.x, y = v.y;
+}
+FLASH_DEVICE void store_f2(float* p, float x, float y) { *reinterpret_cast<float2*>(p) = make_float2(x, y); }
+FLASH_DEVICE void add_f2(float* p, float x, float y) {
+    float2 v = *reinterpret_cast<float2*>(p);
+    v.x += x, v.y += y;
+    *reinterpret_cast<float2*>(p) = v;
+}
+#endif
+
+FLASH_DEVICE int imin(int a, int b) { return a < b ? a : b; }
+
+#ifdef PRISM_FLASH_EMULATION
+}  // inline namespace emulated
+#endif
+}  // namespace prism::flash
