@@ -369,7 +369,7 @@ void validate(const Config& c, const std::string& origin) {
           "train.warmup_steps must be >= 0, got " + std::to_string(t.warmup_steps));
     check(t.warmup_epochs >= 0, origin, "train.warmup_epochs must be >= 0, got " + num(t.warmup_epochs));
     check(t.grad_clip >= 0, origin, "train.grad_clip must be >= 0, got " + num(t.grad_clip));
-    check_one_of(t.precision, "train.precision", {"fp32", "bf16"}, origin);
+    check_one_of(t.precision, "train.precision", {"auto", "fp32", "bf16"}, origin);
     check(t.eval_every >= 0, origin,
           "train.eval_every must be >= 0, got " + std::to_string(t.eval_every));
     check(t.checkpoint_every >= 0, origin,

@@ -54,7 +54,7 @@ struct TrainConfig {
     double grad_clip = 0.0;          // global grad-norm clip; 0 = off
     uint64_t seed = 0;
     bool hcs = false;                // hierarchical channel sampling (training only)
-    std::string precision = "fp32";  // fp32 | bf16 (bf16 is CUDA only)
+    std::string precision = "auto";  // auto (bf16 on CUDA, fp32 on the CPU) | fp32 | bf16 (bf16 is CUDA only)
     int64_t eval_every = 0;          // 0 = only at the end
     int64_t checkpoint_every = 0;    // 0 = only at the end
     int64_t log_every = 10;          // plain log line every N steps

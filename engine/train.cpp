@@ -182,11 +182,12 @@ TrainResult train(const Config& cfg, Device device, const std::string& out_dir, 
                     comm.size, comm.size == 1 ? "" : "s", loader.local_batch(), device_description(device).c_str());
 
     Model<float> model(m, loader.local_batch(), verbose, device);
-    model.set_bf16_matmul(t.precision == "bf16");
-    if (verbose && t.precision == "bf16")
-        std::printf(device == Device::cuda
-                        ? "precision: bf16 inputs to the linear layers' products (fp32 accumulation); everything else fp32\n"
-                        : "precision: train.precision bf16 applies on CUDA only; the CPU computes in fp32\n");
+    model.set_bf16_matmul(bf16_mode(t.precision, device));
+    if (verbose && model.bf16_matmul())
+        std::printf("precision: bf16 inputs to the matrix products (fp32 accumulation), everything else fp32%s\n",
+                    t.precision == "auto" ? " (train.precision auto on CUDA; fp32 to turn it off)" : "");
+    if (verbose && device == Device::cpu && t.precision == "bf16")
+        std::printf("precision: train.precision bf16 applies on CUDA only; the CPU computes in fp32\n");
     model.init_weights(t.seed);
     // Data parallel. The CPU sums host memory over MPI after backward. GPU
     // ranks (also a world of one under mpirun, so that the path can be

@@ -11,6 +11,7 @@
 
 #include "engine/common.h"
 #include "engine/config.h"
+#include "engine/device.h"
 
 using namespace prism;
 using nlohmann::json;
@@ -96,6 +97,18 @@ TEST(Config, DefaultsForMissingKeys) {
     EXPECT_EQ(c.train.beta2, d.train.beta2);
     EXPECT_EQ(c.train.batch, 8);
     EXPECT_EQ(c.data.train, "");  // validate does not need data (prism flops)
+}
+
+// DESIGN.md §7 and issue 4: bf16 is the default on CUDA, fp32 on the CPU.
+TEST(Config, PrecisionAutoIsBf16OnCudaOnly) {
+    const Config c = load_config(write_temp("defaults.json", kSmall));
+    EXPECT_EQ(c.train.precision, "auto");
+    EXPECT_TRUE(bf16_mode("auto", Device::cuda));
+    EXPECT_FALSE(bf16_mode("auto", Device::cpu));
+    EXPECT_TRUE(bf16_mode("bf16", Device::cuda));
+    EXPECT_FALSE(bf16_mode("bf16", Device::cpu));
+    EXPECT_FALSE(bf16_mode("fp32", Device::cuda));
+    EXPECT_FALSE(bf16_mode("fp32", Device::cpu));
 }
 
 TEST(Config, SetOverrides) {
