@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <functional>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -142,6 +143,28 @@ void expect_bit_identical(const std::string& what, const std::vector<T>& a, cons
     ASSERT_EQ(a.size(), b.size()) << what;
     EXPECT_TRUE(a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0)
         << what << ": two runs differ";
+}
+
+// An op run twice on the same inputs. Before each run every buffer it writes
+// is reset: to its starting values (the gradients a backward adds into), or,
+// where none are given, poisoned (outputs the op must write in full, so that
+// an unwritten element fails the comparison with the reference). The second
+// run must give the same bits; returns the first run's buffers.
+using RunBuffers = std::vector<std::pair<DeviceArray<float>*, std::vector<float>>>;
+inline std::vector<std::vector<float>> run_twice(const std::string& what, const RunBuffers& buffers,
+                                                 const std::function<void()>& op) {
+    std::vector<std::vector<float>> runs[2];
+    for (int run = 0; run < 2; run++) {
+        for (const auto& [dev, init] : buffers) {
+            if (init.empty()) dev->poison();
+            else dev->upload(init);
+        }
+        op();
+        for (const auto& b : buffers) runs[run].push_back(b.first->download());
+    }
+    for (size_t i = 0; i < buffers.size(); i++)
+        expect_bit_identical(what + ", buffer " + std::to_string(i), runs[0][i], runs[1][i]);
+    return runs[0];
 }
 
 // A test with its own stream, skipped where no CUDA device is present.

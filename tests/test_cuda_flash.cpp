@@ -51,12 +51,6 @@ void expect_increment_close(const std::string& what, const std::vector<float>& g
     EXPECT_LE(rel, kTol) << what << ": relative error " << rel << " (" << bad << " non-finite)";
 }
 
-template <class T>
-std::vector<T> download_twice(const std::string& what, DeviceArray<T>& a, const std::vector<T>& first) {
-    auto second = a.download();
-    expect_bit_identical(what + ": two runs", first, second);
-    return second;
-}
 
 class CudaFlash : public CudaStreamTest {
 protected:
@@ -72,21 +66,11 @@ protected:
         auto ref = poisoned<float>(rows * D), ref_lse = poisoned<float>(rows * Hd);
         ops::attention_forward(ref.data(), ref_lse.data(), qkv.data(), B, L, D, Hd);
         DeviceArray<float> out(ref.size()), lse(ref_lse.size());
-        std::vector<float> got_out, got_lse;
-        for (int run = 0; run < 2; run++) {
-            out.poison();
-            lse.poison();
+        const auto fwd = run_twice(what + " forward", {{&out, {}}, {&lse, {}}}, [&] {
             cu::flash_attention_forward(out.get(), lse.get(), d_qkv.get(), B, L, D, Hd, stream);
-            if (run == 0) {
-                got_out = out.download();
-                got_lse = lse.download();
-            } else {
-                download_twice(what + " out", out, got_out);
-                download_twice(what + " lse", lse, got_lse);
-            }
-        }
-        expect_close(what + " out", got_out, ref, kTol);
-        expect_close(what + " lse", got_lse, ref_lse, kLseTol);
+        });
+        expect_close(what + " out", fwd[0], ref, kTol);
+        expect_close(what + " lse", fwd[1], ref_lse, kLseTol);
         if (forward_only) return;
 
         const auto dout = bf16_randn(rows * D, rng), g = randn_f(qkv.size(), rng);
@@ -95,14 +79,10 @@ protected:
         // the op reads the forward's own out and lse, as the model will
         auto d_dout = to_device(dout);
         DeviceArray<float> dqkv(qkv.size());
-        std::vector<float> got;
-        for (int run = 0; run < 2; run++) {
-            dqkv.upload(g);
+        const std::vector<float> got = run_twice(what + " backward", {{&dqkv, g}}, [&] {
             cu::flash_attention_backward(dqkv.get(), d_dout.get(), d_qkv.get(), out.get(), lse.get(), B, L, D, Hd,
                                          stream);
-            if (run == 0) got = dqkv.download();
-            else download_twice(what + " dqkv", dqkv, got);
-        }
+        })[0];
         for (int part = 0; part < 3; part++) {  // dq, dk, dv separately: each has its own kernel
             std::vector<float> gp, rp, bp;
             for (int64_t row = 0; row < rows; row++)
@@ -145,22 +125,12 @@ protected:
         ops::routed_attention_forward(ref.data(), ref_lse.data(), qg.data(), kk.data(), vv.data(), offsets.data(),
                                       B, nS, N, D, Hd);
         DeviceArray<float> og(ref.size()), lse(ref_lse.size());
-        std::vector<float> got_og, got_lse;
-        for (int run = 0; run < 2; run++) {
-            og.poison();
-            lse.poison();
+        const auto fwd = run_twice(what + " forward", {{&og, {}}, {&lse, {}}}, [&] {
             cu::flash_routed_attention_forward(og.get(), lse.get(), d_qg.get(), d_k.get(), d_v.get(), d_off.get(), B,
                                                nS, N, D, Hd, stream);
-            if (run == 0) {
-                got_og = og.download();
-                got_lse = lse.download();
-            } else {
-                download_twice(what + " og", og, got_og);
-                download_twice(what + " lse", lse, got_lse);
-            }
-        }
-        expect_close(what + " og", got_og, ref, kTol);
-        expect_close(what + " lse", got_lse, ref_lse, kLseTol);
+        });
+        expect_close(what + " og", fwd[0], ref, kTol);
+        expect_close(what + " lse", fwd[1], ref_lse, kLseTol);
 
         const auto dog = bf16_randn(ref.size(), rng), g_q = randn_f(qg.size(), rng), g_k = randn_f(kk.size(), rng),
                    g_v = randn_f(vv.size(), rng);
@@ -169,23 +139,10 @@ protected:
                                        vv.data(), ref.data(), ref_lse.data(), offsets.data(), B, nS, N, D, Hd);
         auto d_dog = to_device(dog);
         DeviceArray<float> dqg(qg.size()), dk(kk.size()), dv(vv.size());
-        std::vector<float> got[3];
-        for (int run = 0; run < 2; run++) {
-            dqg.upload(g_q);
-            dk.upload(g_k);
-            dv.upload(g_v);
+        const auto got = run_twice(what + " backward", {{&dqg, g_q}, {&dk, g_k}, {&dv, g_v}}, [&] {
             cu::flash_routed_attention_backward(dqg.get(), dk.get(), dv.get(), d_dog.get(), d_qg.get(), d_k.get(),
                                                 d_v.get(), og.get(), lse.get(), d_off.get(), B, nS, N, D, Hd, stream);
-            if (run == 0) {
-                got[0] = dqg.download();
-                got[1] = dk.download();
-                got[2] = dv.download();
-            } else {
-                download_twice(what + " dqg", dqg, got[0]);
-                download_twice(what + " dk", dk, got[1]);
-                download_twice(what + " dv", dv, got[2]);
-            }
-        }
+        });
         expect_increment_close(what + " dqg", got[0], r_q, g_q);
         expect_increment_close(what + " dk", got[1], r_k, g_k);
         expect_increment_close(what + " dv", got[2], r_v, g_v);

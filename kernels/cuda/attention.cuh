@@ -155,6 +155,26 @@ FLASH_DEVICE void load_tile(float* dst, int ld, int rows, const Rows<const float
     }
 }
 
+// acc[j] += Σ_{m<nk} w[i][m]·T[m] for the warp's queries i = warp·kQPW + j
+// (i < nq), each lane over its head dims: P·V in forward, dS·K for dq. w is
+// a [kQT][kKT] shared tile, T a [kKT][ld] one.
+FLASH_DEVICE void accumulate_tile(float (&acc)[kQPW][kDPL], const float* w, const float* T, int ld, int nk,
+                                  int nq, int warp, int lane, int dh) {
+FLASH_UNROLL
+    for (int j = 0; j < kQPW; j++) {
+        const int i = warp * kQPW + j;
+        if (i >= nq) continue;
+        for (int m = 0; m < nk; m++) {
+            const float wm = ld_shared(w + i * kKT + m);
+FLASH_UNROLL
+            for (int u = 0; u < kDPL; u++) {
+                const int d = lane + 32 * u;
+                if (d < dh) acc[j][u] += wm * ld_shared(T + m * ld + d);
+            }
+        }
+    }
+}
+
 FLASH_DEVICE float dot_shared(const float* a, const float* b, int dh) {
     float s = 0.f;
     for (int d = 0; d < dh; d++) s += ld_shared(a + d) * ld_shared(b + d);
@@ -221,19 +241,7 @@ FLASH_UNROLL
             st_shared(sP + i * kKT + lane, e);
         }
         block_sync();  // each lane needs every lane's e
-FLASH_UNROLL
-        for (int j = 0; j < kQPW; j++) {
-            const int i = warp * kQPW + j;
-            if (i >= nq) continue;
-            for (int m = 0; m < nk; m++) {
-                const float e = ld_shared(sP + i * kKT + m);
-FLASH_UNROLL
-                for (int u = 0; u < kDPL; u++) {
-                    const int d = lane + 32 * u;
-                    if (d < dh) acc[j][u] += e * ld_shared(sV + m * ld + d);
-                }
-            }
-        }
+        accumulate_tile(acc, sP, sV, ld, nk, nq, warp, lane, dh);
     }
 FLASH_UNROLL
     for (int j = 0; j < kQPW; j++) {
@@ -311,19 +319,7 @@ FLASH_UNROLL
             st_shared(sS + i * kKT + lane, ds);
         }
         block_sync();
-FLASH_UNROLL
-        for (int j = 0; j < kQPW; j++) {
-            const int i = warp * kQPW + j;
-            if (i >= nq) continue;
-            for (int m = 0; m < nk; m++) {
-                const float ds = ld_shared(sS + i * kKT + m);
-FLASH_UNROLL
-                for (int u = 0; u < kDPL; u++) {
-                    const int d = lane + 32 * u;
-                    if (d < dh) acc[j][u] += ds * ld_shared(sK + m * ld + d);
-                }
-            }
-        }
+        accumulate_tile(acc, sS, sK, ld, nk, nq, warp, lane, dh);
     }
 FLASH_UNROLL
     for (int j = 0; j < kQPW; j++) {
