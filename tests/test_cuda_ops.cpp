@@ -373,82 +373,52 @@ TEST_F(CudaOps, LinearBf16) {
         }
 }
 
+// The expert projections, fp32 and the bf16 mode's (mixed: x, W and dout
+// enter the products as bf16). The mixed ops are checked against the CPU on
+// the same bf16-rounded values, so only the order of the fp32 accumulation
+// differs (1e-4); their bias gradient comes from the fp32 dout, as in fp32.
 TEST_F(CudaOps, ExpertLinear) {
     require_cublas();
     Rng rng(106);
-    for (const Shape& sh : kShapes)
-        for (const auto& S : channel_sets(sh.C, rng)) {
-            const int B = sh.B, C = sh.C, nS = (int)S.size(), N = sh.N, D = sh.D;
-            const int64_t L = 1 + (int64_t)nS * N, stride = L * D;
-            const std::string what = tag(sh, S) + " expert_linear";
-            // x: the patch rows of a sequence buffer (its CLS rows are skipped)
-            const auto x = randn_f(B * stride, rng), W = randn_f((size_t)C * D * D, rng),
-                       bias = randn_f((size_t)C * D, rng);
-            auto d_x = to_device(x), d_W = to_device(W), d_bias = to_device(bias);
-            auto d_S = to_device(S);
-            auto ref = poisoned<float>((size_t)B * nS * N * D);
-            ops::expert_linear_forward(ref.data(), x.data() + D, stride, W.data(), bias.data(), S.data(), B, nS, N, D, D);
-            DeviceArray<float> out(ref.size());
-            out.poison();
-            cu::expert_linear_forward(out.get(), d_x.get() + D, stride, d_W.get(), d_bias.get(), d_S.get(), B, nS, N, D, D, stream);
-            expect_close(what + " forward", out.download(), ref);
+    for (bool mixed : {false, true})
+        for (const Shape& sh : kShapes)
+            for (const auto& S : channel_sets(sh.C, rng)) {
+                const int B = sh.B, C = sh.C, nS = (int)S.size(), N = sh.N, D = sh.D;
+                const int64_t L = 1 + (int64_t)nS * N, stride = L * D;
+                const std::string what = tag(sh, S) + (mixed ? " expert_linear mixed" : " expert_linear");
+                const double tol = mixed ? 1e-4 : 1e-5;
+                auto operand = [&](size_t n) { return mixed ? widen(to_bf16(randn_f(n, rng))) : randn_f(n, rng); };
+                // x: the patch rows of a sequence buffer (its CLS rows are skipped)
+                const auto x = operand(B * stride), W = operand((size_t)C * D * D);
+                const auto bias = randn_f((size_t)C * D, rng);
+                auto d_x = to_device(x), d_W = to_device(W), d_bias = to_device(bias);
+                auto d_S = to_device(S);
+                auto ref = poisoned<float>((size_t)B * nS * N * D);
+                ops::expert_linear_forward(ref.data(), x.data() + D, stride, W.data(), bias.data(), S.data(), B, nS, N,
+                                           D, D);
+                DeviceArray<float> out(ref.size());
+                const auto fwd = run_twice(what + " forward", {{&out, {}}}, [&] {
+                    (mixed ? cu::expert_linear_forward_mixed : cu::expert_linear_forward)(
+                        out.get(), d_x.get() + D, stride, d_W.get(), d_bias.get(), d_S.get(), B, nS, N, D, D, stream);
+                });
+                expect_close(what + " forward", fwd[0], ref, tol);
 
-            const auto dout = randn_f(ref.size(), rng), g_x = randn_f(x.size(), rng),
-                       g_W = randn_f(W.size(), rng), g_b = randn_f(bias.size(), rng);
-            auto r_x = g_x, r_W = g_W, r_b = g_b;
-            ops::expert_linear_backward(r_x.data() + D, r_W.data(), r_b.data(), dout.data(), x.data() + D,
-                                        stride, W.data(), S.data(), B, nS, N, D, D);
-            auto d_dout = to_device(dout);
-            DeviceArray<float> dx(x.size()), dW(W.size()), db(bias.size());
-            auto got = run_twice(what + " backward", {{&dx, g_x}, {&dW, g_W}, {&db, g_b}}, [&] {
-                cu::expert_linear_backward(dx.get() + D, dW.get(), db.get(), d_dout.get(), d_x.get() + D,
-                                           stride, d_W.get(), d_S.get(), B, nS, N, D, D, stream);
-            });
-            expect_close(what + " dx", got[0], r_x);
-            expect_close(what + " dW", got[1], r_W);
-            expect_close(what + " dbias", got[2], r_b);
-        }
-}
-
-// The bf16 mode's expert projections: x, W and dout enter the products as
-// bf16. Against the CPU on the same bf16-rounded values, so only the order
-// of the fp32 accumulation differs (1e-4); the bias gradient, from the fp32
-// dout, as in fp32.
-TEST_F(CudaOps, ExpertLinearMixed) {
-    require_cublas();
-    Rng rng(116);
-    for (const Shape& sh : kShapes)
-        for (const auto& S : channel_sets(sh.C, rng)) {
-            const int B = sh.B, C = sh.C, nS = (int)S.size(), N = sh.N, D = sh.D;
-            const int64_t L = 1 + (int64_t)nS * N, stride = L * D;
-            const std::string what = tag(sh, S) + " expert_linear mixed";
-            const auto x = widen(to_bf16(randn_f(B * stride, rng))), W = widen(to_bf16(randn_f((size_t)C * D * D, rng)));
-            const auto bias = randn_f((size_t)C * D, rng);
-            auto d_x = to_device(x), d_W = to_device(W), d_bias = to_device(bias);
-            auto d_S = to_device(S);
-            auto ref = poisoned<float>((size_t)B * nS * N * D);
-            ops::expert_linear_forward(ref.data(), x.data() + D, stride, W.data(), bias.data(), S.data(), B, nS, N, D, D);
-            DeviceArray<float> out(ref.size());
-            out.poison();
-            cu::expert_linear_forward_mixed(out.get(), d_x.get() + D, stride, d_W.get(), d_bias.get(), d_S.get(), B, nS,
-                                            N, D, D, stream);
-            expect_close(what + " forward", out.download(), ref, 1e-4);
-
-            const auto dout = widen(to_bf16(randn_f(ref.size(), rng)));
-            const auto g_x = randn_f(x.size(), rng), g_W = randn_f(W.size(), rng), g_b = randn_f(bias.size(), rng);
-            auto r_x = g_x, r_W = g_W, r_b = g_b;
-            ops::expert_linear_backward(r_x.data() + D, r_W.data(), r_b.data(), dout.data(), x.data() + D,
-                                        stride, W.data(), S.data(), B, nS, N, D, D);
-            auto d_dout = to_device(dout);
-            DeviceArray<float> dx(x.size()), dW(W.size()), db(bias.size());
-            auto got = run_twice(what + " backward", {{&dx, g_x}, {&dW, g_W}, {&db, g_b}}, [&] {
-                cu::expert_linear_backward_mixed(dx.get() + D, dW.get(), db.get(), d_dout.get(), d_x.get() + D,
-                                                 stride, d_W.get(), d_S.get(), B, nS, N, D, D, stream);
-            });
-            expect_close(what + " dx", got[0], r_x, 1e-4);
-            expect_close(what + " dW", got[1], r_W, 1e-4);
-            expect_close(what + " dbias", got[2], r_b);
-        }
+                const auto dout = operand(ref.size());
+                const auto g_x = randn_f(x.size(), rng), g_W = randn_f(W.size(), rng), g_b = randn_f(bias.size(), rng);
+                auto r_x = g_x, r_W = g_W, r_b = g_b;
+                ops::expert_linear_backward(r_x.data() + D, r_W.data(), r_b.data(), dout.data(), x.data() + D,
+                                            stride, W.data(), S.data(), B, nS, N, D, D);
+                auto d_dout = to_device(dout);
+                DeviceArray<float> dx(x.size()), dW(W.size()), db(bias.size());
+                auto got = run_twice(what + " backward", {{&dx, g_x}, {&dW, g_W}, {&db, g_b}}, [&] {
+                    (mixed ? cu::expert_linear_backward_mixed : cu::expert_linear_backward)(
+                        dx.get() + D, dW.get(), db.get(), d_dout.get(), d_x.get() + D, stride, d_W.get(), d_S.get(), B,
+                        nS, N, D, D, stream);
+                });
+                expect_close(what + " dx", got[0], r_x, tol);
+                expect_close(what + " dW", got[1], r_W, tol);
+                expect_close(what + " dbias", got[2], r_b);
+            }
 }
 
 TEST_F(CudaOps, GeluAndResidual) {

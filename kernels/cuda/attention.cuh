@@ -175,6 +175,24 @@ FLASH_UNROLL
     }
 }
 
+// The block of the query-tile kernels (forward, dq): set g, head h, and its
+// queries q0 .. q0+nq-1 of the set (rows first + q0 ..). False when the tile
+// is past the set's last query (every tile of an empty group).
+struct QueryBlock {
+    int g, h, q0, nq, warp, lane;
+    int64_t first;
+};
+FLASH_DEVICE bool query_block(const Attn& a, QueryBlock& t) {
+    t.g = blockIdx.x, t.h = blockIdx.y;
+    int count;
+    set_queries(a, t.g, t.first, count);
+    t.q0 = blockIdx.z * kQT;
+    if (t.q0 >= count) return false;
+    t.nq = imin(kQT, count - t.q0);
+    t.warp = threadIdx.x / 32, t.lane = threadIdx.x % 32;
+    return true;
+}
+
 FLASH_DEVICE float dot_shared(const float* a, const float* b, int dh) {
     float s = 0.f;
     for (int d = 0; d < dh; d++) s += ld_shared(a + d) * ld_shared(b + d);
@@ -195,14 +213,10 @@ inline size_t cls_smem(int dh) { return sizeof(float) * (2 * dh + kThreads); }
 FLASH_KERNEL(kThreads) fused_fwd_kernel(FwdParams p) {
     FLASH_SMEM(smem_raw);
     const Attn& a = p.a;
-    const int g = blockIdx.x, h = blockIdx.y, dh = a.dh, ld = dh + 1;
-    int64_t first;
-    int count;
-    set_queries(a, g, first, count);
-    const int q0 = blockIdx.z * kQT;
-    if (q0 >= count) return;  // also every empty group
-    const int nq = imin(kQT, count - q0);
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    QueryBlock t;
+    if (!query_block(a, t)) return;
+    const int g = t.g, h = t.h, q0 = t.q0, nq = t.nq, warp = t.warp, lane = t.lane, dh = a.dh, ld = dh + 1;
+    const int64_t first = t.first;
     float* sQ = reinterpret_cast<float*>(smem_raw);  // [kQT][dh]
     float* sK = sQ + kQT * dh;                        // [kKT][dh+1]
     float* sV = sK + kKT * ld;                        // [kKT][dh+1]
@@ -264,14 +278,10 @@ FLASH_UNROLL
 FLASH_KERNEL(kThreads) fused_bwd_dq_kernel(BwdParams p) {
     FLASH_SMEM(smem_raw);
     const Attn& a = p.a;
-    const int g = blockIdx.x, h = blockIdx.y, dh = a.dh, ld = dh + 1;
-    int64_t first;
-    int count;
-    set_queries(a, g, first, count);
-    const int q0 = blockIdx.z * kQT;
-    if (q0 >= count) return;
-    const int nq = imin(kQT, count - q0);
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    QueryBlock t;
+    if (!query_block(a, t)) return;
+    const int g = t.g, h = t.h, q0 = t.q0, nq = t.nq, warp = t.warp, lane = t.lane, dh = a.dh, ld = dh + 1;
+    const int64_t first = t.first;
     float* sQ = reinterpret_cast<float*>(smem_raw);  // [kQT][dh]
     float* sdO = sQ + kQT * dh;                       // [kQT][dh]
     float* sK = sdO + kQT * dh;                       // [kKT][dh+1]
