@@ -17,11 +17,12 @@ ARGS=("$@"); [ ${#ARGS[@]} -eq 0 ] && ARGS=(--impl flash --config configs/jumpcp
 command -v ncu > /dev/null || { echo "ncu is not on the PATH"; exit 1; }
 
 # The bench runs chvit (dense) and moevit at each --k: each kernel launches
-# (warmup + iters) times per variant; profiling two launches of each is enough.
+# (warmup + iters) times per variant; 40 launches cover every attention kernel of
+# the dense run and of the routed run at one k (the table lists each launch).
 SECTIONS="--section SpeedOfLight --section Occupancy --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section LaunchStats"
 METRICS=sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active
 run_ncu() {  # extra ncu args...
-  timeout 500 ncu --clock-control none --kernel-name regex:'flash_|attend_' --launch-skip 2 --launch-count 16 \
+  timeout 500 ncu --clock-control none --kernel-name regex:'flash_|fused_|cls_' --launch-count 40 \
     $SECTIONS "$@" --csv --page details \
     $BUILD/prism bench attention "${ARGS[@]}" --iters 2 --warmup 1 > "$OUT/ncu.csv" 2> "$OUT/ncu.err"
 }
