@@ -57,8 +57,9 @@ struct Shard {
 Shard comm_shard(const Comm& c, int64_t n, int rank);
 // In place: this rank's shard of data becomes the sum over ranks, added in
 // rank order (the bits comm_allreduce_sum gives there); the rest of data is
-// left as it was. Each rank receives only its shard: (size−1)/size of the
-// bytes an all-reduce moves.
+// left as it was. Point to point between every pair of ranks: each receives
+// the other ranks' copies of its shard alone, (size−1)·n/size values, where
+// the star all-reduce routes all n through rank 0 and back.
 void comm_reduce_scatter_sum(const Comm& c, float* data, int64_t n);
 // In place: every rank's shard of data to every other rank.
 void comm_allgather(const Comm& c, float* data, int64_t n);
