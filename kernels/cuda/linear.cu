@@ -51,21 +51,23 @@ __global__ void group_pointers_kernel(float** w_ptr, float** patch_ptr, float** 
     }
 }
 
-// The bf16 expert products' pointers of group g = b*nS + s: the compact
-// bf16 weights of position s, the group's rows of a [B, nS, N, ·] operand
-// (`rows`, `rows_width` wide, element type R) and the group's rows of the
-// fp32 result (patch rows with an image stride, or a contiguous [B, nS, N, ·]
-// buffer when image_stride is 0).
-template <class R>
-__global__ void mixed_group_pointers_kernel(uint16_t** w_ptr, R** rows_ptr, float** out_ptr,
-                                            const uint16_t* Wb, const R* rows, int rows_width, float* out,
-                                            int64_t out_image_stride, int B, int nS, int N, int in_dim,
-                                            int out_dim, int out_width) {
+// Where group g = b*nS + s starts in a buffer: b·image + s·channel elements
+// in (group-major [B, nS, N, ·], channel-major [nS, B, N, ·] and the patch
+// rows of a sequence buffer differ only in these two strides).
+struct GroupAt {
+    int64_t image, channel;
+};
+
+// The bf16 expert products' pointers of group g: the compact bf16 weights of
+// position s, the group's rows of the bf16 operand and of the fp32 result.
+__global__ void mixed_group_pointers_kernel(uint16_t** w_ptr, uint16_t** in_ptr, float** out_ptr,
+                                            const uint16_t* Wb, int64_t per_expert, const uint16_t* in,
+                                            GroupAt in_at, float* out, GroupAt out_at, int B, int nS) {
     PRISM_GRID_STRIDE(g, (int64_t)B * nS) {
         const int64_t b = g / nS, s = g % nS;
-        w_ptr[g] = const_cast<uint16_t*>(Wb + s * (int64_t)out_dim * in_dim);
-        rows_ptr[g] = const_cast<R*>(rows + g * N * rows_width);
-        out_ptr[g] = out_image_stride ? out + b * out_image_stride + s * N * out_width : out + g * N * out_width;
+        w_ptr[g] = const_cast<uint16_t*>(Wb + s * per_expert);
+        in_ptr[g] = const_cast<uint16_t*>(in + b * in_at.image + s * in_at.channel);
+        out_ptr[g] = out + b * out_at.image + s * out_at.channel;
     }
 }
 
@@ -431,9 +433,9 @@ void expert_linear_forward_mixed(float* out, const float* x, int64_t x_image_str
     uint16_t** w_ptr = reinterpret_cast<uint16_t**>(slots);
     uint16_t** x_ptr = w_ptr + G;
     float** y_ptr = reinterpret_cast<float**>(slots + 2 * G);
-    mixed_group_pointers_kernel<uint16_t><<<grid_for(G), kThreads, 0, stream>>>(
-        w_ptr, x_ptr, y_ptr, wb.as<uint16_t>(), xb.as<uint16_t>(), in_dim, out, 0, B, nS, N, in_dim, out_dim,
-        out_dim);
+    mixed_group_pointers_kernel<<<grid_for(G), kThreads, 0, stream>>>(
+        w_ptr, x_ptr, y_ptr, wb.as<uint16_t>(), per_expert, xb.as<uint16_t>(), {per_image, (int64_t)N * in_dim}, out,
+        {(int64_t)nS * N * out_dim, (int64_t)N * out_dim}, B, nS);
     PRISM_LAUNCH_CHECK();
     // column-major: Yᵀ [out, N] += W_sᵀ-as-stored · Xᵀ, per group
     PRISM_CUBLAS_CHECK(cublasGemmBatchedEx(
@@ -450,36 +452,36 @@ void expert_linear_backward_mixed(float* dx, float* dW, float* dbias, const floa
     if (G <= 0 || N <= 0) return;
     cublasHandle_t h = blas_handle(stream);
     const int64_t per_expert = (int64_t)out_dim * in_dim, per_channel = (int64_t)B * N;
+    // Channel-major bf16 copies of x and dout, one pass each: a channel's rows
+    // are contiguous for its dW product (K = B·N), and each group's dout rows
+    // (N of them) are contiguous too, so the dx products read the same copy.
+    Scratch xp(sizeof(uint16_t) * (size_t)(nS * per_channel) * in_dim, stream);
+    Scratch gp(sizeof(uint16_t) * (size_t)(nS * per_channel) * out_dim, stream);
+    channel_major_kernel<uint16_t><<<grid_for(nS * per_channel * (in_dim + out_dim)), kThreads, 0, stream>>>(
+        xp.as<uint16_t>(), gp.as<uint16_t>(), x, x_image_stride, dout, B, nS, N, in_dim, out_dim);
+    PRISM_LAUNCH_CHECK();
     // dx of group (b, s) += dout(b, s) · W[S[s]]
     {
         Scratch wb(sizeof(uint16_t) * (size_t)(nS * per_expert), stream);
-        Scratch gb(sizeof(uint16_t) * (size_t)G * N * out_dim, stream);
         used_experts_bf16_kernel<<<grid_for(nS * per_expert), kThreads, 0, stream>>>(wb.as<uint16_t>(), W, S, nS,
                                                                                      per_expert);
         PRISM_LAUNCH_CHECK();
-        to_bf16(gb.as<uint16_t>(), dout, (int64_t)G * N * out_dim, stream);
         Scratch ptrs(3 * sizeof(void*) * (size_t)G, stream);
         void** slots = ptrs.as<void*>();
         uint16_t** w_ptr = reinterpret_cast<uint16_t**>(slots);
         uint16_t** g_ptr = w_ptr + G;
         float** dx_ptr = reinterpret_cast<float**>(slots + 2 * G);
-        mixed_group_pointers_kernel<uint16_t><<<grid_for(G), kThreads, 0, stream>>>(
-            w_ptr, g_ptr, dx_ptr, wb.as<uint16_t>(), gb.as<uint16_t>(), out_dim, dx, x_image_stride, B, nS, N,
-            in_dim, out_dim, in_dim);
+        mixed_group_pointers_kernel<<<grid_for(G), kThreads, 0, stream>>>(
+            w_ptr, g_ptr, dx_ptr, wb.as<uint16_t>(), per_expert, gp.as<uint16_t>(),
+            {(int64_t)N * out_dim, per_channel * out_dim}, dx, {x_image_stride, (int64_t)N * in_dim}, B, nS);
         PRISM_LAUNCH_CHECK();
         PRISM_CUBLAS_CHECK(cublasGemmBatchedEx(
             h, CUBLAS_OP_N, CUBLAS_OP_N, in_dim, N, out_dim, &kOne, reinterpret_cast<const void* const*>(w_ptr),
             CUDA_R_16BF, in_dim, reinterpret_cast<const void* const*>(g_ptr), CUDA_R_16BF, out_dim, &kOne,
             reinterpret_cast<void* const*>(dx_ptr), CUDA_R_32F, in_dim, G, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
     }
-    // dW[S[s]] += Σ_b dout(b, s)ᵀ · x(b, s), from channel-major bf16 copies:
-    // one product per channel with K = B·N.
+    // dW[S[s]] += Σ_b dout(b, s)ᵀ · x(b, s): one product per channel.
     const int K = as_int(per_channel, "expert_linear_backward: B*N must fit an int");
-    Scratch xp(sizeof(uint16_t) * (size_t)(nS * per_channel) * in_dim, stream);
-    Scratch gp(sizeof(uint16_t) * (size_t)(nS * per_channel) * out_dim, stream);
-    channel_major_kernel<uint16_t><<<grid_for(nS * per_channel * (in_dim + out_dim)), kThreads, 0, stream>>>(
-        xp.as<uint16_t>(), gp.as<uint16_t>(), x, x_image_stride, dout, B, nS, N, in_dim, out_dim);
-    PRISM_LAUNCH_CHECK();
     Scratch ptrs(3 * sizeof(void*) * (size_t)nS, stream);
     float** dw_ptr = ptrs.as<float*>();
     uint16_t** xp_ptr = reinterpret_cast<uint16_t**>(dw_ptr + nS);
