@@ -135,6 +135,23 @@ std::vector<float> noisy_weights(Model<float>& model, uint64_t seed) {
     return w;
 }
 
+// The same case on the CPU and on the GPU: the same noisy weights and one
+// random batch of 6 images, ready for a training step on each.
+struct SideBySide {
+    static constexpr int B = 6;
+    Model<float> cpu, gpu;
+    BatchData data;
+    Batch batch;
+    SideBySide(const Case& c, bool bf16)
+        : cpu(c.model, B, false, Device::cpu), gpu(c.model, B, false, Device::cuda), data(random_batch(c.model, B, 4)),
+          batch{data.images.data(), data.labels.data(), B, c.channels} {
+        gpu.set_bf16_matmul(bf16);
+        const std::vector<float> w = noisy_weights(cpu, 3);
+        cpu.params_from_host(w.data());
+        gpu.params_from_host(w.data());
+    }
+};
+
 std::vector<float> host_params(const Model<float>& m) {
     std::vector<float> w(m.num_params());
     m.params_to_host(w.data());
@@ -147,13 +164,10 @@ TEST(CudaModel, TrainingStepOfEveryArchitectureMatchesTheCpu) {
     REQUIRE_GPU();
     for (const Case& c : cases()) {
         SCOPED_TRACE(c.name);
-        const int B = 6;
-        Model<float> cpu(c.model, B, false, Device::cpu), gpu(c.model, B, false, Device::cuda);
-        const std::vector<float> w = noisy_weights(cpu, 3);
-        cpu.params_from_host(w.data());
-        gpu.params_from_host(w.data());
-        const BatchData data = random_batch(c.model, B, 4);
-        const Batch batch{data.images.data(), data.labels.data(), B, c.channels};
+        SideBySide both(c, /*bf16=*/false);
+        Model<float>&cpu = both.cpu, &gpu = both.gpu;
+        const Batch& batch = both.batch;
+        const int B = SideBySide::B;
 
         const Losses lc = cpu.forward(batch, true, 17), lg = gpu.forward(batch, true, 17);
         std::printf("[ cuda-vs-cpu ] %-32s loss %.6f vs %.6f (ce %.3g aux %.3g z %.3g rel)\n", c.name.c_str(),
@@ -282,15 +296,11 @@ TEST(CudaModel, Bf16TrainingStepMatchesTheCpuWithin2e2) {
     for (const Case& c : all) {
         SCOPED_TRACE(c.name);
         const bool exact_routing = c.model.arch != "moevit" || c.model.top_k >= int(c.channels.size());
-        const int B = 6;
-        Model<float> cpu(c.model, B, false, Device::cpu), gpu(c.model, B, false, Device::cuda);
-        gpu.set_bf16_matmul(true);
+        SideBySide both(c, /*bf16=*/true);
+        Model<float>&cpu = both.cpu, &gpu = both.gpu;
+        const Batch& batch = both.batch;
+        const int B = SideBySide::B;
         ASSERT_TRUE(gpu.bf16_matmul());
-        const std::vector<float> w = noisy_weights(cpu, 3);
-        cpu.params_from_host(w.data());
-        gpu.params_from_host(w.data());
-        const BatchData data = random_batch(c.model, B, 4);
-        const Batch batch{data.images.data(), data.labels.data(), B, c.channels};
         const Losses lc = cpu.forward(batch, true, 17), lg = gpu.forward(batch, true, 17);
         const std::vector<float> logits_c(cpu.logits(), cpu.logits() + B * c.model.num_classes);
         const std::vector<float> logits_g(gpu.logits(), gpu.logits() + B * c.model.num_classes);
