@@ -5,9 +5,8 @@
 #include <string>
 #include <vector>
 #include <nlohmann/json.hpp>
-#include "data/synth.h"
-#include "engine/checkpoint.h"
 #include "engine/train.h"
+#include "tests/runutil.h"
 #include "tests/shellutil.h"
 #include "tests/testutil.h"
 
@@ -16,29 +15,11 @@ using namespace prism::testing;
 
 namespace {
 
-// A small tiny-task data set, made once.
-const std::string& data_dir() {
-    static TmpDir* dir = [] {
-        auto* d = new TmpDir();
-        synthesize("tiny", d->path, 512, 2, false);
-        return d;
-    }();
-    return dir->path;
-}
-
 // Options for `prism train` on it; `extra` adds --set flags.
 std::string train_flags(const std::string& out, const std::string& extra) {
     return "--config configs/synth_tiny_moevit.json --device cpu --out " + out +
-           " --set 'data.train=" + data_dir() + "/train-*.shard' --set 'data.val=" + data_dir() +
+           " --set 'data.train=" + tiny_data_dir() + "/train-*.shard' --set 'data.val=" + tiny_data_dir() +
            "/val-*.shard' --set train.batch=16 --set train.warmup_steps=3 --set train.eval_every=0 " + extra;
-}
-
-std::vector<float> weights(const std::string& dir) { return load_checkpoint(dir + "/model.safetensors").params; }
-
-double relative_difference(const std::vector<float>& a, const std::vector<float>& b) {
-    double num = 0, den = 0;
-    for (size_t i = 0; i < a.size(); i++) num += double(a[i] - b[i]) * (a[i] - b[i]), den += double(a[i]) * a[i];
-    return std::sqrt(num / den);
 }
 
 }  // namespace
@@ -61,7 +42,7 @@ TEST(Distributed, TwoRanksTrainLikeOneProcess) {
         ASSERT_TRUE(exited_ok(b)) << b.output;
         EXPECT_NE(b.output.find("weights identical on all 2 ranks"), std::string::npos) << b.output;
         EXPECT_NE(b.output.find("\"ranks\":2"), std::string::npos) << b.output;
-        const double diff = relative_difference(weights(one.path), weights(two.path));
+        const double diff = relative_difference(run_weights(one.path), run_weights(two.path));
         std::printf("%s: 1 vs 2 ranks, relative difference %.2e\n", extra.c_str(), diff);
         EXPECT_LE(diff, 1e-4) << extra;
         EXPECT_GT(diff, 0.0) << "two ranks sum in another order: identical bits would be a surprise";
@@ -96,17 +77,17 @@ TEST(Distributed, ZeroOneShardsTheOptimizerAndTrainsLikeAllReduce) {
     EXPECT_NE(b.output.find("ZeRO-1 over 2 ranks"), std::string::npos) << b.output;
     EXPECT_NE(b.output.find("weights identical on all 2 ranks"), std::string::npos) << b.output;
     EXPECT_NE(b.output.find("gradient reduce-scatter"), std::string::npos) << b.output;
-    const double diff = relative_difference(weights(plain.path), weights(zero.path));
+    const double diff = relative_difference(run_weights(plain.path), run_weights(zero.path));
     std::printf("ZeRO-1 vs all-reduce, 2 ranks: relative difference %.2e\n", diff);
     EXPECT_LE(diff, 1e-6);
 
     const ShellRun c = run_shell(mpirun + train_flags(stopped.path, flags + " --set train.zero=1 --set train.stop_after=6"));
     ASSERT_TRUE(exited_ok(c)) << c.output;
-    EXPECT_NE(weights(zero.path), weights(stopped.path));
+    EXPECT_NE(run_weights(zero.path), run_weights(stopped.path));
     const ShellRun d = run_shell(mpirun + "--resume " + stopped.path + " --device cpu");
     ASSERT_TRUE(exited_ok(d)) << d.output;
     EXPECT_NE(d.output.find("at step 6"), std::string::npos) << d.output;
-    EXPECT_EQ(weights(zero.path), weights(stopped.path));
+    EXPECT_EQ(run_weights(zero.path), run_weights(stopped.path));
 
     // Three ranks: shards of unequal size whose edges cut through tensors.
     const std::string mpirun3 = "OMP_NUM_THREADS=1 " + std::string(kMpirun) + " -np 3 " + prism + " train ";
@@ -117,7 +98,7 @@ TEST(Distributed, ZeroOneShardsTheOptimizerAndTrainsLikeAllReduce) {
     const ShellRun f = run_shell(mpirun3 + train_flags(zero3.path, flags3 + " --set train.zero=1"));
     ASSERT_TRUE(exited_ok(f)) << f.output;
     EXPECT_NE(f.output.find("ZeRO-1 over 3 ranks"), std::string::npos) << f.output;
-    const double diff3 = relative_difference(weights(plain3.path), weights(zero3.path));
+    const double diff3 = relative_difference(run_weights(plain3.path), run_weights(zero3.path));
     std::printf("ZeRO-1 vs all-reduce, 3 ranks: relative difference %.2e\n", diff3);
     EXPECT_LE(diff3, 1e-6);
 }
@@ -133,11 +114,11 @@ TEST(Distributed, StopAndResumeGivesTheBitsOfAStraightRun) {
     const ShellRun b = run_shell(prism + " train " + train_flags(resumed.path, flags + " --set train.stop_after=6"));
     ASSERT_TRUE(exited_ok(b)) << b.output;
     EXPECT_NE(b.output.find("stopped after step 6 of 12"), std::string::npos) << b.output;
-    EXPECT_NE(weights(straight.path), weights(resumed.path));
+    EXPECT_NE(run_weights(straight.path), run_weights(resumed.path));
     const ShellRun c = run_shell(prism + " train --resume " + resumed.path + " --device cpu");
     ASSERT_TRUE(exited_ok(c)) << c.output;
     EXPECT_NE(c.output.find("at step 6"), std::string::npos) << c.output;
-    EXPECT_EQ(weights(straight.path), weights(resumed.path));
+    EXPECT_EQ(run_weights(straight.path), run_weights(resumed.path));
     // A key that exact resume depends on cannot change.
     const ShellRun d = run_shell(prism + " train --resume " + resumed.path + " --device cpu --set train.lr=0.5");
     EXPECT_EQ(WEXITSTATUS(d.status), 1) << d.output;

@@ -11,11 +11,10 @@
 #include <cstring>
 #include <string>
 #include <vector>
-#include "data/synth.h"
-#include "engine/checkpoint.h"
 #include "engine/config.h"
 #include "engine/nccl.h"
 #include "engine/train.h"
+#include "tests/runutil.h"
 #include "tests/shellutil.h"
 #include "tests/testutil.h"
 #ifdef PRISM_CUDA
@@ -50,31 +49,13 @@ std::string why_no_nccl() {
 // ... nor under mpirun.
 std::string why_no_nccl_run() { return why_no_nccl().empty() ? why_no_mpirun() : why_no_nccl(); }
 
-const std::string& data_dir() {
-    static TmpDir* dir = [] {
-        auto* d = new TmpDir();
-        synthesize("tiny", d->path, 512, 2, false);
-        return d;
-    }();
-    return dir->path;
-}
-
 // `prism train` on the tiny MoE-ViT task: HCS, drop path and the load-balance
 // loss on, so every data-parallel piece is used.
 std::string train_flags(const std::string& out, const std::string& extra = "") {
-    return "--config configs/synth_tiny_moevit.json --device cuda --out " + out + " --set 'data.train=" + data_dir() +
-           "/train-*.shard' --set 'data.val=" + data_dir() +
+    return "--config configs/synth_tiny_moevit.json --device cuda --out " + out + " --set 'data.train=" + tiny_data_dir() +
+           "/train-*.shard' --set 'data.val=" + tiny_data_dir() +
            "/val-*.shard' --set train.batch=16 --set train.steps=8 --set train.warmup_steps=3 "
            "--set train.eval_every=0 --set train.hcs=true --set model.drop_path=0.1 " + extra;
-}
-
-std::vector<float> weights(const std::string& dir) { return load_checkpoint(dir + "/model.safetensors").params; }
-
-double relative_difference(const std::vector<float>& a, const std::vector<float>& b) {
-    if (a.size() != b.size()) return INFINITY;
-    double num = 0, den = 0;
-    for (size_t i = 0; i < a.size(); i++) num += double(a[i] - b[i]) * (a[i] - b[i]), den += double(a[i]) * a[i];
-    return std::sqrt(num / den);
 }
 
 bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
@@ -110,7 +91,7 @@ TEST(Nccl, WorldOfOneTrainsLikeOneProcess) {
     ASSERT_TRUE(exited_ok(c)) << c.output;
     EXPECT_NE(c.output.find("train.overlap_comm=false"), std::string::npos) << c.output;
 
-    const auto w_plain = weights(plain.path), w_one = weights(one.path), w_serial = weights(one_serial.path);
+    const auto w_plain = run_weights(plain.path), w_one = run_weights(one.path), w_serial = run_weights(one_serial.path);
     report("plain vs mpirun -np 1 (NCCL, overlap)", w_plain, w_one);
     report("mpirun -np 1: overlap vs train.overlap_comm=false", w_one, w_serial);
     EXPECT_LE(relative_difference(w_plain, w_one), 1e-6);
@@ -126,7 +107,7 @@ TEST(Nccl, WorldOfOneInProcessTrainsLikeOneProcess) {
     if (!why_no_nccl().empty()) GTEST_SKIP() << why_no_nccl();
     TmpDir plain, one;
     const Config cfg = load_config("configs/synth_tiny_moevit.json",
-                                   {"data.train=" + data_dir() + "/train-*.shard", "data.val=", "train.batch=16",
+                                   {"data.train=" + tiny_data_dir() + "/train-*.shard", "data.val=", "train.batch=16",
                                     "train.steps=8", "train.warmup_steps=3", "train.hcs=true", "model.drop_path=0.1"});
     train(cfg, Device::cuda, plain.path, false);
     Comm comm;  // a world of one, no MPI
@@ -139,7 +120,7 @@ TEST(Nccl, WorldOfOneInProcessTrainsLikeOneProcess) {
     train(cfg, Device::cuda, one.path, false, o);
     comm_free_nccl(comm);
     EXPECT_EQ(comm.nccl, nullptr);
-    const auto w_plain = weights(plain.path), w_one = weights(one.path);
+    const auto w_plain = run_weights(plain.path), w_one = run_weights(one.path);
     report("plain vs in-process world of one (NCCL, overlap)", w_plain, w_one);
     EXPECT_LE(relative_difference(w_plain, w_one), 1e-6);
 }
@@ -163,7 +144,7 @@ TEST(Nccl, TwoGpusTrainLikeOneProcess) {
     const ShellRun c = run_shell(std::string(kMpirun) + " -np 2 " + prism + " train " +
                                  train_flags(two_serial.path, "--set train.overlap_comm=false"));
     ASSERT_TRUE(exited_ok(c)) << c.output;
-    const auto w_one = weights(one.path), w_two = weights(two.path), w_serial = weights(two_serial.path);
+    const auto w_one = run_weights(one.path), w_two = run_weights(two.path), w_serial = run_weights(two_serial.path);
     report("1 process vs 2 ranks (NCCL)", w_one, w_two);
     report("2 ranks: overlap vs train.overlap_comm=false", w_two, w_serial);
     EXPECT_LE(relative_difference(w_one, w_two), 1e-4);
@@ -191,7 +172,7 @@ TEST(Nccl, TwoGpusZeroOneTrainsLikeAllReduce) {
     ASSERT_TRUE(exited_ok(c)) << c.output;
     const ShellRun d = run_shell(mpirun + "--resume " + stopped.path + " --device cuda");
     ASSERT_TRUE(exited_ok(d)) << d.output;
-    const auto w_plain = weights(plain.path), w_zero = weights(zero.path), w_resumed = weights(stopped.path);
+    const auto w_plain = run_weights(plain.path), w_zero = run_weights(zero.path), w_resumed = run_weights(stopped.path);
     report("2 ranks: all-reduce vs ZeRO-1 (NCCL)", w_plain, w_zero);
     report("2 ranks, ZeRO-1: straight vs stopped at 4 + resumed", w_zero, w_resumed);
     EXPECT_LE(relative_difference(w_plain, w_zero), 1e-6);
