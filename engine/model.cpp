@@ -537,16 +537,16 @@ void Model<T>::block_forward(int i, bool training) {
                                        int(C), T(cfg_.z_loss_coef), T(0));
     }
     // x_mid = x + drop_path(attn_out·W_oᵀ + b_o)
+    // and LN2(x_mid) in the same pass over the rows
     op::linear_forward(ex_, b.proj_out, b.att_out, w.proj_w, w.proj_b, rows, int(D), int(D));
-    op::copy(ex_, b.x_mid, b.x_in, rows * D);
-    op::residual_forward(ex_, b.x_mid, b.proj_out, b.dropping ? b.drop_attn : nullptr, B_, L * D);
+    op::residual_layernorm_forward(ex_, b.x_mid, b.ln2, b.ln2_mean, b.ln2_rstd, b.x_in, b.proj_out,
+                                   b.dropping ? b.drop_attn : nullptr, w.norm2_w, w.norm2_b, B_, L,
+                                   int(D));
     // x_out = x_mid + drop_path(MLP(LN2(x_mid)))
-    op::layernorm_forward(ex_, b.ln2, b.ln2_mean, b.ln2_rstd, b.x_mid, w.norm2_w, w.norm2_b, rows, int(D));
     op::linear_forward(ex_, b.fc1, b.ln2, w.fc1_w, w.fc1_b, rows, int(D), int(H));
     op::gelu_forward(ex_, b.act, b.fc1, rows * H);
     op::linear_forward(ex_, b.fc2_out, b.act, w.fc2_w, w.fc2_b, rows, int(H), int(D));
-    op::copy(ex_, b.x_out, b.x_mid, rows * D);
-    op::residual_forward(ex_, b.x_out, b.fc2_out, b.dropping ? b.drop_mlp : nullptr, B_, L * D);
+    op::residual_forward(ex_, b.x_out, b.x_mid, b.fc2_out, b.dropping ? b.drop_mlp : nullptr, B_, L * D);
 }
 
 // ---------------------------------------------------------------------------

@@ -135,6 +135,14 @@ void layernorm_backward(const Exec& ex, T* dx, T* dw, T* db, const T* dout, cons
              layernorm_backward(dx, dw, db, dout, x, w, mean, rstd, rows, D, ex.stream));
 }
 template <class T>
+void residual_layernorm_forward(const Exec& ex, T* sum, T* out, T* mean, T* rstd, const T* x,
+                                const T* branch, const T* scale, const T* w, const T* b, int B,
+                                int64_t rows_per_image, int D) {
+    PRISM_OP(residual_layernorm_forward(sum, out, mean, rstd, x, branch, scale, w, b, B, rows_per_image, D),
+             residual_layernorm_forward(sum, out, mean, rstd, x, branch, scale, w, b, B, rows_per_image, D,
+                                        ex.stream));
+}
+template <class T>
 void linear_forward(const Exec& ex, T* out, const T* x, const T* W, const T* b, int64_t rows, int in_dim,
                     int out_dim) {
 #ifdef PRISM_CUDA
@@ -195,9 +203,10 @@ template <class T> void gelu_backward(const Exec& ex, T* dx, const T* dout, cons
     PRISM_OP(gelu_backward(dx, dout, x, n), gelu_backward(dx, dout, x, n, ex.stream));
 }
 template <class T>
-void residual_forward(const Exec& ex, T* x, const T* branch, const T* scale, int B, int64_t per_image) {
-    PRISM_OP(residual_forward(x, branch, scale, B, per_image),
-             residual_forward(x, branch, scale, B, per_image, ex.stream));
+void residual_forward(const Exec& ex, T* out, const T* x, const T* branch, const T* scale, int B,
+                      int64_t per_image) {
+    PRISM_OP(residual_forward(out, x, branch, scale, B, per_image),
+             residual_forward(out, x, branch, scale, B, per_image, ex.stream));
 }
 template <class T>
 void residual_backward(const Exec& ex, T* dbranch, const T* dx, const T* scale, int B, int64_t per_image) {

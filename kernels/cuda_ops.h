@@ -78,6 +78,11 @@ void layernorm_forward(float* out, float* mean, float* rstd, const float* x, con
 void layernorm_backward(float* dx, float* dw, float* db, const float* dout, const float* x,
                         const float* w, const float* mean, const float* rstd, int64_t rows,
                         int D, cudaStream_t stream);
+// sum = x + scale[b]·branch, out = LN(sum): one warp per row, one read of x and branch.
+void residual_layernorm_forward(float* sum, float* out, float* mean, float* rstd, const float* x,
+                                const float* branch, const float* scale, const float* w,
+                                const float* b, int B, int64_t rows_per_image, int D,
+                                cudaStream_t stream);
 
 // ---- linear: out = x·Wᵀ + b (cuBLAS, fp32, no TF32) ------------------------------
 void linear_forward(float* out, const float* x, const float* W, const float* b, int64_t rows,
@@ -130,7 +135,7 @@ void expert_linear_backward_mixed(float* dx, float* dW, float* dbias, const floa
 void gelu_forward(float* out, const float* x, int64_t n, cudaStream_t stream);
 void gelu_backward(float* dx, const float* dout, const float* x, int64_t n,
                    cudaStream_t stream);
-void residual_forward(float* x, const float* branch, const float* scale, int B,
+void residual_forward(float* out, const float* x, const float* branch, const float* scale, int B,
                       int64_t per_image, cudaStream_t stream);
 void residual_backward(float* dbranch, const float* dx, const float* scale, int B,
                        int64_t per_image, cudaStream_t stream);

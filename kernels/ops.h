@@ -52,6 +52,16 @@ void layernorm_forward(T* out, T* mean, T* rstd, const T* x, const T* w, const T
 template <class T>
 void layernorm_backward(T* dx, T* dw, T* db, const T* dout, const T* x, const T* w,
                         const T* mean, const T* rstd, int64_t rows, int D);
+// The residual add and the LayerNorm after it in one pass over the rows:
+//   sum = x + scale[b]·branch   (residual_forward, out of place),
+//   out = LN(sum)                (layernorm_forward; mean, rstd of sum).
+// Rows are [B, rows_per_image, D]. Backward is the two ops' backward: LN's
+// into ∂sum, then residual_backward. Same arithmetic as the two ops in turn,
+// so the results are bit-identical to them.
+template <class T>
+void residual_layernorm_forward(T* sum, T* out, T* mean, T* rstd, const T* x, const T* branch,
+                                const T* scale, const T* w, const T* b, int B,
+                                int64_t rows_per_image, int D);
 
 // ---- linear: out = x·Wᵀ + b, W [out_dim, in_dim] ---------------------------------
 template <class T>
@@ -78,10 +88,11 @@ template <class T> void gelu_forward(T* out, const T* x, int64_t n);
 template <class T> void gelu_backward(T* dx, const T* dout, const T* x, int64_t n);
 
 // ---- residual with drop path ------------------------------------------------------
-// x[b] += scale[b] * branch[b] (scale == nullptr: 1). scale is 0 for a dropped
-// sample and 1/keep_prob otherwise.
+// out[b] = x[b] + scale[b] * branch[b] (scale == nullptr: 1); out may be x.
+// scale is 0 for a dropped sample and 1/keep_prob otherwise.
 template <class T>
-void residual_forward(T* x, const T* branch, const T* scale, int B, int64_t per_image);
+void residual_forward(T* out, const T* x, const T* branch, const T* scale, int B,
+                      int64_t per_image);
 template <class T>
 void residual_backward(T* dbranch, const T* dx, const T* scale, int B, int64_t per_image);
 

@@ -450,14 +450,21 @@ TEST_F(CudaOps, GeluAndResidual) {
     for (bool drop : {true, false}) {
         const std::string what = drop ? "residual (drop path)" : "residual";
         const auto x = randn_f(B * per, rng), branch = randn_f(B * per, rng);
-        auto ref = x;
-        ops::residual_forward<float>(ref.data(), branch.data(), drop ? scale.data() : nullptr, B, per);
-        DeviceArray<float> d_x(x.size());
-        auto d_branch = to_device(branch);
-        auto got = run_twice(what + " forward", {{&d_x, x}}, [&] {
-            cu::residual_forward(d_x.get(), d_branch.get(), drop ? d_scale.get() : nullptr, B, per, stream);
+        auto ref = poisoned<float>(x.size());
+        ops::residual_forward<float>(ref.data(), x.data(), branch.data(), drop ? scale.data() : nullptr, B, per);
+        DeviceArray<float> d_out(x.size());
+        auto d_x = to_device(x), d_branch = to_device(branch);
+        auto got = run_twice(what + " forward", {{&d_out, {}}}, [&] {
+            cu::residual_forward(d_out.get(), d_x.get(), d_branch.get(), drop ? d_scale.get() : nullptr, B, per,
+                                 stream);
         });
         expect_close(what + " forward", got[0], ref);
+        // in place, as the CPU reference allows
+        auto in_place = run_twice(what + " forward in place", {{&d_x, x}}, [&] {
+            cu::residual_forward(d_x.get(), d_x.get(), d_branch.get(), drop ? d_scale.get() : nullptr, B, per,
+                                 stream);
+        });
+        expect_close(what + " forward in place", in_place[0], ref);
         const auto dx = randn_f(B * per, rng), g = randn_f(B * per, rng);
         auto r = g;
         ops::residual_backward<float>(r.data(), dx.data(), drop ? scale.data() : nullptr, B, per);
@@ -467,6 +474,39 @@ TEST_F(CudaOps, GeluAndResidual) {
             cu::residual_backward(dbranch.get(), d_dx.get(), drop ? d_scale.get() : nullptr, B, per, stream);
         });
         expect_close(what + " backward", gotb[0], r);
+    }
+}
+
+// The residual add before LN2 fused with it: the sum, LN's output and its
+// statistics against the CPU's residual_forward then layernorm_forward, with
+// and without drop path, at every shape (a large mean, as above).
+TEST_F(CudaOps, ResidualLayerNorm) {
+    Rng rng(109);
+    for (const Shape& sh : kShapes) {
+        const int B = sh.B, D = sh.D;
+        const int64_t L = 1 + sh.C * sh.N, rows = (int64_t)B * L;
+        std::vector<float> scale(B);
+        for (int i = 0; i < B; i++) scale[i] = i % 3 == 0 ? 0.f : i % 3 == 1 ? 1.25f : 1.f;
+        const auto x = randn_f(rows * D, rng, 1.0, 3.0), branch = randn_f(rows * D, rng), w = randn_f(D, rng),
+                   b = randn_f(D, rng);
+        auto d_x = to_device(x), d_branch = to_device(branch), d_w = to_device(w), d_b = to_device(b),
+             d_scale = to_device(scale);
+        for (bool drop : {true, false}) {
+            const std::string what = std::string(sh.name) + (drop ? " residual+layernorm (drop path)" : " residual+layernorm");
+            auto r_sum = poisoned<float>(x.size()), r_out = poisoned<float>(x.size()), r_mean = poisoned<float>(rows),
+                 r_rstd = poisoned<float>(rows);
+            ops::residual_forward<float>(r_sum.data(), x.data(), branch.data(), drop ? scale.data() : nullptr, B, L * D);
+            ops::layernorm_forward(r_out.data(), r_mean.data(), r_rstd.data(), r_sum.data(), w.data(), b.data(), rows, D);
+            DeviceArray<float> sum(x.size()), out(x.size()), mean(rows), rstd(rows);
+            auto got = run_twice(what, {{&sum, {}}, {&out, {}}, {&mean, {}}, {&rstd, {}}}, [&] {
+                cu::residual_layernorm_forward(sum.get(), out.get(), mean.get(), rstd.get(), d_x.get(), d_branch.get(),
+                                               drop ? d_scale.get() : nullptr, d_w.get(), d_b.get(), B, L, D, stream);
+            });
+            expect_close(what + " sum", got[0], r_sum);
+            expect_close(what + " out", got[1], r_out);
+            expect_close(what + " mean", got[2], r_mean);
+            expect_close(what + " rstd", got[3], r_rstd);
+        }
     }
 }
 

@@ -25,11 +25,13 @@ void gelu_backward(T* dx, const T* dout, const T* x, int64_t n) {
 PRISM_INSTANTIATE(gelu_backward)
 
 template <class T>
-void residual_forward(T* x, const T* branch, const T* scale, int B, int64_t per_image) {
+void residual_forward(T* out, const T* x, const T* branch, const T* scale, int B,
+                      int64_t per_image) {
     #pragma omp parallel for
     for (int b = 0; b < B; b++) {
         const T s = scale ? scale[b] : T(1);
-        for (int64_t i = 0; i < per_image; i++) x[b * per_image + i] += s * branch[b * per_image + i];
+        for (int64_t i = 0; i < per_image; i++)
+            out[b * per_image + i] = x[b * per_image + i] + s * branch[b * per_image + i];
     }
 }
 PRISM_INSTANTIATE(residual_forward)

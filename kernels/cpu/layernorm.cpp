@@ -27,6 +27,15 @@ void layernorm_forward(T* out, T* mean, T* rstd, const T* x, const T* w, const T
 PRISM_INSTANTIATE(layernorm_forward)
 
 template <class T>
+void residual_layernorm_forward(T* sum, T* out, T* mean, T* rstd, const T* x, const T* branch,
+                                const T* scale, const T* w, const T* b, int B,
+                                int64_t rows_per_image, int D) {
+    residual_forward(sum, x, branch, scale, B, rows_per_image * D);
+    layernorm_forward(out, mean, rstd, sum, w, b, B * rows_per_image, D);
+}
+PRISM_INSTANTIATE(residual_layernorm_forward)
+
+template <class T>
 void layernorm_backward(T* dx, T* dw, T* db, const T* dout, const T* x, const T* w,
                         const T* mean, const T* rstd, int64_t rows, int D) {
     #pragma omp parallel for

@@ -22,7 +22,13 @@ __global__ void gelu_backward_kernel(float* dx, const float* dout, const float* 
     }
 }
 
-// x[b] += scale[b] · branch[b]; backward: dbranch[b] += scale[b] · dx[b].
+// out[b] = x[b] + scale[b] · branch[b] (out may be x).
+__global__ void residual_kernel(float* out, const float* x, const float* branch, const float* scale,
+                                int64_t per_image, int64_t n) {
+    PRISM_GRID_STRIDE(i, n) out[i] = x[i] + (scale ? scale[i / per_image] : 1.f) * branch[i];
+}
+
+// backward: dbranch[b] += scale[b] · dx[b].
 __global__ void scaled_add_kernel(float* dst, const float* src, const float* scale,
                                   int64_t per_image, int64_t n) {
     PRISM_GRID_STRIDE(i, n) dst[i] += (scale ? scale[i / per_image] : 1.f) * src[i];
@@ -40,10 +46,10 @@ void gelu_backward(float* dx, const float* dout, const float* x, int64_t n, cuda
     PRISM_LAUNCH_CHECK();
 }
 
-void residual_forward(float* x, const float* branch, const float* scale, int B,
+void residual_forward(float* out, const float* x, const float* branch, const float* scale, int B,
                       int64_t per_image, cudaStream_t stream) {
-    scaled_add_kernel<<<grid_for(B * per_image), kThreads, 0, stream>>>(x, branch, scale, per_image,
-                                                                        B * per_image);
+    residual_kernel<<<grid_for(B * per_image), kThreads, 0, stream>>>(out, x, branch, scale, per_image,
+                                                                      B * per_image);
     PRISM_LAUNCH_CHECK();
 }
 

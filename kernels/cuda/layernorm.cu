@@ -31,6 +31,40 @@ __global__ void layernorm_forward_kernel(float* out, float* mean, float* rstd, c
     }
 }
 
+// The residual add of the branch before LN2 and that LayerNorm, one warp per
+// row: x and branch are read once, sum is written once and read back by the
+// same lanes (L1/L2) for the statistics; the arithmetic is that of
+// residual_forward then layernorm_forward_kernel.
+__global__ void residual_layernorm_forward_kernel(float* sum, float* out, float* mean, float* rstd,
+                                                  const float* x, const float* branch,
+                                                  const float* scale, const float* w,
+                                                  const float* b, int64_t rows,
+                                                  int64_t rows_per_image, int D) {
+    const int64_t r = (int64_t)blockIdx.x * kRowsPerBlock + threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    if (r >= rows) return;
+    const float sc = scale ? scale[r / rows_per_image] : 1.f;
+    const float* xr = x + r * D;
+    const float* br = branch + r * D;
+    float* sr = sum + r * D;
+    float s = 0.f;
+    for (int d = lane; d < D; d += 32) {
+        const float v = xr[d] + sc * br[d];
+        sr[d] = v;
+        s += v;
+    }
+    const float m = warp_sum(s) / D;
+    float v = 0.f;
+    for (int d = lane; d < D; d += 32) v += (sr[d] - m) * (sr[d] - m);
+    const float rs = 1.f / sqrtf(warp_sum(v) / D + 1e-6f);
+    float* o = out + r * D;
+    for (int d = lane; d < D; d += 32) o[d] = (sr[d] - m) * rs * w[d] + b[d];
+    if (lane == 0) {
+        mean[r] = m;
+        rstd[r] = rs;
+    }
+}
+
 __global__ void layernorm_dx_kernel(float* dx, const float* dout, const float* x, const float* w,
                                     const float* mean, const float* rstd, int64_t rows, int D) {
     const int64_t r = (int64_t)blockIdx.x * kRowsPerBlock + threadIdx.x / 32;
@@ -69,6 +103,18 @@ void layernorm_forward(float* out, float* mean, float* rstd, const float* x, con
     if (rows <= 0) return;
     const unsigned blocks = (unsigned)((rows + kRowsPerBlock - 1) / kRowsPerBlock);
     layernorm_forward_kernel<<<blocks, kRowsPerBlock * 32, 0, stream>>>(out, mean, rstd, x, w, b, rows, D);
+    PRISM_LAUNCH_CHECK();
+}
+
+void residual_layernorm_forward(float* sum, float* out, float* mean, float* rstd, const float* x,
+                                const float* branch, const float* scale, const float* w,
+                                const float* b, int B, int64_t rows_per_image, int D,
+                                cudaStream_t stream) {
+    const int64_t rows = (int64_t)B * rows_per_image;
+    if (rows <= 0) return;
+    const unsigned blocks = (unsigned)((rows + kRowsPerBlock - 1) / kRowsPerBlock);
+    residual_layernorm_forward_kernel<<<blocks, kRowsPerBlock * 32, 0, stream>>>(
+        sum, out, mean, rstd, x, branch, scale, w, b, rows, rows_per_image, D);
     PRISM_LAUNCH_CHECK();
 }
 
