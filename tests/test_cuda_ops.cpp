@@ -373,6 +373,50 @@ TEST_F(CudaOps, LinearBf16) {
         }
 }
 
+// The bf16 mode's linear layer (mixed: fp32 tensors, x, W and dout rounded to
+// bf16 for the products, the bias added in cuBLASLt's epilogue, or by the
+// fallback where Lt has no algorithm): against the CPU on the same rounded
+// values with the fp32 bias, so only the order of the fp32 accumulation
+// differs (1e-4); the bias gradient from the unrounded dout.
+TEST_F(CudaOps, LinearMixed) {
+    require_cublas();
+    Rng rng(119);
+    for (const LinearCase& c : linear_cases())
+        for (bool bias : {true, false}) {
+            const std::string what = "linear mixed " + c.name + (bias ? "" : " (no bias, no dx)");
+            const auto x = randn_f(c.rows * c.in, rng), W = randn_f((size_t)c.out * c.in, rng), b = randn_f(c.out, rng);
+            const auto xr = widen(to_bf16(x)), Wr = widen(to_bf16(W));
+            auto d_x = to_device(x), d_W = to_device(W), d_b = to_device(b);
+            auto ref = poisoned<float>(c.rows * c.out);
+            ops::linear_forward<float>(ref.data(), xr.data(), Wr.data(), bias ? b.data() : nullptr, c.rows, c.in, c.out);
+            DeviceArray<float> out(ref.size());
+            auto got = run_twice(what + " forward", {{&out, {}}}, [&] {
+                cu::linear_forward_mixed(out.get(), d_x.get(), d_W.get(), bias ? d_b.get() : nullptr, c.rows, c.in,
+                                         c.out, stream);
+            });
+            expect_close(what + " forward", got[0], ref, 1e-4);
+
+            const auto dout = randn_f(ref.size(), rng), g_x = randn_f(x.size(), rng), g_W = randn_f(W.size(), rng),
+                       g_b = randn_f(b.size(), rng);
+            const auto doutr = widen(to_bf16(dout));
+            auto r_x = g_x, r_W = g_W, r_b = g_b;
+            ops::linear_backward<float>(bias ? r_x.data() : nullptr, r_W.data(), nullptr, doutr.data(), xr.data(),
+                                        Wr.data(), c.rows, c.in, c.out);
+            if (bias)
+                for (int64_t r = 0; r < c.rows; r++)
+                    for (int o = 0; o < c.out; o++) r_b[o] += dout[r * c.out + o];
+            auto d_dout = to_device(dout);
+            DeviceArray<float> dx(x.size()), dW(W.size()), db(b.size());
+            auto grads = run_twice(what + " backward", {{&dx, g_x}, {&dW, g_W}, {&db, g_b}}, [&] {
+                cu::linear_backward_mixed(bias ? dx.get() : nullptr, dW.get(), bias ? db.get() : nullptr, d_dout.get(),
+                                          d_x.get(), d_W.get(), c.rows, c.in, c.out, stream);
+            });
+            expect_close(what + " dx", grads[0], r_x, 1e-4);
+            expect_close(what + " dW", grads[1], r_W, 1e-4);
+            expect_close(what + " db", grads[2], r_b, 1e-4);
+        }
+}
+
 // The expert projections, fp32 and the bf16 mode's (mixed: x, W and dout
 // enter the products as bf16). The mixed ops are checked against the CPU on
 // the same bf16-rounded values, so only the order of the fp32 accumulation

@@ -199,9 +199,14 @@ uint32_t alignment(const void* p, int64_t ld_bytes) {
 // `d_type`, fp32 compute and scale; op(A) is m×k, op(B) k×n. The heuristic's
 // first algorithm: the same one every run for the same shapes (cublasGemmEx
 // when the heuristic has none).
+// bias (fp32 D only, beta 0): D = op(A)·op(B) + bias[row], added in the GEMM's
+// epilogue, so that D is written once and never read; without an Lt
+// algorithm for it, D is filled with the bias first and accumulated into.
 void lt_matmul(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const uint16_t* A,
                int64_t lda, const uint16_t* B, int64_t ldb, float beta, void* D,
-               cudaDataType_t d_type, int64_t ldd, cudaStream_t stream) {
+               cudaDataType_t d_type, int64_t ldd, cudaStream_t stream, const float* bias = nullptr) {
+    PRISM_CUDA_REQUIRE(!bias || (d_type == CUDA_R_32F && beta == 0.f && ldd == m),
+                       "lt_matmul: the bias epilogue takes a packed fp32 D and beta 0");
     const LtContext ctx = lt_context();
     LtMatmulDesc desc;
     const int32_t op_a = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N,
@@ -210,6 +215,16 @@ void lt_matmul(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, cons
         cublasLtMatmulDescSetAttribute(desc.p, CUBLASLT_MATMUL_DESC_TRANSA, &op_a, sizeof(op_a)));
     PRISM_CUBLAS_CHECK(
         cublasLtMatmulDescSetAttribute(desc.p, CUBLASLT_MATMUL_DESC_TRANSB, &op_b, sizeof(op_b)));
+    if (bias) {
+        const cublasLtEpilogue_t epilogue = CUBLASLT_EPILOGUE_BIAS;
+        const int32_t bias_type = CUDA_R_32F;
+        PRISM_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc.p, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue,
+                                                          sizeof(epilogue)));
+        PRISM_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc.p, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias,
+                                                          sizeof(bias)));
+        PRISM_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc.p, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE,
+                                                          &bias_type, sizeof(bias_type)));
+    }
     // layouts describe the stored matrices: A is m×k (k×m when transposed), B k×n (n×k)
     LtLayout a(CUDA_R_16BF, trans_a ? k : m, trans_a ? m : k, lda);
     LtLayout b(CUDA_R_16BF, trans_b ? n : k, trans_b ? k : n, ldb);
@@ -239,6 +254,11 @@ void lt_matmul(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, cons
         // no Lt kernel for these shapes or alignments: cuBLAS's own GEMM, same types
         PRISM_CUDA_REQUIRE(m <= INT_MAX && n <= INT_MAX && k <= INT_MAX,
                            "bf16 GEMM too large for cublasGemmEx");
+        if (bias) {  // D [m, n] column-major is row-major [n, m]: bias[i % m]
+            fill_bias_kernel<<<grid_for(m * n), kThreads, 0, stream>>>(static_cast<float*>(D), bias, n, (int)m);
+            PRISM_LAUNCH_CHECK();
+            beta = 1.f;
+        }
         PRISM_CUBLAS_CHECK(cublasGemmEx(blas_handle(stream), trans_a ? CUBLAS_OP_T : CUBLAS_OP_N,
                                         trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, (int)m, (int)n, (int)k,
                                         &alpha, A, CUDA_R_16BF, (int)lda, B, CUDA_R_16BF, (int)ldb,
@@ -383,12 +403,8 @@ void linear_forward_mixed(float* out, const float* x, const float* W, const floa
     Scratch wb(sizeof(uint16_t) * (size_t)out_dim * in_dim, stream);
     to_bf16(xb.as<uint16_t>(), x, rows * in_dim, stream);
     to_bf16(wb.as<uint16_t>(), W, (int64_t)out_dim * in_dim, stream);
-    if (b) {
-        fill_bias_kernel<<<grid_for(rows * out_dim), kThreads, 0, stream>>>(out, b, rows, out_dim);
-        PRISM_LAUNCH_CHECK();
-    }
     lt_matmul(true, false, out_dim, rows, in_dim, wb.as<uint16_t>(), in_dim, xb.as<uint16_t>(), in_dim,
-              b ? 1.f : 0.f, out, CUDA_R_32F, out_dim, stream);
+              0.f, out, CUDA_R_32F, out_dim, stream, b);
 }
 
 void linear_backward_mixed(float* dx, float* dW, float* db, const float* dout, const float* x,
