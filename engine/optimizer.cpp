@@ -54,14 +54,25 @@ void AdamW<T>::apply(Model<T>& model, double lr, double norm) {
     if (cfg_.grad_clip > 0 && norm > cfg_.grad_clip)
         op::scale_inplace(ex, g + shard_.begin, shard_.size(), T(cfg_.grad_clip / norm));
     t_++;
-    // Each tensor's part inside the shard (all of it unsharded); the moments
-    // are indexed from the shard's start.
-    for (const auto& p : model.layout()) {
-        const int64_t begin = std::max(p.offset, shard_.begin), end = std::min(p.offset + p.numel, shard_.end);
+    // One update per run of consecutive tensors with the same weight decay
+    // (a block's biases and LayerNorm parameters sit next to each other): the
+    // update is elementwise, so a run gives the bits of its tensors one by one
+    // with fewer launches. Each run's part inside the shard (all of it
+    // unsharded); the moments are indexed from the shard's start.
+    const auto& layout = model.layout();
+    for (size_t first = 0; first < layout.size();) {
+        size_t last = first;  // the run is layout[first..last]
+        while (last + 1 < layout.size() && layout[last + 1].decay == layout[first].decay &&
+               layout[last + 1].offset == layout[last].offset + layout[last].numel)
+            last++;
+        const int64_t begin = std::max(layout[first].offset, shard_.begin),
+                      end = std::min(layout[last].offset + layout[last].numel, shard_.end);
+        const double decay = layout[first].decay ? cfg_.weight_decay : 0.0;
+        first = last + 1;
         if (begin >= end) continue;
         op::adamw_update(ex, model.params() + begin, g + begin, m_ + (begin - shard_.begin),
                          v_ + (begin - shard_.begin), end - begin, lr, cfg_.beta1, cfg_.beta2, cfg_.eps,
-                         p.decay ? cfg_.weight_decay : 0.0, t_);
+                         decay, t_);
     }
     if (!zero_) return;
     if constexpr (std::is_same_v<T, float>) {
