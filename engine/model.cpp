@@ -608,11 +608,19 @@ void Model<T>::block_backward(int i) {
     op::Range range(ex_, "block backward");
     // x.dres holds ∂loss/∂x_out on entry and ∂loss/∂x_in on exit.
 
+    // ∂branch = drop-path scale · ∂x_out: without drop path, ∂x_out itself
+    // (read by the branch's first product before LN's backward adds to it).
+    auto branch_grad = [&](const T* scale) -> const T* {
+        if (!b.dropping) return x.dres;
+        op::zero(ex_, x.dbranch, rows * D);
+        op::residual_backward(ex_, x.dbranch, x.dres, scale, B_, L * D);
+        return x.dbranch;
+    };
+
     // MLP branch
-    op::zero(ex_, x.dbranch, rows * D);
-    op::residual_backward(ex_, x.dbranch, x.dres, b.dropping ? b.drop_mlp : nullptr, B_, L * D);
+    const T* dmlp = branch_grad(b.drop_mlp);
     op::zero(ex_, x.dact, rows * H);
-    op::linear_backward(ex_, x.dact, g.fc2_w, g.fc2_b, x.dbranch, b.act, w.fc2_w, rows, int(H), int(D));
+    op::linear_backward(ex_, x.dact, g.fc2_w, g.fc2_b, dmlp, b.act, w.fc2_w, rows, int(H), int(D));
     op::zero(ex_, x.dfc1, rows * H);
     op::gelu_backward(ex_, x.dfc1, x.dact, b.fc1, rows * H);
     op::zero(ex_, x.dln, rows * D);
@@ -621,10 +629,9 @@ void Model<T>::block_backward(int i) {
                            b.ln2_rstd, rows, int(D));
 
     // Attention branch
-    op::zero(ex_, x.dbranch, rows * D);
-    op::residual_backward(ex_, x.dbranch, x.dres, b.dropping ? b.drop_attn : nullptr, B_, L * D);
+    const T* dattn = branch_grad(b.drop_attn);
     op::zero(ex_, x.datt, rows * D);
-    op::linear_backward(ex_, x.datt, g.proj_w, g.proj_b, x.dbranch, b.att_out, w.proj_w, rows, int(D), int(D));
+    op::linear_backward(ex_, x.datt, g.proj_w, g.proj_b, dattn, b.att_out, w.proj_w, rows, int(D), int(D));
     op::zero(ex_, x.dln, rows * D);
     if (!is_moe(cfg_)) {
         op::zero(ex_, x.dqkv, rows * 3 * D);
