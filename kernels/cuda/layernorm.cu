@@ -11,12 +11,10 @@ namespace {
 
 constexpr int kRowsPerBlock = 8;  // one warp each
 
-__global__ void layernorm_forward_kernel(float* out, float* mean, float* rstd, const float* x,
-                                         const float* w, const float* b, int64_t rows, int D) {
-    const int64_t r = (int64_t)blockIdx.x * kRowsPerBlock + threadIdx.x / 32;
-    const int lane = threadIdx.x % 32;
-    if (r >= rows) return;
-    const float* xr = x + r * D;
+// Row r of x normalized into out by one warp (`lane` of it), with its
+// statistics; each lane reads only the elements d ≡ lane (mod 32).
+__device__ void layernorm_row(float* out, float* mean, float* rstd, const float* xr, const float* w,
+                              const float* b, int64_t r, int D, int lane) {
     float s = 0.f;
     for (int d = lane; d < D; d += 32) s += xr[d];
     const float m = warp_sum(s) / D;
@@ -31,10 +29,17 @@ __global__ void layernorm_forward_kernel(float* out, float* mean, float* rstd, c
     }
 }
 
+__global__ void layernorm_forward_kernel(float* out, float* mean, float* rstd, const float* x,
+                                         const float* w, const float* b, int64_t rows, int D) {
+    const int64_t r = (int64_t)blockIdx.x * kRowsPerBlock + threadIdx.x / 32;
+    if (r >= rows) return;
+    layernorm_row(out, mean, rstd, x + r * D, w, b, r, D, threadIdx.x % 32);
+}
+
 // The residual add of the branch before LN2 and that LayerNorm, one warp per
-// row: x and branch are read once, sum is written once and read back by the
-// same lanes (L1/L2) for the statistics; the arithmetic is that of
-// residual_forward then layernorm_forward_kernel.
+// row: x and branch are read once and the sum written once; each lane reads
+// back only what it wrote (L1), so no barrier is needed, and the arithmetic
+// is that of residual_forward then layernorm_forward_kernel.
 __global__ void residual_layernorm_forward_kernel(float* sum, float* out, float* mean, float* rstd,
                                                   const float* x, const float* branch,
                                                   const float* scale, const float* w,
@@ -47,22 +52,8 @@ __global__ void residual_layernorm_forward_kernel(float* sum, float* out, float*
     const float* xr = x + r * D;
     const float* br = branch + r * D;
     float* sr = sum + r * D;
-    float s = 0.f;
-    for (int d = lane; d < D; d += 32) {
-        const float v = xr[d] + sc * br[d];
-        sr[d] = v;
-        s += v;
-    }
-    const float m = warp_sum(s) / D;
-    float v = 0.f;
-    for (int d = lane; d < D; d += 32) v += (sr[d] - m) * (sr[d] - m);
-    const float rs = 1.f / sqrtf(warp_sum(v) / D + 1e-6f);
-    float* o = out + r * D;
-    for (int d = lane; d < D; d += 32) o[d] = (sr[d] - m) * rs * w[d] + b[d];
-    if (lane == 0) {
-        mean[r] = m;
-        rstd[r] = rs;
-    }
+    for (int d = lane; d < D; d += 32) sr[d] = xr[d] + sc * br[d];
+    layernorm_row(out, mean, rstd, sr, w, b, r, D, lane);
 }
 
 __global__ void layernorm_dx_kernel(float* dx, const float* dout, const float* x, const float* w,
