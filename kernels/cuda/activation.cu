@@ -22,16 +22,11 @@ __global__ void gelu_backward_kernel(float* dx, const float* dout, const float* 
     }
 }
 
-// out[b] = x[b] + scale[b] · branch[b] (out may be x).
+// out[b] = x[b] + scale[b] · branch[b] (out may be x): the forward, and with
+// out = x = dbranch, branch = dx the backward's dbranch[b] += scale[b] · dx[b].
 __global__ void residual_kernel(float* out, const float* x, const float* branch, const float* scale,
                                 int64_t per_image, int64_t n) {
     PRISM_GRID_STRIDE(i, n) out[i] = x[i] + (scale ? scale[i / per_image] : 1.f) * branch[i];
-}
-
-// backward: dbranch[b] += scale[b] · dx[b].
-__global__ void scaled_add_kernel(float* dst, const float* src, const float* scale,
-                                  int64_t per_image, int64_t n) {
-    PRISM_GRID_STRIDE(i, n) dst[i] += (scale ? scale[i / per_image] : 1.f) * src[i];
 }
 
 }  // namespace
@@ -55,8 +50,8 @@ void residual_forward(float* out, const float* x, const float* branch, const flo
 
 void residual_backward(float* dbranch, const float* dx, const float* scale, int B,
                        int64_t per_image, cudaStream_t stream) {
-    scaled_add_kernel<<<grid_for(B * per_image), kThreads, 0, stream>>>(dbranch, dx, scale,
-                                                                        per_image, B * per_image);
+    residual_kernel<<<grid_for(B * per_image), kThreads, 0, stream>>>(dbranch, dbranch, dx, scale,
+                                                                      per_image, B * per_image);
     PRISM_LAUNCH_CHECK();
 }
 
