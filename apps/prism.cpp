@@ -166,8 +166,7 @@ int cmd_eval(int argc, char** argv) {
     if (batch < 1) throw UserError("--batch must be at least 1");
     Loader data(eval_loader_options(glob, batch, ck.config.data.threads));
     check_data_matches(data.shape(), ck.config.model, glob);
-    Model<float> model(ck.config.model, batch, false, dev);
-    model.set_bf16_matmul(bf16_mode(ck.config.train.precision, dev));
+    Model<float> model(ck.config.model, batch, false, dev, bf16_mode(ck.config.train.precision, dev));
     load_weights(model, ck);
     const int K = ck.config.model.num_classes;
     EvalOptions eopts;

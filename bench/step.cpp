@@ -74,8 +74,7 @@ StepBenchResult bench_step(const Config& cfg, const StepBenchOptions& o, bool ve
     r.batch = o.batch > 0 ? o.batch : cfg.train.batch;
     const int B = r.batch, C = m.channels, HW = m.image * m.image;
 
-    Model<float> model(m, B, verbose, o.device);
-    model.set_bf16_matmul(bf16_mode(cfg.train.precision, o.device));
+    Model<float> model(m, B, verbose, o.device, bf16_mode(cfg.train.precision, o.device));
     r.bf16_matmul = model.bf16_matmul();
     model.init_weights(cfg.train.seed);
     AdamW<float> opt(cfg.train, model.num_params(), verbose, o.device);

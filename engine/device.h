@@ -9,7 +9,7 @@ namespace prism {
 // and its kernels exist, else the CPU. Throws UserError for an impossible choice.
 Device resolve_device(const std::string& flag);
 const char* device_label(Device d);
-// train.precision on a device: the bf16 mode (Model::set_bf16_matmul) runs on
+// train.precision on a device: the bf16 mode (Model's bf16 argument) runs on
 // CUDA only, where "auto" chooses it; "fp32" is fp32 everywhere.
 inline bool bf16_mode(const std::string& precision, Device d) {
     return d == Device::cuda && (precision == "bf16" || precision == "auto");

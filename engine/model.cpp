@@ -114,17 +114,20 @@ static void bind_weights(Weights<T>& w, T* base, const std::vector<ParamInfo>& l
     w.head_b = at("head.bias");
 }
 
-// What one block keeps from forward for backward.
+// What one block keeps from forward for backward. ln1, ln2 and act are read
+// by linear layers (op::MatrixIn: bf16 in the bf16 mode).
 template <class T>
 struct BlockActs {
-    T *x_in, *ln1, *ln1_mean, *ln1_rstd;
+    T *x_in;
+    op::MatrixIn<T> ln1, ln2, act;
+    T *ln1_mean, *ln1_rstd;
     T *qkv, *att_lse;                                      // dense attention
     T *z, *rprobs, *weights, *lse, *q, *k, *v, *qg, *og;   // MoE attention
     T *route_lse, *cls_probs;
     int *experts, *offsets, *pair_of_row, *row_of_pair, *counts;
     double* aux_all;        // [2C+1] aux_stats summed over ranks (data-parallel training)
     bool aux_global;        // aux_all holds them for this forward
-    T *att_out, *proj_out, *x_mid, *ln2, *ln2_mean, *ln2_rstd, *fc1, *act, *fc2_out, *x_out;
+    T *att_out, *proj_out, *x_mid, *ln2_mean, *ln2_rstd, *fc1, *fc2_out, *x_out;
     T *drop_attn, *drop_mlp;                               // per-image drop path scales
     bool dropping;
 };
@@ -150,7 +153,7 @@ struct Activations {
 };
 
 template <class T>
-Model<T>::Model(const ModelConfig& cfg, int batch_capacity, bool verbose, Device device)
+Model<T>::Model(const ModelConfig& cfg, int batch_capacity, bool verbose, Device device, bool bf16)
     : cfg_(cfg), capacity_(batch_capacity), layout_(param_layout(cfg)) {
     if (device == Device::cuda) {
         if (!std::is_same_v<T, float>) throw UserError("the CUDA backend runs float32 models only");
@@ -161,6 +164,8 @@ Model<T>::Model(const ModelConfig& cfg, int batch_capacity, bool verbose, Device
         throw UserError("this build has no CUDA backend");
 #endif
     }
+    bf16_storage_ = bf16 && std::is_same_v<T, float>;
+    ex_.bf16_matmul = bf16_storage_ && ex_.cuda;
     num_params_ = param_count(layout_);
     // Where each block's parameters start (they are contiguous), and the head's.
     block_begin_.assign(cfg_.depth + 1, -1);
@@ -184,12 +189,12 @@ Model<T>::Model(const ModelConfig& cfg, int batch_capacity, bool verbose, Device
     carve_activations();       // bind
     if (verbose)
         std::printf("arena %-22s %10s  (%lld parameters, %s each, with gradients; %s)\n"
-                    "arena %-22s %10s  (batch capacity %d, sequence %d)\n",
+                    "arena %-22s %10s  (batch capacity %d, sequence %d%s)\n",
                     param_arena_.name.c_str(), format_bytes(param_arena_.capacity).c_str(),
                     (long long)num_params_, sizeof(T) == 4 ? "fp32" : "fp64",
                     ex_.cuda ? "GPU memory" : "host memory",
                     act_arena_.name.c_str(), format_bytes(act_arena_.capacity).c_str(), capacity_,
-                    max_seq(cfg_));
+                    max_seq(cfg_), bf16_storage_ ? "; LayerNorm and GELU outputs in bf16" : "");
 }
 
 template <class T>
@@ -234,12 +239,20 @@ void Model<T>::carve_activations() {
     x.patch_tok = a.take<T>(B * (L - 1) * D);
     x.seq = a.take<T>(B * L * D);
     x.blocks.assign(cfg_.depth, BlockActs<T>{});
+    // A matrix only linear layers read: bf16 in the bf16 mode, else fp32;
+    // both where something else reads it too (keep_full).
+    auto matrix_in = [&](int64_t n, bool keep_full) {
+        op::MatrixIn<T> m;
+        if (!bf16_storage_ || keep_full) m.full = a.take<T>(n);
+        if (bf16_storage_) m.bf16 = a.take<uint16_t>(n);
+        return m;
+    };
     T* prev = x.seq;
     for (size_t i = 0; i < x.blocks.size(); i++) {
         auto& b = x.blocks[i];
         b.x_in = prev;
         b.counts = x.counts + i * C;  // (drop_attn, drop_mlp: set by forward, strided by its batch)
-        b.ln1 = a.take<T>(B * L * D);
+        b.ln1 = matrix_in(B * L * D, /*keep_full=*/is_moe(cfg_));  // the router reads it in fp32
         b.ln1_mean = a.take<T>(B * L);
         b.ln1_rstd = a.take<T>(B * L);
         if (is_moe(cfg_)) {
@@ -266,11 +279,11 @@ void Model<T>::carve_activations() {
         b.att_out = a.take<T>(B * L * D);
         b.proj_out = a.take<T>(B * L * D);
         b.x_mid = a.take<T>(B * L * D);
-        b.ln2 = a.take<T>(B * L * D);
+        b.ln2 = matrix_in(B * L * D, false);
         b.ln2_mean = a.take<T>(B * L);
         b.ln2_rstd = a.take<T>(B * L);
         b.fc1 = a.take<T>(B * L * H);
-        b.act = a.take<T>(B * L * H);
+        b.act = matrix_in(B * L * H, false);
         b.fc2_out = a.take<T>(B * L * D);
         b.x_out = a.take<T>(B * L * D);
         prev = b.x_out;
@@ -502,7 +515,7 @@ void Model<T>::block_forward(int i, bool training) {
         // Router: z = y·W_rᵀ + b_r; p = softmax over S; E(t) = top-k; R = combine weights.
         // The router's product stays fp32 in the bf16 mode: a rounding must not
         // flip which channels a token attends to.
-        op::linear_forward(fp32(ex_), b.z, b.ln1, w.router_w, w.router_b, rows, int(D), int(C));
+        op::linear_forward(fp32(ex_), b.z, b.ln1.full, w.router_w, w.router_b, rows, int(D), int(C));
         op::router_forward(ex_, b.rprobs, b.experts, b.weights, b.lse, b.z + C, L * C, in_S_at_,
                            S_at_, B_, nS_, int(N), int(C), k, combine);
         // Dispatch: sort the (token, slot) pairs into (image, channel) groups.
@@ -510,9 +523,9 @@ void Model<T>::block_forward(int i, bool training) {
                          int(N), k);
         // q shared by all tokens; k, v from each channel's own expert.
         op::linear_forward(ex_, b.q, b.ln1, w.q_w, w.q_b, rows, int(D), int(D));
-        op::expert_linear_forward(ex_, b.k, b.ln1 + D, L * D, w.k_w, w.k_b, S_at_, B_, nS_, int(N),
+        op::expert_linear_forward(ex_, b.k, b.ln1.at(D), L * D, w.k_w, w.k_b, S_at_, B_, nS_, int(N),
                                   int(D), int(D));
-        op::expert_linear_forward(ex_, b.v, b.ln1 + D, L * D, w.v_w, w.v_b, S_at_, B_, nS_, int(N),
+        op::expert_linear_forward(ex_, b.v, b.ln1.at(D), L * D, w.v_w, w.v_b, S_at_, B_, nS_, int(N),
                                   int(D), int(D));
         // a[t] = Σ_{c∈E(t)} R[t,c]·MHA(q[t], K_{b,c}, V_{b,c})
         op::moe_gather_forward(ex_, b.qg, b.q + D, L * D, b.pair_of_row, B_, nS_, int(N), k, int(D));
@@ -656,9 +669,9 @@ void Model<T>::block_backward(int i) {
         op::routed_attention_backward(ex_, x.dqg, x.dk, x.dv, x.dog, b.qg, b.k, b.v, b.og,
                                       b.route_lse, b.offsets, B_, nS_, int(N), int(D), int(Hd));
         op::moe_gather_backward(ex_, x.dq + D, L * D, x.dqg, b.row_of_pair, B_, nS_, int(N), k, int(D));
-        op::expert_linear_backward(ex_, x.dln + D, g.k_w, g.k_b, x.dk, b.ln1 + D, L * D, w.k_w,
+        op::expert_linear_backward(ex_, x.dln + D, g.k_w, g.k_b, x.dk, b.ln1.at(D), L * D, w.k_w,
                                    S_at_, B_, nS_, int(N), int(D), int(D));
-        op::expert_linear_backward(ex_, x.dln + D, g.v_w, g.v_b, x.dv, b.ln1 + D, L * D, w.v_w,
+        op::expert_linear_backward(ex_, x.dln + D, g.v_w, g.v_b, x.dv, b.ln1.at(D), L * D, w.v_w,
                                    S_at_, B_, nS_, int(N), int(D), int(D));
         op::linear_backward(ex_, x.dln, g.q_w, g.q_b, x.dq, b.ln1, w.q_w, rows, int(D), int(D));
         // The model's aux and z losses are means over blocks.
@@ -671,8 +684,8 @@ void Model<T>::block_backward(int i) {
                                     int(C), T(cfg_.z_loss_coef), per_block);
         op::router_backward(ex_, x.dz + C, L * C, b.rprobs, b.experts, b.weights, x.dweights,
                             x.drprobs, S_at_, B_, nS_, int(N), int(C), k, combine);
-        op::linear_backward(fp32(ex_), x.dln, g.router_w, g.router_b, x.dz, b.ln1, w.router_w, rows, int(D),
-                            int(C));
+        op::linear_backward(fp32(ex_), x.dln, g.router_w, g.router_b, x.dz, b.ln1.full, w.router_w, rows,
+                            int(D), int(C));
     }
     op::layernorm_backward(ex_, x.dres, g.norm1_w, g.norm1_b, x.dln, b.x_in, w.norm1_w, b.ln1_mean,
                            b.ln1_rstd, rows, int(D));

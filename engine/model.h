@@ -63,8 +63,17 @@ template <class T>
 class Model {
 public:
     // batch_capacity: the largest batch forward() will be given. Device::cuda
-    // needs T = float.
-    Model(const ModelConfig& cfg, int batch_capacity, bool verbose, Device device = Device::cpu);
+    // needs T = float. bf16: the bf16 mode (train.precision = bf16 on CUDA):
+    // the linear layers' products take bf16 inputs (fp32 accumulation;
+    // weights, gradients and most activations stay fp32), moevit's
+    // per-channel expert projections too, and so do dense and routed attention
+    // where the head dim is 64 (the flash kernels, kernels/backend.h); the
+    // router stays fp32. The matrices only products read (the LayerNorms' and
+    // GELU's outputs) are stored in bf16, in the activation arena's layout.
+    // On the CPU, bf16 keeps only that storage (products in fp32), so tests can
+    // check it without a GPU.
+    Model(const ModelConfig& cfg, int batch_capacity, bool verbose, Device device = Device::cpu,
+          bool bf16 = false);
     ~Model();
     Model(const Model&) = delete;
     Model& operator=(const Model&) = delete;
@@ -83,13 +92,9 @@ public:
     int64_t num_params() const { return num_params_; }
     Device device() const { return ex_.cuda ? Device::cuda : Device::cpu; }
     const op::Exec& exec() const { return ex_; }
-    // train.precision = bf16 on CUDA: the linear layers' products take bf16
-    // inputs (fp32 accumulation; weights, activations and gradients stay fp32),
-    // moevit's per-channel expert projections too, and so do dense and routed
-    // attention where the head dim is 64 (the flash kernels, kernels/backend.h);
-    // the router stays fp32.
-    void set_bf16_matmul(bool on) { ex_.bf16_matmul = on && ex_.cuda; }
+    // The bf16 mode's products run (CUDA), and its bf16 storage (both devices).
     bool bf16_matmul() const { return ex_.bf16_matmul; }
+    bool bf16_storage() const { return bf16_storage_; }
     // Where the model's device keeps them (device memory on CUDA).
     T* params() { return param_mem_; }
     T* grads() { return grad_mem_; }
@@ -152,6 +157,7 @@ private:
     mutable bool logits_stale_ = false;
     std::vector<int> counts_host_;     // [depth, C]: positions in S (moevit)
     op::Exec ex_;
+    bool bf16_storage_ = false;
     bool training_ = false;
     std::function<void(double*, int64_t)> reduce_over_ranks_;
     std::function<void(int64_t, int64_t)> on_grads_ready_;

@@ -15,7 +15,10 @@
 #include <cstring>
 #include <initializer_list>
 #include <stdexcept>
+#include <string>
 #include <type_traits>
+#include <vector>
+#include "kernels/bf16.h"
 #include "kernels/ops.h"
 #ifdef PRISM_CUDA
 #include "kernels/cuda_ops.h"
@@ -33,9 +36,57 @@ struct Exec {
     cudaStream_t stream = nullptr;
     // CUDA only, the bf16 mode: the linear layers take bf16 matrix inputs
     // (tensor cores, fp32 accumulation), and so does attention where the flash
-    // kernels apply (see attention_forward); every tensor stays fp32.
+    // kernels apply (see attention_forward); tensors stay fp32 but for the
+    // matrix inputs the model stores in bf16 (MatrixIn).
     bool bf16_matmul = false;
 };
+
+// A matrix that linear layers read, stored by the op that produces it (a
+// LayerNorm, GELU) in fp32 (`full`), in bf16 (`bf16`), or both. The bf16
+// mode stores such a matrix in bf16 (DESIGN.md §7), so that every product
+// that reads it, forward and backward, takes it as it is instead of rounding
+// it again; `full` is kept too only where something else reads it (moevit's
+// router reads LN1's output in fp32). A product reads `bf16` when present.
+// On the CPU the products stay fp32: a bf16-stored matrix is widened back,
+// which is what the CUDA products see (tests check the model's bf16 storage
+// on the CPU that way).
+template <class T>
+struct MatrixIn {
+    T* full = nullptr;
+    uint16_t* bf16 = nullptr;
+    // The same matrix from element `offset` on (patch rows of a sequence).
+    MatrixIn at(int64_t offset) const {
+        return {full ? full + offset : nullptr, bf16 ? bf16 + offset : nullptr};
+    }
+};
+
+namespace detail {
+// CPU: the matrix's first n elements as T: `full`, or `bf16` widened into tmp.
+template <class T>
+const T* widened(const MatrixIn<T>& x, int64_t n, std::vector<T>& tmp) {
+    if (!x.bf16) return x.full;
+    tmp.resize(size_t(n));
+    for (int64_t i = 0; i < n; i++) tmp[size_t(i)] = T(bf16_value(x.bf16[i]));
+    return tmp.data();
+}
+// CPU: where a producing op writes its n outputs (`full`, or tmp), and the
+// rounding into `bf16` once it has.
+template <class T>
+T* output_of(const MatrixIn<T>& out, int64_t n, std::vector<T>& tmp) {
+    if (out.full) return out.full;
+    tmp.resize(size_t(n));
+    return tmp.data();
+}
+template <class T>
+void store_bf16(const MatrixIn<T>& out, const T* values, int64_t n) {
+    if (out.bf16)
+        for (int64_t i = 0; i < n; i++) out.bf16[i] = bf16_bits(float(values[i]));
+}
+// CUDA's fp32 products take fp32 inputs only.
+inline void require_full(const void* bf16, const char* op) {
+    if (bf16) throw std::logic_error(std::string(op) + ": a bf16-stored input outside the bf16 mode");
+}
+}  // namespace detail
 
 // PRISM_OP(cpu_call, cuda_call): the CUDA call for float on a CUDA Exec, else
 // the CPU call. Calls are written without their namespace.
@@ -123,10 +174,23 @@ void embed_backward(const Exec& ex, T* dpatch, T* dcls, T* dpos, T* dchan, const
 
 // ---- layer norm, linear, GELU, residual ------------------------------------------------
 template <class T>
+void layernorm_forward(const Exec& ex, const MatrixIn<T>& out, T* mean, T* rstd, const T* x, const T* w,
+                       const T* b, int64_t rows, int D) {
+#ifdef PRISM_CUDA
+    if constexpr (std::is_same_v<T, float>) {
+        if (ex.cuda)
+            return cuda_ops::layernorm_forward(out.full, out.bf16, mean, rstd, x, w, b, rows, D, ex.stream);
+    }
+#endif
+    std::vector<T> tmp;
+    T* o = detail::output_of(out, rows * D, tmp);
+    ops::layernorm_forward(o, mean, rstd, x, w, b, rows, D);
+    detail::store_bf16(out, o, rows * D);
+}
+template <class T>
 void layernorm_forward(const Exec& ex, T* out, T* mean, T* rstd, const T* x, const T* w, const T* b,
                        int64_t rows, int D) {
-    PRISM_OP(layernorm_forward(out, mean, rstd, x, w, b, rows, D),
-             layernorm_forward(out, mean, rstd, x, w, b, rows, D, ex.stream));
+    layernorm_forward(ex, MatrixIn<T>{out, nullptr}, mean, rstd, x, w, b, rows, D);
 }
 template <class T>
 void layernorm_backward(const Exec& ex, T* dx, T* dw, T* db, const T* dout, const T* x, const T* w,
@@ -135,69 +199,117 @@ void layernorm_backward(const Exec& ex, T* dx, T* dw, T* db, const T* dout, cons
              layernorm_backward(dx, dw, db, dout, x, w, mean, rstd, rows, D, ex.stream));
 }
 template <class T>
-void residual_layernorm_forward(const Exec& ex, T* sum, T* out, T* mean, T* rstd, const T* x,
+void residual_layernorm_forward(const Exec& ex, T* sum, const MatrixIn<T>& out, T* mean, T* rstd, const T* x,
                                 const T* branch, const T* scale, const T* w, const T* b, int B,
                                 int64_t rows_per_image, int D) {
-    PRISM_OP(residual_layernorm_forward(sum, out, mean, rstd, x, branch, scale, w, b, B, rows_per_image, D),
-             residual_layernorm_forward(sum, out, mean, rstd, x, branch, scale, w, b, B, rows_per_image, D,
-                                        ex.stream));
+#ifdef PRISM_CUDA
+    if constexpr (std::is_same_v<T, float>) {
+        if (ex.cuda)
+            return cuda_ops::residual_layernorm_forward(sum, out.full, out.bf16, mean, rstd, x, branch, scale, w,
+                                                        b, B, rows_per_image, D, ex.stream);
+    }
+#endif
+    std::vector<T> tmp;
+    T* o = detail::output_of(out, B * rows_per_image * D, tmp);
+    ops::residual_layernorm_forward(sum, o, mean, rstd, x, branch, scale, w, b, B, rows_per_image, D);
+    detail::store_bf16(out, o, B * rows_per_image * D);
+}
+template <class T>
+void linear_forward(const Exec& ex, T* out, const MatrixIn<T>& x, const T* W, const T* b, int64_t rows,
+                    int in_dim, int out_dim) {
+#ifdef PRISM_CUDA
+    if constexpr (std::is_same_v<T, float>) {
+        if (ex.cuda && ex.bf16_matmul)
+            return cuda_ops::linear_forward_mixed(out, x.full, x.bf16, W, b, rows, in_dim, out_dim, ex.stream);
+        if (ex.cuda) {
+            detail::require_full(x.bf16, "linear_forward");
+            return cuda_ops::linear_forward(out, x.full, W, b, rows, in_dim, out_dim, ex.stream);
+        }
+    }
+#endif
+    std::vector<T> tmp;
+    ops::linear_forward(out, detail::widened(x, rows * in_dim, tmp), W, b, rows, in_dim, out_dim);
 }
 template <class T>
 void linear_forward(const Exec& ex, T* out, const T* x, const T* W, const T* b, int64_t rows, int in_dim,
                     int out_dim) {
-#ifdef PRISM_CUDA
-    if constexpr (std::is_same_v<T, float>) {
-        if (ex.cuda && ex.bf16_matmul)
-            return cuda_ops::linear_forward_mixed(out, x, W, b, rows, in_dim, out_dim, ex.stream);
-    }
-#endif
-    PRISM_OP(linear_forward(out, x, W, b, rows, in_dim, out_dim),
-             linear_forward(out, x, W, b, rows, in_dim, out_dim, ex.stream));
+    linear_forward(ex, out, MatrixIn<T>{const_cast<T*>(x), nullptr}, W, b, rows, in_dim, out_dim);
 }
 template <class T>
-void linear_backward(const Exec& ex, T* dx, T* dW, T* db, const T* dout, const T* x, const T* W,
+void linear_backward(const Exec& ex, T* dx, T* dW, T* db, const T* dout, const MatrixIn<T>& x, const T* W,
                      int64_t rows, int in_dim, int out_dim) {
 #ifdef PRISM_CUDA
     if constexpr (std::is_same_v<T, float>) {
         if (ex.cuda && ex.bf16_matmul)
-            return cuda_ops::linear_backward_mixed(dx, dW, db, dout, x, W, rows, in_dim, out_dim, ex.stream);
+            return cuda_ops::linear_backward_mixed(dx, dW, db, dout, x.full, x.bf16, W, rows, in_dim, out_dim,
+                                                   ex.stream);
+        if (ex.cuda) {
+            detail::require_full(x.bf16, "linear_backward");
+            return cuda_ops::linear_backward(dx, dW, db, dout, x.full, W, rows, in_dim, out_dim, ex.stream);
+        }
     }
 #endif
-    PRISM_OP(linear_backward(dx, dW, db, dout, x, W, rows, in_dim, out_dim),
-             linear_backward(dx, dW, db, dout, x, W, rows, in_dim, out_dim, ex.stream));
+    std::vector<T> tmp;
+    ops::linear_backward(dx, dW, db, dout, detail::widened(x, rows * in_dim, tmp), W, rows, in_dim, out_dim);
 }
 template <class T>
-void expert_linear_forward(const Exec& ex, T* out, const T* x, int64_t x_image_stride, const T* W,
+void linear_backward(const Exec& ex, T* dx, T* dW, T* db, const T* dout, const T* x, const T* W,
+                     int64_t rows, int in_dim, int out_dim) {
+    linear_backward(ex, dx, dW, db, dout, MatrixIn<T>{const_cast<T*>(x), nullptr}, W, rows, in_dim, out_dim);
+}
+// x: the patch rows (x, x_image_stride) of a sequence matrix, so the first
+// (B-1)·x_image_stride + nS·N·in_dim elements are what the ops may read.
+template <class T>
+void expert_linear_forward(const Exec& ex, T* out, const MatrixIn<T>& x, int64_t x_image_stride, const T* W,
                            const T* bias, const int* S, int B, int nS, int N, int in_dim, int out_dim) {
 #ifdef PRISM_CUDA
     if constexpr (std::is_same_v<T, float>) {
         if (ex.cuda && ex.bf16_matmul)
-            return cuda_ops::expert_linear_forward_mixed(out, x, x_image_stride, W, bias, S, B, nS, N, in_dim,
-                                                         out_dim, ex.stream);
+            return cuda_ops::expert_linear_forward_mixed(out, x.full, x.bf16, x_image_stride, W, bias, S, B, nS, N,
+                                                         in_dim, out_dim, ex.stream);
+        if (ex.cuda) {
+            detail::require_full(x.bf16, "expert_linear_forward");
+            return cuda_ops::expert_linear_forward(out, x.full, x_image_stride, W, bias, S, B, nS, N, in_dim,
+                                                   out_dim, ex.stream);
+        }
     }
 #endif
-    PRISM_OP(expert_linear_forward(out, x, x_image_stride, W, bias, S, B, nS, N, in_dim, out_dim),
-             expert_linear_forward(out, x, x_image_stride, W, bias, S, B, nS, N, in_dim, out_dim,
-                                   ex.stream));
+    std::vector<T> tmp;
+    const int64_t span = B > 0 ? (B - 1) * x_image_stride + int64_t(nS) * N * in_dim : 0;
+    ops::expert_linear_forward(out, detail::widened(x, span, tmp), x_image_stride, W, bias, S, B, nS, N, in_dim,
+                               out_dim);
 }
 template <class T>
-void expert_linear_backward(const Exec& ex, T* dx, T* dW, T* dbias, const T* dout, const T* x,
+void expert_linear_backward(const Exec& ex, T* dx, T* dW, T* dbias, const T* dout, const MatrixIn<T>& x,
                             int64_t x_image_stride, const T* W, const int* S, int B, int nS, int N,
                             int in_dim, int out_dim) {
 #ifdef PRISM_CUDA
     if constexpr (std::is_same_v<T, float>) {
         if (ex.cuda && ex.bf16_matmul)
-            return cuda_ops::expert_linear_backward_mixed(dx, dW, dbias, dout, x, x_image_stride, W, S, B, nS, N,
-                                                          in_dim, out_dim, ex.stream);
+            return cuda_ops::expert_linear_backward_mixed(dx, dW, dbias, dout, x.full, x.bf16, x_image_stride, W,
+                                                          S, B, nS, N, in_dim, out_dim, ex.stream);
+        if (ex.cuda) {
+            detail::require_full(x.bf16, "expert_linear_backward");
+            return cuda_ops::expert_linear_backward(dx, dW, dbias, dout, x.full, x_image_stride, W, S, B, nS, N,
+                                                    in_dim, out_dim, ex.stream);
+        }
     }
 #endif
-    PRISM_OP(expert_linear_backward(dx, dW, dbias, dout, x, x_image_stride, W, S, B, nS, N, in_dim,
-                                    out_dim),
-             expert_linear_backward(dx, dW, dbias, dout, x, x_image_stride, W, S, B, nS, N, in_dim,
-                                    out_dim, ex.stream));
+    std::vector<T> tmp;
+    const int64_t span = B > 0 ? (B - 1) * x_image_stride + int64_t(nS) * N * in_dim : 0;
+    ops::expert_linear_backward(dx, dW, dbias, dout, detail::widened(x, span, tmp), x_image_stride, W, S, B, nS,
+                                N, in_dim, out_dim);
 }
-template <class T> void gelu_forward(const Exec& ex, T* out, const T* x, int64_t n) {
-    PRISM_OP(gelu_forward(out, x, n), gelu_forward(out, x, n, ex.stream));
+template <class T> void gelu_forward(const Exec& ex, const MatrixIn<T>& out, const T* x, int64_t n) {
+#ifdef PRISM_CUDA
+    if constexpr (std::is_same_v<T, float>) {
+        if (ex.cuda) return cuda_ops::gelu_forward(out.full, out.bf16, x, n, ex.stream);
+    }
+#endif
+    std::vector<T> tmp;
+    T* o = detail::output_of(out, n, tmp);
+    ops::gelu_forward(o, x, n);
+    detail::store_bf16(out, o, n);
 }
 template <class T> void gelu_backward(const Exec& ex, T* dx, const T* dout, const T* x, int64_t n) {
     PRISM_OP(gelu_backward(dx, dout, x, n), gelu_backward(dx, dout, x, n, ex.stream));

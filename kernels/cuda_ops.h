@@ -1,7 +1,8 @@
 // The CUDA op interface: kernels/ops.h op by op, on device pointers, float32
-// activations (the fp32 mode; of bf16, only the linear layer so far). Same
-// names, same argument order and meaning as the CPU ops, plus a cudaStream_t
-// last; every kernel of an op is queued on that stream and nothing waits for it.
+// activations (for the bf16 mode also bf16 variants of the linear layers, and
+// bf16 outputs of LayerNorm and GELU). Same names, same argument order and
+// meaning as the CPU ops, plus a cudaStream_t last; every kernel of an op is
+// queued on that stream and nothing waits for it.
 //
 // Differences from kernels/ops.h, all so that nothing is copied to the host:
 // - Every pointer is a device pointer, index arrays (S, in_S, keep, experts,
@@ -73,14 +74,15 @@ void embed_backward(float* dpatch, float* dcls, float* dpos, float* dchan, const
                     const int* S, int B, int nS, int N, int D, cudaStream_t stream);
 
 // ---- layer norm (eps 1e-6) -----------------------------------------------------
-void layernorm_forward(float* out, float* mean, float* rstd, const float* x, const float* w,
-                       const float* b, int64_t rows, int D, cudaStream_t stream);
+// out (fp32) and/or out_bf16 (the bf16 mode's stored matrix input): either may be null.
+void layernorm_forward(float* out, uint16_t* out_bf16, float* mean, float* rstd, const float* x,
+                       const float* w, const float* b, int64_t rows, int D, cudaStream_t stream);
 void layernorm_backward(float* dx, float* dw, float* db, const float* dout, const float* x,
                         const float* w, const float* mean, const float* rstd, int64_t rows,
                         int D, cudaStream_t stream);
 // sum = x + scale[b]·branch, out = LN(sum): one warp per row, one read of x and branch.
-void residual_layernorm_forward(float* sum, float* out, float* mean, float* rstd, const float* x,
-                                const float* branch, const float* scale, const float* w,
+void residual_layernorm_forward(float* sum, float* out, uint16_t* out_bf16, float* mean, float* rstd,
+                                const float* x, const float* branch, const float* scale, const float* w,
                                 const float* b, int B, int64_t rows_per_image, int D,
                                 cudaStream_t stream);
 
@@ -114,25 +116,29 @@ void linear_backward_bf16(uint16_t* dx, float* dW, float* db, const uint16_t* do
 // The model's bf16 mode (train.precision = bf16): the fp32 linear layer with
 // x, W and (backward) dout rounded to bf16 for the product, fp32 accumulation
 // and fp32 results; the bias and its gradient stay fp32. Same contract as
-// linear_forward / linear_backward otherwise.
-void linear_forward_mixed(float* out, const float* x, const float* W, const float* b, int64_t rows,
-                          int in_dim, int out_dim, cudaStream_t stream);
+// linear_forward / linear_backward otherwise. x_bf16, when not null, is x as
+// the model stores it in bf16 (then x is not read and may be null): the
+// product reads it directly instead of rounding x.
+void linear_forward_mixed(float* out, const float* x, const uint16_t* x_bf16, const float* W, const float* b,
+                          int64_t rows, int in_dim, int out_dim, cudaStream_t stream);
 void linear_backward_mixed(float* dx, float* dW, float* db, const float* dout, const float* x,
-                           const float* W, int64_t rows, int in_dim, int out_dim,
+                           const uint16_t* x_bf16, const float* W, int64_t rows, int in_dim, int out_dim,
                            cudaStream_t stream);
 // The same for MoE-ViT's per-channel expert projections (expert_linear_*):
 // x, the used experts' W[S[s]] and (backward) dout rounded to bf16 once per
 // call into compact copies, the batched products on the tensor cores with
 // fp32 accumulation into the fp32 results; the bias and its gradient fp32.
-void expert_linear_forward_mixed(float* out, const float* x, int64_t x_image_stride, const float* W,
-                                 const float* bias, const int* S, int B, int nS, int N, int in_dim,
-                                 int out_dim, cudaStream_t stream);
+// x_bf16 as above, with x's image stride.
+void expert_linear_forward_mixed(float* out, const float* x, const uint16_t* x_bf16, int64_t x_image_stride,
+                                 const float* W, const float* bias, const int* S, int B, int nS, int N,
+                                 int in_dim, int out_dim, cudaStream_t stream);
 void expert_linear_backward_mixed(float* dx, float* dW, float* dbias, const float* dout, const float* x,
-                                  int64_t x_image_stride, const float* W, const int* S, int B, int nS,
-                                  int N, int in_dim, int out_dim, cudaStream_t stream);
+                                  const uint16_t* x_bf16, int64_t x_image_stride, const float* W, const int* S,
+                                  int B, int nS, int N, int in_dim, int out_dim, cudaStream_t stream);
 
 // ---- GELU (exact, erf) and the residual with drop path ------------------------------
-void gelu_forward(float* out, const float* x, int64_t n, cudaStream_t stream);
+// out (fp32) and/or out_bf16: either may be null.
+void gelu_forward(float* out, uint16_t* out_bf16, const float* x, int64_t n, cudaStream_t stream);
 void gelu_backward(float* dx, const float* dout, const float* x, int64_t n,
                    cudaStream_t stream);
 void residual_forward(float* out, const float* x, const float* branch, const float* scale, int B,

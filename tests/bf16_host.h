@@ -1,24 +1,9 @@
-// bf16 on the host, as the device rounds it (nearest even, NaN stays NaN) and
-// widens it (exactly): for the GPU tests and the CPU emulation of the kernels.
+// bf16 on the host for the GPU tests and the CPU emulation of the kernels:
+// the engine's own conversions (kernels/bf16.h), under the tests' namespace.
 #pragma once
-#include <cstdint>
-#include <cstring>
+#include "kernels/bf16.h"
 
 namespace prism::testing {
-
-inline uint16_t bf16_bits(float x) {
-    uint32_t u;
-    std::memcpy(&u, &x, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return uint16_t(u >> 16);
-}
-
-inline float bf16_value(uint16_t b) {
-    const uint32_t u = uint32_t(b) << 16;
-    float x;
-    std::memcpy(&x, &u, 4);
-    return x;
-}
-
+using prism::bf16_bits;
+using prism::bf16_value;
 }  // namespace prism::testing

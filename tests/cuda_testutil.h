@@ -145,6 +145,22 @@ void expect_bit_identical(const std::string& what, const std::vector<T>& a, cons
         << what << ": two runs differ";
 }
 
+// A bf16 output that must be the rounding of an fp32 one, bit for bit (the
+// bf16 mode's stored matrices: the op rounds the value it would store in
+// fp32). A poisoned (unwritten) bf16 element, 0xFFFF, is no rounding of anything.
+inline void expect_rounding_of(const std::string& what, const std::vector<uint16_t>& got,
+                               const std::vector<float>& full) {
+    ASSERT_EQ(got.size(), full.size()) << what;
+    size_t wrong = 0, first = got.size();
+    for (size_t i = 0; i < got.size(); i++)
+        if (got[i] != bf16_bits(full[i])) {
+            if (!wrong) first = i;
+            wrong++;
+        }
+    std::printf("[ cuda-bf16   ] %-48s %zu of %zu not the rounding\n", what.c_str(), wrong, got.size());
+    EXPECT_EQ(wrong, 0u) << what << ": first at " << first;
+}
+
 // An op run twice on the same inputs. Before each run every buffer it writes
 // is reset: to its starting values (the gradients a backward adds into), or,
 // where none are given, poisoned (outputs the op must write in full, so that

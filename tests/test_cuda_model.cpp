@@ -143,9 +143,8 @@ struct SideBySide {
     BatchData data;
     Batch batch;
     SideBySide(const Case& c, bool bf16)
-        : cpu(c.model, B, false, Device::cpu), gpu(c.model, B, false, Device::cuda), data(random_batch(c.model, B, 4)),
-          batch{data.images.data(), data.labels.data(), B, c.channels} {
-        gpu.set_bf16_matmul(bf16);
+        : cpu(c.model, B, false, Device::cpu), gpu(c.model, B, false, Device::cuda, bf16),
+          data(random_batch(c.model, B, 4)), batch{data.images.data(), data.labels.data(), B, c.channels} {
         const std::vector<float> w = noisy_weights(cpu, 3);
         cpu.params_from_host(w.data());
         gpu.params_from_host(w.data());

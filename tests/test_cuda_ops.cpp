@@ -246,10 +246,23 @@ TEST_F(CudaOps, LayerNorm) {
         out.poison();
         mean.poison();
         rstd.poison();
-        cu::layernorm_forward(out.get(), mean.get(), rstd.get(), d_x.get(), d_w.get(), d_b.get(), rows, D, stream);
-        expect_close(what + " out", out.download(), ref);
+        cu::layernorm_forward(out.get(), nullptr, mean.get(), rstd.get(), d_x.get(), d_w.get(), d_b.get(), rows, D,
+                              stream);
+        const auto out_full = out.download();
+        expect_close(what + " out", out_full, ref);
         expect_close(what + " mean", mean.download(), ref_mean);
         expect_close(what + " rstd", rstd.download(), ref_rstd);
+        // The bf16 mode's output: the rounding of the fp32 one, with or without it.
+        DeviceArray<uint16_t> out_bf16(x.size());
+        for (bool with_full : {true, false}) {
+            out.poison();
+            out_bf16.poison();
+            cu::layernorm_forward(with_full ? out.get() : nullptr, out_bf16.get(), mean.get(), rstd.get(), d_x.get(),
+                                  d_w.get(), d_b.get(), rows, D, stream);
+            const std::string how = with_full ? " bf16 out (with fp32)" : " bf16 out (alone)";
+            expect_rounding_of(what + how, out_bf16.download(), out_full);
+            if (with_full) expect_bit_identical(what + " out beside bf16", out.download(), out_full);
+        }
 
         const auto dout = randn_f(x.size(), rng), g_x = randn_f(x.size(), rng), g_w = randn_f(D, rng),
                    g_b = randn_f(D, rng);
@@ -391,10 +404,18 @@ TEST_F(CudaOps, LinearMixed) {
             ops::linear_forward<float>(ref.data(), xr.data(), Wr.data(), bias ? b.data() : nullptr, c.rows, c.in, c.out);
             DeviceArray<float> out(ref.size());
             auto got = run_twice(what + " forward", {{&out, {}}}, [&] {
-                cu::linear_forward_mixed(out.get(), d_x.get(), d_W.get(), bias ? d_b.get() : nullptr, c.rows, c.in,
-                                         c.out, stream);
+                cu::linear_forward_mixed(out.get(), d_x.get(), nullptr, d_W.get(), bias ? d_b.get() : nullptr, c.rows,
+                                         c.in, c.out, stream);
             });
             expect_close(what + " forward", got[0], ref, 1e-4);
+            // x stored in bf16 by the model (no fp32 x at all): the same operand
+            // values, so the same bits as rounding x here.
+            auto d_xb = to_device(to_bf16(x));
+            const auto stored = run_twice(what + " forward, x stored bf16", {{&out, {}}}, [&] {
+                cu::linear_forward_mixed(out.get(), nullptr, d_xb.get(), d_W.get(), bias ? d_b.get() : nullptr, c.rows,
+                                         c.in, c.out, stream);
+            });
+            expect_bit_identical(what + " forward, x stored bf16", stored[0], got[0]);
 
             const auto dout = randn_f(ref.size(), rng), g_x = randn_f(x.size(), rng), g_W = randn_f(W.size(), rng),
                        g_b = randn_f(b.size(), rng);
@@ -409,11 +430,18 @@ TEST_F(CudaOps, LinearMixed) {
             DeviceArray<float> dx(x.size()), dW(W.size()), db(b.size());
             auto grads = run_twice(what + " backward", {{&dx, g_x}, {&dW, g_W}, {&db, g_b}}, [&] {
                 cu::linear_backward_mixed(bias ? dx.get() : nullptr, dW.get(), bias ? db.get() : nullptr, d_dout.get(),
-                                          d_x.get(), d_W.get(), c.rows, c.in, c.out, stream);
+                                          d_x.get(), nullptr, d_W.get(), c.rows, c.in, c.out, stream);
             });
             expect_close(what + " dx", grads[0], r_x, 1e-4);
             expect_close(what + " dW", grads[1], r_W, 1e-4);
             expect_close(what + " db", grads[2], r_b, 1e-4);
+            const auto stored_grads = run_twice(what + " backward, x stored bf16", {{&dx, g_x}, {&dW, g_W}, {&db, g_b}}, [&] {
+                cu::linear_backward_mixed(bias ? dx.get() : nullptr, dW.get(), bias ? db.get() : nullptr, d_dout.get(),
+                                          nullptr, d_xb.get(), d_W.get(), c.rows, c.in, c.out, stream);
+            });
+            for (int i = 0; i < 3; i++)
+                expect_bit_identical(what + " backward, x stored bf16, buffer " + std::to_string(i), stored_grads[i],
+                                     grads[i]);
         }
 }
 
@@ -441,11 +469,26 @@ TEST_F(CudaOps, ExpertLinear) {
                 ops::expert_linear_forward(ref.data(), x.data() + D, stride, W.data(), bias.data(), S.data(), B, nS, N,
                                            D, D);
                 DeviceArray<float> out(ref.size());
-                const auto fwd = run_twice(what + " forward", {{&out, {}}}, [&] {
-                    (mixed ? cu::expert_linear_forward_mixed : cu::expert_linear_forward)(
-                        out.get(), d_x.get() + D, stride, d_W.get(), d_bias.get(), d_S.get(), B, nS, N, D, D, stream);
-                });
+                // mixed: x as fp32, and as the model's bf16-stored sequence matrix
+                // (same operand values: the same bits)
+                auto d_xb = to_device(to_bf16(x));
+                auto forward = [&](bool stored) {
+                    if (!mixed)
+                        cu::expert_linear_forward(out.get(), d_x.get() + D, stride, d_W.get(), d_bias.get(), d_S.get(),
+                                                  B, nS, N, D, D, stream);
+                    else if (!stored)
+                        cu::expert_linear_forward_mixed(out.get(), d_x.get() + D, nullptr, stride, d_W.get(),
+                                                        d_bias.get(), d_S.get(), B, nS, N, D, D, stream);
+                    else
+                        cu::expert_linear_forward_mixed(out.get(), nullptr, d_xb.get() + D, stride, d_W.get(),
+                                                        d_bias.get(), d_S.get(), B, nS, N, D, D, stream);
+                };
+                const auto fwd = run_twice(what + " forward", {{&out, {}}}, [&] { forward(false); });
                 expect_close(what + " forward", fwd[0], ref, tol);
+                if (mixed)
+                    expect_bit_identical(what + " forward, x stored bf16",
+                                         run_twice(what + " forward, x stored bf16", {{&out, {}}}, [&] { forward(true); })[0],
+                                         fwd[0]);
 
                 const auto dout = operand(ref.size());
                 const auto g_x = randn_f(x.size(), rng), g_W = randn_f(W.size(), rng), g_b = randn_f(bias.size(), rng);
@@ -454,14 +497,27 @@ TEST_F(CudaOps, ExpertLinear) {
                                             stride, W.data(), S.data(), B, nS, N, D, D);
                 auto d_dout = to_device(dout);
                 DeviceArray<float> dx(x.size()), dW(W.size()), db(bias.size());
-                auto got = run_twice(what + " backward", {{&dx, g_x}, {&dW, g_W}, {&db, g_b}}, [&] {
-                    (mixed ? cu::expert_linear_backward_mixed : cu::expert_linear_backward)(
-                        dx.get() + D, dW.get(), db.get(), d_dout.get(), d_x.get() + D, stride, d_W.get(), d_S.get(), B,
-                        nS, N, D, D, stream);
-                });
+                auto backward = [&](bool stored) {
+                    if (!mixed)
+                        cu::expert_linear_backward(dx.get() + D, dW.get(), db.get(), d_dout.get(), d_x.get() + D, stride,
+                                                   d_W.get(), d_S.get(), B, nS, N, D, D, stream);
+                    else
+                        cu::expert_linear_backward_mixed(dx.get() + D, dW.get(), db.get(), d_dout.get(),
+                                                         stored ? nullptr : d_x.get() + D,
+                                                         stored ? d_xb.get() + D : nullptr, stride, d_W.get(),
+                                                         d_S.get(), B, nS, N, D, D, stream);
+                };
+                const RunBuffers grads = {{&dx, g_x}, {&dW, g_W}, {&db, g_b}};
+                auto got = run_twice(what + " backward", grads, [&] { backward(false); });
                 expect_close(what + " dx", got[0], r_x, tol);
                 expect_close(what + " dW", got[1], r_W, tol);
                 expect_close(what + " dbias", got[2], r_b);
+                if (mixed) {
+                    const auto stored = run_twice(what + " backward, x stored bf16", grads, [&] { backward(true); });
+                    for (int i = 0; i < 3; i++)
+                        expect_bit_identical(what + " backward, x stored bf16, buffer " + std::to_string(i), stored[i],
+                                             got[i]);
+                }
             }
 }
 
@@ -475,8 +531,18 @@ TEST_F(CudaOps, GeluAndResidual) {
         ops::gelu_forward(ref.data(), x.data(), n);
         DeviceArray<float> out(n);
         out.poison();
-        cu::gelu_forward(out.get(), d_x.get(), n, stream);
-        expect_close(what + " forward", out.download(), ref);
+        cu::gelu_forward(out.get(), nullptr, d_x.get(), n, stream);
+        const auto out_full = out.download();
+        expect_close(what + " forward", out_full, ref);
+        DeviceArray<uint16_t> out_bf16(n);
+        for (bool with_full : {true, false}) {
+            out.poison();
+            out_bf16.poison();
+            cu::gelu_forward(with_full ? out.get() : nullptr, out_bf16.get(), d_x.get(), n, stream);
+            expect_rounding_of(what + (with_full ? " bf16 out (with fp32)" : " bf16 out (alone)"), out_bf16.download(),
+                               out_full);
+            if (with_full) expect_bit_identical(what + " forward beside bf16", out.download(), out_full);
+        }
         const auto dout = randn_f(n, rng), g = randn_f(n, rng);
         auto r = g;
         ops::gelu_backward(r.data(), dout.data(), x.data(), n);
@@ -543,13 +609,23 @@ TEST_F(CudaOps, ResidualLayerNorm) {
             ops::layernorm_forward(r_out.data(), r_mean.data(), r_rstd.data(), r_sum.data(), w.data(), b.data(), rows, D);
             DeviceArray<float> sum(x.size()), out(x.size()), mean(rows), rstd(rows);
             auto got = run_twice(what, {{&sum, {}}, {&out, {}}, {&mean, {}}, {&rstd, {}}}, [&] {
-                cu::residual_layernorm_forward(sum.get(), out.get(), mean.get(), rstd.get(), d_x.get(), d_branch.get(),
-                                               drop ? d_scale.get() : nullptr, d_w.get(), d_b.get(), B, L, D, stream);
+                cu::residual_layernorm_forward(sum.get(), out.get(), nullptr, mean.get(), rstd.get(), d_x.get(),
+                                               d_branch.get(), drop ? d_scale.get() : nullptr, d_w.get(), d_b.get(), B,
+                                               L, D, stream);
             });
             expect_close(what + " sum", got[0], r_sum);
             expect_close(what + " out", got[1], r_out);
             expect_close(what + " mean", got[2], r_mean);
             expect_close(what + " rstd", got[3], r_rstd);
+            // The bf16 mode's LN2: bf16 output alone, the rounding of the fp32 one.
+            DeviceArray<uint16_t> out_bf16(x.size());
+            out_bf16.poison();
+            sum.poison();
+            cu::residual_layernorm_forward(sum.get(), nullptr, out_bf16.get(), mean.get(), rstd.get(), d_x.get(),
+                                           d_branch.get(), drop ? d_scale.get() : nullptr, d_w.get(), d_b.get(), B, L,
+                                           D, stream);
+            expect_rounding_of(what + " bf16 out (alone)", out_bf16.download(), got[1]);
+            expect_bit_identical(what + " sum beside bf16 out", sum.download(), got[0]);
         }
     }
 }

@@ -10,8 +10,13 @@ namespace {
 constexpr float kSqrtHalf = 0.70710678118654752440f;     // 1/√2
 constexpr float kInvSqrt2Pi = 0.39894228040143267794f;   // 1/√(2π)
 
-__global__ void gelu_forward_kernel(float* out, const float* x, int64_t n) {
-    PRISM_GRID_STRIDE(i, n) out[i] = 0.5f * x[i] * (1.f + erff(x[i] * kSqrtHalf));
+// out and/or out_bf16 (the bf16 mode's input of the second MLP product).
+__global__ void gelu_forward_kernel(float* out, uint16_t* out_bf16, const float* x, int64_t n) {
+    PRISM_GRID_STRIDE(i, n) {
+        const float y = 0.5f * x[i] * (1.f + erff(x[i] * kSqrtHalf));
+        if (out) out[i] = y;
+        if (out_bf16) out_bf16[i] = float_to_bf16(y);
+    }
 }
 
 __global__ void gelu_backward_kernel(float* dx, const float* dout, const float* x, int64_t n) {
@@ -31,8 +36,9 @@ __global__ void residual_kernel(float* out, const float* x, const float* branch,
 
 }  // namespace
 
-void gelu_forward(float* out, const float* x, int64_t n, cudaStream_t stream) {
-    gelu_forward_kernel<<<grid_for(n), kThreads, 0, stream>>>(out, x, n);
+void gelu_forward(float* out, uint16_t* out_bf16, const float* x, int64_t n, cudaStream_t stream) {
+    PRISM_CUDA_REQUIRE(out || out_bf16, "gelu_forward: no output");
+    gelu_forward_kernel<<<grid_for(n), kThreads, 0, stream>>>(out, out_bf16, x, n);
     PRISM_LAUNCH_CHECK();
 }
 

@@ -1,7 +1,9 @@
 // LayerNorm over the last dimension, eps 1e-6: kernels/cpu/layernorm.cpp on the
 // device. One warp per row with fp32 statistics (two passes over the row, as
 // the CPU: no cancellation for rows with a large mean); the weight and bias
-// gradients are deterministic column sums over the rows.
+// gradients are deterministic column sums over the rows. In the bf16 mode the
+// normalized rows go out as bf16 (the linear layers' matrix input, DESIGN.md
+// §7), as fp32, or both: whichever of `out`, `out_bf16` is not null.
 #include "kernels/cuda/common.cuh"
 
 namespace prism::cuda_ops {
@@ -11,36 +13,41 @@ namespace {
 
 constexpr int kRowsPerBlock = 8;  // one warp each
 
-// Row r of x normalized into out by one warp (`lane` of it), with its
-// statistics; each lane reads only the elements d ≡ lane (mod 32).
-__device__ void layernorm_row(float* out, float* mean, float* rstd, const float* xr, const float* w,
-                              const float* b, int64_t r, int D, int lane) {
+// Row r of x normalized into out and/or out_bf16 by one warp (`lane` of it),
+// with its statistics; each lane reads only the elements d ≡ lane (mod 32).
+__device__ void layernorm_row(float* out, uint16_t* out_bf16, float* mean, float* rstd, const float* xr,
+                              const float* w, const float* b, int64_t r, int D, int lane) {
     float s = 0.f;
     for (int d = lane; d < D; d += 32) s += xr[d];
     const float m = warp_sum(s) / D;
     float v = 0.f;
     for (int d = lane; d < D; d += 32) v += (xr[d] - m) * (xr[d] - m);
     const float rs = 1.f / sqrtf(warp_sum(v) / D + 1e-6f);
-    float* o = out + r * D;
-    for (int d = lane; d < D; d += 32) o[d] = (xr[d] - m) * rs * w[d] + b[d];
+    for (int d = lane; d < D; d += 32) {
+        const float y = (xr[d] - m) * rs * w[d] + b[d];
+        if (out) out[r * D + d] = y;
+        if (out_bf16) out_bf16[r * D + d] = float_to_bf16(y);
+    }
     if (lane == 0) {
         mean[r] = m;
         rstd[r] = rs;
     }
 }
 
-__global__ void layernorm_forward_kernel(float* out, float* mean, float* rstd, const float* x,
-                                         const float* w, const float* b, int64_t rows, int D) {
+__global__ void layernorm_forward_kernel(float* out, uint16_t* out_bf16, float* mean, float* rstd,
+                                         const float* x, const float* w, const float* b, int64_t rows,
+                                         int D) {
     const int64_t r = (int64_t)blockIdx.x * kRowsPerBlock + threadIdx.x / 32;
     if (r >= rows) return;
-    layernorm_row(out, mean, rstd, x + r * D, w, b, r, D, threadIdx.x % 32);
+    layernorm_row(out, out_bf16, mean, rstd, x + r * D, w, b, r, D, threadIdx.x % 32);
 }
 
 // The residual add of the branch before LN2 and that LayerNorm, one warp per
 // row: x and branch are read once and the sum written once; each lane reads
 // back only what it wrote (L1), so no barrier is needed, and the arithmetic
 // is that of residual_forward then layernorm_forward_kernel.
-__global__ void residual_layernorm_forward_kernel(float* sum, float* out, float* mean, float* rstd,
+__global__ void residual_layernorm_forward_kernel(float* sum, float* out, uint16_t* out_bf16,
+                                                  float* mean, float* rstd,
                                                   const float* x, const float* branch,
                                                   const float* scale, const float* w,
                                                   const float* b, int64_t rows,
@@ -53,7 +60,7 @@ __global__ void residual_layernorm_forward_kernel(float* sum, float* out, float*
     const float* br = branch + r * D;
     float* sr = sum + r * D;
     for (int d = lane; d < D; d += 32) sr[d] = xr[d] + sc * br[d];
-    layernorm_row(out, mean, rstd, sr, w, b, r, D, lane);
+    layernorm_row(out, out_bf16, mean, rstd, sr, w, b, r, D, lane);
 }
 
 __global__ void layernorm_dx_kernel(float* dx, const float* dout, const float* x, const float* w,
@@ -89,23 +96,26 @@ struct DwTerm {  // dout ⊙ x̂
 
 }  // namespace
 
-void layernorm_forward(float* out, float* mean, float* rstd, const float* x, const float* w,
-                       const float* b, int64_t rows, int D, cudaStream_t stream) {
+void layernorm_forward(float* out, uint16_t* out_bf16, float* mean, float* rstd, const float* x,
+                       const float* w, const float* b, int64_t rows, int D, cudaStream_t stream) {
+    PRISM_CUDA_REQUIRE(out || out_bf16, "layernorm_forward: no output");
     if (rows <= 0) return;
     const unsigned blocks = (unsigned)((rows + kRowsPerBlock - 1) / kRowsPerBlock);
-    layernorm_forward_kernel<<<blocks, kRowsPerBlock * 32, 0, stream>>>(out, mean, rstd, x, w, b, rows, D);
+    layernorm_forward_kernel<<<blocks, kRowsPerBlock * 32, 0, stream>>>(out, out_bf16, mean, rstd, x, w, b,
+                                                                        rows, D);
     PRISM_LAUNCH_CHECK();
 }
 
-void residual_layernorm_forward(float* sum, float* out, float* mean, float* rstd, const float* x,
-                                const float* branch, const float* scale, const float* w,
+void residual_layernorm_forward(float* sum, float* out, uint16_t* out_bf16, float* mean, float* rstd,
+                                const float* x, const float* branch, const float* scale, const float* w,
                                 const float* b, int B, int64_t rows_per_image, int D,
                                 cudaStream_t stream) {
+    PRISM_CUDA_REQUIRE(out || out_bf16, "residual_layernorm_forward: no output");
     const int64_t rows = (int64_t)B * rows_per_image;
     if (rows <= 0) return;
     const unsigned blocks = (unsigned)((rows + kRowsPerBlock - 1) / kRowsPerBlock);
     residual_layernorm_forward_kernel<<<blocks, kRowsPerBlock * 32, 0, stream>>>(
-        sum, out, mean, rstd, x, branch, scale, w, b, rows, rows_per_image, D);
+        sum, out, out_bf16, mean, rstd, x, branch, scale, w, b, rows, rows_per_image, D);
     PRISM_LAUNCH_CHECK();
 }
 

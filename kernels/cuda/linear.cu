@@ -88,10 +88,14 @@ __global__ void patch_rows_bf16_kernel(uint16_t* xb, const float* x, int64_t x_i
 __device__ __forceinline__ void store_as(float* p, float v) { *p = v; }
 __device__ __forceinline__ void store_as(uint16_t* p, float v) { *p = float_to_bf16(v); }
 
+__device__ __forceinline__ float load_as(const float* p) { return *p; }
+__device__ __forceinline__ float load_as(const uint16_t* p) { return bf16_to_float(*p); }
+
 // Channel-major copies for the weight gradient: xp [nS, B, N, in] from the
-// patch rows, gp [nS, B, N, out] from dout [B, nS, N, out].
-template <class E>
-__global__ void channel_major_kernel(E* xp, E* gp, const float* x, int64_t x_image_stride,
+// patch rows (fp32, or the bf16 mode's stored bf16), gp [nS, B, N, out] from
+// dout [B, nS, N, out].
+template <class E, class X>
+__global__ void channel_major_kernel(E* xp, E* gp, const X* x, int64_t x_image_stride,
                                      const float* dout, int B, int nS, int N, int in_dim,
                                      int out_dim) {
     const int64_t rows = (int64_t)nS * B * N;
@@ -100,7 +104,7 @@ __global__ void channel_major_kernel(E* xp, E* gp, const float* x, int64_t x_ima
         const int col = (int)(i % (in_dim + out_dim));
         const int64_t n = row % N, b = (row / N) % B, s = row / N / B;
         if (col < in_dim)
-            store_as(&xp[row * in_dim + col], x[b * x_image_stride + (s * N + n) * in_dim + col]);
+            store_as(&xp[row * in_dim + col], load_as(&x[b * x_image_stride + (s * N + n) * in_dim + col]));
         else
             store_as(&gp[row * out_dim + col - in_dim], dout[((b * nS + s) * N + n) * out_dim + col - in_dim]);
     }
@@ -347,7 +351,7 @@ void expert_linear_backward(float* dx, float* dW, float* dbias, const float* dou
     const int K = as_int(per_channel, "expert_linear_backward: B*N must fit an int");
     Scratch xp(sizeof(float) * (size_t)(nS * per_channel) * in_dim, stream);
     Scratch gp(sizeof(float) * (size_t)(nS * per_channel) * out_dim, stream);
-    channel_major_kernel<<<grid_for(nS * per_channel * (in_dim + out_dim)), kThreads, 0, stream>>>(
+    channel_major_kernel<float, float><<<grid_for(nS * per_channel * (in_dim + out_dim)), kThreads, 0, stream>>>(
         xp.as<float>(), gp.as<float>(), x, x_image_stride, dout, B, nS, N, in_dim, out_dim);
     PRISM_LAUNCH_CHECK();
     Scratch ptrs(3 * sizeof(float*) * (size_t)nS, stream);
@@ -395,49 +399,71 @@ void linear_backward_bf16(uint16_t* dx, float* dW, float* db, const uint16_t* do
 // ---- the bf16 mode of the model: fp32 tensors, bf16 matrix inputs ----------------------
 // The operands are rounded to bf16 into stream-ordered scratch, the products
 // run on the tensor cores with fp32 accumulation, and the results land in the
-// fp32 tensors (beta = 1 where they accumulate).
-void linear_forward_mixed(float* out, const float* x, const float* W, const float* b, int64_t rows,
-                          int in_dim, int out_dim, cudaStream_t stream) {
+// fp32 tensors (beta = 1 where they accumulate). An x the model already keeps
+// in bf16 (x_bf16: a LayerNorm's or GELU's output, written so by that op) is
+// read as it is: no rounding pass, in forward or in backward.
+
+// x_bf16 if given, else bf16(x) in `scratch`.
+const uint16_t* bf16_operand(Scratch& scratch, const float* x, const uint16_t* x_bf16, int64_t n,
+                             cudaStream_t stream) {
+    if (x_bf16) return x_bf16;
+    PRISM_CUDA_REQUIRE(x != nullptr, "bf16 product: no input");
+    to_bf16(scratch.as<uint16_t>(), x, n, stream);
+    return scratch.as<uint16_t>();
+}
+
+void linear_forward_mixed(float* out, const float* x, const uint16_t* x_bf16, const float* W, const float* b,
+                          int64_t rows, int in_dim, int out_dim, cudaStream_t stream) {
     if (rows <= 0) return;
-    Scratch xb(sizeof(uint16_t) * (size_t)(rows * in_dim), stream);
+    Scratch xs(x_bf16 ? 0 : sizeof(uint16_t) * (size_t)(rows * in_dim), stream);
     Scratch wb(sizeof(uint16_t) * (size_t)out_dim * in_dim, stream);
-    to_bf16(xb.as<uint16_t>(), x, rows * in_dim, stream);
+    const uint16_t* xb = bf16_operand(xs, x, x_bf16, rows * in_dim, stream);
     to_bf16(wb.as<uint16_t>(), W, (int64_t)out_dim * in_dim, stream);
-    lt_matmul(true, false, out_dim, rows, in_dim, wb.as<uint16_t>(), in_dim, xb.as<uint16_t>(), in_dim,
-              0.f, out, CUDA_R_32F, out_dim, stream, b);
+    lt_matmul(true, false, out_dim, rows, in_dim, wb.as<uint16_t>(), in_dim, xb, in_dim, 0.f, out, CUDA_R_32F,
+              out_dim, stream, b);
 }
 
 void linear_backward_mixed(float* dx, float* dW, float* db, const float* dout, const float* x,
-                           const float* W, int64_t rows, int in_dim, int out_dim, cudaStream_t stream) {
+                           const uint16_t* x_bf16, const float* W, int64_t rows, int in_dim, int out_dim,
+                           cudaStream_t stream) {
     if (rows <= 0) return;
     Scratch gb(sizeof(uint16_t) * (size_t)(rows * out_dim), stream);
-    Scratch xb(sizeof(uint16_t) * (size_t)(rows * in_dim), stream);
+    Scratch xs(x_bf16 ? 0 : sizeof(uint16_t) * (size_t)(rows * in_dim), stream);
     to_bf16(gb.as<uint16_t>(), dout, rows * out_dim, stream);
-    to_bf16(xb.as<uint16_t>(), x, rows * in_dim, stream);
+    const uint16_t* xb = bf16_operand(xs, x, x_bf16, rows * in_dim, stream);
     if (dx) {
         Scratch wb(sizeof(uint16_t) * (size_t)out_dim * in_dim, stream);
         to_bf16(wb.as<uint16_t>(), W, (int64_t)out_dim * in_dim, stream);
         lt_matmul(false, false, in_dim, rows, out_dim, wb.as<uint16_t>(), in_dim, gb.as<uint16_t>(),
                   out_dim, 1.f, dx, CUDA_R_32F, in_dim, stream);
     }
-    lt_matmul(false, true, in_dim, out_dim, rows, xb.as<uint16_t>(), in_dim, gb.as<uint16_t>(), out_dim,
-              1.f, dW, CUDA_R_32F, in_dim, stream);
+    lt_matmul(false, true, in_dim, out_dim, rows, xb, in_dim, gb.as<uint16_t>(), out_dim, 1.f, dW, CUDA_R_32F,
+              in_dim, stream);
     if (db)  // from the fp32 gradient: the bias sum needs no rounding
         column_sum(1, rows, out_dim, RowMajor{dout, rows, out_dim}, AddTo{db, out_dim, nullptr},
                    stream);
 }
 
-void expert_linear_forward_mixed(float* out, const float* x, int64_t x_image_stride, const float* W,
-                                 const float* bias, const int* S, int B, int nS, int N, int in_dim,
-                                 int out_dim, cudaStream_t stream) {
+void expert_linear_forward_mixed(float* out, const float* x, const uint16_t* x_bf16, int64_t x_image_stride,
+                                 const float* W, const float* bias, const int* S, int B, int nS, int N,
+                                 int in_dim, int out_dim, cudaStream_t stream) {
     const int G = B * nS;
     if (G <= 0 || N <= 0) return;
     const int64_t per_image = (int64_t)nS * N * in_dim, per_expert = (int64_t)out_dim * in_dim;
-    Scratch xb(sizeof(uint16_t) * (size_t)(B * per_image), stream);
+    // The groups' rows: x_bf16's patch rows as they are (image stride), or a
+    // compact bf16 copy of x's (image stride per_image).
+    Scratch xs(x_bf16 ? 0 : sizeof(uint16_t) * (size_t)(B * per_image), stream);
+    const uint16_t* xb = x_bf16;
+    int64_t xb_image_stride = x_image_stride;
+    if (!x_bf16) {
+        PRISM_CUDA_REQUIRE(x != nullptr, "expert_linear_forward_mixed: no input");
+        patch_rows_bf16_kernel<<<grid_for(B * per_image), kThreads, 0, stream>>>(xs.as<uint16_t>(), x,
+                                                                                  x_image_stride, B, per_image);
+        PRISM_LAUNCH_CHECK();
+        xb = xs.as<uint16_t>();
+        xb_image_stride = per_image;
+    }
     Scratch wb(sizeof(uint16_t) * (size_t)(nS * per_expert), stream);
-    patch_rows_bf16_kernel<<<grid_for(B * per_image), kThreads, 0, stream>>>(xb.as<uint16_t>(), x, x_image_stride,
-                                                                              B, per_image);
-    PRISM_LAUNCH_CHECK();
     used_experts_bf16_kernel<<<grid_for(nS * per_expert), kThreads, 0, stream>>>(wb.as<uint16_t>(), W, S, nS,
                                                                                  per_expert);
     PRISM_LAUNCH_CHECK();
@@ -450,7 +476,7 @@ void expert_linear_forward_mixed(float* out, const float* x, int64_t x_image_str
     uint16_t** x_ptr = w_ptr + G;
     float** y_ptr = reinterpret_cast<float**>(slots + 2 * G);
     mixed_group_pointers_kernel<<<grid_for(G), kThreads, 0, stream>>>(
-        w_ptr, x_ptr, y_ptr, wb.as<uint16_t>(), per_expert, xb.as<uint16_t>(), {per_image, (int64_t)N * in_dim}, out,
+        w_ptr, x_ptr, y_ptr, wb.as<uint16_t>(), per_expert, xb, {xb_image_stride, (int64_t)N * in_dim}, out,
         {(int64_t)nS * N * out_dim, (int64_t)N * out_dim}, B, nS);
     PRISM_LAUNCH_CHECK();
     // column-major: Yᵀ [out, N] += W_sᵀ-as-stored · Xᵀ, per group
@@ -462,8 +488,8 @@ void expert_linear_forward_mixed(float* out, const float* x, int64_t x_image_str
 }
 
 void expert_linear_backward_mixed(float* dx, float* dW, float* dbias, const float* dout, const float* x,
-                                  int64_t x_image_stride, const float* W, const int* S, int B, int nS,
-                                  int N, int in_dim, int out_dim, cudaStream_t stream) {
+                                  const uint16_t* x_bf16, int64_t x_image_stride, const float* W, const int* S,
+                                  int B, int nS, int N, int in_dim, int out_dim, cudaStream_t stream) {
     const int G = B * nS;
     if (G <= 0 || N <= 0) return;
     cublasHandle_t h = blas_handle(stream);
@@ -473,8 +499,13 @@ void expert_linear_backward_mixed(float* dx, float* dW, float* dbias, const floa
     // (N of them) are contiguous too, so the dx products read the same copy.
     Scratch xp(sizeof(uint16_t) * (size_t)(nS * per_channel) * in_dim, stream);
     Scratch gp(sizeof(uint16_t) * (size_t)(nS * per_channel) * out_dim, stream);
-    channel_major_kernel<uint16_t><<<grid_for(nS * per_channel * (in_dim + out_dim)), kThreads, 0, stream>>>(
-        xp.as<uint16_t>(), gp.as<uint16_t>(), x, x_image_stride, dout, B, nS, N, in_dim, out_dim);
+    const unsigned grid = grid_for(nS * per_channel * (in_dim + out_dim));
+    if (x_bf16)
+        channel_major_kernel<uint16_t, uint16_t><<<grid, kThreads, 0, stream>>>(
+            xp.as<uint16_t>(), gp.as<uint16_t>(), x_bf16, x_image_stride, dout, B, nS, N, in_dim, out_dim);
+    else
+        channel_major_kernel<uint16_t, float><<<grid, kThreads, 0, stream>>>(
+            xp.as<uint16_t>(), gp.as<uint16_t>(), x, x_image_stride, dout, B, nS, N, in_dim, out_dim);
     PRISM_LAUNCH_CHECK();
     // dx of group (b, s) += dout(b, s) · W[S[s]]
     {
@@ -546,20 +577,20 @@ void linear_backward_bf16(uint16_t*, float*, float*, const uint16_t*, const uint
                           const uint16_t*, int64_t, int, int, cudaStream_t) {
     no_cublas();
 }
-void linear_forward_mixed(float*, const float*, const float*, const float*, int64_t, int, int,
+void linear_forward_mixed(float*, const float*, const uint16_t*, const float*, const float*, int64_t, int, int,
                           cudaStream_t) {
     no_cublas();
 }
-void linear_backward_mixed(float*, float*, float*, const float*, const float*, const float*, int64_t,
-                           int, int, cudaStream_t) {
+void linear_backward_mixed(float*, float*, float*, const float*, const float*, const uint16_t*, const float*,
+                           int64_t, int, int, cudaStream_t) {
     no_cublas();
 }
-void expert_linear_forward_mixed(float*, const float*, int64_t, const float*, const float*, const int*, int, int,
-                                 int, int, int, cudaStream_t) {
+void expert_linear_forward_mixed(float*, const float*, const uint16_t*, int64_t, const float*, const float*,
+                                 const int*, int, int, int, int, int, cudaStream_t) {
     no_cublas();
 }
-void expert_linear_backward_mixed(float*, float*, float*, const float*, const float*, int64_t, const float*,
-                                  const int*, int, int, int, int, int, cudaStream_t) {
+void expert_linear_backward_mixed(float*, float*, float*, const float*, const float*, const uint16_t*, int64_t,
+                                  const float*, const int*, int, int, int, int, int, cudaStream_t) {
     no_cublas();
 }
 #endif
