@@ -11,6 +11,10 @@
 // The experts run as one batched GEMM over the (image, channel) groups, their
 // weight pointers chosen on the device from S, so no index leaves the GPU.
 #include <climits>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <tuple>
 
 #include "kernels/cuda/blas.cuh"
 #include "kernels/cuda/common.cuh"
@@ -199,6 +203,85 @@ uint32_t alignment(const void* p, int64_t ld_bytes) {
     return a;
 }
 
+// One cuBLASLt product as the heuristic sees it: everything its descriptors
+// and its choice of algorithm depend on. The step runs the same few shapes
+// every time, so each is planned once (descriptors, layouts, the heuristic's
+// first algorithm) and later calls only launch.
+struct LtShape {
+    int device;
+    bool trans_a, trans_b, bias;
+    int64_t m, n, k, lda, ldb, ldd;
+    cudaDataType_t d_type;
+    uint32_t align_a, align_b, align_d, align_bias;
+    auto tie() const {
+        return std::tie(device, trans_a, trans_b, bias, m, n, k, lda, ldb, ldd, d_type, align_a, align_b,
+                        align_d, align_bias);
+    }
+    bool operator<(const LtShape& o) const { return tie() < o.tie(); }
+};
+
+struct LtPlan {
+    LtMatmulDesc desc;
+    std::unique_ptr<LtLayout> a, b, d;
+    bool found = false;  // false: no Lt algorithm (cublasGemmEx instead)
+    cublasLtMatmulAlgo_t algo{};
+};
+
+// The plan of `shape`, made on first use. Plans live for the process (a few
+// per layer shape); the mutex only guards the map, and a plan is used by one
+// stream at a time like the handle (blas.cuh).
+LtPlan& lt_plan(const LtShape& shape, const LtContext& ctx, const float* bias) {
+    static std::mutex mutex;
+    static std::map<LtShape, std::unique_ptr<LtPlan>> plans;
+    std::lock_guard<std::mutex> lock(mutex);
+    std::unique_ptr<LtPlan>& slot = plans[shape];
+    if (slot) return *slot;
+    auto plan = std::make_unique<LtPlan>();
+    cublasLtMatmulDesc_t desc = plan->desc.p;
+    const int32_t op_a = shape.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N,
+                  op_b = shape.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+    PRISM_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_a, sizeof(op_a)));
+    PRISM_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_b, sizeof(op_b)));
+    if (shape.bias) {
+        const cublasLtEpilogue_t epilogue = CUBLASLT_EPILOGUE_BIAS;
+        const int32_t bias_type = CUDA_R_32F;
+        PRISM_CUBLAS_CHECK(
+            cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue, sizeof(epilogue)));
+        PRISM_CUBLAS_CHECK(
+            cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
+        PRISM_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type,
+                                                          sizeof(bias_type)));
+    }
+    // layouts describe the stored matrices: A is m×k (k×m when transposed), B k×n (n×k)
+    const int64_t m = shape.m, n = shape.n, k = shape.k;
+    plan->a = std::make_unique<LtLayout>(CUDA_R_16BF, shape.trans_a ? k : m, shape.trans_a ? m : k, shape.lda);
+    plan->b = std::make_unique<LtLayout>(CUDA_R_16BF, shape.trans_b ? n : k, shape.trans_b ? k : n, shape.ldb);
+    plan->d = std::make_unique<LtLayout>(shape.d_type, m, n, shape.ldd);
+    LtPreference pref;
+    const uint64_t ws = ctx.workspace_bytes;
+    PRISM_CUBLAS_CHECK(
+        cublasLtMatmulPreferenceSetAttribute(pref.p, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
+    // The heuristic assumes 256-byte aligned operands unless told: say what
+    // the pointers and leading dimensions really allow.
+    PRISM_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
+                                                            &shape.align_a, sizeof(shape.align_a)));
+    PRISM_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+                                                            &shape.align_b, sizeof(shape.align_b)));
+    PRISM_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+                                                            &shape.align_d, sizeof(shape.align_d)));
+    PRISM_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
+                                                            &shape.align_d, sizeof(shape.align_d)));
+    cublasLtMatmulHeuristicResult_t result{};
+    int found = 0;
+    const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(ctx.handle, desc, plan->a->p, plan->b->p,
+                                                             plan->d->p, plan->d->p, pref.p, 1, &result, &found);
+    if (st != CUBLAS_STATUS_NOT_SUPPORTED) PRISM_CUBLAS_CHECK(st);
+    plan->found = st == CUBLAS_STATUS_SUCCESS && found > 0;
+    plan->algo = result.algo;
+    slot = std::move(plan);
+    return *slot;
+}
+
 // Column-major D = op(A)·op(B) + beta·D (C is D, in place) with A, B bf16, D of
 // `d_type`, fp32 compute and scale; op(A) is m×k, op(B) k×n. The heuristic's
 // first algorithm: the same one every run for the same shapes (cublasGemmEx
@@ -212,49 +295,20 @@ void lt_matmul(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, cons
     PRISM_CUDA_REQUIRE(!bias || (d_type == CUDA_R_32F && beta == 0.f && ldd == m),
                        "lt_matmul: the bias epilogue takes a packed fp32 D and beta 0");
     const LtContext ctx = lt_context();
-    LtMatmulDesc desc;
-    const int32_t op_a = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N,
-                  op_b = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
-    PRISM_CUBLAS_CHECK(
-        cublasLtMatmulDescSetAttribute(desc.p, CUBLASLT_MATMUL_DESC_TRANSA, &op_a, sizeof(op_a)));
-    PRISM_CUBLAS_CHECK(
-        cublasLtMatmulDescSetAttribute(desc.p, CUBLASLT_MATMUL_DESC_TRANSB, &op_b, sizeof(op_b)));
-    if (bias) {
-        const cublasLtEpilogue_t epilogue = CUBLASLT_EPILOGUE_BIAS;
-        const int32_t bias_type = CUDA_R_32F;
-        PRISM_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc.p, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue,
-                                                          sizeof(epilogue)));
-        PRISM_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc.p, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias,
-                                                          sizeof(bias)));
-        PRISM_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc.p, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE,
-                                                          &bias_type, sizeof(bias_type)));
-    }
-    // layouts describe the stored matrices: A is m×k (k×m when transposed), B k×n (n×k)
-    LtLayout a(CUDA_R_16BF, trans_a ? k : m, trans_a ? m : k, lda);
-    LtLayout b(CUDA_R_16BF, trans_b ? n : k, trans_b ? k : n, ldb);
-    LtLayout d(d_type, m, n, ldd);
-    LtPreference pref;
-    const uint64_t ws = ctx.workspace_bytes;
-    PRISM_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
-        pref.p, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
-    // The heuristic assumes 256-byte aligned operands unless told: say what
-    // the pointers and leading dimensions really allow.
-    const uint32_t align_a = alignment(A, lda * 2), align_b = alignment(B, ldb * 2),
-                   align_d = alignment(D, ldd * (d_type == CUDA_R_32F ? 4 : 2));
-    PRISM_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
-        pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align_a, sizeof(align_a)));
-    PRISM_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
-        pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align_b, sizeof(align_b)));
-    PRISM_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
-        pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align_d, sizeof(align_d)));
-    PRISM_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
-        pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align_d, sizeof(align_d)));
-    cublasLtMatmulHeuristicResult_t result{};
-    int found = 0;
-    const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(ctx.handle, desc.p, a.p, b.p, d.p, d.p,
-                                                             pref.p, 1, &result, &found);
+    LtShape shape{};
+    PRISM_CUDA_CHECK(cudaGetDevice(&shape.device));
+    shape.trans_a = trans_a;
+    shape.trans_b = trans_b;
+    shape.bias = bias != nullptr;
+    shape.m = m, shape.n = n, shape.k = k, shape.lda = lda, shape.ldb = ldb, shape.ldd = ldd;
+    shape.d_type = d_type;
+    shape.align_a = alignment(A, lda * 2);
+    shape.align_b = alignment(B, ldb * 2);
+    shape.align_d = alignment(D, ldd * (d_type == CUDA_R_32F ? 4 : 2));
+    shape.align_bias = bias ? alignment(bias, 0) : 0;
+    LtPlan& plan = lt_plan(shape, ctx, bias);
     const float alpha = 1.f;
-    if (st == CUBLAS_STATUS_NOT_SUPPORTED || (st == CUBLAS_STATUS_SUCCESS && found == 0)) {
+    if (!plan.found) {
         // no Lt kernel for these shapes or alignments: cuBLAS's own GEMM, same types
         PRISM_CUDA_REQUIRE(m <= INT_MAX && n <= INT_MAX && k <= INT_MAX,
                            "bf16 GEMM too large for cublasGemmEx");
@@ -270,9 +324,11 @@ void lt_matmul(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, cons
                                         CUBLAS_GEMM_DEFAULT));
         return;
     }
-    PRISM_CUBLAS_CHECK(st);
-    PRISM_CUBLAS_CHECK(cublasLtMatmul(ctx.handle, desc.p, &alpha, A, a.p, B, b.p, &beta, D, d.p, D,
-                                      d.p, &result.algo, ctx.workspace, ctx.workspace_bytes,
+    if (bias)  // this call's bias: the plan was made with another layer's
+        PRISM_CUBLAS_CHECK(
+            cublasLtMatmulDescSetAttribute(plan.desc.p, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
+    PRISM_CUBLAS_CHECK(cublasLtMatmul(ctx.handle, plan.desc.p, &alpha, A, plan.a->p, B, plan.b->p, &beta, D,
+                                      plan.d->p, D, plan.d->p, &plan.algo, ctx.workspace, ctx.workspace_bytes,
                                       stream));
 }
 
