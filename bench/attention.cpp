@@ -239,14 +239,13 @@ public:
         if (flash_) cu::flash_attention_forward(att_, lse_, qkv_, B, L, D, Hd, s);
         else cu::attention_forward(att_, lse_, qkv_, B, L, D, Hd, s);
         cu::linear_forward(out_, att_, w_o_, b_o_, rows, D, D, s);
-        // backward, every gradient zeroed first as the model does
-        cuda::memset_async(datt_, 0, sizeof(float) * rows * D, s);
-        cu::linear_backward(datt_, g_o_, gb_o_, dy_[set], att_, w_o_, rows, D, D, s);
+        // backward as the model does it: the gradients with one writer are
+        // written by it, the one attention accumulates into is zeroed first
+        cu::linear_backward(datt_, true, g_o_, gb_o_, dy_[set], att_, w_o_, rows, D, D, s);
         cuda::memset_async(dqkv_, 0, sizeof(float) * rows * 3 * D, s);
         if (flash_) cu::flash_attention_backward(dqkv_, datt_, qkv_, att_, lse_, B, L, D, Hd, s);
         else cu::attention_backward(dqkv_, datt_, qkv_, att_, lse_, B, L, D, Hd, s);
-        cuda::memset_async(dx_, 0, sizeof(float) * rows * D, s);
-        cu::linear_backward(dx_, g_qkv_, gb_qkv_, dqkv_, x, w_qkv_, rows, D, 3 * D, s);
+        cu::linear_backward(dx_, true, g_qkv_, gb_qkv_, dqkv_, x, w_qkv_, rows, D, 3 * D, s);
     }
     const float* input_gradient() const override { return dx_; }
 
@@ -348,8 +347,7 @@ public:
         cu::z_loss_forward_backward(losses_ + 1, nullptr, 0, rprobs_, lse_, B, C, N, C, z_coef_, 0.f, s);
         cu::linear_forward(out_, att_, w_o_, b_o_, rows, D, D, s);
         // ---- backward (block_backward, moevit branch) ----
-        zero(datt_, rows * D, s);
-        cu::linear_backward(datt_, g_o_, gb_o_, dy_[set], att_, w_o_, rows, D, D, s);
+        cu::linear_backward(datt_, true, g_o_, gb_o_, dy_[set], att_, w_o_, rows, D, D, s);
         zero(dx_, rows * D, s);
         zero(dq_, rows * D, s);
         zero(dk_, T * D, s);
@@ -372,14 +370,14 @@ public:
         cu::moe_gather_backward(dq_ + D, L * D, dqg_, row_of_pair_, B, C, N, k, D, s);
         cu::expert_linear_backward(dx_ + D, g_k_, gb_k_, dk_, xp, L * D, w_k_, S_, B, C, N, D, D, s);
         cu::expert_linear_backward(dx_ + D, g_v_, gb_v_, dv_, xp, L * D, w_v_, S_, B, C, N, D, D, s);
-        cu::linear_backward(dx_, g_q_, gb_q_, dq_, x, w_q_, rows, D, D, s);
+        cu::linear_backward(dx_, false, g_q_, gb_q_, dq_, x, w_q_, rows, D, D, s);
         cu::aux_loss_forward_backward(losses_, drprobs_, rprobs_, counts_, S_, T, C, C, k, aux_, aux_coef_,
                                       per_block_, nullptr, s);
         cu::z_loss_forward_backward(losses_ + 1, dz_ + C, L * C, rprobs_, lse_, B, C, N, C, z_coef_,
                                     per_block_, s);
         cu::router_backward(dz_ + C, L * C, rprobs_, experts_, weights_, dweights_, drprobs_, S_, B, C, N, C,
                             k, combine_, s);
-        cu::linear_backward(dx_, g_r_, gb_r_, dz_, x, w_r_, rows, D, C, s);
+        cu::linear_backward(dx_, false, g_r_, gb_r_, dz_, x, w_r_, rows, D, C, s);
     }
     const float* input_gradient() const override { return dx_; }
 

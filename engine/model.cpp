@@ -564,7 +564,8 @@ void Model<T>::block_forward(int i, bool training) {
 
 // ---------------------------------------------------------------------------
 // Backward: the same steps in reverse. Every op accumulates, so each
-// gradient buffer is zeroed right before the ops that fill it.
+// gradient buffer is zeroed right before the ops that fill it, but for those
+// with a single writer, which writes it (op::overwrite).
 // ---------------------------------------------------------------------------
 
 template <class T>
@@ -579,8 +580,7 @@ void Model<T>::backward() {
 
     op::zero(ex_, x.dlogits, int64_t(B_) * K);
     op::cross_entropy_backward(ex_, x.dlogits, x.ce_probs, labels_, B_, K, T(1));
-    op::zero(ex_, x.dlnf, int64_t(B_) * D);
-    op::linear_backward(ex_, x.dlnf, g_.head_w, g_.head_b, x.dlogits, x.lnf, w_.head_w, B_, D, K);
+    op::linear_backward(ex_, op::overwrite(x.dlnf), g_.head_w, g_.head_b, x.dlogits, x.lnf, w_.head_w, B_, D, K);
     op::zero(ex_, x.dcls, int64_t(B_) * D);
     op::layernorm_backward(ex_, x.dcls, g_.norm_w, g_.norm_b, x.dlnf, x.cls_rows, w_.norm_w,
                            x.lnf_mean, x.lnf_rstd, B_, D);
@@ -630,27 +630,26 @@ void Model<T>::block_backward(int i) {
         return x.dbranch;
     };
 
-    // MLP branch
+    // MLP branch (a gradient with one writer is written by it: op::overwrite)
     const T* dmlp = branch_grad(b.drop_mlp);
-    op::zero(ex_, x.dact, rows * H);
-    op::linear_backward(ex_, x.dact, g.fc2_w, g.fc2_b, dmlp, b.act, w.fc2_w, rows, int(H), int(D));
-    op::zero(ex_, x.dfc1, rows * H);
-    op::gelu_backward(ex_, x.dfc1, x.dact, b.fc1, rows * H);
-    op::zero(ex_, x.dln, rows * D);
-    op::linear_backward(ex_, x.dln, g.fc1_w, g.fc1_b, x.dfc1, b.ln2, w.fc1_w, rows, int(D), int(H));
+    op::linear_backward(ex_, op::overwrite(x.dact), g.fc2_w, g.fc2_b, dmlp, b.act, w.fc2_w, rows, int(H), int(D));
+    op::gelu_backward(ex_, op::overwrite(x.dfc1), x.dact, b.fc1, rows * H);
+    op::linear_backward(ex_, op::overwrite(x.dln), g.fc1_w, g.fc1_b, x.dfc1, b.ln2, w.fc1_w, rows, int(D), int(H));
     op::layernorm_backward(ex_, x.dres, g.norm2_w, g.norm2_b, x.dln, b.x_mid, w.norm2_w, b.ln2_mean,
                            b.ln2_rstd, rows, int(D));
 
     // Attention branch
     const T* dattn = branch_grad(b.drop_attn);
-    op::zero(ex_, x.datt, rows * D);
-    op::linear_backward(ex_, x.datt, g.proj_w, g.proj_b, dattn, b.att_out, w.proj_w, rows, int(D), int(D));
-    op::zero(ex_, x.dln, rows * D);
+    op::linear_backward(ex_, op::overwrite(x.datt), g.proj_w, g.proj_b, dattn, b.att_out, w.proj_w, rows, int(D),
+                        int(D));
     if (!is_moe(cfg_)) {
         op::zero(ex_, x.dqkv, rows * 3 * D);
         op::attention_backward(ex_, x.dqkv, x.datt, b.qkv, b.att_out, b.att_lse, B_, int(L), int(D), int(Hd));
-        op::linear_backward(ex_, x.dln, g.qkv_w, g.qkv_b, x.dqkv, b.ln1, w.qkv_w, rows, int(D), int(3 * D));
+        op::linear_backward(ex_, op::overwrite(x.dln), g.qkv_w, g.qkv_b, x.dqkv, b.ln1, w.qkv_w, rows, int(D),
+                            int(3 * D));
     } else {
+        // LN1's output feeds q, k, v and the router: their input gradients add up in dln.
+        op::zero(ex_, x.dln, rows * D);
         const int k = std::min(cfg_.top_k, nS_);
         const int64_t tokens = int64_t(B_) * nS_ * N;
         const auto combine = cfg_.combine == "renorm" ? op::Combine::renorm : op::Combine::softmax;

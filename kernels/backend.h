@@ -54,11 +54,35 @@ template <class T>
 struct MatrixIn {
     T* full = nullptr;
     uint16_t* bf16 = nullptr;
+    MatrixIn() = default;
+    MatrixIn(T* full_, uint16_t* bf16_) : full(full_), bf16(bf16_) {}
+    MatrixIn(const T* full_) : full(const_cast<T*>(full_)) {}  // fp32 only (never written through)
     // The same matrix from element `offset` on (patch rows of a sequence).
     MatrixIn at(int64_t offset) const {
         return {full ? full + offset : nullptr, bf16 ? bf16 + offset : nullptr};
     }
 };
+
+// Where a backward op puts an input gradient: added into, as every op of
+// kernels/ops.h does (a plain T*, which the caller has zeroed or which holds
+// other consumers' shares), or written (overwrite(p): this op is the
+// gradient's only writer, and p holds nothing yet). On the CPU an overwritten
+// gradient is zeroed and accumulated into, so the reference ops stay as they
+// are; the CUDA ops write it directly (the GEMM's beta = 0), which saves the
+// memset and the read of the zeros.
+template <class T>
+struct GradOut {
+    T* p = nullptr;
+    bool overwrite = false;
+    GradOut(T* p_) : p(p_) {}
+    GradOut(T* p_, bool overwrite_) : p(p_), overwrite(overwrite_) {}
+};
+template <class T> GradOut<T> overwrite(T* p) { return {p, true}; }
+
+// T as a non-deduced parameter type: the argument converts to it (a T* to a
+// MatrixIn<T> or a GradOut<T>) once T is known from the other arguments.
+template <class T> struct Same { using type = T; };
+template <class T> using NoDeduce = typename Same<T>::type;
 
 namespace detail {
 // CPU: the matrix's first n elements as T: `full`, or `bf16` widened into tmp.
@@ -215,7 +239,7 @@ void residual_layernorm_forward(const Exec& ex, T* sum, const MatrixIn<T>& out, 
     detail::store_bf16(out, o, B * rows_per_image * D);
 }
 template <class T>
-void linear_forward(const Exec& ex, T* out, const MatrixIn<T>& x, const T* W, const T* b, int64_t rows,
+void linear_forward(const Exec& ex, T* out, const NoDeduce<MatrixIn<T>>& x, const T* W, const T* b, int64_t rows,
                     int in_dim, int out_dim) {
 #ifdef PRISM_CUDA
     if constexpr (std::is_same_v<T, float>) {
@@ -230,37 +254,30 @@ void linear_forward(const Exec& ex, T* out, const MatrixIn<T>& x, const T* W, co
     std::vector<T> tmp;
     ops::linear_forward(out, detail::widened(x, rows * in_dim, tmp), W, b, rows, in_dim, out_dim);
 }
+// dx may be null (no input gradient wanted).
 template <class T>
-void linear_forward(const Exec& ex, T* out, const T* x, const T* W, const T* b, int64_t rows, int in_dim,
-                    int out_dim) {
-    linear_forward(ex, out, MatrixIn<T>{const_cast<T*>(x), nullptr}, W, b, rows, in_dim, out_dim);
-}
-template <class T>
-void linear_backward(const Exec& ex, T* dx, T* dW, T* db, const T* dout, const MatrixIn<T>& x, const T* W,
-                     int64_t rows, int in_dim, int out_dim) {
+void linear_backward(const Exec& ex, const NoDeduce<GradOut<T>>& dx, T* dW, T* db, const T* dout,
+                     const NoDeduce<MatrixIn<T>>& x, const T* W, int64_t rows, int in_dim, int out_dim) {
 #ifdef PRISM_CUDA
     if constexpr (std::is_same_v<T, float>) {
         if (ex.cuda && ex.bf16_matmul)
-            return cuda_ops::linear_backward_mixed(dx, dW, db, dout, x.full, x.bf16, W, rows, in_dim, out_dim,
-                                                   ex.stream);
+            return cuda_ops::linear_backward_mixed(dx.p, dx.overwrite, dW, db, dout, x.full, x.bf16, W, rows, in_dim,
+                                                   out_dim, ex.stream);
         if (ex.cuda) {
             detail::require_full(x.bf16, "linear_backward");
-            return cuda_ops::linear_backward(dx, dW, db, dout, x.full, W, rows, in_dim, out_dim, ex.stream);
+            return cuda_ops::linear_backward(dx.p, dx.overwrite, dW, db, dout, x.full, W, rows, in_dim, out_dim,
+                                             ex.stream);
         }
     }
 #endif
+    if (dx.p && dx.overwrite) zero(ex, dx.p, rows * in_dim);
     std::vector<T> tmp;
-    ops::linear_backward(dx, dW, db, dout, detail::widened(x, rows * in_dim, tmp), W, rows, in_dim, out_dim);
-}
-template <class T>
-void linear_backward(const Exec& ex, T* dx, T* dW, T* db, const T* dout, const T* x, const T* W,
-                     int64_t rows, int in_dim, int out_dim) {
-    linear_backward(ex, dx, dW, db, dout, MatrixIn<T>{const_cast<T*>(x), nullptr}, W, rows, in_dim, out_dim);
+    ops::linear_backward(dx.p, dW, db, dout, detail::widened(x, rows * in_dim, tmp), W, rows, in_dim, out_dim);
 }
 // x: the patch rows (x, x_image_stride) of a sequence matrix, so the first
 // (B-1)·x_image_stride + nS·N·in_dim elements are what the ops may read.
 template <class T>
-void expert_linear_forward(const Exec& ex, T* out, const MatrixIn<T>& x, int64_t x_image_stride, const T* W,
+void expert_linear_forward(const Exec& ex, T* out, const NoDeduce<MatrixIn<T>>& x, int64_t x_image_stride, const T* W,
                            const T* bias, const int* S, int B, int nS, int N, int in_dim, int out_dim) {
 #ifdef PRISM_CUDA
     if constexpr (std::is_same_v<T, float>) {
@@ -280,7 +297,7 @@ void expert_linear_forward(const Exec& ex, T* out, const MatrixIn<T>& x, int64_t
                                out_dim);
 }
 template <class T>
-void expert_linear_backward(const Exec& ex, T* dx, T* dW, T* dbias, const T* dout, const MatrixIn<T>& x,
+void expert_linear_backward(const Exec& ex, T* dx, T* dW, T* dbias, const T* dout, const NoDeduce<MatrixIn<T>>& x,
                             int64_t x_image_stride, const T* W, const int* S, int B, int nS, int N,
                             int in_dim, int out_dim) {
 #ifdef PRISM_CUDA
@@ -311,8 +328,15 @@ template <class T> void gelu_forward(const Exec& ex, const MatrixIn<T>& out, con
     ops::gelu_forward(o, x, n);
     detail::store_bf16(out, o, n);
 }
-template <class T> void gelu_backward(const Exec& ex, T* dx, const T* dout, const T* x, int64_t n) {
-    PRISM_OP(gelu_backward(dx, dout, x, n), gelu_backward(dx, dout, x, n, ex.stream));
+template <class T>
+void gelu_backward(const Exec& ex, const NoDeduce<GradOut<T>>& dx, const T* dout, const T* x, int64_t n) {
+#ifdef PRISM_CUDA
+    if constexpr (std::is_same_v<T, float>) {
+        if (ex.cuda) return cuda_ops::gelu_backward(dx.p, dx.overwrite, dout, x, n, ex.stream);
+    }
+#endif
+    if (dx.overwrite) zero(ex, dx.p, n);
+    ops::gelu_backward(dx.p, dout, x, n);
 }
 template <class T>
 void residual_forward(const Exec& ex, T* out, const T* x, const T* branch, const T* scale, int B,

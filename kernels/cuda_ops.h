@@ -89,9 +89,9 @@ void residual_layernorm_forward(float* sum, float* out, uint16_t* out_bf16, floa
 // ---- linear: out = x·Wᵀ + b (cuBLAS, fp32, no TF32) ------------------------------
 void linear_forward(float* out, const float* x, const float* W, const float* b, int64_t rows,
                     int in_dim, int out_dim, cudaStream_t stream);
-void linear_backward(float* dx, float* dW, float* db, const float* dout, const float* x,
-                     const float* W, int64_t rows, int in_dim, int out_dim,
-                     cudaStream_t stream);
+// overwrite_dx: dx is written (= dout·W), not added into: it need not be zeroed.
+void linear_backward(float* dx, bool overwrite_dx, float* dW, float* db, const float* dout, const float* x,
+                     const float* W, int64_t rows, int in_dim, int out_dim, cudaStream_t stream);
 void expert_linear_forward(float* out, const float* x, int64_t x_image_stride, const float* W,
                            const float* bias, const int* S, int B, int nS, int N, int in_dim,
                            int out_dim, cudaStream_t stream);
@@ -121,7 +121,7 @@ void linear_backward_bf16(uint16_t* dx, float* dW, float* db, const uint16_t* do
 // product reads it directly instead of rounding x.
 void linear_forward_mixed(float* out, const float* x, const uint16_t* x_bf16, const float* W, const float* b,
                           int64_t rows, int in_dim, int out_dim, cudaStream_t stream);
-void linear_backward_mixed(float* dx, float* dW, float* db, const float* dout, const float* x,
+void linear_backward_mixed(float* dx, bool overwrite_dx, float* dW, float* db, const float* dout, const float* x,
                            const uint16_t* x_bf16, const float* W, int64_t rows, int in_dim, int out_dim,
                            cudaStream_t stream);
 // The same for MoE-ViT's per-channel expert projections (expert_linear_*):
@@ -139,7 +139,8 @@ void expert_linear_backward_mixed(float* dx, float* dW, float* dbias, const floa
 // ---- GELU (exact, erf) and the residual with drop path ------------------------------
 // out (fp32) and/or out_bf16: either may be null.
 void gelu_forward(float* out, uint16_t* out_bf16, const float* x, int64_t n, cudaStream_t stream);
-void gelu_backward(float* dx, const float* dout, const float* x, int64_t n,
+// overwrite_dx: dx is written, not added into.
+void gelu_backward(float* dx, bool overwrite_dx, const float* dout, const float* x, int64_t n,
                    cudaStream_t stream);
 void residual_forward(float* out, const float* x, const float* branch, const float* scale, int B,
                       int64_t per_image, cudaStream_t stream);

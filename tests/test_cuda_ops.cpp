@@ -306,12 +306,23 @@ TEST_F(CudaOps, Linear) {
             auto d_dout = to_device(dout);
             DeviceArray<float> dx(x.size()), dW(W.size()), db(b.size());
             auto got = run_twice(what + " backward", {{&dx, g_x}, {&dW, g_W}, {&db, g_b}}, [&] {
-                cu::linear_backward(bias ? dx.get() : nullptr, dW.get(), bias ? db.get() : nullptr,
+                cu::linear_backward(bias ? dx.get() : nullptr, false, dW.get(), bias ? db.get() : nullptr,
                                     d_dout.get(), d_x.get(), d_W.get(), c.rows, c.in, c.out, stream);
             });
             expect_close(what + " dx", got[0], r_x);
             expect_close(what + " dW", got[1], r_W);
             expect_close(what + " db", got[2], r_b);
+            if (bias) {  // dx written, not added into: from a poisoned dx, the CPU's from zero
+                std::vector<float> r_x0(x.size(), 0.f), r_W0 = g_W;
+                ops::linear_backward<float>(r_x0.data(), r_W0.data(), nullptr, dout.data(), x.data(), W.data(), c.rows,
+                                            c.in, c.out);
+                auto fresh = run_twice(what + " backward, dx overwritten", {{&dx, {}}, {&dW, g_W}}, [&] {
+                    cu::linear_backward(dx.get(), true, dW.get(), nullptr, d_dout.get(), d_x.get(), d_W.get(), c.rows,
+                                        c.in, c.out, stream);
+                });
+                expect_close(what + " dx overwritten", fresh[0], r_x0);
+                expect_close(what + " dW beside overwritten dx", fresh[1], r_W0);
+            }
         }
 }
 
@@ -429,19 +440,30 @@ TEST_F(CudaOps, LinearMixed) {
             auto d_dout = to_device(dout);
             DeviceArray<float> dx(x.size()), dW(W.size()), db(b.size());
             auto grads = run_twice(what + " backward", {{&dx, g_x}, {&dW, g_W}, {&db, g_b}}, [&] {
-                cu::linear_backward_mixed(bias ? dx.get() : nullptr, dW.get(), bias ? db.get() : nullptr, d_dout.get(),
-                                          d_x.get(), nullptr, d_W.get(), c.rows, c.in, c.out, stream);
+                cu::linear_backward_mixed(bias ? dx.get() : nullptr, false, dW.get(), bias ? db.get() : nullptr,
+                                          d_dout.get(), d_x.get(), nullptr, d_W.get(), c.rows, c.in, c.out, stream);
             });
             expect_close(what + " dx", grads[0], r_x, 1e-4);
             expect_close(what + " dW", grads[1], r_W, 1e-4);
             expect_close(what + " db", grads[2], r_b, 1e-4);
             const auto stored_grads = run_twice(what + " backward, x stored bf16", {{&dx, g_x}, {&dW, g_W}, {&db, g_b}}, [&] {
-                cu::linear_backward_mixed(bias ? dx.get() : nullptr, dW.get(), bias ? db.get() : nullptr, d_dout.get(),
-                                          nullptr, d_xb.get(), d_W.get(), c.rows, c.in, c.out, stream);
+                cu::linear_backward_mixed(bias ? dx.get() : nullptr, false, dW.get(), bias ? db.get() : nullptr,
+                                          d_dout.get(), nullptr, d_xb.get(), d_W.get(), c.rows, c.in, c.out, stream);
             });
             for (int i = 0; i < 3; i++)
                 expect_bit_identical(what + " backward, x stored bf16, buffer " + std::to_string(i), stored_grads[i],
                                      grads[i]);
+            if (bias) {  // dx written (the GEMM's beta 0), from a poisoned dx: the CPU's from zero
+                std::vector<float> r_x0(x.size(), 0.f), r_W0 = g_W;
+                ops::linear_backward<float>(r_x0.data(), r_W0.data(), nullptr, doutr.data(), xr.data(), Wr.data(),
+                                            c.rows, c.in, c.out);
+                auto fresh = run_twice(what + " backward, dx overwritten", {{&dx, {}}, {&dW, g_W}}, [&] {
+                    cu::linear_backward_mixed(dx.get(), true, dW.get(), nullptr, d_dout.get(), d_x.get(), nullptr,
+                                              d_W.get(), c.rows, c.in, c.out, stream);
+                });
+                expect_close(what + " dx overwritten", fresh[0], r_x0, 1e-4);
+                expect_close(what + " dW beside overwritten dx", fresh[1], r_W0, 1e-4);
+            }
         }
 }
 
@@ -549,9 +571,15 @@ TEST_F(CudaOps, GeluAndResidual) {
         auto d_dout = to_device(dout);
         DeviceArray<float> dx(n);
         auto got = run_twice(what + " backward", {{&dx, g}}, [&] {
-            cu::gelu_backward(dx.get(), d_dout.get(), d_x.get(), n, stream);
+            cu::gelu_backward(dx.get(), false, d_dout.get(), d_x.get(), n, stream);
         });
         expect_close(what + " backward", got[0], r);
+        std::vector<float> r0(n, 0.f);  // written, not added into: from a poisoned dx, the CPU's from zero
+        ops::gelu_backward(r0.data(), dout.data(), x.data(), n);
+        auto fresh = run_twice(what + " backward, dx overwritten", {{&dx, {}}}, [&] {
+            cu::gelu_backward(dx.get(), true, d_dout.get(), d_x.get(), n, stream);
+        });
+        expect_close(what + " backward, dx overwritten", fresh[0], r0);
     }
     const int B = 3;
     const int64_t per = 1001;

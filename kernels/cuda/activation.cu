@@ -19,11 +19,12 @@ __global__ void gelu_forward_kernel(float* out, uint16_t* out_bf16, const float*
     }
 }
 
-__global__ void gelu_backward_kernel(float* dx, const float* dout, const float* x, int64_t n) {
+__global__ void gelu_backward_kernel(float* dx, bool overwrite, const float* dout, const float* x, int64_t n) {
     PRISM_GRID_STRIDE(i, n) {
         const float cdf = 0.5f * (1.f + erff(x[i] * kSqrtHalf));
         const float pdf = kInvSqrt2Pi * expf(-0.5f * x[i] * x[i]);
-        dx[i] += dout[i] * (cdf + x[i] * pdf);
+        const float g = dout[i] * (cdf + x[i] * pdf);
+        dx[i] = overwrite ? g : dx[i] + g;
     }
 }
 
@@ -42,8 +43,9 @@ void gelu_forward(float* out, uint16_t* out_bf16, const float* x, int64_t n, cud
     PRISM_LAUNCH_CHECK();
 }
 
-void gelu_backward(float* dx, const float* dout, const float* x, int64_t n, cudaStream_t stream) {
-    gelu_backward_kernel<<<grid_for(n), kThreads, 0, stream>>>(dx, dout, x, n);
+void gelu_backward(float* dx, bool overwrite_dx, const float* dout, const float* x, int64_t n,
+                   cudaStream_t stream) {
+    gelu_backward_kernel<<<grid_for(n), kThreads, 0, stream>>>(dx, overwrite_dx, dout, x, n);
     PRISM_LAUNCH_CHECK();
 }
 

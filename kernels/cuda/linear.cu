@@ -347,14 +347,14 @@ void linear_forward(float* out, const float* x, const float* W, const float* b, 
                                    out_dim));
 }
 
-void linear_backward(float* dx, float* dW, float* db, const float* dout, const float* x,
+void linear_backward(float* dx, bool overwrite_dx, float* dW, float* db, const float* dout, const float* x,
                      const float* W, int64_t rows, int in_dim, int out_dim, cudaStream_t stream) {
     if (rows <= 0) return;
     const int n = as_int(rows, "linear_backward: rows must fit an int");
     cublasHandle_t h = blas_handle(stream);
     if (dx)
         PRISM_CUBLAS_CHECK(cublasSgemm(h, CUBLAS_OP_N, CUBLAS_OP_N, in_dim, n, out_dim, &kOne, W,
-                                       in_dim, dout, out_dim, &kOne, dx, in_dim));
+                                       in_dim, dout, out_dim, overwrite_dx ? &kZero : &kOne, dx, in_dim));
     PRISM_CUBLAS_CHECK(cublasSgemm(h, CUBLAS_OP_N, CUBLAS_OP_T, in_dim, out_dim, n, &kOne, x,
                                    in_dim, dout, out_dim, &kOne, dW, in_dim));
     if (db)
@@ -479,7 +479,7 @@ void linear_forward_mixed(float* out, const float* x, const uint16_t* x_bf16, co
               out_dim, stream, b);
 }
 
-void linear_backward_mixed(float* dx, float* dW, float* db, const float* dout, const float* x,
+void linear_backward_mixed(float* dx, bool overwrite_dx, float* dW, float* db, const float* dout, const float* x,
                            const uint16_t* x_bf16, const float* W, int64_t rows, int in_dim, int out_dim,
                            cudaStream_t stream) {
     if (rows <= 0) return;
@@ -491,7 +491,7 @@ void linear_backward_mixed(float* dx, float* dW, float* db, const float* dout, c
         Scratch wb(sizeof(uint16_t) * (size_t)out_dim * in_dim, stream);
         to_bf16(wb.as<uint16_t>(), W, (int64_t)out_dim * in_dim, stream);
         lt_matmul(false, false, in_dim, rows, out_dim, wb.as<uint16_t>(), in_dim, gb.as<uint16_t>(),
-                  out_dim, 1.f, dx, CUDA_R_32F, in_dim, stream);
+                  out_dim, overwrite_dx ? 0.f : 1.f, dx, CUDA_R_32F, in_dim, stream);
     }
     lt_matmul(false, true, in_dim, out_dim, rows, xb, in_dim, gb.as<uint16_t>(), out_dim, 1.f, dW, CUDA_R_32F,
               in_dim, stream);
@@ -613,7 +613,7 @@ void linear_forward(float*, const float*, const float*, const float*, int64_t, i
                     cudaStream_t) {
     no_cublas();
 }
-void linear_backward(float*, float*, float*, const float*, const float*, const float*, int64_t, int,
+void linear_backward(float*, bool, float*, float*, const float*, const float*, const float*, int64_t, int,
                      int, cudaStream_t) {
     no_cublas();
 }
@@ -637,8 +637,8 @@ void linear_forward_mixed(float*, const float*, const uint16_t*, const float*, c
                           cudaStream_t) {
     no_cublas();
 }
-void linear_backward_mixed(float*, float*, float*, const float*, const float*, const uint16_t*, const float*,
-                           int64_t, int, int, cudaStream_t) {
+void linear_backward_mixed(float*, bool, float*, float*, const float*, const float*, const uint16_t*,
+                           const float*, int64_t, int, int, cudaStream_t) {
     no_cublas();
 }
 void expert_linear_forward_mixed(float*, const float*, const uint16_t*, int64_t, const float*, const float*,
