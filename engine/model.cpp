@@ -115,13 +115,13 @@ static void bind_weights(Weights<T>& w, T* base, const std::vector<ParamInfo>& l
 }
 
 // What one block keeps from forward for backward. ln1, ln2 and act are read
-// by linear layers (op::MatrixIn: bf16 in the bf16 mode).
+// by linear layers, qkv by attention (op::MatrixIn: bf16 in the bf16 mode).
 template <class T>
 struct BlockActs {
     T *x_in;
-    op::MatrixIn<T> ln1, ln2, act;
+    op::MatrixIn<T> ln1, ln2, act, qkv;
     T *ln1_mean, *ln1_rstd;
-    T *qkv, *att_lse;                                      // dense attention
+    T *att_lse;                                            // dense attention
     T *z, *rprobs, *weights, *lse, *q, *k, *v, *qg, *og;   // MoE attention
     T *route_lse, *cls_probs;
     int *experts, *offsets, *pair_of_row, *row_of_pair, *counts;
@@ -194,7 +194,7 @@ Model<T>::Model(const ModelConfig& cfg, int batch_capacity, bool verbose, Device
                     (long long)num_params_, sizeof(T) == 4 ? "fp32" : "fp64",
                     ex_.cuda ? "GPU memory" : "host memory",
                     act_arena_.name.c_str(), format_bytes(act_arena_.capacity).c_str(), capacity_,
-                    max_seq(cfg_), bf16_storage_ ? "; LayerNorm and GELU outputs in bf16" : "");
+                    max_seq(cfg_), bf16_storage_ ? "; LayerNorm, GELU and head-dim-64 qkv outputs in bf16" : "");
 }
 
 template <class T>
@@ -273,7 +273,11 @@ void Model<T>::carve_activations() {
             b.route_lse = a.take<T>(Tok * k * Hd);
             b.cls_probs = a.take<T>(B * Hd * C * N);
         } else {
-            b.qkv = a.take<T>(B * L * 3 * D);
+            // bf16 where attention's products would round it anyway
+            if (op::attention_reads_bf16(bf16_storage_, int(D), int(Hd)))
+                b.qkv.bf16 = a.take<uint16_t>(B * L * 3 * D);
+            else
+                b.qkv.full = a.take<T>(B * L * 3 * D);
             b.att_lse = a.take<T>(B * Hd * L);
         }
         b.att_out = a.take<T>(B * L * D);

@@ -238,21 +238,29 @@ void residual_layernorm_forward(const Exec& ex, T* sum, const MatrixIn<T>& out, 
     ops::residual_layernorm_forward(sum, o, mean, rstd, x, branch, scale, w, b, B, rows_per_image, D);
     detail::store_bf16(out, o, B * rows_per_image * D);
 }
+// out: fp32 (a plain T*), or bf16 alone (the bf16 mode's stored qkv).
 template <class T>
-void linear_forward(const Exec& ex, T* out, const NoDeduce<MatrixIn<T>>& x, const T* W, const T* b, int64_t rows,
-                    int in_dim, int out_dim) {
+void linear_forward(const Exec& ex, const NoDeduce<MatrixIn<T>>& out, const NoDeduce<MatrixIn<T>>& x, const T* W,
+                    const T* b, int64_t rows, int in_dim, int out_dim) {
+    if (out.full && out.bf16) throw std::logic_error("linear_forward: one output, fp32 or bf16");
 #ifdef PRISM_CUDA
     if constexpr (std::is_same_v<T, float>) {
+        if (ex.cuda && ex.bf16_matmul && out.bf16)
+            return cuda_ops::linear_forward_mixed_to_bf16(out.bf16, x.full, x.bf16, W, b, rows, in_dim, out_dim,
+                                                          ex.stream);
         if (ex.cuda && ex.bf16_matmul)
-            return cuda_ops::linear_forward_mixed(out, x.full, x.bf16, W, b, rows, in_dim, out_dim, ex.stream);
+            return cuda_ops::linear_forward_mixed(out.full, x.full, x.bf16, W, b, rows, in_dim, out_dim, ex.stream);
         if (ex.cuda) {
             detail::require_full(x.bf16, "linear_forward");
-            return cuda_ops::linear_forward(out, x.full, W, b, rows, in_dim, out_dim, ex.stream);
+            detail::require_full(out.bf16, "linear_forward");
+            return cuda_ops::linear_forward(out.full, x.full, W, b, rows, in_dim, out_dim, ex.stream);
         }
     }
 #endif
-    std::vector<T> tmp;
-    ops::linear_forward(out, detail::widened(x, rows * in_dim, tmp), W, b, rows, in_dim, out_dim);
+    std::vector<T> tmp_x, tmp_out;
+    T* o = detail::output_of(out, rows * out_dim, tmp_out);
+    ops::linear_forward(o, detail::widened(x, rows * in_dim, tmp_x), W, b, rows, in_dim, out_dim);
+    detail::store_bf16(out, o, rows * out_dim);
 }
 // dx may be null (no input gradient wanted).
 template <class T>
@@ -362,37 +370,60 @@ void residual_backward(const Exec& ex, T* dbranch, const T* dx, const T* scale, 
 //   DESIGN.md §7's fp32 tolerance of the CPU.
 // Both write and read lse in the same layout, so forward and backward may
 // take different ones (the alignment of the buffers each sees decides).
+//
+// The head dim of the flash kernels: where the bf16 mode runs attention on
+// them, their products round q, k and v to bf16 anyway, so the model may
+// store qkv in bf16 (MatrixIn). The same answer on both devices, so that the
+// CPU's bf16 storage is the GPU's.
+constexpr int kBf16AttentionHeadDim = 64;
+#ifdef PRISM_CUDA
+static_assert(kBf16AttentionHeadDim == cuda_ops::kFlashHeadDim, "the flash kernels' head dim");
+#endif
+inline bool attention_reads_bf16(bool bf16_mode, int D, int Hd) {
+    return bf16_mode && Hd > 0 && D == kBf16AttentionHeadDim * Hd;
+}
 #ifdef PRISM_CUDA
 inline bool use_flash(const Exec& ex, int D, int Hd, std::initializer_list<const void*> vector_buffers) {
-    if (!ex.cuda || !ex.bf16_matmul || Hd <= 0 || D != cuda_ops::kFlashHeadDim * Hd) return false;
+    if (!ex.cuda || !attention_reads_bf16(ex.bf16_matmul, D, Hd)) return false;
     for (const void* p : vector_buffers)
         if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
     return true;
 }
 #endif
 
+// qkv: fp32, or (only where attention_reads_bf16) stored in bf16.
 template <class T>
-void attention_forward(const Exec& ex, T* out, T* lse, const T* qkv, int B, int L, int D, int Hd) {
+void attention_forward(const Exec& ex, T* out, T* lse, const NoDeduce<MatrixIn<T>>& qkv, int B, int L, int D,
+                       int Hd) {
 #ifdef PRISM_CUDA
     if constexpr (std::is_same_v<T, float>) {
-        if (use_flash(ex, D, Hd, {out}))
-            return cuda_ops::flash_attention_forward(out, lse, qkv, B, L, D, Hd, ex.stream);
+        if (use_flash(ex, D, Hd, {out, qkv.bf16}))
+            return cuda_ops::flash_attention_forward(out, lse, qkv.full, qkv.bf16, B, L, D, Hd, ex.stream);
+        if (ex.cuda) {
+            detail::require_full(qkv.bf16, "attention_forward");
+            return cuda_ops::attention_forward(out, lse, qkv.full, B, L, D, Hd, ex.stream);
+        }
     }
 #endif
-    PRISM_OP(attention_forward(out, lse, qkv, B, L, D, Hd),
-             attention_forward(out, lse, qkv, B, L, D, Hd, ex.stream));
+    std::vector<T> tmp;
+    ops::attention_forward(out, lse, detail::widened(qkv, int64_t(B) * L * 3 * D, tmp), B, L, D, Hd);
 }
 template <class T>
-void attention_backward(const Exec& ex, T* dqkv, const T* dout, const T* qkv, const T* out, const T* lse,
-                        int B, int L, int D, int Hd) {
+void attention_backward(const Exec& ex, T* dqkv, const T* dout, const NoDeduce<MatrixIn<T>>& qkv, const T* out,
+                        const T* lse, int B, int L, int D, int Hd) {
 #ifdef PRISM_CUDA
     if constexpr (std::is_same_v<T, float>) {
-        if (use_flash(ex, D, Hd, {dqkv, dout, out}))
-            return cuda_ops::flash_attention_backward(dqkv, dout, qkv, out, lse, B, L, D, Hd, ex.stream);
+        if (use_flash(ex, D, Hd, {dqkv, dout, out, qkv.bf16}))
+            return cuda_ops::flash_attention_backward(dqkv, dout, qkv.full, qkv.bf16, out, lse, B, L, D, Hd,
+                                                      ex.stream);
+        if (ex.cuda) {
+            detail::require_full(qkv.bf16, "attention_backward");
+            return cuda_ops::attention_backward(dqkv, dout, qkv.full, out, lse, B, L, D, Hd, ex.stream);
+        }
     }
 #endif
-    PRISM_OP(attention_backward(dqkv, dout, qkv, out, lse, B, L, D, Hd),
-             attention_backward(dqkv, dout, qkv, out, lse, B, L, D, Hd, ex.stream));
+    std::vector<T> tmp;
+    ops::attention_backward(dqkv, dout, detail::widened(qkv, int64_t(B) * L * 3 * D, tmp), out, lse, B, L, D, Hd);
 }
 
 // ---- MoE-ViT channel routing -------------------------------------------------------------

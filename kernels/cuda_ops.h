@@ -121,6 +121,11 @@ void linear_backward_bf16(uint16_t* dx, float* dW, float* db, const uint16_t* do
 // product reads it directly instead of rounding x.
 void linear_forward_mixed(float* out, const float* x, const uint16_t* x_bf16, const float* W, const float* b,
                           int64_t rows, int in_dim, int out_dim, cudaStream_t stream);
+// The same product with its result stored in bf16 (the bf16 mode's qkv, which
+// only attention's bf16 products read): out_bf16 = bf16(x·Wᵀ + b), the bias
+// rounded to bf16 and accumulated into (the linear_forward_bf16 path).
+void linear_forward_mixed_to_bf16(uint16_t* out_bf16, const float* x, const uint16_t* x_bf16, const float* W,
+                                  const float* b, int64_t rows, int in_dim, int out_dim, cudaStream_t stream);
 void linear_backward_mixed(float* dx, bool overwrite_dx, float* dW, float* db, const float* dout, const float* x,
                            const uint16_t* x_bf16, const float* W, int64_t rows, int in_dim, int out_dim,
                            cudaStream_t stream);
@@ -163,11 +168,14 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
 // (DESIGN.md §7: bf16 tolerance); softmax, lse and gradients are fp32. Head
 // dim kFlashHeadDim only (else a clear error); out, dout and dqkv 16-byte
 // aligned. Deterministic, no atomics; backward accumulates into dqkv.
+// qkv_bf16, when not null, is qkv as the bf16 mode stores it (then qkv is not
+// read and may be null): the kernels read it as it is instead of rounding qkv.
 constexpr int kFlashHeadDim = 64;
-void flash_attention_forward(float* out, float* lse, const float* qkv, int B, int L, int D, int Hd,
-                             cudaStream_t stream);
-void flash_attention_backward(float* dqkv, const float* dout, const float* qkv, const float* out,
-                              const float* lse, int B, int L, int D, int Hd, cudaStream_t stream);
+void flash_attention_forward(float* out, float* lse, const float* qkv, const uint16_t* qkv_bf16, int B, int L,
+                             int D, int Hd, cudaStream_t stream);
+void flash_attention_backward(float* dqkv, const float* dout, const float* qkv, const uint16_t* qkv_bf16,
+                              const float* out, const float* lse, int B, int L, int D, int Hd,
+                              cudaStream_t stream);
 
 // ---- MoE-ViT channel routing ------------------------------------------------------------
 // router_forward needs 1 <= k <= nS.

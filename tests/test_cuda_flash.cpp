@@ -67,10 +67,17 @@ protected:
         ops::attention_forward(ref.data(), ref_lse.data(), qkv.data(), B, L, D, Hd);
         DeviceArray<float> out(ref.size()), lse(ref_lse.size());
         const auto fwd = run_twice(what + " forward", {{&out, {}}, {&lse, {}}}, [&] {
-            cu::flash_attention_forward(out.get(), lse.get(), d_qkv.get(), B, L, D, Hd, stream);
+            cu::flash_attention_forward(out.get(), lse.get(), d_qkv.get(), nullptr, B, L, D, Hd, stream);
         });
         expect_close(what + " out", fwd[0], ref, kTol);
         expect_close(what + " lse", fwd[1], ref_lse, kLseTol);
+        // qkv as the bf16 mode stores it: the same tiles, the same bits
+        auto d_qkv16 = to_device(to_bf16(qkv));
+        const auto fwd16 = run_twice(what + " forward, qkv stored bf16", {{&out, {}}, {&lse, {}}}, [&] {
+            cu::flash_attention_forward(out.get(), lse.get(), nullptr, d_qkv16.get(), B, L, D, Hd, stream);
+        });
+        expect_bit_identical(what + " out, qkv stored bf16", fwd16[0], fwd[0]);
+        expect_bit_identical(what + " lse, qkv stored bf16", fwd16[1], fwd[1]);
         if (forward_only) return;
 
         const auto dout = bf16_randn(rows * D, rng), g = randn_f(qkv.size(), rng);
@@ -80,9 +87,14 @@ protected:
         auto d_dout = to_device(dout);
         DeviceArray<float> dqkv(qkv.size());
         const std::vector<float> got = run_twice(what + " backward", {{&dqkv, g}}, [&] {
-            cu::flash_attention_backward(dqkv.get(), d_dout.get(), d_qkv.get(), out.get(), lse.get(), B, L, D, Hd,
-                                         stream);
+            cu::flash_attention_backward(dqkv.get(), d_dout.get(), d_qkv.get(), nullptr, out.get(), lse.get(), B, L, D,
+                                         Hd, stream);
         })[0];
+        const std::vector<float> got16 = run_twice(what + " backward, qkv stored bf16", {{&dqkv, g}}, [&] {
+            cu::flash_attention_backward(dqkv.get(), d_dout.get(), nullptr, d_qkv16.get(), out.get(), lse.get(), B, L,
+                                         D, Hd, stream);
+        })[0];
+        expect_bit_identical(what + " dqkv, qkv stored bf16", got16, got);
         for (int part = 0; part < 3; part++) {  // dq, dk, dv separately: each has its own kernel
             std::vector<float> gp, rp, bp;
             for (int64_t row = 0; row < rows; row++)
@@ -206,7 +218,7 @@ TEST_F(CudaFlash, LseMatchesTheFp32Kernels) {
     DeviceArray<float> out(B * L * D), lse_flash(B * Hd * L), lse_fp32(B * Hd * L);
     lse_flash.poison();
     lse_fp32.poison();
-    cu::flash_attention_forward(out.get(), lse_flash.get(), d_qkv.get(), B, L, D, Hd, stream);
+    cu::flash_attention_forward(out.get(), lse_flash.get(), d_qkv.get(), nullptr, B, L, D, Hd, stream);
     cu::attention_forward(out.get(), lse_fp32.get(), d_qkv.get(), B, L, D, Hd, stream);
     expect_close("dense lse, flash vs fp32", lse_flash.download(), lse_fp32.download(), kLseTol);
 
@@ -229,7 +241,7 @@ TEST_F(CudaFlash, LseMatchesTheFp32Kernels) {
 
 TEST_F(CudaFlash, RejectsOtherHeadDims) {
     DeviceArray<float> x(3 * 2 * 17 * 96), out(2 * 17 * 96), lse(2 * 17 * 2);
-    EXPECT_THROW(cu::flash_attention_forward(out.get(), lse.get(), x.get(), 2, 17, 96, 2, stream),
+    EXPECT_THROW(cu::flash_attention_forward(out.get(), lse.get(), x.get(), nullptr, 2, 17, 96, 2, stream),
                  std::runtime_error);  // head dim 48
     EXPECT_THROW(cu::flash_routed_attention_forward(out.get(), lse.get(), x.get(), x.get(), x.get(), nullptr, 1, 1,
                                                     17, 96, 1, stream),

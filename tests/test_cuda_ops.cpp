@@ -427,6 +427,22 @@ TEST_F(CudaOps, LinearMixed) {
                                          c.in, c.out, stream);
             });
             expect_bit_identical(what + " forward, x stored bf16", stored[0], got[0]);
+            {  // the result stored in bf16 (the bf16 mode's qkv): the bias rounded and accumulated into
+                std::vector<float> b_rounded = widen(to_bf16(b));
+                auto ref16 = poisoned<float>(c.rows * c.out);
+                ops::linear_forward<float>(ref16.data(), xr.data(), Wr.data(), bias ? b_rounded.data() : nullptr,
+                                           c.rows, c.in, c.out);
+                DeviceArray<uint16_t> out16(ref16.size());
+                std::vector<uint16_t> runs[2];
+                for (int run = 0; run < 2; run++) {
+                    out16.poison();
+                    cu::linear_forward_mixed_to_bf16(out16.get(), run ? nullptr : d_x.get(), run ? d_xb.get() : nullptr,
+                                                     d_W.get(), bias ? d_b.get() : nullptr, c.rows, c.in, c.out, stream);
+                    runs[run] = out16.download();
+                }
+                expect_bit_identical(what + " forward to bf16 (x fp32, x stored bf16)", runs[0], runs[1]);
+                expect_close(what + " forward to bf16", widen(runs[0]), ref16, 1e-2);
+            }
 
             const auto dout = randn_f(ref.size(), rng), g_x = randn_f(x.size(), rng), g_W = randn_f(W.size(), rng),
                        g_b = randn_f(b.size(), rng);

@@ -1,10 +1,11 @@
 // Fused ("flash") attention ops on tensor cores: the host side. The kernels
 // and the design notes are in flash_attention.cuh.
 //
-// Dense: qkv is rounded to bf16 once per op into scratch of the same layout
-// (one read of 4 bytes, one write of 2, per element), so that the K/V tiles
-// every query tile streams are half the bytes and come in by cp.async.
-// Backward also rounds dO (in the kernel that computes δ).
+// Dense: the tiles are bf16: the bf16 mode's stored qkv as it is, or qkv
+// rounded once per op into scratch of the same layout (one read of 4 bytes,
+// one write of 2, per element), so that the K/V tiles every query tile
+// streams are half the bytes and come in by cp.async. Backward also rounds dO
+// (in the kernel that computes δ).
 // Routed: the tiles are rounded as they are staged, straight from the fp32
 // operands: the gathered buffers' row count lives on the device only (the
 // last offset), and with K/V resident each row is read once or a few times.
@@ -57,15 +58,28 @@ void bwd_prep(const PrepParams& p, cudaStream_t stream) {
 }  // namespace
 
 // ---- dense -----------------------------------------------------------------------------------
-void flash_attention_forward(float* out, float* lse, const float* qkv, int B, int L, int D, int Hd,
-                             cudaStream_t stream) {
+namespace {
+// qkv_bf16 if given, else bf16(qkv) in `scratch`.
+const uint16_t* qkv_tiles(Scratch& scratch, const float* qkv, const uint16_t* qkv_bf16, int64_t n,
+                          cudaStream_t stream) {
+    if (qkv_bf16) {
+        require_aligned(qkv_bf16, "qkv (bf16)");
+        return qkv_bf16;
+    }
+    PRISM_CUDA_REQUIRE(qkv != nullptr, "flash attention: no qkv");
+    to_bf16(scratch.as<uint16_t>(), qkv, n, stream);
+    return scratch.as<uint16_t>();
+}
+}  // namespace
+
+void flash_attention_forward(float* out, float* lse, const float* qkv, const uint16_t* qkv_bf16, int B, int L,
+                             int D, int Hd, cudaStream_t stream) {
     require_head_dim(D, Hd, "flash_attention_forward");
     if (B <= 0 || L <= 0) return;
     require_aligned(out, "out");
     const int64_t n = (int64_t)B * L * 3 * D;
-    Scratch qkv16(sizeof(uint16_t) * n, stream);
-    uint16_t* q = qkv16.as<uint16_t>();
-    to_bf16(q, qkv, n, stream);
+    Scratch qkv16(qkv_bf16 ? 0 : sizeof(uint16_t) * n, stream);
+    const uint16_t* q = qkv_tiles(qkv16, qkv, qkv_bf16, n, stream);
     FwdParams<uint16_t> p{make_sets(nullptr, L, L, Hd), {q, 3 * D}, {q + D, 3 * D}, {q + 2 * D, 3 * D}, out,
                           D, lse};
     const int w = dense_fwd_warps(L);
@@ -76,8 +90,9 @@ void flash_attention_forward(float* out, float* lse, const float* qkv, int B, in
         launch(flash_fwd_kernel<uint16_t, kWarps, false>, grid, kWarps * 32, fwd_smem<kWarps, false>(L), stream, p);
 }
 
-void flash_attention_backward(float* dqkv, const float* dout, const float* qkv, const float* out,
-                              const float* lse, int B, int L, int D, int Hd, cudaStream_t stream) {
+void flash_attention_backward(float* dqkv, const float* dout, const float* qkv, const uint16_t* qkv_bf16,
+                              const float* out, const float* lse, int B, int L, int D, int Hd,
+                              cudaStream_t stream) {
     require_head_dim(D, Hd, "flash_attention_backward");
     if (B <= 0 || L <= 0) return;
     require_aligned(dqkv, "dqkv");
@@ -85,10 +100,9 @@ void flash_attention_backward(float* dqkv, const float* dout, const float* qkv, 
     require_aligned(out, "out");
     const int64_t n = (int64_t)B * L * 3 * D, rows = (int64_t)B * L;
     PRISM_CUDA_REQUIRE(rows < INT32_MAX, "flash_attention_backward: B·L must be below 2^31");
-    Scratch qkv16(sizeof(uint16_t) * n, stream), dout16(sizeof(uint16_t) * rows * D, stream),
+    Scratch qkv16(qkv_bf16 ? 0 : sizeof(uint16_t) * n, stream), dout16(sizeof(uint16_t) * rows * D, stream),
         delta(sizeof(float) * rows * Hd, stream);
-    uint16_t* q = qkv16.as<uint16_t>();
-    to_bf16(q, qkv, n, stream);
+    const uint16_t* q = qkv_tiles(qkv16, qkv, qkv_bf16, n, stream);
     const Sets s = make_sets(nullptr, L, L, Hd);
     bwd_prep(PrepParams{s, dout, out, D, rows, nullptr, delta.as<float>(), dout16.as<uint16_t>()}, stream);
     const BwdParams<uint16_t> p{s,

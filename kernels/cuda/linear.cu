@@ -479,6 +479,16 @@ void linear_forward_mixed(float* out, const float* x, const uint16_t* x_bf16, co
               out_dim, stream, b);
 }
 
+void linear_forward_mixed_to_bf16(uint16_t* out_bf16, const float* x, const uint16_t* x_bf16, const float* W,
+                                  const float* b, int64_t rows, int in_dim, int out_dim, cudaStream_t stream) {
+    if (rows <= 0) return;
+    Scratch xs(x_bf16 ? 0 : sizeof(uint16_t) * (size_t)(rows * in_dim), stream);
+    Scratch wb(sizeof(uint16_t) * (size_t)out_dim * in_dim, stream);
+    const uint16_t* xb = bf16_operand(xs, x, x_bf16, rows * in_dim, stream);
+    to_bf16(wb.as<uint16_t>(), W, (int64_t)out_dim * in_dim, stream);
+    linear_forward_bf16(out_bf16, xb, wb.as<uint16_t>(), b, rows, in_dim, out_dim, stream);
+}
+
 void linear_backward_mixed(float* dx, bool overwrite_dx, float* dW, float* db, const float* dout, const float* x,
                            const uint16_t* x_bf16, const float* W, int64_t rows, int in_dim, int out_dim,
                            cudaStream_t stream) {
@@ -635,6 +645,10 @@ void linear_backward_bf16(uint16_t*, float*, float*, const uint16_t*, const uint
 }
 void linear_forward_mixed(float*, const float*, const uint16_t*, const float*, const float*, int64_t, int, int,
                           cudaStream_t) {
+    no_cublas();
+}
+void linear_forward_mixed_to_bf16(uint16_t*, const float*, const uint16_t*, const float*, const float*, int64_t,
+                                  int, int, cudaStream_t) {
     no_cublas();
 }
 void linear_backward_mixed(float*, bool, float*, float*, const float*, const float*, const uint16_t*,
