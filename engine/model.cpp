@@ -114,12 +114,13 @@ static void bind_weights(Weights<T>& w, T* base, const std::vector<ParamInfo>& l
     w.head_b = at("head.bias");
 }
 
-// What one block keeps from forward for backward. ln1, ln2 and act are read
-// by linear layers, qkv by attention (op::MatrixIn: bf16 in the bf16 mode).
+// What one block keeps from forward for backward. ln1, ln2, act and att_out
+// are read by linear layers, qkv by attention, fc1 by GELU (op::MatrixIn:
+// bf16 in the bf16 mode).
 template <class T>
 struct BlockActs {
     T *x_in;
-    op::MatrixIn<T> ln1, ln2, act, qkv;
+    op::MatrixIn<T> ln1, ln2, act, qkv, fc1, att_out;
     T *ln1_mean, *ln1_rstd;
     T *att_lse;                                            // dense attention
     T *z, *rprobs, *weights, *lse, *q, *k, *v, *qg, *og;   // MoE attention
@@ -127,7 +128,7 @@ struct BlockActs {
     int *experts, *offsets, *pair_of_row, *row_of_pair, *counts;
     double* aux_all;        // [2C+1] aux_stats summed over ranks (data-parallel training)
     bool aux_global;        // aux_all holds them for this forward
-    T *att_out, *proj_out, *x_mid, *ln2_mean, *ln2_rstd, *fc1, *fc2_out, *x_out;
+    T *proj_out, *x_mid, *ln2_mean, *ln2_rstd, *fc2_out, *x_out;
     T *drop_attn, *drop_mlp;                               // per-image drop path scales
     bool dropping;
 };
@@ -194,7 +195,7 @@ Model<T>::Model(const ModelConfig& cfg, int batch_capacity, bool verbose, Device
                     (long long)num_params_, sizeof(T) == 4 ? "fp32" : "fp64",
                     ex_.cuda ? "GPU memory" : "host memory",
                     act_arena_.name.c_str(), format_bytes(act_arena_.capacity).c_str(), capacity_,
-                    max_seq(cfg_), bf16_storage_ ? "; LayerNorm, GELU and head-dim-64 qkv outputs in bf16" : "");
+                    max_seq(cfg_), bf16_storage_ ? "; LayerNorm, fc1, GELU, head-dim-64 attention in/outputs in bf16" : "");
 }
 
 template <class T>
@@ -239,8 +240,8 @@ void Model<T>::carve_activations() {
     x.patch_tok = a.take<T>(B * (L - 1) * D);
     x.seq = a.take<T>(B * L * D);
     x.blocks.assign(cfg_.depth, BlockActs<T>{});
-    // A matrix only linear layers read: bf16 in the bf16 mode, else fp32;
-    // both where something else reads it too (keep_full).
+    // A matrix only products (and GELU) read: bf16 in the bf16 mode, else
+    // fp32; both where something else reads it too (keep_full).
     auto matrix_in = [&](int64_t n, bool keep_full) {
         op::MatrixIn<T> m;
         if (!bf16_storage_ || keep_full) m.full = a.take<T>(n);
@@ -272,21 +273,25 @@ void Model<T>::carve_activations() {
             b.og = a.take<T>(Tok * k * D);
             b.route_lse = a.take<T>(Tok * k * Hd);
             b.cls_probs = a.take<T>(B * Hd * C * N);
+            b.att_out.full = a.take<T>(B * L * D);  // written by the combine and the CLS row, in fp32
         } else {
-            // bf16 where attention's products would round it anyway
-            if (op::attention_reads_bf16(bf16_storage_, int(D), int(Hd)))
+            // bf16 where attention's products would round them anyway (the
+            // output: read by the projection, and by attention's backward)
+            if (op::attention_reads_bf16(bf16_storage_, int(D), int(Hd))) {
                 b.qkv.bf16 = a.take<uint16_t>(B * L * 3 * D);
-            else
+                b.att_out.bf16 = a.take<uint16_t>(B * L * D);
+            } else {
                 b.qkv.full = a.take<T>(B * L * 3 * D);
+                b.att_out.full = a.take<T>(B * L * D);
+            }
             b.att_lse = a.take<T>(B * Hd * L);
         }
-        b.att_out = a.take<T>(B * L * D);
         b.proj_out = a.take<T>(B * L * D);
         b.x_mid = a.take<T>(B * L * D);
         b.ln2 = matrix_in(B * L * D, false);
         b.ln2_mean = a.take<T>(B * L);
         b.ln2_rstd = a.take<T>(B * L);
-        b.fc1 = a.take<T>(B * L * H);
+        b.fc1 = matrix_in(B * L * H, false);
         b.act = matrix_in(B * L * H, false);
         b.fc2_out = a.take<T>(B * L * D);
         b.x_out = a.take<T>(B * L * D);
@@ -535,10 +540,10 @@ void Model<T>::block_forward(int i, bool training) {
         op::moe_gather_forward(ex_, b.qg, b.q + D, L * D, b.pair_of_row, B_, nS_, int(N), k, int(D));
         op::routed_attention_forward(ex_, b.og, b.route_lse, b.qg, b.k, b.v, b.offsets, B_, nS_,
                                      int(N), int(D), int(Hd));
-        op::combine_forward(ex_, b.att_out + D, L * D, b.og, b.weights, b.row_of_pair, B_, nS_, int(N),
+        op::combine_forward(ex_, b.att_out.full + D, L * D, b.og, b.weights, b.row_of_pair, B_, nS_, int(N),
                             k, int(D));
         // The CLS row attends densely to every patch key of its image.
-        op::cls_attention_forward(ex_, b.att_out, L * D, b.cls_probs, b.q, L * D, b.k, b.v, B_,
+        op::cls_attention_forward(ex_, b.att_out.full, L * D, b.cls_probs, b.q, L * D, b.k, b.v, B_,
                                   int(nS_ * N), int(D), int(Hd));
         // Load-balance and z losses (their gradients are taken in backward).
         // Under data parallelism the balance is that of the global batch.

@@ -183,8 +183,8 @@ TrainResult train(const Config& cfg, Device device, const std::string& out_dir, 
 
     Model<float> model(m, loader.local_batch(), verbose, device, bf16_mode(t.precision, device));
     if (verbose && model.bf16_matmul())
-        std::printf("precision: bf16 inputs to the matrix products (fp32 accumulation), LayerNorm, GELU and "
-                    "(head dim 64) qkv outputs stored in bf16, everything else fp32%s\n",
+        std::printf("precision: bf16 inputs to the matrix products (fp32 accumulation), LayerNorm, fc1, GELU "
+                    "and (head dim 64) attention inputs and outputs stored in bf16, everything else fp32%s\n",
                     t.precision == "auto" ? " (train.precision auto on CUDA; fp32 to turn it off)" : "");
     if (verbose && device == Device::cpu && t.precision == "bf16")
         std::printf("precision: train.precision bf16 applies on CUDA only; the CPU computes in fp32\n");

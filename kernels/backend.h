@@ -325,26 +325,29 @@ void expert_linear_backward(const Exec& ex, T* dx, T* dW, T* dbias, const T* dou
     ops::expert_linear_backward(dx, dW, dbias, dout, detail::widened(x, span, tmp), x_image_stride, W, S, B, nS,
                                 N, in_dim, out_dim);
 }
-template <class T> void gelu_forward(const Exec& ex, const MatrixIn<T>& out, const T* x, int64_t n) {
+// x: fp32, or the bf16 mode's stored fc1 output.
+template <class T> void gelu_forward(const Exec& ex, const MatrixIn<T>& out, const MatrixIn<T>& x, int64_t n) {
 #ifdef PRISM_CUDA
     if constexpr (std::is_same_v<T, float>) {
-        if (ex.cuda) return cuda_ops::gelu_forward(out.full, out.bf16, x, n, ex.stream);
+        if (ex.cuda) return cuda_ops::gelu_forward(out.full, out.bf16, x.full, x.bf16, n, ex.stream);
     }
 #endif
-    std::vector<T> tmp;
-    T* o = detail::output_of(out, n, tmp);
-    ops::gelu_forward(o, x, n);
+    std::vector<T> tmp_out, tmp_x;
+    T* o = detail::output_of(out, n, tmp_out);
+    ops::gelu_forward(o, detail::widened(x, n, tmp_x), n);
     detail::store_bf16(out, o, n);
 }
 template <class T>
-void gelu_backward(const Exec& ex, const NoDeduce<GradOut<T>>& dx, const T* dout, const T* x, int64_t n) {
+void gelu_backward(const Exec& ex, const NoDeduce<GradOut<T>>& dx, const T* dout, const NoDeduce<MatrixIn<T>>& x,
+                   int64_t n) {
 #ifdef PRISM_CUDA
     if constexpr (std::is_same_v<T, float>) {
-        if (ex.cuda) return cuda_ops::gelu_backward(dx.p, dx.overwrite, dout, x, n, ex.stream);
+        if (ex.cuda) return cuda_ops::gelu_backward(dx.p, dx.overwrite, dout, x.full, x.bf16, n, ex.stream);
     }
 #endif
     if (dx.overwrite) zero(ex, dx.p, n);
-    ops::gelu_backward(dx.p, dout, x, n);
+    std::vector<T> tmp;
+    ops::gelu_backward(dx.p, dout, detail::widened(x, n, tmp), n);
 }
 template <class T>
 void residual_forward(const Exec& ex, T* out, const T* x, const T* branch, const T* scale, int B,
@@ -391,39 +394,45 @@ inline bool use_flash(const Exec& ex, int D, int Hd, std::initializer_list<const
 }
 #endif
 
-// qkv: fp32, or (only where attention_reads_bf16) stored in bf16.
+// qkv and out: fp32, or (only where attention_reads_bf16) stored in bf16.
 template <class T>
-void attention_forward(const Exec& ex, T* out, T* lse, const NoDeduce<MatrixIn<T>>& qkv, int B, int L, int D,
-                       int Hd) {
+void attention_forward(const Exec& ex, const NoDeduce<MatrixIn<T>>& out, T* lse, const NoDeduce<MatrixIn<T>>& qkv,
+                       int B, int L, int D, int Hd) {
 #ifdef PRISM_CUDA
     if constexpr (std::is_same_v<T, float>) {
-        if (use_flash(ex, D, Hd, {out, qkv.bf16}))
-            return cuda_ops::flash_attention_forward(out, lse, qkv.full, qkv.bf16, B, L, D, Hd, ex.stream);
+        if (use_flash(ex, D, Hd, {out.full, out.bf16, qkv.bf16}))
+            return cuda_ops::flash_attention_forward(out.full, out.bf16, lse, qkv.full, qkv.bf16, B, L, D, Hd,
+                                                     ex.stream);
         if (ex.cuda) {
             detail::require_full(qkv.bf16, "attention_forward");
-            return cuda_ops::attention_forward(out, lse, qkv.full, B, L, D, Hd, ex.stream);
+            detail::require_full(out.bf16, "attention_forward");
+            return cuda_ops::attention_forward(out.full, lse, qkv.full, B, L, D, Hd, ex.stream);
         }
     }
 #endif
-    std::vector<T> tmp;
-    ops::attention_forward(out, lse, detail::widened(qkv, int64_t(B) * L * 3 * D, tmp), B, L, D, Hd);
+    std::vector<T> tmp_qkv, tmp_out;
+    T* o = detail::output_of(out, int64_t(B) * L * D, tmp_out);
+    ops::attention_forward(o, lse, detail::widened(qkv, int64_t(B) * L * 3 * D, tmp_qkv), B, L, D, Hd);
+    detail::store_bf16(out, o, int64_t(B) * L * D);
 }
 template <class T>
-void attention_backward(const Exec& ex, T* dqkv, const T* dout, const NoDeduce<MatrixIn<T>>& qkv, const T* out,
-                        const T* lse, int B, int L, int D, int Hd) {
+void attention_backward(const Exec& ex, T* dqkv, const T* dout, const NoDeduce<MatrixIn<T>>& qkv,
+                        const NoDeduce<MatrixIn<T>>& out, const T* lse, int B, int L, int D, int Hd) {
 #ifdef PRISM_CUDA
     if constexpr (std::is_same_v<T, float>) {
-        if (use_flash(ex, D, Hd, {dqkv, dout, out, qkv.bf16}))
-            return cuda_ops::flash_attention_backward(dqkv, dout, qkv.full, qkv.bf16, out, lse, B, L, D, Hd,
-                                                      ex.stream);
+        if (use_flash(ex, D, Hd, {dqkv, dout, out.full, out.bf16, qkv.bf16}))
+            return cuda_ops::flash_attention_backward(dqkv, dout, qkv.full, qkv.bf16, out.full, out.bf16, lse, B, L,
+                                                      D, Hd, ex.stream);
         if (ex.cuda) {
             detail::require_full(qkv.bf16, "attention_backward");
-            return cuda_ops::attention_backward(dqkv, dout, qkv.full, out, lse, B, L, D, Hd, ex.stream);
+            detail::require_full(out.bf16, "attention_backward");
+            return cuda_ops::attention_backward(dqkv, dout, qkv.full, out.full, lse, B, L, D, Hd, ex.stream);
         }
     }
 #endif
-    std::vector<T> tmp;
-    ops::attention_backward(dqkv, dout, detail::widened(qkv, int64_t(B) * L * 3 * D, tmp), out, lse, B, L, D, Hd);
+    std::vector<T> tmp_qkv, tmp_out;
+    ops::attention_backward(dqkv, dout, detail::widened(qkv, int64_t(B) * L * 3 * D, tmp_qkv),
+                            detail::widened(out, int64_t(B) * L * D, tmp_out), lse, B, L, D, Hd);
 }
 
 // ---- MoE-ViT channel routing -------------------------------------------------------------

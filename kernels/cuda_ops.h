@@ -121,9 +121,9 @@ void linear_backward_bf16(uint16_t* dx, float* dW, float* db, const uint16_t* do
 // product reads it directly instead of rounding x.
 void linear_forward_mixed(float* out, const float* x, const uint16_t* x_bf16, const float* W, const float* b,
                           int64_t rows, int in_dim, int out_dim, cudaStream_t stream);
-// The same product with its result stored in bf16 (the bf16 mode's qkv, which
-// only attention's bf16 products read): out_bf16 = bf16(x·Wᵀ + b), the bias
-// rounded to bf16 and accumulated into (the linear_forward_bf16 path).
+// The same product with its result stored in bf16 (the bf16 mode's qkv and
+// fc1, which only bf16 products and GELU read): out_bf16 = bf16(x·Wᵀ + bf16(b)),
+// the bias added in cuBLASLt's epilogue.
 void linear_forward_mixed_to_bf16(uint16_t* out_bf16, const float* x, const uint16_t* x_bf16, const float* W,
                                   const float* b, int64_t rows, int in_dim, int out_dim, cudaStream_t stream);
 void linear_backward_mixed(float* dx, bool overwrite_dx, float* dW, float* db, const float* dout, const float* x,
@@ -142,11 +142,13 @@ void expert_linear_backward_mixed(float* dx, float* dW, float* dbias, const floa
                                   int B, int nS, int N, int in_dim, int out_dim, cudaStream_t stream);
 
 // ---- GELU (exact, erf) and the residual with drop path ------------------------------
-// out (fp32) and/or out_bf16: either may be null.
-void gelu_forward(float* out, uint16_t* out_bf16, const float* x, int64_t n, cudaStream_t stream);
+// out (fp32) and/or out_bf16: either may be null. x_bf16, when not null, is x
+// as the bf16 mode stores it (then x is not read).
+void gelu_forward(float* out, uint16_t* out_bf16, const float* x, const uint16_t* x_bf16, int64_t n,
+                  cudaStream_t stream);
 // overwrite_dx: dx is written, not added into.
-void gelu_backward(float* dx, bool overwrite_dx, const float* dout, const float* x, int64_t n,
-                   cudaStream_t stream);
+void gelu_backward(float* dx, bool overwrite_dx, const float* dout, const float* x, const uint16_t* x_bf16,
+                   int64_t n, cudaStream_t stream);
 void residual_forward(float* out, const float* x, const float* branch, const float* scale, int B,
                       int64_t per_image, cudaStream_t stream);
 void residual_backward(float* dbranch, const float* dx, const float* scale, int B,
@@ -170,12 +172,14 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
 // aligned. Deterministic, no atomics; backward accumulates into dqkv.
 // qkv_bf16, when not null, is qkv as the bf16 mode stores it (then qkv is not
 // read and may be null): the kernels read it as it is instead of rounding qkv.
+// Likewise the output: out (fp32) and/or out_bf16 in forward, and backward
+// reads out_bf16 when not null (then out may be null).
 constexpr int kFlashHeadDim = 64;
-void flash_attention_forward(float* out, float* lse, const float* qkv, const uint16_t* qkv_bf16, int B, int L,
-                             int D, int Hd, cudaStream_t stream);
+void flash_attention_forward(float* out, uint16_t* out_bf16, float* lse, const float* qkv, const uint16_t* qkv_bf16,
+                             int B, int L, int D, int Hd, cudaStream_t stream);
 void flash_attention_backward(float* dqkv, const float* dout, const float* qkv, const uint16_t* qkv_bf16,
-                              const float* out, const float* lse, int B, int L, int D, int Hd,
-                              cudaStream_t stream);
+                              const float* out, const uint16_t* out_bf16, const float* lse, int B, int L, int D,
+                              int Hd, cudaStream_t stream);
 
 // ---- MoE-ViT channel routing ------------------------------------------------------------
 // router_forward needs 1 <= k <= nS.

@@ -394,6 +394,14 @@ inline void store_f2(float* p, float x, float y) {
     if ((uintptr_t)p % 8) emu::fail("float2 store: misaligned");
     p[0] = x, p[1] = y;
 }
+inline void store_bf16x2(uint16_t* p, float x, float y) {
+    if ((uintptr_t)p % 4) emu::fail("bf16x2 store: misaligned");
+    p[0] = emu::bf16_bits(x), p[1] = emu::bf16_bits(y);
+}
+inline void load_bf16x2(float& x, float& y, const uint16_t* p) {
+    if ((uintptr_t)p % 4) emu::fail("bf16x2 load: misaligned");
+    x = emu::bf16_float(p[0]), y = emu::bf16_float(p[1]);
+}
 inline void add_f2(float* p, float x, float y) {
     if ((uintptr_t)p % 8) emu::fail("float2 add: misaligned");
     p[0] += x, p[1] += y;

@@ -67,17 +67,23 @@ protected:
         ops::attention_forward(ref.data(), ref_lse.data(), qkv.data(), B, L, D, Hd);
         DeviceArray<float> out(ref.size()), lse(ref_lse.size());
         const auto fwd = run_twice(what + " forward", {{&out, {}}, {&lse, {}}}, [&] {
-            cu::flash_attention_forward(out.get(), lse.get(), d_qkv.get(), nullptr, B, L, D, Hd, stream);
+            cu::flash_attention_forward(out.get(), nullptr, lse.get(), d_qkv.get(), nullptr, B, L, D, Hd, stream);
         });
         expect_close(what + " out", fwd[0], ref, kTol);
         expect_close(what + " lse", fwd[1], ref_lse, kLseTol);
         // qkv as the bf16 mode stores it: the same tiles, the same bits
         auto d_qkv16 = to_device(to_bf16(qkv));
         const auto fwd16 = run_twice(what + " forward, qkv stored bf16", {{&out, {}}, {&lse, {}}}, [&] {
-            cu::flash_attention_forward(out.get(), lse.get(), nullptr, d_qkv16.get(), B, L, D, Hd, stream);
+            cu::flash_attention_forward(out.get(), nullptr, lse.get(), nullptr, d_qkv16.get(), B, L, D, Hd, stream);
         });
         expect_bit_identical(what + " out, qkv stored bf16", fwd16[0], fwd[0]);
         expect_bit_identical(what + " lse, qkv stored bf16", fwd16[1], fwd[1]);
+        // the output stored in bf16 alone (the bf16 mode): the rounding of the fp32 one
+        DeviceArray<uint16_t> out16(ref.size());
+        out16.poison();
+        cu::flash_attention_forward(nullptr, out16.get(), lse.get(), nullptr, d_qkv16.get(), B, L, D, Hd, stream);
+        const auto out16_host = out16.download();
+        expect_rounding_of(what + " out stored bf16", out16_host, fwd[0]);
         if (forward_only) return;
 
         const auto dout = bf16_randn(rows * D, rng), g = randn_f(qkv.size(), rng);
@@ -87,14 +93,25 @@ protected:
         auto d_dout = to_device(dout);
         DeviceArray<float> dqkv(qkv.size());
         const std::vector<float> got = run_twice(what + " backward", {{&dqkv, g}}, [&] {
-            cu::flash_attention_backward(dqkv.get(), d_dout.get(), d_qkv.get(), nullptr, out.get(), lse.get(), B, L, D,
-                                         Hd, stream);
+            cu::flash_attention_backward(dqkv.get(), d_dout.get(), d_qkv.get(), nullptr, out.get(), nullptr, lse.get(), B,
+                                         L, D, Hd, stream);
         })[0];
         const std::vector<float> got16 = run_twice(what + " backward, qkv stored bf16", {{&dqkv, g}}, [&] {
-            cu::flash_attention_backward(dqkv.get(), d_dout.get(), nullptr, d_qkv16.get(), out.get(), lse.get(), B, L,
-                                         D, Hd, stream);
+            cu::flash_attention_backward(dqkv.get(), d_dout.get(), nullptr, d_qkv16.get(), out.get(), nullptr,
+                                         lse.get(), B, L, D, Hd, stream);
         })[0];
         expect_bit_identical(what + " dqkv, qkv stored bf16", got16, got);
+        // O read in bf16: the same as its widened values in fp32, bit for bit
+        auto d_out_widened = to_device(widen(out16_host));
+        const auto from_widened = run_twice(what + " backward, out widened", {{&dqkv, g}}, [&] {
+            cu::flash_attention_backward(dqkv.get(), d_dout.get(), nullptr, d_qkv16.get(), d_out_widened.get(), nullptr,
+                                         lse.get(), B, L, D, Hd, stream);
+        })[0];
+        const auto from_bf16 = run_twice(what + " backward, out stored bf16", {{&dqkv, g}}, [&] {
+            cu::flash_attention_backward(dqkv.get(), d_dout.get(), nullptr, d_qkv16.get(), nullptr, out16.get(),
+                                         lse.get(), B, L, D, Hd, stream);
+        })[0];
+        expect_bit_identical(what + " dqkv, out stored bf16", from_bf16, from_widened);
         for (int part = 0; part < 3; part++) {  // dq, dk, dv separately: each has its own kernel
             std::vector<float> gp, rp, bp;
             for (int64_t row = 0; row < rows; row++)
@@ -218,7 +235,7 @@ TEST_F(CudaFlash, LseMatchesTheFp32Kernels) {
     DeviceArray<float> out(B * L * D), lse_flash(B * Hd * L), lse_fp32(B * Hd * L);
     lse_flash.poison();
     lse_fp32.poison();
-    cu::flash_attention_forward(out.get(), lse_flash.get(), d_qkv.get(), nullptr, B, L, D, Hd, stream);
+    cu::flash_attention_forward(out.get(), nullptr, lse_flash.get(), d_qkv.get(), nullptr, B, L, D, Hd, stream);
     cu::attention_forward(out.get(), lse_fp32.get(), d_qkv.get(), B, L, D, Hd, stream);
     expect_close("dense lse, flash vs fp32", lse_flash.download(), lse_fp32.download(), kLseTol);
 
@@ -241,7 +258,7 @@ TEST_F(CudaFlash, LseMatchesTheFp32Kernels) {
 
 TEST_F(CudaFlash, RejectsOtherHeadDims) {
     DeviceArray<float> x(3 * 2 * 17 * 96), out(2 * 17 * 96), lse(2 * 17 * 2);
-    EXPECT_THROW(cu::flash_attention_forward(out.get(), lse.get(), x.get(), nullptr, 2, 17, 96, 2, stream),
+    EXPECT_THROW(cu::flash_attention_forward(out.get(), nullptr, lse.get(), x.get(), nullptr, 2, 17, 96, 2, stream),
                  std::runtime_error);  // head dim 48
     EXPECT_THROW(cu::flash_routed_attention_forward(out.get(), lse.get(), x.get(), x.get(), x.get(), nullptr, 1, 1,
                                                     17, 96, 1, stream),

@@ -569,14 +569,14 @@ TEST_F(CudaOps, GeluAndResidual) {
         ops::gelu_forward(ref.data(), x.data(), n);
         DeviceArray<float> out(n);
         out.poison();
-        cu::gelu_forward(out.get(), nullptr, d_x.get(), n, stream);
+        cu::gelu_forward(out.get(), nullptr, d_x.get(), nullptr, n, stream);
         const auto out_full = out.download();
         expect_close(what + " forward", out_full, ref);
         DeviceArray<uint16_t> out_bf16(n);
         for (bool with_full : {true, false}) {
             out.poison();
             out_bf16.poison();
-            cu::gelu_forward(with_full ? out.get() : nullptr, out_bf16.get(), d_x.get(), n, stream);
+            cu::gelu_forward(with_full ? out.get() : nullptr, out_bf16.get(), d_x.get(), nullptr, n, stream);
             expect_rounding_of(what + (with_full ? " bf16 out (with fp32)" : " bf16 out (alone)"), out_bf16.download(),
                                out_full);
             if (with_full) expect_bit_identical(what + " forward beside bf16", out.download(), out_full);
@@ -587,15 +587,31 @@ TEST_F(CudaOps, GeluAndResidual) {
         auto d_dout = to_device(dout);
         DeviceArray<float> dx(n);
         auto got = run_twice(what + " backward", {{&dx, g}}, [&] {
-            cu::gelu_backward(dx.get(), false, d_dout.get(), d_x.get(), n, stream);
+            cu::gelu_backward(dx.get(), false, d_dout.get(), d_x.get(), nullptr, n, stream);
         });
         expect_close(what + " backward", got[0], r);
         std::vector<float> r0(n, 0.f);  // written, not added into: from a poisoned dx, the CPU's from zero
         ops::gelu_backward(r0.data(), dout.data(), x.data(), n);
         auto fresh = run_twice(what + " backward, dx overwritten", {{&dx, {}}}, [&] {
-            cu::gelu_backward(dx.get(), true, d_dout.get(), d_x.get(), n, stream);
+            cu::gelu_backward(dx.get(), true, d_dout.get(), d_x.get(), nullptr, n, stream);
         });
         expect_close(what + " backward, dx overwritten", fresh[0], r0);
+        {  // x as the bf16 mode stores fc1: the same as its widened values in fp32, bit for bit
+            const auto x16 = to_bf16(x);
+            auto d_x16 = to_device(x16);
+            auto d_xw = to_device(widen(x16));
+            DeviceArray<float> a(n), b(n);
+            a.poison();
+            b.poison();
+            cu::gelu_forward(a.get(), nullptr, nullptr, d_x16.get(), n, stream);
+            cu::gelu_forward(b.get(), nullptr, d_xw.get(), nullptr, n, stream);
+            expect_bit_identical(what + " forward, x stored bf16", a.download(), b.download());
+            a.upload(g);
+            b.upload(g);
+            cu::gelu_backward(a.get(), false, d_dout.get(), nullptr, d_x16.get(), n, stream);
+            cu::gelu_backward(b.get(), false, d_dout.get(), d_xw.get(), nullptr, n, stream);
+            expect_bit_identical(what + " backward, x stored bf16", a.download(), b.download());
+        }
     }
     const int B = 3;
     const int64_t per = 1001;

@@ -88,6 +88,35 @@ void run_dense(int B, int L, int Hd, uint64_t seed, int fwd_warps = 0) {
     ops::attention_forward<double>(ref.data(), ref_lse.data(), qkv_d.data(), B, L, D, Hd);
     expect_rel(what + " out", rel_error(out, ref), kTol);
     expect_rel(what + " lse", rel_error(lse, ref_lse), kLseTol);
+    // The bf16 mode's stored output alone: the rounding of the fp32 one, and
+    // the backward's δ from it equals δ from its widened values in fp32.
+    std::vector<uint16_t> out16(rows * D, 0xFFFF);
+    {
+        fl::FwdParams<uint16_t> fp16 = fp;
+        fp16.out = nullptr;
+        fp16.out_bf16 = out16.data();
+        std::vector<float> lse16(rows * Hd, NAN);
+        fp16.lse = lse16.data();
+        if (fwd_warps == 8)
+            emu::launch({(unsigned)B, (unsigned)Hd, fwd_tiles}, 256, fl::fwd_smem<8, false>(L),
+                        fl::flash_fwd_kernel<uint16_t, 8, false>, fp16);
+        else
+            emu::launch({(unsigned)B, (unsigned)Hd, fwd_tiles}, 128, fl::fwd_smem<4, false>(L),
+                        fl::flash_fwd_kernel<uint16_t, 4, false>, fp16);
+        size_t wrong = 0;
+        for (size_t i = 0; i < out16.size(); i++) wrong += out16[i] != emu::bf16_bits(out[i]);
+        EXPECT_EQ(wrong, 0u) << what << ": bf16 out is not the rounding of the fp32 out";
+        EXPECT_EQ(0, std::memcmp(lse16.data(), lse.data(), lse.size() * sizeof(float))) << what << ": lse differs";
+        std::vector<float> out_widened(out16.size()), delta_a(rows * Hd, NAN), delta_b(rows * Hd, NAN);
+        for (size_t i = 0; i < out16.size(); i++) out_widened[i] = emu::bf16_float(out16[i]);
+        fl::PrepParams pa{s, dout.data(), nullptr, D, rows, nullptr, delta_a.data(), nullptr, out16.data()};
+        fl::PrepParams pb{s, dout.data(), out_widened.data(), D, rows, nullptr, delta_b.data(), nullptr};
+        const unsigned prep_blocks = (unsigned)((rows + fl::kPrepWarps - 1) / fl::kPrepWarps);
+        emu::launch({prep_blocks, 1, 1}, fl::kPrepWarps * 32, 0, fl::flash_bwd_prep_kernel, pa);
+        emu::launch({prep_blocks, 1, 1}, fl::kPrepWarps * 32, 0, fl::flash_bwd_prep_kernel, pb);
+        EXPECT_EQ(0, std::memcmp(delta_a.data(), delta_b.data(), delta_a.size() * sizeof(float)))
+            << what << ": δ from the bf16 out differs";
+    }
 
     // backward from random starting gradients (it accumulates)
     const auto g0 = bf16_normal(rows * 3 * D, rng);

@@ -10,20 +10,28 @@ namespace {
 constexpr float kSqrtHalf = 0.70710678118654752440f;     // 1/√2
 constexpr float kInvSqrt2Pi = 0.39894228040143267794f;   // 1/√(2π)
 
-// out and/or out_bf16 (the bf16 mode's input of the second MLP product).
-__global__ void gelu_forward_kernel(float* out, uint16_t* out_bf16, const float* x, int64_t n) {
+__device__ __forceinline__ float load_as(const float* p) { return *p; }
+__device__ __forceinline__ float load_as(const uint16_t* p) { return bf16_to_float(*p); }
+
+// x: fp32, or the bf16 mode's stored fc1 output. out and/or out_bf16 (the
+// bf16 mode's input of the second MLP product).
+template <class X>
+__global__ void gelu_forward_kernel(float* out, uint16_t* out_bf16, const X* x, int64_t n) {
     PRISM_GRID_STRIDE(i, n) {
-        const float y = 0.5f * x[i] * (1.f + erff(x[i] * kSqrtHalf));
+        const float xi = load_as(&x[i]);
+        const float y = 0.5f * xi * (1.f + erff(xi * kSqrtHalf));
         if (out) out[i] = y;
         if (out_bf16) out_bf16[i] = float_to_bf16(y);
     }
 }
 
-__global__ void gelu_backward_kernel(float* dx, bool overwrite, const float* dout, const float* x, int64_t n) {
+template <class X>
+__global__ void gelu_backward_kernel(float* dx, bool overwrite, const float* dout, const X* x, int64_t n) {
     PRISM_GRID_STRIDE(i, n) {
-        const float cdf = 0.5f * (1.f + erff(x[i] * kSqrtHalf));
-        const float pdf = kInvSqrt2Pi * expf(-0.5f * x[i] * x[i]);
-        const float g = dout[i] * (cdf + x[i] * pdf);
+        const float xi = load_as(&x[i]);
+        const float cdf = 0.5f * (1.f + erff(xi * kSqrtHalf));
+        const float pdf = kInvSqrt2Pi * expf(-0.5f * xi * xi);
+        const float g = dout[i] * (cdf + xi * pdf);
         dx[i] = overwrite ? g : dx[i] + g;
     }
 }
@@ -37,15 +45,24 @@ __global__ void residual_kernel(float* out, const float* x, const float* branch,
 
 }  // namespace
 
-void gelu_forward(float* out, uint16_t* out_bf16, const float* x, int64_t n, cudaStream_t stream) {
+void gelu_forward(float* out, uint16_t* out_bf16, const float* x, const uint16_t* x_bf16, int64_t n,
+                  cudaStream_t stream) {
     PRISM_CUDA_REQUIRE(out || out_bf16, "gelu_forward: no output");
-    gelu_forward_kernel<<<grid_for(n), kThreads, 0, stream>>>(out, out_bf16, x, n);
+    PRISM_CUDA_REQUIRE(x || x_bf16, "gelu_forward: no input");
+    if (x_bf16)
+        gelu_forward_kernel<<<grid_for(n), kThreads, 0, stream>>>(out, out_bf16, x_bf16, n);
+    else
+        gelu_forward_kernel<<<grid_for(n), kThreads, 0, stream>>>(out, out_bf16, x, n);
     PRISM_LAUNCH_CHECK();
 }
 
-void gelu_backward(float* dx, bool overwrite_dx, const float* dout, const float* x, int64_t n,
-                   cudaStream_t stream) {
-    gelu_backward_kernel<<<grid_for(n), kThreads, 0, stream>>>(dx, overwrite_dx, dout, x, n);
+void gelu_backward(float* dx, bool overwrite_dx, const float* dout, const float* x, const uint16_t* x_bf16,
+                   int64_t n, cudaStream_t stream) {
+    PRISM_CUDA_REQUIRE(x || x_bf16, "gelu_backward: no input");
+    if (x_bf16)
+        gelu_backward_kernel<<<grid_for(n), kThreads, 0, stream>>>(dx, overwrite_dx, dout, x_bf16, n);
+    else
+        gelu_backward_kernel<<<grid_for(n), kThreads, 0, stream>>>(dx, overwrite_dx, dout, x, n);
     PRISM_LAUNCH_CHECK();
 }
 

@@ -72,16 +72,18 @@ const uint16_t* qkv_tiles(Scratch& scratch, const float* qkv, const uint16_t* qk
 }
 }  // namespace
 
-void flash_attention_forward(float* out, float* lse, const float* qkv, const uint16_t* qkv_bf16, int B, int L,
-                             int D, int Hd, cudaStream_t stream) {
+void flash_attention_forward(float* out, uint16_t* out_bf16, float* lse, const float* qkv, const uint16_t* qkv_bf16,
+                             int B, int L, int D, int Hd, cudaStream_t stream) {
     require_head_dim(D, Hd, "flash_attention_forward");
     if (B <= 0 || L <= 0) return;
-    require_aligned(out, "out");
+    PRISM_CUDA_REQUIRE(out || out_bf16, "flash_attention_forward: no output");
+    if (out) require_aligned(out, "out");
+    if (out_bf16) require_aligned(out_bf16, "out (bf16)");
     const int64_t n = (int64_t)B * L * 3 * D;
     Scratch qkv16(qkv_bf16 ? 0 : sizeof(uint16_t) * n, stream);
     const uint16_t* q = qkv_tiles(qkv16, qkv, qkv_bf16, n, stream);
     FwdParams<uint16_t> p{make_sets(nullptr, L, L, Hd), {q, 3 * D}, {q + D, 3 * D}, {q + 2 * D, 3 * D}, out,
-                          D, lse};
+                          D, lse, out_bf16};
     const int w = dense_fwd_warps(L);
     const dim3 grid(B, Hd, (L + w * 16 - 1) / (w * 16));
     if (w == 8)
@@ -91,20 +93,22 @@ void flash_attention_forward(float* out, float* lse, const float* qkv, const uin
 }
 
 void flash_attention_backward(float* dqkv, const float* dout, const float* qkv, const uint16_t* qkv_bf16,
-                              const float* out, const float* lse, int B, int L, int D, int Hd,
-                              cudaStream_t stream) {
+                              const float* out, const uint16_t* out_bf16, const float* lse, int B, int L, int D,
+                              int Hd, cudaStream_t stream) {
     require_head_dim(D, Hd, "flash_attention_backward");
     if (B <= 0 || L <= 0) return;
     require_aligned(dqkv, "dqkv");
     require_aligned(dout, "dout");
-    require_aligned(out, "out");
+    PRISM_CUDA_REQUIRE(out || out_bf16, "flash_attention_backward: no forward output");
+    if (out_bf16) require_aligned(out_bf16, "out (bf16)");
+    else require_aligned(out, "out");
     const int64_t n = (int64_t)B * L * 3 * D, rows = (int64_t)B * L;
     PRISM_CUDA_REQUIRE(rows < INT32_MAX, "flash_attention_backward: B·L must be below 2^31");
     Scratch qkv16(qkv_bf16 ? 0 : sizeof(uint16_t) * n, stream), dout16(sizeof(uint16_t) * rows * D, stream),
         delta(sizeof(float) * rows * Hd, stream);
     const uint16_t* q = qkv_tiles(qkv16, qkv, qkv_bf16, n, stream);
     const Sets s = make_sets(nullptr, L, L, Hd);
-    bwd_prep(PrepParams{s, dout, out, D, rows, nullptr, delta.as<float>(), dout16.as<uint16_t>()}, stream);
+    bwd_prep(PrepParams{s, dout, out, D, rows, nullptr, delta.as<float>(), dout16.as<uint16_t>(), out_bf16}, stream);
     const BwdParams<uint16_t> p{s,
                                 {q, 3 * D},
                                 {q + D, 3 * D},

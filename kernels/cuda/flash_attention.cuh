@@ -104,9 +104,10 @@ template <class Src>
 struct FwdParams {
     Sets s;
     Operand<Src> q, k, v;
-    float* out;  // row r, head h at out + r*out_row + h*64 (r as for q)
+    float* out;  // row r, head h at out + r*out_row + h*64 (r as for q); may be null
     int64_t out_row;
     float* lse;
+    uint16_t* out_bf16 = nullptr;  // the same in bf16 (the bf16 mode's stored output), when set
 };
 
 template <class Src>
@@ -350,11 +351,14 @@ FLASH_UNROLL
         for (int half = 0; half < 2; half++) {
             const int i = i0 + warp * 16 + gr + 8 * half;
             if (i >= count) continue;
-            const int64_t row = first + i;
-            float* out = p.out + row * p.out_row + h * kDh;
+            const int64_t row = first + i, at = row * p.out_row + h * kDh;
             const float inv = half ? inv1 : inv0;
 FLASH_UNROLL
-            for (int j = 0; j < 8; j++) store_f2(out + 8 * j + 2 * t, o[j][2 * half] * inv, o[j][2 * half + 1] * inv);
+            for (int j = 0; j < 8; j++) {
+                const float x = o[j][2 * half] * inv, y = o[j][2 * half + 1] * inv;
+                if (p.out) store_f2(p.out + at + 8 * j + 2 * t, x, y);
+                if (p.out_bf16) store_bf16x2(p.out_bf16 + at + 8 * j + 2 * t, x, y);
+            }
             if (t == 0) p.lse[stat_index(s, g, h, i, row)] = ((half ? m1 : m0) + log2f(half ? l1 : l0)) * kLn2;
         }
     }
@@ -375,6 +379,7 @@ struct PrepParams {
     const int* rows_on_device;
     float* delta;
     uint16_t* dout_bf16;
+    const uint16_t* out_bf16 = nullptr;  // O as the bf16 mode stores it: read instead of out, when set
 };
 
 FLASH_KERNEL(kPrepWarps * 32) flash_bwd_prep_kernel(PrepParams p) {
@@ -388,11 +393,12 @@ FLASH_KERNEL(kPrepWarps * 32) flash_bwd_prep_kernel(PrepParams p) {
             const int64_t e = row * p.row_stride + h * kDh + 2 * lane;
             float dx, dy, ox, oy;
             load_f2(dx, dy, p.dout + e);
-            load_f2(ox, oy, p.out + e);
+            if (p.out_bf16) load_bf16x2(ox, oy, p.out_bf16 + e);
+            else load_f2(ox, oy, p.out + e);
             float d = dx * ox + dy * oy;
             for (int m = 16; m > 0; m >>= 1) d += shfl_xor(d, m);
             if (lane == 0) p.delta[stat_index(p.s, g, h, i, row)] = d;
-            if (p.dout_bf16) *reinterpret_cast<uint32_t*>(p.dout_bf16 + e) = pack_bf16(dx, dy);
+            if (p.dout_bf16) store_bf16x2(p.dout_bf16 + e, dx, dy);
         }
     }
 }

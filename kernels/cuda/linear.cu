@@ -230,7 +230,7 @@ struct LtPlan {
 // The plan of `shape`, made on first use. Plans live for the process (a few
 // per layer shape); the mutex only guards the map, and a plan is used by one
 // stream at a time like the handle (blas.cuh).
-LtPlan& lt_plan(const LtShape& shape, const LtContext& ctx, const float* bias) {
+LtPlan& lt_plan(const LtShape& shape, const LtContext& ctx, const void* bias) {
     static std::mutex mutex;
     static std::map<LtShape, std::unique_ptr<LtPlan>> plans;
     std::lock_guard<std::mutex> lock(mutex);
@@ -244,7 +244,7 @@ LtPlan& lt_plan(const LtShape& shape, const LtContext& ctx, const float* bias) {
     PRISM_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_b, sizeof(op_b)));
     if (shape.bias) {
         const cublasLtEpilogue_t epilogue = CUBLASLT_EPILOGUE_BIAS;
-        const int32_t bias_type = CUDA_R_32F;
+        const int32_t bias_type = shape.d_type;  // fp32 bias for fp32 D, bf16 for bf16 D
         PRISM_CUBLAS_CHECK(
             cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue, sizeof(epilogue)));
         PRISM_CUBLAS_CHECK(
@@ -286,14 +286,22 @@ LtPlan& lt_plan(const LtShape& shape, const LtContext& ctx, const float* bias) {
 // `d_type`, fp32 compute and scale; op(A) is m×k, op(B) k×n. The heuristic's
 // first algorithm: the same one every run for the same shapes (cublasGemmEx
 // when the heuristic has none).
-// bias (fp32 D only, beta 0): D = op(A)·op(B) + bias[row], added in the GEMM's
-// epilogue, so that D is written once and never read; without an Lt
+// bias (fp32, beta 0, packed D): D = op(A)·op(B) + bias[row], added in the
+// GEMM's epilogue, so that D is written once and never read; a bf16 D takes
+// the bias rounded to bf16 (the epilogue's bias has D's type); without an Lt
 // algorithm for it, D is filled with the bias first and accumulated into.
 void lt_matmul(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const uint16_t* A,
                int64_t lda, const uint16_t* B, int64_t ldb, float beta, void* D,
                cudaDataType_t d_type, int64_t ldd, cudaStream_t stream, const float* bias = nullptr) {
-    PRISM_CUDA_REQUIRE(!bias || (d_type == CUDA_R_32F && beta == 0.f && ldd == m),
-                       "lt_matmul: the bias epilogue takes a packed fp32 D and beta 0");
+    PRISM_CUDA_REQUIRE(!bias || (beta == 0.f && ldd == m),
+                       "lt_matmul: the bias epilogue takes a packed D and beta 0");
+    const bool bf16_d = d_type == CUDA_R_16BF;
+    Scratch bias16(bias && bf16_d ? sizeof(uint16_t) * (size_t)m : 0, stream);
+    const void* epilogue_bias = bias;
+    if (bias && bf16_d) {
+        to_bf16(bias16.as<uint16_t>(), bias, m, stream);
+        epilogue_bias = bias16.as<uint16_t>();
+    }
     const LtContext ctx = lt_context();
     LtShape shape{};
     PRISM_CUDA_CHECK(cudaGetDevice(&shape.device));
@@ -305,15 +313,19 @@ void lt_matmul(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, cons
     shape.align_a = alignment(A, lda * 2);
     shape.align_b = alignment(B, ldb * 2);
     shape.align_d = alignment(D, ldd * (d_type == CUDA_R_32F ? 4 : 2));
-    shape.align_bias = bias ? alignment(bias, 0) : 0;
-    LtPlan& plan = lt_plan(shape, ctx, bias);
+    shape.align_bias = bias ? alignment(epilogue_bias, 0) : 0;
+    LtPlan& plan = lt_plan(shape, ctx, epilogue_bias);
     const float alpha = 1.f;
     if (!plan.found) {
         // no Lt kernel for these shapes or alignments: cuBLAS's own GEMM, same types
         PRISM_CUDA_REQUIRE(m <= INT_MAX && n <= INT_MAX && k <= INT_MAX,
                            "bf16 GEMM too large for cublasGemmEx");
         if (bias) {  // D [m, n] column-major is row-major [n, m]: bias[i % m]
-            fill_bias_kernel<<<grid_for(m * n), kThreads, 0, stream>>>(static_cast<float*>(D), bias, n, (int)m);
+            if (bf16_d)
+                fill_bias_bf16_kernel<<<grid_for(m * n), kThreads, 0, stream>>>(static_cast<uint16_t*>(D), bias, n,
+                                                                                 (int)m);
+            else
+                fill_bias_kernel<<<grid_for(m * n), kThreads, 0, stream>>>(static_cast<float*>(D), bias, n, (int)m);
             PRISM_LAUNCH_CHECK();
             beta = 1.f;
         }
@@ -325,8 +337,8 @@ void lt_matmul(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, cons
         return;
     }
     if (bias)  // this call's bias: the plan was made with another layer's
-        PRISM_CUBLAS_CHECK(
-            cublasLtMatmulDescSetAttribute(plan.desc.p, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
+        PRISM_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc.p, CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                                                          &epilogue_bias, sizeof(epilogue_bias)));
     PRISM_CUBLAS_CHECK(cublasLtMatmul(ctx.handle, plan.desc.p, &alpha, A, plan.a->p, B, plan.b->p, &beta, D,
                                       plan.d->p, D, plan.d->p, &plan.algo, ctx.workspace, ctx.workspace_bytes,
                                       stream));
@@ -486,7 +498,8 @@ void linear_forward_mixed_to_bf16(uint16_t* out_bf16, const float* x, const uint
     Scratch wb(sizeof(uint16_t) * (size_t)out_dim * in_dim, stream);
     const uint16_t* xb = bf16_operand(xs, x, x_bf16, rows * in_dim, stream);
     to_bf16(wb.as<uint16_t>(), W, (int64_t)out_dim * in_dim, stream);
-    linear_forward_bf16(out_bf16, xb, wb.as<uint16_t>(), b, rows, in_dim, out_dim, stream);
+    lt_matmul(true, false, out_dim, rows, in_dim, wb.as<uint16_t>(), in_dim, xb, in_dim, 0.f, out_bf16, CUDA_R_16BF,
+              out_dim, stream, b);
 }
 
 void linear_backward_mixed(float* dx, bool overwrite_dx, float* dW, float* db, const float* dout, const float* x,

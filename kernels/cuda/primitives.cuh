@@ -77,6 +77,12 @@ FLASH_DEVICE void load_f2(float& x, float& y, const float* p) {
     x = v.x, y = v.y;
 }
 FLASH_DEVICE void store_f2(float* p, float x, float y) { *reinterpret_cast<float2*>(p) = make_float2(x, y); }
+// Two bf16 in global memory (4 bytes, aligned): stored from / widened to floats.
+FLASH_DEVICE void store_bf16x2(uint16_t* p, float x, float y) { *reinterpret_cast<uint32_t*>(p) = pack_bf16(x, y); }
+FLASH_DEVICE void load_bf16x2(float& x, float& y, const uint16_t* p) {
+    const uint32_t v = *reinterpret_cast<const uint32_t*>(p);
+    x = __uint_as_float(v << 16), y = __uint_as_float(v & 0xffff0000u);
+}
 FLASH_DEVICE void add_f2(float* p, float x, float y) {
     float2 v = *reinterpret_cast<float2*>(p);
     v.x += x, v.y += y;
