@@ -149,7 +149,8 @@ struct Activations {
     T *drop_scales, *loss_slots;
     int *correct, *counts;   // counts [depth, C]: every block's routing counts
     // Backward scratch, reused by every block.
-    T *dres, *dbranch, *datt, *dln, *dqkv, *dfc1, *dact, *dz, *drprobs, *dweights;
+    T *dres, *dbranch, *datt, *dln, *dqkv, *dz, *drprobs, *dweights;
+    op::MatrixIn<T> dfc1, dact;  // read only by GELU's backward and the MLP products: bf16 in the bf16 mode
     T *dq, *dk, *dv, *dqg, *dog, *dcls, *dlnf, *dlogits, *dpatch;
 };
 
@@ -195,7 +196,7 @@ Model<T>::Model(const ModelConfig& cfg, int batch_capacity, bool verbose, Device
                     (long long)num_params_, sizeof(T) == 4 ? "fp32" : "fp64",
                     ex_.cuda ? "GPU memory" : "host memory",
                     act_arena_.name.c_str(), format_bytes(act_arena_.capacity).c_str(), capacity_,
-                    max_seq(cfg_), bf16_storage_ ? "; LayerNorm, fc1, GELU, head-dim-64 attention in/outputs in bf16" : "");
+                    max_seq(cfg_), bf16_storage_ ? "; the bf16 mode's matrices in bf16" : "");
 }
 
 template <class T>
@@ -307,8 +308,8 @@ void Model<T>::carve_activations() {
     x.dbranch = a.take<T>(B * L * D);
     x.datt = a.take<T>(B * L * D);
     x.dln = a.take<T>(B * L * D);
-    x.dfc1 = a.take<T>(B * L * H);
-    x.dact = a.take<T>(B * L * H);
+    x.dfc1 = matrix_in(B * L * H, false);
+    x.dact = matrix_in(B * L * H, false);
     if (is_moe(cfg_)) {
         x.dz = a.take<T>(B * L * C);
         x.drprobs = a.take<T>(Tok * C);

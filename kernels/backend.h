@@ -41,12 +41,13 @@ struct Exec {
     bool bf16_matmul = false;
 };
 
-// A matrix that linear layers read, stored by the op that produces it (a
-// LayerNorm, GELU) in fp32 (`full`), in bf16 (`bf16`), or both. The bf16
-// mode stores such a matrix in bf16 (DESIGN.md §7), so that every product
-// that reads it, forward and backward, takes it as it is instead of rounding
-// it again; `full` is kept too only where something else reads it (moevit's
-// router reads LN1's output in fp32). A product reads `bf16` when present.
+// A matrix that products (linear layers, attention) or GELU read, stored by
+// the op that produces it (a LayerNorm, GELU, a product, attention) in fp32
+// (`full`), in bf16 (`bf16`), or both. The bf16 mode stores such a matrix in
+// bf16 (DESIGN.md §7), so that every op that reads it, forward and backward,
+// takes it as it is instead of rounding it again; `full` is kept too only
+// where something else reads it (moevit's router reads LN1's output in
+// fp32). An op reads `bf16` when present.
 // On the CPU the products stay fp32: a bf16-stored matrix is widened back,
 // which is what the CUDA products see (tests check the model's bf16 storage
 // on the CPU that way).
@@ -56,7 +57,8 @@ struct MatrixIn {
     uint16_t* bf16 = nullptr;
     MatrixIn() = default;
     MatrixIn(T* full_, uint16_t* bf16_) : full(full_), bf16(bf16_) {}
-    MatrixIn(const T* full_) : full(const_cast<T*>(full_)) {}  // fp32 only (never written through)
+    MatrixIn(T* full_) : full(full_) {}                          // an fp32 output or input
+    MatrixIn(const T* full_) : full(const_cast<T*>(full_)) {}    // an fp32 input (never written through)
     // The same matrix from element `offset` on (patch rows of a sequence).
     MatrixIn at(int64_t offset) const {
         return {full ? full + offset : nullptr, bf16 ? bf16 + offset : nullptr};
@@ -69,15 +71,19 @@ struct MatrixIn {
 // gradient's only writer, and p holds nothing yet). On the CPU an overwritten
 // gradient is zeroed and accumulated into, so the reference ops stay as they
 // are; the CUDA ops write it directly (the GEMM's beta = 0), which saves the
-// memset and the read of the zeros.
+// memset and the read of the zeros. An overwritten gradient that only bf16
+// products read may be stored in bf16 (overwrite of a MatrixIn: the bf16
+// mode's ∂act and ∂fc1).
 template <class T>
 struct GradOut {
     T* p = nullptr;
     bool overwrite = false;
+    uint16_t* bf16 = nullptr;  // written in bf16 instead (overwrite only)
     GradOut(T* p_) : p(p_) {}
-    GradOut(T* p_, bool overwrite_) : p(p_), overwrite(overwrite_) {}
+    GradOut(T* p_, bool overwrite_, uint16_t* bf16_ = nullptr) : p(p_), overwrite(overwrite_), bf16(bf16_) {}
 };
 template <class T> GradOut<T> overwrite(T* p) { return {p, true}; }
+template <class T> GradOut<T> overwrite(const MatrixIn<T>& m) { return {m.full, true, m.bf16}; }
 
 // T as a non-deduced parameter type: the argument converts to it (a T* to a
 // MatrixIn<T> or a GradOut<T>) once T is known from the other arguments.
@@ -102,14 +108,27 @@ T* output_of(const MatrixIn<T>& out, int64_t n, std::vector<T>& tmp) {
     return tmp.data();
 }
 template <class T>
-void store_bf16(const MatrixIn<T>& out, const T* values, int64_t n) {
-    if (out.bf16)
-        for (int64_t i = 0; i < n; i++) out.bf16[i] = bf16_bits(float(values[i]));
+void round_into(uint16_t* dst, const T* values, int64_t n) {
+    if (dst)
+        for (int64_t i = 0; i < n; i++) dst[i] = bf16_bits(float(values[i]));
 }
+template <class T>
+void store_bf16(const MatrixIn<T>& out, const T* values, int64_t n) { round_into(out.bf16, values, n); }
 // CUDA's fp32 products take fp32 inputs only.
 inline void require_full(const void* bf16, const char* op) {
     if (bf16) throw std::logic_error(std::string(op) + ": a bf16-stored input outside the bf16 mode");
 }
+// CPU: where an op writes the n elements of its input gradient (tmp, zeroed,
+// for a bf16-stored one), and the rounding into bf16 once it has.
+template <class T>
+T* grad_of(const GradOut<T>& g, int64_t n, std::vector<T>& tmp) {
+    if (!g.bf16) return g.p;
+    if (g.p || !g.overwrite) throw std::logic_error("a bf16 gradient is written alone, not added into");
+    tmp.assign(size_t(n), T(0));
+    return tmp.data();
+}
+template <class T>
+void store_grad_bf16(const GradOut<T>& g, const T* values, int64_t n) { round_into(g.bf16, values, n); }
 }  // namespace detail
 
 // PRISM_OP(cpu_call, cuda_call): the CUDA call for float on a CUDA Exec, else
@@ -262,25 +281,30 @@ void linear_forward(const Exec& ex, const NoDeduce<MatrixIn<T>>& out, const NoDe
     ops::linear_forward(o, detail::widened(x, rows * in_dim, tmp_x), W, b, rows, in_dim, out_dim);
     detail::store_bf16(out, o, rows * out_dim);
 }
-// dx may be null (no input gradient wanted).
+// dx may be null (no input gradient wanted); dout fp32 or bf16-stored.
 template <class T>
-void linear_backward(const Exec& ex, const NoDeduce<GradOut<T>>& dx, T* dW, T* db, const T* dout,
+void linear_backward(const Exec& ex, const NoDeduce<GradOut<T>>& dx, T* dW, T* db, const NoDeduce<MatrixIn<T>>& dout,
                      const NoDeduce<MatrixIn<T>>& x, const T* W, int64_t rows, int in_dim, int out_dim) {
 #ifdef PRISM_CUDA
     if constexpr (std::is_same_v<T, float>) {
         if (ex.cuda && ex.bf16_matmul)
-            return cuda_ops::linear_backward_mixed(dx.p, dx.overwrite, dW, db, dout, x.full, x.bf16, W, rows, in_dim,
-                                                   out_dim, ex.stream);
+            return cuda_ops::linear_backward_mixed(dx.p, dx.bf16, dx.overwrite, dW, db, dout.full, dout.bf16, x.full,
+                                                   x.bf16, W, rows, in_dim, out_dim, ex.stream);
         if (ex.cuda) {
             detail::require_full(x.bf16, "linear_backward");
-            return cuda_ops::linear_backward(dx.p, dx.overwrite, dW, db, dout, x.full, W, rows, in_dim, out_dim,
+            detail::require_full(dout.bf16, "linear_backward");
+            detail::require_full(dx.bf16, "linear_backward");
+            return cuda_ops::linear_backward(dx.p, dx.overwrite, dW, db, dout.full, x.full, W, rows, in_dim, out_dim,
                                              ex.stream);
         }
     }
 #endif
-    if (dx.p && dx.overwrite) zero(ex, dx.p, rows * in_dim);
-    std::vector<T> tmp;
-    ops::linear_backward(dx.p, dW, db, dout, detail::widened(x, rows * in_dim, tmp), W, rows, in_dim, out_dim);
+    std::vector<T> tmp_x, tmp_dout, tmp_dx;
+    T* dxp = detail::grad_of(dx, rows * in_dim, tmp_dx);
+    if (dxp && dx.overwrite && !dx.bf16) zero(ex, dxp, rows * in_dim);
+    ops::linear_backward(dxp, dW, db, detail::widened(dout, rows * out_dim, tmp_dout),
+                         detail::widened(x, rows * in_dim, tmp_x), W, rows, in_dim, out_dim);
+    detail::store_grad_bf16(dx, dxp, rows * in_dim);
 }
 // x: the patch rows (x, x_image_stride) of a sequence matrix, so the first
 // (B-1)·x_image_stride + nS·N·in_dim elements are what the ops may read.
@@ -338,16 +362,19 @@ template <class T> void gelu_forward(const Exec& ex, const MatrixIn<T>& out, con
     detail::store_bf16(out, o, n);
 }
 template <class T>
-void gelu_backward(const Exec& ex, const NoDeduce<GradOut<T>>& dx, const T* dout, const NoDeduce<MatrixIn<T>>& x,
-                   int64_t n) {
+void gelu_backward(const Exec& ex, const GradOut<T>& dx, const MatrixIn<T>& dout, const MatrixIn<T>& x, int64_t n) {
 #ifdef PRISM_CUDA
     if constexpr (std::is_same_v<T, float>) {
-        if (ex.cuda) return cuda_ops::gelu_backward(dx.p, dx.overwrite, dout, x.full, x.bf16, n, ex.stream);
+        if (ex.cuda)
+            return cuda_ops::gelu_backward(dx.p, dx.bf16, dx.overwrite, dout.full, dout.bf16, x.full, x.bf16, n,
+                                           ex.stream);
     }
 #endif
-    if (dx.overwrite) zero(ex, dx.p, n);
-    std::vector<T> tmp;
-    ops::gelu_backward(dx.p, dout, detail::widened(x, n, tmp), n);
+    std::vector<T> tmp_x, tmp_dout, tmp_dx;
+    T* dxp = detail::grad_of(dx, n, tmp_dx);
+    if (dx.overwrite && !dx.bf16) zero(ex, dxp, n);
+    ops::gelu_backward(dxp, detail::widened(dout, n, tmp_dout), detail::widened(x, n, tmp_x), n);
+    detail::store_grad_bf16(dx, dxp, n);
 }
 template <class T>
 void residual_forward(const Exec& ex, T* out, const T* x, const T* branch, const T* scale, int B,

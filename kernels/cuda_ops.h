@@ -126,9 +126,12 @@ void linear_forward_mixed(float* out, const float* x, const uint16_t* x_bf16, co
 // the bias added in cuBLASLt's epilogue.
 void linear_forward_mixed_to_bf16(uint16_t* out_bf16, const float* x, const uint16_t* x_bf16, const float* W,
                                   const float* b, int64_t rows, int in_dim, int out_dim, cudaStream_t stream);
-void linear_backward_mixed(float* dx, bool overwrite_dx, float* dW, float* db, const float* dout, const float* x,
-                           const uint16_t* x_bf16, const float* W, int64_t rows, int in_dim, int out_dim,
-                           cudaStream_t stream);
+// dx_bf16: dx written in bf16 instead (overwrite_dx only; dx then null), the
+// bf16 mode's stored gradient of GELU's output. dout_bf16: dout as the bf16
+// mode stores it (then dout is not read, and the bias gradient sums it).
+void linear_backward_mixed(float* dx, uint16_t* dx_bf16, bool overwrite_dx, float* dW, float* db, const float* dout,
+                           const uint16_t* dout_bf16, const float* x, const uint16_t* x_bf16, const float* W,
+                           int64_t rows, int in_dim, int out_dim, cudaStream_t stream);
 // The same for MoE-ViT's per-channel expert projections (expert_linear_*):
 // x, the used experts' W[S[s]] and (backward) dout rounded to bf16 once per
 // call into compact copies, the batched products on the tensor cores with
@@ -147,8 +150,9 @@ void expert_linear_backward_mixed(float* dx, float* dW, float* dbias, const floa
 void gelu_forward(float* out, uint16_t* out_bf16, const float* x, const uint16_t* x_bf16, int64_t n,
                   cudaStream_t stream);
 // overwrite_dx: dx is written, not added into.
-void gelu_backward(float* dx, bool overwrite_dx, const float* dout, const float* x, const uint16_t* x_bf16,
-                   int64_t n, cudaStream_t stream);
+// dx_bf16: dx written in bf16 instead (overwrite_dx only); dout_bf16 as x_bf16.
+void gelu_backward(float* dx, uint16_t* dx_bf16, bool overwrite_dx, const float* dout, const uint16_t* dout_bf16,
+                   const float* x, const uint16_t* x_bf16, int64_t n, cudaStream_t stream);
 void residual_forward(float* out, const float* x, const float* branch, const float* scale, int B,
                       int64_t per_image, cudaStream_t stream);
 void residual_backward(float* dbranch, const float* dx, const float* scale, int B,

@@ -456,15 +456,17 @@ TEST_F(CudaOps, LinearMixed) {
             auto d_dout = to_device(dout);
             DeviceArray<float> dx(x.size()), dW(W.size()), db(b.size());
             auto grads = run_twice(what + " backward", {{&dx, g_x}, {&dW, g_W}, {&db, g_b}}, [&] {
-                cu::linear_backward_mixed(bias ? dx.get() : nullptr, false, dW.get(), bias ? db.get() : nullptr,
-                                          d_dout.get(), d_x.get(), nullptr, d_W.get(), c.rows, c.in, c.out, stream);
+                cu::linear_backward_mixed(bias ? dx.get() : nullptr, nullptr, false, dW.get(), bias ? db.get() : nullptr,
+                                          d_dout.get(), nullptr, d_x.get(), nullptr, d_W.get(), c.rows, c.in, c.out,
+                                          stream);
             });
             expect_close(what + " dx", grads[0], r_x, 1e-4);
             expect_close(what + " dW", grads[1], r_W, 1e-4);
             expect_close(what + " db", grads[2], r_b, 1e-4);
             const auto stored_grads = run_twice(what + " backward, x stored bf16", {{&dx, g_x}, {&dW, g_W}, {&db, g_b}}, [&] {
-                cu::linear_backward_mixed(bias ? dx.get() : nullptr, false, dW.get(), bias ? db.get() : nullptr,
-                                          d_dout.get(), nullptr, d_xb.get(), d_W.get(), c.rows, c.in, c.out, stream);
+                cu::linear_backward_mixed(bias ? dx.get() : nullptr, nullptr, false, dW.get(), bias ? db.get() : nullptr,
+                                          d_dout.get(), nullptr, nullptr, d_xb.get(), d_W.get(), c.rows, c.in, c.out,
+                                          stream);
             });
             for (int i = 0; i < 3; i++)
                 expect_bit_identical(what + " backward, x stored bf16, buffer " + std::to_string(i), stored_grads[i],
@@ -474,10 +476,25 @@ TEST_F(CudaOps, LinearMixed) {
                 ops::linear_backward<float>(r_x0.data(), r_W0.data(), nullptr, doutr.data(), xr.data(), Wr.data(),
                                             c.rows, c.in, c.out);
                 auto fresh = run_twice(what + " backward, dx overwritten", {{&dx, {}}, {&dW, g_W}}, [&] {
-                    cu::linear_backward_mixed(dx.get(), true, dW.get(), nullptr, d_dout.get(), d_x.get(), nullptr,
-                                              d_W.get(), c.rows, c.in, c.out, stream);
+                    cu::linear_backward_mixed(dx.get(), nullptr, true, dW.get(), nullptr, d_dout.get(), nullptr,
+                                              d_x.get(), nullptr, d_W.get(), c.rows, c.in, c.out, stream);
                 });
                 expect_close(what + " dx overwritten", fresh[0], r_x0, 1e-4);
+                // the bf16 mode's MLP gradients: dout stored in bf16 (the bias
+                // gradient sums those values), dx written in bf16
+                auto d_dout16 = to_device(to_bf16(dout));
+                DeviceArray<uint16_t> dx16(x.size());
+                dx16.poison();
+                auto stored = run_twice(what + " backward, bf16 dout and dx", {{&dW, g_W}, {&db, g_b}}, [&] {
+                    cu::linear_backward_mixed(nullptr, dx16.get(), true, dW.get(), db.get(), nullptr, d_dout16.get(),
+                                              nullptr, d_xb.get(), d_W.get(), c.rows, c.in, c.out, stream);
+                });
+                std::vector<float> r_b16 = g_b;
+                for (int64_t r = 0; r < c.rows; r++)
+                    for (int o = 0; o < c.out; o++) r_b16[o] += doutr[r * c.out + o];
+                expect_close(what + " dx stored bf16", widen(dx16.download()), r_x0, 1e-2);
+                expect_bit_identical(what + " dW, bf16 dout", stored[0], fresh[1]);
+                expect_close(what + " db from bf16 dout", stored[1], r_b16, 1e-4);
                 expect_close(what + " dW beside overwritten dx", fresh[1], r_W0, 1e-4);
             }
         }
@@ -587,15 +604,21 @@ TEST_F(CudaOps, GeluAndResidual) {
         auto d_dout = to_device(dout);
         DeviceArray<float> dx(n);
         auto got = run_twice(what + " backward", {{&dx, g}}, [&] {
-            cu::gelu_backward(dx.get(), false, d_dout.get(), d_x.get(), nullptr, n, stream);
+            cu::gelu_backward(dx.get(), nullptr, false, d_dout.get(), nullptr, d_x.get(), nullptr, n, stream);
         });
         expect_close(what + " backward", got[0], r);
         std::vector<float> r0(n, 0.f);  // written, not added into: from a poisoned dx, the CPU's from zero
         ops::gelu_backward(r0.data(), dout.data(), x.data(), n);
         auto fresh = run_twice(what + " backward, dx overwritten", {{&dx, {}}}, [&] {
-            cu::gelu_backward(dx.get(), true, d_dout.get(), d_x.get(), nullptr, n, stream);
+            cu::gelu_backward(dx.get(), nullptr, true, d_dout.get(), nullptr, d_x.get(), nullptr, n, stream);
         });
         expect_close(what + " backward, dx overwritten", fresh[0], r0);
+        {  // dx written in bf16 (the bf16 mode's ∂fc1): the rounding of the fp32 one
+            DeviceArray<uint16_t> dx16(n);
+            dx16.poison();
+            cu::gelu_backward(nullptr, dx16.get(), true, d_dout.get(), nullptr, d_x.get(), nullptr, n, stream);
+            expect_rounding_of(what + " backward, dx stored bf16", dx16.download(), fresh[0]);
+        }
         {  // x as the bf16 mode stores fc1: the same as its widened values in fp32, bit for bit
             const auto x16 = to_bf16(x);
             auto d_x16 = to_device(x16);
@@ -608,9 +631,18 @@ TEST_F(CudaOps, GeluAndResidual) {
             expect_bit_identical(what + " forward, x stored bf16", a.download(), b.download());
             a.upload(g);
             b.upload(g);
-            cu::gelu_backward(a.get(), false, d_dout.get(), nullptr, d_x16.get(), n, stream);
-            cu::gelu_backward(b.get(), false, d_dout.get(), d_xw.get(), nullptr, n, stream);
+            cu::gelu_backward(a.get(), nullptr, false, d_dout.get(), nullptr, nullptr, d_x16.get(), n, stream);
+            cu::gelu_backward(b.get(), nullptr, false, d_dout.get(), nullptr, d_xw.get(), nullptr, n, stream);
             expect_bit_identical(what + " backward, x stored bf16", a.download(), b.download());
+            // dout stored in bf16 (the bf16 mode's ∂act), against its widened values
+            const auto dout16 = to_bf16(dout);
+            auto d_dout16 = to_device(dout16);
+            auto d_dout_w = to_device(widen(dout16));
+            a.upload(g);
+            b.upload(g);
+            cu::gelu_backward(a.get(), nullptr, false, nullptr, d_dout16.get(), nullptr, d_x16.get(), n, stream);
+            cu::gelu_backward(b.get(), nullptr, false, d_dout_w.get(), nullptr, d_xw.get(), nullptr, n, stream);
+            expect_bit_identical(what + " backward, dout stored bf16", a.download(), b.download());
         }
     }
     const int B = 3;

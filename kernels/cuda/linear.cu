@@ -467,60 +467,67 @@ void linear_backward_bf16(uint16_t* dx, float* dW, float* db, const uint16_t* do
 // ---- the bf16 mode of the model: fp32 tensors, bf16 matrix inputs ----------------------
 // The operands are rounded to bf16 into stream-ordered scratch, the products
 // run on the tensor cores with fp32 accumulation, and the results land in the
-// fp32 tensors (beta = 1 where they accumulate). An x the model already keeps
-// in bf16 (x_bf16: a LayerNorm's or GELU's output, written so by that op) is
+// fp32 tensors (beta = 1 where they accumulate). An operand the model already
+// keeps in bf16 (x_bf16, dout_bf16: written so by the op that made it) is
 // read as it is: no rounding pass, in forward or in backward.
 
 // x_bf16 if given, else bf16(x) in `scratch`.
-const uint16_t* bf16_operand(Scratch& scratch, const float* x, const uint16_t* x_bf16, int64_t n,
-                             cudaStream_t stream) {
+static const uint16_t* bf16_operand(Scratch& scratch, const float* x, const uint16_t* x_bf16, int64_t n,
+                                    cudaStream_t stream) {
     if (x_bf16) return x_bf16;
     PRISM_CUDA_REQUIRE(x != nullptr, "bf16 product: no input");
     to_bf16(scratch.as<uint16_t>(), x, n, stream);
     return scratch.as<uint16_t>();
 }
 
-void linear_forward_mixed(float* out, const float* x, const uint16_t* x_bf16, const float* W, const float* b,
-                          int64_t rows, int in_dim, int out_dim, cudaStream_t stream) {
+// out [rows, out_dim] of out_type (fp32, or bf16) = x·Wᵀ + b.
+static void mixed_forward(void* out, cudaDataType_t out_type, const float* x, const uint16_t* x_bf16,
+                          const float* W, const float* b, int64_t rows, int in_dim, int out_dim,
+                          cudaStream_t stream) {
     if (rows <= 0) return;
     Scratch xs(x_bf16 ? 0 : sizeof(uint16_t) * (size_t)(rows * in_dim), stream);
     Scratch wb(sizeof(uint16_t) * (size_t)out_dim * in_dim, stream);
     const uint16_t* xb = bf16_operand(xs, x, x_bf16, rows * in_dim, stream);
     to_bf16(wb.as<uint16_t>(), W, (int64_t)out_dim * in_dim, stream);
-    lt_matmul(true, false, out_dim, rows, in_dim, wb.as<uint16_t>(), in_dim, xb, in_dim, 0.f, out, CUDA_R_32F,
-              out_dim, stream, b);
+    lt_matmul(true, false, out_dim, rows, in_dim, wb.as<uint16_t>(), in_dim, xb, in_dim, 0.f, out, out_type, out_dim,
+              stream, b);
+}
+
+void linear_forward_mixed(float* out, const float* x, const uint16_t* x_bf16, const float* W, const float* b,
+                          int64_t rows, int in_dim, int out_dim, cudaStream_t stream) {
+    mixed_forward(out, CUDA_R_32F, x, x_bf16, W, b, rows, in_dim, out_dim, stream);
 }
 
 void linear_forward_mixed_to_bf16(uint16_t* out_bf16, const float* x, const uint16_t* x_bf16, const float* W,
                                   const float* b, int64_t rows, int in_dim, int out_dim, cudaStream_t stream) {
-    if (rows <= 0) return;
-    Scratch xs(x_bf16 ? 0 : sizeof(uint16_t) * (size_t)(rows * in_dim), stream);
-    Scratch wb(sizeof(uint16_t) * (size_t)out_dim * in_dim, stream);
-    const uint16_t* xb = bf16_operand(xs, x, x_bf16, rows * in_dim, stream);
-    to_bf16(wb.as<uint16_t>(), W, (int64_t)out_dim * in_dim, stream);
-    lt_matmul(true, false, out_dim, rows, in_dim, wb.as<uint16_t>(), in_dim, xb, in_dim, 0.f, out_bf16, CUDA_R_16BF,
-              out_dim, stream, b);
+    mixed_forward(out_bf16, CUDA_R_16BF, x, x_bf16, W, b, rows, in_dim, out_dim, stream);
 }
 
-void linear_backward_mixed(float* dx, bool overwrite_dx, float* dW, float* db, const float* dout, const float* x,
-                           const uint16_t* x_bf16, const float* W, int64_t rows, int in_dim, int out_dim,
-                           cudaStream_t stream) {
+void linear_backward_mixed(float* dx, uint16_t* dx_bf16, bool overwrite_dx, float* dW, float* db, const float* dout,
+                           const uint16_t* dout_bf16, const float* x, const uint16_t* x_bf16, const float* W,
+                           int64_t rows, int in_dim, int out_dim, cudaStream_t stream) {
     if (rows <= 0) return;
-    Scratch gb(sizeof(uint16_t) * (size_t)(rows * out_dim), stream);
+    PRISM_CUDA_REQUIRE(!(dx && dx_bf16) && (!dx_bf16 || overwrite_dx),
+                       "linear_backward_mixed: dx is fp32 or, overwritten, bf16");
+    Scratch gs(dout_bf16 ? 0 : sizeof(uint16_t) * (size_t)(rows * out_dim), stream);
     Scratch xs(x_bf16 ? 0 : sizeof(uint16_t) * (size_t)(rows * in_dim), stream);
-    to_bf16(gb.as<uint16_t>(), dout, rows * out_dim, stream);
+    const uint16_t* gb = bf16_operand(gs, dout, dout_bf16, rows * out_dim, stream);
     const uint16_t* xb = bf16_operand(xs, x, x_bf16, rows * in_dim, stream);
-    if (dx) {
+    if (dx || dx_bf16) {
         Scratch wb(sizeof(uint16_t) * (size_t)out_dim * in_dim, stream);
         to_bf16(wb.as<uint16_t>(), W, (int64_t)out_dim * in_dim, stream);
-        lt_matmul(false, false, in_dim, rows, out_dim, wb.as<uint16_t>(), in_dim, gb.as<uint16_t>(),
-                  out_dim, overwrite_dx ? 0.f : 1.f, dx, CUDA_R_32F, in_dim, stream);
+        if (dx_bf16)
+            lt_matmul(false, false, in_dim, rows, out_dim, wb.as<uint16_t>(), in_dim, gb, out_dim, 0.f, dx_bf16,
+                      CUDA_R_16BF, in_dim, stream);
+        else
+            lt_matmul(false, false, in_dim, rows, out_dim, wb.as<uint16_t>(), in_dim, gb, out_dim,
+                      overwrite_dx ? 0.f : 1.f, dx, CUDA_R_32F, in_dim, stream);
     }
-    lt_matmul(false, true, in_dim, out_dim, rows, xb, in_dim, gb.as<uint16_t>(), out_dim, 1.f, dW, CUDA_R_32F,
-              in_dim, stream);
-    if (db)  // from the fp32 gradient: the bias sum needs no rounding
-        column_sum(1, rows, out_dim, RowMajor{dout, rows, out_dim}, AddTo{db, out_dim, nullptr},
-                   stream);
+    lt_matmul(false, true, in_dim, out_dim, rows, xb, in_dim, gb, out_dim, 1.f, dW, CUDA_R_32F, in_dim, stream);
+    if (db && dout_bf16)  // the gradient exists in bf16 only
+        column_sum(1, rows, out_dim, Bf16RowMajor{dout_bf16, out_dim}, AddTo{db, out_dim, nullptr}, stream);
+    else if (db)  // from the fp32 gradient: the bias sum needs no rounding
+        column_sum(1, rows, out_dim, RowMajor{dout, rows, out_dim}, AddTo{db, out_dim, nullptr}, stream);
 }
 
 void expert_linear_forward_mixed(float* out, const float* x, const uint16_t* x_bf16, int64_t x_image_stride,
@@ -664,8 +671,8 @@ void linear_forward_mixed_to_bf16(uint16_t*, const float*, const uint16_t*, cons
                                   int, int, cudaStream_t) {
     no_cublas();
 }
-void linear_backward_mixed(float*, bool, float*, float*, const float*, const float*, const uint16_t*,
-                           const float*, int64_t, int, int, cudaStream_t) {
+void linear_backward_mixed(float*, uint16_t*, bool, float*, float*, const float*, const uint16_t*, const float*,
+                           const uint16_t*, const float*, int64_t, int, int, cudaStream_t) {
     no_cublas();
 }
 void expert_linear_forward_mixed(float*, const float*, const uint16_t*, int64_t, const float*, const float*,
