@@ -116,7 +116,7 @@ nlohmann::json step_bench_json(const Config& cfg, const StepBenchResult& r) {
     nlohmann::json j{{"arch", cfg.model.arch},       {"device", device_label(r.device)},
                      {"batch", r.batch},             {"top_k", cfg.model.top_k},
                      {"patch", cfg.model.patch},     {"channels", cfg.model.channels},
-                     {"precision", r.bf16_matmul ? "bf16 matmul" : "fp32"},          {"step_ms", r.step_ms},
+                     {"precision", r.bf16_matmul ? "bf16" : "fp32"}, {"step_ms", r.step_ms},
                      {"images_per_s", r.images_per_s}, {"train_gflops_per_image", r.train_gflops_per_image},
                      {"model_tflops", r.tflops}};
     if (r.peak_bf16_tflops > 0) {

@@ -16,7 +16,7 @@ struct StepBenchOptions {
 struct StepBenchResult {
     Device device = Device::cpu;
     int batch = 0;
-    bool bf16_matmul = false;            // train.precision bf16 on CUDA
+    bool bf16_matmul = false;            // the bf16 mode (train.precision bf16 on CUDA)
     double step_ms = 0;                  // median over the timed steps
     double images_per_s = 0;
     double train_gflops_per_image = 0;   // DESIGN.md §5 count, forward + backward
