@@ -240,11 +240,14 @@ public:
         else cu::attention_forward(att_, lse_, qkv_, B, L, D, Hd, s);
         cu::linear_forward(out_, att_, w_o_, b_o_, rows, D, D, s);
         // backward as the model does it: the gradients with one writer are
-        // written by it, the one attention accumulates into is zeroed first
+        // written by it (the fp32 kernels accumulate into a zeroed dqkv)
         cu::linear_backward(datt_, true, g_o_, gb_o_, dy_[set], att_, w_o_, rows, D, D, s);
-        cuda::memset_async(dqkv_, 0, sizeof(float) * rows * 3 * D, s);
-        if (flash_) cu::flash_attention_backward(dqkv_, datt_, qkv_, nullptr, att_, nullptr, lse_, B, L, D, Hd, s);
-        else cu::attention_backward(dqkv_, datt_, qkv_, att_, lse_, B, L, D, Hd, s);
+        if (flash_) {
+            cu::flash_attention_backward(dqkv_, datt_, qkv_, nullptr, att_, nullptr, lse_, B, L, D, Hd, true, s);
+        } else {
+            cuda::memset_async(dqkv_, 0, sizeof(float) * rows * 3 * D, s);
+            cu::attention_backward(dqkv_, datt_, qkv_, att_, lse_, B, L, D, Hd, s);
+        }
         cu::linear_backward(dx_, true, g_qkv_, gb_qkv_, dqkv_, x, w_qkv_, rows, D, 3 * D, s);
     }
     const float* input_gradient() const override { return dx_; }

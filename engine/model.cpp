@@ -653,8 +653,8 @@ void Model<T>::block_backward(int i) {
     op::linear_backward(ex_, op::overwrite(x.datt), g.proj_w, g.proj_b, dattn, b.att_out, w.proj_w, rows, int(D),
                         int(D));
     if (!is_moe(cfg_)) {
-        op::zero(ex_, x.dqkv, rows * 3 * D);
-        op::attention_backward(ex_, x.dqkv, x.datt, b.qkv, b.att_out, b.att_lse, B_, int(L), int(D), int(Hd));
+        op::attention_backward(ex_, op::overwrite(x.dqkv), x.datt, b.qkv, b.att_out, b.att_lse, B_, int(L), int(D),
+                               int(Hd));
         op::linear_backward(ex_, op::overwrite(x.dln), g.qkv_w, g.qkv_b, x.dqkv, b.ln1, w.qkv_w, rows, int(D),
                             int(3 * D));
     } else {

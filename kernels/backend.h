@@ -442,23 +442,32 @@ void attention_forward(const Exec& ex, const NoDeduce<MatrixIn<T>>& out, T* lse,
     ops::attention_forward(o, lse, detail::widened(qkv, int64_t(B) * L * 3 * D, tmp_qkv), B, L, D, Hd);
     detail::store_bf16(out, o, int64_t(B) * L * D);
 }
+// dqkv: added into, or written (overwrite: the flash kernels store it; the
+// fp32 ones and the CPU accumulate into it zeroed).
 template <class T>
-void attention_backward(const Exec& ex, T* dqkv, const T* dout, const NoDeduce<MatrixIn<T>>& qkv,
-                        const NoDeduce<MatrixIn<T>>& out, const T* lse, int B, int L, int D, int Hd) {
+void attention_backward(const Exec& ex, const NoDeduce<GradOut<T>>& dqkv, const T* dout,
+                        const NoDeduce<MatrixIn<T>>& qkv, const NoDeduce<MatrixIn<T>>& out, const T* lse, int B, int L,
+                        int D, int Hd) {
+    detail::require_full(dqkv.bf16, "attention_backward");
 #ifdef PRISM_CUDA
     if constexpr (std::is_same_v<T, float>) {
-        if (use_flash(ex, D, Hd, {dqkv, dout, out.full, out.bf16, qkv.bf16}))
-            return cuda_ops::flash_attention_backward(dqkv, dout, qkv.full, qkv.bf16, out.full, out.bf16, lse, B, L,
-                                                      D, Hd, ex.stream);
+        if (use_flash(ex, D, Hd, {dqkv.p, dout, out.full, out.bf16, qkv.bf16}))
+            return cuda_ops::flash_attention_backward(dqkv.p, dout, qkv.full, qkv.bf16, out.full, out.bf16, lse, B, L,
+                                                      D, Hd, dqkv.overwrite, ex.stream);
+    }
+#endif
+    if (dqkv.overwrite) zero(ex, dqkv.p, int64_t(B) * L * 3 * D);
+#ifdef PRISM_CUDA
+    if constexpr (std::is_same_v<T, float>) {
         if (ex.cuda) {
             detail::require_full(qkv.bf16, "attention_backward");
             detail::require_full(out.bf16, "attention_backward");
-            return cuda_ops::attention_backward(dqkv, dout, qkv.full, out.full, lse, B, L, D, Hd, ex.stream);
+            return cuda_ops::attention_backward(dqkv.p, dout, qkv.full, out.full, lse, B, L, D, Hd, ex.stream);
         }
     }
 #endif
     std::vector<T> tmp_qkv, tmp_out;
-    ops::attention_backward(dqkv, dout, detail::widened(qkv, int64_t(B) * L * 3 * D, tmp_qkv),
+    ops::attention_backward(dqkv.p, dout, detail::widened(qkv, int64_t(B) * L * 3 * D, tmp_qkv),
                             detail::widened(out, int64_t(B) * L * D, tmp_out), lse, B, L, D, Hd);
 }
 

@@ -173,7 +173,8 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
 // backward. q, k, v and dO enter the products as bf16 with fp32 accumulation
 // (DESIGN.md §7: bf16 tolerance); softmax, lse and gradients are fp32. Head
 // dim kFlashHeadDim only (else a clear error); out, dout and dqkv 16-byte
-// aligned. Deterministic, no atomics; backward accumulates into dqkv.
+// aligned. Deterministic, no atomics; backward accumulates into dqkv, or
+// with overwrite_dqkv writes it (each element has one writer: no memset needed).
 // qkv_bf16, when not null, is qkv as the bf16 mode stores it (then qkv is not
 // read and may be null): the kernels read it as it is instead of rounding qkv.
 // Likewise the output: out (fp32) and/or out_bf16 in forward, and backward
@@ -183,7 +184,7 @@ void flash_attention_forward(float* out, uint16_t* out_bf16, float* lse, const f
                              int B, int L, int D, int Hd, cudaStream_t stream);
 void flash_attention_backward(float* dqkv, const float* dout, const float* qkv, const uint16_t* qkv_bf16,
                               const float* out, const uint16_t* out_bf16, const float* lse, int B, int L, int D,
-                              int Hd, cudaStream_t stream);
+                              int Hd, bool overwrite_dqkv, cudaStream_t stream);
 
 // ---- MoE-ViT channel routing ------------------------------------------------------------
 // router_forward needs 1 <= k <= nS.

@@ -94,22 +94,38 @@ protected:
         DeviceArray<float> dqkv(qkv.size());
         const std::vector<float> got = run_twice(what + " backward", {{&dqkv, g}}, [&] {
             cu::flash_attention_backward(dqkv.get(), d_dout.get(), d_qkv.get(), nullptr, out.get(), nullptr, lse.get(), B,
-                                         L, D, Hd, stream);
+                                         L, D, Hd, false, stream);
         })[0];
+        {  // dqkv written (the model's dense backward): from a poisoned dqkv, the
+           // values accumulated into zeros (== : a written −0 equals an added +0)
+            DeviceArray<float> zeroed(qkv.size());
+            const std::vector<float> zeros(qkv.size(), 0.f);
+            const auto added = run_twice(what + " backward into zeros", {{&zeroed, zeros}}, [&] {
+                cu::flash_attention_backward(zeroed.get(), d_dout.get(), d_qkv.get(), nullptr, out.get(), nullptr,
+                                             lse.get(), B, L, D, Hd, false, stream);
+            })[0];
+            const auto written = run_twice(what + " backward, dqkv overwritten", {{&dqkv, {}}}, [&] {
+                cu::flash_attention_backward(dqkv.get(), d_dout.get(), d_qkv.get(), nullptr, out.get(), nullptr,
+                                             lse.get(), B, L, D, Hd, true, stream);
+            })[0];
+            size_t differ = 0;
+            for (size_t e = 0; e < added.size(); e++) differ += !(written[e] == added[e]);
+            EXPECT_EQ(differ, 0u) << what << ": the overwritten dqkv differs from the one accumulated into zeros";
+        }
         const std::vector<float> got16 = run_twice(what + " backward, qkv stored bf16", {{&dqkv, g}}, [&] {
             cu::flash_attention_backward(dqkv.get(), d_dout.get(), nullptr, d_qkv16.get(), out.get(), nullptr,
-                                         lse.get(), B, L, D, Hd, stream);
+                                         lse.get(), B, L, D, Hd, false, stream);
         })[0];
         expect_bit_identical(what + " dqkv, qkv stored bf16", got16, got);
         // O read in bf16: the same as its widened values in fp32, bit for bit
         auto d_out_widened = to_device(widen(out16_host));
         const auto from_widened = run_twice(what + " backward, out widened", {{&dqkv, g}}, [&] {
             cu::flash_attention_backward(dqkv.get(), d_dout.get(), nullptr, d_qkv16.get(), d_out_widened.get(), nullptr,
-                                         lse.get(), B, L, D, Hd, stream);
+                                         lse.get(), B, L, D, Hd, false, stream);
         })[0];
         const auto from_bf16 = run_twice(what + " backward, out stored bf16", {{&dqkv, g}}, [&] {
             cu::flash_attention_backward(dqkv.get(), d_dout.get(), nullptr, d_qkv16.get(), nullptr, out16.get(),
-                                         lse.get(), B, L, D, Hd, stream);
+                                         lse.get(), B, L, D, Hd, false, stream);
         })[0];
         expect_bit_identical(what + " dqkv, out stored bf16", from_bf16, from_widened);
         for (int part = 0; part < 3; part++) {  // dq, dk, dv separately: each has its own kernel

@@ -133,6 +133,21 @@ void run_dense(int B, int L, int Hd, uint64_t seed, int fwd_warps = 0) {
                 fl::flash_bwd_dq_kernel<uint16_t, 4, false>, bp);
     emu::launch({(unsigned)B, (unsigned)Hd, (unsigned)tiles}, 128, fl::dkv_smem<4>(),
                 fl::flash_bwd_dkv_kernel<uint16_t, 4>, bp);
+    {  // dqkv written instead (the model's dense backward): from NaN, the same values as added into zeros
+        std::vector<float> added(rows * 3 * D, 0.f), written(rows * 3 * D, NAN);
+        for (std::vector<float>* g : {&added, &written}) {
+            fl::BwdParams<uint16_t> b2 = bp;
+            b2.dq = g->data(), b2.dk = g->data() + D, b2.dv = g->data() + 2 * D;
+            b2.overwrite = g == &written;
+            emu::launch({(unsigned)B, (unsigned)Hd, (unsigned)tiles}, 128, fl::dq_smem<4, false>(L),
+                        fl::flash_bwd_dq_kernel<uint16_t, 4, false>, b2);
+            emu::launch({(unsigned)B, (unsigned)Hd, (unsigned)tiles}, 128, fl::dkv_smem<4>(),
+                        fl::flash_bwd_dkv_kernel<uint16_t, 4>, b2);
+        }
+        size_t differ = 0;
+        for (size_t e = 0; e < added.size(); e++) differ += !(written[e] == added[e]);
+        EXPECT_EQ(differ, 0u) << what << ": the overwritten dqkv differs from the one accumulated into zeros";
+    }
     std::vector<double> ref_d(g0.begin(), g0.end());
     ops::attention_backward<double>(ref_d.data(), dout_d.data(), qkv_d.data(), ref.data(), ref_lse.data(), B, L, D,
                                     Hd);

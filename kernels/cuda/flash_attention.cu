@@ -94,7 +94,7 @@ void flash_attention_forward(float* out, uint16_t* out_bf16, float* lse, const f
 
 void flash_attention_backward(float* dqkv, const float* dout, const float* qkv, const uint16_t* qkv_bf16,
                               const float* out, const uint16_t* out_bf16, const float* lse, int B, int L, int D,
-                              int Hd, cudaStream_t stream) {
+                              int Hd, bool overwrite_dqkv, cudaStream_t stream) {
     require_head_dim(D, Hd, "flash_attention_backward");
     if (B <= 0 || L <= 0) return;
     require_aligned(dqkv, "dqkv");
@@ -120,7 +120,8 @@ void flash_attention_backward(float* dqkv, const float* dout, const float* qkv, 
                                 3 * D,
                                 dqkv + D,
                                 dqkv + 2 * D,
-                                3 * D};
+                                3 * D,
+                                overwrite_dqkv};
     const int tiles = (L + kWarps * 16 - 1) / (kWarps * 16);
     launch(flash_bwd_dq_kernel<uint16_t, kWarps, false>, dim3(B, Hd, tiles), kWarps * 32,
            dq_smem<kWarps, false>(L), stream, p);

@@ -121,7 +121,15 @@ struct BwdParams {
     float* dk;  // rows as k (dv as v)
     float* dv;
     int64_t dkv_row;
+    // The gradients are written, not added into (each element has one writer
+    // thread): the dense op's dqkv, which nothing else writes.
+    bool overwrite = false;
 };
+
+FLASH_DEVICE void put_f2(bool overwrite, float* p, float x, float y) {
+    if (overwrite) store_f2(p, x, y);
+    else add_f2(p, x, y);
+}
 
 // ---- staging tiles in shared memory --------------------------------------------------
 // Rows [0, rows) of the swizzled tile get operand rows row0 + r for r < n and
@@ -489,7 +497,7 @@ FLASH_UNROLL
             float* d = p.dq + (first + i) * p.dq_row + h * kDh;
 FLASH_UNROLL
             for (int j = 0; j < 8; j++)
-                add_f2(d + 8 * j + 2 * t, dq[j][2 * half] * s.scale, dq[j][2 * half + 1] * s.scale);
+                put_f2(p.overwrite, d + 8 * j + 2 * t, dq[j][2 * half] * s.scale, dq[j][2 * half + 1] * s.scale);
         }
     }
     cp_async_wait_all();
@@ -585,8 +593,8 @@ FLASH_UNROLL
         float* dvr = p.dv + (kv0 + m) * p.dkv_row + h * kDh;
 FLASH_UNROLL
         for (int j = 0; j < 8; j++) {
-            add_f2(dkr + 8 * j + 2 * t, dk[j][2 * half] * s.scale, dk[j][2 * half + 1] * s.scale);
-            add_f2(dvr + 8 * j + 2 * t, dv[j][2 * half], dv[j][2 * half + 1]);
+            put_f2(p.overwrite, dkr + 8 * j + 2 * t, dk[j][2 * half] * s.scale, dk[j][2 * half + 1] * s.scale);
+            put_f2(p.overwrite, dvr + 8 * j + 2 * t, dv[j][2 * half], dv[j][2 * half + 1]);
         }
     }
 }
