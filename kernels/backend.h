@@ -112,23 +112,23 @@ void round_into(uint16_t* dst, const T* values, int64_t n) {
     if (dst)
         for (int64_t i = 0; i < n; i++) dst[i] = bf16_bits(float(values[i]));
 }
-template <class T>
-void store_bf16(const MatrixIn<T>& out, const T* values, int64_t n) { round_into(out.bf16, values, n); }
 // CUDA's fp32 products take fp32 inputs only.
 inline void require_full(const void* bf16, const char* op) {
     if (bf16) throw std::logic_error(std::string(op) + ": a bf16-stored input outside the bf16 mode");
 }
-// CPU: where an op writes the n elements of its input gradient (tmp, zeroed,
-// for a bf16-stored one), and the rounding into bf16 once it has.
+// CPU: where an op accumulates the n elements of its input gradient: the
+// gradient itself, zeroed first when it is overwritten, or (bf16-stored)
+// tmp, zeroed, which the caller then rounds into g.bf16.
 template <class T>
 T* grad_of(const GradOut<T>& g, int64_t n, std::vector<T>& tmp) {
-    if (!g.bf16) return g.p;
-    if (g.p || !g.overwrite) throw std::logic_error("a bf16 gradient is written alone, not added into");
-    tmp.assign(size_t(n), T(0));
-    return tmp.data();
+    if (g.bf16) {
+        if (g.p || !g.overwrite) throw std::logic_error("a bf16 gradient is written alone, not added into");
+        tmp.assign(size_t(n), T(0));
+        return tmp.data();
+    }
+    if (g.p && g.overwrite) std::memset(g.p, 0, sizeof(T) * size_t(n));
+    return g.p;
 }
-template <class T>
-void store_grad_bf16(const GradOut<T>& g, const T* values, int64_t n) { round_into(g.bf16, values, n); }
 }  // namespace detail
 
 // PRISM_OP(cpu_call, cuda_call): the CUDA call for float on a CUDA Exec, else
@@ -217,7 +217,7 @@ void embed_backward(const Exec& ex, T* dpatch, T* dcls, T* dpos, T* dchan, const
 
 // ---- layer norm, linear, GELU, residual ------------------------------------------------
 template <class T>
-void layernorm_forward(const Exec& ex, const MatrixIn<T>& out, T* mean, T* rstd, const T* x, const T* w,
+void layernorm_forward(const Exec& ex, const NoDeduce<MatrixIn<T>>& out, T* mean, T* rstd, const T* x, const T* w,
                        const T* b, int64_t rows, int D) {
 #ifdef PRISM_CUDA
     if constexpr (std::is_same_v<T, float>) {
@@ -228,12 +228,7 @@ void layernorm_forward(const Exec& ex, const MatrixIn<T>& out, T* mean, T* rstd,
     std::vector<T> tmp;
     T* o = detail::output_of(out, rows * D, tmp);
     ops::layernorm_forward(o, mean, rstd, x, w, b, rows, D);
-    detail::store_bf16(out, o, rows * D);
-}
-template <class T>
-void layernorm_forward(const Exec& ex, T* out, T* mean, T* rstd, const T* x, const T* w, const T* b,
-                       int64_t rows, int D) {
-    layernorm_forward(ex, MatrixIn<T>{out, nullptr}, mean, rstd, x, w, b, rows, D);
+    detail::round_into(out.bf16, o, rows * D);
 }
 template <class T>
 void layernorm_backward(const Exec& ex, T* dx, T* dw, T* db, const T* dout, const T* x, const T* w,
@@ -255,7 +250,7 @@ void residual_layernorm_forward(const Exec& ex, T* sum, const MatrixIn<T>& out, 
     std::vector<T> tmp;
     T* o = detail::output_of(out, B * rows_per_image * D, tmp);
     ops::residual_layernorm_forward(sum, o, mean, rstd, x, branch, scale, w, b, B, rows_per_image, D);
-    detail::store_bf16(out, o, B * rows_per_image * D);
+    detail::round_into(out.bf16, o, B * rows_per_image * D);
 }
 // out: fp32 (a plain T*), or bf16 alone (the bf16 mode's stored qkv).
 template <class T>
@@ -279,7 +274,7 @@ void linear_forward(const Exec& ex, const NoDeduce<MatrixIn<T>>& out, const NoDe
     std::vector<T> tmp_x, tmp_out;
     T* o = detail::output_of(out, rows * out_dim, tmp_out);
     ops::linear_forward(o, detail::widened(x, rows * in_dim, tmp_x), W, b, rows, in_dim, out_dim);
-    detail::store_bf16(out, o, rows * out_dim);
+    detail::round_into(out.bf16, o, rows * out_dim);
 }
 // dx may be null (no input gradient wanted); dout fp32 or bf16-stored.
 template <class T>
@@ -301,10 +296,9 @@ void linear_backward(const Exec& ex, const NoDeduce<GradOut<T>>& dx, T* dW, T* d
 #endif
     std::vector<T> tmp_x, tmp_dout, tmp_dx;
     T* dxp = detail::grad_of(dx, rows * in_dim, tmp_dx);
-    if (dxp && dx.overwrite && !dx.bf16) zero(ex, dxp, rows * in_dim);
     ops::linear_backward(dxp, dW, db, detail::widened(dout, rows * out_dim, tmp_dout),
                          detail::widened(x, rows * in_dim, tmp_x), W, rows, in_dim, out_dim);
-    detail::store_grad_bf16(dx, dxp, rows * in_dim);
+    detail::round_into(dx.bf16, dxp, rows * in_dim);
 }
 // x: the patch rows (x, x_image_stride) of a sequence matrix, so the first
 // (B-1)·x_image_stride + nS·N·in_dim elements are what the ops may read.
@@ -359,7 +353,7 @@ template <class T> void gelu_forward(const Exec& ex, const MatrixIn<T>& out, con
     std::vector<T> tmp_out, tmp_x;
     T* o = detail::output_of(out, n, tmp_out);
     ops::gelu_forward(o, detail::widened(x, n, tmp_x), n);
-    detail::store_bf16(out, o, n);
+    detail::round_into(out.bf16, o, n);
 }
 template <class T>
 void gelu_backward(const Exec& ex, const GradOut<T>& dx, const MatrixIn<T>& dout, const MatrixIn<T>& x, int64_t n) {
@@ -372,9 +366,8 @@ void gelu_backward(const Exec& ex, const GradOut<T>& dx, const MatrixIn<T>& dout
 #endif
     std::vector<T> tmp_x, tmp_dout, tmp_dx;
     T* dxp = detail::grad_of(dx, n, tmp_dx);
-    if (dx.overwrite && !dx.bf16) zero(ex, dxp, n);
     ops::gelu_backward(dxp, detail::widened(dout, n, tmp_dout), detail::widened(x, n, tmp_x), n);
-    detail::store_grad_bf16(dx, dxp, n);
+    detail::round_into(dx.bf16, dxp, n);
 }
 template <class T>
 void residual_forward(const Exec& ex, T* out, const T* x, const T* branch, const T* scale, int B,
@@ -440,7 +433,7 @@ void attention_forward(const Exec& ex, const NoDeduce<MatrixIn<T>>& out, T* lse,
     std::vector<T> tmp_qkv, tmp_out;
     T* o = detail::output_of(out, int64_t(B) * L * D, tmp_out);
     ops::attention_forward(o, lse, detail::widened(qkv, int64_t(B) * L * 3 * D, tmp_qkv), B, L, D, Hd);
-    detail::store_bf16(out, o, int64_t(B) * L * D);
+    detail::round_into(out.bf16, o, int64_t(B) * L * D);
 }
 // dqkv: added into, or written (overwrite: the flash kernels store it; the
 // fp32 ones and the CPU accumulate into it zeroed).

@@ -76,12 +76,15 @@ void run_dense(int B, int L, int Hd, uint64_t seed, int fwd_warps = 0) {
     fl::FwdParams<uint16_t> fp{s, {q16.data(), 3 * D}, {q16.data() + D, 3 * D}, {q16.data() + 2 * D, 3 * D},
                                out.data(), D, lse.data()};
     const unsigned fwd_tiles = (L + 16 * fwd_warps - 1) / (16 * fwd_warps);
-    if (fwd_warps == 8)
-        emu::launch({(unsigned)B, (unsigned)Hd, fwd_tiles}, 256, fl::fwd_smem<8, false>(L),
-                    fl::flash_fwd_kernel<uint16_t, 8, false>, fp);
-    else
-        emu::launch({(unsigned)B, (unsigned)Hd, fwd_tiles}, 128, fl::fwd_smem<4, false>(L),
-                    fl::flash_fwd_kernel<uint16_t, 4, false>, fp);
+    auto forward = [&](const fl::FwdParams<uint16_t>& p) {
+        if (fwd_warps == 8)
+            emu::launch({(unsigned)B, (unsigned)Hd, fwd_tiles}, 256, fl::fwd_smem<8, false>(L),
+                        fl::flash_fwd_kernel<uint16_t, 8, false>, p);
+        else
+            emu::launch({(unsigned)B, (unsigned)Hd, fwd_tiles}, 128, fl::fwd_smem<4, false>(L),
+                        fl::flash_fwd_kernel<uint16_t, 4, false>, p);
+    };
+    forward(fp);
 
     const auto qkv_d = wide(qkv), dout_d = wide(dout);
     std::vector<double> ref(rows * D), ref_lse(rows * Hd);
@@ -97,12 +100,7 @@ void run_dense(int B, int L, int Hd, uint64_t seed, int fwd_warps = 0) {
         fp16.out_bf16 = out16.data();
         std::vector<float> lse16(rows * Hd, NAN);
         fp16.lse = lse16.data();
-        if (fwd_warps == 8)
-            emu::launch({(unsigned)B, (unsigned)Hd, fwd_tiles}, 256, fl::fwd_smem<8, false>(L),
-                        fl::flash_fwd_kernel<uint16_t, 8, false>, fp16);
-        else
-            emu::launch({(unsigned)B, (unsigned)Hd, fwd_tiles}, 128, fl::fwd_smem<4, false>(L),
-                        fl::flash_fwd_kernel<uint16_t, 4, false>, fp16);
+        forward(fp16);
         size_t wrong = 0;
         for (size_t i = 0; i < out16.size(); i++) wrong += out16[i] != emu::bf16_bits(out[i]);
         EXPECT_EQ(wrong, 0u) << what << ": bf16 out is not the rounding of the fp32 out";

@@ -10,9 +10,6 @@ namespace {
 constexpr float kSqrtHalf = 0.70710678118654752440f;     // 1/√2
 constexpr float kInvSqrt2Pi = 0.39894228040143267794f;   // 1/√(2π)
 
-__device__ __forceinline__ float load_as(const float* p) { return *p; }
-__device__ __forceinline__ float load_as(const uint16_t* p) { return bf16_to_float(*p); }
-
 // x: fp32, or the bf16 mode's stored fc1 output. out and/or out_bf16 (the
 // bf16 mode's input of the second MLP product).
 template <class X>

@@ -55,11 +55,7 @@ void bwd_prep(const PrepParams& p, cudaStream_t stream) {
     PRISM_LAUNCH_CHECK();
 }
 
-}  // namespace
-
-// ---- dense -----------------------------------------------------------------------------------
-namespace {
-// qkv_bf16 if given, else bf16(qkv) in `scratch`.
+// Dense: qkv_bf16 if given, else bf16(qkv) in `scratch`.
 const uint16_t* qkv_tiles(Scratch& scratch, const float* qkv, const uint16_t* qkv_bf16, int64_t n,
                           cudaStream_t stream) {
     if (qkv_bf16) {
@@ -70,8 +66,10 @@ const uint16_t* qkv_tiles(Scratch& scratch, const float* qkv, const uint16_t* qk
     to_bf16(scratch.as<uint16_t>(), qkv, n, stream);
     return scratch.as<uint16_t>();
 }
+
 }  // namespace
 
+// ---- dense -----------------------------------------------------------------------------------
 void flash_attention_forward(float* out, uint16_t* out_bf16, float* lse, const float* qkv, const uint16_t* qkv_bf16,
                              int B, int L, int D, int Hd, cudaStream_t stream) {
     require_head_dim(D, Hd, "flash_attention_forward");

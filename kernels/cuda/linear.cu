@@ -89,12 +89,6 @@ __global__ void patch_rows_bf16_kernel(uint16_t* xb, const float* x, int64_t x_i
     PRISM_GRID_STRIDE(i, B * per_image) xb[i] = float_to_bf16(x[(i / per_image) * x_image_stride + i % per_image]);
 }
 
-__device__ __forceinline__ void store_as(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store_as(uint16_t* p, float v) { *p = float_to_bf16(v); }
-
-__device__ __forceinline__ float load_as(const float* p) { return *p; }
-__device__ __forceinline__ float load_as(const uint16_t* p) { return bf16_to_float(*p); }
-
 // Channel-major copies for the weight gradient: xp [nS, B, N, in] from the
 // patch rows (fp32, or the bf16 mode's stored bf16), gp [nS, B, N, out] from
 // dout [B, nS, N, out].
