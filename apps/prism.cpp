@@ -40,7 +40,7 @@ const char* kUsage =
     "  flops   --config FILE [--set key=value]... [--json]\n"
     "  bench   loader --data GLOB [--batch N] [--threads T] [--seconds S] [--augment none|so2sat|jumpcp]\n"
     "  bench   attention --config FILE [--set key=value]... [--batch N] [--iters N] [--warmup N] [--k 1,2,4,C]\n"
-    "                    [--impl reference|flash]\n"
+    "                    [--impl bf16|reference]\n"
     "  bench   step --config FILE [--set key=value]... [--device D] [--batch N] [--warmup N] [--iters N]\n"
     "Run 'prism <command> --help' for a command's options.\n";
 
@@ -337,8 +337,9 @@ int cmd_bench(int argc, char** argv) {
             ("warmup", "untimed iterations first", cxxopts::value<int>()->default_value("10"))
             ("k,top-k", "moevit top-k values (--k LIST also works); C = model.channels",
              cxxopts::value<std::string>()->default_value("1,2,4,C"))
-            ("impl", "attention kernels: reference (probabilities stored) or flash (bf16 tensor cores)",
-             cxxopts::value<std::string>()->default_value("reference"));
+            ("impl", "the block as train.precision runs it: bf16 (bf16 products and storage; the flash kernels at "
+                     "head dim 64) or reference (fp32: fp32 products, the fused fp32 attention kernels)",
+             cxxopts::value<std::string>()->default_value("bf16"));
         // cxxopts takes no one-letter long option, and the documented spelling is --k.
         std::vector<std::string> args(argv + 1, argv + argc);
         for (auto& a : args)
@@ -353,8 +354,8 @@ int cmd_bench(int argc, char** argv) {
         o.iters = r["iters"].as<int>();
         o.warmup = r["warmup"].as<int>();
         o.impl = r["impl"].as<std::string>();
-        if (o.impl != "reference" && o.impl != "flash")
-            throw UserError("bench attention: --impl " + printable(o.impl) + ": expected reference or flash");
+        if (o.impl != "reference" && o.impl != "bf16")
+            throw UserError("bench attention: --impl " + printable(o.impl) + ": expected bf16 or reference");
         if (o.batch < 0) throw UserError("bench attention: --batch must be at least 0 (0: automatic)");
         if (o.iters < 1) throw UserError("bench attention: --iters must be at least 1");
         if (o.warmup < 0) throw UserError("bench attention: --warmup must be at least 0");

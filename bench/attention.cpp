@@ -3,19 +3,23 @@
 // several k, with the FLOPs of DESIGN.md §5 beside each time, so that the
 // measured speedup can be read against the ideal one (the FLOP ratio).
 //
-// Dense and routed attention run on the fused kernels, which keep only each
-// query row's logsumexp: --impl reference the fp32 ones (attention_*,
-// routed_attention_*: kernels/cuda/attention.cu), --impl flash the bf16
-// tensor-core ones (flash_attention_*, flash_routed_attention_*:
-// kernels/cuda/flash_attention.cu). The moevit CLS row stays on
-// cls_attention_* either way. Everything else is the same, so the two runs
-// compare the kernels.
+// The block runs as the model runs it in one of its two modes (--impl):
+// - reference: train.precision = fp32. fp32 products (no TF32), and the
+//   fused fp32 attention kernels (kernels/cuda/attention.cu), which keep only
+//   each query row's logsumexp.
+// - bf16: train.precision = bf16, the default on CUDA. bf16 products with
+//   fp32 accumulation, the matrices the model stores in bf16 stored so here
+//   (LN1's output; at head dim 64 also qkv and the attention output, and
+//   moevit's q, k, v, gathered queries and routed output), and at head dim 64
+//   the flash kernels (kernels/cuda/flash_attention.cu: bf16 tensor cores).
+//   The router's product stays fp32, as in the model.
 //
 // The op sequence is engine/model.cpp's block_forward / block_backward for
-// the attention branch, from LN1's output to the projection's output and
-// back (the gradient buffers the model zeroes are zeroed here too, inside
-// the timed region: the engine pays for them). The model object is not used,
-// so no LayerNorm, MLP or residual work enters the time.
+// the attention branch, through the same op interface (kernels/backend.h),
+// from LN1's output to the projection's output and back (the gradient
+// buffers the model zeroes are zeroed here too, inside the timed region: the
+// engine pays for them). The model object is not used, so no LayerNorm, MLP
+// or residual work enters the time.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -24,6 +28,8 @@
 #include "bench/bench.h"
 #include "engine/common.h"
 #include "engine/flops.h"
+
+#include "kernels/backend.h"
 
 #ifdef PRISM_CUDA
 #include "kernels/cuda_ops.h"
@@ -129,8 +135,8 @@ nlohmann::json attention_bench_json(const AttentionBenchOptions& o, const Attent
             {"speedup", r.speedup},
             {"ideal_speedup", r.ideal_speedup},
             {"buffer_gib", r.buffer_gib},
-            {"precision", "fp32"},
-            {"attention_kernels", o.impl},
+            {"precision", o.impl == "bf16" ? "bf16" : "fp32"},
+            {"attention_kernels", attention_bench_kernels(o)},
             {"device", r.device},
             {"iters", o.iters},
             {"warmup", o.warmup},
@@ -140,6 +146,11 @@ nlohmann::json attention_bench_json(const AttentionBenchOptions& o, const Attent
             {"dim", m.dim},
             {"heads", m.heads},
             {"combine", m.combine}};
+}
+
+std::string attention_bench_kernels(const AttentionBenchOptions& o) {
+    const bool flash = o.impl == "bf16" && op::attention_reads_bf16(true, o.model.dim, o.model.heads);
+    return flash ? "flash" : "reference";
 }
 
 #ifndef PRISM_CUDA
@@ -174,6 +185,17 @@ public:
         fills.push_back({p, n, scale});
         return p;
     }
+    // A matrix the model keeps in fp32, bf16 or both (op::MatrixIn). `full`
+    // starts random like every float buffer; a bf16 one is written by its
+    // producing op before anything reads it, but for inputs (mirror: the
+    // rounding of `full`, which is then kept too).
+    op::MatrixIn<float> matrix(int64_t n, bool full, bool bf16, float scale, bool mirror = false) {
+        op::MatrixIn<float> m;
+        if (full || mirror) m.full = random(n, scale);
+        if (bf16) m.bf16 = take<uint16_t>(n);
+        if (mirror && bf16) mirrors.push_back({m.bf16, m.full, n});
+        return m;
+    }
     size_t used() const { return used_; }
     struct Fill {
         float* p;
@@ -181,6 +203,12 @@ public:
         float scale;  // uniform in [-scale, scale)
     };
     std::vector<Fill> fills;
+    struct Mirror {
+        uint16_t* dst;
+        const float* src;
+        int64_t n;
+    };
+    std::vector<Mirror> mirrors;  // filled after `fills`
 
 private:
     char* base_;
@@ -194,6 +222,15 @@ constexpr float kWeight = 0.02f * 1.7320508f;  // the model's init std, 0.02
 struct Shapes {
     int B, C, N, D, Hd, L;
     int64_t rows, tokens;  // B·L sequence rows; B·C·N patch tokens
+    bool bf16;             // the bf16 mode (--impl bf16)
+    bool attention_bf16;   // and its attention operands in bf16 (head dim 64)
+    op::Exec exec(cudaStream_t s) const {
+        op::Exec ex;
+        ex.cuda = true;
+        ex.stream = s;
+        ex.bf16_matmul = bf16;
+        return ex;
+    }
 };
 
 // One variant: its buffers, and one forward + backward on input set `set`.
@@ -207,11 +244,12 @@ public:
 
 class DenseBlock : public Variant {
 public:
-    DenseBlock(const Shapes& sh, bool flash) : sh_(sh), flash_(flash) {}
+    explicit DenseBlock(const Shapes& sh) : sh_(sh) {}
     void carve(Carver& c) override {
         const int64_t rows = sh_.rows, D = sh_.D, Hd = sh_.Hd, L = sh_.L, B = sh_.B;
+        const bool a16 = sh_.attention_bf16;
         for (int i = 0; i < 2; i++) {
-            x_[i] = c.random(rows * D, kUnit);
+            x_[i] = c.matrix(rows * D, true, sh_.bf16, kUnit, /*mirror=*/true);  // LN1's output
             dy_[i] = c.random(rows * D, kUnit);
         }
         w_qkv_ = c.random(3 * D * D, kWeight);
@@ -222,9 +260,9 @@ public:
         gb_qkv_ = c.random(3 * D, kWeight);
         g_o_ = c.random(D * D, kWeight);
         gb_o_ = c.random(D, kWeight);
-        qkv_ = c.random(rows * 3 * D, kUnit);
+        qkv_ = c.matrix(rows * 3 * D, !a16, a16, kUnit);
         lse_ = c.random(B * Hd * L, kUnit);
-        att_ = c.random(rows * D, kUnit);
+        att_ = c.matrix(rows * D, !a16, a16, kUnit);
         out_ = c.random(rows * D, kUnit);
         datt_ = c.random(rows * D, kUnit);
         dqkv_ = c.random(rows * 3 * D, kUnit);
@@ -233,39 +271,33 @@ public:
     void step(int set, cudaStream_t s) override {
         const int B = sh_.B, L = sh_.L, D = sh_.D, Hd = sh_.Hd;
         const int64_t rows = sh_.rows;
-        const float* x = x_[set];
-        // forward: qkv, attention with softmax, projection
-        cu::linear_forward(qkv_, x, w_qkv_, b_qkv_, rows, D, 3 * D, s);
-        if (flash_) cu::flash_attention_forward(att_, nullptr, lse_, qkv_, nullptr, B, L, D, Hd, s);
-        else cu::attention_forward(att_, lse_, qkv_, B, L, D, Hd, s);
-        cu::linear_forward(out_, att_, w_o_, b_o_, rows, D, D, s);
-        // backward as the model does it: the gradients with one writer are
-        // written by it (the fp32 kernels accumulate into a zeroed dqkv)
-        cu::linear_backward(datt_, true, g_o_, gb_o_, dy_[set], att_, w_o_, rows, D, D, s);
-        if (flash_) {
-            cu::flash_attention_backward(dqkv_, datt_, qkv_, nullptr, att_, nullptr, lse_, B, L, D, Hd, true, s);
-        } else {
-            cuda::memset_async(dqkv_, 0, sizeof(float) * rows * 3 * D, s);
-            cu::attention_backward(dqkv_, datt_, qkv_, att_, lse_, B, L, D, Hd, s);
-        }
-        cu::linear_backward(dx_, true, g_qkv_, gb_qkv_, dqkv_, x, w_qkv_, rows, D, 3 * D, s);
+        const op::Exec ex = sh_.exec(s);
+        const op::MatrixIn<float>& x = x_[set];
+        // forward: qkv, attention, projection
+        op::linear_forward(ex, qkv_, x, w_qkv_, b_qkv_, rows, D, 3 * D);
+        op::attention_forward(ex, att_, lse_, qkv_, B, L, D, Hd);
+        op::linear_forward(ex, out_, att_, w_o_, b_o_, rows, D, D);
+        // backward as the model does it: the gradients with one writer are written by it
+        op::linear_backward(ex, op::overwrite(datt_), g_o_, gb_o_, dy_[set], att_, w_o_, rows, D, D);
+        op::attention_backward(ex, op::overwrite(dqkv_), datt_, qkv_, att_, lse_, B, L, D, Hd);
+        op::linear_backward(ex, op::overwrite(dx_), g_qkv_, gb_qkv_, dqkv_, x, w_qkv_, rows, D, 3 * D);
     }
     const float* input_gradient() const override { return dx_; }
 
 private:
     Shapes sh_;
-    bool flash_;
-    float *x_[2], *dy_[2];
+    op::MatrixIn<float> x_[2], qkv_, att_;
+    float* dy_[2];
     float *w_qkv_, *b_qkv_, *w_o_, *b_o_, *g_qkv_, *gb_qkv_, *g_o_, *gb_o_;
-    float *qkv_, *lse_, *att_, *out_, *datt_, *dqkv_, *dx_;
+    float *lse_, *out_, *datt_, *dqkv_, *dx_;
 };
 
 class MoeBlock : public Variant {
 public:
-    MoeBlock(const Shapes& sh, const ModelConfig& m, int k, bool flash) : sh_(sh), k_(k), flash_(flash) {
-        combine_ = m.combine == "renorm" ? cu::Combine::renorm : cu::Combine::softmax;
-        aux_ = m.aux == "switch" ? cu::AuxLoss::switch_
-             : m.aux == "importance" ? cu::AuxLoss::importance : cu::AuxLoss::none;
+    MoeBlock(const Shapes& sh, const ModelConfig& m, int k) : sh_(sh), k_(k) {
+        combine_ = m.combine == "renorm" ? op::Combine::renorm : op::Combine::softmax;
+        aux_ = m.aux == "switch" ? op::AuxLoss::switch_
+             : m.aux == "importance" ? op::AuxLoss::importance : op::AuxLoss::none;
         aux_coef_ = float(m.aux_coef);
         z_coef_ = float(m.z_loss_coef);
         per_block_ = 1.f / float(std::max(1, m.depth));  // the model's aux losses are means over blocks
@@ -273,8 +305,10 @@ public:
     void carve(Carver& c) override {
         const int64_t rows = sh_.rows, T = sh_.tokens, D = sh_.D, C = sh_.C, Hd = sh_.Hd;
         const int64_t B = sh_.B, k = k_;
+        const bool a16 = sh_.attention_bf16;
         for (int i = 0; i < 2; i++) {
-            x_[i] = c.random(rows * D, kUnit);
+            // LN1's output: fp32 for the router, and bf16 for the other products in the bf16 mode
+            x_[i] = c.matrix(rows * D, true, sh_.bf16, kUnit, /*mirror=*/true);
             dy_[i] = c.random(rows * D, kUnit);
         }
         w_r_ = c.random(C * D, kWeight);       b_r_ = c.random(C, kWeight);
@@ -291,14 +325,14 @@ public:
         rprobs_ = c.random(T * C, kUnit);
         weights_ = c.random(T * k, kUnit);
         lse_ = c.random(T, kUnit);
-        q_ = c.random(rows * D, kUnit);
-        kb_ = c.random(T * D, kUnit);
-        vb_ = c.random(T * D, kUnit);
-        qg_ = c.random(T * k * D, kUnit);
-        og_ = c.random(T * k * D, kUnit);
+        q_ = c.matrix(rows * D, !a16, a16, kUnit);
+        kb_ = c.matrix(T * D, !a16, a16, kUnit);
+        vb_ = c.matrix(T * D, !a16, a16, kUnit);
+        qg_ = c.matrix(T * k * D, !a16, a16, kUnit);
+        og_ = c.matrix(T * k * D, !a16, a16, kUnit);
         route_lse_ = c.random(T * k * Hd, kUnit);
         cls_probs_ = c.random(Hd * T, kUnit);  // [B, Hd, C·N]
-        att_ = c.random(rows * D, kUnit);
+        att_ = c.matrix(rows * D, !a16, a16, kUnit);
         out_ = c.random(rows * D, kUnit);
         datt_ = c.random(rows * D, kUnit);
         dx_ = c.random(rows * D, kUnit);
@@ -306,7 +340,7 @@ public:
         dk_ = c.random(T * D, kUnit);
         dv_ = c.random(T * D, kUnit);
         dqg_ = c.random(T * k * D, kUnit);
-        dog_ = c.random(T * k * D, kUnit);
+        dog_ = c.matrix(T * k * D, !a16, a16, kUnit);
         dweights_ = c.random(T * k, kUnit);
         drprobs_ = c.random(T * C, kUnit);
         dz_ = c.random(rows * C, kUnit);
@@ -330,74 +364,66 @@ public:
     void step(int set, cudaStream_t s) override {
         const int B = sh_.B, C = sh_.C, N = sh_.N, D = sh_.D, Hd = sh_.Hd, k = k_;
         const int64_t rows = sh_.rows, T = sh_.tokens, L = sh_.L;
-        const float* x = x_[set];  // LN1's output: the row of CLS, then the patch rows
-        const float* xp = x + D;   // patch rows, image stride L·D
+        const op::Exec ex = sh_.exec(s);
+        op::Exec ex32 = ex;  // the router's products stay fp32
+        ex32.bf16_matmul = false;
+        const op::MatrixIn<float>& x = x_[set];  // LN1's output: the row of CLS, then the patch rows
         // ---- forward (block_forward, moevit branch) ----
-        cu::linear_forward(z_, x, w_r_, b_r_, rows, D, C, s);
-        cu::router_forward(rprobs_, experts_, weights_, lse_, z_ + C, L * C, in_S_, S_, B, C, N, C, k,
-                           combine_, s);
-        cu::moe_dispatch(offsets_, pair_of_row_, row_of_pair_, counts_, experts_, B, C, N, k, s);
-        cu::linear_forward(q_, x, w_q_, b_q_, rows, D, D, s);
-        cu::expert_linear_forward(kb_, xp, L * D, w_k_, b_k_, S_, B, C, N, D, D, s);
-        cu::expert_linear_forward(vb_, xp, L * D, w_v_, b_v_, S_, B, C, N, D, D, s);
-        cu::moe_gather_forward(qg_, q_ + D, L * D, pair_of_row_, B, C, N, k, D, s);
-        if (flash_) cu::flash_routed_attention_forward(og_, route_lse_, qg_, kb_, vb_, offsets_, B, C, N, D, Hd, s);
-        else cu::routed_attention_forward(og_, route_lse_, qg_, kb_, vb_, offsets_, B, C, N, D, Hd, s);
-        cu::combine_forward(att_ + D, L * D, og_, weights_, row_of_pair_, B, C, N, k, D, s);
-        cu::cls_attention_forward(att_, L * D, cls_probs_, q_, L * D, kb_, vb_, B, C * N, D, Hd, s);
-        cu::aux_loss_forward_backward(losses_, nullptr, rprobs_, counts_, S_, T, C, C, k, aux_, aux_coef_,
-                                      0.f, nullptr, s);
-        cu::z_loss_forward_backward(losses_ + 1, nullptr, 0, rprobs_, lse_, B, C, N, C, z_coef_, 0.f, s);
-        cu::linear_forward(out_, att_, w_o_, b_o_, rows, D, D, s);
+        op::linear_forward(ex32, z_, x.full, w_r_, b_r_, rows, D, C);
+        op::router_forward(ex, rprobs_, experts_, weights_, lse_, z_ + C, L * C, in_S_, S_, B, C, N, C, k, combine_);
+        op::moe_dispatch(ex, offsets_, pair_of_row_, row_of_pair_, counts_, experts_, B, C, N, k);
+        op::linear_forward(ex, q_, x, w_q_, b_q_, rows, D, D);
+        op::expert_linear_forward(ex, kb_, x.at(D), L * D, w_k_, b_k_, S_, B, C, N, D, D);
+        op::expert_linear_forward(ex, vb_, x.at(D), L * D, w_v_, b_v_, S_, B, C, N, D, D);
+        op::moe_gather_forward(ex, qg_, q_.at(D), L * D, pair_of_row_, B, C, N, k, D);
+        op::routed_attention_forward(ex, og_, route_lse_, qg_, kb_, vb_, offsets_, B, C, N, D, Hd);
+        op::combine_forward(ex, att_.at(D), L * D, og_, weights_, row_of_pair_, B, C, N, k, D);
+        op::cls_attention_forward(ex, att_, L * D, cls_probs_, q_, L * D, kb_, vb_, B, C * N, D, Hd);
+        op::aux_loss_forward_backward<float>(ex, losses_, nullptr, rprobs_, counts_, S_, T, C, C, k, aux_, aux_coef_,
+                                             0.f, nullptr);
+        op::z_loss_forward_backward<float>(ex, losses_ + 1, nullptr, 0, rprobs_, lse_, B, C, N, C, z_coef_, 0.f);
+        op::linear_forward(ex, out_, att_, w_o_, b_o_, rows, D, D);
         // ---- backward (block_backward, moevit branch) ----
-        cu::linear_backward(datt_, true, g_o_, gb_o_, dy_[set], att_, w_o_, rows, D, D, s);
-        zero(dx_, rows * D, s);
-        zero(dq_, rows * D, s);
-        zero(dk_, T * D, s);
-        zero(dv_, T * D, s);
-        zero(dog_, T * k * D, s);
-        zero(dqg_, T * k * D, s);
-        zero(dweights_, T * k, s);
-        zero(drprobs_, T * C, s);
-        zero(dz_, rows * C, s);
-        cu::cls_attention_backward(dq_, L * D, dk_, dv_, datt_, L * D, q_, L * D, kb_, vb_, cls_probs_, B,
-                                   C * N, D, Hd, s);
-        cu::combine_backward(dog_, dweights_, datt_ + D, L * D, og_, weights_, row_of_pair_, B, C, N, k, D,
-                             s);
-        if (flash_)
-            cu::flash_routed_attention_backward(dqg_, dk_, dv_, dog_, qg_, kb_, vb_, og_, route_lse_, offsets_, B,
-                                                C, N, D, Hd, s);
-        else
-            cu::routed_attention_backward(dqg_, dk_, dv_, dog_, qg_, kb_, vb_, og_, route_lse_, offsets_, B, C,
-                                          N, D, Hd, s);
-        cu::moe_gather_backward(dq_ + D, L * D, dqg_, row_of_pair_, B, C, N, k, D, s);
-        cu::expert_linear_backward(dx_ + D, g_k_, gb_k_, dk_, xp, L * D, w_k_, S_, B, C, N, D, D, s);
-        cu::expert_linear_backward(dx_ + D, g_v_, gb_v_, dv_, xp, L * D, w_v_, S_, B, C, N, D, D, s);
-        cu::linear_backward(dx_, false, g_q_, gb_q_, dq_, x, w_q_, rows, D, D, s);
-        cu::aux_loss_forward_backward(losses_, drprobs_, rprobs_, counts_, S_, T, C, C, k, aux_, aux_coef_,
-                                      per_block_, nullptr, s);
-        cu::z_loss_forward_backward(losses_ + 1, dz_ + C, L * C, rprobs_, lse_, B, C, N, C, z_coef_,
-                                    per_block_, s);
-        cu::router_backward(dz_ + C, L * C, rprobs_, experts_, weights_, dweights_, drprobs_, S_, B, C, N, C,
-                            k, combine_, s);
-        cu::linear_backward(dx_, false, g_r_, gb_r_, dz_, x, w_r_, rows, D, C, s);
+        op::linear_backward(ex, op::overwrite(datt_), g_o_, gb_o_, dy_[set], att_, w_o_, rows, D, D);
+        op::zero(ex, dx_, rows * D);
+        op::zero(ex, dq_, rows * D);
+        op::zero(ex, dk_, T * D);
+        op::zero(ex, dv_, T * D);
+        op::zero(ex, dqg_, T * k * D);
+        op::zero(ex, dweights_, T * k);
+        op::zero(ex, drprobs_, T * C);
+        op::zero(ex, dz_, rows * C);
+        op::cls_attention_backward(ex, dq_, L * D, dk_, dv_, datt_, L * D, q_, L * D, kb_, vb_, cls_probs_, B, C * N,
+                                   D, Hd);
+        op::combine_backward(ex, op::overwrite(dog_), dweights_, datt_ + D, L * D, og_, weights_, row_of_pair_, B, C,
+                             N, k, D);
+        op::routed_attention_backward(ex, dqg_, dk_, dv_, dog_, qg_, kb_, vb_, og_, route_lse_, offsets_, B, C, N, D,
+                                      Hd);
+        op::moe_gather_backward(ex, dq_ + D, L * D, dqg_, row_of_pair_, B, C, N, k, D);
+        op::expert_linear_backward(ex, dx_ + D, g_k_, gb_k_, dk_, x.at(D), L * D, w_k_, S_, B, C, N, D, D);
+        op::expert_linear_backward(ex, dx_ + D, g_v_, gb_v_, dv_, x.at(D), L * D, w_v_, S_, B, C, N, D, D);
+        op::linear_backward(ex, dx_, g_q_, gb_q_, dq_, x, w_q_, rows, D, D);
+        op::aux_loss_forward_backward(ex, losses_, drprobs_, rprobs_, counts_, S_, T, C, C, k, aux_, aux_coef_,
+                                      per_block_, nullptr);
+        op::z_loss_forward_backward(ex, losses_ + 1, dz_ + C, L * C, rprobs_, lse_, B, C, N, C, z_coef_, per_block_);
+        op::router_backward(ex, dz_ + C, L * C, rprobs_, experts_, weights_, dweights_, drprobs_, S_, B, C, N, C, k,
+                            combine_);
+        op::linear_backward(ex32, dx_, g_r_, gb_r_, dz_, x.full, w_r_, rows, D, C);
     }
     const float* input_gradient() const override { return dx_; }
 
 private:
-    static void zero(float* p, int64_t n, cudaStream_t s) { cuda::memset_async(p, 0, sizeof(float) * n, s); }
-
     Shapes sh_;
     int k_;
-    bool flash_;
-    cu::Combine combine_;
-    cu::AuxLoss aux_;
+    op::Combine combine_;
+    op::AuxLoss aux_;
     float aux_coef_, z_coef_, per_block_;
-    float *x_[2], *dy_[2];
+    op::MatrixIn<float> x_[2], q_, kb_, vb_, qg_, og_, att_, dog_;
+    float* dy_[2];
     float *w_r_, *b_r_, *w_q_, *b_q_, *w_k_, *b_k_, *w_v_, *b_v_, *w_o_, *b_o_;
     float *g_r_, *gb_r_, *g_q_, *gb_q_, *g_k_, *gb_k_, *g_v_, *gb_v_, *g_o_, *gb_o_;
-    float *z_, *rprobs_, *weights_, *lse_, *q_, *kb_, *vb_, *qg_, *og_, *route_lse_, *cls_probs_;
-    float *att_, *out_, *datt_, *dx_, *dq_, *dk_, *dv_, *dqg_, *dog_, *dweights_, *drprobs_, *dz_;
+    float *z_, *rprobs_, *weights_, *lse_, *route_lse_, *cls_probs_;
+    float *out_, *datt_, *dx_, *dq_, *dk_, *dv_, *dqg_, *dweights_, *drprobs_, *dz_;
     float* losses_;
     int *experts_, *offsets_, *pair_of_row_, *row_of_pair_, *counts_, *S_;
     uint8_t* in_S_;
@@ -418,6 +444,7 @@ void run_variant(Variant& v, MoeBlock* moe, const AttentionBenchOptions& o, uint
         const auto& f = bind.fills[i];
         cuda::fill_uniform(f.p, f.n, -f.scale, f.scale, seed * 1000003u + i, s);
     }
+    for (const auto& m : bind.mirrors) cu::to_bf16(m.dst, m.src, m.n, s);
     if (moe) moe->upload_channels(s);
     row.buffer_gib = double(measure.used()) / double(1u << 30);
 
@@ -452,9 +479,11 @@ std::string shape_line(const AttentionBenchOptions& o, int batch, const std::str
     const ModelConfig& m = o.model;
     char buf[512];
     std::snprintf(buf, sizeof buf,
-                  "bench attention: %s, fp32 (no TF32), %s attention kernels; image %d, C=%d, P=%d: N=%d, "
+                  "bench attention: %s, %s, %s attention kernels; image %d, C=%d, P=%d: N=%d, "
                   "dense sequence %d; D=%d, %d heads; |S|=C; batch %d; %d warm-up + %d timed iterations (median)",
-                  device.c_str(), o.impl == "flash" ? "flash (bf16 tensor cores)" : "reference (fused fp32)", m.image,
+                  device.c_str(),
+                  o.impl == "bf16" ? "the bf16 mode (bf16 products and storage)" : "fp32 (no TF32)",
+                  attention_bench_kernels(o) == "flash" ? "flash (bf16 tensor cores)" : "reference (fused fp32)", m.image,
                   m.channels, m.patch, m.num_patches(), 1 + m.channels * m.num_patches(), m.dim, m.heads, batch,
                   o.warmup, o.iters);
     return buf;
@@ -466,8 +495,8 @@ std::vector<AttentionBenchRow> bench_attention(const AttentionBenchOptions& o, b
     if (o.iters < 1) throw UserError("bench attention: --iters must be at least 1");
     if (o.warmup < 0) throw UserError("bench attention: --warmup must be at least 0");
     if (o.ks.empty()) throw UserError("bench attention: no value of k");
-    if (o.impl != "reference" && o.impl != "flash")
-        throw UserError("bench attention: --impl " + printable(o.impl) + ": expected reference or flash");
+    if (o.impl != "reference" && o.impl != "bf16")
+        throw UserError("bench attention: --impl " + printable(o.impl) + ": expected reference or bf16");
     if (!attention_bench_has_device()) throw UserError("bench attention: no CUDA device");
     if (!cu::has_cublas()) throw UserError("bench attention: this build has no cuBLAS (the linear ops need it)");
     cuda::set_device(0);
@@ -486,6 +515,8 @@ std::vector<AttentionBenchRow> bench_attention(const AttentionBenchOptions& o, b
     sh.L = 1 + sh.C * sh.N;
     sh.rows = int64_t(sh.B) * sh.L;
     sh.tokens = int64_t(sh.B) * sh.C * sh.N;
+    sh.bf16 = o.impl == "bf16";
+    sh.attention_bf16 = op::attention_reads_bf16(sh.bf16, sh.D, sh.Hd);
 
     ModelConfig dense_cfg = m;
     dense_cfg.arch = "chvit";
@@ -511,10 +542,10 @@ std::vector<AttentionBenchRow> bench_attention(const AttentionBenchOptions& o, b
         const std::string name = k ? "moevit k=" + std::to_string(k) : "chvit";
         try {
             if (k == 0) {
-                DenseBlock v(sh, o.impl == "flash");
+                DenseBlock v(sh);
                 run_variant(v, nullptr, o, o.seed, stream, row);
             } else {
-                MoeBlock v(sh, m, k, o.impl == "flash");
+                MoeBlock v(sh, m, k);
                 run_variant(v, &v, o, o.seed, stream, row);
             }
         } catch (const UserError&) {

@@ -60,9 +60,9 @@ struct AttentionBenchOptions {
     int iters = 50;           // timed iterations (the median is reported)
     int warmup = 10;          // untimed iterations first
     uint64_t seed = 1;        // of the random inputs and weights
-    std::string impl = "reference";  // attention core: "reference" (attention.cu, probabilities
-                              // stored) or "flash" (flash_attention.cu); the default batch
-                              // follows the reference's buffers either way, so both compare
+    std::string impl = "bf16";  // the block as a training mode runs it: "bf16" (bf16 products and
+                              // storage, the flash kernels at head dim 64) or "reference" (fp32);
+                              // the default batch follows the fp32 buffers either way, so both compare
 };
 
 struct AttentionBenchRow {
@@ -93,6 +93,9 @@ constexpr int kAttentionBenchMaxBatch = 256;
 // within kAttentionBenchBudget (at least 1).
 int default_attention_batch(const ModelConfig& m, const std::vector<int>& ks);
 
+// The attention kernels the block runs on: "flash" (the bf16 mode at head
+// dim 64, kernels/cuda/flash_attention.cu) or "reference" (the fused fp32 ones).
+std::string attention_bench_kernels(const AttentionBenchOptions& o);
 // False in a build without CUDA or on a machine without a CUDA device.
 bool attention_bench_has_device();
 // Runs every variant (throws std::runtime_error on a CUDA error, UserError

@@ -115,15 +115,16 @@ static void bind_weights(Weights<T>& w, T* base, const std::vector<ParamInfo>& l
 }
 
 // What one block keeps from forward for backward. ln1, ln2, act and att_out
-// are read by linear layers, qkv by attention, fc1 by GELU (op::MatrixIn:
-// bf16 in the bf16 mode).
+// are read by linear layers, qkv (q, k, v, qg, og: MoE attention) by
+// attention, fc1 by GELU (op::MatrixIn: bf16 in the bf16 mode).
 template <class T>
 struct BlockActs {
     T *x_in;
     op::MatrixIn<T> ln1, ln2, act, qkv, fc1, att_out;
     T *ln1_mean, *ln1_rstd;
     T *att_lse;                                            // dense attention
-    T *z, *rprobs, *weights, *lse, *q, *k, *v, *qg, *og;   // MoE attention
+    T *z, *rprobs, *weights, *lse;                         // MoE attention
+    op::MatrixIn<T> q, k, v, qg, og;
     T *route_lse, *cls_probs;
     int *experts, *offsets, *pair_of_row, *row_of_pair, *counts;
     double* aux_all;        // [2C+1] aux_stats summed over ranks (data-parallel training)
@@ -150,8 +151,9 @@ struct Activations {
     int *correct, *counts;   // counts [depth, C]: every block's routing counts
     // Backward scratch, reused by every block.
     T *dres, *dbranch, *datt, *dln, *dqkv, *dz, *drprobs, *dweights;
-    op::MatrixIn<T> dfc1, dact;  // read only by GELU's backward and the MLP products: bf16 in the bf16 mode
-    T *dq, *dk, *dv, *dqg, *dog, *dcls, *dlnf, *dlogits, *dpatch;
+    // Read only by bf16 products (and GELU's backward, routed attention): bf16 in the bf16 mode
+    op::MatrixIn<T> dfc1, dact, dog;
+    T *dq, *dk, *dv, *dqg, *dcls, *dlnf, *dlogits, *dpatch;
 };
 
 template <class T>
@@ -249,6 +251,15 @@ void Model<T>::carve_activations() {
         if (bf16_storage_) m.bf16 = a.take<uint16_t>(n);
         return m;
     };
+    // Attention's operands and output: bf16 where its products round them
+    // anyway (the flash kernels' head dim).
+    const bool attention_bf16 = op::attention_reads_bf16(bf16_storage_, int(D), int(Hd));
+    auto attention_matrix = [&](int64_t n) {
+        op::MatrixIn<T> m;
+        if (attention_bf16) m.bf16 = a.take<uint16_t>(n);
+        else m.full = a.take<T>(n);
+        return m;
+    };
     T* prev = x.seq;
     for (size_t i = 0; i < x.blocks.size(); i++) {
         auto& b = x.blocks[i];
@@ -263,28 +274,21 @@ void Model<T>::carve_activations() {
             b.experts = a.take<int>(Tok * k);
             b.weights = a.take<T>(Tok * k);
             b.lse = a.take<T>(Tok);
-            b.q = a.take<T>(B * L * D);
-            b.k = a.take<T>(Tok * D);
-            b.v = a.take<T>(Tok * D);
+            b.q = attention_matrix(B * L * D);
+            b.k = attention_matrix(Tok * D);
+            b.v = attention_matrix(Tok * D);
             b.offsets = a.take<int>(B * C + 1);
             b.pair_of_row = a.take<int>(Tok * k);
             b.row_of_pair = a.take<int>(Tok * k);
             b.aux_all = a.take<double>(2 * C + 1);
-            b.qg = a.take<T>(Tok * k * D);
-            b.og = a.take<T>(Tok * k * D);
+            b.qg = attention_matrix(Tok * k * D);
+            b.og = attention_matrix(Tok * k * D);
             b.route_lse = a.take<T>(Tok * k * Hd);
             b.cls_probs = a.take<T>(B * Hd * C * N);
-            b.att_out.full = a.take<T>(B * L * D);  // written by the combine and the CLS row, in fp32
+            b.att_out = attention_matrix(B * L * D);  // written by the combine and the CLS row
         } else {
-            // bf16 where attention's products would round them anyway (the
-            // output: read by the projection, and by attention's backward)
-            if (op::attention_reads_bf16(bf16_storage_, int(D), int(Hd))) {
-                b.qkv.bf16 = a.take<uint16_t>(B * L * 3 * D);
-                b.att_out.bf16 = a.take<uint16_t>(B * L * D);
-            } else {
-                b.qkv.full = a.take<T>(B * L * 3 * D);
-                b.att_out.full = a.take<T>(B * L * D);
-            }
+            b.qkv = attention_matrix(B * L * 3 * D);
+            b.att_out = attention_matrix(B * L * D);  // read by the projection and attention's backward
             b.att_lse = a.take<T>(B * Hd * L);
         }
         b.proj_out = a.take<T>(B * L * D);
@@ -318,7 +322,7 @@ void Model<T>::carve_activations() {
         x.dk = a.take<T>(Tok * D);
         x.dv = a.take<T>(Tok * D);
         x.dqg = a.take<T>(Tok * k * D);
-        x.dog = a.take<T>(Tok * k * D);
+        x.dog = attention_matrix(Tok * k * D);
     } else {
         x.dqkv = a.take<T>(B * L * 3 * D);
     }
@@ -538,13 +542,13 @@ void Model<T>::block_forward(int i, bool training) {
         op::expert_linear_forward(ex_, b.v, b.ln1.at(D), L * D, w.v_w, w.v_b, S_at_, B_, nS_, int(N),
                                   int(D), int(D));
         // a[t] = Σ_{c∈E(t)} R[t,c]·MHA(q[t], K_{b,c}, V_{b,c})
-        op::moe_gather_forward(ex_, b.qg, b.q + D, L * D, b.pair_of_row, B_, nS_, int(N), k, int(D));
+        op::moe_gather_forward(ex_, b.qg, b.q.at(D), L * D, b.pair_of_row, B_, nS_, int(N), k, int(D));
         op::routed_attention_forward(ex_, b.og, b.route_lse, b.qg, b.k, b.v, b.offsets, B_, nS_,
                                      int(N), int(D), int(Hd));
-        op::combine_forward(ex_, b.att_out.full + D, L * D, b.og, b.weights, b.row_of_pair, B_, nS_, int(N),
-                            k, int(D));
+        op::combine_forward(ex_, b.att_out.at(D), L * D, b.og, b.weights, b.row_of_pair, B_, nS_, int(N), k,
+                            int(D));
         // The CLS row attends densely to every patch key of its image.
-        op::cls_attention_forward(ex_, b.att_out.full, L * D, b.cls_probs, b.q, L * D, b.k, b.v, B_,
+        op::cls_attention_forward(ex_, b.att_out, L * D, b.cls_probs, b.q, L * D, b.k, b.v, B_,
                                   int(nS_ * N), int(D), int(Hd));
         // Load-balance and z losses (their gradients are taken in backward).
         // Under data parallelism the balance is that of the global batch.
@@ -666,15 +670,14 @@ void Model<T>::block_backward(int i) {
         op::zero(ex_, x.dq, rows * D);
         op::zero(ex_, x.dk, tokens * D);
         op::zero(ex_, x.dv, tokens * D);
-        op::zero(ex_, x.dog, tokens * k * D);
         op::zero(ex_, x.dqg, tokens * k * D);
         op::zero(ex_, x.dweights, tokens * k);
         op::zero(ex_, x.drprobs, tokens * C);
         op::zero(ex_, x.dz, rows * C);
         op::cls_attention_backward(ex_, x.dq, L * D, x.dk, x.dv, x.datt, L * D, b.q, L * D, b.k, b.v,
                                    b.cls_probs, B_, int(nS_ * N), int(D), int(Hd));
-        op::combine_backward(ex_, x.dog, x.dweights, x.datt + D, L * D, b.og, b.weights, b.row_of_pair,
-                             B_, nS_, int(N), k, int(D));
+        op::combine_backward(ex_, op::overwrite(x.dog), x.dweights, x.datt + D, L * D, b.og, b.weights,
+                             b.row_of_pair, B_, nS_, int(N), k, int(D));
         op::routed_attention_backward(ex_, x.dqg, x.dk, x.dv, x.dog, b.qg, b.k, b.v, b.og,
                                       b.route_lse, b.offsets, B_, nS_, int(N), int(D), int(Hd));
         op::moe_gather_backward(ex_, x.dq + D, L * D, x.dqg, b.row_of_pair, B_, nS_, int(N), k, int(D));

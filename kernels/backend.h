@@ -112,6 +112,26 @@ void round_into(uint16_t* dst, const T* values, int64_t n) {
     if (dst)
         for (int64_t i = 0; i < n; i++) dst[i] = bf16_bits(float(values[i]));
 }
+// CPU: the same for an output of B images at `stride` elements apart, of
+// which the op writes the first per_image elements each (rows of a sequence).
+template <class T>
+void round_images_into(uint16_t* dst, const T* values, int B, int64_t stride, int64_t per_image) {
+    if (dst)
+        for (int b = 0; b < B; b++) round_into(dst + b * stride, values + b * stride, per_image);
+}
+// The elements of B images at `stride` apart, the first per_image each.
+inline int64_t image_span(int B, int64_t stride, int64_t per_image) {
+    return B > 0 ? (B - 1) * stride + per_image : 0;
+}
+// An op whose matrices are all fp32 or all bf16-stored (the bf16 pointers
+// given): true for bf16. A mixture is a wiring error, on either device.
+inline bool all_bf16(const char* op, std::initializer_list<const void*> bf16) {
+    size_t present = 0;
+    for (const void* p : bf16) present += p != nullptr;
+    if (present != 0 && present != bf16.size())
+        throw std::logic_error(std::string(op) + ": its matrices are all fp32 or all bf16-stored");
+    return present != 0;
+}
 // CUDA's fp32 products take fp32 inputs only.
 inline void require_full(const void* bf16, const char* op) {
     if (bf16) throw std::logic_error(std::string(op) + ": a bf16-stored input outside the bf16 mode");
@@ -302,25 +322,31 @@ void linear_backward(const Exec& ex, const NoDeduce<GradOut<T>>& dx, T* dW, T* d
 }
 // x: the patch rows (x, x_image_stride) of a sequence matrix, so the first
 // (B-1)·x_image_stride + nS·N·in_dim elements are what the ops may read.
+// out: fp32, or bf16 alone (the bf16 mode's stored k and v).
 template <class T>
-void expert_linear_forward(const Exec& ex, T* out, const NoDeduce<MatrixIn<T>>& x, int64_t x_image_stride, const T* W,
-                           const T* bias, const int* S, int B, int nS, int N, int in_dim, int out_dim) {
+void expert_linear_forward(const Exec& ex, const NoDeduce<MatrixIn<T>>& out, const NoDeduce<MatrixIn<T>>& x,
+                           int64_t x_image_stride, const T* W, const T* bias, const int* S, int B, int nS, int N,
+                           int in_dim, int out_dim) {
+    if (out.full && out.bf16) throw std::logic_error("expert_linear_forward: one output, fp32 or bf16");
 #ifdef PRISM_CUDA
     if constexpr (std::is_same_v<T, float>) {
         if (ex.cuda && ex.bf16_matmul)
-            return cuda_ops::expert_linear_forward_mixed(out, x.full, x.bf16, x_image_stride, W, bias, S, B, nS, N,
-                                                         in_dim, out_dim, ex.stream);
+            return cuda_ops::expert_linear_forward_mixed(out.full, out.bf16, x.full, x.bf16, x_image_stride, W, bias,
+                                                         S, B, nS, N, in_dim, out_dim, ex.stream);
         if (ex.cuda) {
             detail::require_full(x.bf16, "expert_linear_forward");
-            return cuda_ops::expert_linear_forward(out, x.full, x_image_stride, W, bias, S, B, nS, N, in_dim,
+            detail::require_full(out.bf16, "expert_linear_forward");
+            return cuda_ops::expert_linear_forward(out.full, x.full, x_image_stride, W, bias, S, B, nS, N, in_dim,
                                                    out_dim, ex.stream);
         }
     }
 #endif
-    std::vector<T> tmp;
-    const int64_t span = B > 0 ? (B - 1) * x_image_stride + int64_t(nS) * N * in_dim : 0;
-    ops::expert_linear_forward(out, detail::widened(x, span, tmp), x_image_stride, W, bias, S, B, nS, N, in_dim,
-                               out_dim);
+    std::vector<T> tmp, tmp_out;
+    const int64_t n_out = int64_t(B) * nS * N * out_dim;
+    T* o = detail::output_of(out, n_out, tmp_out);
+    ops::expert_linear_forward(o, detail::widened(x, detail::image_span(B, x_image_stride, int64_t(nS) * N * in_dim), tmp),
+                               x_image_stride, W, bias, S, B, nS, N, in_dim, out_dim);
+    detail::round_into(out.bf16, o, n_out);
 }
 template <class T>
 void expert_linear_backward(const Exec& ex, T* dx, T* dW, T* dbias, const T* dout, const NoDeduce<MatrixIn<T>>& x,
@@ -339,9 +365,9 @@ void expert_linear_backward(const Exec& ex, T* dx, T* dW, T* dbias, const T* dou
     }
 #endif
     std::vector<T> tmp;
-    const int64_t span = B > 0 ? (B - 1) * x_image_stride + int64_t(nS) * N * in_dim : 0;
-    ops::expert_linear_backward(dx, dW, dbias, dout, detail::widened(x, span, tmp), x_image_stride, W, S, B, nS,
-                                N, in_dim, out_dim);
+    ops::expert_linear_backward(dx, dW, dbias, dout,
+                                detail::widened(x, detail::image_span(B, x_image_stride, int64_t(nS) * N * in_dim), tmp),
+                                x_image_stride, W, S, B, nS, N, in_dim, out_dim);
 }
 // x: fp32, or the bf16 mode's stored fc1 output.
 template <class T> void gelu_forward(const Exec& ex, const MatrixIn<T>& out, const MatrixIn<T>& x, int64_t n) {
@@ -529,11 +555,27 @@ inline void moe_dispatch(const Exec& ex, int* offsets, int* pair_of_row, int* ro
 #endif
     ops::moe_dispatch(offsets, pair_of_row, row_of_pair, counts, experts, B, nS, N, k);
 }
+// The bf16 mode stores q, k, v, the gathered queries qg, the routed output og
+// and the attention output in bf16 where attention_reads_bf16 (moevit's
+// flash kernels round them anyway): the ops below take each as a MatrixIn
+// (fp32 or bf16, all of one op's the same) and write their outputs likewise.
 template <class T>
-void moe_gather_forward(const Exec& ex, T* qg, const T* q, int64_t q_image_stride, const int* pair_of_row,
-                        int B, int nS, int N, int k, int D) {
-    PRISM_OP(moe_gather_forward(qg, q, q_image_stride, pair_of_row, B, nS, N, k, D),
-             moe_gather_forward(qg, q, q_image_stride, pair_of_row, B, nS, N, k, D, ex.stream));
+void moe_gather_forward(const Exec& ex, const MatrixIn<T>& qg, const NoDeduce<MatrixIn<T>>& q,
+                        int64_t q_image_stride, const int* pair_of_row, int B, int nS, int N, int k, int D) {
+    detail::all_bf16("moe_gather_forward", {qg.bf16, q.bf16});
+#ifdef PRISM_CUDA
+    if constexpr (std::is_same_v<T, float>) {
+        if (ex.cuda)
+            return cuda_ops::moe_gather_forward(qg.full, qg.bf16, q.full, q.bf16, q_image_stride, pair_of_row, B, nS,
+                                                N, k, D, ex.stream);
+    }
+#endif
+    const int64_t R = int64_t(nS) * N, n_out = int64_t(B) * R * k * D;
+    std::vector<T> tmp_q, tmp_out;
+    T* o = detail::output_of(qg, n_out, tmp_out);
+    ops::moe_gather_forward(o, detail::widened(q, detail::image_span(B, q_image_stride, R * D), tmp_q),
+                            q_image_stride, pair_of_row, B, nS, N, k, D);
+    detail::round_into(qg.bf16, o, n_out);
 }
 template <class T>
 void moe_gather_backward(const Exec& ex, T* dq, int64_t dq_image_stride, const T* dqg,
@@ -541,64 +583,154 @@ void moe_gather_backward(const Exec& ex, T* dq, int64_t dq_image_stride, const T
     PRISM_OP(moe_gather_backward(dq, dq_image_stride, dqg, row_of_pair, B, nS, N, k, D),
              moe_gather_backward(dq, dq_image_stride, dqg, row_of_pair, B, nS, N, k, D, ex.stream));
 }
-// Routed attention: the dispatch of dense attention's (above).
+// Routed attention: the dispatch of dense attention's (above). qg, k, v, og
+// (and dog) all fp32, or all bf16 (the flash kernels only).
 template <class T>
-void routed_attention_forward(const Exec& ex, T* og, T* lse, const T* qg, const T* k, const T* v,
-                              const int* offsets, int B, int nS, int N, int D, int Hd) {
+void routed_attention_forward(const Exec& ex, const NoDeduce<MatrixIn<T>>& og, T* lse, const NoDeduce<MatrixIn<T>>& qg,
+                              const NoDeduce<MatrixIn<T>>& k, const NoDeduce<MatrixIn<T>>& v, const int* offsets,
+                              int B, int nS, int N, int D, int Hd) {
+    const bool bf16 = detail::all_bf16("routed_attention_forward", {og.bf16, qg.bf16, k.bf16, v.bf16});
+    (void)bf16;  // (a build without CUDA)
 #ifdef PRISM_CUDA
     if constexpr (std::is_same_v<T, float>) {
-        if (use_flash(ex, D, Hd, {og, qg, k, v}))
-            return cuda_ops::flash_routed_attention_forward(og, lse, qg, k, v, offsets, B, nS, N, D, Hd,
-                                                            ex.stream);
+        if (bf16 && use_flash(ex, D, Hd, {og.bf16, qg.bf16, k.bf16, v.bf16}))
+            return cuda_ops::flash_routed_attention_forward_bf16(og.bf16, lse, qg.bf16, k.bf16, v.bf16, offsets, B,
+                                                                 nS, N, D, Hd, ex.stream);
+        if (ex.cuda) {
+            detail::require_full(qg.bf16, "routed_attention_forward");
+            if (use_flash(ex, D, Hd, {og.full, qg.full, k.full, v.full}))
+                return cuda_ops::flash_routed_attention_forward(og.full, lse, qg.full, k.full, v.full, offsets, B, nS,
+                                                                N, D, Hd, ex.stream);
+            return cuda_ops::routed_attention_forward(og.full, lse, qg.full, k.full, v.full, offsets, B, nS, N, D, Hd,
+                                                      ex.stream);
+        }
     }
 #endif
-    PRISM_OP(routed_attention_forward(og, lse, qg, k, v, offsets, B, nS, N, D, Hd),
-             routed_attention_forward(og, lse, qg, k, v, offsets, B, nS, N, D, Hd, ex.stream));
+    const int64_t rows = B > 0 ? offsets[int64_t(B) * nS] : 0, kv = int64_t(B) * nS * N * D;
+    std::vector<T> tmp_q, tmp_k, tmp_v, tmp_out;
+    T* o = detail::output_of(og, rows * D, tmp_out);
+    ops::routed_attention_forward(o, lse, detail::widened(qg, rows * D, tmp_q), detail::widened(k, kv, tmp_k),
+                                  detail::widened(v, kv, tmp_v), offsets, B, nS, N, D, Hd);
+    detail::round_into(og.bf16, o, rows * D);
 }
+// dqg, dk, dv: added into.
 template <class T>
-void routed_attention_backward(const Exec& ex, T* dqg, T* dk, T* dv, const T* dog, const T* qg,
-                               const T* k, const T* v, const T* og, const T* lse, const int* offsets,
-                               int B, int nS, int N, int D, int Hd) {
+void routed_attention_backward(const Exec& ex, T* dqg, T* dk, T* dv, const NoDeduce<MatrixIn<T>>& dog,
+                               const NoDeduce<MatrixIn<T>>& qg, const NoDeduce<MatrixIn<T>>& k,
+                               const NoDeduce<MatrixIn<T>>& v, const NoDeduce<MatrixIn<T>>& og, const T* lse,
+                               const int* offsets, int B, int nS, int N, int D, int Hd) {
+    const bool bf16 = detail::all_bf16("routed_attention_backward", {dog.bf16, qg.bf16, k.bf16, v.bf16, og.bf16});
+    (void)bf16;
 #ifdef PRISM_CUDA
     if constexpr (std::is_same_v<T, float>) {
-        if (use_flash(ex, D, Hd, {dqg, dk, dv, dog, qg, k, v, og}))
-            return cuda_ops::flash_routed_attention_backward(dqg, dk, dv, dog, qg, k, v, og, lse, offsets, B,
-                                                             nS, N, D, Hd, ex.stream);
+        if (bf16 && use_flash(ex, D, Hd, {dqg, dk, dv, dog.bf16, qg.bf16, k.bf16, v.bf16, og.bf16}))
+            return cuda_ops::flash_routed_attention_backward_bf16(dqg, dk, dv, dog.bf16, qg.bf16, k.bf16, v.bf16,
+                                                                  og.bf16, lse, offsets, B, nS, N, D, Hd, ex.stream);
+        if (ex.cuda) {
+            detail::require_full(qg.bf16, "routed_attention_backward");
+            if (use_flash(ex, D, Hd, {dqg, dk, dv, dog.full, qg.full, k.full, v.full, og.full}))
+                return cuda_ops::flash_routed_attention_backward(dqg, dk, dv, dog.full, qg.full, k.full, v.full,
+                                                                 og.full, lse, offsets, B, nS, N, D, Hd, ex.stream);
+            return cuda_ops::routed_attention_backward(dqg, dk, dv, dog.full, qg.full, k.full, v.full, og.full, lse,
+                                                       offsets, B, nS, N, D, Hd, ex.stream);
+        }
     }
 #endif
-    PRISM_OP(routed_attention_backward(dqg, dk, dv, dog, qg, k, v, og, lse, offsets, B, nS, N, D, Hd),
-             routed_attention_backward(dqg, dk, dv, dog, qg, k, v, og, lse, offsets, B, nS, N, D, Hd,
-                                       ex.stream));
+    const int64_t rows = B > 0 ? offsets[int64_t(B) * nS] : 0, kv = int64_t(B) * nS * N * D;
+    std::vector<T> tmp_dog, tmp_q, tmp_k, tmp_v, tmp_og;
+    ops::routed_attention_backward(dqg, dk, dv, detail::widened(dog, rows * D, tmp_dog),
+                                   detail::widened(qg, rows * D, tmp_q), detail::widened(k, kv, tmp_k),
+                                   detail::widened(v, kv, tmp_v), detail::widened(og, rows * D, tmp_og), lse, offsets,
+                                   B, nS, N, D, Hd);
 }
+// a: the patch rows (a, a_image_stride) of the attention output.
 template <class T>
-void combine_forward(const Exec& ex, T* a, int64_t a_image_stride, const T* og, const T* weights,
-                     const int* row_of_pair, int B, int nS, int N, int k, int D) {
-    PRISM_OP(combine_forward(a, a_image_stride, og, weights, row_of_pair, B, nS, N, k, D),
-             combine_forward(a, a_image_stride, og, weights, row_of_pair, B, nS, N, k, D, ex.stream));
+void combine_forward(const Exec& ex, const NoDeduce<MatrixIn<T>>& a, int64_t a_image_stride,
+                     const NoDeduce<MatrixIn<T>>& og, const T* weights, const int* row_of_pair, int B, int nS, int N,
+                     int k, int D) {
+    detail::all_bf16("combine_forward", {a.bf16, og.bf16});
+#ifdef PRISM_CUDA
+    if constexpr (std::is_same_v<T, float>) {
+        if (ex.cuda)
+            return cuda_ops::combine_forward(a.full, a.bf16, a_image_stride, og.full, og.bf16, weights, row_of_pair,
+                                             B, nS, N, k, D, ex.stream);
+    }
+#endif
+    const int64_t R = int64_t(nS) * N, span = detail::image_span(B, a_image_stride, R * D);
+    std::vector<T> tmp_og, tmp_out;
+    T* o = detail::output_of(a, span, tmp_out);
+    ops::combine_forward(o, a_image_stride, detail::widened(og, int64_t(B) * R * k * D, tmp_og), weights, row_of_pair,
+                         B, nS, N, k, D);
+    detail::round_images_into(a.bf16, o, B, a_image_stride, R * D);
 }
+// dog: added into, or written (overwrite; in bf16 too where og is); dweights: added into.
 template <class T>
-void combine_backward(const Exec& ex, T* dog, T* dweights, const T* da, int64_t da_image_stride,
-                      const T* og, const T* weights, const int* row_of_pair, int B, int nS, int N, int k,
-                      int D) {
-    PRISM_OP(combine_backward(dog, dweights, da, da_image_stride, og, weights, row_of_pair, B, nS, N, k, D),
-             combine_backward(dog, dweights, da, da_image_stride, og, weights, row_of_pair, B, nS, N, k, D,
-                              ex.stream));
+void combine_backward(const Exec& ex, const NoDeduce<GradOut<T>>& dog, T* dweights, const T* da,
+                      int64_t da_image_stride, const NoDeduce<MatrixIn<T>>& og, const T* weights,
+                      const int* row_of_pair, int B, int nS, int N, int k, int D) {
+    if (dog.bf16) detail::all_bf16("combine_backward", {dog.bf16, og.bf16});
+#ifdef PRISM_CUDA
+    if constexpr (std::is_same_v<T, float>) {
+        if (ex.cuda)
+            return cuda_ops::combine_backward(dog.p, dog.bf16, dog.overwrite, dweights, da, da_image_stride, og.full,
+                                              og.bf16, weights, row_of_pair, B, nS, N, k, D, ex.stream);
+    }
+#endif
+    const int64_t n = int64_t(B) * nS * N * k * D;
+    std::vector<T> tmp_og, tmp_dog;
+    T* d = detail::grad_of(dog, n, tmp_dog);
+    ops::combine_backward(d, dweights, da, da_image_stride, detail::widened(og, n, tmp_og), weights, row_of_pair, B,
+                          nS, N, k, D);
+    detail::round_into(dog.bf16, d, n);
 }
+// out: row 0 of each image (out, out_image_stride); q likewise; k, v [B, M, D].
 template <class T>
-void cls_attention_forward(const Exec& ex, T* out, int64_t out_image_stride, T* probs, const T* q,
-                           int64_t q_image_stride, const T* k, const T* v, int B, int M, int D, int Hd) {
-    PRISM_OP(cls_attention_forward(out, out_image_stride, probs, q, q_image_stride, k, v, B, M, D, Hd),
-             cls_attention_forward(out, out_image_stride, probs, q, q_image_stride, k, v, B, M, D, Hd,
-                                   ex.stream));
+void cls_attention_forward(const Exec& ex, const NoDeduce<MatrixIn<T>>& out, int64_t out_image_stride, T* probs,
+                           const NoDeduce<MatrixIn<T>>& q, int64_t q_image_stride, const NoDeduce<MatrixIn<T>>& k,
+                           const NoDeduce<MatrixIn<T>>& v, int B, int M, int D, int Hd) {
+    const bool bf16 = detail::all_bf16("cls_attention_forward", {out.bf16, q.bf16, k.bf16, v.bf16});
+    (void)bf16;
+#ifdef PRISM_CUDA
+    if constexpr (std::is_same_v<T, float>) {
+        if (ex.cuda && bf16)
+            return cuda_ops::cls_attention_forward_bf16(out.bf16, out_image_stride, probs, q.bf16, q_image_stride,
+                                                        k.bf16, v.bf16, B, M, D, Hd, ex.stream);
+        if (ex.cuda)
+            return cuda_ops::cls_attention_forward(out.full, out_image_stride, probs, q.full, q_image_stride, k.full,
+                                                   v.full, B, M, D, Hd, ex.stream);
+    }
+#endif
+    const int64_t kv = int64_t(B) * M * D;
+    std::vector<T> tmp_q, tmp_k, tmp_v, tmp_out;
+    T* o = detail::output_of(out, detail::image_span(B, out_image_stride, D), tmp_out);
+    ops::cls_attention_forward(o, out_image_stride, probs, detail::widened(q, detail::image_span(B, q_image_stride, D), tmp_q),
+                               q_image_stride, detail::widened(k, kv, tmp_k), detail::widened(v, kv, tmp_v), B, M, D,
+                               Hd);
+    detail::round_images_into(out.bf16, o, B, out_image_stride, D);
 }
 template <class T>
 void cls_attention_backward(const Exec& ex, T* dq, int64_t dq_image_stride, T* dk, T* dv, const T* dout,
-                            int64_t dout_image_stride, const T* q, int64_t q_image_stride, const T* k,
-                            const T* v, const T* probs, int B, int M, int D, int Hd) {
-    PRISM_OP(cls_attention_backward(dq, dq_image_stride, dk, dv, dout, dout_image_stride, q,
-                                    q_image_stride, k, v, probs, B, M, D, Hd),
-             cls_attention_backward(dq, dq_image_stride, dk, dv, dout, dout_image_stride, q,
-                                    q_image_stride, k, v, probs, B, M, D, Hd, ex.stream));
+                            int64_t dout_image_stride, const NoDeduce<MatrixIn<T>>& q, int64_t q_image_stride,
+                            const NoDeduce<MatrixIn<T>>& k, const NoDeduce<MatrixIn<T>>& v, const T* probs, int B,
+                            int M, int D, int Hd) {
+    const bool bf16 = detail::all_bf16("cls_attention_backward", {q.bf16, k.bf16, v.bf16});
+    (void)bf16;
+#ifdef PRISM_CUDA
+    if constexpr (std::is_same_v<T, float>) {
+        if (ex.cuda && bf16)
+            return cuda_ops::cls_attention_backward_bf16(dq, dq_image_stride, dk, dv, dout, dout_image_stride, q.bf16,
+                                                         q_image_stride, k.bf16, v.bf16, probs, B, M, D, Hd,
+                                                         ex.stream);
+        if (ex.cuda)
+            return cuda_ops::cls_attention_backward(dq, dq_image_stride, dk, dv, dout, dout_image_stride, q.full,
+                                                    q_image_stride, k.full, v.full, probs, B, M, D, Hd, ex.stream);
+    }
+#endif
+    const int64_t kv = int64_t(B) * M * D;
+    std::vector<T> tmp_q, tmp_k, tmp_v;
+    ops::cls_attention_backward(dq, dq_image_stride, dk, dv, dout, dout_image_stride,
+                                detail::widened(q, detail::image_span(B, q_image_stride, D), tmp_q), q_image_stride,
+                                detail::widened(k, kv, tmp_k), detail::widened(v, kv, tmp_v), probs, B, M, D, Hd);
 }
 
 // ---- head -----------------------------------------------------------------------------------

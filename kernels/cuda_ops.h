@@ -136,10 +136,11 @@ void linear_backward_mixed(float* dx, uint16_t* dx_bf16, bool overwrite_dx, floa
 // x, the used experts' W[S[s]] and (backward) dout rounded to bf16 once per
 // call into compact copies, the batched products on the tensor cores with
 // fp32 accumulation into the fp32 results; the bias and its gradient fp32.
-// x_bf16 as above, with x's image stride.
-void expert_linear_forward_mixed(float* out, const float* x, const uint16_t* x_bf16, int64_t x_image_stride,
-                                 const float* W, const float* bias, const int* S, int B, int nS, int N,
-                                 int in_dim, int out_dim, cudaStream_t stream);
+// x_bf16 as above, with x's image stride. Forward writes out (fp32) or
+// out_bf16 (the bf16 mode's stored k and v: bf16(x·Wᵀ + bf16(b))), one of them.
+void expert_linear_forward_mixed(float* out, uint16_t* out_bf16, const float* x, const uint16_t* x_bf16,
+                                 int64_t x_image_stride, const float* W, const float* bias, const int* S, int B,
+                                 int nS, int N, int in_dim, int out_dim, cudaStream_t stream);
 void expert_linear_backward_mixed(float* dx, float* dW, float* dbias, const float* dout, const float* x,
                                   const uint16_t* x_bf16, int64_t x_image_stride, const float* W, const int* S,
                                   int B, int nS, int N, int in_dim, int out_dim, cudaStream_t stream);
@@ -216,8 +217,10 @@ void z_loss_forward_backward(float* loss, float* dz, int64_t dz_image_stride, co
 // in the same order.
 void moe_dispatch(int* offsets, int* pair_of_row, int* row_of_pair, int* counts,
                   const int* experts, int B, int nS, int N, int k, cudaStream_t stream);
-void moe_gather_forward(float* qg, const float* q, int64_t q_image_stride, const int* pair_of_row,
-                        int B, int nS, int N, int k, int D, cudaStream_t stream);
+// q and qg both fp32, or both bf16 (the bf16 mode's stored q: the other pair null).
+void moe_gather_forward(float* qg, uint16_t* qg_bf16, const float* q, const uint16_t* q_bf16,
+                        int64_t q_image_stride, const int* pair_of_row, int B, int nS, int N, int k, int D,
+                        cudaStream_t stream);
 void moe_gather_backward(float* dq, int64_t dq_image_stride, const float* dqg,
                          const int* row_of_pair, int B, int nS, int N, int k, int D,
                          cudaStream_t stream);
@@ -242,12 +245,25 @@ void flash_routed_attention_backward(float* dqg, float* dk, float* dv, const flo
                                      const float* qg, const float* k, const float* v, const float* og,
                                      const float* lse, const int* offsets, int B, int nS, int N, int D,
                                      int Hd, cudaStream_t stream);
-void combine_forward(float* a, int64_t a_image_stride, const float* og, const float* weights,
-                     const int* row_of_pair, int B, int nS, int N, int k, int D,
+// The same on the bf16 mode's stored operands: qg, k, v, og and dog in bf16,
+// read as they are (the gradients fp32, added into).
+void flash_routed_attention_forward_bf16(uint16_t* og, float* lse, const uint16_t* qg, const uint16_t* k,
+                                         const uint16_t* v, const int* offsets, int B, int nS, int N, int D, int Hd,
+                                         cudaStream_t stream);
+void flash_routed_attention_backward_bf16(float* dqg, float* dk, float* dv, const uint16_t* dog,
+                                          const uint16_t* qg, const uint16_t* k, const uint16_t* v,
+                                          const uint16_t* og, const float* lse, const int* offsets, int B, int nS,
+                                          int N, int D, int Hd, cudaStream_t stream);
+// og and a both fp32, or both bf16 (the bf16 mode's stored og and attention output).
+void combine_forward(float* a, uint16_t* a_bf16, int64_t a_image_stride, const float* og, const uint16_t* og_bf16,
+                     const float* weights, const int* row_of_pair, int B, int nS, int N, int k, int D,
                      cudaStream_t stream);
-void combine_backward(float* dog, float* dweights, const float* da, int64_t da_image_stride,
-                      const float* og, const float* weights, const int* row_of_pair, int B,
-                      int nS, int N, int k, int D, cudaStream_t stream);
+// og fp32 or (og_bf16) bf16. overwrite_dog: dog is written, not added into
+// (each row has one writer); dog_bf16: written in bf16 instead (overwrite
+// and og_bf16 only; dog then null). dweights is added into.
+void combine_backward(float* dog, uint16_t* dog_bf16, bool overwrite_dog, float* dweights, const float* da,
+                      int64_t da_image_stride, const float* og, const uint16_t* og_bf16, const float* weights,
+                      const int* row_of_pair, int B, int nS, int N, int k, int D, cudaStream_t stream);
 // The CLS row keeps its probabilities [B, Hd, M] (ops::cls_attention_*).
 void cls_attention_forward(float* out, int64_t out_image_stride, float* probs, const float* q,
                            int64_t q_image_stride, const float* k, const float* v, int B, int M,
@@ -257,6 +273,15 @@ void cls_attention_backward(float* dq, int64_t dq_image_stride, float* dk, float
                             int64_t q_image_stride, const float* k, const float* v,
                             const float* probs, int B, int M, int D, int Hd,
                             cudaStream_t stream);
+// The same with q, k, v (and forward's out) stored in bf16 by the bf16 mode;
+// the sums, the probabilities and the gradients fp32.
+void cls_attention_forward_bf16(uint16_t* out, int64_t out_image_stride, float* probs, const uint16_t* q,
+                                int64_t q_image_stride, const uint16_t* k, const uint16_t* v, int B, int M, int D,
+                                int Hd, cudaStream_t stream);
+void cls_attention_backward_bf16(float* dq, int64_t dq_image_stride, float* dk, float* dv, const float* dout,
+                                 int64_t dout_image_stride, const uint16_t* q, int64_t q_image_stride,
+                                 const uint16_t* k, const uint16_t* v, const float* probs, int B, int M, int D,
+                                 int Hd, cudaStream_t stream);
 
 // ---- head ---------------------------------------------------------------------------------
 void select_rows(float* out, const float* x, int64_t stride, int B, int D, cudaStream_t stream);

@@ -100,6 +100,15 @@ inline std::vector<float> widen(const std::vector<uint16_t>& v) {
     return out;
 }
 
+// widen, but a poisoned bf16 element (0xFFFF: never written) becomes the fp32
+// poison, so that expect_close tells unwritten elements from written ones.
+inline std::vector<float> widen_keeping_poison(const std::vector<uint16_t>& v) {
+    std::vector<float> out = widen(v);
+    for (size_t i = 0; i < v.size(); i++)
+        if (v[i] == 0xFFFFu) std::memset(&out[i], 0xFF, sizeof(float));
+    return out;
+}
+
 inline std::vector<float> randn_f(size_t n, Rng& rng, double scale = 1.0, double shift = 0.0) {
     std::vector<float> v(n);
     for (auto& x : v) x = float(rng.normal() * scale + shift);

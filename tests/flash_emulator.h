@@ -406,6 +406,8 @@ inline void add_f2(float* p, float x, float y) {
     if ((uintptr_t)p % 8) emu::fail("float2 add: misaligned");
     p[0] += x, p[1] += y;
 }
+inline float load_elem(const uint16_t* p) { return emu::bf16_float(*p); }
+inline void store_elem(uint16_t* p, float v) { *p = emu::bf16_bits(v); }
 
 }  // inline namespace emulated
 }  // namespace prism::flash

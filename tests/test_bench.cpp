@@ -79,6 +79,24 @@ TEST(BenchAttention, DefaultBatch) {
     EXPECT_GT(attention_bench_bytes_per_image(p16, 8), attention_bench_bytes_per_image(p16, 0));
 }
 
+// --impl bf16 runs the block as the bf16 mode does: on the flash kernels
+// where the head dim is 64 (every shipped JUMP-CP and So2Sat config), else on
+// the fp32 ones, as the model would.
+TEST(BenchAttention, KernelsFollowTheMode) {
+    AttentionBenchOptions o;
+    o.model = load_config("configs/jumpcp_chvit.json").model;
+    ASSERT_EQ(o.model.dim, 64 * o.model.heads);
+    EXPECT_EQ(o.impl, "bf16");  // the default, as train.precision's on CUDA
+    EXPECT_EQ(attention_bench_kernels(o), "flash");
+    EXPECT_EQ(attention_bench_json(o, AttentionBenchRow{})["precision"], "bf16");
+    o.impl = "reference";
+    EXPECT_EQ(attention_bench_kernels(o), "reference");
+    EXPECT_EQ(attention_bench_json(o, AttentionBenchRow{})["precision"], "fp32");
+    o.impl = "bf16";
+    o.model.heads *= 2;  // head dim 32
+    EXPECT_EQ(attention_bench_kernels(o), "reference");
+}
+
 TEST(BenchAttention, BadOptionsFailWithOneLine) {
     const std::string prism = build_dir() + "prism bench attention ";
     const char* cases[][2] = {
@@ -87,6 +105,7 @@ TEST(BenchAttention, BadOptionsFailWithOneLine) {
         {"--config configs/jumpcp_chvit.json --iters 0", "--iters"},
         {"--config configs/jumpcp_chvit.json --batch -1", "--batch"},
         {"--config configs/jumpcp_chvit.json --impl fast", "--impl fast"},
+        {"--config configs/jumpcp_chvit.json --impl flash", "expected bf16 or reference"},
         {"--config configs/no_such.json", "no_such.json"},
         {"", "--config is required"},
     };

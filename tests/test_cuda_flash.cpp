@@ -191,6 +191,36 @@ protected:
         expect_increment_close(what + " dqg", got[0], r_q, g_q);
         expect_increment_close(what + " dk", got[1], r_k, g_k);
         expect_increment_close(what + " dv", got[2], r_v, g_v);
+
+        // The bf16 mode's stored operands (qg, k, v, og, dog in bf16): the same
+        // values as bf16 give the same bits, og in bf16 is the rounding of og,
+        // and backward from it equals the fp32 operands' backward from its
+        // widened values.
+        auto d_qg16 = to_device(to_bf16(qg)), d_k16 = to_device(to_bf16(kk)), d_v16 = to_device(to_bf16(vv));
+        DeviceArray<uint16_t> og16(ref.size());
+        og16.poison();
+        lse.poison();
+        cu::flash_routed_attention_forward_bf16(og16.get(), lse.get(), d_qg16.get(), d_k16.get(), d_v16.get(),
+                                                d_off.get(), B, nS, N, D, Hd, stream);
+        const auto og16_host = og16.download();
+        expect_rounding_of(what + " og stored bf16", og16_host, fwd[0]);
+        expect_bit_identical(what + " lse, operands stored bf16", lse.download(), fwd[1]);
+        auto d_og_widened = to_device(widen(og16_host));
+        auto d_dog16 = to_device(to_bf16(dog));
+        const RunBuffers grads = {{&dqg, g_q}, {&dk, g_k}, {&dv, g_v}};
+        const auto from_widened = run_twice(what + " backward from widened og", grads, [&] {
+            cu::flash_routed_attention_backward(dqg.get(), dk.get(), dv.get(), d_dog.get(), d_qg.get(), d_k.get(),
+                                                d_v.get(), d_og_widened.get(), lse.get(), d_off.get(), B, nS, N, D,
+                                                Hd, stream);
+        });
+        const auto stored = run_twice(what + " backward, operands stored bf16", grads, [&] {
+            cu::flash_routed_attention_backward_bf16(dqg.get(), dk.get(), dv.get(), d_dog16.get(), d_qg16.get(),
+                                                     d_k16.get(), d_v16.get(), og16.get(), lse.get(), d_off.get(), B,
+                                                     nS, N, D, Hd, stream);
+        });
+        for (int i = 0; i < 3; i++)
+            expect_bit_identical(what + " backward, operands stored bf16, buffer " + std::to_string(i), stored[i],
+                                 from_widened[i]);
     }
 
 };

@@ -532,18 +532,32 @@ TEST_F(CudaOps, ExpertLinear) {
                         cu::expert_linear_forward(out.get(), d_x.get() + D, stride, d_W.get(), d_bias.get(), d_S.get(),
                                                   B, nS, N, D, D, stream);
                     else if (!stored)
-                        cu::expert_linear_forward_mixed(out.get(), d_x.get() + D, nullptr, stride, d_W.get(),
+                        cu::expert_linear_forward_mixed(out.get(), nullptr, d_x.get() + D, nullptr, stride, d_W.get(),
                                                         d_bias.get(), d_S.get(), B, nS, N, D, D, stream);
                     else
-                        cu::expert_linear_forward_mixed(out.get(), nullptr, d_xb.get() + D, stride, d_W.get(),
-                                                        d_bias.get(), d_S.get(), B, nS, N, D, D, stream);
+                        cu::expert_linear_forward_mixed(out.get(), nullptr, nullptr, d_xb.get() + D, stride,
+                                                        d_W.get(), d_bias.get(), d_S.get(), B, nS, N, D, D, stream);
                 };
                 const auto fwd = run_twice(what + " forward", {{&out, {}}}, [&] { forward(false); });
                 expect_close(what + " forward", fwd[0], ref, tol);
-                if (mixed)
+                if (mixed) {
                     expect_bit_identical(what + " forward, x stored bf16",
                                          run_twice(what + " forward, x stored bf16", {{&out, {}}}, [&] { forward(true); })[0],
                                          fwd[0]);
+                    // The bf16 mode's stored k, v: the result in bf16 (from the
+                    // bias rounded to bf16), poisoned before each run.
+                    DeviceArray<uint16_t> out16(ref.size());
+                    std::vector<uint16_t> runs[2];
+                    for (int run = 0; run < 2; run++) {
+                        out16.poison();
+                        cu::expert_linear_forward_mixed(nullptr, out16.get(), run ? nullptr : d_x.get() + D,
+                                                        run ? d_xb.get() + D : nullptr, stride, d_W.get(),
+                                                        d_bias.get(), d_S.get(), B, nS, N, D, D, stream);
+                        runs[run] = out16.download();
+                    }
+                    expect_bit_identical(what + " forward to bf16 (x fp32, x stored bf16)", runs[0], runs[1]);
+                    expect_close(what + " forward to bf16", widen(runs[0]), ref, 1e-2);
+                }
 
                 const auto dout = operand(ref.size());
                 const auto g_x = randn_f(x.size(), rng), g_W = randn_f(W.size(), rng), g_b = randn_f(bias.size(), rng);
@@ -1015,8 +1029,17 @@ TEST_F(CudaOps, GatherAndCombine) {
                 ops::moe_gather_forward(ref_qg.data(), q.data() + D, stride, dsp.por.data(), B, nS, N, k, D);
                 DeviceArray<float> qg(ref_qg.size());
                 qg.poison();
-                cu::moe_gather_forward(qg.get(), d_q.get() + D, stride, d_por.get(), B, nS, N, k, D, stream);
+                cu::moe_gather_forward(qg.get(), nullptr, d_q.get() + D, nullptr, stride, d_por.get(), B, nS, N, k, D,
+                                       stream);
                 expect_close(what + " gather", qg.download(), ref_qg);
+                {  // the bf16 mode's stored q and qg: the same copy, in bf16
+                    auto d_q16 = to_device(to_bf16(q));
+                    DeviceArray<uint16_t> qg16(ref_qg.size());
+                    qg16.poison();
+                    cu::moe_gather_forward(nullptr, qg16.get(), nullptr, d_q16.get() + D, stride, d_por.get(), B, nS,
+                                           N, k, D, stream);
+                    expect_bit_identical(what + " gather bf16", qg16.download(), to_bf16(ref_qg));
+                }
                 const auto dqg = randn_f(ref_qg.size(), rng), g_q = randn_f(q.size(), rng);
                 auto r_q = g_q;
                 ops::moe_gather_backward(r_q.data() + D, stride, dqg.data(), dsp.rop.data(), B, nS, N, k, D);
@@ -1034,8 +1057,20 @@ TEST_F(CudaOps, GatherAndCombine) {
                 ops::combine_forward(ref_a.data() + D, stride, og.data(), w.data(), dsp.rop.data(), B, nS, N, k, D);
                 DeviceArray<float> a(ref_a.size());
                 a.poison();
-                cu::combine_forward(a.get() + D, stride, d_og.get(), d_w.get(), d_rop.get(), B, nS, N, k, D, stream);
+                cu::combine_forward(a.get() + D, nullptr, stride, d_og.get(), nullptr, d_w.get(), d_rop.get(), B, nS,
+                                    N, k, D, stream);
                 expect_close(what + " combine", a.download(), ref_a);
+                // The bf16 mode's: og and the output in bf16, against the CPU on the widened og.
+                const auto og16 = to_bf16(og);
+                auto d_og16 = to_device(og16);
+                auto ref_a16 = poisoned<float>(B * stride);
+                ops::combine_forward(ref_a16.data() + D, stride, widen(og16).data(), w.data(), dsp.rop.data(), B, nS,
+                                     N, k, D);
+                DeviceArray<uint16_t> a16(ref_a.size());
+                a16.poison();
+                cu::combine_forward(nullptr, a16.get() + D, stride, nullptr, d_og16.get(), d_w.get(), d_rop.get(), B,
+                                    nS, N, k, D, stream);
+                expect_close(what + " combine bf16", widen_keeping_poison(a16.download()), ref_a16, 1e-2);
                 const auto da = randn_f(B * stride, rng), g_og = randn_f(og.size(), rng), g_w = randn_f(w.size(), rng);
                 auto r_og = g_og, r_w = g_w;
                 ops::combine_backward(r_og.data(), r_w.data(), da.data() + D, stride, og.data(), w.data(),
@@ -1043,11 +1078,31 @@ TEST_F(CudaOps, GatherAndCombine) {
                 auto d_da = to_device(da);
                 DeviceArray<float> dog(og.size()), dw(w.size());
                 auto gotc = run_twice(what + " combine backward", {{&dog, g_og}, {&dw, g_w}}, [&] {
-                    cu::combine_backward(dog.get(), dw.get(), d_da.get() + D, stride, d_og.get(), d_w.get(),
-                                         d_rop.get(), B, nS, N, k, D, stream);
+                    cu::combine_backward(dog.get(), nullptr, false, dw.get(), d_da.get() + D, stride, d_og.get(),
+                                         nullptr, d_w.get(), d_rop.get(), B, nS, N, k, D, stream);
                 });
                 expect_close(what + " combine dog", gotc[0], r_og);
                 expect_close(what + " combine dweights", gotc[1], r_w);
+                // dog written (overwrite): from poison, as the CPU from zero
+                std::vector<float> z_og(og.size(), 0.f), z_w = g_w;
+                ops::combine_backward(z_og.data(), z_w.data(), da.data() + D, stride, og.data(), w.data(),
+                                      dsp.rop.data(), B, nS, N, k, D);
+                auto dog_written = run_twice(what + " combine backward, dog written", {{&dog, {}}, {&dw, g_w}}, [&] {
+                    cu::combine_backward(dog.get(), nullptr, true, dw.get(), d_da.get() + D, stride, d_og.get(),
+                                         nullptr, d_w.get(), d_rop.get(), B, nS, N, k, D, stream);
+                });
+                expect_close(what + " combine dog written", dog_written[0], z_og);
+                // the bf16 mode's: og in bf16, dog written in bf16
+                std::vector<float> z16_og(og.size(), 0.f), z16_w = g_w;
+                ops::combine_backward(z16_og.data(), z16_w.data(), da.data() + D, stride, widen(og16).data(), w.data(),
+                                      dsp.rop.data(), B, nS, N, k, D);
+                DeviceArray<uint16_t> dog16(og.size());
+                dog16.poison();
+                dw.upload(g_w);
+                cu::combine_backward(nullptr, dog16.get(), true, dw.get(), d_da.get() + D, stride, nullptr,
+                                     d_og16.get(), d_w.get(), d_rop.get(), B, nS, N, k, D, stream);
+                expect_rounding_of(what + " combine dog bf16", dog16.download(), z16_og);
+                expect_close(what + " combine dweights, og bf16", dw.download(), z16_w);
             }
 }
 
@@ -1136,6 +1191,34 @@ TEST_F(CudaOps, ClsAttention) {
             expect_close(what + " dq", got[0], r_q);
             expect_close(what + " dk", got[1], r_k);
             expect_close(what + " dv", got[2], r_v);
+
+            // The bf16 mode's: q, k, v and out stored in bf16, against the CPU on
+            // the widened values (out within its rounding, the rest fp32's 1e-5).
+            const auto q16 = to_bf16(q), k16 = to_bf16(kk), v16 = to_bf16(vv);
+            const auto qw = widen(q16), kw = widen(k16), vw = widen(v16);
+            auto d_q16 = to_device(q16), d_k16 = to_device(k16), d_v16 = to_device(v16);
+            auto ref16 = poisoned<float>(B * stride), ref16_p = poisoned<float>((size_t)B * Hd * M);
+            ops::cls_attention_forward(ref16.data(), stride, ref16_p.data(), qw.data(), stride, kw.data(), vw.data(),
+                                       B, M, D, Hd);
+            DeviceArray<uint16_t> out16(ref.size());
+            out16.poison();
+            probs.poison();
+            cu::cls_attention_forward_bf16(out16.get(), stride, probs.get(), d_q16.get(), stride, d_k16.get(),
+                                           d_v16.get(), B, M, D, Hd, stream);
+            expect_close(what + " out, bf16", widen_keeping_poison(out16.download()), ref16, 1e-2);
+            expect_close(what + " probs, bf16 inputs", probs.download(), ref16_p);
+            auto r16_q = g_q, r16_k = g_k, r16_v = g_v;
+            ops::cls_attention_backward(r16_q.data(), stride, r16_k.data(), r16_v.data(), dout.data(), stride,
+                                        qw.data(), stride, kw.data(), vw.data(), ref16_p.data(), B, M, D, Hd);
+            auto d_p16 = to_device(ref16_p);
+            auto got16 = run_twice(what + " backward, bf16 inputs", {{&dq, g_q}, {&dk, g_k}, {&dv, g_v}}, [&] {
+                cu::cls_attention_backward_bf16(dq.get(), stride, dk.get(), dv.get(), d_dout.get(), stride,
+                                                d_q16.get(), stride, d_k16.get(), d_v16.get(), d_p16.get(), B, M, D,
+                                                Hd, stream);
+            });
+            expect_close(what + " dq, bf16 inputs", got16[0], r16_q);
+            expect_close(what + " dk, bf16 inputs", got16[1], r16_k);
+            expect_close(what + " dv, bf16 inputs", got16[2], r16_v);
         }
 }
 

@@ -9,7 +9,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -192,12 +194,34 @@ void run_routed(int B, int nS, int N, int Hd, int max_queries, uint64_t seed, in
     const fl::QueryGrid qgrid = fl::routed_query_grid(B, nS, N, Hd, target_blocks);
     const emu::Dim grid{(unsigned)qgrid.sets, (unsigned)Hd, (unsigned)qgrid.z};
 
+    // The launches of flash_attention.cu's routed ops, for fp32 operands
+    // (rounded as staged) and the bf16 mode's stored ones (Src = uint16_t).
+    auto forward = [&](const auto& p) {
+        using Src = std::remove_const_t<std::remove_pointer_t<decltype(p.q.p)>>;
+        if (qgrid.stationary)
+            emu::launch(grid, 128, fl::fwd_smem<4, true>(N), fl::flash_fwd_kernel<Src, 4, true>, p);
+        else
+            emu::launch(grid, 128, fl::fwd_smem<4, false>(N), fl::flash_fwd_kernel<Src, 4, false>, p);
+    };
+    const int w = fl::routed_dkv_warps(N);
+    const emu::Dim kgrid{(unsigned)sets, (unsigned)Hd, (unsigned)((N + 16 * w - 1) / (16 * w))};
+    const int64_t max_rows = (int64_t)sets * N * nS;
+    auto backward = [&](const fl::PrepParams& pp, const auto& bp) {
+        using Src = std::remove_const_t<std::remove_pointer_t<decltype(bp.q.p)>>;
+        emu::launch({(unsigned)((max_rows + fl::kPrepWarps - 1) / fl::kPrepWarps), 1, 1}, fl::kPrepWarps * 32, 0,
+                    fl::flash_bwd_prep_kernel, pp);
+        if (qgrid.stationary)
+            emu::launch(grid, 128, fl::dq_smem<4, true>(N), fl::flash_bwd_dq_kernel<Src, 4, true>, bp);
+        else
+            emu::launch(grid, 128, fl::dq_smem<4, false>(N), fl::flash_bwd_dq_kernel<Src, 4, false>, bp);
+        if (w == 1) emu::launch(kgrid, 32, fl::dkv_smem<1>(), fl::flash_bwd_dkv_kernel<Src, 1>, bp);
+        else if (w == 2) emu::launch(kgrid, 64, fl::dkv_smem<2>(), fl::flash_bwd_dkv_kernel<Src, 2>, bp);
+        else emu::launch(kgrid, 128, fl::dkv_smem<4>(), fl::flash_bwd_dkv_kernel<Src, 4>, bp);
+    };
+
     std::vector<float> og(rows * D, NAN), lse(rows * Hd, NAN);
     const fl::FwdParams<float> fp{s, {qg.data(), D}, {k.data(), D}, {v.data(), D}, og.data(), D, lse.data()};
-    if (qgrid.stationary)
-        emu::launch(grid, 128, fl::fwd_smem<4, true>(N), fl::flash_fwd_kernel<float, 4, true>, fp);
-    else
-        emu::launch(grid, 128, fl::fwd_smem<4, false>(N), fl::flash_fwd_kernel<float, 4, false>, fp);
+    forward(fp);
 
     const auto qg_d = wide(qg), k_d = wide(k), v_d = wide(v), dog_d = wide(dog);
     std::vector<double> ref(rows * D), ref_lse(rows * Hd);
@@ -209,21 +233,10 @@ void run_routed(int B, int nS, int N, int Hd, int max_queries, uint64_t seed, in
 
     const auto gq = bf16_normal(rows * D, rng), gk = bf16_normal(T * D, rng), gv = bf16_normal(T * D, rng);
     std::vector<float> dqg = gq, dk = gk, dv = gv, delta((size_t)sets * N * nS * Hd, NAN);
-    const int64_t max_rows = (int64_t)sets * N * nS;
-    fl::PrepParams pp{s, dog.data(), og.data(), D, max_rows, offsets.data() + sets, delta.data(), nullptr};
-    emu::launch({(unsigned)((max_rows + fl::kPrepWarps - 1) / fl::kPrepWarps), 1, 1}, fl::kPrepWarps * 32, 0,
-                fl::flash_bwd_prep_kernel, pp);
+    const fl::PrepParams pp{s, dog.data(), og.data(), D, max_rows, offsets.data() + sets, delta.data(), nullptr};
     const fl::BwdParams<float> bp{s, {qg.data(), D}, {k.data(), D}, {v.data(), D}, {dog.data(), D}, lse.data(),
                                   delta.data(), dqg.data(), D, dk.data(), dv.data(), D};
-    if (qgrid.stationary)
-        emu::launch(grid, 128, fl::dq_smem<4, true>(N), fl::flash_bwd_dq_kernel<float, 4, true>, bp);
-    else
-        emu::launch(grid, 128, fl::dq_smem<4, false>(N), fl::flash_bwd_dq_kernel<float, 4, false>, bp);
-    const int w = fl::routed_dkv_warps(N);
-    const emu::Dim kgrid{(unsigned)sets, (unsigned)Hd, (unsigned)((N + 16 * w - 1) / (16 * w))};
-    if (w == 1) emu::launch(kgrid, 32, fl::dkv_smem<1>(), fl::flash_bwd_dkv_kernel<float, 1>, bp);
-    else if (w == 2) emu::launch(kgrid, 64, fl::dkv_smem<2>(), fl::flash_bwd_dkv_kernel<float, 2>, bp);
-    else emu::launch(kgrid, 128, fl::dkv_smem<4>(), fl::flash_bwd_dkv_kernel<float, 4>, bp);
+    backward(pp, bp);
 
     std::vector<double> rq(gq.begin(), gq.end()), rk(gk.begin(), gk.end()), rv(gv.begin(), gv.end());
     ops::routed_attention_backward<double>(rq.data(), rk.data(), rv.data(), dog_d.data(), qg_d.data(), k_d.data(),
@@ -232,6 +245,51 @@ void run_routed(int B, int nS, int N, int Hd, int max_queries, uint64_t seed, in
     expect_rel(what + " dqg", rel_error(dqg, rq, gq), kTol);
     expect_rel(what + " dk (" + std::to_string(w) + " warps)", rel_error(dk, rk, gk), kTol);
     expect_rel(what + " dv", rel_error(dv, rv, gv), kTol);
+
+    // The bf16 mode's stored operands (qg, k, v, og and dog in bf16, by
+    // cp.async): og is the rounding of the fp32 og, lse the same bits, and
+    // backward from them equals the fp32 operands' backward from the widened
+    // og, bit for bit (the same values reach the same products).
+    const auto qg16 = bits(qg), k16 = bits(k), v16 = bits(v), dog16 = bits(dog);
+    std::vector<uint16_t> og16(rows * D, 0xFFFF);
+    std::vector<float> lse16(rows * Hd, NAN);
+    fl::FwdParams<uint16_t> fp16{s, {qg16.data(), D}, {k16.data(), D}, {v16.data(), D}, nullptr, D, lse16.data()};
+    fp16.out_bf16 = og16.data();
+    forward(fp16);
+    size_t wrong = 0;
+    for (size_t i = 0; i < og16.size(); i++) wrong += og16[i] != emu::bf16_bits(og[i]);
+    EXPECT_EQ(wrong, 0u) << what << ": the bf16 og is not the rounding of the fp32 og";
+    EXPECT_EQ(0, std::memcmp(lse16.data(), lse.data(), lse.size() * sizeof(float))) << what << ": lse differs";
+    std::vector<float> og_widened(og16.size());
+    for (size_t i = 0; i < og16.size(); i++) og_widened[i] = emu::bf16_float(og16[i]);
+    std::vector<float> grads[2], deltas[2];
+    for (int stored = 0; stored < 2; stored++) {
+        std::vector<float>& g = grads[stored];
+        g.clear();
+        g.insert(g.end(), gq.begin(), gq.end());
+        g.insert(g.end(), gk.begin(), gk.end());
+        g.insert(g.end(), gv.begin(), gv.end());
+        float *gdq = g.data(), *gdk = gdq + gq.size(), *gdv = gdk + gk.size();
+        deltas[stored].assign(delta.size(), NAN);
+        fl::PrepParams p2{s, nullptr, nullptr, D, max_rows, offsets.data() + sets, deltas[stored].data(), nullptr};
+        if (stored) {
+            p2.dout_bf16_in = dog16.data();
+            p2.out_bf16 = og16.data();
+            backward(p2, fl::BwdParams<uint16_t>{s, {qg16.data(), D}, {k16.data(), D}, {v16.data(), D},
+                                                 {dog16.data(), D}, lse16.data(), deltas[stored].data(), gdq, D, gdk,
+                                                 gdv, D});
+        } else {
+            p2.dout = dog.data();
+            p2.out = og_widened.data();
+            backward(p2, fl::BwdParams<float>{s, {qg.data(), D}, {k.data(), D}, {v.data(), D}, {dog.data(), D},
+                                              lse16.data(), deltas[stored].data(), gdq, D, gdk, gdv, D});
+        }
+    }
+    EXPECT_EQ(0, std::memcmp(deltas[0].data(), deltas[1].data(), delta.size() * sizeof(float)))
+        << what << ": δ from the bf16 og and dog differs";
+    size_t differ = 0;
+    for (size_t e = 0; e < grads[0].size(); e++) differ += !(grads[0][e] == grads[1][e]);
+    EXPECT_EQ(differ, 0u) << what << ": the gradients from the bf16 operands differ from the fp32 operands'";
 }
 
 }  // namespace

@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdio>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -40,6 +41,11 @@ std::vector<float> scaled(std::vector<float> v, float s) {
     return v;
 }
 std::vector<double> wide(const std::vector<float>& v) { return std::vector<double>(v.begin(), v.end()); }
+std::vector<uint16_t> bits(const std::vector<float>& v) {
+    std::vector<uint16_t> out(v.size());
+    for (size_t i = 0; i < v.size(); i++) out[i] = prism::testing::bf16_bits(v[i]);
+    return out;
+}
 
 // ‖got − ref‖ / ‖ref − base‖ over the elements [begin, end) of every `stride`
 // (all by default): for accumulated gradients, the error relative to what the
@@ -58,9 +64,9 @@ double rel_error(const std::vector<float>& got, const std::vector<double>& ref,
     return std::sqrt(d2 / (r2 > 0 ? r2 : 1.0));
 }
 
-void expect_rel(const std::string& what, double rel) {
+void expect_rel(const std::string& what, double rel, double tol = kTol) {
     std::printf("[ emulated   ] %-50s rel %.3g\n", what.c_str(), rel);
-    EXPECT_LE(rel, kTol) << what;  // NaN fails too
+    EXPECT_LE(rel, tol) << what;  // NaN fails too
 }
 
 unsigned tiles(int64_t n, int tile) { return (unsigned)((n + tile - 1) / tile); }
@@ -164,42 +170,63 @@ void run_routed(int B, int nS, int N, int Hd, int dh, int max_queries, uint64_t 
 }
 
 // The CLS query is row 0 of each image's L = 1 + M rows; the other rows of
-// out must stay untouched.
-void run_cls(int B, int M, int Hd, int dh, uint64_t seed) {
+// out must stay untouched. bf16: q, k, v and out stored in bf16 (the bf16
+// mode's), against the reference on the widened values; out within its
+// rounding (a bf16 element is off by at most 2^-9 of itself).
+void run_cls(int B, int M, int Hd, int dh, uint64_t seed, bool bf16 = false) {
     const int D = Hd * dh;
     const int64_t stride = (int64_t)(1 + M) * D;
-    const std::string what = "cls B=" + std::to_string(B) + " M=" + std::to_string(M) + " Hd=" + std::to_string(Hd) +
-                             " dh=" + std::to_string(dh);
+    const std::string what = std::string(bf16 ? "cls bf16" : "cls") + " B=" + std::to_string(B) +
+                             " M=" + std::to_string(M) + " Hd=" + std::to_string(Hd) + " dh=" + std::to_string(dh);
     Rng rng(seed);
-    const auto q = normal(B * stride, rng), k = normal((size_t)B * M * D, rng), v = normal((size_t)B * M * D, rng);
+    auto operand = [&](size_t n) {
+        auto v = normal(n, rng);
+        if (bf16)
+            for (auto& x : v) x = prism::testing::bf16_value(prism::testing::bf16_bits(x));
+        return v;
+    };
+    const auto q = operand(B * stride), k = operand((size_t)B * M * D), v = operand((size_t)B * M * D);
     // Starting gradients of the size of what the op adds (p ~ 1/M per key):
     // larger ones would hide the increments in their own rounding.
     const auto dout = normal(B * stride, rng), gq = scaled(normal(q.size(), rng), 1.f),
                gk = scaled(normal(k.size(), rng), 1.f / M), gv = scaled(normal(v.size(), rng), 1.f / M);
-    const fu::Attn a = fu::cls_attn(q.data(), stride, k.data(), v.data(), M, D, Hd);
     std::vector<float> out(B * stride, NAN), probs((size_t)B * Hd * M, NAN);
-    emu::launch({(unsigned)B, (unsigned)Hd, 1}, fu::kThreads, fu::cls_smem(dh), fu::cls_fwd_kernel,
-                fu::ClsFwdParams{a, {out.data(), stride, 0}, probs.data()});
+    std::vector<float> dq = gq, dk = gk, dv = gv, ds((size_t)B * Hd * M, NAN);
+    const emu::Dim grid{(unsigned)B, (unsigned)Hd, 1};
+    auto run = [&](const auto* qe, const auto* ke, const auto* ve, auto* oute) {
+        using E = std::remove_const_t<std::remove_pointer_t<decltype(qe)>>;
+        const fu::AttnOf<E> a = fu::cls_attn(qe, stride, ke, ve, M, D, Hd);
+        emu::launch(grid, fu::kThreads, fu::cls_smem(dh), fu::cls_fwd_kernel<E>,
+                    fu::ClsFwdParams<E>{a, {oute, stride, 0}, probs.data()});
+        emu::launch(grid, fu::kThreads, fu::cls_smem(dh), fu::cls_bwd_kernel<E>,
+                    fu::ClsBwdParams<E>{a,
+                                        probs.data(),
+                                        {dout.data(), stride, 0},
+                                        {dq.data(), stride, 0},
+                                        {dk.data(), (int64_t)M * D, D},
+                                        {dv.data(), (int64_t)M * D, D},
+                                        ds.data()});
+    };
+    if (bf16) {
+        const auto q16 = bits(q), k16 = bits(k), v16 = bits(v);
+        std::vector<uint16_t> out16(out.size(), 0xFFFFu);
+        run(q16.data(), k16.data(), v16.data(), out16.data());
+        for (size_t i = 0; i < out.size(); i++)
+            if (out16[i] != 0xFFFFu) out[i] = prism::testing::bf16_value(out16[i]);
+    } else {
+        run(q.data(), k.data(), v.data(), out.data());
+    }
 
     const auto q_d = wide(q), k_d = wide(k), v_d = wide(v), dout_d = wide(dout);
     std::vector<double> ref(B * stride, NAN), ref_p(probs.size());
     ops::cls_attention_forward<double>(ref.data(), stride, ref_p.data(), q_d.data(), stride, k_d.data(), v_d.data(), B,
                                        M, D, Hd);
-    expect_rel(what + " out", rel_error(out, ref, {}, stride, 0, D));
+    expect_rel(what + " out", rel_error(out, ref, {}, stride, 0, D), bf16 ? 2e-3 : kTol);
     size_t touched = 0;
     for (int64_t i = 0; i < B * stride; i++) touched += i % stride >= D && !std::isnan(out[i]);
     EXPECT_EQ(touched, 0u) << what << ": wrote rows other than the CLS row";
     expect_rel(what + " probs", rel_error(probs, ref_p));
 
-    std::vector<float> dq = gq, dk = gk, dv = gv, ds((size_t)B * Hd * M, NAN);
-    emu::launch({(unsigned)B, (unsigned)Hd, 1}, fu::kThreads, fu::cls_smem(dh), fu::cls_bwd_kernel,
-                fu::ClsBwdParams{a,
-                                 probs.data(),
-                                 {dout.data(), stride, 0},
-                                 {dq.data(), stride, 0},
-                                 {dk.data(), (int64_t)M * D, D},
-                                 {dv.data(), (int64_t)M * D, D},
-                                 ds.data()});
     std::vector<double> rq(gq.begin(), gq.end()), rk(gk.begin(), gk.end()), rv(gv.begin(), gv.end());
     ops::cls_attention_backward<double>(rq.data(), stride, rk.data(), rv.data(), dout_d.data(), stride, q_d.data(),
                                         stride, k_d.data(), v_d.data(), ref_p.data(), B, M, D, Hd);
@@ -232,4 +259,9 @@ TEST(FusedEmulated, RoutedSeveralTiles) {
 TEST(FusedEmulated, ClsRow) {
     run_cls(2, 45, 2, 16, 8);
     run_cls(1, 300, 1, 64, 9);
+}
+// q, k, v and the output stored in bf16 (the bf16 mode's moevit at head dim 64)
+TEST(FusedEmulated, ClsRowBf16) {
+    run_cls(2, 45, 2, 64, 10, true);
+    run_cls(1, 300, 1, 64, 11, true);
 }

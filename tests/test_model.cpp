@@ -184,7 +184,8 @@ double rel_diff(const float* a, const float* b, int64_t n) {
 // rounding must show (the losses differ) and stay within DESIGN.md §7's bf16
 // tolerance; the gradients are held to it where routing cannot flip (no
 // router, or k = C). Two steps give the same bits, and the arena shrinks.
-// Head dim 64 (D = 128, 2 heads) adds vit's and chvit's qkv in bf16.
+// Head dim 64 (D = 128, 2 heads) adds vit's and chvit's qkv in bf16, and moevit's q, k, v,
+// gathered queries, routed output, attention output and its gradient dog.
 TEST(Model, Bf16StorageOnTheCpuStaysWithinTheBf16Tolerance) {
     std::vector<Case> all = cases();
     for (const char* arch : {"vit", "chvit", "moevit"}) {

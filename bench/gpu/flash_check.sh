@@ -50,10 +50,10 @@ for tool in memcheck racecheck; do
   grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Hazard|Invalid|PASSED|FAILED" "$OUT/sanitizer-$tool.log" | head -8
 done
 
-# reference then flash at each shape; the same default batch for both
+# fp32 (reference kernels) then the bf16 mode (flash kernels) at each shape; the same default batch for both
 bench() {  # name, cap, config args...
   local name=$1 cap=$2; shift 2
-  for impl in reference flash; do
+  for impl in reference bf16; do
     stamp "bench attention $name --impl $impl"
     timeout "$(limit $cap)" $BUILD/prism bench attention "$@" --impl $impl --iters $ITERS --warmup $WARMUP \
       > "$OUT/bench-$name-$impl.txt" 2>&1; echo "rc $?"

@@ -4,15 +4,15 @@
 # routed kernel) on a lent GPU machine. Runs `prism bench attention` for one
 # shape under ncu with a few iterations, profiles each attention kernel's
 # launches of the timed iterations, and prints one line per kernel.
-# Usage: bash bench/gpu/ncu.sh [--impl flash|reference] [prism bench attention args...]
-#   default: --impl flash --config configs/jumpcp_chvit.json --k 2
+# Usage: bash bench/gpu/ncu.sh [--impl bf16|reference] [prism bench attention args...]
+#   default: --impl bf16 --config configs/jumpcp_chvit.json --k 2 (the flash kernels)
 #   Needs a build at build/gpu (bench/gpu/check.sh or flash_check.sh makes it).
 #   ncu gets --clock-control none (the device notes: leave the clocks alone).
 #   CSV and the summary go to $OUT (or build/gpu-logs).
 set -uo pipefail
 OUT=${OUT:-build/gpu-logs}; mkdir -p "$OUT"
 BUILD=build/gpu
-ARGS=("$@"); [ ${#ARGS[@]} -eq 0 ] && ARGS=(--impl flash --config configs/jumpcp_chvit.json --k 2)
+ARGS=("$@"); [ ${#ARGS[@]} -eq 0 ] && ARGS=(--impl bf16 --config configs/jumpcp_chvit.json --k 2)
 [ -x $BUILD/prism ] || { echo "no $BUILD/prism: build first (bench/gpu/check.sh)"; exit 1; }
 command -v ncu > /dev/null || { echo "ncu is not on the PATH"; exit 1; }
 

@@ -104,13 +104,43 @@ void routed_attention_backward(float* dqg, float* dk, float* dv, const float* do
 }
 
 // ---- CLS: a set is an image with one query ----------------------------------------------
+namespace {
+template <class E>
+void cls_forward(E* out, int64_t out_image_stride, float* probs, const E* q, int64_t q_image_stride, const E* k,
+                 const E* v, int B, int M, int D, int Hd, cudaStream_t stream) {
+    check_heads(D, Hd);
+    if (B <= 0 || M <= 0) return;
+    const ClsFwdParams<E> p{cls_attn(q, q_image_stride, k, v, M, D, Hd), {out, out_image_stride, 0}, probs};
+    launch(cls_fwd_kernel<E>, dim3(B, Hd), cls_smem(D / Hd), stream, p);
+}
+
+template <class E>
+void cls_backward(float* dq, int64_t dq_image_stride, float* dk, float* dv, const float* dout,
+                  int64_t dout_image_stride, const E* q, int64_t q_image_stride, const E* k, const E* v,
+                  const float* probs, int B, int M, int D, int Hd, cudaStream_t stream) {
+    check_heads(D, Hd);
+    if (B <= 0 || M <= 0) return;
+    Scratch ds(sizeof(float) * (size_t)B * Hd * M, stream);
+    const ClsBwdParams<E> p{cls_attn(q, q_image_stride, k, v, M, D, Hd),
+                            probs,
+                            {dout, dout_image_stride, 0},
+                            {dq, dq_image_stride, 0},
+                            {dk, (int64_t)M * D, D},
+                            {dv, (int64_t)M * D, D},
+                            ds.as<float>()};
+    launch(cls_bwd_kernel<E>, dim3(B, Hd), cls_smem(D / Hd), stream, p);
+}
+}  // namespace
+
 void cls_attention_forward(float* out, int64_t out_image_stride, float* probs, const float* q,
                            int64_t q_image_stride, const float* k, const float* v, int B, int M,
                            int D, int Hd, cudaStream_t stream) {
-    check_heads(D, Hd);
-    if (B <= 0 || M <= 0) return;
-    const ClsFwdParams p{cls_attn(q, q_image_stride, k, v, M, D, Hd), {out, out_image_stride, 0}, probs};
-    launch(cls_fwd_kernel, dim3(B, Hd), cls_smem(D / Hd), stream, p);
+    cls_forward(out, out_image_stride, probs, q, q_image_stride, k, v, B, M, D, Hd, stream);
+}
+void cls_attention_forward_bf16(uint16_t* out, int64_t out_image_stride, float* probs, const uint16_t* q,
+                                int64_t q_image_stride, const uint16_t* k, const uint16_t* v, int B, int M, int D,
+                                int Hd, cudaStream_t stream) {
+    cls_forward(out, out_image_stride, probs, q, q_image_stride, k, v, B, M, D, Hd, stream);
 }
 
 void cls_attention_backward(float* dq, int64_t dq_image_stride, float* dk, float* dv,
@@ -118,17 +148,15 @@ void cls_attention_backward(float* dq, int64_t dq_image_stride, float* dk, float
                             int64_t q_image_stride, const float* k, const float* v,
                             const float* probs, int B, int M, int D, int Hd,
                             cudaStream_t stream) {
-    check_heads(D, Hd);
-    if (B <= 0 || M <= 0) return;
-    Scratch ds(sizeof(float) * (size_t)B * Hd * M, stream);
-    const ClsBwdParams p{cls_attn(q, q_image_stride, k, v, M, D, Hd),
-                         probs,
-                         {dout, dout_image_stride, 0},
-                         {dq, dq_image_stride, 0},
-                         {dk, (int64_t)M * D, D},
-                         {dv, (int64_t)M * D, D},
-                         ds.as<float>()};
-    launch(cls_bwd_kernel, dim3(B, Hd), cls_smem(D / Hd), stream, p);
+    cls_backward(dq, dq_image_stride, dk, dv, dout, dout_image_stride, q, q_image_stride, k, v, probs, B, M, D,
+                 Hd, stream);
+}
+void cls_attention_backward_bf16(float* dq, int64_t dq_image_stride, float* dk, float* dv, const float* dout,
+                                 int64_t dout_image_stride, const uint16_t* q, int64_t q_image_stride,
+                                 const uint16_t* k, const uint16_t* v, const float* probs, int B, int M, int D,
+                                 int Hd, cudaStream_t stream) {
+    cls_backward(dq, dq_image_stride, dk, dv, dout, dout_image_stride, q, q_image_stride, k, v, probs, B, M, D,
+                 Hd, stream);
 }
 
 }  // namespace prism::cuda_ops

@@ -48,6 +48,8 @@ inline namespace emulated {
 using flash::block_sync;
 using flash::imin;
 using flash::ld_shared;
+using flash::load_elem;
+using flash::store_elem;
 using flash::shfl_xor;
 using flash::st_shared;
 
@@ -68,13 +70,17 @@ struct Rows {
     FLASH_DEVICE T* at(int g, int64_t r) const { return p + g * set + r * row; }
 };
 
-struct Attn {
+// q, k, v of element type E: fp32, or (the CLS row's kernels) bf16 as the
+// bf16 mode stores them.
+template <class E>
+struct AttnOf {
     const int* offsets;  // routed: set g's queries are rows offsets[g]..offsets[g+1]; dense: null
     int nq;              // dense: queries per set
     int M, Hd, dh;
     float scale;         // 1/√dh
-    Rows<const float> q, k, v;
+    Rows<const E> q, k, v;
 };
+using Attn = AttnOf<float>;
 
 FLASH_DEVICE void set_queries(const Attn& a, int g, int64_t& first, int& count) {
     first = a.offsets ? a.offsets[g] : 0;
@@ -101,14 +107,17 @@ struct BwdParams {
     Rows<float> dq, dk, dv;       // as q, k, v
 };
 
-// The CLS row: one query per set (nq = 1); probabilities [sets, Hd, M].
+// The CLS row: one query per set (nq = 1); probabilities [sets, Hd, M]. The
+// output is stored like q, k and v (E).
+template <class E>
 struct ClsFwdParams {
-    Attn a;
-    Rows<float> out;
+    AttnOf<E> a;
+    Rows<E> out;
     float* probs;
 };
+template <class E>
 struct ClsBwdParams {
-    Attn a;
+    AttnOf<E> a;
     const float* probs;
     Rows<const float> dout;
     Rows<float> dq, dk, dv;
@@ -133,8 +142,11 @@ inline Attn routed_attn(const float* qg, const float* k, const float* v, const i
 }
 // CLS: a set is an image, its one query row 0 of (q, q_image_stride), its
 // keys and values the M rows of k, v [B, M, D].
-inline Attn cls_attn(const float* q, int64_t q_image_stride, const float* k, const float* v, int M, int D, int Hd) {
-    return make_attn(nullptr, 1, M, D, Hd, {q, q_image_stride, 0}, {k, (int64_t)M * D, D}, {v, (int64_t)M * D, D});
+template <class E>
+inline AttnOf<E> cls_attn(const E* q, int64_t q_image_stride, const E* k, const E* v, int M, int D, int Hd) {
+    const int dh = D / Hd;
+    return AttnOf<E>{nullptr, 1, M, Hd, dh, 1.f / sqrtf((float)dh), {q, q_image_stride, 0}, {k, (int64_t)M * D, D},
+                     {v, (int64_t)M * D, D}};
 }
 
 FLASH_DEVICE float warp_max(float v) {
@@ -451,20 +463,21 @@ FLASH_DEVICE float block_max(float v, float* red) {
 // rereads its own probabilities, and the block's maximum and sum come from
 // block_max, block_sum. Then out's head dims d (one per thread) sum over the
 // keys in order.
-FLASH_KERNEL(kThreads) cls_fwd_kernel(ClsFwdParams p) {
+template <class E>
+FLASH_KERNEL(kThreads) cls_fwd_kernel(ClsFwdParams<E> p) {
     FLASH_SMEM(smem_raw);
-    const Attn& a = p.a;
+    const AttnOf<E>& a = p.a;
     const int g = blockIdx.x, h = blockIdx.y, dh = a.dh, M = a.M;
     float* sq = reinterpret_cast<float*>(smem_raw);  // [dh]
     float* red = sq + dh;                             // [kThreads]
     float* pr = p.probs + ((int64_t)g * a.Hd + h) * M;
-    for (int d = threadIdx.x; d < dh; d += kThreads) st_shared(sq + d, a.q.at(g, 0)[h * dh + d]);
+    for (int d = threadIdx.x; d < dh; d += kThreads) st_shared(sq + d, load_elem(a.q.at(g, 0) + h * dh + d));
     block_sync();
     float mx = -INFINITY;
     for (int m = threadIdx.x; m < M; m += kThreads) {
-        const float* k = a.k.at(g, m) + h * dh;
+        const E* k = a.k.at(g, m) + h * dh;
         float s = 0.f;
-        for (int d = 0; d < dh; d++) s += ld_shared(sq + d) * k[d];
+        for (int d = 0; d < dh; d++) s += ld_shared(sq + d) * load_elem(k + d);
         pr[m] = s * a.scale;
         mx = fmaxf(mx, pr[m]);
     }
@@ -479,16 +492,17 @@ FLASH_KERNEL(kThreads) cls_fwd_kernel(ClsFwdParams p) {
     block_sync();  // every probability written
     for (int d = threadIdx.x; d < dh; d += kThreads) {
         float o = 0.f;
-        for (int m = 0; m < M; m++) o += pr[m] * a.v.at(g, m)[h * dh + d];
-        p.out.at(g, 0)[h * dh + d] = o;
+        for (int m = 0; m < M; m++) o += pr[m] * load_elem(a.v.at(g, m) + h * dh + d);
+        store_elem(p.out.at(g, 0) + h * dh + d, o);
     }
 }
 
 // Grid (sets, Hd): δ = Σ_m p_m·dp_m (block_sum), then per key (thread t's
 // keys as in forward) dS, dK and dV; dS goes through scratch to the dq sum.
-FLASH_KERNEL(kThreads) cls_bwd_kernel(ClsBwdParams p) {
+template <class E>
+FLASH_KERNEL(kThreads) cls_bwd_kernel(ClsBwdParams<E> p) {
     FLASH_SMEM(smem_raw);
-    const Attn& a = p.a;
+    const AttnOf<E>& a = p.a;
     const int g = blockIdx.x, h = blockIdx.y, dh = a.dh, M = a.M;
     float* sq = reinterpret_cast<float*>(smem_raw);  // [dh]
     float* sdO = sq + dh;                             // [dh]
@@ -496,14 +510,14 @@ FLASH_KERNEL(kThreads) cls_bwd_kernel(ClsBwdParams p) {
     const float* pr = p.probs + ((int64_t)g * a.Hd + h) * M;
     float* ds = p.ds + ((int64_t)g * a.Hd + h) * M;
     for (int d = threadIdx.x; d < dh; d += kThreads) {
-        st_shared(sq + d, a.q.at(g, 0)[h * dh + d]);
+        st_shared(sq + d, load_elem(a.q.at(g, 0) + h * dh + d));
         st_shared(sdO + d, p.dout.at(g, 0)[h * dh + d]);
     }
     block_sync();
     auto dp = [&](int m) {
-        const float* v = a.v.at(g, m) + h * dh;
+        const E* v = a.v.at(g, m) + h * dh;
         float s = 0.f;
-        for (int d = 0; d < dh; d++) s += ld_shared(sdO + d) * v[d];
+        for (int d = 0; d < dh; d++) s += ld_shared(sdO + d) * load_elem(v + d);
         return s;
     };
     float part = 0.f;
@@ -522,7 +536,7 @@ FLASH_KERNEL(kThreads) cls_bwd_kernel(ClsBwdParams p) {
     block_sync();  // every dS written
     for (int d = threadIdx.x; d < dh; d += kThreads) {
         float acc = 0.f;
-        for (int m = 0; m < M; m++) acc += ds[m] * a.k.at(g, m)[h * dh + d];
+        for (int m = 0; m < M; m++) acc += ds[m] * load_elem(a.k.at(g, m) + h * dh + d);
         p.dq.at(g, 0)[h * dh + d] += acc;
     }
 }

@@ -6,10 +6,13 @@
 // one write of 2, per element), so that the K/V tiles every query tile
 // streams are half the bytes and come in by cp.async. Backward also rounds dO
 // (in the kernel that computes δ).
-// Routed: the tiles are rounded as they are staged, straight from the fp32
-// operands: the gathered buffers' row count lives on the device only (the
-// last offset), and with K/V resident each row is read once or a few times.
+// Routed: the bf16 mode's stored operands (qg, k, v, og and dog in bf16) come
+// in by cp.async as they are; fp32 operands are rounded as the tiles are
+// staged (no scratch copy: the gathered buffers' row count lives on the
+// device only, the last offset, and with K/V resident each row is read once
+// or a few times).
 #include <cmath>
+#include <type_traits>
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/flash_attention.cuh"
@@ -127,55 +130,95 @@ void flash_attention_backward(float* dqkv, const float* dout, const float* qkv, 
 }
 
 // ---- routed -----------------------------------------------------------------------------------
-void flash_routed_attention_forward(float* og, float* lse, const float* qg, const float* k,
-                                    const float* v, const int* offsets, int B, int nS, int N, int D,
-                                    int Hd, cudaStream_t stream) {
+namespace {
+
+// og_bf16: og stored in bf16 instead (bf16 operands only).
+template <class Src>
+void routed_forward(float* og, uint16_t* og_bf16, float* lse, const Src* qg, const Src* k, const Src* v,
+                    const int* offsets, int B, int nS, int N, int D, int Hd, cudaStream_t stream) {
     require_head_dim(D, Hd, "flash_routed_attention_forward");
     if (B <= 0 || nS <= 0 || N <= 0) return;
     require_aligned(qg, "qg");
     require_aligned(k, "k");
     require_aligned(v, "v");
-    require_aligned(og, "og");
-    const FwdParams<float> p{make_sets(offsets, 0, N, Hd), {qg, D}, {k, D}, {v, D}, og, D, lse};
+    PRISM_CUDA_REQUIRE((og != nullptr) != (og_bf16 != nullptr), "flash_routed_attention_forward: one output");
+    require_aligned(og ? (const void*)og : (const void*)og_bf16, "og");
+    const FwdParams<Src> p{make_sets(offsets, 0, N, Hd), {qg, D}, {k, D}, {v, D}, og, D, lse, og_bf16};
     const QueryGrid q = routed_query_grid(B, nS, N, Hd);
     const dim3 grid(q.sets, Hd, q.z);
     if (q.stationary)
-        launch(flash_fwd_kernel<float, kWarps, true>, grid, kWarps * 32, fwd_smem<kWarps, true>(N), stream, p);
+        launch(flash_fwd_kernel<Src, kWarps, true>, grid, kWarps * 32, fwd_smem<kWarps, true>(N), stream, p);
     else
-        launch(flash_fwd_kernel<float, kWarps, false>, grid, kWarps * 32, fwd_smem<kWarps, false>(N), stream, p);
+        launch(flash_fwd_kernel<Src, kWarps, false>, grid, kWarps * 32, fwd_smem<kWarps, false>(N), stream, p);
 }
 
-void flash_routed_attention_backward(float* dqg, float* dk, float* dv, const float* dog,
-                                     const float* qg, const float* k, const float* v, const float* og,
-                                     const float* lse, const int* offsets, int B, int nS, int N, int D,
-                                     int Hd, cudaStream_t stream) {
+// Src = uint16_t: dog and og in bf16 too; the tiles' dO is dog as it is.
+template <class Src>
+void routed_backward(float* dqg, float* dk, float* dv, const Src* dog, const Src* qg, const Src* k, const Src* v,
+                     const Src* og, const float* lse, const int* offsets, int B, int nS, int N, int D, int Hd,
+                     cudaStream_t stream) {
     require_head_dim(D, Hd, "flash_routed_attention_backward");
     if (B <= 0 || nS <= 0 || N <= 0) return;
     for (const void* ptr : {(const void*)dqg, (const void*)dk, (const void*)dv, (const void*)dog,
                             (const void*)qg, (const void*)k, (const void*)v, (const void*)og})
         require_aligned(ptr, "every routed attention buffer");
+    constexpr bool kBf16 = std::is_same_v<Src, uint16_t>;
     // δ is indexed by gathered row; the rows number B·nS·N·k ≤ B·nS·N·nS, and
     // the prep kernel stops at the real count, offsets[B·nS].
     const int sets = B * nS;
     const int64_t max_rows = (int64_t)sets * N * nS;
     Scratch delta(sizeof(float) * max_rows * Hd, stream);
     const Sets s = make_sets(offsets, 0, N, Hd);
-    bwd_prep(PrepParams{s, dog, og, D, max_rows, offsets + sets, delta.as<float>(), nullptr}, stream);
-    const BwdParams<float> p{s, {qg, D}, {k, D}, {v, D}, {dog, D}, lse, delta.as<float>(), dqg, D, dk, dv, D};
+    PrepParams prep{s, nullptr, nullptr, D, max_rows, offsets + sets, delta.as<float>(), nullptr};
+    if constexpr (kBf16) {
+        prep.dout_bf16_in = dog;
+        prep.out_bf16 = og;
+    } else {
+        prep.dout = dog;
+        prep.out = og;
+    }
+    bwd_prep(prep, stream);
+    const BwdParams<Src> p{s, {qg, D}, {k, D}, {v, D}, {dog, D}, lse, delta.as<float>(), dqg, D, dk, dv, D};
     const QueryGrid q = routed_query_grid(B, nS, N, Hd);
     const dim3 grid(q.sets, Hd, q.z);
     if (q.stationary)
-        launch(flash_bwd_dq_kernel<float, kWarps, true>, grid, kWarps * 32, dq_smem<kWarps, true>(N), stream, p);
+        launch(flash_bwd_dq_kernel<Src, kWarps, true>, grid, kWarps * 32, dq_smem<kWarps, true>(N), stream, p);
     else
-        launch(flash_bwd_dq_kernel<float, kWarps, false>, grid, kWarps * 32, dq_smem<kWarps, false>(N), stream, p);
+        launch(flash_bwd_dq_kernel<Src, kWarps, false>, grid, kWarps * 32, dq_smem<kWarps, false>(N), stream, p);
     const int w = routed_dkv_warps(N);
     const dim3 kgrid(sets, Hd, (N + 16 * w - 1) / (16 * w));
     if (w == 1)
-        launch(flash_bwd_dkv_kernel<float, 1>, kgrid, 32, dkv_smem<1>(), stream, p);
+        launch(flash_bwd_dkv_kernel<Src, 1>, kgrid, 32, dkv_smem<1>(), stream, p);
     else if (w == 2)
-        launch(flash_bwd_dkv_kernel<float, 2>, kgrid, 64, dkv_smem<2>(), stream, p);
+        launch(flash_bwd_dkv_kernel<Src, 2>, kgrid, 64, dkv_smem<2>(), stream, p);
     else
-        launch(flash_bwd_dkv_kernel<float, kWarps>, kgrid, kWarps * 32, dkv_smem<kWarps>(), stream, p);
+        launch(flash_bwd_dkv_kernel<Src, kWarps>, kgrid, kWarps * 32, dkv_smem<kWarps>(), stream, p);
+}
+
+}  // namespace
+
+void flash_routed_attention_forward(float* og, float* lse, const float* qg, const float* k,
+                                    const float* v, const int* offsets, int B, int nS, int N, int D,
+                                    int Hd, cudaStream_t stream) {
+    routed_forward(og, nullptr, lse, qg, k, v, offsets, B, nS, N, D, Hd, stream);
+}
+void flash_routed_attention_forward_bf16(uint16_t* og, float* lse, const uint16_t* qg, const uint16_t* k,
+                                         const uint16_t* v, const int* offsets, int B, int nS, int N, int D, int Hd,
+                                         cudaStream_t stream) {
+    routed_forward(nullptr, og, lse, qg, k, v, offsets, B, nS, N, D, Hd, stream);
+}
+
+void flash_routed_attention_backward(float* dqg, float* dk, float* dv, const float* dog,
+                                     const float* qg, const float* k, const float* v, const float* og,
+                                     const float* lse, const int* offsets, int B, int nS, int N, int D,
+                                     int Hd, cudaStream_t stream) {
+    routed_backward(dqg, dk, dv, dog, qg, k, v, og, lse, offsets, B, nS, N, D, Hd, stream);
+}
+void flash_routed_attention_backward_bf16(float* dqg, float* dk, float* dv, const uint16_t* dog,
+                                          const uint16_t* qg, const uint16_t* k, const uint16_t* v,
+                                          const uint16_t* og, const float* lse, const int* offsets, int B, int nS,
+                                          int N, int D, int Hd, cudaStream_t stream) {
+    routed_backward(dqg, dk, dv, dog, qg, k, v, og, lse, offsets, B, nS, N, D, Hd, stream);
 }
 
 }  // namespace prism::cuda_ops

@@ -30,13 +30,14 @@ __global__ void fill_bias_kernel(float* out, const float* bias, int64_t rows, in
     PRISM_GRID_STRIDE(i, rows * out_dim) out[i] = bias[i % out_dim];
 }
 
-// out[b, s, n, o] = bias[S[s], o]
-__global__ void fill_expert_bias_kernel(float* out, const float* bias, const int* S, int B, int nS,
+// out[b, s, n, o] = bias[S[s], o] (O: fp32, or bf16 for a bf16 result)
+template <class O>
+__global__ void fill_expert_bias_kernel(O* out, const float* bias, const int* S, int B, int nS,
                                         int N, int out_dim) {
     PRISM_GRID_STRIDE(i, (int64_t)B * nS * N * out_dim) {
         const int o = (int)(i % out_dim);
         const int s = (int)((i / out_dim / N) % nS);
-        out[i] = bias[(int64_t)S[s] * out_dim + o];
+        store_as(&out[i], bias[(int64_t)S[s] * out_dim + o]);
     }
 }
 
@@ -63,10 +64,12 @@ struct GroupAt {
 };
 
 // The bf16 expert products' pointers of group g: the compact bf16 weights of
-// position s, the group's rows of the bf16 operand and of the fp32 result.
-__global__ void mixed_group_pointers_kernel(uint16_t** w_ptr, uint16_t** in_ptr, float** out_ptr,
+// position s, the group's rows of the bf16 operand and of the result (O:
+// fp32, or bf16).
+template <class O>
+__global__ void mixed_group_pointers_kernel(uint16_t** w_ptr, uint16_t** in_ptr, O** out_ptr,
                                             const uint16_t* Wb, int64_t per_expert, const uint16_t* in,
-                                            GroupAt in_at, float* out, GroupAt out_at, int B, int nS) {
+                                            GroupAt in_at, O* out, GroupAt out_at, int B, int nS) {
     PRISM_GRID_STRIDE(g, (int64_t)B * nS) {
         const int64_t b = g / nS, s = g % nS;
         w_ptr[g] = const_cast<uint16_t*>(Wb + s * per_expert);
@@ -524,11 +527,12 @@ void linear_backward_mixed(float* dx, uint16_t* dx_bf16, bool overwrite_dx, floa
         column_sum(1, rows, out_dim, RowMajor{dout, rows, out_dim}, AddTo{db, out_dim, nullptr}, stream);
 }
 
-void expert_linear_forward_mixed(float* out, const float* x, const uint16_t* x_bf16, int64_t x_image_stride,
-                                 const float* W, const float* bias, const int* S, int B, int nS, int N,
-                                 int in_dim, int out_dim, cudaStream_t stream) {
+void expert_linear_forward_mixed(float* out, uint16_t* out_bf16, const float* x, const uint16_t* x_bf16,
+                                 int64_t x_image_stride, const float* W, const float* bias, const int* S, int B,
+                                 int nS, int N, int in_dim, int out_dim, cudaStream_t stream) {
     const int G = B * nS;
     if (G <= 0 || N <= 0) return;
+    PRISM_CUDA_REQUIRE((out != nullptr) != (out_bf16 != nullptr), "expert_linear_forward_mixed: one output");
     const int64_t per_image = (int64_t)nS * N * in_dim, per_expert = (int64_t)out_dim * in_dim;
     // The groups' rows: x_bf16's patch rows as they are (image stride), or a
     // compact bf16 copy of x's (image stride per_image).
@@ -547,24 +551,36 @@ void expert_linear_forward_mixed(float* out, const float* x, const uint16_t* x_b
     used_experts_bf16_kernel<<<grid_for(nS * per_expert), kThreads, 0, stream>>>(wb.as<uint16_t>(), W, S, nS,
                                                                                  per_expert);
     PRISM_LAUNCH_CHECK();
-    fill_expert_bias_kernel<<<grid_for((int64_t)G * N * out_dim), kThreads, 0, stream>>>(
-        out, bias, S, B, nS, N, out_dim);
+    // The bias first, then the product adds into it (beta = 1). A bf16 result
+    // starts from the bias rounded to bf16, so it is rounded twice (the bias,
+    // then the sum): within the bf16 tolerance, and no fp32 scratch.
+    const unsigned bias_grid = grid_for((int64_t)G * N * out_dim);
+    if (out_bf16)
+        fill_expert_bias_kernel<<<bias_grid, kThreads, 0, stream>>>(out_bf16, bias, S, B, nS, N, out_dim);
+    else
+        fill_expert_bias_kernel<<<bias_grid, kThreads, 0, stream>>>(out, bias, S, B, nS, N, out_dim);
     PRISM_LAUNCH_CHECK();
     Scratch ptrs(3 * sizeof(void*) * (size_t)G, stream);
     void** slots = ptrs.as<void*>();
     uint16_t** w_ptr = reinterpret_cast<uint16_t**>(slots);
     uint16_t** x_ptr = w_ptr + G;
-    float** y_ptr = reinterpret_cast<float**>(slots + 2 * G);
-    mixed_group_pointers_kernel<<<grid_for(G), kThreads, 0, stream>>>(
-        w_ptr, x_ptr, y_ptr, wb.as<uint16_t>(), per_expert, xb, {xb_image_stride, (int64_t)N * in_dim}, out,
-        {(int64_t)nS * N * out_dim, (int64_t)N * out_dim}, B, nS);
+    const GroupAt x_at{xb_image_stride, (int64_t)N * in_dim}, y_at{(int64_t)nS * N * out_dim, (int64_t)N * out_dim};
+    if (out_bf16)
+        mixed_group_pointers_kernel<<<grid_for(G), kThreads, 0, stream>>>(
+            w_ptr, x_ptr, reinterpret_cast<uint16_t**>(slots + 2 * G), wb.as<uint16_t>(), per_expert, xb, x_at,
+            out_bf16, y_at, B, nS);
+    else
+        mixed_group_pointers_kernel<<<grid_for(G), kThreads, 0, stream>>>(
+            w_ptr, x_ptr, reinterpret_cast<float**>(slots + 2 * G), wb.as<uint16_t>(), per_expert, xb, x_at, out,
+            y_at, B, nS);
     PRISM_LAUNCH_CHECK();
     // column-major: Yᵀ [out, N] += W_sᵀ-as-stored · Xᵀ, per group
     PRISM_CUBLAS_CHECK(cublasGemmBatchedEx(
         blas_handle(stream), CUBLAS_OP_T, CUBLAS_OP_N, out_dim, N, in_dim, &kOne,
         reinterpret_cast<const void* const*>(w_ptr), CUDA_R_16BF, in_dim,
         reinterpret_cast<const void* const*>(x_ptr), CUDA_R_16BF, in_dim, &kOne,
-        reinterpret_cast<void* const*>(y_ptr), CUDA_R_32F, out_dim, G, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+        reinterpret_cast<void* const*>(slots + 2 * G), out_bf16 ? CUDA_R_16BF : CUDA_R_32F, out_dim, G,
+        CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
 void expert_linear_backward_mixed(float* dx, float* dW, float* dbias, const float* dout, const float* x,
@@ -669,8 +685,8 @@ void linear_backward_mixed(float*, uint16_t*, bool, float*, float*, const float*
                            const uint16_t*, const float*, int64_t, int, int, cudaStream_t) {
     no_cublas();
 }
-void expert_linear_forward_mixed(float*, const float*, const uint16_t*, int64_t, const float*, const float*,
-                                 const int*, int, int, int, int, int, cudaStream_t) {
+void expert_linear_forward_mixed(float*, uint16_t*, const float*, const uint16_t*, int64_t, const float*,
+                                 const float*, const int*, int, int, int, int, int, cudaStream_t) {
     no_cublas();
 }
 void expert_linear_backward_mixed(float*, float*, float*, const float*, const float*, const uint16_t*, int64_t,

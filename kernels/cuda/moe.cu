@@ -297,7 +297,9 @@ __global__ void dispatch_place_kernel(int* pair_of_row, int* row_of_pair, const 
 }
 
 // ---- gather and combine ----------------------------------------------------------------
-__global__ void gather_forward_kernel(float* qg, const float* q, int64_t q_image_stride,
+// E: fp32, or bf16 as the bf16 mode stores q and qg (copied as they are).
+template <class E>
+__global__ void gather_forward_kernel(E* qg, const E* q, int64_t q_image_stride,
                                       const int* pair_of_row, int64_t R, int k, int D,
                                       int64_t rows) {
     PRISM_GRID_STRIDE(i, rows * D) {
@@ -320,7 +322,9 @@ __global__ void gather_backward_kernel(float* dq, int64_t dq_image_stride, const
     }
 }
 
-__global__ void combine_forward_kernel(float* a, int64_t a_image_stride, const float* og,
+// E: og and a in fp32, or both in bf16 (the bf16 mode); the sum is fp32.
+template <class E>
+__global__ void combine_forward_kernel(E* a, int64_t a_image_stride, const E* og,
                                        const float* weights, const int* row_of_pair, int64_t R,
                                        int64_t tokens, int k, int D) {
     PRISM_GRID_STRIDE(i, tokens * D) {
@@ -328,14 +332,18 @@ __global__ void combine_forward_kernel(float* a, int64_t a_image_stride, const f
         const int d = (int)(i % D);
         float acc = 0.f;
         for (int j = 0; j < k; j++)
-            acc += weights[t * k + j] * og[(int64_t)row_of_pair[t * k + j] * D + d];
-        a[(t / R) * a_image_stride + (t % R) * D + d] = acc;
+            acc += weights[t * k + j] * load_as(&og[(int64_t)row_of_pair[t * k + j] * D + d]);
+        store_as(&a[(t / R) * a_image_stride + (t % R) * D + d], acc);
     }
 }
 
 // One warp per token: dog rows (each owned by one (t, j)) and dweights[t, j] += ⟨dA, O⟩.
-__global__ void combine_backward_kernel(float* dog, float* dweights, const float* da,
-                                        int64_t da_image_stride, const float* og,
+// E: og in fp32, or bf16 as the bf16 mode stores it, and then dog written in
+// bf16 too (G = uint16_t: overwrite only). overwrite: dog is written, not
+// added into (each row has one writer).
+template <class E, class G>
+__global__ void combine_backward_kernel(G* dog, bool overwrite, float* dweights, const float* da,
+                                        int64_t da_image_stride, const E* og,
                                         const float* weights, const int* row_of_pair, int64_t R,
                                         int64_t tokens, int k, int D) {
     const int64_t t = global_warp();
@@ -347,8 +355,9 @@ __global__ void combine_backward_kernel(float* dog, float* dweights, const float
         const float w = weights[t * k + j];
         float dw = 0.f;
         for (int d = lane; d < D; d += 32) {
-            dog[row * D + d] += w * g[d];
-            dw += g[d] * og[row * D + d];
+            const float x = w * g[d];
+            store_as(&dog[row * D + d], overwrite ? x : load_as(&dog[row * D + d]) + x);
+            dw += g[d] * load_as(&og[row * D + d]);
         }
         dw = warp_sum(dw);
         if (lane == 0) dweights[t * k + j] += dw;
@@ -452,11 +461,18 @@ void moe_dispatch(int* offsets, int* pair_of_row, int* row_of_pair, int* counts,
     PRISM_LAUNCH_CHECK();
 }
 
-void moe_gather_forward(float* qg, const float* q, int64_t q_image_stride, const int* pair_of_row,
-                        int B, int nS, int N, int k, int D, cudaStream_t stream) {
+void moe_gather_forward(float* qg, uint16_t* qg_bf16, const float* q, const uint16_t* q_bf16,
+                        int64_t q_image_stride, const int* pair_of_row, int B, int nS, int N, int k, int D,
+                        cudaStream_t stream) {
     const int64_t R = (int64_t)nS * N, rows = B * R * k;
-    gather_forward_kernel<<<grid_for(rows * D), kThreads, 0, stream>>>(qg, q, q_image_stride,
-                                                                       pair_of_row, R, k, D, rows);
+    PRISM_CUDA_REQUIRE(q_bf16 ? qg_bf16 && !qg : qg && !qg_bf16,
+                       "moe_gather_forward: q and qg are both fp32 or both bf16");
+    if (q_bf16)
+        gather_forward_kernel<<<grid_for(rows * D), kThreads, 0, stream>>>(qg_bf16, q_bf16, q_image_stride,
+                                                                           pair_of_row, R, k, D, rows);
+    else
+        gather_forward_kernel<<<grid_for(rows * D), kThreads, 0, stream>>>(qg, q, q_image_stride, pair_of_row, R,
+                                                                           k, D, rows);
     PRISM_LAUNCH_CHECK();
 }
 
@@ -469,22 +485,37 @@ void moe_gather_backward(float* dq, int64_t dq_image_stride, const float* dqg,
     PRISM_LAUNCH_CHECK();
 }
 
-void combine_forward(float* a, int64_t a_image_stride, const float* og, const float* weights,
-                     const int* row_of_pair, int B, int nS, int N, int k, int D,
+void combine_forward(float* a, uint16_t* a_bf16, int64_t a_image_stride, const float* og, const uint16_t* og_bf16,
+                     const float* weights, const int* row_of_pair, int B, int nS, int N, int k, int D,
                      cudaStream_t stream) {
     const int64_t R = (int64_t)nS * N, tokens = B * R;
-    combine_forward_kernel<<<grid_for(tokens * D), kThreads, 0, stream>>>(
-        a, a_image_stride, og, weights, row_of_pair, R, tokens, k, D);
+    PRISM_CUDA_REQUIRE(og_bf16 ? a_bf16 && !a : a && !a_bf16, "combine_forward: og and a are both fp32 or both bf16");
+    if (og_bf16)
+        combine_forward_kernel<<<grid_for(tokens * D), kThreads, 0, stream>>>(a_bf16, a_image_stride, og_bf16,
+                                                                              weights, row_of_pair, R, tokens, k, D);
+    else
+        combine_forward_kernel<<<grid_for(tokens * D), kThreads, 0, stream>>>(a, a_image_stride, og, weights,
+                                                                              row_of_pair, R, tokens, k, D);
     PRISM_LAUNCH_CHECK();
 }
 
-void combine_backward(float* dog, float* dweights, const float* da, int64_t da_image_stride,
-                      const float* og, const float* weights, const int* row_of_pair, int B,
-                      int nS, int N, int k, int D, cudaStream_t stream) {
+void combine_backward(float* dog, uint16_t* dog_bf16, bool overwrite_dog, float* dweights, const float* da,
+                      int64_t da_image_stride, const float* og, const uint16_t* og_bf16, const float* weights,
+                      const int* row_of_pair, int B, int nS, int N, int k, int D, cudaStream_t stream) {
     const int64_t R = (int64_t)nS * N, tokens = B * R;
     if (tokens <= 0) return;
-    combine_backward_kernel<<<warp_blocks(tokens), kWarpsPerBlock * 32, 0, stream>>>(
-        dog, dweights, da, da_image_stride, og, weights, row_of_pair, R, tokens, k, D);
+    PRISM_CUDA_REQUIRE(dog_bf16 ? overwrite_dog && !dog && og_bf16 : dog != nullptr,
+                       "combine_backward: dog is fp32, or written in bf16 (with og in bf16)");
+    const unsigned grid = warp_blocks(tokens), threads = kWarpsPerBlock * 32;
+    if (dog_bf16)
+        combine_backward_kernel<<<grid, threads, 0, stream>>>(dog_bf16, true, dweights, da, da_image_stride, og_bf16,
+                                                              weights, row_of_pair, R, tokens, k, D);
+    else if (og_bf16)
+        combine_backward_kernel<<<grid, threads, 0, stream>>>(dog, overwrite_dog, dweights, da, da_image_stride,
+                                                              og_bf16, weights, row_of_pair, R, tokens, k, D);
+    else
+        combine_backward_kernel<<<grid, threads, 0, stream>>>(dog, overwrite_dog, dweights, da, da_image_stride, og,
+                                                              weights, row_of_pair, R, tokens, k, D);
     PRISM_LAUNCH_CHECK();
 }
 

@@ -88,7 +88,14 @@ FLASH_DEVICE void add_f2(float* p, float x, float y) {
     v.x += x, v.y += y;
     *reinterpret_cast<float2*>(p) = v;
 }
+FLASH_DEVICE float load_elem(const uint16_t* p) { return __uint_as_float((uint32_t)*p << 16); }
+FLASH_DEVICE void store_elem(uint16_t* p, float v) { *p = (uint16_t)(pack_bf16(v, 0.f) & 0xffffu); }
 #endif
+
+// One element of an operand stored in fp32 or (the overloads above) in bf16,
+// as a float; and stored back (bf16: nearest even).
+FLASH_DEVICE float load_elem(const float* p) { return *p; }
+FLASH_DEVICE void store_elem(float* p, float v) { *p = v; }
 
 FLASH_DEVICE int imin(int a, int b) { return a < b ? a : b; }
 
