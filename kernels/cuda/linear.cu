@@ -285,7 +285,8 @@ LtPlan& lt_plan(const LtShape& shape, const LtContext& ctx, const void* bias) {
 // when the heuristic has none).
 // bias (fp32, beta 0, packed D): D = op(A)·op(B) + bias[row], added in the
 // GEMM's epilogue, so that D is written once and never read; a bf16 D takes
-// the bias rounded to bf16 (the epilogue's bias has D's type); without an Lt
+// the bias rounded to bf16 (cublasLt.h documents the epilogue's bias as D's
+// type but for IMMA and fp8 kernels, so an fp32 one is not asked for); without an Lt
 // algorithm for it, D is filled with the bias first and accumulated into.
 void lt_matmul(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const uint16_t* A,
                int64_t lda, const uint16_t* B, int64_t ldb, float beta, void* D,
