@@ -187,13 +187,13 @@ public:
     }
     // A matrix the model keeps in fp32, bf16 or both (op::MatrixIn). `full`
     // starts random like every float buffer; a bf16 one is written by its
-    // producing op before anything reads it, but for inputs (mirror: the
-    // rounding of `full`, which is then kept too).
-    op::MatrixIn<float> matrix(int64_t n, bool full, bool bf16, float scale, bool mirror = false) {
+    // producing op before anything reads it, but for an input, which starts
+    // as the rounding of `full` (both kept) or of random values.
+    op::MatrixIn<float> matrix(int64_t n, bool full, bool bf16, float scale, bool input = false) {
         op::MatrixIn<float> m;
-        if (full || mirror) m.full = random(n, scale);
+        if (full) m.full = random(n, scale);
         if (bf16) m.bf16 = take<uint16_t>(n);
-        if (mirror && bf16) mirrors.push_back({m.bf16, m.full, n});
+        if (bf16 && input) bf16_fills.push_back({m.bf16, m.full, n, scale});
         return m;
     }
     size_t used() const { return used_; }
@@ -203,12 +203,13 @@ public:
         float scale;  // uniform in [-scale, scale)
     };
     std::vector<Fill> fills;
-    struct Mirror {
+    struct Bf16Fill {
         uint16_t* dst;
-        const float* src;
+        const float* src;  // its values rounded, or (null) random ones
         int64_t n;
+        float scale;
     };
-    std::vector<Mirror> mirrors;  // filled after `fills`
+    std::vector<Bf16Fill> bf16_fills;  // filled after `fills`
 
 private:
     char* base_;
@@ -249,7 +250,7 @@ public:
         const int64_t rows = sh_.rows, D = sh_.D, Hd = sh_.Hd, L = sh_.L, B = sh_.B;
         const bool a16 = sh_.attention_bf16;
         for (int i = 0; i < 2; i++) {
-            x_[i] = c.matrix(rows * D, true, sh_.bf16, kUnit, /*mirror=*/true);  // LN1's output
+            x_[i] = c.matrix(rows * D, !sh_.bf16, sh_.bf16, kUnit, /*input=*/true);  // LN1's output
             dy_[i] = c.random(rows * D, kUnit);
         }
         w_qkv_ = c.random(3 * D * D, kWeight);
@@ -308,7 +309,7 @@ public:
         const bool a16 = sh_.attention_bf16;
         for (int i = 0; i < 2; i++) {
             // LN1's output: fp32 for the router, and bf16 for the other products in the bf16 mode
-            x_[i] = c.matrix(rows * D, true, sh_.bf16, kUnit, /*mirror=*/true);
+            x_[i] = c.matrix(rows * D, true, sh_.bf16, kUnit, /*input=*/true);
             dy_[i] = c.random(rows * D, kUnit);
         }
         w_r_ = c.random(C * D, kWeight);       b_r_ = c.random(C, kWeight);
@@ -444,7 +445,16 @@ void run_variant(Variant& v, MoeBlock* moe, const AttentionBenchOptions& o, uint
         const auto& f = bind.fills[i];
         cuda::fill_uniform(f.p, f.n, -f.scale, f.scale, seed * 1000003u + i, s);
     }
-    for (const auto& m : bind.mirrors) cu::to_bf16(m.dst, m.src, m.n, s);
+    // bf16 inputs: rounded from their fp32 copy, or from random values in
+    // scratch outside the variant's buffers
+    for (size_t i = 0; i < bind.bf16_fills.size(); i++) {
+        const auto& f = bind.bf16_fills[i];
+        cuda::DeviceMemory scratch(f.src ? 0 : sizeof(float) * size_t(f.n));
+        if (!f.src)
+            cuda::fill_uniform(scratch.as<float>(), f.n, -f.scale, f.scale, seed * 1000003u + bind.fills.size() + i, s);
+        cu::to_bf16(f.dst, f.src ? f.src : scratch.as<float>(), f.n, s);
+        stream.synchronize();  // before the scratch goes
+    }
     if (moe) moe->upload_channels(s);
     row.buffer_gib = double(measure.used()) / double(1u << 30);
 

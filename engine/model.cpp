@@ -123,13 +123,13 @@ struct BlockActs {
     op::MatrixIn<T> ln1, ln2, act, qkv, fc1, att_out;
     T *ln1_mean, *ln1_rstd;
     T *att_lse;                                            // dense attention
-    T *z, *rprobs, *weights, *lse;                         // MoE attention
+    T *rprobs, *weights, *lse;                             // MoE attention
     op::MatrixIn<T> q, k, v, qg, og;
     T *route_lse, *cls_probs;
     int *experts, *offsets, *pair_of_row, *row_of_pair, *counts;
     double* aux_all;        // [2C+1] aux_stats summed over ranks (data-parallel training)
     bool aux_global;        // aux_all holds them for this forward
-    T *proj_out, *x_mid, *ln2_mean, *ln2_rstd, *fc2_out, *x_out;
+    T *x_mid, *ln2_mean, *ln2_rstd, *x_out;
     T *drop_attn, *drop_mlp;                               // per-image drop path scales
     bool dropping;
 };
@@ -149,6 +149,10 @@ struct Activations {
     uint8_t* in_S;
     T *drop_scales, *loss_slots;
     int *correct, *counts;   // counts [depth, C]: every block's routing counts
+    // Forward scratch, reused by every block: what only the next op reads
+    // (the router's logits; a branch's output, which its residual add reads),
+    // so that no block keeps it for backward.
+    T *router_logits, *branch_out;
     // Backward scratch, reused by every block.
     T *dres, *dbranch, *datt, *dln, *dqkv, *dz, *drprobs, *dweights;
     // Read only by bf16 products (and GELU's backward, routed attention): bf16 in the bf16 mode
@@ -269,7 +273,6 @@ void Model<T>::carve_activations() {
         b.ln1_mean = a.take<T>(B * L);
         b.ln1_rstd = a.take<T>(B * L);
         if (is_moe(cfg_)) {
-            b.z = a.take<T>(B * L * C);
             b.rprobs = a.take<T>(Tok * C);
             b.experts = a.take<int>(Tok * k);
             b.weights = a.take<T>(Tok * k);
@@ -291,17 +294,17 @@ void Model<T>::carve_activations() {
             b.att_out = attention_matrix(B * L * D);  // read by the projection and attention's backward
             b.att_lse = a.take<T>(B * Hd * L);
         }
-        b.proj_out = a.take<T>(B * L * D);
         b.x_mid = a.take<T>(B * L * D);
         b.ln2 = matrix_in(B * L * D, false);
         b.ln2_mean = a.take<T>(B * L);
         b.ln2_rstd = a.take<T>(B * L);
         b.fc1 = matrix_in(B * L * H, false);
         b.act = matrix_in(B * L * H, false);
-        b.fc2_out = a.take<T>(B * L * D);
         b.x_out = a.take<T>(B * L * D);
         prev = b.x_out;
     }
+    x.router_logits = a.take<T>(is_moe(cfg_) ? B * L * C : 0);
+    x.branch_out = a.take<T>(B * L * D);
     x.cls_rows = a.take<T>(B * D);
     x.lnf = a.take<T>(B * D);
     x.lnf_mean = a.take<T>(B);
@@ -529,8 +532,9 @@ void Model<T>::block_forward(int i, bool training) {
         // Router: z = y·W_rᵀ + b_r; p = softmax over S; E(t) = top-k; R = combine weights.
         // The router's product stays fp32 in the bf16 mode: a rounding must not
         // flip which channels a token attends to.
-        op::linear_forward(fp32(ex_), b.z, b.ln1.full, w.router_w, w.router_b, rows, int(D), int(C));
-        op::router_forward(ex_, b.rprobs, b.experts, b.weights, b.lse, b.z + C, L * C, in_S_at_,
+        T* z = act_->router_logits;
+        op::linear_forward(fp32(ex_), z, b.ln1.full, w.router_w, w.router_b, rows, int(D), int(C));
+        op::router_forward(ex_, b.rprobs, b.experts, b.weights, b.lse, z + C, L * C, in_S_at_,
                            S_at_, B_, nS_, int(N), int(C), k, combine);
         // Dispatch: sort the (token, slot) pairs into (image, channel) groups.
         op::moe_dispatch(ex_, b.offsets, b.pair_of_row, b.row_of_pair, b.counts, b.experts, B_, nS_,
@@ -565,15 +569,17 @@ void Model<T>::block_forward(int i, bool training) {
     }
     // x_mid = x + drop_path(attn_out·W_oᵀ + b_o)
     // and LN2(x_mid) in the same pass over the rows
-    op::linear_forward(ex_, b.proj_out, b.att_out, w.proj_w, w.proj_b, rows, int(D), int(D));
-    op::residual_layernorm_forward(ex_, b.x_mid, b.ln2, b.ln2_mean, b.ln2_rstd, b.x_in, b.proj_out,
+    // (a branch's output is read by its residual add alone: one buffer for every block)
+    T* branch = act_->branch_out;
+    op::linear_forward(ex_, branch, b.att_out, w.proj_w, w.proj_b, rows, int(D), int(D));
+    op::residual_layernorm_forward(ex_, b.x_mid, b.ln2, b.ln2_mean, b.ln2_rstd, b.x_in, branch,
                                    b.dropping ? b.drop_attn : nullptr, w.norm2_w, w.norm2_b, B_, L,
                                    int(D));
     // x_out = x_mid + drop_path(MLP(LN2(x_mid)))
     op::linear_forward(ex_, b.fc1, b.ln2, w.fc1_w, w.fc1_b, rows, int(D), int(H));
     op::gelu_forward(ex_, b.act, b.fc1, rows * H);
-    op::linear_forward(ex_, b.fc2_out, b.act, w.fc2_w, w.fc2_b, rows, int(H), int(D));
-    op::residual_forward(ex_, b.x_out, b.x_mid, b.fc2_out, b.dropping ? b.drop_mlp : nullptr, B_, L * D);
+    op::linear_forward(ex_, branch, b.act, w.fc2_w, w.fc2_b, rows, int(H), int(D));
+    op::residual_forward(ex_, b.x_out, b.x_mid, branch, b.dropping ? b.drop_mlp : nullptr, B_, L * D);
 }
 
 // ---------------------------------------------------------------------------
