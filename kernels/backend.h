@@ -132,9 +132,10 @@ inline bool all_bf16(const char* op, std::initializer_list<const void*> bf16) {
         throw std::logic_error(std::string(op) + ": its matrices are all fp32 or all bf16-stored");
     return present != 0;
 }
-// CUDA's fp32 products take fp32 inputs only.
+// CUDA's fp32 kernels (products outside the bf16 mode; attention off the
+// flash kernels' head dim or alignment) take fp32 matrices only.
 inline void require_full(const void* bf16, const char* op) {
-    if (bf16) throw std::logic_error(std::string(op) + ": a bf16-stored input outside the bf16 mode");
+    if (bf16) throw std::logic_error(std::string(op) + ": a bf16-stored matrix for the op's fp32 kernels");
 }
 // CPU: where an op accumulates the n elements of its input gradient: the
 // gradient itself, zeroed first when it is overwritten, or (bf16-stored)

@@ -53,6 +53,20 @@ double rel_error(const std::vector<float>& got, const std::vector<double>& ref,
     return std::sqrt(d2 / (r2 > 0 ? r2 : 1.0));
 }
 
+// A bf16-stored output must be the rounding of the fp32 one, element for
+// element, with the same lse bits; returns its values widened.
+std::vector<float> expect_stored_rounding(const std::string& what, const std::vector<uint16_t>& out16,
+                                          const std::vector<float>& out, const std::vector<float>& lse16,
+                                          const std::vector<float>& lse) {
+    size_t wrong = 0;
+    for (size_t i = 0; i < out16.size(); i++) wrong += out16[i] != emu::bf16_bits(out[i]);
+    EXPECT_EQ(wrong, 0u) << what << ": the bf16 output is not the rounding of the fp32 one";
+    EXPECT_EQ(0, std::memcmp(lse16.data(), lse.data(), lse.size() * sizeof(float))) << what << ": lse differs";
+    std::vector<float> widened(out16.size());
+    for (size_t i = 0; i < out16.size(); i++) widened[i] = emu::bf16_float(out16[i]);
+    return widened;
+}
+
 void expect_rel(const std::string& what, double rel, double tol) {
     std::printf("[ emulated   ] %-44s rel %.3g\n", what.c_str(), rel);
     EXPECT_LE(rel, tol) << what;  // NaN fails too
@@ -103,12 +117,8 @@ void run_dense(int B, int L, int Hd, uint64_t seed, int fwd_warps = 0) {
         std::vector<float> lse16(rows * Hd, NAN);
         fp16.lse = lse16.data();
         forward(fp16);
-        size_t wrong = 0;
-        for (size_t i = 0; i < out16.size(); i++) wrong += out16[i] != emu::bf16_bits(out[i]);
-        EXPECT_EQ(wrong, 0u) << what << ": bf16 out is not the rounding of the fp32 out";
-        EXPECT_EQ(0, std::memcmp(lse16.data(), lse.data(), lse.size() * sizeof(float))) << what << ": lse differs";
-        std::vector<float> out_widened(out16.size()), delta_a(rows * Hd, NAN), delta_b(rows * Hd, NAN);
-        for (size_t i = 0; i < out16.size(); i++) out_widened[i] = emu::bf16_float(out16[i]);
+        const std::vector<float> out_widened = expect_stored_rounding(what + " out", out16, out, lse16, lse);
+        std::vector<float> delta_a(rows * Hd, NAN), delta_b(rows * Hd, NAN);
         fl::PrepParams pa{s, dout.data(), nullptr, D, rows, nullptr, delta_a.data(), nullptr, out16.data()};
         fl::PrepParams pb{s, dout.data(), out_widened.data(), D, rows, nullptr, delta_b.data(), nullptr};
         const unsigned prep_blocks = (unsigned)((rows + fl::kPrepWarps - 1) / fl::kPrepWarps);
@@ -256,12 +266,7 @@ void run_routed(int B, int nS, int N, int Hd, int max_queries, uint64_t seed, in
     fl::FwdParams<uint16_t> fp16{s, {qg16.data(), D}, {k16.data(), D}, {v16.data(), D}, nullptr, D, lse16.data()};
     fp16.out_bf16 = og16.data();
     forward(fp16);
-    size_t wrong = 0;
-    for (size_t i = 0; i < og16.size(); i++) wrong += og16[i] != emu::bf16_bits(og[i]);
-    EXPECT_EQ(wrong, 0u) << what << ": the bf16 og is not the rounding of the fp32 og";
-    EXPECT_EQ(0, std::memcmp(lse16.data(), lse.data(), lse.size() * sizeof(float))) << what << ": lse differs";
-    std::vector<float> og_widened(og16.size());
-    for (size_t i = 0; i < og16.size(); i++) og_widened[i] = emu::bf16_float(og16[i]);
+    const std::vector<float> og_widened = expect_stored_rounding(what + " og", og16, og, lse16, lse);
     std::vector<float> grads[2], deltas[2];
     for (int stored = 0; stored < 2; stored++) {
         std::vector<float>& g = grads[stored];
