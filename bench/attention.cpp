@@ -377,7 +377,7 @@ public:
         op::expert_linear_forward(ex, kb_, x.at(D), L * D, w_k_, b_k_, S_, B, C, N, D, D);
         op::expert_linear_forward(ex, vb_, x.at(D), L * D, w_v_, b_v_, S_, B, C, N, D, D);
         op::moe_gather_forward(ex, qg_, q_.at(D), L * D, pair_of_row_, B, C, N, k, D);
-        op::routed_attention_forward(ex, og_, route_lse_, qg_, kb_, vb_, offsets_, B, C, N, D, Hd);
+        op::routed_attention_forward(ex, og_, route_lse_, qg_, kb_, vb_, offsets_, B, C, N, k, D, Hd);
         op::combine_forward(ex, att_.at(D), L * D, og_, weights_, row_of_pair_, B, C, N, k, D);
         op::cls_attention_forward(ex, att_, L * D, cls_probs_, q_, L * D, kb_, vb_, B, C * N, D, Hd);
         op::aux_loss_forward_backward<float>(ex, losses_, nullptr, rprobs_, counts_, S_, T, C, C, k, aux_, aux_coef_,
@@ -398,8 +398,8 @@ public:
                                    D, Hd);
         op::combine_backward(ex, op::overwrite(dog_), dweights_, datt_ + D, L * D, og_, weights_, row_of_pair_, B, C,
                              N, k, D);
-        op::routed_attention_backward(ex, dqg_, dk_, dv_, dog_, qg_, kb_, vb_, og_, route_lse_, offsets_, B, C, N, D,
-                                      Hd);
+        op::routed_attention_backward(ex, dqg_, dk_, dv_, dog_, qg_, kb_, vb_, og_, route_lse_, offsets_, B, C, N, k,
+                                      D, Hd);
         op::moe_gather_backward(ex, dq_ + D, L * D, dqg_, row_of_pair_, B, C, N, k, D);
         op::expert_linear_backward(ex, dx_ + D, g_k_, gb_k_, dk_, x.at(D), L * D, w_k_, S_, B, C, N, D, D);
         op::expert_linear_backward(ex, dx_ + D, g_v_, gb_v_, dv_, x.at(D), L * D, w_v_, S_, B, C, N, D, D);

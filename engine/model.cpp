@@ -548,7 +548,7 @@ void Model<T>::block_forward(int i, bool training) {
         // a[t] = Σ_{c∈E(t)} R[t,c]·MHA(q[t], K_{b,c}, V_{b,c})
         op::moe_gather_forward(ex_, b.qg, b.q.at(D), L * D, b.pair_of_row, B_, nS_, int(N), k, int(D));
         op::routed_attention_forward(ex_, b.og, b.route_lse, b.qg, b.k, b.v, b.offsets, B_, nS_,
-                                     int(N), int(D), int(Hd));
+                                     int(N), k, int(D), int(Hd));
         op::combine_forward(ex_, b.att_out.at(D), L * D, b.og, b.weights, b.row_of_pair, B_, nS_, int(N), k,
                             int(D));
         // The CLS row attends densely to every patch key of its image.
@@ -685,7 +685,7 @@ void Model<T>::block_backward(int i) {
         op::combine_backward(ex_, op::overwrite(x.dog), x.dweights, x.datt + D, L * D, b.og, b.weights,
                              b.row_of_pair, B_, nS_, int(N), k, int(D));
         op::routed_attention_backward(ex_, x.dqg, x.dk, x.dv, x.dog, b.qg, b.k, b.v, b.og,
-                                      b.route_lse, b.offsets, B_, nS_, int(N), int(D), int(Hd));
+                                      b.route_lse, b.offsets, B_, nS_, int(N), k, int(D), int(Hd));
         op::moe_gather_backward(ex_, x.dq + D, L * D, x.dqg, b.row_of_pair, B_, nS_, int(N), k, int(D));
         op::expert_linear_backward(ex_, x.dln + D, g.k_w, g.k_b, x.dk, b.ln1.at(D), L * D, w.k_w,
                                    S_at_, B_, nS_, int(N), int(D), int(D));

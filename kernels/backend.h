@@ -150,6 +150,15 @@ T* grad_of(const GradOut<T>& g, int64_t n, std::vector<T>& tmp) {
     if (g.p && g.overwrite) std::memset(g.p, 0, sizeof(T) * size_t(n));
     return g.p;
 }
+// CPU: the routed ops' gathered rows, offsets[B·nS]; more than the
+// B·nS·N·slots the caller announced is the caller's bug (the CUDA kernels,
+// whose work lists are sized for that many, trap on it).
+inline int64_t routed_rows(const char* op, const int* offsets, int B, int nS, int N, int slots) {
+    const int64_t rows = B > 0 ? offsets[int64_t(B) * nS] : 0;
+    if (rows > int64_t(B) * nS * N * slots)
+        throw std::logic_error(std::string(op) + ": more gathered rows than B·nS·N·slots");
+    return rows;
+}
 }  // namespace detail
 
 // PRISM_OP(cpu_call, cuda_call): the CUDA call for float on a CUDA Exec, else
@@ -585,29 +594,31 @@ void moe_gather_backward(const Exec& ex, T* dq, int64_t dq_image_stride, const T
              moe_gather_backward(dq, dq_image_stride, dqg, row_of_pair, B, nS, N, k, D, ex.stream));
 }
 // Routed attention: the dispatch of dense attention's (above). qg, k, v, og
-// (and dog) all fp32, or all bf16 (the flash kernels only).
+// (and dog) all fp32, or all bf16 (the flash kernels only). slots: each
+// token's k (the gathered rows are B·nS·N·slots).
 template <class T>
 void routed_attention_forward(const Exec& ex, const NoDeduce<MatrixIn<T>>& og, T* lse, const NoDeduce<MatrixIn<T>>& qg,
                               const NoDeduce<MatrixIn<T>>& k, const NoDeduce<MatrixIn<T>>& v, const int* offsets,
-                              int B, int nS, int N, int D, int Hd) {
+                              int B, int nS, int N, int slots, int D, int Hd) {
     const bool bf16 = detail::all_bf16("routed_attention_forward", {og.bf16, qg.bf16, k.bf16, v.bf16});
     (void)bf16;  // (a build without CUDA)
 #ifdef PRISM_CUDA
     if constexpr (std::is_same_v<T, float>) {
         if (bf16 && use_flash(ex, D, Hd, {og.bf16, qg.bf16, k.bf16, v.bf16}))
             return cuda_ops::flash_routed_attention_forward_bf16(og.bf16, lse, qg.bf16, k.bf16, v.bf16, offsets, B,
-                                                                 nS, N, D, Hd, ex.stream);
+                                                                 nS, N, slots, D, Hd, ex.stream);
         if (ex.cuda) {
             detail::require_full(qg.bf16, "routed_attention_forward");
             if (use_flash(ex, D, Hd, {og.full, qg.full, k.full, v.full}))
                 return cuda_ops::flash_routed_attention_forward(og.full, lse, qg.full, k.full, v.full, offsets, B, nS,
-                                                                N, D, Hd, ex.stream);
+                                                                N, slots, D, Hd, ex.stream);
             return cuda_ops::routed_attention_forward(og.full, lse, qg.full, k.full, v.full, offsets, B, nS, N, D, Hd,
                                                       ex.stream);
         }
     }
 #endif
-    const int64_t rows = B > 0 ? offsets[int64_t(B) * nS] : 0, kv = int64_t(B) * nS * N * D;
+    const int64_t rows = detail::routed_rows("routed_attention_forward", offsets, B, nS, N, slots),
+                  kv = int64_t(B) * nS * N * D;
     std::vector<T> tmp_q, tmp_k, tmp_v, tmp_out;
     T* o = detail::output_of(og, rows * D, tmp_out);
     ops::routed_attention_forward(o, lse, detail::widened(qg, rows * D, tmp_q), detail::widened(k, kv, tmp_k),
@@ -619,25 +630,28 @@ template <class T>
 void routed_attention_backward(const Exec& ex, T* dqg, T* dk, T* dv, const NoDeduce<MatrixIn<T>>& dog,
                                const NoDeduce<MatrixIn<T>>& qg, const NoDeduce<MatrixIn<T>>& k,
                                const NoDeduce<MatrixIn<T>>& v, const NoDeduce<MatrixIn<T>>& og, const T* lse,
-                               const int* offsets, int B, int nS, int N, int D, int Hd) {
+                               const int* offsets, int B, int nS, int N, int slots, int D, int Hd) {
     const bool bf16 = detail::all_bf16("routed_attention_backward", {dog.bf16, qg.bf16, k.bf16, v.bf16, og.bf16});
     (void)bf16;
 #ifdef PRISM_CUDA
     if constexpr (std::is_same_v<T, float>) {
         if (bf16 && use_flash(ex, D, Hd, {dqg, dk, dv, dog.bf16, qg.bf16, k.bf16, v.bf16, og.bf16}))
             return cuda_ops::flash_routed_attention_backward_bf16(dqg, dk, dv, dog.bf16, qg.bf16, k.bf16, v.bf16,
-                                                                  og.bf16, lse, offsets, B, nS, N, D, Hd, ex.stream);
+                                                                  og.bf16, lse, offsets, B, nS, N, slots, D, Hd,
+                                                                  ex.stream);
         if (ex.cuda) {
             detail::require_full(qg.bf16, "routed_attention_backward");
             if (use_flash(ex, D, Hd, {dqg, dk, dv, dog.full, qg.full, k.full, v.full, og.full}))
                 return cuda_ops::flash_routed_attention_backward(dqg, dk, dv, dog.full, qg.full, k.full, v.full,
-                                                                 og.full, lse, offsets, B, nS, N, D, Hd, ex.stream);
+                                                                 og.full, lse, offsets, B, nS, N, slots, D, Hd,
+                                                                 ex.stream);
             return cuda_ops::routed_attention_backward(dqg, dk, dv, dog.full, qg.full, k.full, v.full, og.full, lse,
                                                        offsets, B, nS, N, D, Hd, ex.stream);
         }
     }
 #endif
-    const int64_t rows = B > 0 ? offsets[int64_t(B) * nS] : 0, kv = int64_t(B) * nS * N * D;
+    const int64_t rows = detail::routed_rows("routed_attention_backward", offsets, B, nS, N, slots),
+                  kv = int64_t(B) * nS * N * D;
     std::vector<T> tmp_dog, tmp_q, tmp_k, tmp_v, tmp_og;
     ops::routed_attention_backward(dqg, dk, dv, detail::widened(dog, rows * D, tmp_dog),
                                    detail::widened(qg, rows * D, tmp_q), detail::widened(k, kv, tmp_k),

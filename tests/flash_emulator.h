@@ -366,16 +366,22 @@ inline float shfl_xor(float v, int mask) {
 inline uint32_t pack_bf16(float lo, float hi) {
     return uint32_t(emu::bf16_bits(lo)) | uint32_t(emu::bf16_bits(hi)) << 16;
 }
-inline float ld_shared(const float* p) {
+// 4-byte words: float and int
+template <class T>
+inline T ld_shared(const T* p) {
+    static_assert(sizeof(T) == 4, "a shared word");
     emu::check_shared(p, 4, 4, "shared load");
     emu::shared_read(p, 4);
     return *p;
 }
-inline void st_shared(float* p, float v) {
+template <class T>
+inline void st_shared(T* p, T v) {
+    static_assert(sizeof(T) == 4, "a shared word");
     emu::check_shared(p, 4, 4, "shared store");
     emu::shared_write(p, 4, emu::block.bar_gen, emu::block.bar_gen);
     *p = v;
 }
+inline void device_trap(const char* why) { emu::fail(std::string("trap: ") + why); }
 inline void load_f8(float (&v)[8], const float* p) {
     if ((uintptr_t)p % 16) emu::fail("load_f8: misaligned global address");
     std::memcpy(v, p, sizeof v);

@@ -172,7 +172,7 @@ protected:
         DeviceArray<float> og(ref.size()), lse(ref_lse.size());
         const auto fwd = run_twice(what + " forward", {{&og, {}}, {&lse, {}}}, [&] {
             cu::flash_routed_attention_forward(og.get(), lse.get(), d_qg.get(), d_k.get(), d_v.get(), d_off.get(), B,
-                                               nS, N, D, Hd, stream);
+                                               nS, N, k, D, Hd, stream);
         });
         expect_close(what + " og", fwd[0], ref, kTol);
         expect_close(what + " lse", fwd[1], ref_lse, kLseTol);
@@ -186,7 +186,7 @@ protected:
         DeviceArray<float> dqg(qg.size()), dk(kk.size()), dv(vv.size());
         const auto got = run_twice(what + " backward", {{&dqg, g_q}, {&dk, g_k}, {&dv, g_v}}, [&] {
             cu::flash_routed_attention_backward(dqg.get(), dk.get(), dv.get(), d_dog.get(), d_qg.get(), d_k.get(),
-                                                d_v.get(), og.get(), lse.get(), d_off.get(), B, nS, N, D, Hd, stream);
+                                                d_v.get(), og.get(), lse.get(), d_off.get(), B, nS, N, k, D, Hd, stream);
         });
         expect_increment_close(what + " dqg", got[0], r_q, g_q);
         expect_increment_close(what + " dk", got[1], r_k, g_k);
@@ -201,7 +201,7 @@ protected:
         og16.poison();
         lse.poison();
         cu::flash_routed_attention_forward_bf16(og16.get(), lse.get(), d_qg16.get(), d_k16.get(), d_v16.get(),
-                                                d_off.get(), B, nS, N, D, Hd, stream);
+                                                d_off.get(), B, nS, N, k, D, Hd, stream);
         const auto og16_host = og16.download();
         expect_rounding_of(what + " og stored bf16", og16_host, fwd[0]);
         expect_bit_identical(what + " lse, operands stored bf16", lse.download(), fwd[1]);
@@ -210,13 +210,13 @@ protected:
         const RunBuffers grads = {{&dqg, g_q}, {&dk, g_k}, {&dv, g_v}};
         const auto from_widened = run_twice(what + " backward from widened og", grads, [&] {
             cu::flash_routed_attention_backward(dqg.get(), dk.get(), dv.get(), d_dog.get(), d_qg.get(), d_k.get(),
-                                                d_v.get(), d_og_widened.get(), lse.get(), d_off.get(), B, nS, N, D,
-                                                Hd, stream);
+                                                d_v.get(), d_og_widened.get(), lse.get(), d_off.get(), B, nS, N, k,
+                                                D, Hd, stream);
         });
         const auto stored = run_twice(what + " backward, operands stored bf16", grads, [&] {
             cu::flash_routed_attention_backward_bf16(dqg.get(), dk.get(), dv.get(), d_dog16.get(), d_qg16.get(),
                                                      d_k16.get(), d_v16.get(), og16.get(), lse.get(), d_off.get(), B,
-                                                     nS, N, D, Hd, stream);
+                                                     nS, N, k, D, Hd, stream);
         });
         for (int i = 0; i < 3; i++)
             expect_bit_identical(what + " backward, operands stored bf16, buffer " + std::to_string(i), stored[i],
@@ -296,7 +296,7 @@ TEST_F(CudaFlash, LseMatchesTheFp32Kernels) {
     rl_flash.poison();
     rl_fp32.poison();
     cu::flash_routed_attention_forward(og.get(), rl_flash.get(), d_qg.get(), d_kv.get(), d_kv.get(), d_off.get(), B,
-                                       nS, N, D, Hd, stream);
+                                       nS, N, 1, D, Hd, stream);  // at most N rows per group: k = 1's bound
     cu::routed_attention_forward(og.get(), rl_fp32.get(), d_qg.get(), d_kv.get(), d_kv.get(), d_off.get(), B, nS, N,
                                  D, Hd, stream);
     expect_close("routed lse, flash vs fp32", rl_flash.download(), rl_fp32.download(), kLseTol);
@@ -307,7 +307,7 @@ TEST_F(CudaFlash, RejectsOtherHeadDims) {
     EXPECT_THROW(cu::flash_attention_forward(out.get(), nullptr, lse.get(), x.get(), nullptr, 2, 17, 96, 2, stream),
                  std::runtime_error);  // head dim 48
     EXPECT_THROW(cu::flash_routed_attention_forward(out.get(), lse.get(), x.get(), x.get(), x.get(), nullptr, 1, 1,
-                                                    17, 96, 1, stream),
+                                                    17, 1, 96, 1, stream),
                  std::runtime_error);  // head dim 96
 }
 

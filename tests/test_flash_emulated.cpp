@@ -186,10 +186,34 @@ std::vector<int> random_offsets(int groups, int max_queries, Rng& rng) {
     return off;
 }
 
-// target_blocks: routed_query_grid's; 1 makes each block walk all of its
-// group's query tiles (what large batches do), the default gives the small
-// test grids a block per tile.
-void run_routed(int B, int nS, int N, int Hd, int max_queries, uint64_t seed, int64_t target_blocks = 2048) {
+// The lists routed_plan_kernel makes, as flash_attention.cu's RoutedPlan does.
+struct EmulatedPlan {
+    std::vector<fl::WorkItem> items;
+    std::vector<int> groups, groups_tmp, counts;
+    fl::RoutedWork work;
+};
+EmulatedPlan emulated_plan(const fl::RoutedGeometry& geo, const std::vector<int>& offsets, int64_t max_rows) {
+    const int sets = (int)offsets.size() - 1;
+    EmulatedPlan e;
+    e.items.assign(geo.max_items, fl::WorkItem{-1, -1});
+    e.groups.assign(sets, -1);
+    e.groups_tmp.assign(sets, -1);
+    e.counts.assign(2, -1);
+    const fl::PlanParams p{offsets.data(), sets,           max_rows,           e.items.data(), e.counts.data(),
+                           geo.item_tiles, geo.max_items,  e.groups.data(),    e.groups_tmp.data(),
+                           e.counts.data() + 1,            geo.radix_passes};
+    emu::launch({1, 1, 1}, fl::kPlanThreads, fl::kPlanSmem, fl::routed_plan_kernel, p);
+    e.work = fl::RoutedWork{e.items.data(), e.counts.data(), geo.item_tiles, e.groups.data(), e.counts.data() + 1,
+                            geo.key_blocks};
+    return e;
+}
+
+// target_blocks: routed_geometry's, which sizes the work items from it: 1
+// gives the largest items (a block walks up to kMaxItemTiles of its group's
+// query tiles, what large batches do), the default a block per tile at these
+// small shapes; item_tiles, when set, is what the test means it to give.
+void run_routed(int B, int nS, int N, int Hd, int max_queries, uint64_t seed, int64_t target_blocks = 2048,
+                int item_tiles = 0) {
     const int D = fl::kDh * Hd, sets = B * nS;
     const std::string what = "routed B=" + std::to_string(B) + " nS=" + std::to_string(nS) +
                              " N=" + std::to_string(N) + " Hd=" + std::to_string(Hd);
@@ -201,26 +225,33 @@ void run_routed(int B, int nS, int N, int Hd, int max_queries, uint64_t seed, in
     const auto qg = bf16_normal(rows * D, rng), k = bf16_normal(T * D, rng), v = bf16_normal(T * D, rng),
                dog = bf16_normal(rows * D, rng);
     const fl::Sets s = fl::make_sets(offsets.data(), 0, N, Hd);
-    const fl::QueryGrid qgrid = fl::routed_query_grid(B, nS, N, Hd, target_blocks);
-    const emu::Dim grid{(unsigned)qgrid.sets, (unsigned)Hd, (unsigned)qgrid.z};
+    // Groups of up to nS·N queries: the bound of k = nS.
+    const int64_t max_rows = T * nS;
+    const fl::RoutedGeometry geo = fl::routed_geometry(B, nS, N, Hd, max_rows, target_blocks);
+    if (item_tiles) {
+        ASSERT_EQ(geo.item_tiles, item_tiles) << what;
+    }
+    const EmulatedPlan plan = emulated_plan(geo, offsets, max_rows);
+    const emu::Dim grid{(unsigned)(geo.max_items * Hd), 1, 1};
+    const emu::Dim kgrid{(unsigned)(sets * Hd * geo.key_blocks), 1, 1};
 
     // The launches of flash_attention.cu's routed ops, for fp32 operands
     // (rounded as staged) and the bf16 mode's stored ones (Src = uint16_t).
-    auto forward = [&](const auto& p) {
+    auto forward = [&](auto p) {
         using Src = std::remove_const_t<std::remove_pointer_t<decltype(p.q.p)>>;
-        if (qgrid.stationary)
+        p.work = plan.work;
+        if (geo.stationary)
             emu::launch(grid, 128, fl::fwd_smem<4, true>(N), fl::flash_fwd_kernel<Src, 4, true>, p);
         else
             emu::launch(grid, 128, fl::fwd_smem<4, false>(N), fl::flash_fwd_kernel<Src, 4, false>, p);
     };
-    const int w = fl::routed_dkv_warps(N);
-    const emu::Dim kgrid{(unsigned)sets, (unsigned)Hd, (unsigned)((N + 16 * w - 1) / (16 * w))};
-    const int64_t max_rows = (int64_t)sets * N * nS;
-    auto backward = [&](const fl::PrepParams& pp, const auto& bp) {
+    const int w = geo.key_warps;
+    auto backward = [&](const fl::PrepParams& pp, auto bp) {
         using Src = std::remove_const_t<std::remove_pointer_t<decltype(bp.q.p)>>;
+        bp.work = plan.work;
         emu::launch({(unsigned)((max_rows + fl::kPrepWarps - 1) / fl::kPrepWarps), 1, 1}, fl::kPrepWarps * 32, 0,
                     fl::flash_bwd_prep_kernel, pp);
-        if (qgrid.stationary)
+        if (geo.stationary)
             emu::launch(grid, 128, fl::dq_smem<4, true>(N), fl::flash_bwd_dq_kernel<Src, 4, true>, bp);
         else
             emu::launch(grid, 128, fl::dq_smem<4, false>(N), fl::flash_bwd_dq_kernel<Src, 4, false>, bp);
@@ -237,12 +268,13 @@ void run_routed(int B, int nS, int N, int Hd, int max_queries, uint64_t seed, in
     std::vector<double> ref(rows * D), ref_lse(rows * Hd);
     ops::routed_attention_forward<double>(ref.data(), ref_lse.data(), qg_d.data(), k_d.data(), v_d.data(),
                                           offsets.data(), B, nS, N, D, Hd);
-    const std::string mode = qgrid.stationary ? " (K/V resident, z=" + std::to_string(qgrid.z) + ")" : " (K/V streamed)";
+    const std::string mode = (geo.stationary ? " (K/V resident, " : " (K/V streamed, ") +
+                             std::to_string(geo.item_tiles) + " tiles per item)";
     expect_rel(what + " og" + mode, rel_error(og, ref), kTol);
     expect_rel(what + " lse", rel_error(lse, ref_lse), kLseTol);
 
     const auto gq = bf16_normal(rows * D, rng), gk = bf16_normal(T * D, rng), gv = bf16_normal(T * D, rng);
-    std::vector<float> dqg = gq, dk = gk, dv = gv, delta((size_t)sets * N * nS * Hd, NAN);
+    std::vector<float> dqg = gq, dk = gk, dv = gv, delta((size_t)max_rows * Hd, NAN);
     const fl::PrepParams pp{s, dog.data(), og.data(), D, max_rows, offsets.data() + sets, delta.data(), nullptr};
     const fl::BwdParams<float> bp{s, {qg.data(), D}, {k.data(), D}, {v.data(), D}, {dog.data(), D}, lse.data(),
                                   delta.data(), dqg.data(), D, dk.data(), dv.data(), D};
@@ -313,11 +345,81 @@ TEST(FlashEmulated, RoutedTwentyKeys) { run_routed(1, 3, 20, 2, 60, 5); }
 TEST(FlashEmulated, RoutedResidentTwoKeyTiles) { run_routed(1, 2, 70, 1, 140, 6); }
 // one block per group walking all its query tiles over resident K/V (one key tile, two)
 TEST(FlashEmulated, RoutedResidentOneBlockPerGroup) {
-    run_routed(2, 3, 48, 1, 144, 8, 1);
-    run_routed(1, 3, 70, 1, 210, 9, 1);
+    run_routed(2, 3, 48, 1, 144, 8, 1, fl::kMaxItemTiles);
+    run_routed(1, 3, 70, 1, 210, 9, 1, fl::kMaxItemTiles);
 }
+// items of two tiles: a group of three query tiles is a full item and a remainder
+TEST(FlashEmulated, RoutedResidentSeveralItemsPerGroup) { run_routed(2, 3, 48, 1, 144, 11, 7, 2); }
 // N = 300 > 256: key tiles streamed
 TEST(FlashEmulated, RoutedStreamedKeys) { run_routed(1, 2, 300, 1, 100, 7); }
+
+// routed_plan_kernel's lists against a host model: items by their tiles
+// (most first), then group, then first tile; the non-empty groups by query
+// tiles (most first), then group.
+void check_plan(const std::vector<int>& offsets, int item_tiles, int radix_passes, const std::string& what) {
+    const int sets = (int)offsets.size() - 1;
+    constexpr int QT = fl::kWarps * 16;
+    auto tiles_of = [&](int g, int per) { return (offsets[g + 1] - offsets[g] + per - 1) / per; };
+    struct Item {
+        int g, tile0, tiles;
+    };
+    std::vector<Item> want_items;
+    std::vector<int> want_groups;
+    for (int g = 0; g < sets; g++) {
+        const int t = tiles_of(g, QT);
+        for (int t0 = 0; t0 < t; t0 += item_tiles) want_items.push_back({g, t0, std::min(item_tiles, t - t0)});
+        if (t > 0) want_groups.push_back(g);
+    }
+    std::stable_sort(want_items.begin(), want_items.end(), [](const Item& a, const Item& b) { return a.tiles > b.tiles; });
+    std::stable_sort(want_groups.begin(), want_groups.end(),
+                     [&](int a, int b) { return tiles_of(a, fl::kQT2) > tiles_of(b, fl::kQT2); });
+
+    fl::RoutedGeometry geo{};
+    geo.item_tiles = item_tiles;
+    geo.max_items = (int64_t)want_items.size();  // exactly enough
+    geo.radix_passes = radix_passes;
+    const EmulatedPlan plan = emulated_plan(geo, offsets, offsets.back());
+    ASSERT_EQ(plan.counts[0], (int)want_items.size()) << what;
+    ASSERT_EQ(plan.counts[1], (int)want_groups.size()) << what;
+    size_t wrong_items = 0, wrong_groups = 0;
+    for (size_t i = 0; i < want_items.size(); i++)
+        wrong_items += plan.items[i].g != want_items[i].g || plan.items[i].tile0 != want_items[i].tile0;
+    for (size_t i = 0; i < want_groups.size(); i++) wrong_groups += plan.groups[i] != want_groups[i];
+    EXPECT_EQ(wrong_items, 0u) << what << ": work items out of order";
+    EXPECT_EQ(wrong_groups, 0u) << what << ": groups out of order";
+    std::printf("[ emulated   ] plan %-39s %zu items, %zu groups\n", what.c_str(), want_items.size(),
+                want_groups.size());
+}
+
+TEST(FlashEmulated, RoutedPlanListsTheLargestWorkFirst) {
+    Rng rng(40);
+    // More groups than the plan's threads (several each, some threads none);
+    // sizes from empty to 47 query tiles: two radix passes, both digits in use.
+    std::vector<int> offsets(301, 0);
+    for (int g = 0; g < 300; g++) {
+        const int r = (int)rng.below(10);
+        const int n = r < 2 ? 0 : r < 6 ? (int)rng.below(200) : (int)rng.below(3000);
+        offsets[g + 1] = offsets[g] + n;
+    }
+    const int64_t max_rows = offsets.back();
+    // The geometry's passes for these shapes: a group's tiles ≤ ⌈nS·N/64⌉ = 52, two digits.
+    EXPECT_EQ(fl::routed_geometry(1, 300, 11, 1, max_rows).radix_passes, 2);
+    check_plan(offsets, 3, 2, "300 groups, 3 tiles per item");
+    check_plan(offsets, 1, 2, "300 groups, 1 tile per item");
+    // three passes (a group of 300 tiles), few groups
+    check_plan({0, 19200, 19200, 19300, 29000}, fl::kMaxItemTiles, 3, "4 groups, 300 tiles");
+}
+
+TEST(FlashEmulated, RoutedPlanTrapsOnMoreRowsThanAnnounced) {
+    const std::vector<int> offsets = {0, 64, 200};
+    fl::RoutedGeometry geo = fl::routed_geometry(1, 2, 100, 1, 199);
+    std::vector<fl::WorkItem> items(64);
+    std::vector<int> counts(2);
+    const fl::PlanParams p{offsets.data(), 2, 199, items.data(), counts.data(), geo.item_tiles, geo.max_items,
+                           nullptr,        nullptr, nullptr,     geo.radix_passes};
+    EXPECT_THROW(emu::launch({1, 1, 1}, fl::kPlanThreads, fl::kPlanSmem, fl::routed_plan_kernel, p),
+                 std::runtime_error);
+}
 
 TEST(FlashEmulated, TheEmulatorCatchesAWarpThatSkipsACollective) {
     // A kernel whose lanes disagree on a shuffle must fail, not pass quietly.

@@ -132,41 +132,81 @@ void flash_attention_backward(float* dqkv, const float* dout, const float* qkv, 
 // ---- routed -----------------------------------------------------------------------------------
 namespace {
 
+// The work lists of routed_plan_kernel (flash_attention.cuh) for one op, in
+// scratch; with_groups: the dK/dV kernel's list too (backward).
+class RoutedPlan {
+public:
+    RoutedPlan(const int* offsets, int B, int nS, int N, int Hd, int k, bool with_groups, cudaStream_t stream)
+        : sets_((int64_t)B * nS),
+          geo_(routed_geometry(B, nS, N, Hd, sets_ * N * k)),
+          scratch_(sizeof(WorkItem) * geo_.max_items + sizeof(int) * (2 + (with_groups ? 2 * sets_ : 0)), stream) {
+        PRISM_CUDA_REQUIRE(geo_.max_items * Hd < INT32_MAX && sets_ * Hd * geo_.key_blocks < INT32_MAX,
+                           "flash routed attention: more blocks than a grid's x dimension holds");
+        WorkItem* items = scratch_.as<WorkItem>();
+        int* counts = reinterpret_cast<int*>(items + geo_.max_items);
+        int* groups = with_groups ? counts + 2 : nullptr;
+        work_ = RoutedWork{items, counts, geo_.item_tiles, groups, with_groups ? counts + 1 : nullptr,
+                           geo_.key_blocks};
+        const PlanParams p{offsets,     (int)sets_, sets_ * N * k, items, counts, geo_.item_tiles, geo_.max_items,
+                           groups,      groups ? groups + sets_ : nullptr, counts + 1, geo_.radix_passes};
+        routed_plan_kernel<<<1, kPlanThreads, kPlanSmem, stream>>>(p);
+        PRISM_LAUNCH_CHECK();
+    }
+    const RoutedGeometry& geometry() const { return geo_; }
+    const RoutedWork& work() const { return work_; }
+    dim3 query_grid(int Hd) const { return dim3((unsigned)(geo_.max_items * Hd)); }
+    dim3 key_grid(int Hd) const { return dim3((unsigned)(sets_ * Hd * geo_.key_blocks)); }
+
+private:
+    int64_t sets_;
+    RoutedGeometry geo_;
+    Scratch scratch_;
+    RoutedWork work_{};
+};
+
+void require_routed_shape(int B, int nS, int N, int k, const char* op) {
+    PRISM_CUDA_REQUIRE(k >= 1 && k <= nS && (int64_t)B * nS * N * k < INT32_MAX,
+                       (std::string(op) + ": need 1 <= k <= nS and B·nS·N·k gathered rows below 2^31").c_str());
+}
+
 // og_bf16: og stored in bf16 instead (bf16 operands only).
 template <class Src>
 void routed_forward(float* og, uint16_t* og_bf16, float* lse, const Src* qg, const Src* k, const Src* v,
-                    const int* offsets, int B, int nS, int N, int D, int Hd, cudaStream_t stream) {
+                    const int* offsets, int B, int nS, int N, int slots, int D, int Hd, cudaStream_t stream) {
     require_head_dim(D, Hd, "flash_routed_attention_forward");
     if (B <= 0 || nS <= 0 || N <= 0) return;
+    require_routed_shape(B, nS, N, slots, "flash_routed_attention_forward");
     require_aligned(qg, "qg");
     require_aligned(k, "k");
     require_aligned(v, "v");
     PRISM_CUDA_REQUIRE((og != nullptr) != (og_bf16 != nullptr), "flash_routed_attention_forward: one output");
     require_aligned(og ? (const void*)og : (const void*)og_bf16, "og");
-    const FwdParams<Src> p{make_sets(offsets, 0, N, Hd), {qg, D}, {k, D}, {v, D}, og, D, lse, og_bf16};
-    const QueryGrid q = routed_query_grid(B, nS, N, Hd);
-    const dim3 grid(q.sets, Hd, q.z);
-    if (q.stationary)
-        launch(flash_fwd_kernel<Src, kWarps, true>, grid, kWarps * 32, fwd_smem<kWarps, true>(N), stream, p);
+    const RoutedPlan plan(offsets, B, nS, N, Hd, slots, false, stream);
+    FwdParams<Src> p{make_sets(offsets, 0, N, Hd), {qg, D}, {k, D}, {v, D}, og, D, lse, og_bf16};
+    p.work = plan.work();
+    if (plan.geometry().stationary)
+        launch(flash_fwd_kernel<Src, kWarps, true>, plan.query_grid(Hd), kWarps * 32, fwd_smem<kWarps, true>(N),
+               stream, p);
     else
-        launch(flash_fwd_kernel<Src, kWarps, false>, grid, kWarps * 32, fwd_smem<kWarps, false>(N), stream, p);
+        launch(flash_fwd_kernel<Src, kWarps, false>, plan.query_grid(Hd), kWarps * 32, fwd_smem<kWarps, false>(N),
+               stream, p);
 }
 
 // Src = uint16_t: dog and og in bf16 too; the tiles' dO is dog as it is.
 template <class Src>
 void routed_backward(float* dqg, float* dk, float* dv, const Src* dog, const Src* qg, const Src* k, const Src* v,
-                     const Src* og, const float* lse, const int* offsets, int B, int nS, int N, int D, int Hd,
-                     cudaStream_t stream) {
+                     const Src* og, const float* lse, const int* offsets, int B, int nS, int N, int slots, int D,
+                     int Hd, cudaStream_t stream) {
     require_head_dim(D, Hd, "flash_routed_attention_backward");
     if (B <= 0 || nS <= 0 || N <= 0) return;
+    require_routed_shape(B, nS, N, slots, "flash_routed_attention_backward");
     for (const void* ptr : {(const void*)dqg, (const void*)dk, (const void*)dv, (const void*)dog,
                             (const void*)qg, (const void*)k, (const void*)v, (const void*)og})
         require_aligned(ptr, "every routed attention buffer");
     constexpr bool kBf16 = std::is_same_v<Src, uint16_t>;
-    // δ is indexed by gathered row; the rows number B·nS·N·k ≤ B·nS·N·nS, and
-    // the prep kernel stops at the real count, offsets[B·nS].
+    // δ is indexed by gathered row; the prep kernel stops at the real count, offsets[B·nS].
     const int sets = B * nS;
-    const int64_t max_rows = (int64_t)sets * N * nS;
+    const int64_t max_rows = (int64_t)sets * N * slots;
     Scratch delta(sizeof(float) * max_rows * Hd, stream);
     const Sets s = make_sets(offsets, 0, N, Hd);
     PrepParams prep{s, nullptr, nullptr, D, max_rows, offsets + sets, delta.as<float>(), nullptr};
@@ -178,15 +218,15 @@ void routed_backward(float* dqg, float* dk, float* dv, const Src* dog, const Src
         prep.out = og;
     }
     bwd_prep(prep, stream);
-    const BwdParams<Src> p{s, {qg, D}, {k, D}, {v, D}, {dog, D}, lse, delta.as<float>(), dqg, D, dk, dv, D};
-    const QueryGrid q = routed_query_grid(B, nS, N, Hd);
-    const dim3 grid(q.sets, Hd, q.z);
-    if (q.stationary)
+    const RoutedPlan plan(offsets, B, nS, N, Hd, slots, true, stream);
+    BwdParams<Src> p{s, {qg, D}, {k, D}, {v, D}, {dog, D}, lse, delta.as<float>(), dqg, D, dk, dv, D};
+    p.work = plan.work();
+    const dim3 grid = plan.query_grid(Hd), kgrid = plan.key_grid(Hd);
+    if (plan.geometry().stationary)
         launch(flash_bwd_dq_kernel<Src, kWarps, true>, grid, kWarps * 32, dq_smem<kWarps, true>(N), stream, p);
     else
         launch(flash_bwd_dq_kernel<Src, kWarps, false>, grid, kWarps * 32, dq_smem<kWarps, false>(N), stream, p);
-    const int w = routed_dkv_warps(N);
-    const dim3 kgrid(sets, Hd, (N + 16 * w - 1) / (16 * w));
+    const int w = plan.geometry().key_warps;
     if (w == 1)
         launch(flash_bwd_dkv_kernel<Src, 1>, kgrid, 32, dkv_smem<1>(), stream, p);
     else if (w == 2)
@@ -197,28 +237,28 @@ void routed_backward(float* dqg, float* dk, float* dv, const Src* dog, const Src
 
 }  // namespace
 
-void flash_routed_attention_forward(float* og, float* lse, const float* qg, const float* k,
-                                    const float* v, const int* offsets, int B, int nS, int N, int D,
-                                    int Hd, cudaStream_t stream) {
-    routed_forward(og, nullptr, lse, qg, k, v, offsets, B, nS, N, D, Hd, stream);
+void flash_routed_attention_forward(float* og, float* lse, const float* qg, const float* k, const float* v,
+                                    const int* offsets, int B, int nS, int N, int slots, int D, int Hd,
+                                    cudaStream_t stream) {
+    routed_forward(og, nullptr, lse, qg, k, v, offsets, B, nS, N, slots, D, Hd, stream);
 }
 void flash_routed_attention_forward_bf16(uint16_t* og, float* lse, const uint16_t* qg, const uint16_t* k,
-                                         const uint16_t* v, const int* offsets, int B, int nS, int N, int D, int Hd,
-                                         cudaStream_t stream) {
-    routed_forward(nullptr, og, lse, qg, k, v, offsets, B, nS, N, D, Hd, stream);
+                                         const uint16_t* v, const int* offsets, int B, int nS, int N, int slots, int D,
+                                         int Hd, cudaStream_t stream) {
+    routed_forward(nullptr, og, lse, qg, k, v, offsets, B, nS, N, slots, D, Hd, stream);
 }
 
-void flash_routed_attention_backward(float* dqg, float* dk, float* dv, const float* dog,
-                                     const float* qg, const float* k, const float* v, const float* og,
-                                     const float* lse, const int* offsets, int B, int nS, int N, int D,
-                                     int Hd, cudaStream_t stream) {
-    routed_backward(dqg, dk, dv, dog, qg, k, v, og, lse, offsets, B, nS, N, D, Hd, stream);
+void flash_routed_attention_backward(float* dqg, float* dk, float* dv, const float* dog, const float* qg,
+                                     const float* k, const float* v, const float* og, const float* lse,
+                                     const int* offsets, int B, int nS, int N, int slots, int D, int Hd,
+                                     cudaStream_t stream) {
+    routed_backward(dqg, dk, dv, dog, qg, k, v, og, lse, offsets, B, nS, N, slots, D, Hd, stream);
 }
 void flash_routed_attention_backward_bf16(float* dqg, float* dk, float* dv, const uint16_t* dog,
                                           const uint16_t* qg, const uint16_t* k, const uint16_t* v,
                                           const uint16_t* og, const float* lse, const int* offsets, int B, int nS,
-                                          int N, int D, int Hd, cudaStream_t stream) {
-    routed_backward(dqg, dk, dv, dog, qg, k, v, og, lse, offsets, B, nS, N, D, Hd, stream);
+                                          int N, int slots, int D, int Hd, cudaStream_t stream) {
+    routed_backward(dqg, dk, dv, dog, qg, k, v, og, lse, offsets, B, nS, N, slots, D, Hd, stream);
 }
 
 }  // namespace prism::cuda_ops

@@ -100,6 +100,47 @@ FLASH_DEVICE int64_t stat_index(const Sets& s, int g, int h, int i, int64_t row)
     return s.offsets ? row * s.Hd + h : ((int64_t)g * s.Hd + h) * s.nq + i;
 }
 
+// The routed kernels' work, listed on the device by routed_plan_kernel
+// (below) from the offsets; null pointers (dense): the (set, head, z) grid.
+struct WorkItem {
+    int g;      // the group
+    int tile0;  // its first query tile; the item has min(item_tiles, the group's tiles − tile0)
+};
+struct RoutedWork {
+    const WorkItem* items = nullptr;  // query-tile kernels: block x takes item x / Hd, head x % Hd
+    const int* n_items = nullptr;
+    int item_tiles = 0;
+    const int* groups = nullptr;      // dK/dV kernel: block x takes group x / (Hd·key_blocks), ...
+    const int* n_groups = nullptr;
+    int key_blocks = 0;
+};
+
+// The query tiles a block of the forward or dQ kernel walks: qt = begin,
+// begin + step, ... < end, of set g's, head h. Dense: block (g, h, z) takes
+// tiles z, z + Z, ...; routed: its work item's tiles. False: nothing to do
+// (past the list's end, or an empty set).
+struct TileWalk {
+    int g, h, begin, end, step;
+    int64_t first;  // the set's first query row
+    int count;      // and its queries
+};
+FLASH_DEVICE bool tile_walk(const Sets& s, const RoutedWork& w, int QT, TileWalk& t) {
+    if (w.items) {
+        const int x = (int)blockIdx.x / s.Hd;
+        if (x >= *w.n_items) return false;
+        const WorkItem item = w.items[x];
+        t.g = item.g, t.h = (int)blockIdx.x % s.Hd;
+        set_queries(s, t.g, t.first, t.count);
+        t.begin = item.tile0, t.step = 1;
+        t.end = imin(item.tile0 + w.item_tiles, (t.count + QT - 1) / QT);
+    } else {
+        t.g = blockIdx.x, t.h = blockIdx.y;
+        set_queries(s, t.g, t.first, t.count);
+        t.begin = blockIdx.z, t.step = gridDim.z, t.end = (t.count + QT - 1) / QT;
+    }
+    return t.begin < t.end;
+}
+
 template <class Src>
 struct FwdParams {
     Sets s;
@@ -108,6 +149,7 @@ struct FwdParams {
     int64_t out_row;
     float* lse;
     uint16_t* out_bf16 = nullptr;  // the same in bf16 (the bf16 mode's stored output), when set
+    RoutedWork work = {};
 };
 
 template <class Src>
@@ -124,6 +166,7 @@ struct BwdParams {
     // The gradients are written, not added into (each element has one writer
     // thread): the dense op's dqkv, which nothing else writes.
     bool overwrite = false;
+    RoutedWork work = {};
 };
 
 FLASH_DEVICE void put_f2(bool overwrite, float* p, float x, float y) {
@@ -268,18 +311,17 @@ FLASH_UNROLL
 }
 
 // ---- forward ------------------------------------------------------------------------------
-// Grid (sets, Hd, Z): block z takes the set's query tiles z, z+Z, ...
+// Dense grid (sets, Hd, Z): block z takes the set's query tiles z, z+Z, ...;
+// routed: (items·Hd), block x its work item's tiles (tile_walk).
 template <class Src, int W, bool kStationary>
 FLASH_KERNEL(W * 32) flash_fwd_kernel(FwdParams<Src> p) {
     constexpr int kThreads = W * 32, QT = W * 16;
     FLASH_SMEM(smem_raw);
     const Sets& s = p.s;
-    const int g = blockIdx.x, h = blockIdx.y, M = s.M;
-    int64_t first;
-    int count;
-    set_queries(s, g, first, count);
-    const int q_tiles = (count + QT - 1) / QT;
-    if ((int)blockIdx.z >= q_tiles) return;  // also every empty group
+    TileWalk walk;
+    if (!tile_walk(s, p.work, QT, walk)) return;
+    const int g = walk.g, h = walk.h, M = s.M, count = walk.count;
+    const int64_t first = walk.first;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gr = lane >> 2, t = lane & 3;
     const int k_tiles = (M + kKT - 1) / kKT;
     const int64_t kv0 = (int64_t)g * M;
@@ -294,7 +336,7 @@ FLASH_KERNEL(W * 32) flash_fwd_kernel(FwdParams<Src> p) {
         stage_rows<kThreads>(kv.v, p.v, kv0, M, rows, h);
     }
 
-    for (int qt = blockIdx.z; qt < q_tiles; qt += gridDim.z) {
+    for (int qt = walk.begin; qt < walk.end; qt += walk.step) {
         block_sync();  // everyone is done with the previous tile's buffers
         const int i0 = qt * QT;
         stage_rows<kThreads>(sQ, p.q, first + i0, imin(QT, count - i0), QT, h);
@@ -420,12 +462,10 @@ FLASH_KERNEL(W * 32) flash_bwd_dq_kernel(BwdParams<Src> p) {
     constexpr int kThreads = W * 32, QT = W * 16;
     FLASH_SMEM(smem_raw);
     const Sets& s = p.s;
-    const int g = blockIdx.x, h = blockIdx.y, M = s.M;
-    int64_t first;
-    int count;
-    set_queries(s, g, first, count);
-    const int q_tiles = (count + QT - 1) / QT;
-    if ((int)blockIdx.z >= q_tiles) return;
+    TileWalk walk;
+    if (!tile_walk(s, p.work, QT, walk)) return;
+    const int g = walk.g, h = walk.h, M = s.M, count = walk.count;
+    const int64_t first = walk.first;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gr = lane >> 2, t = lane & 3;
     const int k_tiles = (M + kKT - 1) / kKT;
     const int64_t kv0 = (int64_t)g * M;
@@ -441,7 +481,7 @@ FLASH_KERNEL(W * 32) flash_bwd_dq_kernel(BwdParams<Src> p) {
         stage_rows<kThreads>(kv.v, p.v, kv0, M, rows, h);
     }
 
-    for (int qt = blockIdx.z; qt < q_tiles; qt += gridDim.z) {
+    for (int qt = walk.begin; qt < walk.end; qt += walk.step) {
         block_sync();
         const int i0 = qt * QT, n = imin(QT, count - i0);
         stage_rows<kThreads>(sQ, p.q, first + i0, n, QT, h);
@@ -506,14 +546,23 @@ FLASH_UNROLL
     cp_async_wait_all();
 }
 
-// dK, dV: grid (sets, Hd, ceil(M / (16W))); the set's query tiles in order.
+// dK, dV: dense grid (sets, Hd, ceil(M / (16W))); routed (groups·Hd·that),
+// block x: listed group x / (Hd·key_blocks), then head, then key block. The
+// set's query tiles in order.
 template <class Src, int W>
 FLASH_KERNEL(W * 32) flash_bwd_dkv_kernel(BwdParams<Src> p) {
     constexpr int kThreads = W * 32, KB = W * 16;
     FLASH_SMEM(smem_raw);
     const Sets& s = p.s;
-    const int g = blockIdx.x, h = blockIdx.y, M = s.M;
-    const int key0 = blockIdx.z * KB;
+    int g = blockIdx.x, h = blockIdx.y, key_block = blockIdx.z;
+    if (p.work.groups) {
+        const int per_group = s.Hd * p.work.key_blocks, x = (int)blockIdx.x / per_group;
+        if (x >= *p.work.n_groups) return;
+        g = p.work.groups[x];
+        h = (int)blockIdx.x % per_group / p.work.key_blocks;
+        key_block = (int)blockIdx.x % p.work.key_blocks;
+    }
+    const int M = s.M, key0 = key_block * KB;
     int64_t first;
     int count;
     set_queries(s, g, first, count);
@@ -625,29 +674,171 @@ constexpr int kWarps = 4;  // warps per block of the query-tile kernels: 64 quer
 // waste more of their last tile.
 inline int dense_fwd_warps(int L) { return L > 512 ? 8 : kWarps; }
 
-// The query-tile kernels' grid for routed sets, (sets, Hd, z). With at most
-// kMaxStationaryKeys keys a group's K and V stay in shared memory and each of
-// its z blocks walks every z-th query tile over them: z = 1 (the most reuse)
-// unless the grid would leave the device idle. With more keys, key tiles
-// stream as in the dense case and each block takes one query tile. A group
-// has at most nS·N queries (one slot per token of its image).
-struct QueryGrid {
-    bool stationary;
-    int sets, z;
-};
-inline QueryGrid routed_query_grid(int B, int nS, int N, int Hd, int64_t target_blocks = 2048) {
-    const int sets = B * nS;
-    int64_t max_tiles = ((int64_t)nS * N + kWarps * 16 - 1) / (kWarps * 16);
-    if (max_tiles > 65535) max_tiles = 65535;
-    if (N > kMaxStationaryKeys) return {false, sets, (int)max_tiles};
-    const int64_t base = (int64_t)sets * Hd;
-    int64_t z = (target_blocks + base - 1) / base;
-    if (z > max_tiles) z = max_tiles;
-    return {true, sets, (int)(z < 1 ? 1 : z)};
-}
 // Warps (16 keys each) per block of the routed dK/dV kernel: as few as the
 // group's keys need (So2Sat: N = 16, one warp).
 inline int routed_dkv_warps(int N) { return N <= 16 ? 1 : (N <= 32 ? 2 : kWarps); }
+
+// ---- routed work lists ------------------------------------------------------------------
+// A group has anywhere from 0 to nS·N queries, and a router early in training
+// (or a skewed data set) sends most of them to a few channels. A grid of a
+// block per (group, head) would spend blocks on empty groups and end with
+// the device waiting on the largest groups' last blocks. So the routed
+// kernels walk lists that routed_plan_kernel makes from the offsets, on the
+// device (the group sizes never go to the host):
+// - for the forward and dQ kernels, work items of up to item_tiles query
+//   tiles of one group (K and V resident: staged once per item), the items
+//   with the most tiles first: the full ones, then each group's remainder by
+//   its size;
+// - for the dK/dV kernel, whose blocks walk all their group's queries, the
+//   non-empty groups, the most query tiles first.
+// The hardware issues a grid's blocks roughly in index order, so the largest
+// pieces start first and the small ones fill the tail. Both orders are stable
+// (by group within a size), and a block's result does not depend on when it
+// runs: the outputs stay bit for bit deterministic. The lists' lengths stay
+// on the device; each grid is sized for the most work the shapes allow and
+// its blocks past the list's end return at once.
+struct RoutedGeometry {
+    bool stationary;     // K/V resident in shared memory (N ≤ kMaxStationaryKeys)
+    int item_tiles;      // query tiles per work item
+    int64_t max_items;   // the most items offsets with max_rows rows can make
+    int key_warps, key_blocks;  // of the dK/dV kernel
+    int radix_passes;    // 4-bit digits of the most query tiles a group can have
+};
+constexpr int kMaxItemTiles = 8;  // a guess, to be measured: more reuses K/V longer, fewer balances better
+constexpr int kPlanClasses = 16;  // counting-sort classes per pass of routed_plan_kernel (4 bits)
+static_assert(kMaxItemTiles < kPlanClasses, "an item's tiles are its class");
+
+// max_rows: a bound on offsets[B·nS] (B·nS·N·k); target_blocks: the forward
+// grid the item size aims at (enough to fill the device).
+inline RoutedGeometry routed_geometry(int B, int nS, int N, int Hd, int64_t max_rows,
+                                      int64_t target_blocks = 2048) {
+    constexpr int QT = kWarps * 16;
+    const int64_t sets = (int64_t)B * nS;
+    RoutedGeometry r{};
+    r.stationary = N <= kMaxStationaryKeys;
+    // With K and V streamed every tile pays for them alike: one tile per item.
+    int64_t per = r.stationary ? ((max_rows + QT - 1) / QT) * Hd / (target_blocks > 0 ? target_blocks : 1) : 1;
+    r.item_tiles = (int)(per < 1 ? 1 : (per > kMaxItemTiles ? kMaxItemTiles : per));
+    // Σ_g ⌈c_g/QT⌉ ≤ ⌊(Σ c_g + sets·(QT−1))/QT⌋, and likewise for the items.
+    const int64_t max_tiles = (max_rows + sets * (QT - 1)) / QT;
+    r.max_items = (max_tiles + sets * (r.item_tiles - 1)) / r.item_tiles;
+    r.key_warps = routed_dkv_warps(N);
+    r.key_blocks = (N + 16 * r.key_warps - 1) / (16 * r.key_warps);
+    const int64_t group_rows = max_rows < (int64_t)nS * N ? max_rows : (int64_t)nS * N;
+    int64_t group_tiles = (group_rows + kQT2 - 1) / kQT2;
+    r.radix_passes = 1;
+    while (group_tiles >>= 4) r.radix_passes++;
+    return r;
+}
+
+constexpr int kPlanThreads = 256;
+constexpr size_t kPlanSmem = sizeof(int) * (kPlanClasses * kPlanThreads + kPlanClasses);
+
+struct PlanParams {
+    const int* offsets;  // [sets + 1]
+    int sets;
+    int64_t max_rows;    // the bound the geometry assumed; more rows are a caller's bug (trap)
+    // query-tile items (items null: none wanted)
+    WorkItem* items;
+    int* n_items;
+    int item_tiles;
+    int64_t max_items;
+    // dK/dV groups (groups null: none wanted); tmp: as many ints, for the sort
+    int* groups;
+    int* groups_tmp;
+    int* n_groups;
+    int radix_passes;
+};
+
+// Where a stable counting sort puts each thread's elements: every thread has
+// counted its own (a contiguous run of the input) per class in `mine`; on
+// return at[c] is the position of its first element of class c, the classes
+// in descending order (class kPlanClasses − 1 first), and the result is the
+// number of elements. A Hillis–Steele scan over the threads, all classes at once.
+FLASH_DEVICE int class_positions(int* sh, const int (&mine)[kPlanClasses], int (&at)[kPlanClasses]) {
+    const int tid = threadIdx.x;
+    int run[kPlanClasses];
+    for (int c = 0; c < kPlanClasses; c++) run[c] = mine[c];
+    for (int off = 1; off < kPlanThreads; off <<= 1) {
+        for (int c = 0; c < kPlanClasses; c++) st_shared(sh + c * kPlanThreads + tid, run[c]);
+        block_sync();
+        if (tid >= off)
+            for (int c = 0; c < kPlanClasses; c++) run[c] += ld_shared(sh + c * kPlanThreads + tid - off);
+        block_sync();
+    }
+    int* totals = sh + kPlanClasses * kPlanThreads;
+    if (tid == kPlanThreads - 1)
+        for (int c = 0; c < kPlanClasses; c++) st_shared(totals + c, run[c]);
+    block_sync();
+    int start = 0;
+    for (int c = kPlanClasses - 1; c >= 0; c--) {
+        at[c] = start + run[c] - mine[c];
+        start += ld_shared(totals + c);
+    }
+    return start;
+}
+
+FLASH_DEVICE int query_tiles_of(const int* offsets, int g, int rows_per_tile) {
+    return (offsets[g + 1] - offsets[g] + rows_per_tile - 1) / rows_per_tile;
+}
+
+// One block of kPlanThreads; each thread owns a contiguous run of groups (or
+// of the list being sorted), so that the sorts are stable.
+FLASH_KERNEL(kPlanThreads) routed_plan_kernel(PlanParams p) {
+    FLASH_SMEM(smem_raw);
+    int* sh = reinterpret_cast<int*>(smem_raw);
+    constexpr int QT = kWarps * 16;
+    const int tid = threadIdx.x;
+    if (p.offsets[p.sets] > p.max_rows) device_trap("routed_plan_kernel: more gathered rows than announced");
+    int mine[kPlanClasses], at[kPlanClasses];
+    const int per = (p.sets + kPlanThreads - 1) / kPlanThreads;
+    const int g0 = imin(p.sets, tid * per), g1 = imin(p.sets, g0 + per);
+
+    if (p.items) {  // class of an item: its tiles (1 .. item_tiles ≤ 15)
+        for (int c = 0; c < kPlanClasses; c++) mine[c] = 0;
+        for (int g = g0; g < g1; g++) {
+            const int tiles = query_tiles_of(p.offsets, g, QT);
+            mine[p.item_tiles] += tiles / p.item_tiles;
+            if (tiles % p.item_tiles) mine[tiles % p.item_tiles]++;
+        }
+        const int n = class_positions(sh, mine, at);
+        if (n > p.max_items) device_trap("routed_plan_kernel: more work items than the grid has blocks");
+        for (int g = g0; g < g1; g++) {
+            const int tiles = query_tiles_of(p.offsets, g, QT);
+            for (int t0 = 0; t0 < tiles; t0 += p.item_tiles)
+                p.items[at[imin(p.item_tiles, tiles - t0)]++] = WorkItem{g, t0};
+        }
+        if (tid == 0) *p.n_items = n;
+    }
+
+    if (p.groups) {  // LSD radix sort by query tiles, descending; empty groups dropped in pass 0
+        const int* in = nullptr;
+        int* out = (p.radix_passes & 1) ? p.groups : p.groups_tmp;  // the last pass writes groups
+        int n = p.sets;
+        for (int pass = 0; pass < p.radix_passes; pass++) {
+            const int shift = 4 * pass;
+            const int per_n = (n + kPlanThreads - 1) / kPlanThreads;
+            const int i0 = imin(n, tid * per_n), i1 = imin(n, i0 + per_n);
+            for (int c = 0; c < kPlanClasses; c++) mine[c] = 0;
+            for (int i = i0; i < i1; i++) {
+                const int g = in ? in[i] : i;
+                const int tiles = query_tiles_of(p.offsets, g, kQT2);
+                if (tiles > 0) mine[(tiles >> shift) & (kPlanClasses - 1)]++;
+            }
+            const int total = class_positions(sh, mine, at);
+            for (int i = i0; i < i1; i++) {
+                const int g = in ? in[i] : i;
+                const int tiles = query_tiles_of(p.offsets, g, kQT2);
+                if (tiles > 0) out[at[(tiles >> shift) & (kPlanClasses - 1)]++] = g;
+            }
+            block_sync();  // this pass's list, written by every thread, is the next one's input
+            n = total;
+            in = out;
+            out = out == p.groups ? p.groups_tmp : p.groups;
+        }
+        if (tid == 0) *p.n_groups = n;
+    }
+}
 
 #ifdef PRISM_FLASH_EMULATION
 }  // inline namespace emulated

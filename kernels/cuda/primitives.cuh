@@ -11,6 +11,7 @@
 #ifndef PRISM_FLASH_EMULATION
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
+#include <stdio.h>
 #define FLASH_DEVICE __device__ __forceinline__
 #define FLASH_HOST_DEVICE __host__ __device__ __forceinline__
 #define FLASH_KERNEL(threads) __global__ void __launch_bounds__(threads)
@@ -64,6 +65,14 @@ FLASH_DEVICE uint32_t pack_bf16(float lo, float hi) {
 }
 FLASH_DEVICE float ld_shared(const float* p) { return *p; }  // (the emulator checks these)
 FLASH_DEVICE void st_shared(float* p, float v) { *p = v; }
+FLASH_DEVICE int ld_shared(const int* p) { return *p; }
+FLASH_DEVICE void st_shared(int* p, int v) { *p = v; }
+// A broken promise of the caller's that the kernel can see but not report
+// otherwise: the launch fails (the context with it) instead of dropping work.
+FLASH_DEVICE void device_trap(const char* why) {
+    printf("prism: %s\n", why);
+    __trap();
+}
 FLASH_DEVICE void load_f8(float (&v)[8], const float* p) {  // 32 bytes, read-only path
     const float4 a = __ldg(reinterpret_cast<const float4*>(p));
     const float4 b = __ldg(reinterpret_cast<const float4*>(p + 4));
