@@ -676,7 +676,6 @@ void Model<T>::block_backward(int i) {
         op::zero(ex_, x.dq, rows * D);
         op::zero(ex_, x.dk, tokens * D);
         op::zero(ex_, x.dv, tokens * D);
-        op::zero(ex_, x.dqg, tokens * k * D);
         op::zero(ex_, x.dweights, tokens * k);
         op::zero(ex_, x.drprobs, tokens * C);
         op::zero(ex_, x.dz, rows * C);
@@ -684,7 +683,7 @@ void Model<T>::block_backward(int i) {
                                    b.cls_probs, B_, int(nS_ * N), int(D), int(Hd));
         op::combine_backward(ex_, op::overwrite(x.dog), x.dweights, x.datt + D, L * D, b.og, b.weights,
                              b.row_of_pair, B_, nS_, int(N), k, int(D));
-        op::routed_attention_backward(ex_, x.dqg, x.dk, x.dv, x.dog, b.qg, b.k, b.v, b.og,
+        op::routed_attention_backward(ex_, op::overwrite(x.dqg), x.dk, x.dv, x.dog, b.qg, b.k, b.v, b.og,
                                       b.route_lse, b.offsets, B_, nS_, int(N), k, int(D), int(Hd));
         op::moe_gather_backward(ex_, x.dq + D, L * D, x.dqg, b.row_of_pair, B_, nS_, int(N), k, int(D));
         op::expert_linear_backward(ex_, x.dln + D, g.k_w, g.k_b, x.dk, b.ln1.at(D), L * D, w.k_w,

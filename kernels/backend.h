@@ -625,35 +625,40 @@ void routed_attention_forward(const Exec& ex, const NoDeduce<MatrixIn<T>>& og, T
                                   detail::widened(v, kv, tmp_v), offsets, B, nS, N, D, Hd);
     detail::round_into(og.bf16, o, rows * D);
 }
-// dqg, dk, dv: added into.
+// dk, dv: added into; dqg: added into, or written (overwrite: the flash
+// kernels store it, each row has one writer; the others accumulate into it zeroed).
 template <class T>
-void routed_attention_backward(const Exec& ex, T* dqg, T* dk, T* dv, const NoDeduce<MatrixIn<T>>& dog,
+void routed_attention_backward(const Exec& ex, const NoDeduce<GradOut<T>>& dqg, T* dk, T* dv,
+                               const NoDeduce<MatrixIn<T>>& dog,
                                const NoDeduce<MatrixIn<T>>& qg, const NoDeduce<MatrixIn<T>>& k,
                                const NoDeduce<MatrixIn<T>>& v, const NoDeduce<MatrixIn<T>>& og, const T* lse,
                                const int* offsets, int B, int nS, int N, int slots, int D, int Hd) {
     const bool bf16 = detail::all_bf16("routed_attention_backward", {dog.bf16, qg.bf16, k.bf16, v.bf16, og.bf16});
     (void)bf16;
+    detail::require_full(dqg.bf16, "routed_attention_backward");
 #ifdef PRISM_CUDA
     if constexpr (std::is_same_v<T, float>) {
-        if (bf16 && use_flash(ex, D, Hd, {dqg, dk, dv, dog.bf16, qg.bf16, k.bf16, v.bf16, og.bf16}))
-            return cuda_ops::flash_routed_attention_backward_bf16(dqg, dk, dv, dog.bf16, qg.bf16, k.bf16, v.bf16,
+        if (bf16 && use_flash(ex, D, Hd, {dqg.p, dk, dv, dog.bf16, qg.bf16, k.bf16, v.bf16, og.bf16}))
+            return cuda_ops::flash_routed_attention_backward_bf16(dqg.p, dk, dv, dog.bf16, qg.bf16, k.bf16, v.bf16,
                                                                   og.bf16, lse, offsets, B, nS, N, slots, D, Hd,
-                                                                  ex.stream);
+                                                                  dqg.overwrite, ex.stream);
         if (ex.cuda) {
             detail::require_full(qg.bf16, "routed_attention_backward");
-            if (use_flash(ex, D, Hd, {dqg, dk, dv, dog.full, qg.full, k.full, v.full, og.full}))
-                return cuda_ops::flash_routed_attention_backward(dqg, dk, dv, dog.full, qg.full, k.full, v.full,
+            if (use_flash(ex, D, Hd, {dqg.p, dk, dv, dog.full, qg.full, k.full, v.full, og.full}))
+                return cuda_ops::flash_routed_attention_backward(dqg.p, dk, dv, dog.full, qg.full, k.full, v.full,
                                                                  og.full, lse, offsets, B, nS, N, slots, D, Hd,
-                                                                 ex.stream);
-            return cuda_ops::routed_attention_backward(dqg, dk, dv, dog.full, qg.full, k.full, v.full, og.full, lse,
+                                                                 dqg.overwrite, ex.stream);
+            // The gathered rows' count lives on the device: zero the buffer's B·nS·N·slots.
+            if (dqg.overwrite) zero(ex, dqg.p, int64_t(B) * nS * N * slots * D);
+            return cuda_ops::routed_attention_backward(dqg.p, dk, dv, dog.full, qg.full, k.full, v.full, og.full, lse,
                                                        offsets, B, nS, N, D, Hd, ex.stream);
         }
     }
 #endif
     const int64_t rows = detail::routed_rows("routed_attention_backward", offsets, B, nS, N, slots),
                   kv = int64_t(B) * nS * N * D;
-    std::vector<T> tmp_dog, tmp_q, tmp_k, tmp_v, tmp_og;
-    ops::routed_attention_backward(dqg, dk, dv, detail::widened(dog, rows * D, tmp_dog),
+    std::vector<T> tmp_dog, tmp_q, tmp_k, tmp_v, tmp_og, unused;
+    ops::routed_attention_backward(detail::grad_of(dqg, rows * D, unused), dk, dv, detail::widened(dog, rows * D, tmp_dog),
                                    detail::widened(qg, rows * D, tmp_q), detail::widened(k, kv, tmp_k),
                                    detail::widened(v, kv, tmp_v), detail::widened(og, rows * D, tmp_og), lse, offsets,
                                    B, nS, N, D, Hd);

@@ -235,7 +235,8 @@ void routed_attention_backward(float* dqg, float* dk, float* dv, const float* do
                                const float* lse, const int* offsets, int B, int nS, int N,
                                int D, int Hd, cudaStream_t stream);
 // The flash versions of the two above (see flash_attention_forward), same
-// contract and layouts; every buffer 16-byte aligned; slots: each token's k,
+// contract and layouts (but overwrite_dqg: dqg's rows are written, not added
+// into); every buffer 16-byte aligned; slots: each token's k,
 // so that offsets[B·nS] ≤ B·nS·N·slots (more traps the device). A group's K
 // and V stay in shared memory while its queries stream through (N ≤ 256;
 // larger N streams key tiles). The kernels walk work lists made on the device
@@ -247,7 +248,7 @@ void flash_routed_attention_forward(float* og, float* lse, const float* qg, cons
 void flash_routed_attention_backward(float* dqg, float* dk, float* dv, const float* dog, const float* qg,
                                      const float* k, const float* v, const float* og, const float* lse,
                                      const int* offsets, int B, int nS, int N, int slots, int D, int Hd,
-                                     cudaStream_t stream);
+                                     bool overwrite_dqg, cudaStream_t stream);
 // The same on the bf16 mode's stored operands: qg, k, v, og and dog in bf16,
 // read as they are (the gradients fp32, added into).
 void flash_routed_attention_forward_bf16(uint16_t* og, float* lse, const uint16_t* qg, const uint16_t* k,
@@ -256,7 +257,8 @@ void flash_routed_attention_forward_bf16(uint16_t* og, float* lse, const uint16_
 void flash_routed_attention_backward_bf16(float* dqg, float* dk, float* dv, const uint16_t* dog,
                                           const uint16_t* qg, const uint16_t* k, const uint16_t* v,
                                           const uint16_t* og, const float* lse, const int* offsets, int B, int nS,
-                                          int N, int slots, int D, int Hd, cudaStream_t stream);
+                                          int N, int slots, int D, int Hd, bool overwrite_dqg,
+                                          cudaStream_t stream);
 // og and a both fp32, or both bf16 (the bf16 mode's stored og and attention output).
 void combine_forward(float* a, uint16_t* a_bf16, int64_t a_image_stride, const float* og, const uint16_t* og_bf16,
                      const float* weights, const int* row_of_pair, int B, int nS, int N, int k, int D,

@@ -186,9 +186,28 @@ protected:
         DeviceArray<float> dqg(qg.size()), dk(kk.size()), dv(vv.size());
         const auto got = run_twice(what + " backward", {{&dqg, g_q}, {&dk, g_k}, {&dv, g_v}}, [&] {
             cu::flash_routed_attention_backward(dqg.get(), dk.get(), dv.get(), d_dog.get(), d_qg.get(), d_k.get(),
-                                                d_v.get(), og.get(), lse.get(), d_off.get(), B, nS, N, k, D, Hd, stream);
+                                                d_v.get(), og.get(), lse.get(), d_off.get(), B, nS, N, k, D, Hd, false,
+                                                stream);
         });
         expect_increment_close(what + " dqg", got[0], r_q, g_q);
+        {  // dqg written (the model's): from a poisoned dqg, the values added into zeros
+            const std::vector<float> zeros(qg.size(), 0.f);
+            const auto added = run_twice(what + " backward into zeros", {{&dqg, zeros}, {&dk, g_k}, {&dv, g_v}}, [&] {
+                cu::flash_routed_attention_backward(dqg.get(), dk.get(), dv.get(), d_dog.get(), d_qg.get(), d_k.get(),
+                                                    d_v.get(), og.get(), lse.get(), d_off.get(), B, nS, N, k, D, Hd,
+                                                    false, stream);
+            });
+            const auto written = run_twice(what + " backward, dqg written", {{&dqg, {}}, {&dk, g_k}, {&dv, g_v}}, [&] {
+                cu::flash_routed_attention_backward(dqg.get(), dk.get(), dv.get(), d_dog.get(), d_qg.get(), d_k.get(),
+                                                    d_v.get(), og.get(), lse.get(), d_off.get(), B, nS, N, k, D, Hd,
+                                                    true, stream);
+            });
+            size_t differ = 0;
+            for (size_t e = 0; e < added[0].size(); e++) differ += !(written[0][e] == added[0][e]);
+            EXPECT_EQ(differ, 0u) << what << ": the written dqg differs from the one added into zeros";
+            expect_bit_identical(what + " dk with dqg written", written[1], added[1]);
+            expect_bit_identical(what + " dv with dqg written", written[2], added[2]);
+        }
         expect_increment_close(what + " dk", got[1], r_k, g_k);
         expect_increment_close(what + " dv", got[2], r_v, g_v);
 
@@ -211,12 +230,12 @@ protected:
         const auto from_widened = run_twice(what + " backward from widened og", grads, [&] {
             cu::flash_routed_attention_backward(dqg.get(), dk.get(), dv.get(), d_dog.get(), d_qg.get(), d_k.get(),
                                                 d_v.get(), d_og_widened.get(), lse.get(), d_off.get(), B, nS, N, k,
-                                                D, Hd, stream);
+                                                D, Hd, false, stream);
         });
         const auto stored = run_twice(what + " backward, operands stored bf16", grads, [&] {
             cu::flash_routed_attention_backward_bf16(dqg.get(), dk.get(), dv.get(), d_dog16.get(), d_qg16.get(),
                                                      d_k16.get(), d_v16.get(), og16.get(), lse.get(), d_off.get(), B,
-                                                     nS, N, k, D, Hd, stream);
+                                                     nS, N, k, D, Hd, false, stream);
         });
         for (int i = 0; i < 3; i++)
             expect_bit_identical(what + " backward, operands stored bf16, buffer " + std::to_string(i), stored[i],

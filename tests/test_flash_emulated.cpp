@@ -148,7 +148,7 @@ void run_dense(int B, int L, int Hd, uint64_t seed, int fwd_warps = 0) {
         for (std::vector<float>* g : {&added, &written}) {
             fl::BwdParams<uint16_t> b2 = bp;
             b2.dq = g->data(), b2.dk = g->data() + D, b2.dv = g->data() + 2 * D;
-            b2.overwrite = g == &written;
+            b2.overwrite_dq = b2.overwrite_dkv = g == &written;
             emu::launch({(unsigned)B, (unsigned)Hd, (unsigned)tiles}, 128, fl::dq_smem<4, false>(L),
                         fl::flash_bwd_dq_kernel<uint16_t, 4, false>, b2);
             emu::launch({(unsigned)B, (unsigned)Hd, (unsigned)tiles}, 128, fl::dkv_smem<4>(),
@@ -287,6 +287,18 @@ void run_routed(int B, int nS, int N, int Hd, int max_queries, uint64_t seed, in
     expect_rel(what + " dqg", rel_error(dqg, rq, gq), kTol);
     expect_rel(what + " dk (" + std::to_string(w) + " warps)", rel_error(dk, rk, gk), kTol);
     expect_rel(what + " dv", rel_error(dv, rv, gv), kTol);
+    {  // dqg written (the model's): from NaN, the values added into zeros; every row has its writer
+        std::vector<float> added(rows * D, 0.f), written(rows * D, NAN), dk2 = gk, dv2 = gv;
+        for (std::vector<float>* g : {&added, &written}) {
+            fl::BwdParams<float> b2 = bp;
+            b2.dq = g->data(), b2.dk = dk2.data(), b2.dv = dv2.data();
+            b2.overwrite_dq = g == &written;
+            backward(pp, b2);
+        }
+        size_t differ = 0;
+        for (size_t e = 0; e < added.size(); e++) differ += !(written[e] == added[e]);
+        EXPECT_EQ(differ, 0u) << what << ": the written dqg differs from the one added into zeros";
+    }
 
     // The bf16 mode's stored operands (qg, k, v, og and dog in bf16, by
     // cp.async): og is the rounding of the fp32 og, lse the same bits, and

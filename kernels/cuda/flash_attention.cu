@@ -122,6 +122,7 @@ void flash_attention_backward(float* dqkv, const float* dout, const float* qkv, 
                                 dqkv + D,
                                 dqkv + 2 * D,
                                 3 * D,
+                                overwrite_dqkv,
                                 overwrite_dqkv};
     const int tiles = (L + kWarps * 16 - 1) / (kWarps * 16);
     launch(flash_bwd_dq_kernel<uint16_t, kWarps, false>, dim3(B, Hd, tiles), kWarps * 32,
@@ -196,7 +197,7 @@ void routed_forward(float* og, uint16_t* og_bf16, float* lse, const Src* qg, con
 template <class Src>
 void routed_backward(float* dqg, float* dk, float* dv, const Src* dog, const Src* qg, const Src* k, const Src* v,
                      const Src* og, const float* lse, const int* offsets, int B, int nS, int N, int slots, int D,
-                     int Hd, cudaStream_t stream) {
+                     int Hd, bool overwrite_dqg, cudaStream_t stream) {
     require_head_dim(D, Hd, "flash_routed_attention_backward");
     if (B <= 0 || nS <= 0 || N <= 0) return;
     require_routed_shape(B, nS, N, slots, "flash_routed_attention_backward");
@@ -219,7 +220,7 @@ void routed_backward(float* dqg, float* dk, float* dv, const Src* dog, const Src
     }
     bwd_prep(prep, stream);
     const RoutedPlan plan(offsets, B, nS, N, Hd, slots, true, stream);
-    BwdParams<Src> p{s, {qg, D}, {k, D}, {v, D}, {dog, D}, lse, delta.as<float>(), dqg, D, dk, dv, D};
+    BwdParams<Src> p{s, {qg, D}, {k, D}, {v, D}, {dog, D}, lse, delta.as<float>(), dqg, D, dk, dv, D, overwrite_dqg};
     p.work = plan.work();
     const dim3 grid = plan.query_grid(Hd), kgrid = plan.key_grid(Hd);
     if (plan.geometry().stationary)
@@ -251,14 +252,15 @@ void flash_routed_attention_forward_bf16(uint16_t* og, float* lse, const uint16_
 void flash_routed_attention_backward(float* dqg, float* dk, float* dv, const float* dog, const float* qg,
                                      const float* k, const float* v, const float* og, const float* lse,
                                      const int* offsets, int B, int nS, int N, int slots, int D, int Hd,
-                                     cudaStream_t stream) {
-    routed_backward(dqg, dk, dv, dog, qg, k, v, og, lse, offsets, B, nS, N, slots, D, Hd, stream);
+                                     bool overwrite_dqg, cudaStream_t stream) {
+    routed_backward(dqg, dk, dv, dog, qg, k, v, og, lse, offsets, B, nS, N, slots, D, Hd, overwrite_dqg, stream);
 }
 void flash_routed_attention_backward_bf16(float* dqg, float* dk, float* dv, const uint16_t* dog,
                                           const uint16_t* qg, const uint16_t* k, const uint16_t* v,
                                           const uint16_t* og, const float* lse, const int* offsets, int B, int nS,
-                                          int N, int slots, int D, int Hd, cudaStream_t stream) {
-    routed_backward(dqg, dk, dv, dog, qg, k, v, og, lse, offsets, B, nS, N, slots, D, Hd, stream);
+                                          int N, int slots, int D, int Hd, bool overwrite_dqg,
+                                          cudaStream_t stream) {
+    routed_backward(dqg, dk, dv, dog, qg, k, v, og, lse, offsets, B, nS, N, slots, D, Hd, overwrite_dqg, stream);
 }
 
 }  // namespace prism::cuda_ops

@@ -164,8 +164,10 @@ struct BwdParams {
     float* dv;
     int64_t dkv_row;
     // The gradients are written, not added into (each element has one writer
-    // thread): the dense op's dqkv, which nothing else writes.
-    bool overwrite = false;
+    // thread): dq and dk, dv where nothing else writes them (the dense op's
+    // dqkv; the routed op's dqg, while its dk and dv also take the CLS row's).
+    bool overwrite_dq = false;
+    bool overwrite_dkv = false;
     RoutedWork work = {};
 };
 
@@ -540,7 +542,7 @@ FLASH_UNROLL
             float* d = p.dq + (first + i) * p.dq_row + h * kDh;
 FLASH_UNROLL
             for (int j = 0; j < 8; j++)
-                put_f2(p.overwrite, d + 8 * j + 2 * t, dq[j][2 * half] * s.scale, dq[j][2 * half + 1] * s.scale);
+                put_f2(p.overwrite_dq, d + 8 * j + 2 * t, dq[j][2 * half] * s.scale, dq[j][2 * half + 1] * s.scale);
         }
     }
     cp_async_wait_all();
@@ -645,8 +647,8 @@ FLASH_UNROLL
         float* dvr = p.dv + (kv0 + m) * p.dkv_row + h * kDh;
 FLASH_UNROLL
         for (int j = 0; j < 8; j++) {
-            put_f2(p.overwrite, dkr + 8 * j + 2 * t, dk[j][2 * half] * s.scale, dk[j][2 * half + 1] * s.scale);
-            put_f2(p.overwrite, dvr + 8 * j + 2 * t, dv[j][2 * half], dv[j][2 * half + 1]);
+            put_f2(p.overwrite_dkv, dkr + 8 * j + 2 * t, dk[j][2 * half] * s.scale, dk[j][2 * half + 1] * s.scale);
+            put_f2(p.overwrite_dkv, dvr + 8 * j + 2 * t, dv[j][2 * half], dv[j][2 * half + 1]);
         }
     }
 }
