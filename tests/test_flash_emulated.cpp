@@ -322,7 +322,7 @@ void run_routed(int B, int nS, int N, int Hd, int max_queries, uint64_t seed, in
         deltas[stored].assign(delta.size(), NAN);
         fl::PrepParams p2{s, nullptr, nullptr, D, max_rows, offsets.data() + sets, deltas[stored].data(), nullptr};
         if (stored) {
-            p2.dout_bf16_in = dog16.data();
+            p2.dout_bf16 = dog16.data();
             p2.out_bf16 = og16.data();
             backward(p2, fl::BwdParams<uint16_t>{s, {qg16.data(), D}, {k16.data(), D}, {v16.data(), D},
                                                  {dog16.data(), D}, lse16.data(), deltas[stored].data(), gdq, D, gdk,

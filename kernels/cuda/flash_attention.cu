@@ -212,7 +212,7 @@ void routed_backward(float* dqg, float* dk, float* dv, const Src* dog, const Src
     const Sets s = make_sets(offsets, 0, N, Hd);
     PrepParams prep{s, nullptr, nullptr, D, max_rows, offsets + sets, delta.as<float>(), nullptr};
     if constexpr (kBf16) {
-        prep.dout_bf16_in = dog;
+        prep.dout_bf16 = dog;
         prep.out_bf16 = og;
     } else {
         prep.dout = dog;

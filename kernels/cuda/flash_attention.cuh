@@ -419,7 +419,7 @@ FLASH_UNROLL
 
 // ---- backward -------------------------------------------------------------------------------
 // One warp per (row, all heads): δ = Σ dO·O per head (fp32, a butterfly sum),
-// and, when dout_bf16 is set, dO rounded to bf16 in the same layout. dO and O
+// and, when dout_rounded is set, dO rounded to bf16 in the same layout. dO and O
 // are read in fp32, or in bf16 as the bf16 mode stores them.
 // Rows r < rows, and r < *rows_on_device when that is set (routed: offsets[B·nS]).
 constexpr int kPrepWarps = 8;
@@ -431,9 +431,9 @@ struct PrepParams {
     int64_t rows;
     const int* rows_on_device;
     float* delta;
-    uint16_t* dout_bf16;
-    const uint16_t* out_bf16 = nullptr;         // O as the bf16 mode stores it: read instead of out, when set
-    const uint16_t* dout_bf16_in = nullptr;     // dO likewise: read instead of dout (dout_bf16 then null)
+    uint16_t* dout_rounded;                  // written: dO in bf16 (the dense kernels' tiles), when set
+    const uint16_t* out_bf16 = nullptr;      // O as the bf16 mode stores it: read instead of out, when set
+    const uint16_t* dout_bf16 = nullptr;     // dO likewise: read instead of dout (dout_rounded then null)
 };
 
 FLASH_KERNEL(kPrepWarps * 32) flash_bwd_prep_kernel(PrepParams p) {
@@ -446,14 +446,14 @@ FLASH_KERNEL(kPrepWarps * 32) flash_bwd_prep_kernel(PrepParams p) {
         for (int h = 0; h < p.s.Hd; h++) {
             const int64_t e = row * p.row_stride + h * kDh + 2 * lane;
             float dx, dy, ox, oy;
-            if (p.dout_bf16_in) load_bf16x2(dx, dy, p.dout_bf16_in + e);
+            if (p.dout_bf16) load_bf16x2(dx, dy, p.dout_bf16 + e);
             else load_f2(dx, dy, p.dout + e);
             if (p.out_bf16) load_bf16x2(ox, oy, p.out_bf16 + e);
             else load_f2(ox, oy, p.out + e);
             float d = dx * ox + dy * oy;
             for (int m = 16; m > 0; m >>= 1) d += shfl_xor(d, m);
             if (lane == 0) p.delta[stat_index(p.s, g, h, i, row)] = d;
-            if (p.dout_bf16) store_bf16x2(p.dout_bf16 + e, dx, dy);
+            if (p.dout_rounded) store_bf16x2(p.dout_rounded + e, dx, dy);
         }
     }
 }
