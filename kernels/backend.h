@@ -651,7 +651,7 @@ void routed_attention_backward(const Exec& ex, const NoDeduce<GradOut<T>>& dqg, 
             // The gathered rows' count lives on the device: zero the buffer's B·nS·N·slots.
             if (dqg.overwrite) zero(ex, dqg.p, int64_t(B) * nS * N * slots * D);
             return cuda_ops::routed_attention_backward(dqg.p, dk, dv, dog.full, qg.full, k.full, v.full, og.full, lse,
-                                                       offsets, B, nS, N, D, Hd, ex.stream);
+                                                       offsets, B, nS, N, slots, D, Hd, ex.stream);
         }
     }
 #endif

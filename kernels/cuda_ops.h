@@ -12,8 +12,10 @@
 // - Scratch memory comes from the stream-ordered allocator (cudaMallocAsync).
 //
 // Conventions kept from kernels/ops.h: backward ops accumulate (+=) into every
-// gradient; every reduction runs in a fixed order, with no floating-point
-// atomics, so two runs give bit-identical results on the same device.
+// gradient, but where an op takes an overwrite flag for one (then it writes
+// it, each element once: the gradient has no other contributor); every
+// reduction runs in a fixed order, with no floating-point atomics, so two
+// runs give bit-identical results on the same device.
 // Errors (CUDA, cuBLAS, bad sizes) throw std::runtime_error naming file:line.
 //
 // A plain header: usable from .cpp files without the CUDA headers.
@@ -135,9 +137,10 @@ void linear_backward_mixed(float* dx, uint16_t* dx_bf16, bool overwrite_dx, floa
 // The same for MoE-ViT's per-channel expert projections (expert_linear_*):
 // x, the used experts' W[S[s]] and (backward) dout rounded to bf16 once per
 // call into compact copies, the batched products on the tensor cores with
-// fp32 accumulation into the fp32 results; the bias and its gradient fp32.
-// x_bf16 as above, with x's image stride. Forward writes out (fp32) or
-// out_bf16 (the bf16 mode's stored k and v: bf16(x·Wᵀ + bf16(b))), one of them.
+// fp32 accumulation; the weights' bias and its gradient are fp32. x_bf16 as
+// above, with x's image stride. Forward writes out (fp32: + b) or out_bf16
+// (the bf16 mode's stored k and v: bf16(x·Wᵀ + bf16(b)), the product added
+// to the bias rounded to bf16 first), one of them.
 void expert_linear_forward_mixed(float* out, uint16_t* out_bf16, const float* x, const uint16_t* x_bf16,
                                  int64_t x_image_stride, const float* W, const float* bias, const int* S, int B,
                                  int nS, int N, int in_dim, int out_dim, cudaStream_t stream);
@@ -226,13 +229,14 @@ void moe_gather_backward(float* dq, int64_t dq_image_stride, const float* dqg,
                          cudaStream_t stream);
 // Routed attention (ops::routed_attention_*: lse [rows, Hd], backward reads
 // og), fused fp32 kernels like attention_forward's. A group's queries stream
-// past its keys; groups without queries cost nothing.
+// past its keys; groups without queries cost nothing. slots: each token's k
+// (the backward's δ scratch holds B·nS·N·slots rows).
 void routed_attention_forward(float* og, float* lse, const float* qg, const float* k,
                               const float* v, const int* offsets, int B, int nS, int N, int D,
                               int Hd, cudaStream_t stream);
 void routed_attention_backward(float* dqg, float* dk, float* dv, const float* dog,
                                const float* qg, const float* k, const float* v, const float* og,
-                               const float* lse, const int* offsets, int B, int nS, int N,
+                               const float* lse, const int* offsets, int B, int nS, int N, int slots,
                                int D, int Hd, cudaStream_t stream);
 // The flash versions of the two above (see flash_attention_forward), same
 // contract and layouts (but overwrite_dqg: dqg's rows are written, not added

@@ -1136,7 +1136,8 @@ TEST_F(CudaOps, RoutedAttention) {
         DeviceArray<float> dqg(qg.size()), dk(kk.size()), dv(vv.size());
         auto got = run_twice(what + " routed backward", {{&dqg, g_q}, {&dk, g_k}, {&dv, g_v}}, [&] {
             cu::routed_attention_backward(dqg.get(), dk.get(), dv.get(), d_dog.get(), d_qg.get(), d_k.get(),
-                                          d_v.get(), d_og.get(), d_lse.get(), d_off.get(), B, nS, N, D, Hd, stream);
+                                          d_v.get(), d_og.get(), d_lse.get(), d_off.get(), B, nS, N, k, D, Hd,
+                                          stream);
         });
         expect_close(what + " routed dqg", got[0], r_q);
         expect_close(what + " routed dk", got[1], r_k);

@@ -88,9 +88,10 @@ void routed_attention_forward(float* og, float* lse, const float* qg, const floa
 
 void routed_attention_backward(float* dqg, float* dk, float* dv, const float* dog,
                                const float* qg, const float* k, const float* v, const float* og,
-                               const float* lse, const int* offsets, int B, int nS, int N,
+                               const float* lse, const int* offsets, int B, int nS, int N, int slots,
                                int D, int Hd, cudaStream_t stream) {
     check_heads(D, Hd);
+    PRISM_CUDA_REQUIRE(slots >= 1 && slots <= nS, "routed_attention_backward: need 1 <= slots (k) <= nS");
     const BwdParams p{routed_attn(qg, k, v, offsets, N, D, Hd),
                       {dog, 0, D},
                       {og, 0, D},
@@ -99,8 +100,8 @@ void routed_attention_backward(float* dqg, float* dk, float* dv, const float* do
                       {dqg, 0, D},
                       {dk, (int64_t)N * D, D},
                       {dv, (int64_t)N * D, D}};
-    // The gathered rows number B·nS·N·k ≤ B·nS·N·nS (k ≤ nS).
-    fused_backward(p, B * nS, nS * N, (int64_t)B * nS * N * nS, stream);
+    // δ per gathered row: B·nS·N·slots of them; a group has up to nS·N.
+    fused_backward(p, B * nS, nS * N, (int64_t)B * nS * N * slots, stream);
 }
 
 // ---- CLS: a set is an image with one query ----------------------------------------------
