@@ -397,8 +397,8 @@ public:
                                    D, Hd);
         op::combine_backward(ex, op::overwrite(dog_), dweights_, datt_ + D, L * D, og_, weights_, row_of_pair_, B, C,
                              N, k, D);
-        op::routed_attention_backward(ex, op::overwrite(dqg_), dk_, dv_, dog_, qg_, kb_, vb_, og_, route_lse_, offsets_, B, C, N, k,
-                                      D, Hd);
+        op::routed_attention_backward(ex, op::overwrite(dqg_), dk_, dv_, dog_, qg_, kb_, vb_, og_, route_lse_,
+                                      offsets_, B, C, N, k, D, Hd);
         op::moe_gather_backward(ex, dq_ + D, L * D, dqg_, row_of_pair_, B, C, N, k, D);
         op::expert_linear_backward(ex, dx_ + D, g_k_, gb_k_, dk_, x.at(D), L * D, w_k_, S_, B, C, N, D, D);
         op::expert_linear_backward(ex, dx_ + D, g_v_, gb_v_, dv_, x.at(D), L * D, w_v_, S_, B, C, N, D, D);

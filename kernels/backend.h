@@ -658,7 +658,8 @@ void routed_attention_backward(const Exec& ex, const NoDeduce<GradOut<T>>& dqg, 
     const int64_t rows = detail::routed_rows("routed_attention_backward", offsets, B, nS, N, slots),
                   kv = int64_t(B) * nS * N * D;
     std::vector<T> tmp_dog, tmp_q, tmp_k, tmp_v, tmp_og, unused;
-    ops::routed_attention_backward(detail::grad_of(dqg, rows * D, unused), dk, dv, detail::widened(dog, rows * D, tmp_dog),
+    ops::routed_attention_backward(detail::grad_of(dqg, rows * D, unused), dk, dv,
+                                   detail::widened(dog, rows * D, tmp_dog),
                                    detail::widened(qg, rows * D, tmp_q), detail::widened(k, kv, tmp_k),
                                    detail::widened(v, kv, tmp_v), detail::widened(og, rows * D, tmp_og), lse, offsets,
                                    B, nS, N, D, Hd);

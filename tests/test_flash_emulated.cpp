@@ -382,7 +382,8 @@ void check_plan(const std::vector<int>& offsets, int item_tiles, int radix_passe
         for (int t0 = 0; t0 < t; t0 += item_tiles) want_items.push_back({g, t0, std::min(item_tiles, t - t0)});
         if (t > 0) want_groups.push_back(g);
     }
-    std::stable_sort(want_items.begin(), want_items.end(), [](const Item& a, const Item& b) { return a.tiles > b.tiles; });
+    std::stable_sort(want_items.begin(), want_items.end(),
+                     [](const Item& a, const Item& b) { return a.tiles > b.tiles; });
     std::stable_sort(want_groups.begin(), want_groups.end(),
                      [&](int a, int b) { return tiles_of(a, fl::kQT2) > tiles_of(b, fl::kQT2); });
 
