@@ -212,8 +212,8 @@ EmulatedPlan emulated_plan(const fl::RoutedGeometry& geo, const std::vector<int>
 // gives the largest items (a block walks up to kMaxItemTiles of its group's
 // query tiles, what large batches do), the default a block per tile at these
 // small shapes; item_tiles, when set, is what the test means it to give.
-void run_routed(int B, int nS, int N, int Hd, int max_queries, uint64_t seed, int64_t target_blocks = 2048,
-                int item_tiles = 0) {
+void run_routed(int B, int nS, int N, int Hd, int max_queries, uint64_t seed,
+                int64_t target_blocks = fl::kRoutedTargetBlocks, int item_tiles = 0) {
     const int D = fl::kDh * Hd, sets = B * nS;
     const std::string what = "routed B=" + std::to_string(B) + " nS=" + std::to_string(nS) +
                              " N=" + std::to_string(N) + " Hd=" + std::to_string(Hd);
@@ -421,6 +421,21 @@ TEST(FlashEmulated, RoutedPlanListsTheLargestWorkFirst) {
     check_plan(offsets, 1, 2, "300 groups, 1 tile per item");
     // three passes (a group of 300 tiles), few groups
     check_plan({0, 19200, 19200, 19300, 29000}, fl::kMaxItemTiles, 3, "4 groups, 300 tiles");
+}
+
+TEST(FlashEmulated, RoutedItemTilesSetting) {
+    EXPECT_EQ(fl::item_tiles_setting(nullptr), fl::kMaxItemTiles);
+    EXPECT_EQ(fl::item_tiles_setting(""), fl::kMaxItemTiles);
+    EXPECT_EQ(fl::item_tiles_setting("4"), 4);
+    EXPECT_EQ(fl::item_tiles_setting("15"), 15);
+    for (const char* bad : {"0", "16", "-2", "x", "4x"}) {
+        try {
+            fl::item_tiles_setting(bad);
+            ADD_FAILURE() << bad << " was taken";
+        } catch (const std::runtime_error& e) {
+            EXPECT_NE(std::string(e.what()).find("expected an integer 1..15"), std::string::npos) << e.what();
+        }
+    }
 }
 
 TEST(FlashEmulated, RoutedPlanTrapsOnMoreRowsThanAnnounced) {

@@ -8,7 +8,7 @@
 # no part may run past the overall deadline (BUDGET seconds from the start).
 # Logs go to $OUT (or build/gpu-logs).
 # Usage: bash bench/gpu/flash_check.sh   (carry build/third_party)
-#   ITERS=10 WARMUP=2 BUDGET=470 SAN_FILTER='CudaFlash.DenseSmall:CudaFlash.RoutedSmall'
+#   ITERS=10 WARMUP=2 BUDGET=470 SAN_FILTER='CudaFlash.DenseSmall:CudaFlash.RoutedSmall' ITEM_TILES='4 15'
 set -uo pipefail
 OUT=${OUT:-build/gpu-logs}; mkdir -p "$OUT"
 BUILD=build/gpu
@@ -63,4 +63,11 @@ bench() {  # name, cap, config args...
 bench jumpcp-p16 25 --config configs/jumpcp_chvit.json
 bench jumpcp-p8 30 --config configs/jumpcp_chvit.json --set model.patch=8
 bench so2sat 15 --config configs/so2sat_chvit.json
+# The routed kernels' item size (kMaxItemTiles = 8 above) against 4 and 15, moevit k=2 at P=16, if time is left.
+for tiles in ${ITEM_TILES:-4 15}; do
+  stamp "bench attention jumpcp-p16 --k 2, PRISM_ROUTED_ITEM_TILES=$tiles"
+  PRISM_ROUTED_ITEM_TILES=$tiles timeout "$(limit 15)" $BUILD/prism bench attention --config configs/jumpcp_chvit.json \
+    --k 2 --impl bf16 --iters $ITERS --warmup $WARMUP > "$OUT/bench-jumpcp-p16-items$tiles.txt" 2>&1; echo "rc $?"
+  grep -vE '^\{' "$OUT/bench-jumpcp-p16-items$tiles.txt" | tail -4
+done
 stamp done

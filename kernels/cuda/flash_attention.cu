@@ -12,6 +12,7 @@
 // device only, the last offset, and with K/V resident each row is read once
 // or a few times).
 #include <cmath>
+#include <cstdlib>
 #include <type_traits>
 
 #include "kernels/cuda/common.cuh"
@@ -133,13 +134,18 @@ void flash_attention_backward(float* dqkv, const float* dout, const float* qkv, 
 // ---- routed -----------------------------------------------------------------------------------
 namespace {
 
+int max_item_tiles() {
+    static const int tiles = item_tiles_setting(std::getenv("PRISM_ROUTED_ITEM_TILES"));
+    return tiles;
+}
+
 // The work lists of routed_plan_kernel (flash_attention.cuh) for one op, in
 // scratch; with_groups: the dK/dV kernel's list too (backward).
 class RoutedPlan {
 public:
     RoutedPlan(const int* offsets, int B, int nS, int N, int Hd, int k, bool with_groups, cudaStream_t stream)
         : sets_((int64_t)B * nS),
-          geo_(routed_geometry(B, nS, N, Hd, sets_ * N * k)),
+          geo_(routed_geometry(B, nS, N, Hd, sets_ * N * k, kRoutedTargetBlocks, max_item_tiles())),
           scratch_(sizeof(WorkItem) * geo_.max_items + sizeof(int) * (2 + (with_groups ? 2 * sets_ : 0)), stream) {
         PRISM_CUDA_REQUIRE(geo_.max_items * Hd < INT32_MAX && sets_ * Hd * geo_.key_blocks < INT32_MAX,
                            "flash routed attention: more blocks than a grid's x dimension holds");

@@ -42,6 +42,11 @@
 // primitives of primitives.cuh replaced (PRISM_FLASH_EMULATION: a CPU model
 // of warps, ldmatrix, mma and cp.async; see tests/flash_emulator.h).
 #pragma once
+#include <stdlib.h>
+
+#include <stdexcept>
+#include <string>
+
 #include "kernels/cuda/primitives.cuh"
 
 namespace prism::flash {
@@ -706,21 +711,38 @@ struct RoutedGeometry {
     int key_warps, key_blocks;  // of the dK/dV kernel
     int radix_passes;    // 4-bit digits of the most query tiles a group can have
 };
-constexpr int kMaxItemTiles = 8;  // a guess, to be measured: more reuses K/V longer, fewer balances better
+// The most query tiles per item: more reuse K/V longer, fewer balance better.
+// 8 is a guess to be measured (flash_attention.cu lets PRISM_ROUTED_ITEM_TILES
+// override it, up to kPlanClasses − 1, for that sweep).
+constexpr int kMaxItemTiles = 8;
 constexpr int kPlanClasses = 16;  // counting-sort classes per pass of routed_plan_kernel (4 bits)
 static_assert(kMaxItemTiles < kPlanClasses, "an item's tiles are its class");
 
+// The item size cap from PRISM_ROUTED_ITEM_TILES's value (null or empty: kMaxItemTiles).
+inline int item_tiles_setting(const char* value) {
+    if (!value || !*value) return kMaxItemTiles;
+    char* end = nullptr;
+    const long v = strtol(value, &end, 10);
+    if (*end || v < 1 || v >= kPlanClasses)
+        throw std::runtime_error(std::string("PRISM_ROUTED_ITEM_TILES=") + value + ": expected an integer 1.." +
+                                 std::to_string(kPlanClasses - 1));
+    return (int)v;
+}
+
+constexpr int64_t kRoutedTargetBlocks = 2048;  // enough blocks of the forward to fill an H100/H200
+
 // max_rows: a bound on offsets[B·nS] (B·nS·N·k); target_blocks: the forward
-// grid the item size aims at (enough to fill the device).
+// grid the item size aims at; max_item_tiles < kPlanClasses.
 inline RoutedGeometry routed_geometry(int B, int nS, int N, int Hd, int64_t max_rows,
-                                      int64_t target_blocks = 2048) {
+                                      int64_t target_blocks = kRoutedTargetBlocks,
+                                      int max_item_tiles = kMaxItemTiles) {
     constexpr int QT = kWarps * 16;
     const int64_t sets = (int64_t)B * nS;
     RoutedGeometry r{};
     r.stationary = N <= kMaxStationaryKeys;
     // With K and V streamed every tile pays for them alike: one tile per item.
     int64_t per = r.stationary ? ((max_rows + QT - 1) / QT) * Hd / (target_blocks > 0 ? target_blocks : 1) : 1;
-    r.item_tiles = (int)(per < 1 ? 1 : (per > kMaxItemTiles ? kMaxItemTiles : per));
+    r.item_tiles = (int)(per < 1 ? 1 : (per > max_item_tiles ? max_item_tiles : per));
     // Σ_g ⌈c_g/QT⌉ ≤ ⌊(Σ c_g + sets·(QT−1))/QT⌋, and likewise for the items.
     const int64_t max_tiles = (max_rows + sets * (QT - 1)) / QT;
     r.max_items = (max_tiles + sets * (r.item_tiles - 1)) / r.item_tiles;
