@@ -353,9 +353,10 @@ void expert_linear_forward(const Exec& ex, const NoDeduce<MatrixIn<T>>& out, con
 #endif
     std::vector<T> tmp, tmp_out;
     const int64_t n_out = int64_t(B) * nS * N * out_dim;
+    const int64_t x_span = detail::image_span(B, x_image_stride, int64_t(nS) * N * in_dim);
     T* o = detail::output_of(out, n_out, tmp_out);
-    ops::expert_linear_forward(o, detail::widened(x, detail::image_span(B, x_image_stride, int64_t(nS) * N * in_dim), tmp),
-                               x_image_stride, W, bias, S, B, nS, N, in_dim, out_dim);
+    ops::expert_linear_forward(o, detail::widened(x, x_span, tmp), x_image_stride, W, bias, S, B, nS, N, in_dim,
+                               out_dim);
     detail::round_into(out.bf16, o, n_out);
 }
 template <class T>
@@ -375,9 +376,9 @@ void expert_linear_backward(const Exec& ex, T* dx, T* dW, T* dbias, const T* dou
     }
 #endif
     std::vector<T> tmp;
-    ops::expert_linear_backward(dx, dW, dbias, dout,
-                                detail::widened(x, detail::image_span(B, x_image_stride, int64_t(nS) * N * in_dim), tmp),
-                                x_image_stride, W, S, B, nS, N, in_dim, out_dim);
+    const int64_t x_span = detail::image_span(B, x_image_stride, int64_t(nS) * N * in_dim);
+    ops::expert_linear_backward(dx, dW, dbias, dout, detail::widened(x, x_span, tmp), x_image_stride, W, S, B, nS, N,
+                                in_dim, out_dim);
 }
 // x: fp32, or the bf16 mode's stored fc1 output.
 template <class T> void gelu_forward(const Exec& ex, const MatrixIn<T>& out, const MatrixIn<T>& x, int64_t n) {
@@ -724,9 +725,9 @@ void cls_attention_forward(const Exec& ex, const NoDeduce<MatrixIn<T>>& out, int
     const int64_t kv = int64_t(B) * M * D;
     std::vector<T> tmp_q, tmp_k, tmp_v, tmp_out;
     T* o = detail::output_of(out, detail::image_span(B, out_image_stride, D), tmp_out);
-    ops::cls_attention_forward(o, out_image_stride, probs, detail::widened(q, detail::image_span(B, q_image_stride, D), tmp_q),
-                               q_image_stride, detail::widened(k, kv, tmp_k), detail::widened(v, kv, tmp_v), B, M, D,
-                               Hd);
+    const T* qw = detail::widened(q, detail::image_span(B, q_image_stride, D), tmp_q);
+    ops::cls_attention_forward(o, out_image_stride, probs, qw, q_image_stride, detail::widened(k, kv, tmp_k),
+                               detail::widened(v, kv, tmp_v), B, M, D, Hd);
     detail::round_images_into(out.bf16, o, B, out_image_stride, D);
 }
 template <class T>

@@ -125,28 +125,28 @@ struct ClsBwdParams {
 };
 
 // ---- the ops' operands as the kernels see them (host) --------------------------------------
-inline Attn make_attn(const int* offsets, int nq, int M, int D, int Hd, Rows<const float> q,
-                      Rows<const float> k, Rows<const float> v) {
+template <class E>
+inline AttnOf<E> make_attn(const int* offsets, int nq, int M, int D, int Hd, Rows<const E> q, Rows<const E> k,
+                           Rows<const E> v) {
     const int dh = D / Hd;
-    return Attn{offsets, nq, M, Hd, dh, 1.f / sqrtf((float)dh), q, k, v};
+    return AttnOf<E>{offsets, nq, M, Hd, dh, 1.f / sqrtf((float)dh), q, k, v};
 }
 // Dense: a set is an image; q | k | v are column blocks of qkv [B, L, 3D].
 inline Attn dense_attn(const float* qkv, int L, int D, int Hd) {
     const int64_t img = (int64_t)L * 3 * D;
-    return make_attn(nullptr, L, L, D, Hd, {qkv, img, 3 * D}, {qkv + D, img, 3 * D}, {qkv + 2 * D, img, 3 * D});
+    return make_attn<float>(nullptr, L, L, D, Hd, {qkv, img, 3 * D}, {qkv + D, img, 3 * D},
+                            {qkv + 2 * D, img, 3 * D});
 }
 // Routed: a set is group g = b*nS + s, its queries gathered rows of qg
 // [rows, D], its keys and values the N rows of k, v [B, nS, N, D].
 inline Attn routed_attn(const float* qg, const float* k, const float* v, const int* offsets, int N, int D, int Hd) {
-    return make_attn(offsets, 0, N, D, Hd, {qg, 0, D}, {k, (int64_t)N * D, D}, {v, (int64_t)N * D, D});
+    return make_attn<float>(offsets, 0, N, D, Hd, {qg, 0, D}, {k, (int64_t)N * D, D}, {v, (int64_t)N * D, D});
 }
 // CLS: a set is an image, its one query row 0 of (q, q_image_stride), its
 // keys and values the M rows of k, v [B, M, D].
 template <class E>
 inline AttnOf<E> cls_attn(const E* q, int64_t q_image_stride, const E* k, const E* v, int M, int D, int Hd) {
-    const int dh = D / Hd;
-    return AttnOf<E>{nullptr, 1, M, Hd, dh, 1.f / sqrtf((float)dh), {q, q_image_stride, 0}, {k, (int64_t)M * D, D},
-                     {v, (int64_t)M * D, D}};
+    return make_attn<E>(nullptr, 1, M, D, Hd, {q, q_image_stride, 0}, {k, (int64_t)M * D, D}, {v, (int64_t)M * D, D});
 }
 
 FLASH_DEVICE float warp_max(float v) {
