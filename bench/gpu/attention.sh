@@ -3,8 +3,9 @@
 # README's three shapes (JUMP-CP 224² C=8 P=16 and P=8, So2Sat 32² C=18 P=8),
 # each side at its default batch (the same rule on both). Tables and JSON
 # lines go to $OUT (or build/gpu-logs).
-# Usage: bash bench/gpu/attention.sh [PART]...   (carry build/third_party)
-#   parts: prism (build + prism bench attention), check (the peer against the
+# Usage: bash bench/gpu/attention.sh [PART]...
+#   (carry build/gpu-bundle/bin from bench/gpu/bundle.sh, and build/third_party)
+#   parts: prism (binaries + prism bench attention), check (the peer against the
 #   oracle), fp32, bf16 (the peer's attention mode), compile (bf16 with
 #   torch.compile), step (the peer's training steps, bf16). Default: prism check.
 #   FlexAttention compiles once per shape and k, so give each of fp32, bf16 and
@@ -20,11 +21,8 @@ python3 -c "import torch; print('torch', torch.__version__)"
 for part in $PARTS; do
   case $part in
   prism)
-    echo "== build"
-    NV=$(python3 -c "import nvidia; print(nvidia.__path__[0])" 2>/dev/null)
-    NCCL_DIR=$(dirname "$(dirname "$(find "$NV" -name nccl.h 2>/dev/null | head -1)")" 2>/dev/null)
-    make -j16 BUILD=$BUILD THIRD_PARTY=build/third_party ${NCCL_DIR:+NCCL_HOME=$NCCL_DIR} $BUILD/prism \
-      > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+    echo "== binaries"
+    source bench/gpu/binaries.sh; gpu_binaries "$OUT" || exit 1
     echo "== prism bench attention"
     $BUILD/prism bench attention --config configs/jumpcp_chvit.json --iters $ITERS --warmup $WARMUP 2>&1 | tee "$OUT/prism-jumpcp-p16.txt"
     $BUILD/prism bench attention --config configs/jumpcp_chvit.json --set model.patch=8 --iters $ITERS --warmup $WARMUP 2>&1 | tee "$OUT/prism-jumpcp-p8.txt"

@@ -4,7 +4,8 @@
 # (bench/torch_peer.py) on the same shapes and batches. Each part has its own
 # time limit and parts are skipped once BUDGET seconds have passed, so the
 # call ends inside the device's 10-minute limit. Logs go to $OUT.
-# Usage: bash bench/gpu/bench_all.sh   (carry build/third_party)
+# Usage: bash bench/gpu/bench_all.sh
+#   (carry build/gpu-bundle/bin from bench/gpu/bundle.sh, and build/third_party)
 set -uo pipefail
 OUT=${OUT:-build/gpu-logs}; mkdir -p "$OUT"
 BUDGET=${BUDGET:-480}; START=$(date +%s)
@@ -16,10 +17,10 @@ part() {  # part NAME LIMIT COMMAND...: runs COMMAND under min(LIMIT, time left)
   [ "$l" -lt "$limit" ] && limit=$l
   echo "== $name (limit ${limit}s)"
   timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1; local rc=$?
-  grep -vE '^\{|^bench step: |\r' "$OUT/$name.txt" | tail -${TAIL:-12}; echo "rc $rc"
+  grep -v $'\r' "$OUT/$name.txt" | grep -vE '^\{|^bench step: ' | tail -${TAIL:-12}; echo "rc $rc"
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
-make -j16 BUILD=build/gpu THIRD_PARTY=build/third_party $P > "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
+source bench/gpu/binaries.sh; gpu_binaries "$OUT" || exit 1
 A="--iters ${ITERS:-20} --warmup ${WARMUP:-3}"
 part prism-attn-jumpcp-p16 100 $P bench attention --config configs/jumpcp_chvit.json $A
 part prism-attn-jumpcp-p8 100 $P bench attention --config configs/jumpcp_chvit.json --set model.patch=8 $A

@@ -8,8 +8,7 @@ OUT=${OUT:-build/gpu-logs}; mkdir -p "$OUT"
 BUDGET=${BUDGET:-270}; START=$(date +%s)
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 P=build/gpu/prism
-make -j16 BUILD=build/gpu THIRD_PARTY=build/third_party build/gpu/prism build/gpu/prism_tests \
-  > "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
+source bench/gpu/binaries.sh; gpu_binaries "$OUT" || exit 1
 echo "== GPU tests"
 timeout 150 build/gpu/prism_tests --gtest_filter='CudaOps*:CudaModel*:Bench*' > "$OUT/tests.log" 2>&1; echo "rc $?"
 grep -E "^\[ +(FAILED|PASSED|SKIPPED) |Failure|Expected|bf16-vs-cpu|bf16 on the GPU|on the GPU:|which is" "$OUT/tests.log" | tail -40

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (no package registry there): look at what the
-# machine has, build the CUDA backend against it, run the GPU tests, then the
-# same tests under compute-sanitizer. Logs go to $OUT (or build/gpu-logs).
-# Usage: bash bench/gpu/check.sh [gtest filter]   (carry build/third_party)
+# machine has, take the carried binaries or build them there, run the GPU
+# tests, then the same tests under compute-sanitizer. Logs go to $OUT (or
+# build/gpu-logs).
+# Usage: bash bench/gpu/check.sh [gtest filter]
+#   (carry build/gpu-bundle/bin from bench/gpu/bundle.sh, and build/third_party)
 set -uo pipefail
 OUT=${OUT:-build/gpu-logs}; mkdir -p "$OUT"
 FILTER=${1:-CudaOps*}
@@ -15,13 +17,9 @@ for lib in libcublas.so libcublasLt.so libnccl.so; do
   echo "$lib: $(find /usr/local/cuda* "$NV" -name "$lib*" 2>/dev/null | head -3 | tr '\n' ' ')"; done
 echo "nccl.h: $(find /usr/local/cuda* "$NV" /usr/include -name nccl.h 2>/dev/null | head -2 | tr '\n' ' ')"
 echo "mpicxx: $(command -v mpicxx || echo none); compute-sanitizer: $(command -v compute-sanitizer || echo none)"
-NCCL_DIR=$(dirname "$(dirname "$(find "$NV" -name nccl.h 2>/dev/null | head -1)")" 2>/dev/null)
 
-echo "== build"
-start=$(date +%s)
-make -j16 BUILD=$BUILD THIRD_PARTY=build/third_party ${NCCL_DIR:+NCCL_HOME=$NCCL_DIR} \
-  $BUILD/prism $BUILD/prism_tests > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
-echo "built in $(( $(date +%s) - start )) s"; grep -i "makefile:" "$OUT/build.log"
+echo "== binaries"
+source bench/gpu/binaries.sh; gpu_binaries "$OUT" || exit 1
 ldd $BUILD/prism_tests | grep -E "cublas|nccl|cudart|not found"
 
 echo "== GPU tests ($FILTER)"

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The fused attention kernels on a lent GPU machine, in one call under 8
-# minutes: build, the GPU tests (CudaFlash*: every flash op against the CPU
-# reference; CudaOps.*Attention: the fp32 ones), compute-sanitizer memcheck
+# minutes: the binaries (carried or built), the GPU tests (CudaFlash*: every
+# flash op against the CPU reference; CudaOps.*Attention: the fp32 ones),
+# compute-sanitizer memcheck
 # and racecheck on the small-shape flash tests, then `prism bench attention`
 # with the reference (the fused fp32 kernels of attention.cu) and the flash
 # kernels at JUMP-CP P=16, P=8 and So2Sat. Each part has its own timeout, and
 # no part may run past the overall deadline (BUDGET seconds from the start).
 # Logs go to $OUT (or build/gpu-logs).
-# Usage: bash bench/gpu/flash_check.sh   (carry build/third_party)
+# Usage: bash bench/gpu/flash_check.sh
+#   (carry build/gpu-bundle/bin from bench/gpu/bundle.sh, and build/third_party)
 #   ITERS=10 WARMUP=2 BUDGET=470 SAN_FILTER='CudaFlash.DenseSmall:CudaFlash.RoutedSmall' ITEM_TILES='4 15'
 set -uo pipefail
 OUT=${OUT:-build/gpu-logs}; mkdir -p "$OUT"
@@ -25,17 +27,12 @@ stamp machine
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
 nvcc --version | tail -1
 
-stamp build
-NV=$(python3 -c "import nvidia; print(nvidia.__path__[0])" 2>/dev/null)
-NCCL_DIR=$(dirname "$(dirname "$(find "$NV" -name nccl.h 2>/dev/null | head -1)")" 2>/dev/null)
-timeout "$(limit 220)" make -j16 BUILD=$BUILD THIRD_PARTY=build/third_party ${NCCL_DIR:+NCCL_HOME=$NCCL_DIR} \
-  $BUILD/prism $BUILD/prism_tests > "$OUT/build.log" 2>&1 || { echo "build failed or timed out"; tail -30 "$OUT/build.log"; exit 1; }
-echo "built at t=$(( $(date +%s) - start )) s"
-# registers and spills of the attention kernels (flash and fused fp32) as this build compiled them
-for o in flash_attention attention; do
-  cuobjdump --dump-resource-usage $BUILD/obj/kernels/cuda/$o.cu.o 2>/dev/null \
-    | grep -E "Function|REG" | sed 's/_ZN5prism5\(flash\|fused\)//' | paste - - | sed 's/  */ /g'
-done > "$OUT/flash-resources.txt"
+stamp binaries
+source bench/gpu/binaries.sh; gpu_binaries "$OUT" || exit 1
+echo "ready at t=$(( $(date +%s) - start )) s"
+# registers and spills of the attention kernels (flash and fused fp32) as these binaries hold them
+cuobjdump --dump-resource-usage $BUILD/prism_tests 2>/dev/null | grep -E "Function|REG" | paste - - \
+  | grep -E "_ZN5prism5(flash|fused)" | sed 's/_ZN5prism5\(flash\|fused\)//; s/  */ /g' > "$OUT/flash-resources.txt"
 cat "$OUT/flash-resources.txt"
 
 stamp "GPU tests (CudaFlash*, CudaOps.*Attention: the fused fp32 kernels)"

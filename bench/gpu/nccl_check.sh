@@ -4,24 +4,22 @@
 # full-size So2Sat MoE-ViT for a few steps on every GPU with train.overlap_comm
 # on and off and print the step phases (what overlap hides needs two GPUs or
 # more: with one rank the all-reduce is a copy). Logs go to $OUT.
-# Usage: bash bench/gpu/nccl_check.sh [gtest filter]   (carry build/third_party)
+# Usage: bash bench/gpu/nccl_check.sh [gtest filter]
+#   (carry build/gpu-bundle/bin from bench/gpu/bundle.sh, and build/third_party)
 set -uo pipefail
 OUT=${OUT:-build/gpu-logs}; mkdir -p "$OUT"
 FILTER=${1:-Nccl*:CudaOps.AuxStats*:CudaOps.AuxAndZLoss:CudaModel*}
 BUILD=build/gpu
-NV=$(python3 -c "import nvidia; print(nvidia.__path__[0])" 2>/dev/null)
-# NCCL: the toolkit's if it has one, else a wheel's (nvidia/nccl).
-if [ -f /usr/local/cuda/include/nccl.h ]; then NCCL_DIR=/usr/local/cuda
-else NCCL_DIR=$(dirname "$(dirname "$(find "$NV" -name nccl.h 2>/dev/null | head -1)")" 2>/dev/null); fi
+source bench/gpu/binaries.sh; gpu_libs
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 echo "== machine"; nvidia-smi -L
 echo "NCCL_HOME: ${NCCL_DIR:-none}; mpicxx: $(command -v mpicxx || echo none); mpirun: $(command -v mpirun || echo none)"
 
-echo "== build"
-make -j16 BUILD=$BUILD THIRD_PARTY=build/third_party ${NCCL_DIR:+NCCL_HOME=$NCCL_DIR} \
-  $BUILD/prism $BUILD/prism_tests > "$OUT/nccl-build.log" 2>&1 || { tail -40 "$OUT/nccl-build.log"; exit 1; }
-grep -i "makefile:" "$OUT/nccl-build.log"
-grep -q -- -DPRISM_NCCL "$OUT/nccl-build.log" && echo "built with NCCL" || echo "built WITHOUT NCCL"
+echo "== binaries"
+# The carried binaries have no MPI: where this machine has mpicxx, build here so mpirun runs the NCCL path.
+command -v mpicxx > /dev/null && export PRISM_GPU_BUILD=1
+gpu_binaries "$OUT" || exit 1
+ldd $BUILD/prism | grep -q nccl && echo "built with NCCL" || echo "built WITHOUT NCCL"
 ldd $BUILD/prism | grep -E "nccl|libmpi|not found"
 
 echo "== tests ($FILTER)"

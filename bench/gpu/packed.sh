@@ -12,7 +12,10 @@ name=$(basename "$script" .sh)
 DEST=${OUT:-build/gpu-out}
 LOGS=build/gpu-logs/$name
 rm -rf "$LOGS"; mkdir -p "$LOGS" "$DEST"
+# PACK: where a script may refresh the pack as it goes (lease.sh does, after
+# each part), so that a call cut off at the device's limit still returns logs.
+export PACK="$DEST/$name-logs.tar.gz"
 OUT=$LOGS bash "bench/gpu/$script" "$@"; rc=$?
-tar czf "$DEST/$name-logs.tar.gz" -C build/gpu-logs "$name"
-echo "packed $(ls "$LOGS" | wc -l) logs into $DEST/$name-logs.tar.gz (rc $rc)"
+tar czf "$PACK" -C build/gpu-logs "$name"
+echo "packed $(ls "$LOGS" | wc -l) logs into $PACK (rc $rc)"
 exit $rc
