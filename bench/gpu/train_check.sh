@@ -30,7 +30,7 @@ so2sat_flags() {  # DIM HEADS
     --set train.batch=128 --set train.steps=400 --set train.warmup_steps=40 --set train.epochs=0
     --set train.eval_every=0 --set data.augment=none"
 }
-SHAPES="96:4 128:2"
+SHAPES=${SHAPES:-"96:4 128:2"}  # DIM:HEADS of each So2Sat-shaped run
 set -f  # the shard patterns in the flags are prism's to expand
 [ -d $D/so2sat ] || $P synth --preset so2sat --out $D/so2sat --count 16384 --seed 1 > /dev/null || exit 1
 
