@@ -1,15 +1,16 @@
 // A CPU model of the few CUDA features the attention kernels use (the
 // primitives of kernels/cuda/primitives.cuh), so that the kernels of
-// flash_attention.cuh (bf16 tensor cores) and attention.cuh (fp32) run
+// flash_attention.cuh (bf16 tensor cores), attention.cuh (fp32) and
+// routing.cuh (MoE-ViT's router, dispatch, gather and combine) run
 // (slowly) on a machine without a GPU and can be checked against the CPU
 // reference ops. Include this header first, then the .cuh.
 //
 // Every CUDA thread of a block is a fiber (ucontext) on the calling thread,
 // run until it blocks. What is modelled, from the PTX ISA:
 // - warp collectives (mma.sync m16n8k16 bf16 → fp32, ldmatrix .x4 and
-//   .x4.trans, shfl.xor): all 32 lanes must arrive at the same one (else:
-//   "warp divergence"); the last to arrive computes every lane's result from
-//   the documented fragment layouts;
+//   .x4.trans, shfl.xor of floats and ints, match.any, __syncwarp): all 32
+//   lanes must arrive at the same one (else: "warp divergence"); the last to
+//   arrive computes every lane's result from the documented fragment layouts;
 // - __syncthreads over the block's live threads; a thread that exits while
 //   others wait at a barrier, or a block where no thread can move, fails;
 // - cp.async as late as the ISA allows: a copy lands in shared memory only at
@@ -21,7 +22,9 @@
 // - a racecheck of shared memory: every access through the primitives is
 //   recorded per 4-byte word with its thread and barrier interval (a cp.async
 //   write may land anywhere from its issue to its wait); two threads touching
-//   a word in the same interval, one of them writing, fail.
+//   a word in the same interval, one of them writing, fail; shared integer
+//   atomics of several threads in one interval are no race, an atomic and
+//   another thread's plain access are.
 // Not modelled: timing, bank conflicts, memory ordering beyond the above,
 // the hardware's accumulation order inside an mma (here: double, then fp32).
 #pragma once
@@ -66,6 +69,8 @@ struct Shadow {
     uint64_t w_lo = 0, w_hi = 0;
     int reader = -1;  // -2: several threads
     uint64_t r_at = 0;
+    int atomic_by = -1;  // the last atomic's thread (-2: several) in interval atomic_at
+    uint64_t atomic_at = 0;
 };
 
 struct Fiber {
@@ -134,6 +139,8 @@ inline void shared_write(const void* p, size_t bytes, uint64_t lo, uint64_t hi) 
         Shadow& s = block.shadow[w];
         if (s.writer >= 0 && s.writer != me && s.w_lo <= hi && lo <= s.w_hi) race("write-write", p, me, s.writer);
         if (s.reader != -1 && s.reader != me && lo <= s.r_at && s.r_at <= hi) race("read-write", p, me, s.reader);
+        if (s.atomic_by != -1 && s.atomic_by != me && lo <= s.atomic_at && s.atomic_at <= hi)
+            race("atomic-write", p, me, s.atomic_by);
         s.writer = me, s.w_lo = lo, s.w_hi = hi;
     }
 }
@@ -144,9 +151,21 @@ inline void shared_read(const void* p, size_t bytes) {
     for (size_t w = w0; w < w0 + bytes / 4; w++) {
         Shadow& s = block.shadow[w];
         if (s.writer >= 0 && s.writer != me && s.w_lo <= now && now <= s.w_hi) race("write-read", p, me, s.writer);
+        if (s.atomic_by != -1 && s.atomic_by != me && s.atomic_at == now) race("atomic-read", p, me, s.atomic_by);
         if (s.r_at != now || s.reader == -1) s.reader = me, s.r_at = now;
         else if (s.reader != me) s.reader = -2;
     }
+}
+// An atomic read-modify-write: atomics of several threads in one interval are
+// no race, an atomic and a plain access of another thread are.
+inline void shared_atomic(const void* p) {
+    const int me = block.current;
+    const uint64_t now = block.bar_gen;
+    Shadow& s = block.shadow[(static_cast<const unsigned char*>(p) - block.smem.data()) / 4];
+    if (s.writer >= 0 && s.writer != me && s.w_lo <= now && now <= s.w_hi) race("write-atomic", p, me, s.writer);
+    if (s.reader != -1 && s.reader != me && s.r_at == now) race("read-atomic", p, me, s.reader);
+    if (s.atomic_at != now || s.atomic_by == -1) s.atomic_by = me, s.atomic_at = now;
+    else if (s.atomic_by != me) s.atomic_by = -2;
 }
 
 // The last lane to arrive runs op(in, out) for all 32.
@@ -347,21 +366,47 @@ inline void block_sync() {
     }
     emu::block_until(&b.bar_gen, gen);
 }
-inline float shfl_xor(float v, int mask) {
+// One 32-bit word (a float or an int: both are shfl.b32) from lane ^ mask.
+template <class W>
+inline W shfl_xor_word(W v, int mask) {
+    static_assert(sizeof(W) == 4, "shfl moves 32-bit words");
     struct In {
-        float v;
+        W v;
         int mask;
     } in{v, mask};
-    float out;
+    W out;
     emu::warp_collective("shfl.xor", &in, &out, [](const void* const* ins, void* const* outs) {
         for (int l = 0; l < 32; l++) {
             const In& mine = *static_cast<const In*>(ins[l]);
             const In& other = *static_cast<const In*>(ins[l ^ mine.mask]);
             if (other.mask != mine.mask) emu::fail("shfl.xor: lanes use different masks");
-            *static_cast<float*>(outs[l]) = other.v;
+            *static_cast<W*>(outs[l]) = other.v;
         }
     });
     return out;
+}
+inline float shfl_xor(float v, int mask) { return shfl_xor_word(v, mask); }
+inline int shfl_xor(int v, int mask) { return shfl_xor_word(v, mask); }
+inline unsigned match_any(int v) {
+    unsigned out;
+    emu::warp_collective("match.any", &v, &out, [](const void* const* ins, void* const* outs) {
+        for (int l = 0; l < 32; l++) {
+            unsigned same = 0;
+            for (int m = 0; m < 32; m++)
+                if (*static_cast<const int*>(ins[m]) == *static_cast<const int*>(ins[l])) same |= 1u << m;
+            *static_cast<unsigned*>(outs[l]) = same;
+        }
+    });
+    return out;
+}
+inline void warp_sync() {
+    int none = 0;
+    emu::warp_collective("bar.warp.sync", &none, &none, [](const void* const*, void* const*) {});
+}
+inline void atomic_add_shared(int* p, int v) {
+    emu::check_shared(p, 4, 4, "shared atomic");
+    emu::shared_atomic(p);
+    *p += v;
 }
 inline uint32_t pack_bf16(float lo, float hi) {
     return uint32_t(emu::bf16_bits(lo)) | uint32_t(emu::bf16_bits(hi)) << 16;

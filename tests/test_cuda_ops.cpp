@@ -19,6 +19,7 @@
 #include "kernels/cuda_ops.h"
 #include "kernels/ops.h"
 #include "tests/cuda_testutil.h"
+#include "tests/routing_testutil.h"
 
 using namespace prism;
 using namespace prism::testing;
@@ -67,28 +68,6 @@ std::vector<int> top_k_values(int nS) {
     if (nS >= 2) ks.push_back(2);
     if (nS > 2) ks.push_back(nS);
     return ks;
-}
-
-// Logits on a grid of 1/8: equal values tie exactly on both sides (testing
-// ties → lower channel), unequal ones differ far beyond rounding.
-std::vector<float> grid_logits(size_t n, Rng& rng) {
-    std::vector<float> v(n);
-    for (auto& x : v) x = float(std::round(rng.normal() * 4.0) / 8.0);
-    return v;
-}
-
-// Experts [T, k] of distinct positions: drawn from the first `allowed`
-// positions only (the other groups stay empty), or from all of them.
-std::vector<int> random_experts(int64_t T, int k, int allowed, Rng& rng) {
-    std::vector<int> e(T * k), pool(allowed);
-    for (int64_t t = 0; t < T; t++) {
-        std::iota(pool.begin(), pool.end(), 0);
-        for (int j = 0; j < k; j++) {
-            std::swap(pool[j], pool[j + rng.below(allowed - j)]);
-            e[t * k + j] = pool[j];
-        }
-    }
-    return e;
 }
 
 struct Dispatch {

@@ -1,5 +1,6 @@
 // The device primitives of the attention kernels (flash_attention.cuh, the
-// bf16 tensor-core ones, and attention.cuh, the fp32 ones): everything they
+// bf16 tensor-core ones, and attention.cuh, the fp32 ones) and of the routing
+// kernels (routing.cuh): everything they
 // do beyond plain arithmetic and global memory goes through these, so that
 // tests can compile the kernels on the host with the primitives replaced
 // (PRISM_FLASH_EMULATION: a CPU model of warps, barriers, shared memory,
@@ -58,6 +59,13 @@ FLASH_DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::
 FLASH_DEVICE void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
 FLASH_DEVICE void block_sync() { __syncthreads(); }
 FLASH_DEVICE float shfl_xor(float v, int mask) { return __shfl_xor_sync(0xffffffffu, v, mask); }
+FLASH_DEVICE int shfl_xor(int v, int mask) { return __shfl_xor_sync(0xffffffffu, v, mask); }
+// The lanes of the warp whose v equals this lane's, as a bit mask.
+FLASH_DEVICE unsigned match_any(int v) { return __match_any_sync(0xffffffffu, v); }
+// The warp's lanes' global and shared memory writes, visible to all of them.
+FLASH_DEVICE void warp_sync() { __syncwarp(); }
+// Integer counts only: exact in any order, so still deterministic.
+FLASH_DEVICE void atomic_add_shared(int* p, int v) { atomicAdd(p, v); }
 // Two floats as bf16 (nearest even), lo in the low half: an mma operand register.
 FLASH_DEVICE uint32_t pack_bf16(float lo, float hi) {
     const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
@@ -107,6 +115,11 @@ FLASH_DEVICE float load_elem(const float* p) { return *p; }
 FLASH_DEVICE void store_elem(float* p, float v) { *p = v; }
 
 FLASH_DEVICE int imin(int a, int b) { return a < b ? a : b; }
+#ifdef PRISM_FLASH_EMULATION
+inline int popc(unsigned v) { return __builtin_popcount(v); }
+#else
+FLASH_DEVICE int popc(unsigned v) { return __popc(v); }
+#endif
 
 #ifdef PRISM_FLASH_EMULATION
 }  // inline namespace emulated
