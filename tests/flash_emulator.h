@@ -1,7 +1,8 @@
 // A CPU model of the few CUDA features the attention kernels use (the
 // primitives of kernels/cuda/primitives.cuh), so that the kernels of
 // flash_attention.cuh (bf16 tensor cores), attention.cuh (fp32) and
-// routing.cuh (MoE-ViT's router, dispatch, gather and combine) run
+// routing.cuh (MoE-ViT's router, dispatch, gather and combine), reduce.cuh
+// (the deterministic sums), layernorm.cuh and loss.cuh run
 // (slowly) on a machine without a GPU and can be checked against the CPU
 // reference ops. Include this header first, then the .cuh.
 //
@@ -43,6 +44,10 @@
 #include <vector>
 
 #include "tests/bf16_host.h"
+
+namespace prism {
+float half_to_float(uint16_t h);  // data/shard.cpp
+}
 
 namespace prism::emu {
 
@@ -255,9 +260,9 @@ void launch(Dim grid, int threads, size_t smem_bytes, Kernel kernel, const Param
                         ran = true;
                         if (!block.error.empty()) break;
                     }
-                    if (!block.error.empty())
-                        fail(block.error + " (block " + std::to_string(x) + "," + std::to_string(y) + "," +
-                             std::to_string(z) + ")");
+                    if (!block.error.empty())  // already "flash emulator: ..."
+                        throw std::runtime_error(block.error + " (block " + std::to_string(x) + "," +
+                                                 std::to_string(y) + "," + std::to_string(z) + ")");
                     if (block.live > 0 && !ran) fail("deadlock: every live thread waits");
                 }
             }
@@ -411,21 +416,34 @@ inline void atomic_add_shared(int* p, int v) {
 inline uint32_t pack_bf16(float lo, float hi) {
     return uint32_t(emu::bf16_bits(lo)) | uint32_t(emu::bf16_bits(hi)) << 16;
 }
-// 4-byte words: float and int
+// 4-byte words (float, int) and 8-byte ones (double: two words)
 template <class T>
 inline T ld_shared(const T* p) {
-    static_assert(sizeof(T) == 4, "a shared word");
-    emu::check_shared(p, 4, 4, "shared load");
-    emu::shared_read(p, 4);
+    static_assert(sizeof(T) == 4 || sizeof(T) == 8, "a shared word or two");
+    emu::check_shared(p, sizeof(T), sizeof(T), "shared load");
+    emu::shared_read(p, sizeof(T));
     return *p;
 }
 template <class T>
 inline void st_shared(T* p, T v) {
-    static_assert(sizeof(T) == 4, "a shared word");
-    emu::check_shared(p, 4, 4, "shared store");
-    emu::shared_write(p, 4, emu::block.bar_gen, emu::block.bar_gen);
+    static_assert(sizeof(T) == 4 || sizeof(T) == 8, "a shared word or two");
+    emu::check_shared(p, sizeof(T), sizeof(T), "shared store");
+    emu::shared_write(p, sizeof(T), emu::block.bar_gen, emu::block.bar_gen);
     *p = v;
 }
+// The fibers of a block take turns only at the collectives, so a plain
+// read-modify-write is atomic here.
+inline void atomic_min_global(int* p, int v) { *p = v < *p ? v : *p; }
+// volatile: the two roundings stay two, whatever the host compiler contracts.
+inline float fmul_rn(float a, float b) {
+    volatile float r = a * b;
+    return r;
+}
+inline float fsub_rn(float a, float b) {
+    volatile float r = a - b;
+    return r;
+}
+inline float half_to_float(uint16_t h) { return ::prism::half_to_float(h); }
 inline void device_trap(const char* why) { emu::fail(std::string("trap: ") + why); }
 inline void load_f8(float (&v)[8], const float* p) {
     if ((uintptr_t)p % 16) emu::fail("load_f8: misaligned global address");

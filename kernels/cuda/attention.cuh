@@ -52,6 +52,8 @@ using flash::load_elem;
 using flash::store_elem;
 using flash::shfl_xor;
 using flash::st_shared;
+using flash::warp_max;
+using flash::warp_sum;
 
 constexpr int kWarps = 4, kThreads = kWarps * 32;
 constexpr int kQT = 32;             // queries per block (forward, dq)
@@ -147,15 +149,6 @@ inline Attn routed_attn(const float* qg, const float* k, const float* v, const i
 template <class E>
 inline AttnOf<E> cls_attn(const E* q, int64_t q_image_stride, const E* k, const E* v, int M, int D, int Hd) {
     return make_attn<E>(nullptr, 1, M, D, Hd, {q, q_image_stride, 0}, {k, (int64_t)M * D, D}, {v, (int64_t)M * D, D});
-}
-
-FLASH_DEVICE float warp_max(float v) {
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, shfl_xor(v, o));
-    return v;
-}
-FLASH_DEVICE float warp_sum(float v) {  // every lane ends with the same bits
-    for (int o = 16; o > 0; o >>= 1) v += shfl_xor(v, o);
-    return v;
 }
 
 // Rows r0 .. r0+n-1 of head h into a [rows][ld] shared tile; rows n.. get zeros.

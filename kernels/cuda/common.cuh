@@ -1,11 +1,13 @@
 // What every kernels/cuda/*.cu file shares: checked CUDA calls, stream-ordered
-// scratch memory, launch sizes, warp reductions, and the two deterministic
-// reductions (column sums and whole-array sums) that replace atomics.
+// scratch memory, launch sizes, warp reductions, and the launchers of the two
+// deterministic reductions (column sums and whole-array sums, reduce.cuh)
+// that replace atomics.
 #pragma once
 #include <cuda_runtime.h>
 #include <cstdint>
 #include <string>
 
+#include "kernels/cuda/reduce.cuh"
 #include "kernels/cuda_ops.h"
 
 namespace prism::cuda_detail {
@@ -89,61 +91,27 @@ __device__ __forceinline__ float load_as(const uint16_t* p) { return bf16_to_flo
 __device__ __forceinline__ void store_as(float* p, float v) { *p = v; }
 __device__ __forceinline__ void store_as(uint16_t* p, float v) { *p = float_to_bf16(v); }
 
-// ---- deterministic column sums -------------------------------------------------
-// For each batch z < batches and column c < cols: out(z, c, Σ_r term(z, r, c)),
-// the sum over rows r < rows in a fixed order: stage one sums fixed chunks of
-// rows (a 32-column × 8-row block, its 8 partial sums added in order), stage
-// two adds the chunks in order. The chunking depends on `rows` alone.
-// Acc is the accumulator (float; double where the CPU sums in double, as
-// aux_stats does); out receives an Acc.
-constexpr int kColTile = 32, kColRows = 8;
-
-template <class Acc, class Term>
-__global__ void column_partials_kernel(Acc* partial, int64_t rows, int cols,
-                                       int64_t chunk_rows, Term term) {
-    __shared__ Acc red[kColRows][kColTile];
-    const int c = blockIdx.x * kColTile + threadIdx.x;
-    const int64_t r0 = (int64_t)blockIdx.y * chunk_rows;
-    const int64_t r1 = r0 + chunk_rows < rows ? r0 + chunk_rows : rows;
-    Acc acc = 0;
-    if (c < cols)
-        for (int64_t r = r0 + threadIdx.y; r < r1; r += kColRows) acc += (Acc)term(blockIdx.z, r, c);
-    red[threadIdx.y][threadIdx.x] = acc;
-    __syncthreads();
-    if (threadIdx.y == 0 && c < cols) {
-        Acc s = 0;
-        for (int y = 0; y < kColRows; y++) s += red[y][threadIdx.x];
-        partial[((int64_t)blockIdx.z * gridDim.y + blockIdx.y) * cols + c] = s;
-    }
-}
-
-template <class Acc, class Out>
-__global__ void column_finish_kernel(const Acc* partial, int chunks, int cols, int batches,
-                                     Out out) {
-    PRISM_GRID_STRIDE(i, (int64_t)batches * cols) {
-        const int z = (int)(i / cols), c = (int)(i % cols);
-        Acc s = 0;
-        for (int k = 0; k < chunks; k++) s += partial[((int64_t)z * chunks + k) * cols + c];
-        out(z, c, s);
-    }
-}
-
+// ---- the deterministic reductions (kernels/cuda/reduce.cuh) -----------------------------
+// For each batch z < batches and column c < cols: out(z, c, Σ_{r<rows} term(z, r, c)),
+// in an order fixed by the sizes; Acc is the accumulator (float, or double
+// where the CPU sums in double, as aux_stats does); out receives an Acc.
 template <class Acc, class Term, class Out>
 void column_sum_as(int batches, int64_t rows, int cols, Term term, Out out, cudaStream_t stream) {
     if (batches <= 0 || cols <= 0) return;
-    int64_t chunk_rows = 256;
-    if ((rows + chunk_rows - 1) / chunk_rows > 1024) chunk_rows = (rows + 1023) / 1024;
-    const int chunks = (int)((rows + chunk_rows - 1) / chunk_rows);
     PRISM_CUDA_REQUIRE(batches <= 65535, "column_sum: too many batches");
+    const int chunks = rows > 0 ? reduce::column_chunks(rows) : 0;
     Scratch partial(sizeof(Acc) * (size_t)batches * (chunks > 0 ? chunks : 1) * cols, stream);
     if (chunks > 0) {
-        const dim3 grid((cols + kColTile - 1) / kColTile, chunks, batches);
-        column_partials_kernel<Acc><<<grid, dim3(kColTile, kColRows), 0, stream>>>(
-            partial.as<Acc>(), rows, cols, chunk_rows, term);
+        const dim3 grid(reduce::column_tiles(cols), chunks, batches);
+        const reduce::ColumnPartialsParams<Acc, Term> p{partial.as<Acc>(), rows, reduce::column_chunk_rows(rows),
+                                                        cols, term};
+        reduce::column_partials_kernel<Acc, Term>
+            <<<grid, reduce::kColThreads, reduce::column_partials_smem<Acc>(), stream>>>(p);
         PRISM_LAUNCH_CHECK();
     }
-    column_finish_kernel<Acc><<<grid_for((int64_t)batches * cols), kThreads, 0, stream>>>(
-        partial.as<Acc>(), chunks, cols, batches, out);
+    const reduce::ColumnFinishParams<Acc, Out> p{partial.as<Acc>(), chunks, cols, batches, out};
+    reduce::column_finish_kernel<Acc, Out>
+        <<<reduce::finish_blocks((int64_t)batches * cols), reduce::kFinishThreads, 0, stream>>>(p);
     PRISM_LAUNCH_CHECK();
 }
 
@@ -152,71 +120,23 @@ void column_sum(int batches, int64_t rows, int cols, Term term, Out out, cudaStr
     column_sum_as<float>(batches, rows, cols, term, out, stream);
 }
 
-// ---- deterministic whole-array sums, in double ------------------------------------
-// Block b sums items [b·kSumChunk, (b+1)·kSumChunk) (threads strided, then a
-// shared-memory tree); one block then sums the block results the same way.
-constexpr int64_t kSumChunk = 8192;
-
-__device__ __forceinline__ double block_sum(double v, double* red /* kThreads */) {
-    red[threadIdx.x] = v;
-    __syncthreads();
-    for (int o = kThreads / 2; o > 0; o >>= 1) {
-        if ((int)threadIdx.x < o) red[threadIdx.x] += red[threadIdx.x + o];
-        __syncthreads();
-    }
-    return red[0];
-}
-
-template <class Term>
-__global__ void sum_partials_kernel(double* partial, int64_t n, Term term) {
-    __shared__ double red[kThreads];
-    const int64_t i0 = (int64_t)blockIdx.x * kSumChunk;
-    const int64_t i1 = i0 + kSumChunk < n ? i0 + kSumChunk : n;
-    double acc = 0;
-    for (int64_t i = i0 + threadIdx.x; i < i1; i += kThreads) acc += term(i);
-    const double s = block_sum(acc, red);
-    if (threadIdx.x == 0) partial[blockIdx.x] = s;
-}
-
-template <class Out>
-__global__ void sum_finish_kernel(const double* partial, int64_t parts, Out out) {
-    __shared__ double red[kThreads];
-    double acc = 0;
-    for (int64_t i = threadIdx.x; i < parts; i += kThreads) acc += partial[i];
-    const double s = block_sum(acc, red);
-    if (threadIdx.x == 0) out(s);
-}
-
-// out(Σ_{i<n} term(i)) runs on one device thread.
+// out(Σ_{i<n} term(i)), in double, runs on one device thread.
 template <class Term, class Out>
 void device_sum(int64_t n, Term term, Out out, cudaStream_t stream) {
-    const int64_t parts = (n + kSumChunk - 1) / kSumChunk;
+    const int64_t parts = reduce::sum_parts(n);
     PRISM_CUDA_REQUIRE(parts <= 0x7fffffff, "device_sum: array too large");
     Scratch partial(sizeof(double) * (size_t)(parts > 0 ? parts : 1), stream);
     if (parts > 0) {
-        sum_partials_kernel<<<(unsigned)parts, kThreads, 0, stream>>>(partial.as<double>(), n, term);
+        const reduce::SumPartialsParams<Term> p{partial.as<double>(), n, term};
+        reduce::sum_partials_kernel<Term><<<(unsigned)parts, reduce::kSumThreads, reduce::sum_smem(), stream>>>(p);
         PRISM_LAUNCH_CHECK();
     }
-    sum_finish_kernel<<<1, kThreads, 0, stream>>>(partial.as<double>(), parts, out);
+    const reduce::SumFinishParams<Out> p{partial.as<double>(), parts, out};
+    reduce::sum_finish_kernel<Out><<<1, reduce::kSumThreads, reduce::sum_smem(), stream>>>(p);
     PRISM_LAUNCH_CHECK();
 }
 
-// Functors for the common cases.
-struct AddTo {  // out[z*cols + c] += v   (or out[row[z]*cols + c] when row != nullptr)
-    float* dst;
-    int cols;
-    const int* row;
-    __device__ void operator()(int z, int c, float v) const {
-        dst[(int64_t)(row ? row[z] : z) * cols + c] += v;
-    }
-};
-struct RowMajor {  // term = x[(z*rows + r)*cols + c]
-    const float* x;
-    int64_t rows;
-    int cols;
-    __device__ float operator()(int z, int64_t r, int c) const {
-        return x[((int64_t)z * rows + r) * cols + c];
-    }
-};
+using reduce::AddTo;
+using reduce::RowMajor;
 
 }  // namespace prism::cuda_detail

@@ -1,16 +1,20 @@
-// The device primitives of the attention kernels (flash_attention.cuh, the
-// bf16 tensor-core ones, and attention.cuh, the fp32 ones) and of the routing
-// kernels (routing.cuh): everything they
+// The device primitives of the kernels written to run on the CPU as well:
+// attention (flash_attention.cuh, the bf16 tensor-core ones, and
+// attention.cuh, the fp32 ones), routing (routing.cuh), the deterministic
+// reductions (reduce.cuh), LayerNorm (layernorm.cuh), the loss (loss.cuh),
+// patch embedding (embed.cuh) and the input step (input.cuh). Everything they
 // do beyond plain arithmetic and global memory goes through these, so that
 // tests can compile the kernels on the host with the primitives replaced
 // (PRISM_FLASH_EMULATION: a CPU model of warps, barriers, shared memory,
-// ldmatrix, mma and cp.async; see tests/flash_emulator.h).
+// ldmatrix, mma and cp.async; see tests/flash_emulator.h). (The FLASH_ names
+// are from when the attention kernels were the only ones.)
 #pragma once
 #include <math.h>
 #include <stdint.h>
 
 #ifndef PRISM_FLASH_EMULATION
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdio.h>
 #define FLASH_DEVICE __device__ __forceinline__
@@ -75,6 +79,15 @@ FLASH_DEVICE float ld_shared(const float* p) { return *p; }  // (the emulator ch
 FLASH_DEVICE void st_shared(float* p, float v) { *p = v; }
 FLASH_DEVICE int ld_shared(const int* p) { return *p; }
 FLASH_DEVICE void st_shared(int* p, int v) { *p = v; }
+FLASH_DEVICE double ld_shared(const double* p) { return *p; }
+FLASH_DEVICE void st_shared(double* p, double v) { *p = v; }
+// Global integer minimum (a flag several threads may set: exact in any order).
+FLASH_DEVICE void atomic_min_global(int* p, int v) { atomicMin(p, v); }
+// Rounded separately, never contracted into an FMA: the CPU's bits.
+FLASH_DEVICE float fmul_rn(float a, float b) { return __fmul_rn(a, b); }
+FLASH_DEVICE float fsub_rn(float a, float b) { return __fsub_rn(a, b); }
+// An IEEE half (its 16 bits) as float, exactly.
+FLASH_DEVICE float half_to_float(uint16_t h) { return __half2float(__ushort_as_half(h)); }
 // A broken promise of the caller's that the kernel can see but not report
 // otherwise: the launch fails (the context with it) instead of dropping work.
 FLASH_DEVICE void device_trap(const char* why) {
@@ -115,6 +128,27 @@ FLASH_DEVICE float load_elem(const float* p) { return *p; }
 FLASH_DEVICE void store_elem(float* p, float v) { *p = v; }
 
 FLASH_DEVICE int imin(int a, int b) { return a < b ? a : b; }
+
+// Butterflies: every lane ends with the same bits (each step adds a pair in
+// both orders, and float addition is commutative).
+FLASH_DEVICE float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += shfl_xor(v, o);
+    return v;
+}
+FLASH_DEVICE float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, shfl_xor(v, o));
+    return v;
+}
+
+// Grid-stride loops: for (i = grid_first(); i < n; i += grid_step()), over
+// grid_stride_blocks(n, threads) blocks (at least 1, at most 65536).
+FLASH_DEVICE int64_t grid_first() { return (int64_t)blockIdx.x * blockDim.x + threadIdx.x; }
+FLASH_DEVICE int64_t grid_step() { return (int64_t)gridDim.x * blockDim.x; }
+FLASH_DEVICE int64_t global_warp() { return grid_first() / 32; }  // of a one-dimensional grid
+FLASH_HOST_DEVICE unsigned grid_stride_blocks(int64_t n, int threads) {
+    const int64_t b = (n + threads - 1) / threads;
+    return (unsigned)(b < 1 ? 1 : (b > 65536 ? 65536 : b));
+}
 #ifdef PRISM_FLASH_EMULATION
 inline int popc(unsigned v) { return __builtin_popcount(v); }
 #else

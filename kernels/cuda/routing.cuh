@@ -25,6 +25,9 @@ inline namespace emulated {
 
 using flash::atomic_add_shared;
 using flash::block_sync;
+using flash::global_warp;
+using flash::grid_first;
+using flash::grid_step;
 using flash::ld_shared;
 using flash::load_elem;
 using flash::match_any;
@@ -32,6 +35,8 @@ using flash::popc;
 using flash::shfl_xor;
 using flash::st_shared;
 using flash::store_elem;
+using flash::warp_max;
+using flash::warp_sum;
 using flash::warp_sync;
 
 constexpr int kWarpsPerBlock = 8, kWarpThreads = kWarpsPerBlock * 32;  // the one-warp-per-token kernels
@@ -41,29 +46,11 @@ constexpr int kDispatchThreads = 256, kDispatchWarps = kDispatchThreads / 32;
 FLASH_HOST_DEVICE unsigned warp_blocks(int64_t warps) {
     return (unsigned)((warps + kWarpsPerBlock - 1) / kWarpsPerBlock);
 }
-// Blocks of a grid-stride loop over n elements: at least 1, at most 65536.
-FLASH_HOST_DEVICE unsigned element_blocks(int64_t n) {
-    const int64_t b = (n + kElementThreads - 1) / kElementThreads;
-    return (unsigned)(b < 1 ? 1 : (b > 65536 ? 65536 : b));
-}
+// Blocks of a grid-stride loop over n elements.
+FLASH_HOST_DEVICE unsigned element_blocks(int64_t n) { return flash::grid_stride_blocks(n, kElementThreads); }
 FLASH_HOST_DEVICE size_t histogram_smem(int nS) { return sizeof(int) * (size_t)nS; }
 FLASH_HOST_DEVICE size_t scan_smem() { return sizeof(int) * kDispatchThreads; }
 FLASH_HOST_DEVICE size_t place_smem(int nS) { return sizeof(int) * (size_t)nS * (1 + kDispatchWarps); }
-
-FLASH_DEVICE int64_t global_warp() { return ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / 32; }
-FLASH_DEVICE int64_t grid_first() { return (int64_t)blockIdx.x * blockDim.x + threadIdx.x; }
-FLASH_DEVICE int64_t grid_step() { return (int64_t)gridDim.x * blockDim.x; }
-
-// Butterflies: every lane ends with the same bits (each step adds a pair in
-// both orders, and float addition is commutative).
-FLASH_DEVICE float warp_sum(float v) {
-    for (int o = 16; o > 0; o >>= 1) v += shfl_xor(v, o);
-    return v;
-}
-FLASH_DEVICE float warp_max(float v) {
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, shfl_xor(v, o));
-    return v;
-}
 
 // ---- router ------------------------------------------------------------------------------
 // Patch tokens t = b*(nS*N) + r; the logits z are patch rows (z, z_image_stride)
