@@ -45,10 +45,6 @@
 
 #include "tests/bf16_host.h"
 
-namespace prism {
-float half_to_float(uint16_t h);  // data/shard.cpp
-}
-
 namespace prism::emu {
 
 struct Dim {
@@ -431,19 +427,6 @@ inline void st_shared(T* p, T v) {
     emu::shared_write(p, sizeof(T), emu::block.bar_gen, emu::block.bar_gen);
     *p = v;
 }
-// The fibers of a block take turns only at the collectives, so a plain
-// read-modify-write is atomic here.
-inline void atomic_min_global(int* p, int v) { *p = v < *p ? v : *p; }
-// volatile: the two roundings stay two, whatever the host compiler contracts.
-inline float fmul_rn(float a, float b) {
-    volatile float r = a * b;
-    return r;
-}
-inline float fsub_rn(float a, float b) {
-    volatile float r = a - b;
-    return r;
-}
-inline float half_to_float(uint16_t h) { return ::prism::half_to_float(h); }
 inline void device_trap(const char* why) { emu::fail(std::string("trap: ") + why); }
 inline void load_f8(float (&v)[8], const float* p) {
     if ((uintptr_t)p % 16) emu::fail("load_f8: misaligned global address");

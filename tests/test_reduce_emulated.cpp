@@ -21,6 +21,7 @@
 #include "engine/rng.h"
 #include "kernels/ops.h"
 #include "tests/bf16_host.h"
+#include "tests/emulated_testutil.h"
 // last: the emulator defines threadIdx and friends as macros
 #include "tests/flash_emulator.h"
 #include "kernels/cuda/layernorm.cuh"
@@ -31,31 +32,12 @@ using namespace prism;
 namespace rd = prism::reduce;
 namespace ln = prism::layernorm;
 namespace ce = prism::cross_entropy;
+using prism::testing::expect_close;
+using prism::testing::normal;
 
 namespace {
 
-std::vector<float> normal(size_t n, Rng& rng, double scale = 1.0, double shift = 0.0) {
-    std::vector<float> v(n);
-    for (auto& x : v) x = float(shift + scale * rng.normal());
-    return v;
-}
 std::vector<double> wide(const std::vector<float>& v) { return {v.begin(), v.end()}; }
-
-// ‖got − ref‖ / ‖ref‖ (NaN if any element of got is NaN).
-template <class R>
-void expect_close(const std::string& what, const std::vector<float>& got, const std::vector<R>& ref,
-                  double tol = 1e-5) {
-    ASSERT_EQ(got.size(), ref.size()) << what;
-    double d2 = 0, r2 = 0;
-    for (size_t i = 0; i < ref.size(); i++) {
-        const double d = double(got[i]) - double(ref[i]);
-        d2 += d * d;
-        r2 += double(ref[i]) * double(ref[i]);
-    }
-    const double rel = std::sqrt(d2 / (r2 > 0 ? r2 : 1.0));
-    std::printf("[ emulated   ] %-56s rel %.3g\n", what.c_str(), rel);
-    EXPECT_LE(rel, tol) << what;  // NaN fails too
-}
 
 // common.cuh's column_sum_as and device_sum, emulated.
 template <class Acc, class Term, class Out>

@@ -23,42 +23,21 @@
 
 #include "engine/rng.h"
 #include "kernels/ops.h"
+#include "tests/emulated_testutil.h"
 #include "tests/routing_testutil.h"
 // last: the emulator defines threadIdx and friends as macros
 #include "tests/flash_emulator.h"
 #include "kernels/cuda/routing.cuh"
 
 using namespace prism;
+using prism::testing::expect_close;
 using prism::testing::grid_logits;
+using prism::testing::normal;
 using prism::testing::random_experts;
 namespace rt = prism::routing;
 
 namespace {
 
-constexpr double kTol = 1e-5;
-
-std::vector<float> normal(size_t n, Rng& rng, double scale = 1.0) {
-    std::vector<float> v(n);
-    for (auto& x : v) x = float(scale * rng.normal());
-    return v;
-}
-
-// ‖got − ref‖ / ‖ref‖ (NaN if any element of got is NaN).
-double rel_l2(const std::vector<float>& got, const std::vector<float>& ref) {
-    double d2 = 0, r2 = 0;
-    for (size_t i = 0; i < ref.size(); i++) {
-        const double d = double(got[i]) - ref[i];
-        d2 += d * d;
-        r2 += double(ref[i]) * ref[i];
-    }
-    return std::sqrt(d2 / (r2 > 0 ? r2 : 1.0));
-}
-void expect_close(const std::string& what, const std::vector<float>& got, const std::vector<float>& ref) {
-    ASSERT_EQ(got.size(), ref.size()) << what;
-    const double rel = rel_l2(got, ref);
-    std::printf("[ emulated   ] %-56s rel %.3g\n", what.c_str(), rel);
-    EXPECT_LE(rel, kTol) << what;  // NaN fails too
-}
 std::vector<uint16_t> to_bf16(const std::vector<float>& v) {
     std::vector<uint16_t> out(v.size());
     for (size_t i = 0; i < v.size(); i++) out[i] = bf16_bits(v[i]);

@@ -1,5 +1,5 @@
 // What every kernels/cuda/*.cu file shares: checked CUDA calls, stream-ordered
-// scratch memory, launch sizes, warp reductions, and the launchers of the two
+// scratch memory, launch sizes, bf16 conversions, and the launchers of the two
 // deterministic reductions (column sums and whole-array sums, reduce.cuh)
 // that replace atomics.
 #pragma once
@@ -55,25 +55,11 @@ private:
 constexpr int kThreads = 256;  // block size of the elementwise kernels
 
 // Blocks for a grid-stride loop over n items (at least 1, at most 65536).
-inline unsigned grid_for(int64_t n, int threads = kThreads) {
-    const int64_t b = (n + threads - 1) / threads;
-    return (unsigned)(b < 1 ? 1 : (b > 65536 ? 65536 : b));
-}
+inline unsigned grid_for(int64_t n, int threads = kThreads) { return flash::grid_stride_blocks(n, threads); }
 
 #define PRISM_GRID_STRIDE(i, n)                                                                 \
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < (n);                   \
          i += (int64_t)gridDim.x * blockDim.x)
-
-// Butterfly reductions: every lane ends with the same bits (each step adds
-// a pair in both orders, and float addition is commutative).
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-__device__ __forceinline__ float warp_max(float v) {
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
 
 // bf16 as its 16 bits (the upper half of a float): exact widening, and
 // rounding to nearest even (NaN stays NaN).

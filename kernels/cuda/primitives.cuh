@@ -1,8 +1,8 @@
 // The device primitives of the kernels written to run on the CPU as well:
 // attention (flash_attention.cuh, the bf16 tensor-core ones, and
 // attention.cuh, the fp32 ones), routing (routing.cuh), the deterministic
-// reductions (reduce.cuh), LayerNorm (layernorm.cuh), the loss (loss.cuh),
-// patch embedding (embed.cuh) and the input step (input.cuh). Everything they
+// reductions (reduce.cuh), LayerNorm (layernorm.cuh) and the loss (loss.cuh).
+// Everything they
 // do beyond plain arithmetic and global memory goes through these, so that
 // tests can compile the kernels on the host with the primitives replaced
 // (PRISM_FLASH_EMULATION: a CPU model of warps, barriers, shared memory,
@@ -14,7 +14,6 @@
 
 #ifndef PRISM_FLASH_EMULATION
 #include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdio.h>
 #define FLASH_DEVICE __device__ __forceinline__
@@ -81,13 +80,6 @@ FLASH_DEVICE int ld_shared(const int* p) { return *p; }
 FLASH_DEVICE void st_shared(int* p, int v) { *p = v; }
 FLASH_DEVICE double ld_shared(const double* p) { return *p; }
 FLASH_DEVICE void st_shared(double* p, double v) { *p = v; }
-// Global integer minimum (a flag several threads may set: exact in any order).
-FLASH_DEVICE void atomic_min_global(int* p, int v) { atomicMin(p, v); }
-// Rounded separately, never contracted into an FMA: the CPU's bits.
-FLASH_DEVICE float fmul_rn(float a, float b) { return __fmul_rn(a, b); }
-FLASH_DEVICE float fsub_rn(float a, float b) { return __fsub_rn(a, b); }
-// An IEEE half (its 16 bits) as float, exactly.
-FLASH_DEVICE float half_to_float(uint16_t h) { return __half2float(__ushort_as_half(h)); }
 // A broken promise of the caller's that the kernel can see but not report
 // otherwise: the launch fails (the context with it) instead of dropping work.
 FLASH_DEVICE void device_trap(const char* why) {
