@@ -2,7 +2,8 @@
 // primitives of kernels/cuda/primitives.cuh), so that the kernels of
 // flash_attention.cuh (bf16 tensor cores), attention.cuh (fp32) and
 // routing.cuh (MoE-ViT's router, dispatch, gather and combine), reduce.cuh
-// (the deterministic sums), layernorm.cuh and loss.cuh run
+// (the deterministic sums), layernorm.cuh, loss.cuh, activation.cuh,
+// embed.cuh, input.cuh and adamw.cuh run
 // (slowly) on a machine without a GPU and can be checked against the CPU
 // reference ops. Include this header first, then the .cuh.
 //
@@ -276,6 +277,10 @@ void launch(Dim grid, int threads, size_t smem_bytes, Kernel kernel, const Param
 #define FLASH_UNROLL
 #define FLASH_SMEM(name) unsigned char* name = ::prism::emu::block.smem.data()
 
+namespace prism {
+float half_to_float(uint16_t h);  // data/shard.cpp
+}
+
 // The primitives of kernels/cuda/primitives.cuh (in its emulated namespace, see there).
 namespace prism::flash {
 inline namespace emulated {
@@ -409,6 +414,10 @@ inline void atomic_add_shared(int* p, int v) {
     emu::shared_atomic(p);
     *p += v;
 }
+// The fibers of a block take turns only at the collectives, so a plain
+// read-modify-write is atomic here.
+inline void atomic_min_global(int* p, int v) { *p = v < *p ? v : *p; }
+inline float half_to_float(uint16_t h) { return ::prism::half_to_float(h); }
 inline uint32_t pack_bf16(float lo, float hi) {
     return uint32_t(emu::bf16_bits(lo)) | uint32_t(emu::bf16_bits(hi)) << 16;
 }

@@ -2,7 +2,7 @@
 // (layernorm.cuh) and the cross-entropy kernels (loss.cuh) run on the CPU
 // through tests/flash_emulator.h, with the launch geometry their launchers
 // give them (common.cuh's column_sum_as and device_sum are mirrored in
-// column_sum and device_sum below), against the CPU reference ops in double:
+// tests/reduce_emulated.h), against the CPU reference ops in double:
 // relative L2 error within DESIGN.md §7's fp32 tolerance (1e-5); the
 // reductions also bit for bit against a host model of their documented order,
 // which is what makes them deterministic. Shapes cross the boundaries: rows
@@ -27,6 +27,7 @@
 #include "kernels/cuda/layernorm.cuh"
 #include "kernels/cuda/loss.cuh"
 #include "kernels/cuda/reduce.cuh"
+#include "tests/reduce_emulated.h"
 
 using namespace prism;
 namespace rd = prism::reduce;
@@ -34,33 +35,12 @@ namespace ln = prism::layernorm;
 namespace ce = prism::cross_entropy;
 using prism::testing::expect_close;
 using prism::testing::normal;
+using prism::testing::column_sum;
+using prism::testing::device_sum;
 
 namespace {
 
 std::vector<double> wide(const std::vector<float>& v) { return {v.begin(), v.end()}; }
-
-// common.cuh's column_sum_as and device_sum, emulated.
-template <class Acc, class Term, class Out>
-void column_sum(int batches, int64_t rows, int cols, Term term, Out out) {
-    const int chunks = rows > 0 ? rd::column_chunks(rows) : 0;
-    std::vector<Acc> partial((size_t)batches * (chunks > 0 ? chunks : 1) * cols, Acc(NAN));
-    if (chunks > 0)
-        emu::launch({rd::column_tiles(cols), (unsigned)chunks, (unsigned)batches}, rd::kColThreads,
-                    rd::column_partials_smem<Acc>(), rd::column_partials_kernel<Acc, Term>,
-                    rd::ColumnPartialsParams<Acc, Term>{partial.data(), rows, rd::column_chunk_rows(rows), cols, term});
-    emu::launch({rd::finish_blocks((int64_t)batches * cols)}, rd::kFinishThreads, 0, rd::column_finish_kernel<Acc, Out>,
-                rd::ColumnFinishParams<Acc, Out>{partial.data(), chunks, cols, batches, out});
-}
-template <class Term, class Out>
-void device_sum(int64_t n, Term term, Out out) {
-    const int64_t parts = rd::sum_parts(n);
-    std::vector<double> partial(parts > 0 ? parts : 1, NAN);
-    if (parts > 0)
-        emu::launch({(unsigned)parts}, rd::kSumThreads, rd::sum_smem(), rd::sum_partials_kernel<Term>,
-                    rd::SumPartialsParams<Term>{partial.data(), n, term});
-    emu::launch({1}, rd::kSumThreads, rd::sum_smem(), rd::sum_finish_kernel<Out>,
-                rd::SumFinishParams<Out>{partial.data(), parts, out});
-}
 
 // The documented order of the column sums, on the host: chunks of
 // column_chunk_rows rows, in each 8 strided partial sums added in order, then
@@ -278,7 +258,7 @@ TEST(CrossEntropyEmulated, ForwardAndBackward) {
         const auto start = normal(probs.size(), rng);
         auto r_dlogits = start, dlogits = start;
         ops::cross_entropy_backward(r_dlogits.data(), probs.data(), labels.data(), B, K, 0.75f);
-        emu::launch({ce::element_blocks((int64_t)B * K)}, ce::kThreads, 0, ce::backward_kernel,
+        emu::launch({ce::element_blocks((int64_t)B * K)}, ce::kElementThreads, 0, ce::backward_kernel,
                     ce::BackwardParams{dlogits.data(), probs.data(), labels.data(), B, K, 0.75f});
         EXPECT_EQ(dlogits, r_dlogits) << what << ": dlogits";
     }

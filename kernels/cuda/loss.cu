@@ -25,7 +25,7 @@ void cross_entropy_backward(float* dlogits, const float* probs, const int32_t* l
                             int K, float grad_scale, cudaStream_t stream) {
     const cross_entropy::BackwardParams p{dlogits, probs, labels, B, K, grad_scale};
     const unsigned blocks = cross_entropy::element_blocks((int64_t)B * K);
-    cross_entropy::backward_kernel<<<blocks, cross_entropy::kThreads, 0, stream>>>(p);
+    cross_entropy::backward_kernel<<<blocks, cross_entropy::kElementThreads, 0, stream>>>(p);
     PRISM_LAUNCH_CHECK();
 }
 

@@ -13,15 +13,15 @@ namespace prism::cross_entropy {
 inline namespace emulated {
 #endif
 
+using flash::element_blocks;
 using flash::grid_first;
 using flash::grid_step;
+using flash::kElementThreads;
 using flash::shfl_xor;
 using flash::warp_sum;
 
 constexpr int kRowsPerBlock = 8, kRowThreads = kRowsPerBlock * 32;  // one warp per row
-constexpr int kThreads = 256;                                      // the element-wise backward
 FLASH_HOST_DEVICE unsigned row_blocks(int B) { return (unsigned)((B + kRowsPerBlock - 1) / kRowsPerBlock); }
-FLASH_HOST_DEVICE unsigned element_blocks(int64_t n) { return flash::grid_stride_blocks(n, kThreads); }
 
 struct RowsParams {
     float* probs;     // [B, K]
@@ -96,8 +96,8 @@ struct BackwardParams {
     float grad_scale;
 };
 
-// element_blocks(B·K) blocks of kThreads.
-FLASH_KERNEL(kThreads) backward_kernel(BackwardParams p) {
+// element_blocks(B·K) blocks of kElementThreads.
+FLASH_KERNEL(kElementThreads) backward_kernel(BackwardParams p) {
     for (int64_t i = grid_first(); i < (int64_t)p.B * p.K; i += grid_step()) {
         const int b = (int)(i / p.K), c = (int)(i % p.K);
         p.dlogits[i] += p.grad_scale * (p.probs[i] - float(c == p.labels[b])) / float(p.B);

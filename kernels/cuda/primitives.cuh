@@ -1,8 +1,9 @@
 // The device primitives of the kernels written to run on the CPU as well:
 // attention (flash_attention.cuh, the bf16 tensor-core ones, and
 // attention.cuh, the fp32 ones), routing (routing.cuh), the deterministic
-// reductions (reduce.cuh), LayerNorm (layernorm.cuh) and the loss (loss.cuh).
-// Everything they
+// reductions (reduce.cuh), LayerNorm (layernorm.cuh), the loss (loss.cuh),
+// GELU and the residual add (activation.cuh), patch embedding (embed.cuh),
+// the input step (input.cuh) and AdamW (adamw.cuh). Everything they
 // do beyond plain arithmetic and global memory goes through these, so that
 // tests can compile the kernels on the host with the primitives replaced
 // (PRISM_FLASH_EMULATION: a CPU model of warps, barriers, shared memory,
@@ -14,6 +15,7 @@
 
 #ifndef PRISM_FLASH_EMULATION
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdio.h>
 #define FLASH_DEVICE __device__ __forceinline__
@@ -69,6 +71,10 @@ FLASH_DEVICE unsigned match_any(int v) { return __match_any_sync(0xffffffffu, v)
 FLASH_DEVICE void warp_sync() { __syncwarp(); }
 // Integer counts only: exact in any order, so still deterministic.
 FLASH_DEVICE void atomic_add_shared(int* p, int v) { atomicAdd(p, v); }
+// Global integer minimum (a flag several threads may set: exact in any order).
+FLASH_DEVICE void atomic_min_global(int* p, int v) { atomicMin(p, v); }
+// An IEEE half (its 16 bits) as float, exactly.
+FLASH_DEVICE float half_to_float(uint16_t h) { return __half2float(__ushort_as_half(h)); }
 // Two floats as bf16 (nearest even), lo in the low half: an mma operand register.
 FLASH_DEVICE uint32_t pack_bf16(float lo, float hi) {
     const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
@@ -141,6 +147,9 @@ FLASH_HOST_DEVICE unsigned grid_stride_blocks(int64_t n, int threads) {
     const int64_t b = (n + threads - 1) / threads;
     return (unsigned)(b < 1 ? 1 : (b > 65536 ? 65536 : b));
 }
+// The element-wise kernels' block, and their grid-stride grid for n items.
+constexpr int kElementThreads = 256;
+FLASH_HOST_DEVICE unsigned element_blocks(int64_t n) { return grid_stride_blocks(n, kElementThreads); }
 #ifdef PRISM_FLASH_EMULATION
 inline int popc(unsigned v) { return __builtin_popcount(v); }
 #else
