@@ -1,5 +1,5 @@
 // The routing kernels (kernels/cuda/routing.cuh: router, dispatch, gather,
-// combine) run on the CPU through tests/flash_emulator.h with the launch
+// combine, the load-balance and z losses) run on the CPU through tests/flash_emulator.h with the launch
 // geometry kernels/cuda/moe.cu gives them, against the CPU reference ops
 // (kernels/cpu/moe.cpp): the top-k picks, the dispatch's rows and offsets
 // exactly, every float output within DESIGN.md §7's fp32 tolerance (1e-5,
@@ -28,6 +28,7 @@
 // last: the emulator defines threadIdx and friends as macros
 #include "tests/flash_emulator.h"
 #include "kernels/cuda/routing.cuh"
+#include "tests/reduce_emulated.h"
 
 using namespace prism;
 using prism::testing::expect_close;
@@ -295,3 +296,77 @@ TEST(RoutingEmulated, GatherAndCombine) {
 }
 
 }  // namespace
+
+// The load-balance loss (Switch and importance, on one rank and on the
+// statistics of two) and the z-loss, with their gradients, against
+// kernels/cpu/moe.cpp; the launchers' sequence is moe.cu's.
+TEST(RoutingEmulated, LoadBalanceAndZLoss) {
+    Rng rng(23);
+    const int B = 3, C = 7, N = 37, k = 2;
+    const std::vector<int> S = {5, 1, 6, 2};  // an HCS subset, out of order
+    const int nS = (int)S.size();
+    const int64_t R = (int64_t)nS * N, tokens = B * R;
+    // Router probabilities: positive, zero outside S, as the router writes them.
+    std::vector<float> probs(tokens * C, 0.f);
+    for (int64_t t = 0; t < tokens; t++)
+        for (int s = 0; s < nS; s++) probs[t * C + S[s]] = float(0.05 + rng.uniform());
+    std::vector<int> counts(nS);
+    for (auto& c : counts) c = int(rng.below(tokens * k / 2));
+    // Another rank's statistics, for the data-parallel case.
+    std::vector<double> other(2 * nS + 1);
+    for (int s = 0; s < nS; s++) other[s] = 40 * rng.uniform(), other[nS + s] = double(rng.below(100));
+    other[2 * nS] = 150;
+
+    std::vector<double> stats(2 * nS + 1, NAN), ref_stats(2 * nS + 1);
+    prism::testing::column_sum<double>(1, tokens, nS, rt::ProbsOfS{probs.data(), S.data(), C},
+                                       rt::StoreMass{stats.data()});
+    emu::launch({1}, rt::kAuxCountsThreads, 0, rt::aux_counts_kernel,
+                rt::AuxCountsParams{stats.data(), counts.data(), tokens, nS});
+    ops::aux_stats(ref_stats.data(), probs.data(), counts.data(), S.data(), tokens, nS, C);
+    for (int i = 0; i <= 2 * nS; i++) EXPECT_NEAR(stats[i], ref_stats[i], 1e-12 * std::abs(ref_stats[i])) << i;
+
+    const float coef = 0.01f, grad_scale = 0.5f;
+    for (const ops::AuxLoss kind : {ops::AuxLoss::switch_, ops::AuxLoss::importance})
+        for (const bool two_ranks : {false, true}) {
+            const std::string what = std::string(kind == ops::AuxLoss::switch_ ? "switch" : "importance") +
+                                     (two_ranks ? ", two ranks' statistics" : ", one rank");
+            std::vector<double> all = stats;
+            if (two_ranks)
+                for (int i = 0; i <= 2 * nS; i++) all[i] += other[i];
+            const auto dprobs0 = normal(probs.size(), rng, 0.1);
+            auto ref_d = dprobs0;
+            const float ref_loss = ops::aux_loss_forward_backward(ref_d.data(), probs.data(), counts.data(), S.data(),
+                                                                  tokens, nS, C, k, kind, coef, grad_scale,
+                                                                  two_ranks ? all.data() : nullptr);
+            float loss = NAN, share = NAN;
+            std::vector<float> dmass(nS, NAN);
+            emu::launch({1}, 32, 0, rt::aux_loss_kernel,
+                        rt::AuxLossParams{&loss, dmass.data(), &share, all.data(), tokens, nS, k,
+                                          kind == ops::AuxLoss::importance, coef});
+            auto d = dprobs0;
+            emu::launch({rt::element_blocks(tokens * nS)}, rt::kElementThreads, 0, rt::aux_grad_kernel,
+                        rt::AuxGradParams{d.data(), dmass.data(), &share, S.data(), tokens, nS, C, grad_scale});
+            expect_close("load balance loss, " + what, std::vector<float>{loss}, std::vector<float>{ref_loss});
+            // the gradient alone: dprobs0 is most of dprobs
+            std::vector<float> step(d.size()), ref_step(d.size());
+            for (size_t i = 0; i < d.size(); i++) step[i] = d[i] - dprobs0[i], ref_step[i] = ref_d[i] - dprobs0[i];
+            expect_close("load balance gradient, " + what, step, ref_step);
+        }
+
+    // z-loss, dz with padding between images (dz_image_stride > R·C).
+    const auto lse = normal(tokens, rng, 1.0, 2.0);
+    const int64_t stride = R * C + 5;
+    const auto dz0 = normal(B * stride, rng, 0.1);
+    auto ref_dz = dz0;
+    const float ref_z = ops::z_loss_forward_backward(ref_dz.data(), stride, probs.data(), lse.data(), B, nS, N, C,
+                                                     coef, grad_scale);
+    float z = NAN;
+    prism::testing::device_sum(tokens, rt::LseSquared{lse.data()}, rt::ZLossOut{&z, coef, tokens});
+    auto dz = dz0;
+    emu::launch({rt::element_blocks(tokens * C)}, rt::kElementThreads, 0, rt::z_grad_kernel,
+                rt::ZGradParams{dz.data(), stride, probs.data(), lse.data(), R, tokens, C, coef, grad_scale});
+    expect_close("z-loss", std::vector<float>{z}, std::vector<float>{ref_z});
+    std::vector<float> step(dz.size()), ref_step(dz.size());
+    for (size_t i = 0; i < dz.size(); i++) step[i] = dz[i] - dz0[i], ref_step[i] = ref_dz[i] - dz0[i];
+    expect_close("z-loss gradient (padding untouched)", step, ref_step);
+}

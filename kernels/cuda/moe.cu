@@ -13,102 +13,6 @@
 namespace prism::cuda_ops {
 using namespace cuda_detail;
 
-namespace {
-
-// ---- load balance -------------------------------------------------------------------
-// Everything goes through the statistics of ops::aux_stats, as on the CPU:
-// [2*nS+1] doubles (Σ_t p[t, S[s]], counts, tokens), this rank's or, in data
-// parallel training, the sum over ranks. The loss is computed from them in
-// float exactly as the CPU does; a world of one and a single process
-// therefore give the same bits.
-struct ProbsOfS {  // probs[t, S[s]], widened to double by the accumulator
-    const float* probs;
-    const int* S;
-    int C;
-    __device__ float operator()(int, int64_t t, int s) const { return probs[t * C + S[s]]; }
-};
-struct StoreMass {  // stats[s] = Σ_t p[t, S[s]]
-    double* stats;
-    __device__ void operator()(int, int s, double v) const { stats[s] = v; }
-};
-
-__global__ void aux_counts_kernel(double* stats, const int* counts, int64_t tokens, int nS) {
-    for (int s = threadIdx.x; s < nS; s += blockDim.x) stats[nS + s] = (double)counts[s];
-    if (threadIdx.x == 0) stats[2 * nS] = (double)tokens;
-}
-
-// One thread: the loss from the statistics (as the CPU, in s order),
-// ∂loss/∂mass into dmass, and this rank's share of the tokens (all tokens /
-// this rank's; 1 on a single rank) into *share.
-__global__ void aux_loss_kernel(float* loss_out, float* dmass, float* share, const double* stats,
-                                int64_t tokens, int nS, int k_eff, bool importance, float coef) {
-    if (threadIdx.x != 0 || blockIdx.x != 0) return;
-    const float all_tokens = (float)stats[2 * nS];
-    float loss = 0.f;
-    if (!importance) {
-        // L = α·|S|·Σ f_c·P_c, f_c = count/(T·k_eff) (no gradient), P_c = mass/T
-        for (int s = 0; s < nS; s++) {
-            const float mass = (float)stats[s], count = (float)stats[nS + s];
-            const float f = count / (all_tokens * k_eff);
-            loss += coef * nS * f * mass / all_tokens;
-            dmass[s] = coef * nS * f / all_tokens;
-        }
-    } else {
-        // L = α·CV²(mass) with the population variance
-        float mu = 0.f;
-        for (int s = 0; s < nS; s++) mu += (float)stats[s];
-        mu /= nS;
-        float var = 0.f;
-        for (int s = 0; s < nS; s++) {
-            const float m = (float)stats[s];
-            var += (m - mu) * (m - mu);
-        }
-        var /= nS;
-        loss = coef * var / (mu * mu);
-        for (int s = 0; s < nS; s++) {
-            const float m = (float)stats[s];
-            dmass[s] = coef * (2.f * (m - mu) / (nS * mu * mu) - 2.f * var / (mu * mu * mu * nS));
-        }
-    }
-    *share = all_tokens / float(tokens);
-    *loss_out = loss;
-}
-
-__global__ void aux_grad_kernel(float* dprobs, const float* dmass, const float* share, const int* S,
-                                int64_t tokens, int nS, int C, float grad_scale) {
-    const float sh = *share;
-    PRISM_GRID_STRIDE(i, tokens * nS) {
-        const int s = (int)(i % nS);
-        dprobs[(i / nS) * C + S[s]] += grad_scale * sh * dmass[s];
-    }
-}
-
-// ---- z-loss ---------------------------------------------------------------------------
-struct LseSquared {
-    const float* lse;
-    __device__ double operator()(int64_t t) const { return (double)lse[t] * lse[t]; }
-};
-struct ZLossOut {
-    float* loss;
-    float coef;
-    int64_t tokens;
-    __device__ void operator()(double sum) const { *loss = coef * (float)sum / float(tokens); }
-};
-
-__global__ void z_grad_kernel(float* dz, int64_t dz_image_stride, const float* probs,
-                              const float* lse, int64_t R, int64_t tokens, int C, float coef,
-                              float grad_scale) {
-    PRISM_GRID_STRIDE(i, tokens * C) {
-        const int64_t t = i / C;
-        const int c = (int)(i % C);
-        // ∂lse/∂z = softmax(z) = probs (zero outside S)
-        const float g = grad_scale * coef * 2.f * lse[t] / float(tokens);
-        dz[(t / R) * dz_image_stride + (t % R) * C + c] += g * probs[i];
-    }
-}
-
-}  // namespace
-
 void router_forward(float* probs, int* experts, float* weights, float* lse, const float* z,
                     int64_t z_image_stride, const uint8_t* in_S, const int* S, int B, int nS,
                     int N, int C, int k, Combine combine, cudaStream_t stream) {
@@ -139,8 +43,9 @@ void aux_stats(double* stats, const float* probs, const int* counts, const int* 
     // Σ_t p[t, S[s]] in double: fixed chunks of tokens, each summed in a fixed
     // order, then the chunks in order (the CPU adds in token order; the two
     // differ only by double rounding, far below float resolution).
-    column_sum_as<double>(1, tokens, nS, ProbsOfS{probs, S, C}, StoreMass{stats}, stream);
-    aux_counts_kernel<<<1, 128, 0, stream>>>(stats, counts, tokens, nS);
+    column_sum_as<double>(1, tokens, nS, routing::ProbsOfS{probs, S, C}, routing::StoreMass{stats}, stream);
+    const routing::AuxCountsParams p{stats, counts, tokens, nS};
+    routing::aux_counts_kernel<<<1, routing::kAuxCountsThreads, 0, stream>>>(p);
     PRISM_LAUNCH_CHECK();
 }
 
@@ -161,12 +66,13 @@ void aux_loss_forward_backward(float* loss, float* dprobs, const float* probs, c
         aux_stats(scratch.as<double>(), probs, counts, S, tokens, nS, C, stream);
         all_ranks = scratch.as<double>();
     }
-    aux_loss_kernel<<<1, 32, 0, stream>>>(loss, dmass, share, all_ranks, tokens, nS, k_eff,
-                                          kind == AuxLoss::importance, coef);
+    const routing::AuxLossParams p{loss, dmass, share, all_ranks, tokens, nS, k_eff,
+                                   kind == AuxLoss::importance, coef};
+    routing::aux_loss_kernel<<<1, 32, 0, stream>>>(p);
     PRISM_LAUNCH_CHECK();
     if (dprobs && tokens > 0) {
-        aux_grad_kernel<<<grid_for(tokens * nS), kThreads, 0, stream>>>(dprobs, dmass, share, S,
-                                                                       tokens, nS, C, grad_scale);
+        const routing::AuxGradParams g{dprobs, dmass, share, S, tokens, nS, C, grad_scale};
+        routing::aux_grad_kernel<<<routing::element_blocks(tokens * nS), routing::kElementThreads, 0, stream>>>(g);
         PRISM_LAUNCH_CHECK();
     }
 }
@@ -179,10 +85,10 @@ void z_loss_forward_backward(float* loss, float* dz, int64_t dz_image_stride, co
         return;
     }
     const int64_t R = (int64_t)nS * N, tokens = B * R;
-    device_sum(tokens, LseSquared{lse}, ZLossOut{loss, coef, tokens}, stream);
+    device_sum(tokens, routing::LseSquared{lse}, routing::ZLossOut{loss, coef, tokens}, stream);
     if (dz && tokens > 0) {
-        z_grad_kernel<<<grid_for(tokens * C), kThreads, 0, stream>>>(
-            dz, dz_image_stride, probs, lse, R, tokens, C, coef, grad_scale);
+        const routing::ZGradParams p{dz, dz_image_stride, probs, lse, R, tokens, C, coef, grad_scale};
+        routing::z_grad_kernel<<<routing::element_blocks(tokens * C), routing::kElementThreads, 0, stream>>>(p);
         PRISM_LAUNCH_CHECK();
     }
 }

@@ -1,7 +1,8 @@
 // The routing kernels of kernels/cuda/moe.cu (kernels/cpu/moe.cpp is their
 // reference): router softmax + top-k, one warp per token, and its backward;
 // dispatch as a stable counting sort that never leaves the GPU (a histogram
-// per image, one scan, a placement per image); gather and the weighted combine.
+// per image, one scan, a placement per image); gather and the weighted combine;
+// the load-balance and z losses.
 //
 // Every float sum has one owner thread and a fixed order; the only atomics are
 // integer counts in the dispatch histogram, exact in any order. So two runs
@@ -25,9 +26,11 @@ inline namespace emulated {
 
 using flash::atomic_add_shared;
 using flash::block_sync;
+using flash::element_blocks;
 using flash::global_warp;
 using flash::grid_first;
 using flash::grid_step;
+using flash::kElementThreads;
 using flash::ld_shared;
 using flash::load_elem;
 using flash::match_any;
@@ -40,14 +43,11 @@ using flash::warp_sum;
 using flash::warp_sync;
 
 constexpr int kWarpsPerBlock = 8, kWarpThreads = kWarpsPerBlock * 32;  // the one-warp-per-token kernels
-constexpr int kElementThreads = 256;                                    // gather and combine forward
 constexpr int kDispatchThreads = 256, kDispatchWarps = kDispatchThreads / 32;
 
 FLASH_HOST_DEVICE unsigned warp_blocks(int64_t warps) {
     return (unsigned)((warps + kWarpsPerBlock - 1) / kWarpsPerBlock);
 }
-// Blocks of a grid-stride loop over n elements.
-FLASH_HOST_DEVICE unsigned element_blocks(int64_t n) { return flash::grid_stride_blocks(n, kElementThreads); }
 FLASH_HOST_DEVICE size_t histogram_smem(int nS) { return sizeof(int) * (size_t)nS; }
 FLASH_HOST_DEVICE size_t scan_smem() { return sizeof(int) * kDispatchThreads; }
 FLASH_HOST_DEVICE size_t place_smem(int nS) { return sizeof(int) * (size_t)nS * (1 + kDispatchWarps); }
@@ -368,6 +368,137 @@ FLASH_KERNEL(kWarpThreads) combine_backward_kernel(CombineBwdParams<E, G> p) {
         }
         dw = warp_sum(dw);
         if (lane == 0) p.dweights[t * p.k + j] += dw;
+    }
+}
+
+// ---- load balance -------------------------------------------------------------------
+// Everything goes through the statistics of ops::aux_stats, as on the CPU:
+// [2·nS+1] doubles (Σ_t p[t, S[s]], counts, tokens), this rank's or, in data
+// parallel training, the sum over ranks. The loss is computed from them in
+// float exactly as the CPU does; a world of one and a single process
+// therefore give the same bits.
+
+// The mass's column-sum term (reduce.cuh, accumulated in double) and where
+// its sums go: probs[t, S[s]] → stats[s].
+struct ProbsOfS {
+    const float* probs;
+    const int* S;
+    int C;
+    FLASH_DEVICE float operator()(int, int64_t t, int s) const { return probs[t * C + S[s]]; }
+};
+struct StoreMass {
+    double* stats;
+    FLASH_DEVICE void operator()(int, int s, double v) const { stats[s] = v; }
+};
+
+struct AuxCountsParams {
+    double* stats;
+    const int* counts;  // [nS], from the dispatch
+    int64_t tokens;
+    int nS;
+};
+constexpr int kAuxCountsThreads = 128;
+
+// One block of kAuxCountsThreads: stats[nS + s] = counts[s], stats[2·nS] = tokens.
+FLASH_KERNEL(kAuxCountsThreads) aux_counts_kernel(AuxCountsParams p) {
+    for (int s = threadIdx.x; s < p.nS; s += blockDim.x) p.stats[p.nS + s] = (double)p.counts[s];
+    if (threadIdx.x == 0) p.stats[2 * p.nS] = (double)p.tokens;
+}
+
+struct AuxLossParams {
+    float* loss;
+    float* dmass;  // [nS]: ∂loss/∂mass[s]
+    float* share;  // all tokens / this rank's (1 on a single rank)
+    const double* stats;
+    int64_t tokens;  // this rank's
+    int nS, k_eff;
+    bool importance;  // α·CV²(mass), else Switch's α·|S|·Σ f_c·P_c
+    float coef;
+};
+
+// One block of 32 threads, one of which computes the loss from the
+// statistics in s order, as the CPU.
+FLASH_KERNEL(32) aux_loss_kernel(AuxLossParams p) {
+    if (threadIdx.x != 0 || blockIdx.x != 0) return;
+    const int nS = p.nS;
+    const float all_tokens = (float)p.stats[2 * nS];
+    float loss = 0.f;
+    if (!p.importance) {
+        // L = α·|S|·Σ f_c·P_c, f_c = count/(T·k_eff) (no gradient), P_c = mass/T
+        for (int s = 0; s < nS; s++) {
+            const float mass = (float)p.stats[s], count = (float)p.stats[nS + s];
+            const float f = count / (all_tokens * p.k_eff);
+            loss += p.coef * nS * f * mass / all_tokens;
+            p.dmass[s] = p.coef * nS * f / all_tokens;
+        }
+    } else {
+        // L = α·CV²(mass) with the population variance
+        float mu = 0.f;
+        for (int s = 0; s < nS; s++) mu += (float)p.stats[s];
+        mu /= nS;
+        float var = 0.f;
+        for (int s = 0; s < nS; s++) {
+            const float m = (float)p.stats[s];
+            var += (m - mu) * (m - mu);
+        }
+        var /= nS;
+        loss = p.coef * var / (mu * mu);
+        for (int s = 0; s < nS; s++) {
+            const float m = (float)p.stats[s];
+            p.dmass[s] = p.coef * (2.f * (m - mu) / (nS * mu * mu) - 2.f * var / (mu * mu * mu * nS));
+        }
+    }
+    *p.share = all_tokens / float(p.tokens);
+    *p.loss = loss;
+}
+
+struct AuxGradParams {
+    float* dprobs;  // [tokens, C] += grad_scale·share·dmass[s] at column S[s]
+    const float *dmass, *share;
+    const int* S;
+    int64_t tokens;
+    int nS, C;
+    float grad_scale;
+};
+
+// element_blocks(tokens·nS) blocks of kElementThreads.
+FLASH_KERNEL(kElementThreads) aux_grad_kernel(AuxGradParams p) {
+    const float sh = *p.share;
+    for (int64_t i = grid_first(); i < p.tokens * p.nS; i += grid_step()) {
+        const int s = (int)(i % p.nS);
+        p.dprobs[(i / p.nS) * p.C + p.S[s]] += p.grad_scale * sh * p.dmass[s];
+    }
+}
+
+// ---- z-loss ---------------------------------------------------------------------------
+// coef·mean_t lse²: a device_sum (reduce.cuh) of LseSquared into ZLossOut.
+struct LseSquared {
+    const float* lse;
+    FLASH_DEVICE double operator()(int64_t t) const { return (double)lse[t] * lse[t]; }
+};
+struct ZLossOut {
+    float* loss;
+    float coef;
+    int64_t tokens;
+    FLASH_DEVICE void operator()(double sum) const { *loss = coef * (float)sum / float(tokens); }
+};
+
+struct ZGradParams {
+    float* dz;  // += grad_scale·coef·2·lse[t]/tokens · probs[t] (∂lse/∂z = softmax(z) = probs, zero outside S)
+    int64_t dz_image_stride;
+    const float *probs, *lse;
+    int64_t R, tokens;  // R = nS·N tokens per image
+    int C;
+    float coef, grad_scale;
+};
+
+// element_blocks(tokens·C) blocks of kElementThreads.
+FLASH_KERNEL(kElementThreads) z_grad_kernel(ZGradParams p) {
+    for (int64_t i = grid_first(); i < p.tokens * p.C; i += grid_step()) {
+        const int64_t t = i / p.C;
+        const int c = (int)(i % p.C);
+        const float g = p.grad_scale * p.coef * 2.f * p.lse[t] / float(p.tokens);
+        p.dz[(t / p.R) * p.dz_image_stride + (t % p.R) * p.C + c] += g * p.probs[i];
     }
 }
 
