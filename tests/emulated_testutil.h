@@ -19,6 +19,14 @@ inline std::vector<float> normal(size_t n, Rng& rng, double scale = 1.0, double 
     return v;
 }
 
+// after − before: what an op added to an array (the gradient or the step
+// alone, which a relative error of the whole array would hide).
+inline std::vector<float> change(const std::vector<float>& after, const std::vector<float>& before) {
+    std::vector<float> d(after.size());
+    for (size_t i = 0; i < d.size(); i++) d[i] = after[i] - before[i];
+    return d;
+}
+
 // ‖got − ref‖ / ‖ref‖ within tol (NaN, an unwritten element, fails); the
 // reference in float or in double.
 template <class R>

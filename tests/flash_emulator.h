@@ -273,7 +273,7 @@ void launch(Dim grid, int threads, size_t smem_bytes, Kernel kernel, const Param
 #define blockDim (::prism::emu::block_dim)
 #define FLASH_DEVICE inline
 #define FLASH_HOST_DEVICE inline
-#define FLASH_KERNEL(threads) void
+#define FLASH_KERNEL(threads) inline void  // inline: a .cuh may be in several tests
 #define FLASH_UNROLL
 #define FLASH_SMEM(name) unsigned char* name = ::prism::emu::block.smem.data()
 

@@ -24,6 +24,7 @@
 #include "tests/emulated_testutil.h"
 // last: the emulator defines threadIdx and friends as macros
 #include "tests/flash_emulator.h"
+#include "kernels/cuda/adamw.cuh"
 #include "kernels/cuda/layernorm.cuh"
 #include "kernels/cuda/loss.cuh"
 #include "kernels/cuda/reduce.cuh"
@@ -91,14 +92,6 @@ struct StoreAcc {
     int cols;
     void operator()(int z, int c, double v) const { dst[(int64_t)z * cols + c] = v; }
 };
-struct Square {
-    const float* x;
-    double operator()(int64_t i) const { return double(x[i]) * x[i]; }
-};
-struct StoreDouble {
-    double* out;
-    void operator()(double v) const { *out = v; }
-};
 
 }  // namespace
 
@@ -149,8 +142,8 @@ TEST(ReduceEmulated, DeviceSumIsItsDocumentedOrder) {
                       int64_t(300000)}) {
         const auto x = normal(n, rng);
         double got = NAN;
-        device_sum(n, Square{x.data()}, StoreDouble{&got});
-        EXPECT_EQ(got, device_sum_model(n, Square{x.data()})) << "n=" << n << ": not the documented order";
+        device_sum(n, adamw::Square{x.data()}, adamw::StoreDouble{&got});
+        EXPECT_EQ(got, device_sum_model(n, adamw::Square{x.data()})) << "n=" << n << ": not the documented order";
         long double exact = 0;
         for (float v : x) exact += (long double)v * v;
         std::printf("[ emulated   ] %-56s rel %.3g\n", ("sum of squares n=" + std::to_string(n)).c_str(),

@@ -31,6 +31,7 @@
 #include "tests/reduce_emulated.h"
 
 using namespace prism;
+using prism::testing::change;
 using prism::testing::expect_close;
 using prism::testing::grid_logits;
 using prism::testing::normal;
@@ -348,9 +349,7 @@ TEST(RoutingEmulated, LoadBalanceAndZLoss) {
                         rt::AuxGradParams{d.data(), dmass.data(), &share, S.data(), tokens, nS, C, grad_scale});
             expect_close("load balance loss, " + what, std::vector<float>{loss}, std::vector<float>{ref_loss});
             // the gradient alone: dprobs0 is most of dprobs
-            std::vector<float> step(d.size()), ref_step(d.size());
-            for (size_t i = 0; i < d.size(); i++) step[i] = d[i] - dprobs0[i], ref_step[i] = ref_d[i] - dprobs0[i];
-            expect_close("load balance gradient, " + what, step, ref_step);
+            expect_close("load balance gradient, " + what, change(d, dprobs0), change(ref_d, dprobs0));
         }
 
     // z-loss, dz with padding between images (dz_image_stride > R·C).
@@ -366,7 +365,5 @@ TEST(RoutingEmulated, LoadBalanceAndZLoss) {
     emu::launch({rt::element_blocks(tokens * C)}, rt::kElementThreads, 0, rt::z_grad_kernel,
                 rt::ZGradParams{dz.data(), stride, probs.data(), lse.data(), R, tokens, C, coef, grad_scale});
     expect_close("z-loss", std::vector<float>{z}, std::vector<float>{ref_z});
-    std::vector<float> step(dz.size()), ref_step(dz.size());
-    for (size_t i = 0; i < dz.size(); i++) step[i] = dz[i] - dz0[i], ref_step[i] = ref_dz[i] - dz0[i];
-    expect_close("z-loss gradient (padding untouched)", step, ref_step);
+    expect_close("z-loss gradient (padding untouched)", change(dz, dz0), change(ref_dz, dz0));
 }

@@ -9,15 +9,8 @@
 namespace prism::cuda_ops {
 using namespace cuda_detail;
 
-namespace {
-struct StoreDouble {
-    double* out;
-    __device__ void operator()(double v) const { *out = v; }
-};
-}  // namespace
-
 void sum_squares(double* out, const float* x, int64_t n, cudaStream_t stream) {
-    device_sum(n, adamw::Square{x}, StoreDouble{out}, stream);
+    device_sum(n, adamw::Square{x}, adamw::StoreDouble{out}, stream);
 }
 
 void scale_inplace(float* x, int64_t n, float s, cudaStream_t stream) {

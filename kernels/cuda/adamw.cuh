@@ -18,10 +18,14 @@ using flash::grid_step;
 using flash::kElementThreads;
 
 
-// The sum of squares' term, in double as on the CPU.
+// The sum of squares' term, in double as on the CPU, and where the sum goes.
 struct Square {
     const float* x;
     FLASH_DEVICE double operator()(int64_t i) const { return (double)x[i] * x[i]; }
+};
+struct StoreDouble {
+    double* out;
+    FLASH_DEVICE void operator()(double v) const { *out = v; }
 };
 
 struct ScaleParams {

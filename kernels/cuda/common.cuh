@@ -52,7 +52,7 @@ private:
     cudaStream_t stream_;
 };
 
-constexpr int kThreads = 256;  // block size of the elementwise kernels
+constexpr int kThreads = flash::kElementThreads;  // block size of the elementwise kernels
 
 // Blocks for a grid-stride loop over n items (at least 1, at most 65536).
 inline unsigned grid_for(int64_t n, int threads = kThreads) { return flash::grid_stride_blocks(n, threads); }
