@@ -89,17 +89,6 @@ inline bool is_poison(float x) {
     return bits == 0xFFFFFFFFu;
 }
 
-inline std::vector<uint16_t> to_bf16(const std::vector<float>& v) {
-    std::vector<uint16_t> out(v.size());
-    for (size_t i = 0; i < v.size(); i++) out[i] = bf16_bits(v[i]);
-    return out;
-}
-inline std::vector<float> widen(const std::vector<uint16_t>& v) {
-    std::vector<float> out(v.size());
-    for (size_t i = 0; i < v.size(); i++) out[i] = bf16_value(v[i]);
-    return out;
-}
-
 // widen, but a poisoned bf16 element (0xFFFF: never written) becomes the fp32
 // poison, so that expect_close tells unwritten elements from written ones.
 inline std::vector<float> widen_keeping_poison(const std::vector<uint16_t>& v) {

@@ -3,7 +3,7 @@
 // flash_attention.cuh (bf16 tensor cores), attention.cuh (fp32) and
 // routing.cuh (MoE-ViT's router, dispatch, gather and combine), reduce.cuh
 // (the deterministic sums), layernorm.cuh, loss.cuh, activation.cuh,
-// embed.cuh, input.cuh and adamw.cuh run
+// embed.cuh, input.cuh, adamw.cuh and linear.cuh run
 // (slowly) on a machine without a GPU and can be checked against the CPU
 // reference ops. Include this header first, then the .cuh.
 //

@@ -32,6 +32,8 @@ using namespace prism;
 using prism::testing::change;
 using prism::testing::expect_close;
 using prism::testing::normal;
+using prism::testing::to_bf16;
+using prism::testing::widen;
 
 namespace {
 
@@ -49,16 +51,6 @@ void expect_same(const std::string& what, const std::vector<float>& got, const s
 }
 
 std::vector<float> nans(size_t n) { return std::vector<float>(n, NAN); }
-std::vector<uint16_t> to_bf16(const std::vector<float>& v) {
-    std::vector<uint16_t> b(v.size());
-    for (size_t i = 0; i < v.size(); i++) b[i] = prism::testing::bf16_bits(v[i]);
-    return b;
-}
-std::vector<float> from_bf16(const std::vector<uint16_t>& b) {
-    std::vector<float> v(b.size());
-    for (size_t i = 0; i < b.size(); i++) v[i] = prism::testing::bf16_value(b[i]);
-    return v;
-}
 
 }  // namespace
 
@@ -70,7 +62,7 @@ TEST(ActivationEmulated, GeluForwardAndBackwardOnEveryOperandType) {
         const unsigned grid = act::element_blocks(n);
         const auto x = normal(n, rng, 2.0), dout = normal(n, rng);
         const auto x16 = to_bf16(x), dout16 = to_bf16(dout);
-        const auto xw = from_bf16(x16), doutw = from_bf16(dout16);  // what the bf16 operands hold
+        const auto xw = widen(x16), doutw = widen(dout16);  // what the bf16 operands hold
 
         // forward: fp32 and bf16 inputs, fp32 and bf16 outputs at once
         std::vector<float> ref(n), ref_w(n);
@@ -81,8 +73,8 @@ TEST(ActivationEmulated, GeluForwardAndBackwardOnEveryOperandType) {
         emu::launch({grid}, act::kElementThreads, 0, act::gelu_forward_kernel<float>,
                     act::GeluForwardParams<float>{out.data(), out16.data(), x.data(), n});
         expect_close("gelu forward fp32" + at, out, ref);
-        expect_same("gelu forward's bf16 copy is its fp32 output rounded" + at, from_bf16(out16),
-                    from_bf16(to_bf16(out)));
+        expect_same("gelu forward's bf16 copy is its fp32 output rounded" + at, widen(out16),
+                    widen(to_bf16(out)));
         auto out_w = nans(n);
         emu::launch({grid}, act::kElementThreads, 0, act::gelu_forward_kernel<uint16_t>,
                     act::GeluForwardParams<uint16_t>{out_w.data(), nullptr, x16.data(), n});
@@ -105,8 +97,8 @@ TEST(ActivationEmulated, GeluForwardAndBackwardOnEveryOperandType) {
         std::vector<uint16_t> dx16(n, 0x7fc0);
         emu::launch({grid}, act::kElementThreads, 0, act::gelu_backward_kernel<float, float>,
                     act::GeluBackwardParams<float, float>{nullptr, dx16.data(), true, dout.data(), x.data(), n});
-        expect_same("gelu backward's bf16 dx is the fp32 one rounded" + at, from_bf16(dx16),
-                    from_bf16(to_bf16(dx_set)));
+        expect_same("gelu backward's bf16 dx is the fp32 one rounded" + at, widen(dx16),
+                    widen(to_bf16(dx_set)));
 
         // backward with bf16 operands: dout, x, or both
         auto check_bf16_operands = [&](auto g, auto xs, const std::vector<float>& gw, const std::vector<float>& xv,

@@ -23,6 +23,7 @@
 #include "kernels/cuda/flash_attention.cuh"
 
 using namespace prism;
+using prism::testing::to_bf16;
 namespace fl = prism::flash;
 
 namespace {
@@ -31,11 +32,6 @@ std::vector<float> bf16_normal(size_t n, Rng& rng) {
     std::vector<float> v(n);
     for (auto& x : v) x = emu::bf16_float(emu::bf16_bits(float(rng.normal())));
     return v;
-}
-std::vector<uint16_t> bits(const std::vector<float>& v) {
-    std::vector<uint16_t> b(v.size());
-    for (size_t i = 0; i < v.size(); i++) b[i] = emu::bf16_bits(v[i]);
-    return b;
 }
 std::vector<double> wide(const std::vector<float>& v) { return std::vector<double>(v.begin(), v.end()); }
 
@@ -84,7 +80,7 @@ void run_dense(int B, int L, int Hd, uint64_t seed, int fwd_warps = 0) {
                              (fwd_warps != 4 ? " (forward " + std::to_string(fwd_warps) + " warps)" : "");
     Rng rng(seed);
     const auto qkv = bf16_normal(rows * 3 * D, rng), dout = bf16_normal(rows * D, rng);
-    const auto q16 = bits(qkv);
+    const auto q16 = to_bf16(qkv);
     const fl::Sets s = fl::make_sets(nullptr, L, L, Hd);
     const int tiles = (L + 63) / 64;
 
@@ -304,7 +300,7 @@ void run_routed(int B, int nS, int N, int Hd, int max_queries, uint64_t seed,
     // cp.async): og is the rounding of the fp32 og, lse the same bits, and
     // backward from them equals the fp32 operands' backward from the widened
     // og, bit for bit (the same values reach the same products).
-    const auto qg16 = bits(qg), k16 = bits(k), v16 = bits(v), dog16 = bits(dog);
+    const auto qg16 = to_bf16(qg), k16 = to_bf16(k), v16 = to_bf16(v), dog16 = to_bf16(dog);
     std::vector<uint16_t> og16(rows * D, 0xFFFF);
     std::vector<float> lse16(rows * Hd, NAN);
     fl::FwdParams<uint16_t> fp16{s, {qg16.data(), D}, {k16.data(), D}, {v16.data(), D}, nullptr, D, lse16.data()};

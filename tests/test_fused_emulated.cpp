@@ -25,6 +25,7 @@
 #include "kernels/cuda/attention.cuh"
 
 using namespace prism;
+using prism::testing::to_bf16;
 namespace fu = prism::fused;
 
 namespace {
@@ -41,11 +42,6 @@ std::vector<float> scaled(std::vector<float> v, float s) {
     return v;
 }
 std::vector<double> wide(const std::vector<float>& v) { return std::vector<double>(v.begin(), v.end()); }
-std::vector<uint16_t> bits(const std::vector<float>& v) {
-    std::vector<uint16_t> out(v.size());
-    for (size_t i = 0; i < v.size(); i++) out[i] = prism::testing::bf16_bits(v[i]);
-    return out;
-}
 
 // ‖got − ref‖ / ‖ref − base‖ over the elements [begin, end) of every `stride`
 // (all by default): for accumulated gradients, the error relative to what the
@@ -208,7 +204,7 @@ void run_cls(int B, int M, int Hd, int dh, uint64_t seed, bool bf16 = false) {
                                         ds.data()});
     };
     if (bf16) {
-        const auto q16 = bits(q), k16 = bits(k), v16 = bits(v);
+        const auto q16 = to_bf16(q), k16 = to_bf16(k), v16 = to_bf16(v);
         std::vector<uint16_t> out16(out.size(), 0xFFFFu);
         run(q16.data(), k16.data(), v16.data(), out16.data());
         for (size_t i = 0; i < out.size(); i++)

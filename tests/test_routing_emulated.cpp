@@ -36,20 +36,12 @@ using prism::testing::expect_close;
 using prism::testing::grid_logits;
 using prism::testing::normal;
 using prism::testing::random_experts;
+using prism::testing::to_bf16;
+using prism::testing::widen;
 namespace rt = prism::routing;
 
 namespace {
 
-std::vector<uint16_t> to_bf16(const std::vector<float>& v) {
-    std::vector<uint16_t> out(v.size());
-    for (size_t i = 0; i < v.size(); i++) out[i] = bf16_bits(v[i]);
-    return out;
-}
-std::vector<float> widen(const std::vector<uint16_t>& v) {
-    std::vector<float> out(v.size());
-    for (size_t i = 0; i < v.size(); i++) out[i] = bf16_value(v[i]);
-    return out;
-}
 // bf16 results that must be the reference's rounding, but for a last-bit
 // difference where the fp32 sums' order differs from the CPU's.
 void expect_rounding_of(const std::string& what, const std::vector<uint16_t>& got, const std::vector<float>& ref) {

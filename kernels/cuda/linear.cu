@@ -18,110 +18,13 @@
 
 #include "kernels/cuda/blas.cuh"
 #include "kernels/cuda/common.cuh"
+#include "kernels/cuda/linear.cuh"
 
 namespace prism::cuda_ops {
 using namespace cuda_detail;
 
 #ifdef PRISM_CUBLAS
 namespace {
-
-// out[r, o] = bias[o] (the GEMM then adds x·Wᵀ with beta = 1).
-__global__ void fill_bias_kernel(float* out, const float* bias, int64_t rows, int out_dim) {
-    PRISM_GRID_STRIDE(i, rows * out_dim) out[i] = bias[i % out_dim];
-}
-
-// out[b, s, n, o] = bias[S[s], o] (O: fp32, or bf16 for a bf16 result)
-template <class O>
-__global__ void fill_expert_bias_kernel(O* out, const float* bias, const int* S, int B, int nS,
-                                        int N, int out_dim) {
-    PRISM_GRID_STRIDE(i, (int64_t)B * nS * N * out_dim) {
-        const int o = (int)(i % out_dim);
-        const int s = (int)((i / out_dim / N) % nS);
-        store_as(&out[i], bias[(int64_t)S[s] * out_dim + o]);
-    }
-}
-
-// Pointers of group g = b*nS + s: W[S[s]], the group's patch rows (image
-// stride, `in_dim` wide) and its rows of the contiguous [B, nS, N, out_dim]
-// buffer. One array type for all (cuBLAS takes float** for every operand).
-__global__ void group_pointers_kernel(float** w_ptr, float** patch_ptr, float** dense_ptr,
-                                      const float* W, const float* patch, int64_t image_stride,
-                                      const float* dense, const int* S, int B, int nS, int N,
-                                      int in_dim, int out_dim) {
-    PRISM_GRID_STRIDE(g, (int64_t)B * nS) {
-        const int64_t b = g / nS, s = g % nS;
-        w_ptr[g] = const_cast<float*>(W + (int64_t)S[s] * out_dim * in_dim);
-        patch_ptr[g] = const_cast<float*>(patch + b * image_stride + s * N * in_dim);
-        dense_ptr[g] = const_cast<float*>(dense + g * N * out_dim);
-    }
-}
-
-// Where group g = b*nS + s starts in a buffer: b·image + s·channel elements
-// in (group-major [B, nS, N, ·], channel-major [nS, B, N, ·] and the patch
-// rows of a sequence buffer differ only in these two strides).
-struct GroupAt {
-    int64_t image, channel;
-};
-
-// The bf16 expert products' pointers of group g: the compact bf16 weights of
-// position s, the group's rows of the bf16 operand and of the result (O:
-// fp32, or bf16).
-template <class O>
-__global__ void mixed_group_pointers_kernel(uint16_t** w_ptr, uint16_t** in_ptr, O** out_ptr,
-                                            const uint16_t* Wb, int64_t per_expert, const uint16_t* in,
-                                            GroupAt in_at, O* out, GroupAt out_at, int B, int nS) {
-    PRISM_GRID_STRIDE(g, (int64_t)B * nS) {
-        const int64_t b = g / nS, s = g % nS;
-        w_ptr[g] = const_cast<uint16_t*>(Wb + s * per_expert);
-        in_ptr[g] = const_cast<uint16_t*>(in + b * in_at.image + s * in_at.channel);
-        out_ptr[g] = out + b * out_at.image + s * out_at.channel;
-    }
-}
-
-// Wb [nS, out, in] = bf16(W[S[s]]): only the experts this step uses.
-__global__ void used_experts_bf16_kernel(uint16_t* Wb, const float* W, const int* S, int nS, int64_t per_expert) {
-    PRISM_GRID_STRIDE(i, nS * per_expert) {
-        const int64_t s = i / per_expert;
-        Wb[i] = float_to_bf16(W[(int64_t)S[s] * per_expert + i % per_expert]);
-    }
-}
-
-// xb [B, nS, N, in] = bf16 of the patch rows of x (image stride).
-__global__ void patch_rows_bf16_kernel(uint16_t* xb, const float* x, int64_t x_image_stride, int B,
-                                       int64_t per_image) {
-    PRISM_GRID_STRIDE(i, B * per_image) xb[i] = float_to_bf16(x[(i / per_image) * x_image_stride + i % per_image]);
-}
-
-// Channel-major copies for the weight gradient: xp [nS, B, N, in] from the
-// patch rows (fp32, or the bf16 mode's stored bf16), gp [nS, B, N, out] from
-// dout [B, nS, N, out].
-template <class E, class X>
-__global__ void channel_major_kernel(E* xp, E* gp, const X* x, int64_t x_image_stride,
-                                     const float* dout, int B, int nS, int N, int in_dim,
-                                     int out_dim) {
-    const int64_t rows = (int64_t)nS * B * N;
-    PRISM_GRID_STRIDE(i, rows * (in_dim + out_dim)) {
-        const int64_t row = i / (in_dim + out_dim);  // (s*B + b)*N + n
-        const int col = (int)(i % (in_dim + out_dim));
-        const int64_t n = row % N, b = (row / N) % B, s = row / N / B;
-        if (col < in_dim)
-            store_as(&xp[row * in_dim + col], load_as(&x[b * x_image_stride + (s * N + n) * in_dim + col]));
-        else
-            store_as(&gp[row * out_dim + col - in_dim], dout[((b * nS + s) * N + n) * out_dim + col - in_dim]);
-    }
-}
-
-// dW pointers for channel position s: dW[S[s]], xp and gp of s.
-template <class E>
-__global__ void expert_weight_pointers_kernel(float** dw_ptr, E** xp_ptr, E** gp_ptr,
-                                              float* dW, E* xp, E* gp, const int* S, int nS,
-                                              int64_t rows_per_channel, int in_dim, int out_dim) {
-    PRISM_GRID_STRIDE(s, (int64_t)nS) {
-        dw_ptr[s] = dW + (int64_t)S[s] * out_dim * in_dim;
-        xp_ptr[s] = xp + s * rows_per_channel * in_dim;
-        gp_ptr[s] = gp + s * rows_per_channel * out_dim;
-    }
-}
 
 int as_int(int64_t v, const char* what) {
     PRISM_CUDA_REQUIRE(v >= 0 && v <= INT_MAX, what);
@@ -130,31 +33,75 @@ int as_int(int64_t v, const char* what) {
 
 const float kOne = 1.f, kZero = 0.f;
 
-// ---- bf16 through cuBLASLt ------------------------------------------------------------
-// out[r, o] = bf16(bias[o])
-__global__ void fill_bias_bf16_kernel(uint16_t* out, const float* bias, int64_t rows, int out_dim) {
-    PRISM_GRID_STRIDE(i, rows * out_dim) out[i] = float_to_bf16(bias[i % out_dim]);
+// ---- launchers of linear.cuh's kernels -------------------------------------------------
+template <class O>
+void fill_bias(O* out, const float* bias, int64_t rows, int out_dim, cudaStream_t stream) {
+    const linear::FillBiasParams<O> p{out, bias, rows, out_dim};
+    linear::fill_bias_kernel<O><<<linear::element_blocks(rows * out_dim), linear::kElementThreads, 0, stream>>>(p);
+    PRISM_LAUNCH_CHECK();
 }
 
-// Channel s's rows of dout [B, nS, N, out] in (b, n) order: the bias
-// gradient of expert S[s] sums them.
-struct ChannelRows {  // term = dout[((b*nS + s)*N + n)*out + c], r = b*N + n
-    const float* dout;
-    int nS, N, out;
-    __device__ float operator()(int s, int64_t r, int c) const {
-        const int64_t b = r / N, n = r % N;
-        return dout[((b * nS + s) * N + n) * out + c];
-    }
-};
+template <class O>
+void fill_expert_bias(O* out, const float* bias, const int* S, int B, int nS, int N, int out_dim,
+                      cudaStream_t stream) {
+    const linear::ExpertBiasParams<O> p{out, bias, S, B, nS, N, out_dim};
+    const unsigned blocks = linear::element_blocks((int64_t)B * nS * N * out_dim);
+    linear::fill_expert_bias_kernel<O><<<blocks, linear::kElementThreads, 0, stream>>>(p);
+    PRISM_LAUNCH_CHECK();
+}
 
-struct Bf16RowMajor {  // term = float(x[r*cols + c])
-    const uint16_t* x;
-    int cols;
-    __device__ float operator()(int, int64_t r, int c) const {
-        return bf16_to_float(x[r * cols + c]);
-    }
-};
+void used_experts_bf16(uint16_t* Wb, const float* W, const int* S, int nS, int64_t per_expert, cudaStream_t stream) {
+    const linear::UsedExpertsParams p{Wb, W, S, nS, per_expert};
+    linear::used_experts_bf16_kernel<<<linear::element_blocks(nS * per_expert), linear::kElementThreads, 0, stream>>>(
+        p);
+    PRISM_LAUNCH_CHECK();
+}
 
+void patch_rows_bf16(uint16_t* xb, const float* x, int64_t x_image_stride, int B, int64_t per_image,
+                     cudaStream_t stream) {
+    const linear::PatchRowsParams p{xb, x, x_image_stride, B, per_image};
+    linear::patch_rows_bf16_kernel<<<linear::element_blocks(B * per_image), linear::kElementThreads, 0, stream>>>(p);
+    PRISM_LAUNCH_CHECK();
+}
+
+template <class E, class X>
+void channel_major(const linear::ChannelMajorParams<E, X>& p, cudaStream_t stream) {
+    const unsigned blocks = linear::element_blocks((int64_t)p.nS * p.B * p.N * (p.in_dim + p.out_dim));
+    linear::channel_major_kernel<E, X><<<blocks, linear::kElementThreads, 0, stream>>>(p);
+    PRISM_LAUNCH_CHECK();
+}
+
+template <class W, class I, class O>
+void group_pointers(const linear::GroupPointersParams<W, I, O>& p, cudaStream_t stream) {
+    linear::group_pointers_kernel<W, I, O><<<linear::element_blocks((int64_t)p.B * p.nS), linear::kElementThreads, 0,
+                                             stream>>>(p);
+    PRISM_LAUNCH_CHECK();
+}
+
+template <class E>
+void weight_pointers(const linear::WeightPointersParams<E>& p, cudaStream_t stream) {
+    linear::weight_pointers_kernel<E><<<linear::element_blocks(p.nS), linear::kElementThreads, 0, stream>>>(p);
+    PRISM_LAUNCH_CHECK();
+}
+
+// ---- the batched products, as linear.cuh shapes them (C += op(A)·op(B)) ----------------
+cublasOperation_t op(bool trans) { return trans ? CUBLAS_OP_T : CUBLAS_OP_N; }
+
+void fp32_batched(const linear::Product& p, float* const* A, float* const* B, float* const* C, int count,
+                  cudaStream_t stream) {
+    PRISM_CUBLAS_CHECK(cublasSgemmBatched(blas_handle(stream), op(p.trans_a), op(p.trans_b), p.m, p.n, p.k, &kOne,
+                                          A, p.lda, B, p.ldb, &kOne, C, p.ldc, count));
+}
+
+// A and B bf16, C of c_type (fp32 or bf16), fp32 accumulation.
+void bf16_batched(const linear::Product& p, void* const* A, void* const* B, void* const* C, cudaDataType_t c_type,
+                  int count, cudaStream_t stream) {
+    PRISM_CUBLAS_CHECK(cublasGemmBatchedEx(blas_handle(stream), op(p.trans_a), op(p.trans_b), p.m, p.n, p.k, &kOne,
+                                           A, CUDA_R_16BF, p.lda, B, CUDA_R_16BF, p.ldb, &kOne, C, c_type, p.ldc,
+                                           count, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+// ---- bf16 through cuBLASLt ------------------------------------------------------------
 // Owners of cuBLASLt descriptors, destroyed (and checked) on scope exit.
 struct LtLayout {
     cublasLtMatrixLayout_t p = nullptr;
@@ -319,12 +266,8 @@ void lt_matmul(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, cons
         PRISM_CUDA_REQUIRE(m <= INT_MAX && n <= INT_MAX && k <= INT_MAX,
                            "bf16 GEMM too large for cublasGemmEx");
         if (bias) {  // D [m, n] column-major is row-major [n, m]: bias[i % m]
-            if (bf16_d)
-                fill_bias_bf16_kernel<<<grid_for(m * n), kThreads, 0, stream>>>(static_cast<uint16_t*>(D), bias, n,
-                                                                                 (int)m);
-            else
-                fill_bias_kernel<<<grid_for(m * n), kThreads, 0, stream>>>(static_cast<float*>(D), bias, n, (int)m);
-            PRISM_LAUNCH_CHECK();
+            if (bf16_d) fill_bias(static_cast<uint16_t*>(D), bias, n, (int)m, stream);
+            else fill_bias(static_cast<float*>(D), bias, n, (int)m, stream);
             beta = 1.f;
         }
         PRISM_CUBLAS_CHECK(cublasGemmEx(blas_handle(stream), trans_a ? CUBLAS_OP_T : CUBLAS_OP_N,
@@ -348,10 +291,7 @@ void linear_forward(float* out, const float* x, const float* W, const float* b, 
                     int in_dim, int out_dim, cudaStream_t stream) {
     if (rows <= 0) return;
     const int n = as_int(rows, "linear_forward: rows must fit an int");
-    if (b) {
-        fill_bias_kernel<<<grid_for(rows * out_dim), kThreads, 0, stream>>>(out, b, rows, out_dim);
-        PRISM_LAUNCH_CHECK();
-    }
+    if (b) fill_bias(out, b, rows, out_dim, stream);
     PRISM_CUBLAS_CHECK(cublasSgemm(blas_handle(stream), CUBLAS_OP_T, CUBLAS_OP_N, out_dim, n,
                                    in_dim, &kOne, W, in_dim, x, in_dim, b ? &kOne : &kZero, out,
                                    out_dim));
@@ -377,19 +317,17 @@ void expert_linear_forward(float* out, const float* x, int64_t x_image_stride, c
                            int out_dim, cudaStream_t stream) {
     const int G = B * nS;
     if (G <= 0 || N <= 0) return;
-    fill_expert_bias_kernel<<<grid_for((int64_t)G * N * out_dim), kThreads, 0, stream>>>(
-        out, bias, S, B, nS, N, out_dim);
-    PRISM_LAUNCH_CHECK();
+    fill_expert_bias(out, bias, S, B, nS, N, out_dim, stream);
     Scratch ptrs(3 * sizeof(float*) * (size_t)G, stream);
     float** w_ptr = ptrs.as<float*>();
     float** x_ptr = w_ptr + G;
     float** y_ptr = w_ptr + 2 * G;
-    group_pointers_kernel<<<grid_for(G), kThreads, 0, stream>>>(
-        w_ptr, x_ptr, y_ptr, W, x, x_image_stride, out, S, B, nS, N, in_dim, out_dim);
-    PRISM_LAUNCH_CHECK();
-    PRISM_CUBLAS_CHECK(cublasSgemmBatched(blas_handle(stream), CUBLAS_OP_T, CUBLAS_OP_N, out_dim, N,
-                                          in_dim, &kOne, w_ptr, in_dim, x_ptr, in_dim, &kOne, y_ptr,
-                                          out_dim, G));
+    const linear::GroupAt x_at{x_image_stride, (int64_t)N * in_dim}, y_at{(int64_t)nS * N * out_dim,
+                                                                           (int64_t)N * out_dim};
+    group_pointers(linear::GroupPointersParams<float, float, float>{w_ptr, x_ptr, y_ptr, W, (int64_t)out_dim * in_dim,
+                                                                    S, x, x_at, out, y_at, B, nS},
+                   stream);
+    fp32_batched(linear::expert_forward_product(N, in_dim, out_dim), w_ptr, x_ptr, y_ptr, G, stream);
 }
 
 void expert_linear_backward(float* dx, float* dW, float* dbias, const float* dout, const float* x,
@@ -397,19 +335,19 @@ void expert_linear_backward(float* dx, float* dW, float* dbias, const float* dou
                             int N, int in_dim, int out_dim, cudaStream_t stream) {
     const int G = B * nS;
     if (G <= 0 || N <= 0) return;
-    cublasHandle_t h = blas_handle(stream);
+    const int64_t per_expert = (int64_t)out_dim * in_dim;
     // dx of group (b, s) += dout(b, s) · W[S[s]]
     {
         Scratch ptrs(3 * sizeof(float*) * (size_t)G, stream);
         float** w_ptr = ptrs.as<float*>();
-        float** dx_ptr = w_ptr + G;
-        float** g_ptr = w_ptr + 2 * G;
-        group_pointers_kernel<<<grid_for(G), kThreads, 0, stream>>>(
-            w_ptr, dx_ptr, g_ptr, W, dx, x_image_stride, dout, S, B, nS, N, in_dim, out_dim);
-        PRISM_LAUNCH_CHECK();
-        PRISM_CUBLAS_CHECK(cublasSgemmBatched(h, CUBLAS_OP_N, CUBLAS_OP_N, in_dim, N, out_dim,
-                                              &kOne, w_ptr, in_dim, g_ptr, out_dim, &kOne, dx_ptr,
-                                              in_dim, G));
+        float** g_ptr = w_ptr + G;
+        float** dx_ptr = w_ptr + 2 * G;
+        const linear::GroupAt g_at{(int64_t)nS * N * out_dim, (int64_t)N * out_dim},
+            dx_at{x_image_stride, (int64_t)N * in_dim};
+        group_pointers(linear::GroupPointersParams<float, float, float>{w_ptr, g_ptr, dx_ptr, W, per_expert, S, dout,
+                                                                        g_at, dx, dx_at, B, nS},
+                       stream);
+        fp32_batched(linear::expert_dx_product(N, in_dim, out_dim), w_ptr, g_ptr, dx_ptr, G, stream);
     }
     // dW[S[s]] += Σ_b dout(b, s)ᵀ · x(b, s): each channel's rows made contiguous,
     // then one GEMM per channel with K = B·N (images summed inside the GEMM).
@@ -417,20 +355,17 @@ void expert_linear_backward(float* dx, float* dW, float* dbias, const float* dou
     const int K = as_int(per_channel, "expert_linear_backward: B*N must fit an int");
     Scratch xp(sizeof(float) * (size_t)(nS * per_channel) * in_dim, stream);
     Scratch gp(sizeof(float) * (size_t)(nS * per_channel) * out_dim, stream);
-    channel_major_kernel<float, float><<<grid_for(nS * per_channel * (in_dim + out_dim)), kThreads, 0, stream>>>(
-        xp.as<float>(), gp.as<float>(), x, x_image_stride, dout, B, nS, N, in_dim, out_dim);
-    PRISM_LAUNCH_CHECK();
+    channel_major(linear::ChannelMajorParams<float, float>{xp.as<float>(), gp.as<float>(), x, x_image_stride, dout, B,
+                                                           nS, N, in_dim, out_dim},
+                  stream);
     Scratch ptrs(3 * sizeof(float*) * (size_t)nS, stream);
     float** dw_ptr = ptrs.as<float*>();
     float** xp_ptr = dw_ptr + nS;
     float** gp_ptr = dw_ptr + 2 * nS;
-    expert_weight_pointers_kernel<<<grid_for(nS), kThreads, 0, stream>>>(
-        dw_ptr, xp_ptr, gp_ptr, dW, xp.as<float>(), gp.as<float>(), S, nS, per_channel, in_dim,
-        out_dim);
-    PRISM_LAUNCH_CHECK();
-    PRISM_CUBLAS_CHECK(cublasSgemmBatched(h, CUBLAS_OP_N, CUBLAS_OP_T, in_dim, out_dim, K, &kOne,
-                                          xp_ptr, in_dim, gp_ptr, out_dim, &kOne, dw_ptr, in_dim,
-                                          nS));
+    weight_pointers(linear::WeightPointersParams<float>{dw_ptr, xp_ptr, gp_ptr, dW, xp.as<float>(), gp.as<float>(),
+                                                        S, nS, per_channel, in_dim, out_dim},
+                    stream);
+    fp32_batched(linear::expert_dw_product(K, in_dim, out_dim), xp_ptr, gp_ptr, dw_ptr, nS, stream);
     // dbias[S[s]] += column sums of channel s's dout rows
     column_sum(nS, per_channel, out_dim, RowMajor{gp.as<float>(), per_channel, out_dim},
                AddTo{dbias, out_dim, S}, stream);
@@ -439,11 +374,7 @@ void expert_linear_backward(float* dx, float* dW, float* dbias, const float* dou
 void linear_forward_bf16(uint16_t* out, const uint16_t* x, const uint16_t* W, const float* b,
                          int64_t rows, int in_dim, int out_dim, cudaStream_t stream) {
     if (rows <= 0) return;
-    if (b) {
-        fill_bias_bf16_kernel<<<grid_for(rows * out_dim), kThreads, 0, stream>>>(out, b, rows,
-                                                                                 out_dim);
-        PRISM_LAUNCH_CHECK();
-    }
+    if (b) fill_bias(out, b, rows, out_dim, stream);
     lt_matmul(true, false, out_dim, rows, in_dim, W, in_dim, x, in_dim, b ? 1.f : 0.f, out,
               CUDA_R_16BF, out_dim, stream);
 }
@@ -458,7 +389,7 @@ void linear_backward_bf16(uint16_t* dx, float* dW, float* db, const uint16_t* do
     lt_matmul(false, true, in_dim, out_dim, rows, x, in_dim, dout, out_dim, 1.f, dW, CUDA_R_32F,
               in_dim, stream);
     if (db)
-        column_sum(1, rows, out_dim, Bf16RowMajor{dout, out_dim}, AddTo{db, out_dim, nullptr},
+        column_sum(1, rows, out_dim, linear::Bf16RowMajor{dout, out_dim}, AddTo{db, out_dim, nullptr},
                    stream);
 }
 
@@ -523,7 +454,7 @@ void linear_backward_mixed(float* dx, uint16_t* dx_bf16, bool overwrite_dx, floa
     }
     lt_matmul(false, true, in_dim, out_dim, rows, xb, in_dim, gb, out_dim, 1.f, dW, CUDA_R_32F, in_dim, stream);
     if (db && dout_bf16)  // the gradient exists in bf16 only
-        column_sum(1, rows, out_dim, Bf16RowMajor{dout_bf16, out_dim}, AddTo{db, out_dim, nullptr}, stream);
+        column_sum(1, rows, out_dim, linear::Bf16RowMajor{dout_bf16, out_dim}, AddTo{db, out_dim, nullptr}, stream);
     else if (db)  // from the fp32 gradient: the bias sum needs no rounding
         column_sum(1, rows, out_dim, RowMajor{dout, rows, out_dim}, AddTo{db, out_dim, nullptr}, stream);
 }
@@ -542,46 +473,35 @@ void expert_linear_forward_mixed(float* out, uint16_t* out_bf16, const float* x,
     int64_t xb_image_stride = x_image_stride;
     if (!x_bf16) {
         PRISM_CUDA_REQUIRE(x != nullptr, "expert_linear_forward_mixed: no input");
-        patch_rows_bf16_kernel<<<grid_for(B * per_image), kThreads, 0, stream>>>(xs.as<uint16_t>(), x,
-                                                                                  x_image_stride, B, per_image);
-        PRISM_LAUNCH_CHECK();
+        patch_rows_bf16(xs.as<uint16_t>(), x, x_image_stride, B, per_image, stream);
         xb = xs.as<uint16_t>();
         xb_image_stride = per_image;
     }
     Scratch wb(sizeof(uint16_t) * (size_t)(nS * per_expert), stream);
-    used_experts_bf16_kernel<<<grid_for(nS * per_expert), kThreads, 0, stream>>>(wb.as<uint16_t>(), W, S, nS,
-                                                                                 per_expert);
-    PRISM_LAUNCH_CHECK();
+    used_experts_bf16(wb.as<uint16_t>(), W, S, nS, per_expert, stream);
     // The bias first, then the product adds into it (beta = 1). A bf16 result
     // starts from the bias rounded to bf16, so it is rounded twice (the bias,
     // then the sum): within the bf16 tolerance, and no fp32 scratch.
-    const unsigned bias_grid = grid_for((int64_t)G * N * out_dim);
-    if (out_bf16)
-        fill_expert_bias_kernel<<<bias_grid, kThreads, 0, stream>>>(out_bf16, bias, S, B, nS, N, out_dim);
-    else
-        fill_expert_bias_kernel<<<bias_grid, kThreads, 0, stream>>>(out, bias, S, B, nS, N, out_dim);
-    PRISM_LAUNCH_CHECK();
+    if (out_bf16) fill_expert_bias(out_bf16, bias, S, B, nS, N, out_dim, stream);
+    else fill_expert_bias(out, bias, S, B, nS, N, out_dim, stream);
     Scratch ptrs(3 * sizeof(void*) * (size_t)G, stream);
     void** slots = ptrs.as<void*>();
     uint16_t** w_ptr = reinterpret_cast<uint16_t**>(slots);
     uint16_t** x_ptr = w_ptr + G;
-    const GroupAt x_at{xb_image_stride, (int64_t)N * in_dim}, y_at{(int64_t)nS * N * out_dim, (int64_t)N * out_dim};
+    const linear::GroupAt x_at{xb_image_stride, (int64_t)N * in_dim},
+        y_at{(int64_t)nS * N * out_dim, (int64_t)N * out_dim};
     if (out_bf16)
-        mixed_group_pointers_kernel<<<grid_for(G), kThreads, 0, stream>>>(
-            w_ptr, x_ptr, reinterpret_cast<uint16_t**>(slots + 2 * G), wb.as<uint16_t>(), per_expert, xb, x_at,
-            out_bf16, y_at, B, nS);
+        group_pointers(linear::GroupPointersParams<uint16_t, uint16_t, uint16_t>{
+                           w_ptr, x_ptr, reinterpret_cast<uint16_t**>(slots + 2 * G), wb.as<uint16_t>(), per_expert,
+                           nullptr, xb, x_at, out_bf16, y_at, B, nS},
+                       stream);
     else
-        mixed_group_pointers_kernel<<<grid_for(G), kThreads, 0, stream>>>(
-            w_ptr, x_ptr, reinterpret_cast<float**>(slots + 2 * G), wb.as<uint16_t>(), per_expert, xb, x_at, out,
-            y_at, B, nS);
-    PRISM_LAUNCH_CHECK();
-    // column-major: Yᵀ [out, N] += W_sᵀ-as-stored · Xᵀ, per group
-    PRISM_CUBLAS_CHECK(cublasGemmBatchedEx(
-        blas_handle(stream), CUBLAS_OP_T, CUBLAS_OP_N, out_dim, N, in_dim, &kOne,
-        reinterpret_cast<const void* const*>(w_ptr), CUDA_R_16BF, in_dim,
-        reinterpret_cast<const void* const*>(x_ptr), CUDA_R_16BF, in_dim, &kOne,
-        reinterpret_cast<void* const*>(slots + 2 * G), out_bf16 ? CUDA_R_16BF : CUDA_R_32F, out_dim, G,
-        CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+        group_pointers(linear::GroupPointersParams<uint16_t, uint16_t, float>{
+                           w_ptr, x_ptr, reinterpret_cast<float**>(slots + 2 * G), wb.as<uint16_t>(), per_expert,
+                           nullptr, xb, x_at, out, y_at, B, nS},
+                       stream);
+    bf16_batched(linear::expert_forward_product(N, in_dim, out_dim), slots, slots + G, slots + 2 * G,
+                 out_bf16 ? CUDA_R_16BF : CUDA_R_32F, G, stream);
 }
 
 void expert_linear_backward_mixed(float* dx, float* dW, float* dbias, const float* dout, const float* x,
@@ -589,56 +509,52 @@ void expert_linear_backward_mixed(float* dx, float* dW, float* dbias, const floa
                                   int B, int nS, int N, int in_dim, int out_dim, cudaStream_t stream) {
     const int G = B * nS;
     if (G <= 0 || N <= 0) return;
-    cublasHandle_t h = blas_handle(stream);
     const int64_t per_expert = (int64_t)out_dim * in_dim, per_channel = (int64_t)B * N;
     // Channel-major bf16 copies of x and dout, one pass each: a channel's rows
     // are contiguous for its dW product (K = B·N), and each group's dout rows
     // (N of them) are contiguous too, so the dx products read the same copy.
     Scratch xp(sizeof(uint16_t) * (size_t)(nS * per_channel) * in_dim, stream);
     Scratch gp(sizeof(uint16_t) * (size_t)(nS * per_channel) * out_dim, stream);
-    const unsigned grid = grid_for(nS * per_channel * (in_dim + out_dim));
     if (x_bf16)
-        channel_major_kernel<uint16_t, uint16_t><<<grid, kThreads, 0, stream>>>(
-            xp.as<uint16_t>(), gp.as<uint16_t>(), x_bf16, x_image_stride, dout, B, nS, N, in_dim, out_dim);
+        channel_major(linear::ChannelMajorParams<uint16_t, uint16_t>{xp.as<uint16_t>(), gp.as<uint16_t>(), x_bf16,
+                                                                     x_image_stride, dout, B, nS, N, in_dim, out_dim},
+                      stream);
     else
-        channel_major_kernel<uint16_t, float><<<grid, kThreads, 0, stream>>>(
-            xp.as<uint16_t>(), gp.as<uint16_t>(), x, x_image_stride, dout, B, nS, N, in_dim, out_dim);
-    PRISM_LAUNCH_CHECK();
+        channel_major(linear::ChannelMajorParams<uint16_t, float>{xp.as<uint16_t>(), gp.as<uint16_t>(), x,
+                                                                  x_image_stride, dout, B, nS, N, in_dim, out_dim},
+                      stream);
     // dx of group (b, s) += dout(b, s) · W[S[s]]
     {
         Scratch wb(sizeof(uint16_t) * (size_t)(nS * per_expert), stream);
-        used_experts_bf16_kernel<<<grid_for(nS * per_expert), kThreads, 0, stream>>>(wb.as<uint16_t>(), W, S, nS,
-                                                                                     per_expert);
-        PRISM_LAUNCH_CHECK();
+        used_experts_bf16(wb.as<uint16_t>(), W, S, nS, per_expert, stream);
         Scratch ptrs(3 * sizeof(void*) * (size_t)G, stream);
         void** slots = ptrs.as<void*>();
         uint16_t** w_ptr = reinterpret_cast<uint16_t**>(slots);
         uint16_t** g_ptr = w_ptr + G;
         float** dx_ptr = reinterpret_cast<float**>(slots + 2 * G);
-        mixed_group_pointers_kernel<<<grid_for(G), kThreads, 0, stream>>>(
-            w_ptr, g_ptr, dx_ptr, wb.as<uint16_t>(), per_expert, gp.as<uint16_t>(),
-            {(int64_t)N * out_dim, per_channel * out_dim}, dx, {x_image_stride, (int64_t)N * in_dim}, B, nS);
-        PRISM_LAUNCH_CHECK();
-        PRISM_CUBLAS_CHECK(cublasGemmBatchedEx(
-            h, CUBLAS_OP_N, CUBLAS_OP_N, in_dim, N, out_dim, &kOne, reinterpret_cast<const void* const*>(w_ptr),
-            CUDA_R_16BF, in_dim, reinterpret_cast<const void* const*>(g_ptr), CUDA_R_16BF, out_dim, &kOne,
-            reinterpret_cast<void* const*>(dx_ptr), CUDA_R_32F, in_dim, G, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+        const linear::GroupAt g_at{(int64_t)N * out_dim, per_channel * out_dim},
+            dx_at{x_image_stride, (int64_t)N * in_dim};
+        group_pointers(linear::GroupPointersParams<uint16_t, uint16_t, float>{w_ptr, g_ptr, dx_ptr, wb.as<uint16_t>(),
+                                                                              per_expert, nullptr, gp.as<uint16_t>(),
+                                                                              g_at, dx, dx_at, B, nS},
+                       stream);
+        bf16_batched(linear::expert_dx_product(N, in_dim, out_dim), slots, slots + G, slots + 2 * G, CUDA_R_32F, G,
+                     stream);
     }
     // dW[S[s]] += Σ_b dout(b, s)ᵀ · x(b, s): one product per channel.
     const int K = as_int(per_channel, "expert_linear_backward: B*N must fit an int");
     Scratch ptrs(3 * sizeof(void*) * (size_t)nS, stream);
-    float** dw_ptr = ptrs.as<float*>();
-    uint16_t** xp_ptr = reinterpret_cast<uint16_t**>(dw_ptr + nS);
-    uint16_t** gp_ptr = reinterpret_cast<uint16_t**>(dw_ptr + 2 * nS);
-    expert_weight_pointers_kernel<uint16_t><<<grid_for(nS), kThreads, 0, stream>>>(
-        dw_ptr, xp_ptr, gp_ptr, dW, xp.as<uint16_t>(), gp.as<uint16_t>(), S, nS, per_channel, in_dim, out_dim);
-    PRISM_LAUNCH_CHECK();
-    PRISM_CUBLAS_CHECK(cublasGemmBatchedEx(
-        h, CUBLAS_OP_N, CUBLAS_OP_T, in_dim, out_dim, K, &kOne, reinterpret_cast<const void* const*>(xp_ptr),
-        CUDA_R_16BF, in_dim, reinterpret_cast<const void* const*>(gp_ptr), CUDA_R_16BF, out_dim, &kOne,
-        reinterpret_cast<void* const*>(dw_ptr), CUDA_R_32F, in_dim, nS, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    void** slots = ptrs.as<void*>();
+    float** dw_ptr = reinterpret_cast<float**>(slots);
+    uint16_t** xp_ptr = reinterpret_cast<uint16_t**>(slots + nS);
+    uint16_t** gp_ptr = reinterpret_cast<uint16_t**>(slots + 2 * nS);
+    weight_pointers(linear::WeightPointersParams<uint16_t>{dw_ptr, xp_ptr, gp_ptr, dW, xp.as<uint16_t>(),
+                                                           gp.as<uint16_t>(), S, nS, per_channel, in_dim, out_dim},
+                    stream);
+    bf16_batched(linear::expert_dw_product(K, in_dim, out_dim), slots + nS, slots + 2 * nS, slots, CUDA_R_32F, nS,
+                 stream);
     // dbias[S[s]] += column sums of channel s's fp32 dout rows (no rounding)
-    column_sum(nS, per_channel, out_dim, ChannelRows{dout, nS, N, out_dim}, AddTo{dbias, out_dim, S}, stream);
+    column_sum(nS, per_channel, out_dim, linear::ChannelRows{dout, nS, N, out_dim}, AddTo{dbias, out_dim, S}, stream);
 }
 
 #else  // built without cuBLAS: the linear ops say so
