@@ -4,8 +4,9 @@
 // and in the bf16 mode, against kernels/cpu/linear.cpp. cuBLAS itself cannot
 // run here; its batched products are modelled below (column-major,
 // C += op(A)·op(B)) with the transposes and leading dimensions linear.cuh
-// gives linear.cu, and they follow the pointer arrays the emulated kernels
-// wrote, checking that each operand lies inside its buffer. What this checks:
+// gives linear.cu (whose plain linear layers use the same three shapes), and
+// they follow the pointer arrays the emulated kernels wrote, checking that
+// each operand lies inside its buffer. What this checks:
 // the biases, the bf16 and channel-major copies, the pointers chosen from S,
 // the products' shapes, the bias gradients' terms. What it cannot: cuBLAS's
 // own results and linear.cu's sequence of calls, which is rewritten here
@@ -75,15 +76,15 @@ void batched_product(const lin::Product& p, TA* const* A, TB* const* B, TC* cons
         expect_inside("A", (const TA*)A[g], p.trans_a ? extent(p.k, p.m, p.lda) : extent(p.m, p.k, p.lda), a_buf, g);
         expect_inside("B", (const TB*)B[g], p.trans_b ? extent(p.n, p.k, p.ldb) : extent(p.k, p.n, p.ldb), b_buf, g);
         expect_inside("C", (const TC*)C[g], extent(p.m, p.n, p.ldc), c_buf, g);
-        for (int j = 0; j < p.n; j++)
-            for (int i = 0; i < p.m; i++) {
-                double acc = as_float(C[g][i + (int64_t)j * p.ldc]);
-                for (int l = 0; l < p.k; l++) {
-                    const float a = as_float(p.trans_a ? A[g][l + (int64_t)i * p.lda] : A[g][i + (int64_t)l * p.lda]);
-                    const float b = as_float(p.trans_b ? B[g][j + (int64_t)l * p.ldb] : B[g][l + (int64_t)j * p.ldb]);
+        for (int64_t j = 0; j < p.n; j++)
+            for (int64_t i = 0; i < p.m; i++) {
+                double acc = as_float(C[g][i + j * p.ldc]);
+                for (int64_t l = 0; l < p.k; l++) {
+                    const float a = as_float(p.trans_a ? A[g][l + i * p.lda] : A[g][i + l * p.lda]);
+                    const float b = as_float(p.trans_b ? B[g][j + l * p.ldb] : B[g][l + j * p.ldb]);
                     acc += (double)a * b;
                 }
-                store(&C[g][i + (int64_t)j * p.ldc], acc);
+                store(&C[g][i + j * p.ldc], acc);
             }
     }
 }
@@ -127,7 +128,7 @@ void forward_fp32(const Layer& L, std::vector<float>& out, const std::vector<flo
                     ptrs.data(), ptrs.data() + G, ptrs.data() + 2 * G, W.data(), (int64_t)L.out_dim * L.in_dim,
                     L.S.data(), x, {L.image_stride(), (int64_t)L.N * L.in_dim}, out.data(),
                     {(int64_t)L.nS * L.N * L.out_dim, (int64_t)L.N * L.out_dim}, L.B, L.nS});
-    batched_product(lin::expert_forward_product(L.N, L.in_dim, L.out_dim), ptrs.data(), ptrs.data() + G,
+    batched_product(lin::forward_product(L.N, L.in_dim, L.out_dim), ptrs.data(), ptrs.data() + G,
                     ptrs.data() + 2 * G, G, whole(W), whole(seq), whole(out));
 }
 
@@ -143,7 +144,7 @@ void backward_fp32(const Layer& L, std::vector<float>& dseq, std::vector<float>&
                     ptrs.data(), ptrs.data() + G, ptrs.data() + 2 * G, W.data(), per_expert, L.S.data(), dout.data(),
                     {(int64_t)L.nS * L.N * L.out_dim, (int64_t)L.N * L.out_dim}, dseq.data() + L.in_dim,
                     {L.image_stride(), (int64_t)L.N * L.in_dim}, L.B, L.nS});
-    batched_product(lin::expert_dx_product(L.N, L.in_dim, L.out_dim), ptrs.data(), ptrs.data() + G,
+    batched_product(lin::dx_product(L.N, L.in_dim, L.out_dim), ptrs.data(), ptrs.data() + G,
                     ptrs.data() + 2 * G, G, whole(W), whole(dout), whole(dseq));
 
     std::vector<float> xp(L.nS * per_channel * L.in_dim, NAN), gp(L.nS * per_channel * L.out_dim, NAN);
@@ -156,7 +157,7 @@ void backward_fp32(const Layer& L, std::vector<float>& dseq, std::vector<float>&
                 lin::WeightPointersParams<float>{wptrs.data(), wptrs.data() + L.nS, wptrs.data() + 2 * L.nS,
                                                  dW.data(), xp.data(), gp.data(), L.S.data(), L.nS, per_channel,
                                                  L.in_dim, L.out_dim});
-    batched_product(lin::expert_dw_product((int)per_channel, L.in_dim, L.out_dim), wptrs.data() + L.nS,
+    batched_product(lin::dw_product(per_channel, L.in_dim, L.out_dim), wptrs.data() + L.nS,
                     wptrs.data() + 2 * L.nS, wptrs.data(), L.nS, whole(xp), whole(gp), whole(dW));
     prism::testing::column_sum<float>(L.nS, per_channel, L.out_dim, reduce::RowMajor{gp.data(), per_channel, L.out_dim},
                                reduce::AddTo{dbias.data(), L.out_dim, L.S.data()});
@@ -198,7 +199,7 @@ void forward_mixed(const Layer& L, std::vector<O>& out, const std::vector<float>
                     w_ptr.data(), x_ptr.data(), y_ptr.data(), wb.data(), per_expert, nullptr, xb,
                     {xb_image_stride, (int64_t)L.N * L.in_dim}, out.data(),
                     {(int64_t)L.nS * L.N * L.out_dim, (int64_t)L.N * L.out_dim}, L.B, L.nS});
-    batched_product(lin::expert_forward_product(L.N, L.in_dim, L.out_dim), w_ptr.data(), x_ptr.data(), y_ptr.data(),
+    batched_product(lin::forward_product(L.N, L.in_dim, L.out_dim), w_ptr.data(), x_ptr.data(), y_ptr.data(),
                     G, whole(wb), x_buf, whole(out));
 }
 
@@ -226,7 +227,7 @@ void backward_mixed(const Layer& L, std::vector<float>& dseq, std::vector<float>
                     w_ptr.data(), g_ptr.data(), dx_ptr.data(), wb.data(), per_expert, nullptr, gp.data(),
                     {(int64_t)L.N * L.out_dim, per_channel * L.out_dim}, dseq.data() + L.in_dim,
                     {L.image_stride(), (int64_t)L.N * L.in_dim}, L.B, L.nS});
-    batched_product(lin::expert_dx_product(L.N, L.in_dim, L.out_dim), w_ptr.data(), g_ptr.data(), dx_ptr.data(), G,
+    batched_product(lin::dx_product(L.N, L.in_dim, L.out_dim), w_ptr.data(), g_ptr.data(), dx_ptr.data(), G,
                     whole(wb), whole(gp), whole(dseq));
 
     std::vector<float*> dw_ptr(L.nS, nullptr);
@@ -235,7 +236,7 @@ void backward_mixed(const Layer& L, std::vector<float>& dseq, std::vector<float>
                 lin::WeightPointersParams<uint16_t>{dw_ptr.data(), xp_ptr.data(), gp_ptr.data(), dW.data(),
                                                     xp.data(), gp.data(), L.S.data(), L.nS, per_channel, L.in_dim,
                                                     L.out_dim});
-    batched_product(lin::expert_dw_product((int)per_channel, L.in_dim, L.out_dim), xp_ptr.data(), gp_ptr.data(),
+    batched_product(lin::dw_product(per_channel, L.in_dim, L.out_dim), xp_ptr.data(), gp_ptr.data(),
                     dw_ptr.data(), L.nS, whole(xp), whole(gp), whole(dW));
     prism::testing::column_sum<float>(L.nS, per_channel, L.out_dim, lin::ChannelRows{dout.data(), L.nS, L.N, L.out_dim},
                                reduce::AddTo{dbias.data(), L.out_dim, L.S.data()});

@@ -8,7 +8,7 @@
 //   forward  Yᵀ [out, rows]  = op_T(W) · Xᵀ
 //   dx       dXᵀ [in, rows] += W · dYᵀ          (W seen as [in, out], no transpose)
 //   dW       dWᵀ [in, out]  += Xᵀ · op_T(dYᵀ)
-// The experts run as one batched GEMM over the (image, channel) groups, their
+// (linear.cuh's forward_product, dx_product and dw_product). The experts run as one batched GEMM over the (image, channel) groups, their
 // weight pointers chosen on the device from S, so no index leaves the GPU.
 #include <climits>
 #include <map>
@@ -31,7 +31,7 @@ int as_int(int64_t v, const char* what) {
     return (int)v;
 }
 
-const float kOne = 1.f, kZero = 0.f;
+const float kOne = 1.f;
 
 // ---- launchers of linear.cuh's kernels -------------------------------------------------
 template <class O>
@@ -84,20 +84,41 @@ void weight_pointers(const linear::WeightPointersParams<E>& p, cudaStream_t stre
     PRISM_LAUNCH_CHECK();
 }
 
-// ---- the batched products, as linear.cuh shapes them (C += op(A)·op(B)) ----------------
+// ---- the products, as linear.cuh shapes them ------------------------------------------
 cublasOperation_t op(bool trans) { return trans ? CUBLAS_OP_T : CUBLAS_OP_N; }
 
-void fp32_batched(const linear::Product& p, float* const* A, float* const* B, float* const* C, int count,
-                  cudaStream_t stream) {
-    PRISM_CUBLAS_CHECK(cublasSgemmBatched(blas_handle(stream), op(p.trans_a), op(p.trans_b), p.m, p.n, p.k, &kOne,
-                                          A, p.lda, B, p.ldb, &kOne, C, p.ldc, count));
+// cuBLAS's classic API takes int sizes.
+struct IntShape {
+    int m, n, k, lda, ldb, ldc;
+};
+IntShape int_shape(const linear::Product& p) {
+    const char* what = "linear: a product's size must fit an int";
+    return {as_int(p.m, what), as_int(p.n, what), as_int(p.k, what), as_int(p.lda, what), as_int(p.ldb, what),
+            as_int(p.ldc, what)};
 }
 
-// A and B bf16, C of c_type (fp32 or bf16), fp32 accumulation.
+// C = op(A)·op(B) + beta·C in fp32 (no TF32).
+void fp32_product(const linear::Product& p, const float* A, const float* B, float beta, float* C,
+                  cudaStream_t stream) {
+    const IntShape s = int_shape(p);
+    PRISM_CUBLAS_CHECK(cublasSgemm(blas_handle(stream), op(p.trans_a), op(p.trans_b), s.m, s.n, s.k, &kOne, A, s.lda,
+                                   B, s.ldb, &beta, C, s.ldc));
+}
+
+// C[g] += op(A[g])·op(B[g]) for g < count, in fp32.
+void fp32_batched(const linear::Product& p, float* const* A, float* const* B, float* const* C, int count,
+                  cudaStream_t stream) {
+    const IntShape s = int_shape(p);
+    PRISM_CUBLAS_CHECK(cublasSgemmBatched(blas_handle(stream), op(p.trans_a), op(p.trans_b), s.m, s.n, s.k, &kOne,
+                                          A, s.lda, B, s.ldb, &kOne, C, s.ldc, count));
+}
+
+// The same with A and B bf16, C of c_type (fp32 or bf16), fp32 accumulation.
 void bf16_batched(const linear::Product& p, void* const* A, void* const* B, void* const* C, cudaDataType_t c_type,
                   int count, cudaStream_t stream) {
-    PRISM_CUBLAS_CHECK(cublasGemmBatchedEx(blas_handle(stream), op(p.trans_a), op(p.trans_b), p.m, p.n, p.k, &kOne,
-                                           A, CUDA_R_16BF, p.lda, B, CUDA_R_16BF, p.ldb, &kOne, C, c_type, p.ldc,
+    const IntShape s = int_shape(p);
+    PRISM_CUBLAS_CHECK(cublasGemmBatchedEx(blas_handle(stream), op(p.trans_a), op(p.trans_b), s.m, s.n, s.k, &kOne,
+                                           A, CUDA_R_16BF, s.lda, B, CUDA_R_16BF, s.ldb, &kOne, C, c_type, s.ldc,
                                            count, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
@@ -226,8 +247,8 @@ LtPlan& lt_plan(const LtShape& shape, const LtContext& ctx, const void* bias) {
     return *slot;
 }
 
-// Column-major D = op(A)·op(B) + beta·D (C is D, in place) with A, B bf16, D of
-// `d_type`, fp32 compute and scale; op(A) is m×k, op(B) k×n. The heuristic's
+// Column-major D = op(A)·op(B) + beta·D (C is D, in place; p's ldc is D's) with
+// A, B bf16, D of `d_type`, fp32 compute and scale. The heuristic's
 // first algorithm: the same one every run for the same shapes (cublasGemmEx
 // when the heuristic has none).
 // bias (fp32, beta 0, packed D): D = op(A)·op(B) + bias[row], added in the
@@ -235,9 +256,10 @@ LtPlan& lt_plan(const LtShape& shape, const LtContext& ctx, const void* bias) {
 // the bias rounded to bf16 (cublasLt.h documents the epilogue's bias as D's
 // type but for IMMA and fp8 kernels, so an fp32 one is not asked for); without an Lt
 // algorithm for it, D is filled with the bias first and accumulated into.
-void lt_matmul(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const uint16_t* A,
-               int64_t lda, const uint16_t* B, int64_t ldb, float beta, void* D,
-               cudaDataType_t d_type, int64_t ldd, cudaStream_t stream, const float* bias = nullptr) {
+void lt_matmul(const linear::Product& p, const uint16_t* A, const uint16_t* B, float beta, void* D,
+               cudaDataType_t d_type, cudaStream_t stream, const float* bias = nullptr) {
+    const bool trans_a = p.trans_a, trans_b = p.trans_b;
+    const int64_t m = p.m, n = p.n, k = p.k, lda = p.lda, ldb = p.ldb, ldd = p.ldc;
     PRISM_CUDA_REQUIRE(!bias || (beta == 0.f && ldd == m),
                        "lt_matmul: the bias epilogue takes a packed D and beta 0");
     const bool bf16_d = d_type == CUDA_R_16BF;
@@ -290,23 +312,15 @@ void lt_matmul(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, cons
 void linear_forward(float* out, const float* x, const float* W, const float* b, int64_t rows,
                     int in_dim, int out_dim, cudaStream_t stream) {
     if (rows <= 0) return;
-    const int n = as_int(rows, "linear_forward: rows must fit an int");
     if (b) fill_bias(out, b, rows, out_dim, stream);
-    PRISM_CUBLAS_CHECK(cublasSgemm(blas_handle(stream), CUBLAS_OP_T, CUBLAS_OP_N, out_dim, n,
-                                   in_dim, &kOne, W, in_dim, x, in_dim, b ? &kOne : &kZero, out,
-                                   out_dim));
+    fp32_product(linear::forward_product(rows, in_dim, out_dim), W, x, b ? 1.f : 0.f, out, stream);
 }
 
 void linear_backward(float* dx, bool overwrite_dx, float* dW, float* db, const float* dout, const float* x,
                      const float* W, int64_t rows, int in_dim, int out_dim, cudaStream_t stream) {
     if (rows <= 0) return;
-    const int n = as_int(rows, "linear_backward: rows must fit an int");
-    cublasHandle_t h = blas_handle(stream);
-    if (dx)
-        PRISM_CUBLAS_CHECK(cublasSgemm(h, CUBLAS_OP_N, CUBLAS_OP_N, in_dim, n, out_dim, &kOne, W,
-                                       in_dim, dout, out_dim, overwrite_dx ? &kZero : &kOne, dx, in_dim));
-    PRISM_CUBLAS_CHECK(cublasSgemm(h, CUBLAS_OP_N, CUBLAS_OP_T, in_dim, out_dim, n, &kOne, x,
-                                   in_dim, dout, out_dim, &kOne, dW, in_dim));
+    if (dx) fp32_product(linear::dx_product(rows, in_dim, out_dim), W, dout, overwrite_dx ? 0.f : 1.f, dx, stream);
+    fp32_product(linear::dw_product(rows, in_dim, out_dim), x, dout, 1.f, dW, stream);
     if (db)
         column_sum(1, rows, out_dim, RowMajor{dout, rows, out_dim}, AddTo{db, out_dim, nullptr},
                    stream);
@@ -327,7 +341,7 @@ void expert_linear_forward(float* out, const float* x, int64_t x_image_stride, c
     group_pointers(linear::GroupPointersParams<float, float, float>{w_ptr, x_ptr, y_ptr, W, (int64_t)out_dim * in_dim,
                                                                     S, x, x_at, out, y_at, B, nS},
                    stream);
-    fp32_batched(linear::expert_forward_product(N, in_dim, out_dim), w_ptr, x_ptr, y_ptr, G, stream);
+    fp32_batched(linear::forward_product(N, in_dim, out_dim), w_ptr, x_ptr, y_ptr, G, stream);
 }
 
 void expert_linear_backward(float* dx, float* dW, float* dbias, const float* dout, const float* x,
@@ -347,7 +361,7 @@ void expert_linear_backward(float* dx, float* dW, float* dbias, const float* dou
         group_pointers(linear::GroupPointersParams<float, float, float>{w_ptr, g_ptr, dx_ptr, W, per_expert, S, dout,
                                                                         g_at, dx, dx_at, B, nS},
                        stream);
-        fp32_batched(linear::expert_dx_product(N, in_dim, out_dim), w_ptr, g_ptr, dx_ptr, G, stream);
+        fp32_batched(linear::dx_product(N, in_dim, out_dim), w_ptr, g_ptr, dx_ptr, G, stream);
     }
     // dW[S[s]] += Σ_b dout(b, s)ᵀ · x(b, s): each channel's rows made contiguous,
     // then one GEMM per channel with K = B·N (images summed inside the GEMM).
@@ -365,7 +379,7 @@ void expert_linear_backward(float* dx, float* dW, float* dbias, const float* dou
     weight_pointers(linear::WeightPointersParams<float>{dw_ptr, xp_ptr, gp_ptr, dW, xp.as<float>(), gp.as<float>(),
                                                         S, nS, per_channel, in_dim, out_dim},
                     stream);
-    fp32_batched(linear::expert_dw_product(K, in_dim, out_dim), xp_ptr, gp_ptr, dw_ptr, nS, stream);
+    fp32_batched(linear::dw_product(K, in_dim, out_dim), xp_ptr, gp_ptr, dw_ptr, nS, stream);
     // dbias[S[s]] += column sums of channel s's dout rows
     column_sum(nS, per_channel, out_dim, RowMajor{gp.as<float>(), per_channel, out_dim},
                AddTo{dbias, out_dim, S}, stream);
@@ -375,8 +389,7 @@ void linear_forward_bf16(uint16_t* out, const uint16_t* x, const uint16_t* W, co
                          int64_t rows, int in_dim, int out_dim, cudaStream_t stream) {
     if (rows <= 0) return;
     if (b) fill_bias(out, b, rows, out_dim, stream);
-    lt_matmul(true, false, out_dim, rows, in_dim, W, in_dim, x, in_dim, b ? 1.f : 0.f, out,
-              CUDA_R_16BF, out_dim, stream);
+    lt_matmul(linear::forward_product(rows, in_dim, out_dim), W, x, b ? 1.f : 0.f, out, CUDA_R_16BF, stream);
 }
 
 void linear_backward_bf16(uint16_t* dx, float* dW, float* db, const uint16_t* dout,
@@ -384,10 +397,8 @@ void linear_backward_bf16(uint16_t* dx, float* dW, float* db, const uint16_t* do
                           int out_dim, cudaStream_t stream) {
     if (rows <= 0) return;
     if (dx)
-        lt_matmul(false, false, in_dim, rows, out_dim, W, in_dim, dout, out_dim, 1.f, dx,
-                  CUDA_R_16BF, in_dim, stream);
-    lt_matmul(false, true, in_dim, out_dim, rows, x, in_dim, dout, out_dim, 1.f, dW, CUDA_R_32F,
-              in_dim, stream);
+        lt_matmul(linear::dx_product(rows, in_dim, out_dim), W, dout, 1.f, dx, CUDA_R_16BF, stream);
+    lt_matmul(linear::dw_product(rows, in_dim, out_dim), x, dout, 1.f, dW, CUDA_R_32F, stream);
     if (db)
         column_sum(1, rows, out_dim, linear::Bf16RowMajor{dout, out_dim}, AddTo{db, out_dim, nullptr},
                    stream);
@@ -418,8 +429,7 @@ static void mixed_forward(void* out, cudaDataType_t out_type, const float* x, co
     Scratch wb(sizeof(uint16_t) * (size_t)out_dim * in_dim, stream);
     const uint16_t* xb = bf16_operand(xs, x, x_bf16, rows * in_dim, stream);
     to_bf16(wb.as<uint16_t>(), W, (int64_t)out_dim * in_dim, stream);
-    lt_matmul(true, false, out_dim, rows, in_dim, wb.as<uint16_t>(), in_dim, xb, in_dim, 0.f, out, out_type, out_dim,
-              stream, b);
+    lt_matmul(linear::forward_product(rows, in_dim, out_dim), wb.as<uint16_t>(), xb, 0.f, out, out_type, stream, b);
 }
 
 void linear_forward_mixed(float* out, const float* x, const uint16_t* x_bf16, const float* W, const float* b,
@@ -445,14 +455,11 @@ void linear_backward_mixed(float* dx, uint16_t* dx_bf16, bool overwrite_dx, floa
     if (dx || dx_bf16) {
         Scratch wb(sizeof(uint16_t) * (size_t)out_dim * in_dim, stream);
         to_bf16(wb.as<uint16_t>(), W, (int64_t)out_dim * in_dim, stream);
-        if (dx_bf16)
-            lt_matmul(false, false, in_dim, rows, out_dim, wb.as<uint16_t>(), in_dim, gb, out_dim, 0.f, dx_bf16,
-                      CUDA_R_16BF, in_dim, stream);
-        else
-            lt_matmul(false, false, in_dim, rows, out_dim, wb.as<uint16_t>(), in_dim, gb, out_dim,
-                      overwrite_dx ? 0.f : 1.f, dx, CUDA_R_32F, in_dim, stream);
+        const linear::Product dx_shape = linear::dx_product(rows, in_dim, out_dim);
+        if (dx_bf16) lt_matmul(dx_shape, wb.as<uint16_t>(), gb, 0.f, dx_bf16, CUDA_R_16BF, stream);
+        else lt_matmul(dx_shape, wb.as<uint16_t>(), gb, overwrite_dx ? 0.f : 1.f, dx, CUDA_R_32F, stream);
     }
-    lt_matmul(false, true, in_dim, out_dim, rows, xb, in_dim, gb, out_dim, 1.f, dW, CUDA_R_32F, in_dim, stream);
+    lt_matmul(linear::dw_product(rows, in_dim, out_dim), xb, gb, 1.f, dW, CUDA_R_32F, stream);
     if (db && dout_bf16)  // the gradient exists in bf16 only
         column_sum(1, rows, out_dim, linear::Bf16RowMajor{dout_bf16, out_dim}, AddTo{db, out_dim, nullptr}, stream);
     else if (db)  // from the fp32 gradient: the bias sum needs no rounding
@@ -500,7 +507,7 @@ void expert_linear_forward_mixed(float* out, uint16_t* out_bf16, const float* x,
                            w_ptr, x_ptr, reinterpret_cast<float**>(slots + 2 * G), wb.as<uint16_t>(), per_expert,
                            nullptr, xb, x_at, out, y_at, B, nS},
                        stream);
-    bf16_batched(linear::expert_forward_product(N, in_dim, out_dim), slots, slots + G, slots + 2 * G,
+    bf16_batched(linear::forward_product(N, in_dim, out_dim), slots, slots + G, slots + 2 * G,
                  out_bf16 ? CUDA_R_16BF : CUDA_R_32F, G, stream);
 }
 
@@ -538,7 +545,7 @@ void expert_linear_backward_mixed(float* dx, float* dW, float* dbias, const floa
                                                                               per_expert, nullptr, gp.as<uint16_t>(),
                                                                               g_at, dx, dx_at, B, nS},
                        stream);
-        bf16_batched(linear::expert_dx_product(N, in_dim, out_dim), slots, slots + G, slots + 2 * G, CUDA_R_32F, G,
+        bf16_batched(linear::dx_product(N, in_dim, out_dim), slots, slots + G, slots + 2 * G, CUDA_R_32F, G,
                      stream);
     }
     // dW[S[s]] += Σ_b dout(b, s)ᵀ · x(b, s): one product per channel.
@@ -551,7 +558,7 @@ void expert_linear_backward_mixed(float* dx, float* dW, float* dbias, const floa
     weight_pointers(linear::WeightPointersParams<uint16_t>{dw_ptr, xp_ptr, gp_ptr, dW, xp.as<uint16_t>(),
                                                            gp.as<uint16_t>(), S, nS, per_channel, in_dim, out_dim},
                     stream);
-    bf16_batched(linear::expert_dw_product(K, in_dim, out_dim), slots + nS, slots + 2 * nS, slots, CUDA_R_32F, nS,
+    bf16_batched(linear::dw_product(K, in_dim, out_dim), slots + nS, slots + 2 * nS, slots, CUDA_R_32F, nS,
                  stream);
     // dbias[S[s]] += column sums of channel s's fp32 dout rows (no rounding)
     column_sum(nS, per_channel, out_dim, linear::ChannelRows{dout, nS, N, out_dim}, AddTo{dbias, out_dim, S}, stream);

@@ -3,7 +3,7 @@
 // the bias a product accumulates into, the bf16 copies of its operands, the
 // channel-major copies of the experts' weight gradient, and the per-group
 // pointer arrays of the batched products, chosen on the device from S. Also
-// the shapes of those batched products, so that linear.cu's cuBLAS calls and
+// the shapes of the products, so that linear.cu's cuBLAS calls and
 // tests/test_linear_emulated.cpp's column-major model of them read the same
 // transposes and leading dimensions. One thread per output element (or per
 // group) in a grid-stride loop. Written against primitives.cuh only, so that
@@ -24,26 +24,27 @@ using flash::load_elem;
 using flash::store_elem;
 
 
-// ---- the batched products' shapes ---------------------------------------------------------
-// One cuBLAS product per group in column-major terms: C = op(A)·op(B) + C,
-// op(A) m×k and op(B) k×n. Row-major X [rows, in] is column-major Xᵀ, so an
-// expert's forward is Yᵀ [out, N] = Wᵀ-as-stored · Xᵀ (see linear.cu).
+// ---- the products' shapes ------------------------------------------------------------------
+// A cuBLAS product in column-major terms: C = op(A)·op(B) + β·C, op(A) m×k
+// and op(B) k×n. Row-major X [rows, in] is column-major Xᵀ, so the forward is
+// Yᵀ [out, rows] = Wᵀ-as-stored · Xᵀ (see linear.cu). A linear layer makes one
+// of each; the experts one per group (b, s), rows = N, for the forward and
+// dx, and one per channel position s, rows = B·N, for dW.
 struct Product {
     bool trans_a, trans_b;
-    int m, n, k, lda, ldb, ldc;
+    int64_t m, n, k, lda, ldb, ldc;
 };
-// y(b, s) [N, out] += x(b, s) · W[S[s]]ᵀ, one product per group (b, s)
-inline Product expert_forward_product(int N, int in_dim, int out_dim) {
-    return {true, false, out_dim, N, in_dim, in_dim, in_dim, out_dim};
+// y [rows, out] (+)= x · Wᵀ: A = W, B = x, C = y
+inline Product forward_product(int64_t rows, int in_dim, int out_dim) {
+    return {true, false, out_dim, rows, in_dim, in_dim, in_dim, out_dim};
 }
-// dx(b, s) [N, in] += dout(b, s) · W[S[s]], one product per group
-inline Product expert_dx_product(int N, int in_dim, int out_dim) {
-    return {false, false, in_dim, N, out_dim, in_dim, out_dim, in_dim};
+// dx [rows, in] (+)= dout · W: A = W, B = dout, C = dx
+inline Product dx_product(int64_t rows, int in_dim, int out_dim) {
+    return {false, false, in_dim, rows, out_dim, in_dim, out_dim, in_dim};
 }
-// dW[S[s]] [out, in] += Σ over channel s's K = B·N rows of doutᵀ · x, one
-// product per channel position s
-inline Product expert_dw_product(int K, int in_dim, int out_dim) {
-    return {false, true, in_dim, out_dim, K, in_dim, out_dim, in_dim};
+// dW [out, in] += doutᵀ · x summed over the rows: A = x, B = dout, C = dW
+inline Product dw_product(int64_t rows, int in_dim, int out_dim) {
+    return {false, true, in_dim, out_dim, rows, in_dim, out_dim, in_dim};
 }
 
 // ---- biases --------------------------------------------------------------------------------
