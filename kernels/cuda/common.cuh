@@ -70,12 +70,6 @@ __device__ __forceinline__ uint16_t float_to_bf16(float f) {
     u += 0x7fffu + ((u >> 16) & 1u);
     return (uint16_t)(u >> 16);
 }
-// An element of an fp32 or a bf16 array as float, and stored from one: for
-// kernels that take either (the bf16 mode's stored matrices).
-__device__ __forceinline__ float load_as(const float* p) { return *p; }
-__device__ __forceinline__ float load_as(const uint16_t* p) { return bf16_to_float(*p); }
-__device__ __forceinline__ void store_as(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store_as(uint16_t* p, float v) { *p = float_to_bf16(v); }
 
 // ---- the deterministic reductions (kernels/cuda/reduce.cuh) -----------------------------
 // For each batch z < batches and column c < cols: out(z, c, Σ_{r<rows} term(z, r, c)),

@@ -8,8 +8,10 @@
 //   forward  Yᵀ [out, rows]  = op_T(W) · Xᵀ
 //   dx       dXᵀ [in, rows] += W · dYᵀ          (W seen as [in, out], no transpose)
 //   dW       dWᵀ [in, out]  += Xᵀ · op_T(dYᵀ)
-// (linear.cuh's forward_product, dx_product and dw_product). The experts run as one batched GEMM over the (image, channel) groups, their
-// weight pointers chosen on the device from S, so no index leaves the GPU.
+// (linear.cuh's forward_product, dx_product and dw_product). The experts run
+// as one batched GEMM over the (image, channel) groups, their weight pointers
+// chosen on the device from S, so no index leaves the GPU; the kernels around
+// the products are in linear.cuh.
 #include <climits>
 #include <map>
 #include <memory>

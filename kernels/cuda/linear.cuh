@@ -61,7 +61,8 @@ struct FillBiasParams {
 // element_blocks(rows·out_dim) blocks.
 template <class O>
 FLASH_KERNEL(kElementThreads) fill_bias_kernel(FillBiasParams<O> p) {
-    for (int64_t i = grid_first(); i < p.rows * p.out_dim; i += grid_step()) store_elem(&p.out[i], p.bias[i % p.out_dim]);
+    for (int64_t i = grid_first(); i < p.rows * p.out_dim; i += grid_step())
+        store_elem(&p.out[i], p.bias[i % p.out_dim]);
 }
 
 template <class O>
