@@ -139,13 +139,20 @@ FLASH_DEVICE float warp_max(float v) {
 }
 
 // Grid-stride loops: for (i = grid_first(); i < n; i += grid_step()), over
-// grid_stride_blocks(n, threads) blocks (at least 1, at most 65536).
+// grid_stride_blocks(n, threads) blocks (at least 1, at most 65536; in the
+// emulator at most 3, so that the loops make several passes at a test's
+// sizes, as they do on the device past 65536 blocks' worth of items).
 FLASH_DEVICE int64_t grid_first() { return (int64_t)blockIdx.x * blockDim.x + threadIdx.x; }
 FLASH_DEVICE int64_t grid_step() { return (int64_t)gridDim.x * blockDim.x; }
 FLASH_DEVICE int64_t global_warp() { return grid_first() / 32; }  // of a one-dimensional grid
+#ifdef PRISM_FLASH_EMULATION
+constexpr int64_t kGridStrideMaxBlocks = 3;
+#else
+constexpr int64_t kGridStrideMaxBlocks = 65536;
+#endif
 FLASH_HOST_DEVICE unsigned grid_stride_blocks(int64_t n, int threads) {
     const int64_t b = (n + threads - 1) / threads;
-    return (unsigned)(b < 1 ? 1 : (b > 65536 ? 65536 : b));
+    return (unsigned)(b < 1 ? 1 : (b > kGridStrideMaxBlocks ? kGridStrideMaxBlocks : b));
 }
 // The element-wise kernels' block, and their grid-stride grid for n items.
 constexpr int kElementThreads = 256;
