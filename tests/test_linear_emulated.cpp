@@ -39,10 +39,6 @@ namespace lin = prism::linear;
 using prism::testing::to_bf16;
 using prism::testing::widen;
 
-float as_float(float v) { return v; }
-float as_float(uint16_t v) { return bf16_value(v); }
-void store(float* p, double v) { *p = (float)v; }
-void store(uint16_t* p, double v) { *p = bf16_bits((float)v); }
 
 std::vector<float> rounded(const std::vector<float>& v) { return widen(to_bf16(v)); }
 
@@ -78,13 +74,13 @@ void batched_product(const lin::Product& p, TA* const* A, TB* const* B, TC* cons
         expect_inside("C", (const TC*)C[g], extent(p.m, p.n, p.ldc), c_buf, g);
         for (int64_t j = 0; j < p.n; j++)
             for (int64_t i = 0; i < p.m; i++) {
-                double acc = as_float(C[g][i + j * p.ldc]);
+                double acc = flash::load_elem(&C[g][i + j * p.ldc]);
                 for (int64_t l = 0; l < p.k; l++) {
-                    const float a = as_float(p.trans_a ? A[g][l + i * p.lda] : A[g][i + l * p.lda]);
-                    const float b = as_float(p.trans_b ? B[g][j + l * p.ldb] : B[g][l + j * p.ldb]);
+                    const float a = flash::load_elem(p.trans_a ? &A[g][l + i * p.lda] : &A[g][i + l * p.lda]);
+                    const float b = flash::load_elem(p.trans_b ? &B[g][j + l * p.ldb] : &B[g][l + j * p.ldb]);
                     acc += (double)a * b;
                 }
-                store(&C[g][i + j * p.ldc], acc);
+                flash::store_elem(&C[g][i + j * p.ldc], (float)acc);
             }
     }
 }
@@ -254,6 +250,26 @@ void reference_backward(const Layer& L, std::vector<float>& dseq, std::vector<fl
                                 L.image_stride(), W.data(), L.S.data(), L.B, L.nS, L.N, L.in_dim, L.out_dim);
 }
 
+// What an expert backward adds into (dx in the sequence buffer, dW, dbias),
+// starting from random values.
+struct Gradients {
+    std::vector<float> dseq, dW, dbias;
+};
+Gradients random_gradients(const Layer& L, Rng& rng) {
+    Gradients g;
+    g.dseq = normal(L.seq_size(), rng);
+    g.dW = normal(L.weight_size(), rng);
+    g.dbias = normal((size_t)L.C * L.out_dim, rng);
+    return g;
+}
+// What the op added against what the reference added to the same start.
+void expect_added(const std::string& op, const std::string& at, const Gradients& got, const Gradients& ref,
+                  const Gradients& start) {
+    expect_close(op + " dx (CLS rows untouched)" + at, change(got.dseq, start.dseq), change(ref.dseq, start.dseq));
+    expect_close(op + " dW (unused experts untouched)" + at, change(got.dW, start.dW), change(ref.dW, start.dW));
+    expect_close(op + " dbias" + at, change(got.dbias, start.dbias), change(ref.dbias, start.dbias));
+}
+
 // Shapes: a channel subset out of order (HCS's, with unused experts whose
 // gradients must stay as they were), every channel, one channel, one patch.
 std::vector<Layer> layers() {
@@ -277,16 +293,11 @@ TEST(LinearEmulated, ExpertProjectionsInFp32) {
         forward_fp32(L, out, seq, W, bias);
         expect_close("expert forward" + at, out, ref);
 
-        // gradients accumulate into what is there: compare what each added
-        const auto dseq0 = normal(L.seq_size(), rng), dW0 = normal(L.weight_size(), rng);
-        const auto dbias0 = normal((size_t)L.C * L.out_dim, rng);
-        auto dseq_ref = dseq0, dW_ref = dW0, dbias_ref = dbias0;
-        reference_backward(L, dseq_ref, dW_ref, dbias_ref, dout, seq, W);
-        auto dseq = dseq0, dW = dW0, dbias = dbias0;
-        backward_fp32(L, dseq, dW, dbias, dout, seq, W);
-        expect_close("expert dx (CLS rows untouched)" + at, change(dseq, dseq0), change(dseq_ref, dseq0));
-        expect_close("expert dW (unused experts untouched)" + at, change(dW, dW0), change(dW_ref, dW0));
-        expect_close("expert dbias" + at, change(dbias, dbias0), change(dbias_ref, dbias0));
+        const Gradients start = random_gradients(L, rng);
+        Gradients grad_ref = start, got = start;
+        reference_backward(L, grad_ref.dseq, grad_ref.dW, grad_ref.dbias, dout, seq, W);
+        backward_fp32(L, got.dseq, got.dW, got.dbias, dout, seq, W);
+        expect_added("expert", at, got, grad_ref, start);
     }
 }
 
@@ -314,22 +325,17 @@ TEST(LinearEmulated, ExpertProjectionsInTheBf16Mode) {
         forward_mixed<uint16_t>(L, out16, nullptr, &seq_bf16, W, bias);
         expect_close("bf16 expert forward, bf16 result" + at, widen(out16), ref, 5e-3);
 
-        const auto dseq0 = normal(L.seq_size(), rng), dW0 = normal(L.weight_size(), rng);
-        const auto dbias0 = normal((size_t)L.C * L.out_dim, rng);
+        const Gradients start = random_gradients(L, rng);
         // dx and dW from the rounded operands, the bias gradient from fp32 dout
-        auto dseq_ref = dseq0, dW_ref = dW0, dbias_rounded = dbias0;
-        reference_backward(L, dseq_ref, dW_ref, dbias_rounded, dout_r, seq_r, W_r);
-        auto dseq_unused = dseq0, dW_unused = dW0, dbias_ref = dbias0;
-        reference_backward(L, dseq_unused, dW_unused, dbias_ref, dout, seq, W);
+        Gradients grad_ref = start, fp32 = start;
+        reference_backward(L, grad_ref.dseq, grad_ref.dW, grad_ref.dbias, dout_r, seq_r, W_r);
+        reference_backward(L, fp32.dseq, fp32.dW, fp32.dbias, dout, seq, W);
+        grad_ref.dbias = fp32.dbias;
         for (const bool stored_x : {false, true}) {
-            const std::string how = stored_x ? ", stored bf16 x" : ", fp32 x";
-            auto dseq = dseq0, dW = dW0, dbias = dbias0;
-            if (stored_x) backward_mixed<uint16_t>(L, dseq, dW, dbias, dout, seq_bf16, W);
-            else backward_mixed<float>(L, dseq, dW, dbias, dout, seq, W);
-            expect_close("bf16 expert dx" + how + at, change(dseq, dseq0), change(dseq_ref, dseq0));
-            expect_close("bf16 expert dW" + how + at, change(dW, dW0), change(dW_ref, dW0));
-            expect_close("bf16 expert dbias (from fp32 dout)" + how + at, change(dbias, dbias0),
-                         change(dbias_ref, dbias0));
+            Gradients got = start;
+            if (stored_x) backward_mixed<uint16_t>(L, got.dseq, got.dW, got.dbias, dout, seq_bf16, W);
+            else backward_mixed<float>(L, got.dseq, got.dW, got.dbias, dout, seq, W);
+            expect_added("bf16 expert", stored_x ? ", stored bf16 x" + at : ", fp32 x" + at, got, grad_ref, start);
         }
     }
 }
