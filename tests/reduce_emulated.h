@@ -1,6 +1,6 @@
 // common.cuh's launchers of the deterministic reductions (column_sum_as and
 // device_sum), for the emulated kernels: the same geometry and scratch
-// layout, run through tests/flash_emulator.h. Include after the emulator.
+// layout, run through tests/emulator.h. Include after the emulator.
 #pragma once
 #include <cmath>
 #include <vector>

@@ -1,4 +1,4 @@
-// The element-wise kernels run on the CPU through tests/flash_emulator.h, with
+// The element-wise kernels run on the CPU through tests/emulator.h, with
 // the launch geometry their launchers give them: GELU and the residual add
 // (kernels/cuda/activation.cuh), patch embedding (embed.cuh), the input step
 // (input.cuh) and AdamW (adamw.cuh), against the CPU reference ops of
@@ -21,7 +21,7 @@
 #include "tests/bf16_host.h"
 #include "tests/emulated_testutil.h"
 // last: the emulator defines threadIdx and friends as macros
-#include "tests/flash_emulator.h"
+#include "tests/emulator.h"
 #include "kernels/cuda/activation.cuh"
 #include "kernels/cuda/adamw.cuh"
 #include "kernels/cuda/embed.cuh"

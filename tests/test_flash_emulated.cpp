@@ -1,5 +1,5 @@
 // The flash attention kernels (kernels/cuda/flash_attention.cuh) run on the
-// CPU through tests/flash_emulator.h, against the CPU reference ops in double.
+// CPU through tests/emulator.h, against the CPU reference ops in double.
 // This checks the kernels' logic (tiling, masking, the online softmax, the
 // fragment layouts they assume, staging and barriers as far as the emulator
 // models them) on any machine; the GPU tests (test_cuda_flash.cpp) check the
@@ -19,7 +19,7 @@
 #include "engine/rng.h"
 #include "kernels/ops.h"
 // last: the emulator defines threadIdx and friends as macros
-#include "tests/flash_emulator.h"
+#include "tests/emulator.h"
 #include "kernels/cuda/flash_attention.cuh"
 
 using namespace prism;

@@ -1,5 +1,5 @@
 // The fp32 attention kernels (kernels/cuda/attention.cuh) run on the CPU
-// through tests/flash_emulator.h, against the CPU reference ops in double, at
+// through tests/emulator.h, against the CPU reference ops in double, at
 // DESIGN.md §7's fp32 tolerance (1e-5). This checks the kernels' logic (the
 // online softmax, tiling and masking, lse and δ, staging and barriers as far
 // as the emulator models them: shared-memory races, reads of what was never
@@ -21,7 +21,7 @@
 #include "engine/rng.h"
 #include "kernels/ops.h"
 // last: the emulator defines threadIdx and friends as macros
-#include "tests/flash_emulator.h"
+#include "tests/emulator.h"
 #include "kernels/cuda/attention.cuh"
 
 using namespace prism;

@@ -1,5 +1,5 @@
 // The kernels around kernels/cuda/linear.cu's cuBLAS products (linear.cuh)
-// run on the CPU through tests/flash_emulator.h, composed as linear.cu
+// run on the CPU through tests/emulator.h, composed as linear.cu
 // composes them: MoE-ViT's expert projections, forward and backward, in fp32
 // and in the bf16 mode, against kernels/cpu/linear.cpp. cuBLAS itself cannot
 // run here; its batched products are modelled below (column-major,
@@ -24,7 +24,7 @@
 #include "tests/bf16_host.h"
 #include "tests/emulated_testutil.h"
 // last: the emulator defines threadIdx and friends as macros
-#include "tests/flash_emulator.h"
+#include "tests/emulator.h"
 #include "kernels/cuda/linear.cuh"
 #include "tests/reduce_emulated.h"
 
@@ -74,13 +74,13 @@ void batched_product(const lin::Product& p, TA* const* A, TB* const* B, TC* cons
         expect_inside("C", (const TC*)C[g], extent(p.m, p.n, p.ldc), c_buf, g);
         for (int64_t j = 0; j < p.n; j++)
             for (int64_t i = 0; i < p.m; i++) {
-                double acc = flash::load_elem(&C[g][i + j * p.ldc]);
+                double acc = primitives::load_elem(&C[g][i + j * p.ldc]);
                 for (int64_t l = 0; l < p.k; l++) {
-                    const float a = flash::load_elem(p.trans_a ? &A[g][l + i * p.lda] : &A[g][i + l * p.lda]);
-                    const float b = flash::load_elem(p.trans_b ? &B[g][j + l * p.ldb] : &B[g][l + j * p.ldb]);
+                    const float a = primitives::load_elem(p.trans_a ? &A[g][l + i * p.lda] : &A[g][i + l * p.lda]);
+                    const float b = primitives::load_elem(p.trans_b ? &B[g][j + l * p.ldb] : &B[g][l + j * p.ldb]);
                     acc += (double)a * b;
                 }
-                flash::store_elem(&C[g][i + j * p.ldc], (float)acc);
+                primitives::store_elem(&C[g][i + j * p.ldc], (float)acc);
             }
     }
 }

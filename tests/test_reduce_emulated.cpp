@@ -1,6 +1,6 @@
 // The deterministic reductions (kernels/cuda/reduce.cuh), the LayerNorm kernels
 // (layernorm.cuh) and the cross-entropy kernels (loss.cuh) run on the CPU
-// through tests/flash_emulator.h, with the launch geometry their launchers
+// through tests/emulator.h, with the launch geometry their launchers
 // give them (common.cuh's column_sum_as and device_sum are mirrored in
 // tests/reduce_emulated.h), against the CPU reference ops in double:
 // relative L2 error within DESIGN.md §7's fp32 tolerance (1e-5); the
@@ -23,7 +23,7 @@
 #include "tests/bf16_host.h"
 #include "tests/emulated_testutil.h"
 // last: the emulator defines threadIdx and friends as macros
-#include "tests/flash_emulator.h"
+#include "tests/emulator.h"
 #include "kernels/cuda/adamw.cuh"
 #include "kernels/cuda/layernorm.cuh"
 #include "kernels/cuda/loss.cuh"

@@ -1,5 +1,5 @@
 // The routing kernels (kernels/cuda/routing.cuh: router, dispatch, gather,
-// combine, the load-balance and z losses) run on the CPU through tests/flash_emulator.h with the launch
+// combine, the load-balance and z losses) run on the CPU through tests/emulator.h with the launch
 // geometry kernels/cuda/moe.cu gives them, against the CPU reference ops
 // (kernels/cpu/moe.cpp): the top-k picks, the dispatch's rows and offsets
 // exactly, every float output within DESIGN.md §7's fp32 tolerance (1e-5,
@@ -26,7 +26,7 @@
 #include "tests/emulated_testutil.h"
 #include "tests/routing_testutil.h"
 // last: the emulator defines threadIdx and friends as macros
-#include "tests/flash_emulator.h"
+#include "tests/emulator.h"
 #include "kernels/cuda/routing.cuh"
 #include "tests/reduce_emulated.h"
 

@@ -8,16 +8,16 @@
 #include "kernels/cuda/primitives.cuh"
 
 namespace prism::activation {
-#ifdef PRISM_FLASH_EMULATION
+#ifdef PRISM_EMULATION
 inline namespace emulated {
 #endif
 
-using flash::element_blocks;
-using flash::grid_first;
-using flash::grid_step;
-using flash::kElementThreads;
-using flash::load_elem;
-using flash::store_elem;
+using primitives::element_blocks;
+using primitives::grid_first;
+using primitives::grid_step;
+using primitives::kElementThreads;
+using primitives::load_elem;
+using primitives::store_elem;
 
 
 constexpr float kSqrtHalf = 0.70710678118654752440f;    // 1/√2
@@ -35,7 +35,7 @@ struct GeluForwardParams {
 
 // element_blocks(n) blocks of kElementThreads.
 template <class X>
-FLASH_KERNEL(kElementThreads) gelu_forward_kernel(GeluForwardParams<X> p) {
+PRISM_KERNEL(kElementThreads) gelu_forward_kernel(GeluForwardParams<X> p) {
     for (int64_t i = grid_first(); i < p.n; i += grid_step()) {
         const float xi = load_elem(&p.x[i]);
         const float y = 0.5f * xi * (1.f + erff(xi * kSqrtHalf));
@@ -58,7 +58,7 @@ struct GeluBackwardParams {
 
 // element_blocks(n) blocks of kElementThreads.
 template <class G, class X>
-FLASH_KERNEL(kElementThreads) gelu_backward_kernel(GeluBackwardParams<G, X> p) {
+PRISM_KERNEL(kElementThreads) gelu_backward_kernel(GeluBackwardParams<G, X> p) {
     for (int64_t i = grid_first(); i < p.n; i += grid_step()) {
         const float xi = load_elem(&p.x[i]);
         const float cdf = 0.5f * (1.f + erff(xi * kSqrtHalf));
@@ -79,12 +79,12 @@ struct ResidualParams {
 };
 
 // element_blocks(n) blocks of kElementThreads.
-FLASH_KERNEL(kElementThreads) residual_kernel(ResidualParams p) {
+PRISM_KERNEL(kElementThreads) residual_kernel(ResidualParams p) {
     for (int64_t i = grid_first(); i < p.n; i += grid_step())
         p.out[i] = p.x[i] + (p.scale ? p.scale[i / p.per_image] : 1.f) * p.branch[i];
 }
 
-#ifdef PRISM_FLASH_EMULATION
+#ifdef PRISM_EMULATION
 }  // inline namespace emulated
 #endif
 }  // namespace prism::activation

@@ -8,24 +8,24 @@
 #include "kernels/cuda/primitives.cuh"
 
 namespace prism::adamw {
-#ifdef PRISM_FLASH_EMULATION
+#ifdef PRISM_EMULATION
 inline namespace emulated {
 #endif
 
-using flash::element_blocks;
-using flash::grid_first;
-using flash::grid_step;
-using flash::kElementThreads;
+using primitives::element_blocks;
+using primitives::grid_first;
+using primitives::grid_step;
+using primitives::kElementThreads;
 
 
 // The sum of squares' term, in double as on the CPU, and where the sum goes.
 struct Square {
     const float* x;
-    FLASH_DEVICE double operator()(int64_t i) const { return (double)x[i] * x[i]; }
+    PRISM_DEVICE double operator()(int64_t i) const { return (double)x[i] * x[i]; }
 };
 struct StoreDouble {
     double* out;
-    FLASH_DEVICE void operator()(double v) const { *out = v; }
+    PRISM_DEVICE void operator()(double v) const { *out = v; }
 };
 
 struct ScaleParams {
@@ -35,7 +35,7 @@ struct ScaleParams {
 };
 
 // element_blocks(n) blocks of kElementThreads: x *= s.
-FLASH_KERNEL(kElementThreads) scale_kernel(ScaleParams p) {
+PRISM_KERNEL(kElementThreads) scale_kernel(ScaleParams p) {
     for (int64_t i = grid_first(); i < p.n; i += grid_step()) p.x[i] *= p.s;
 }
 
@@ -49,7 +49,7 @@ struct UpdateParams {
 
 // element_blocks(n) blocks of kElementThreads. The moments are rounded to
 // fp32 before the update reads them, as the CPU stores and rereads them.
-FLASH_KERNEL(kElementThreads) update_kernel(UpdateParams p) {
+PRISM_KERNEL(kElementThreads) update_kernel(UpdateParams p) {
     for (int64_t i = grid_first(); i < p.n; i += grid_step()) {
         const float g = p.grad[i];
         const float mi = (float)(p.beta1 * p.m[i] + (1.0 - p.beta1) * g);
@@ -61,7 +61,7 @@ FLASH_KERNEL(kElementThreads) update_kernel(UpdateParams p) {
     }
 }
 
-#ifdef PRISM_FLASH_EMULATION
+#ifdef PRISM_EMULATION
 }  // inline namespace emulated
 #endif
 }  // namespace prism::adamw

@@ -34,26 +34,26 @@
 //
 // The file is written so that tests can compile it on the host with the
 // primitives of primitives.cuh replaced, as flash_attention.cuh is
-// (tests/flash_emulator.h): shared memory is touched only through
+// (tests/emulator.h): shared memory is touched only through
 // ld_shared/st_shared, barriers are block_sync, and the warp reductions are
 // shfl_xor butterflies.
 #pragma once
 #include "kernels/cuda/primitives.cuh"
 
 namespace prism::fused {
-#ifdef PRISM_FLASH_EMULATION
+#ifdef PRISM_EMULATION
 inline namespace emulated {
 #endif
 
-using flash::block_sync;
-using flash::imin;
-using flash::ld_shared;
-using flash::load_elem;
-using flash::store_elem;
-using flash::shfl_xor;
-using flash::st_shared;
-using flash::warp_max;
-using flash::warp_sum;
+using primitives::block_sync;
+using primitives::imin;
+using primitives::ld_shared;
+using primitives::load_elem;
+using primitives::store_elem;
+using primitives::shfl_xor;
+using primitives::st_shared;
+using primitives::warp_max;
+using primitives::warp_sum;
 
 constexpr int kWarps = 4, kThreads = kWarps * 32;
 constexpr int kQT = 32;             // queries per block (forward, dq)
@@ -69,7 +69,7 @@ template <class T>
 struct Rows {
     T* p;
     int64_t set, row;
-    FLASH_DEVICE T* at(int g, int64_t r) const { return p + g * set + r * row; }
+    PRISM_DEVICE T* at(int g, int64_t r) const { return p + g * set + r * row; }
 };
 
 // q, k, v of element type E: fp32, or (the CLS row's kernels) bf16 as the
@@ -84,14 +84,14 @@ struct AttnOf {
 };
 using Attn = AttnOf<float>;
 
-FLASH_DEVICE void set_queries(const Attn& a, int g, int64_t& first, int& count) {
+PRISM_DEVICE void set_queries(const Attn& a, int g, int64_t& first, int& count) {
     first = a.offsets ? a.offsets[g] : 0;
     count = a.offsets ? a.offsets[g + 1] - a.offsets[g] : a.nq;
 }
 
 // lse and δ of query i of set g (row = its row in q): dense [sets, Hd, nq],
 // routed [rows, Hd]. The flash kernels use the same layouts.
-FLASH_DEVICE int64_t stat_index(const Attn& a, int g, int h, int i, int64_t row) {
+PRISM_DEVICE int64_t stat_index(const Attn& a, int g, int h, int i, int64_t row) {
     return a.offsets ? row * a.Hd + h : ((int64_t)g * a.Hd + h) * a.nq + i;
 }
 
@@ -152,7 +152,7 @@ inline AttnOf<E> cls_attn(const E* q, int64_t q_image_stride, const E* k, const 
 }
 
 // Rows r0 .. r0+n-1 of head h into a [rows][ld] shared tile; rows n.. get zeros.
-FLASH_DEVICE void load_tile(float* dst, int ld, int rows, const Rows<const float>& src, int g,
+PRISM_DEVICE void load_tile(float* dst, int ld, int rows, const Rows<const float>& src, int g,
                             int64_t r0, int n, int h, int dh) {
     for (int e = threadIdx.x; e < rows * dh; e += kThreads) {
         const int i = e / dh, d = e % dh;
@@ -163,15 +163,15 @@ FLASH_DEVICE void load_tile(float* dst, int ld, int rows, const Rows<const float
 // acc[j] += Σ_{m<nk} w[i][m]·T[m] for the warp's queries i = warp·kQPW + j
 // (i < nq), each lane over its head dims: P·V in forward, dS·K for dq. w is
 // a [kQT][kKT] shared tile, T a [kKT][ld] one.
-FLASH_DEVICE void accumulate_tile(float (&acc)[kQPW][kDPL], const float* w, const float* T, int ld, int nk,
+PRISM_DEVICE void accumulate_tile(float (&acc)[kQPW][kDPL], const float* w, const float* T, int ld, int nk,
                                   int nq, int warp, int lane, int dh) {
-FLASH_UNROLL
+PRISM_UNROLL
     for (int j = 0; j < kQPW; j++) {
         const int i = warp * kQPW + j;
         if (i >= nq) continue;
         for (int m = 0; m < nk; m++) {
             const float wm = ld_shared(w + i * kKT + m);
-FLASH_UNROLL
+PRISM_UNROLL
             for (int u = 0; u < kDPL; u++) {
                 const int d = lane + 32 * u;
                 if (d < dh) acc[j][u] += wm * ld_shared(T + m * ld + d);
@@ -187,7 +187,7 @@ struct QueryBlock {
     int g, h, q0, nq, warp, lane;
     int64_t first;
 };
-FLASH_DEVICE bool query_block(const Attn& a, QueryBlock& t) {
+PRISM_DEVICE bool query_block(const Attn& a, QueryBlock& t) {
     t.g = blockIdx.x, t.h = blockIdx.y;
     int count;
     set_queries(a, t.g, t.first, count);
@@ -198,7 +198,7 @@ FLASH_DEVICE bool query_block(const Attn& a, QueryBlock& t) {
     return true;
 }
 
-FLASH_DEVICE float dot_shared(const float* a, const float* b, int dh) {
+PRISM_DEVICE float dot_shared(const float* a, const float* b, int dh) {
     float s = 0.f;
     for (int d = 0; d < dh; d++) s += ld_shared(a + d) * ld_shared(b + d);
     return s;
@@ -215,8 +215,8 @@ inline size_t cls_smem(int dh) { return sizeof(float) * (2 * dh + kThreads); }
 
 // ---- forward ------------------------------------------------------------------------------
 // Grid (sets, Hd, query tiles of the largest set).
-FLASH_KERNEL(kThreads) fused_fwd_kernel(FwdParams p) {
-    FLASH_SMEM(smem_raw);
+PRISM_KERNEL(kThreads) fused_fwd_kernel(FwdParams p) {
+    PRISM_SMEM(smem_raw);
     const Attn& a = p.a;
     QueryBlock t;
     if (!query_block(a, t)) return;
@@ -231,11 +231,11 @@ FLASH_KERNEL(kThreads) fused_fwd_kernel(FwdParams p) {
     // Query j of the warp: mx the largest scaled score so far, l this lane's
     // share of Σ exp(s − mx), acc its head dims of Σ exp(s − mx)·v.
     float mx[kQPW], l[kQPW], acc[kQPW][kDPL];
-FLASH_UNROLL
+PRISM_UNROLL
     for (int j = 0; j < kQPW; j++) {
         mx[j] = -INFINITY;
         l[j] = 0.f;
-FLASH_UNROLL
+PRISM_UNROLL
         for (int u = 0; u < kDPL; u++) acc[j][u] = 0.f;
     }
     for (int m0 = 0; m0 < a.M; m0 += kKT) {
@@ -244,7 +244,7 @@ FLASH_UNROLL
         load_tile(sK, ld, kKT, a.k, g, m0, nk, h, dh);
         load_tile(sV, ld, kKT, a.v, g, m0, nk, h, dh);
         block_sync();
-FLASH_UNROLL
+PRISM_UNROLL
         for (int j = 0; j < kQPW; j++) {
             const int i = warp * kQPW + j;
             if (i >= nq) continue;  // the same for the whole warp
@@ -255,21 +255,21 @@ FLASH_UNROLL
             const float e = expf(s - m_new);  // 0 past the last key
             mx[j] = m_new;
             l[j] = l[j] * alpha + e;
-FLASH_UNROLL
+PRISM_UNROLL
             for (int u = 0; u < kDPL; u++) acc[j][u] *= alpha;
             st_shared(sP + i * kKT + lane, e);
         }
         block_sync();  // each lane needs every lane's e
         accumulate_tile(acc, sP, sV, ld, nk, nq, warp, lane, dh);
     }
-FLASH_UNROLL
+PRISM_UNROLL
     for (int j = 0; j < kQPW; j++) {
         const int i = warp * kQPW + j;
         if (i >= nq) continue;
         const float sum = warp_sum(l[j]);
         const int64_t row = first + q0 + i;
         float* o = p.out.at(g, row) + h * dh;
-FLASH_UNROLL
+PRISM_UNROLL
         for (int u = 0; u < kDPL; u++) {
             const int d = lane + 32 * u;
             if (d < dh) o[d] = acc[j][u] / sum;
@@ -280,8 +280,8 @@ FLASH_UNROLL
 
 // ---- backward -----------------------------------------------------------------------------
 // dQ, and δ for the dK/dV kernel. Grid as the forward's.
-FLASH_KERNEL(kThreads) fused_bwd_dq_kernel(BwdParams p) {
-    FLASH_SMEM(smem_raw);
+PRISM_KERNEL(kThreads) fused_bwd_dq_kernel(BwdParams p) {
+    PRISM_SMEM(smem_raw);
     const Attn& a = p.a;
     QueryBlock t;
     if (!query_block(a, t)) return;
@@ -296,10 +296,10 @@ FLASH_KERNEL(kThreads) fused_bwd_dq_kernel(BwdParams p) {
     load_tile(sdO, dh, kQT, p.dout, g, first + q0, nq, h, dh);
 
     float lse[kQPW], delta[kQPW], acc[kQPW][kDPL];
-FLASH_UNROLL
+PRISM_UNROLL
     for (int j = 0; j < kQPW; j++) {
         lse[j] = delta[j] = 0.f;
-FLASH_UNROLL
+PRISM_UNROLL
         for (int u = 0; u < kDPL; u++) acc[j][u] = 0.f;
         const int i = warp * kQPW + j;
         if (i >= nq) continue;
@@ -307,7 +307,7 @@ FLASH_UNROLL
         const float* dO = p.dout.at(g, row) + h * dh;
         const float* O = p.out.at(g, row) + h * dh;
         float part = 0.f;
-FLASH_UNROLL
+PRISM_UNROLL
         for (int u = 0; u < kDPL; u++) {
             const int d = lane + 32 * u;
             if (d < dh) part += dO[d] * O[d];
@@ -322,7 +322,7 @@ FLASH_UNROLL
         load_tile(sK, ld, kKT, a.k, g, m0, nk, h, dh);
         load_tile(sV, ld, kKT, a.v, g, m0, nk, h, dh);
         block_sync();
-FLASH_UNROLL
+PRISM_UNROLL
         for (int j = 0; j < kQPW; j++) {  // dS of (query j, key lane), without the 1/√dh
             const int i = warp * kQPW + j;
             if (i >= nq) continue;
@@ -336,12 +336,12 @@ FLASH_UNROLL
         block_sync();
         accumulate_tile(acc, sS, sK, ld, nk, nq, warp, lane, dh);
     }
-FLASH_UNROLL
+PRISM_UNROLL
     for (int j = 0; j < kQPW; j++) {
         const int i = warp * kQPW + j;
         if (i >= nq) continue;
         float* dq = p.dq.at(g, first + q0 + i) + h * dh;
-FLASH_UNROLL
+PRISM_UNROLL
         for (int u = 0; u < kDPL; u++) {
             const int d = lane + 32 * u;
             if (d < dh) dq[d] += acc[j][u] * a.scale;
@@ -352,8 +352,8 @@ FLASH_UNROLL
 // dK, dV of 32 keys: grid (sets, Hd, key tiles). Each key's sums run over the
 // set's queries in order; the 16 queries of a step are split over the warps
 // for P and dS, then each warp sums them for its own 8 keys.
-FLASH_KERNEL(kThreads) fused_bwd_dkv_kernel(BwdParams p) {
-    FLASH_SMEM(smem_raw);
+PRISM_KERNEL(kThreads) fused_bwd_dkv_kernel(BwdParams p) {
+    PRISM_SMEM(smem_raw);
     const Attn& a = p.a;
     const int g = blockIdx.x, h = blockIdx.y, dh = a.dh, ld = dh + 1;
     const int m0 = blockIdx.z * kKT;
@@ -375,9 +375,9 @@ FLASH_KERNEL(kThreads) fused_bwd_dkv_kernel(BwdParams p) {
     load_tile(sV, ld, kKT, a.v, g, m0, nk, h, dh);
 
     float acc_k[kKPW][kDPL], acc_v[kKPW][kDPL];
-FLASH_UNROLL
+PRISM_UNROLL
     for (int r = 0; r < kKPW; r++)
-FLASH_UNROLL
+PRISM_UNROLL
         for (int u = 0; u < kDPL; u++) acc_k[r][u] = acc_v[r][u] = 0.f;
     for (int i0 = 0; i0 < count; i0 += kQT2) {
         const int n = imin(kQT2, count - i0);
@@ -401,12 +401,12 @@ FLASH_UNROLL
         }
         block_sync();
         for (int i = 0; i < n; i++) {  // the warp's keys warp*kKPW + r, the lane's head dims
-FLASH_UNROLL
+PRISM_UNROLL
             for (int u = 0; u < kDPL; u++) {
                 const int d = lane + 32 * u;
                 if (d >= dh) continue;
                 const float qd = ld_shared(sQ + i * dh + d), od = ld_shared(sdO + i * dh + d);
-FLASH_UNROLL
+PRISM_UNROLL
                 for (int r = 0; r < kKPW; r++) {
                     const int m = warp * kKPW + r;
                     acc_k[r][u] += ld_shared(sS + i * kKT + m) * qd;
@@ -415,13 +415,13 @@ FLASH_UNROLL
             }
         }
     }
-FLASH_UNROLL
+PRISM_UNROLL
     for (int r = 0; r < kKPW; r++) {
         const int m = warp * kKPW + r;
         if (m >= nk) continue;
         float* dk = p.dk.at(g, m0 + m) + h * dh;
         float* dv = p.dv.at(g, m0 + m) + h * dh;
-FLASH_UNROLL
+PRISM_UNROLL
         for (int u = 0; u < kDPL; u++) {
             const int d = lane + 32 * u;
             if (d < dh) {
@@ -435,7 +435,7 @@ FLASH_UNROLL
 // ---- the CLS row: one query per set, probabilities kept ------------------------------------
 // Σ over the block of each thread's v, the same bits in every thread: the
 // partials are summed in thread order by everyone (red: kThreads floats).
-FLASH_DEVICE float block_sum(float v, float* red) {
+PRISM_DEVICE float block_sum(float v, float* red) {
     block_sync();  // red is free
     st_shared(red + threadIdx.x, v);
     block_sync();
@@ -443,7 +443,7 @@ FLASH_DEVICE float block_sum(float v, float* red) {
     for (int t = 0; t < kThreads; t++) s += ld_shared(red + t);
     return s;
 }
-FLASH_DEVICE float block_max(float v, float* red) {
+PRISM_DEVICE float block_max(float v, float* red) {
     block_sync();
     st_shared(red + threadIdx.x, v);
     block_sync();
@@ -457,8 +457,8 @@ FLASH_DEVICE float block_max(float v, float* red) {
 // block_max, block_sum. Then out's head dims d (one per thread) sum over the
 // keys in order.
 template <class E>
-FLASH_KERNEL(kThreads) cls_fwd_kernel(ClsFwdParams<E> p) {
-    FLASH_SMEM(smem_raw);
+PRISM_KERNEL(kThreads) cls_fwd_kernel(ClsFwdParams<E> p) {
+    PRISM_SMEM(smem_raw);
     const AttnOf<E>& a = p.a;
     const int g = blockIdx.x, h = blockIdx.y, dh = a.dh, M = a.M;
     float* sq = reinterpret_cast<float*>(smem_raw);  // [dh]
@@ -493,8 +493,8 @@ FLASH_KERNEL(kThreads) cls_fwd_kernel(ClsFwdParams<E> p) {
 // Grid (sets, Hd): δ = Σ_m p_m·dp_m (block_sum), then per key (thread t's
 // keys as in forward) dS, dK and dV; dS goes through scratch to the dq sum.
 template <class E>
-FLASH_KERNEL(kThreads) cls_bwd_kernel(ClsBwdParams<E> p) {
-    FLASH_SMEM(smem_raw);
+PRISM_KERNEL(kThreads) cls_bwd_kernel(ClsBwdParams<E> p) {
+    PRISM_SMEM(smem_raw);
     const AttnOf<E>& a = p.a;
     const int g = blockIdx.x, h = blockIdx.y, dh = a.dh, M = a.M;
     float* sq = reinterpret_cast<float*>(smem_raw);  // [dh]
@@ -534,7 +534,7 @@ FLASH_KERNEL(kThreads) cls_bwd_kernel(ClsBwdParams<E> p) {
     }
 }
 
-#ifdef PRISM_FLASH_EMULATION
+#ifdef PRISM_EMULATION
 }  // inline namespace emulated
 #endif
 }  // namespace prism::fused

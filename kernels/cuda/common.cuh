@@ -52,10 +52,10 @@ private:
     cudaStream_t stream_;
 };
 
-constexpr int kThreads = flash::kElementThreads;  // block size of the elementwise kernels
+constexpr int kThreads = primitives::kElementThreads;  // block size of the elementwise kernels
 
 // Blocks for a grid-stride loop over n items (at least 1, at most 65536).
-inline unsigned grid_for(int64_t n, int threads = kThreads) { return flash::grid_stride_blocks(n, threads); }
+inline unsigned grid_for(int64_t n, int threads = kThreads) { return primitives::grid_stride_blocks(n, threads); }
 
 #define PRISM_GRID_STRIDE(i, n)                                                                 \
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < (n);                   \

@@ -9,14 +9,14 @@
 #include "kernels/cuda/primitives.cuh"
 
 namespace prism::embed {
-#ifdef PRISM_FLASH_EMULATION
+#ifdef PRISM_EMULATION
 inline namespace emulated {
 #endif
 
-using flash::element_blocks;
-using flash::grid_first;
-using flash::grid_step;
-using flash::kElementThreads;
+using primitives::element_blocks;
+using primitives::grid_first;
+using primitives::grid_step;
+using primitives::kElementThreads;
 
 
 // images [B, C, H, W] → patches: P×P, row-major inside, patch n at grid
@@ -33,7 +33,7 @@ struct PatchifyParams {
 
 // out [B, nS, N, P·P]: every kept channel's patches, one row each (the
 // channel-wise models' per-channel tokens). element_blocks(B·nS·N·P·P) blocks.
-FLASH_KERNEL(kElementThreads) patchify_channels_kernel(PatchifyParams p) {
+PRISM_KERNEL(kElementThreads) patchify_channels_kernel(PatchifyParams p) {
     const int gw = p.W / p.P, N = (p.H / p.P) * gw, PP = p.P * p.P;
     const int64_t n_out = (int64_t)p.B * p.nS * N * PP;
     for (int64_t i = grid_first(); i < n_out; i += grid_step()) {
@@ -49,7 +49,7 @@ FLASH_KERNEL(kElementThreads) patchify_channels_kernel(PatchifyParams p) {
 
 // out [B, N, C·P·P]: all channels of a patch in one row (vit's tokens).
 // element_blocks(B·N·C·P·P) blocks.
-FLASH_KERNEL(kElementThreads) patchify_all_kernel(PatchifyParams p) {
+PRISM_KERNEL(kElementThreads) patchify_all_kernel(PatchifyParams p) {
     const int gw = p.W / p.P, N = (p.H / p.P) * gw, PP = p.P * p.P;
     const int64_t row_len = (int64_t)p.C * PP, n_out = (int64_t)p.B * N * row_len;
     for (int64_t i = grid_first(); i < n_out; i += grid_step()) {
@@ -73,7 +73,7 @@ struct ForwardParams {
 };
 
 // element_blocks(B·L·D) blocks.
-FLASH_KERNEL(kElementThreads) forward_kernel(ForwardParams p) {
+PRISM_KERNEL(kElementThreads) forward_kernel(ForwardParams p) {
     const int D = p.D;
     const int64_t L = 1 + (int64_t)p.nS * p.N;
     for (int64_t i = grid_first(); i < p.B * L * D; i += grid_step()) {
@@ -99,7 +99,7 @@ struct BackwardParams {
 };
 
 // dpatch += dseq's patch rows. element_blocks(B·nS·N·D) blocks.
-FLASH_KERNEL(kElementThreads) dpatch_kernel(BackwardParams p) {
+PRISM_KERNEL(kElementThreads) dpatch_kernel(BackwardParams p) {
     const int64_t R = (int64_t)p.nS * p.N, L = 1 + R, D = p.D;
     for (int64_t i = grid_first(); i < p.B * R * D; i += grid_step()) {
         const int64_t b = i / (R * D), rd = i % (R * D);
@@ -110,7 +110,7 @@ FLASH_KERNEL(kElementThreads) dpatch_kernel(BackwardParams p) {
 // One thread per (row of pos, d): dpos[0] and dcls sum the CLS rows over
 // images; dpos[1+n] sums patch n over images and channels, in (b, s) order.
 // element_blocks((1 + N)·D) blocks.
-FLASH_KERNEL(kElementThreads) dpos_kernel(BackwardParams p) {
+PRISM_KERNEL(kElementThreads) dpos_kernel(BackwardParams p) {
     const int64_t L = 1 + (int64_t)p.nS * p.N;
     const int D = p.D;
     for (int64_t i = grid_first(); i < (int64_t)(1 + p.N) * D; i += grid_step()) {
@@ -132,7 +132,7 @@ FLASH_KERNEL(kElementThreads) dpos_kernel(BackwardParams p) {
 // One thread per (position s, d): channel S[s] sums its patches over images
 // (S holds distinct channels, so no two threads share an element).
 // element_blocks(nS·D) blocks.
-FLASH_KERNEL(kElementThreads) dchan_kernel(BackwardParams p) {
+PRISM_KERNEL(kElementThreads) dchan_kernel(BackwardParams p) {
     const int64_t L = 1 + (int64_t)p.nS * p.N;
     const int D = p.D;
     for (int64_t i = grid_first(); i < (int64_t)p.nS * D; i += grid_step()) {
@@ -153,7 +153,7 @@ struct SelectParams {
 };
 
 // element_blocks(B·D) blocks.
-FLASH_KERNEL(kElementThreads) select_rows_kernel(SelectParams p) {
+PRISM_KERNEL(kElementThreads) select_rows_kernel(SelectParams p) {
     for (int64_t i = grid_first(); i < (int64_t)p.B * p.D; i += grid_step())
         p.out[i] = p.x[(i / p.D) * p.stride + i % p.D];
 }
@@ -167,12 +167,12 @@ struct SelectBackwardParams {
 };
 
 // element_blocks(B·D) blocks.
-FLASH_KERNEL(kElementThreads) select_rows_backward_kernel(SelectBackwardParams p) {
+PRISM_KERNEL(kElementThreads) select_rows_backward_kernel(SelectBackwardParams p) {
     for (int64_t i = grid_first(); i < (int64_t)p.B * p.D; i += grid_step())
         p.dx[(i / p.D) * p.stride + i % p.D] += p.dout[i];
 }
 
-#ifdef PRISM_FLASH_EMULATION
+#ifdef PRISM_EMULATION
 }  // inline namespace emulated
 #endif
 }  // namespace prism::embed

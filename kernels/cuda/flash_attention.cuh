@@ -39,8 +39,8 @@
 // that ldmatrix's eight row reads hit eight different bank groups.
 //
 // The file is written so that tests can compile it on the host with the
-// primitives of primitives.cuh replaced (PRISM_FLASH_EMULATION: a CPU model
-// of warps, ldmatrix, mma and cp.async; see tests/flash_emulator.h).
+// primitives of primitives.cuh replaced (PRISM_EMULATION: a CPU model
+// of warps, ldmatrix, mma and cp.async; see tests/emulator.h).
 #pragma once
 #include <stdlib.h>
 
@@ -52,9 +52,11 @@
 namespace prism::flash {
 // The emulated build gets its own names: the kernels' host stubs in the CUDA
 // object and their emulated bodies must not meet in the linker.
-#ifdef PRISM_FLASH_EMULATION
+#ifdef PRISM_EMULATION
 inline namespace emulated {
 #endif
+// These kernels use nearly every primitive: listing them would hide the code.
+using namespace primitives;
 
 constexpr int kDh = 64;      // head dim (the only one supported)
 constexpr int kKT = 64;      // keys per tile (forward, dq)
@@ -64,7 +66,7 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
 // Element offset of chunk `c` (8 bf16) of row `r` in a swizzled [rows][64] tile.
-FLASH_DEVICE int swz(int r, int c) { return r * kDh + ((c ^ (r & 7)) << 3); }
+PRISM_DEVICE int swz(int r, int c) { return r * kDh + ((c ^ (r & 7)) << 3); }
 
 // ---- what the kernels see ----------------------------------------------------------------
 // Rows of one operand: row r, head h at p + r*row + h*64.
@@ -89,7 +91,7 @@ inline Sets make_sets(const int* offsets, int nq, int M, int Hd) {
     return Sets{offsets, nq, M, Hd, scale, scale * kLog2e};
 }
 
-FLASH_DEVICE void set_queries(const Sets& s, int g, int64_t& first, int& count) {
+PRISM_DEVICE void set_queries(const Sets& s, int g, int64_t& first, int& count) {
     if (s.offsets) {
         first = s.offsets[g];
         count = s.offsets[g + 1] - s.offsets[g];
@@ -101,7 +103,7 @@ FLASH_DEVICE void set_queries(const Sets& s, int g, int64_t& first, int& count) 
 
 // lse and δ: dense [sets, Hd, nq] (the query's index i in its set), routed
 // [rows, Hd] (its gathered row).
-FLASH_DEVICE int64_t stat_index(const Sets& s, int g, int h, int i, int64_t row) {
+PRISM_DEVICE int64_t stat_index(const Sets& s, int g, int h, int i, int64_t row) {
     return s.offsets ? row * s.Hd + h : ((int64_t)g * s.Hd + h) * s.nq + i;
 }
 
@@ -129,7 +131,7 @@ struct TileWalk {
     int64_t first;  // the set's first query row
     int count;      // and its queries
 };
-FLASH_DEVICE bool tile_walk(const Sets& s, const RoutedWork& w, int QT, TileWalk& t) {
+PRISM_DEVICE bool tile_walk(const Sets& s, const RoutedWork& w, int QT, TileWalk& t) {
     if (w.items) {
         const int x = (int)blockIdx.x / s.Hd;
         if (x >= *w.n_items) return false;
@@ -176,7 +178,7 @@ struct BwdParams {
     RoutedWork work = {};
 };
 
-FLASH_DEVICE void put_f2(bool overwrite, float* p, float x, float y) {
+PRISM_DEVICE void put_f2(bool overwrite, float* p, float x, float y) {
     if (overwrite) store_f2(p, x, y);
     else add_f2(p, x, y);
 }
@@ -187,7 +189,7 @@ FLASH_DEVICE void put_f2(bool overwrite, float* p, float x, float y) {
 // sources converted on the way (plain loads and stores: visible after the next
 // block_sync).
 template <int kThreads>
-FLASH_DEVICE void stage_rows(uint16_t* tile, const Operand<uint16_t>& src, int64_t row0, int n,
+PRISM_DEVICE void stage_rows(uint16_t* tile, const Operand<uint16_t>& src, int64_t row0, int n,
                              int rows, int h) {
     for (int e = threadIdx.x; e < rows * 8; e += kThreads) {
         const int r = e >> 3, c = e & 7;
@@ -197,7 +199,7 @@ FLASH_DEVICE void stage_rows(uint16_t* tile, const Operand<uint16_t>& src, int64
     }
 }
 template <int kThreads>
-FLASH_DEVICE void stage_rows(uint16_t* tile, const Operand<float>& src, int64_t row0, int n,
+PRISM_DEVICE void stage_rows(uint16_t* tile, const Operand<float>& src, int64_t row0, int n,
                              int rows, int h) {
     for (int e = threadIdx.x; e < rows * 8; e += kThreads) {
         const int r = e >> 3, c = e & 7;
@@ -213,40 +215,40 @@ FLASH_DEVICE void stage_rows(uint16_t* tile, const Operand<float>& src, int64_t 
 
 // ---- warp-level fragments ------------------------------------------------------------------
 // A operand (16×16) from a [m][k] tile: rows m0.., columns 16·ks..
-FLASH_DEVICE void frag_a(uint32_t (&a)[4], const uint16_t* tile, int m0, int ks, int lane) {
+PRISM_DEVICE void frag_a(uint32_t (&a)[4], const uint16_t* tile, int m0, int ks, int lane) {
     ldsm_x4(a, tile + swz(m0 + (lane & 15), 2 * ks + (lane >> 4)));
 }
 // B operands of two n-tiles (n0.., n0+8..) for k-step ks, from a [n][k] tile
 // (Kᵀ from K, Qᵀ from Q, ...): b[0], b[1] for n0; b[2], b[3] for n0+8.
-FLASH_DEVICE void frag_b_nk(uint32_t (&b)[4], const uint16_t* tile, int n0, int ks, int lane) {
+PRISM_DEVICE void frag_b_nk(uint32_t (&b)[4], const uint16_t* tile, int n0, int ks, int lane) {
     ldsm_x4(b, tile + swz(n0 + (lane & 7) + ((lane >> 4) << 3), 2 * ks + ((lane >> 3) & 1)));
 }
 // The same from a [k][n] tile (V for P·V, K for dS·K, ...): rows k0 = 16·ks..,
 // columns 16·np.. (n-tiles 2np, 2np+1).
-FLASH_DEVICE void frag_b_kn(uint32_t (&b)[4], const uint16_t* tile, int ks, int np, int lane) {
+PRISM_DEVICE void frag_b_kn(uint32_t (&b)[4], const uint16_t* tile, int ks, int np, int lane) {
     ldsm_x4_trans(b, tile + swz(16 * ks + (lane & 7) + (((lane >> 3) & 1) << 3), 2 * np + (lane >> 4)));
 }
 // The accumulators of n-tiles 2kk, 2kk+1 as the A operand of k-step kk.
-FLASH_DEVICE void c_to_a(uint32_t (&a)[4], const float (&c)[8][4], int kk) {
+PRISM_DEVICE void c_to_a(uint32_t (&a)[4], const float (&c)[8][4], int kk) {
     a[0] = pack_bf16(c[2 * kk][0], c[2 * kk][1]);
     a[1] = pack_bf16(c[2 * kk][2], c[2 * kk][3]);
     a[2] = pack_bf16(c[2 * kk + 1][0], c[2 * kk + 1][1]);
     a[3] = pack_bf16(c[2 * kk + 1][2], c[2 * kk + 1][3]);
 }
 
-FLASH_DEVICE void zero(float (&c)[8][4]) {
+PRISM_DEVICE void zero(float (&c)[8][4]) {
     for (int j = 0; j < 8; j++)
         for (int e = 0; e < 4; e++) c[j][e] = 0.f;
 }
 
 // c[j] (+)= a_frags · tile_nkᵀ over the 64 head dims: rows of the warp's 16 × 64
 // columns n of a [n][64] tile, only the first `chunks` 16-column chunks.
-FLASH_DEVICE void product_nk(float (&c)[8][4], const uint32_t (&a)[4][4], const uint16_t* tile,
+PRISM_DEVICE void product_nk(float (&c)[8][4], const uint32_t (&a)[4][4], const uint16_t* tile,
                              int chunks, int lane) {
-FLASH_UNROLL
+PRISM_UNROLL
     for (int np = 0; np < 4; np++) {
         if (np >= chunks) break;
-FLASH_UNROLL
+PRISM_UNROLL
         for (int ks = 0; ks < 4; ks++) {
             uint32_t b[4];
             frag_b_nk(b, tile, 16 * np, ks, lane);
@@ -258,14 +260,14 @@ FLASH_UNROLL
 
 // acc (+)= c · tile_kn: the warp's 16 rows × 64 head dims, summing over the
 // first `chunks`·16 rows of a [k][64] tile (k = the columns of c).
-FLASH_DEVICE void product_kn(float (&acc)[8][4], const float (&c)[8][4], const uint16_t* tile,
+PRISM_DEVICE void product_kn(float (&acc)[8][4], const float (&c)[8][4], const uint16_t* tile,
                              int chunks, int lane) {
-FLASH_UNROLL
+PRISM_UNROLL
     for (int kk = 0; kk < 4; kk++) {
         if (kk >= chunks) break;
         uint32_t a[4];
         c_to_a(a, c, kk);
-FLASH_UNROLL
+PRISM_UNROLL
         for (int np = 0; np < 4; np++) {
             uint32_t b[4];
             frag_b_kn(b, tile, kk, np, lane);
@@ -275,11 +277,11 @@ FLASH_UNROLL
     }
 }
 
-FLASH_DEVICE float quad_max(float v) {
+PRISM_DEVICE float quad_max(float v) {
     v = fmaxf(v, shfl_xor(v, 1));
     return fmaxf(v, shfl_xor(v, 2));
 }
-FLASH_DEVICE float quad_sum(float v) {
+PRISM_DEVICE float quad_sum(float v) {
     v += shfl_xor(v, 1);
     return v + shfl_xor(v, 2);
 }
@@ -290,14 +292,14 @@ FLASH_DEVICE float quad_sum(float v) {
 template <bool kStationary>
 struct KeyTiles {
     uint16_t *k, *v;
-    static FLASH_HOST_DEVICE int rows(int M) { return kStationary ? (M + 15) / 16 * 16 : 2 * kKT; }
-    FLASH_DEVICE const uint16_t* k_tile(int kt) const { return k + (kStationary ? kt : (kt & 1)) * kKT * kDh; }
-    FLASH_DEVICE const uint16_t* v_tile(int kt) const { return v + (kStationary ? kt : (kt & 1)) * kKT * kDh; }
+    static PRISM_HOST_DEVICE int rows(int M) { return kStationary ? (M + 15) / 16 * 16 : 2 * kKT; }
+    PRISM_DEVICE const uint16_t* k_tile(int kt) const { return k + (kStationary ? kt : (kt & 1)) * kKT * kDh; }
+    PRISM_DEVICE const uint16_t* v_tile(int kt) const { return v + (kStationary ? kt : (kt & 1)) * kKT * kDh; }
 };
 
 // Issues the staging of key tile kt into its buffer (streaming mode).
 template <int kThreads, class Src>
-FLASH_DEVICE void stage_key_tile(const KeyTiles<false>& t, const Operand<Src>& k, const Operand<Src>& v,
+PRISM_DEVICE void stage_key_tile(const KeyTiles<false>& t, const Operand<Src>& k, const Operand<Src>& v,
                                  int64_t kv0, int M, int kt, int h) {
     uint16_t* kb = t.k + (kt & 1) * kKT * kDh;
     uint16_t* vb = t.v + (kt & 1) * kKT * kDh;
@@ -307,12 +309,12 @@ FLASH_DEVICE void stage_key_tile(const KeyTiles<false>& t, const Operand<Src>& k
 }
 
 // Masks the scores of keys ≥ M (tile starting at key0) with −∞.
-FLASH_DEVICE void mask_keys(float (&s)[8][4], int key0, int M, int lane) {
+PRISM_DEVICE void mask_keys(float (&s)[8][4], int key0, int M, int lane) {
     if (key0 + kKT <= M) return;
     const int t = lane & 3;
-FLASH_UNROLL
+PRISM_UNROLL
     for (int j = 0; j < 8; j++)
-FLASH_UNROLL
+PRISM_UNROLL
         for (int e = 0; e < 4; e++)
             if (key0 + 8 * j + 2 * t + (e & 1) >= M) s[j][e] = -INFINITY;
 }
@@ -321,9 +323,9 @@ FLASH_UNROLL
 // Dense grid (sets, Hd, Z): block z takes the set's query tiles z, z+Z, ...;
 // routed: (items·Hd), block x its work item's tiles (tile_walk).
 template <class Src, int W, bool kStationary>
-FLASH_KERNEL(W * 32) flash_fwd_kernel(FwdParams<Src> p) {
+PRISM_KERNEL(W * 32) flash_fwd_kernel(FwdParams<Src> p) {
     constexpr int kThreads = W * 32, QT = W * 16;
-    FLASH_SMEM(smem_raw);
+    PRISM_SMEM(smem_raw);
     const Sets& s = p.s;
     TileWalk walk;
     if (!tile_walk(s, p.work, QT, walk)) return;
@@ -376,7 +378,7 @@ FLASH_KERNEL(W * 32) flash_fwd_kernel(FwdParams<Src> p) {
 
             // Online softmax, base 2: each row's max over its quad, then rescale.
             float mx0 = -INFINITY, mx1 = -INFINITY;
-FLASH_UNROLL
+PRISM_UNROLL
             for (int j = 0; j < 8; j++) {
                 mx0 = fmaxf(mx0, fmaxf(sc[j][0], sc[j][1]));
                 mx1 = fmaxf(mx1, fmaxf(sc[j][2], sc[j][3]));
@@ -387,7 +389,7 @@ FLASH_UNROLL
             const float a0 = exp2f(m0 - n0), a1 = exp2f(m1 - n1);
             m0 = n0, m1 = n1;
             float r0 = 0.f, r1 = 0.f;
-FLASH_UNROLL
+PRISM_UNROLL
             for (int j = 0; j < 8; j++) {
                 sc[j][0] = exp2f(fmaf(sc[j][0], s.scale_log2, -n0));
                 sc[j][1] = exp2f(fmaf(sc[j][1], s.scale_log2, -n0));
@@ -410,7 +412,7 @@ FLASH_UNROLL
             if (i >= count) continue;
             const int64_t row = first + i, at = row * p.out_row + h * kDh;
             const float inv = half ? inv1 : inv0;
-FLASH_UNROLL
+PRISM_UNROLL
             for (int j = 0; j < 8; j++) {
                 const float x = o[j][2 * half] * inv, y = o[j][2 * half + 1] * inv;
                 if (p.out) store_f2(p.out + at + 8 * j + 2 * t, x, y);
@@ -441,7 +443,7 @@ struct PrepParams {
     const uint16_t* dout_bf16 = nullptr;     // dO likewise: read instead of dout (dout_rounded then null)
 };
 
-FLASH_KERNEL(kPrepWarps * 32) flash_bwd_prep_kernel(PrepParams p) {
+PRISM_KERNEL(kPrepWarps * 32) flash_bwd_prep_kernel(PrepParams p) {
     const int lane = threadIdx.x & 31;
     const int64_t rows = p.rows_on_device && *p.rows_on_device < p.rows ? (int64_t)*p.rows_on_device : p.rows;
     for (int64_t row = (int64_t)blockIdx.x * kPrepWarps + (threadIdx.x >> 5); row < rows;
@@ -465,9 +467,9 @@ FLASH_KERNEL(kPrepWarps * 32) flash_bwd_prep_kernel(PrepParams p) {
 
 // dQ: grid and staging as the forward; the query tile stages Q and dO.
 template <class Src, int W, bool kStationary>
-FLASH_KERNEL(W * 32) flash_bwd_dq_kernel(BwdParams<Src> p) {
+PRISM_KERNEL(W * 32) flash_bwd_dq_kernel(BwdParams<Src> p) {
     constexpr int kThreads = W * 32, QT = W * 16;
-    FLASH_SMEM(smem_raw);
+    PRISM_SMEM(smem_raw);
     const Sets& s = p.s;
     TileWalk walk;
     if (!tile_walk(s, p.work, QT, walk)) return;
@@ -531,9 +533,9 @@ FLASH_KERNEL(W * 32) flash_bwd_dq_kernel(BwdParams<Src> p) {
             product_nk(sc, qf, kv.k_tile(kt), chunks, lane);
             mask_keys(sc, key0, M, lane);
             product_nk(dp, df, kv.v_tile(kt), chunks, lane);
-FLASH_UNROLL
+PRISM_UNROLL
             for (int j = 0; j < 8; j++)
-FLASH_UNROLL
+PRISM_UNROLL
                 for (int e = 0; e < 4; e++) {
                     const float pr = exp2f(fmaf(sc[j][e], s.scale_log2, -lse2[e >> 1]));
                     sc[j][e] = pr * (dp[j][e] - dlt[e >> 1]);  // dS (of the scaled score)
@@ -545,7 +547,7 @@ FLASH_UNROLL
             const int i = i0 + warp * 16 + gr + 8 * half;
             if (i >= count) continue;
             float* d = p.dq + (first + i) * p.dq_row + h * kDh;
-FLASH_UNROLL
+PRISM_UNROLL
             for (int j = 0; j < 8; j++)
                 put_f2(p.overwrite_dq, d + 8 * j + 2 * t, dq[j][2 * half] * s.scale, dq[j][2 * half + 1] * s.scale);
         }
@@ -557,9 +559,9 @@ FLASH_UNROLL
 // block x: listed group x / (Hd·key_blocks), then head, then key block. The
 // set's query tiles in order.
 template <class Src, int W>
-FLASH_KERNEL(W * 32) flash_bwd_dkv_kernel(BwdParams<Src> p) {
+PRISM_KERNEL(W * 32) flash_bwd_dkv_kernel(BwdParams<Src> p) {
     constexpr int kThreads = W * 32, KB = W * 16;
-    FLASH_SMEM(smem_raw);
+    PRISM_SMEM(smem_raw);
     const Sets& s = p.s;
     int g = blockIdx.x, h = blockIdx.y, key_block = blockIdx.z;
     if (p.work.groups) {
@@ -627,9 +629,9 @@ FLASH_KERNEL(W * 32) flash_bwd_dkv_kernel(BwdParams<Src> p) {
         float st[8][4];  // Sᵀ: the warp's 16 keys × the tile's 64 queries
         zero(st);
         product_nk(st, kf, tQ, chunks, lane);
-FLASH_UNROLL
+PRISM_UNROLL
         for (int j = 0; j < 8; j++)
-FLASH_UNROLL
+PRISM_UNROLL
             for (int e = 0; e < 4; e++)
                 st[j][e] = exp2f(fmaf(st[j][e], s.scale_log2, -ld_shared(tL + 8 * j + 2 * t + (e & 1))));
         product_kn(dv, st, tdO, chunks, lane);  // dV += Pᵀ·dO
@@ -637,9 +639,9 @@ FLASH_UNROLL
         float dpt[8][4];
         zero(dpt);
         product_nk(dpt, vf, tdO, chunks, lane);  // dPᵀ = V·dOᵀ
-FLASH_UNROLL
+PRISM_UNROLL
         for (int j = 0; j < 8; j++)
-FLASH_UNROLL
+PRISM_UNROLL
             for (int e = 0; e < 4; e++) st[j][e] *= dpt[j][e] - ld_shared(tD + 8 * j + 2 * t + (e & 1));
         product_kn(dk, st, tQ, chunks, lane);  // dK += dSᵀ·Q
     }
@@ -650,7 +652,7 @@ FLASH_UNROLL
         if (m >= nk) continue;
         float* dkr = p.dk + (kv0 + m) * p.dkv_row + h * kDh;
         float* dvr = p.dv + (kv0 + m) * p.dkv_row + h * kDh;
-FLASH_UNROLL
+PRISM_UNROLL
         for (int j = 0; j < 8; j++) {
             put_f2(p.overwrite_dkv, dkr + 8 * j + 2 * t, dk[j][2 * half] * s.scale, dk[j][2 * half + 1] * s.scale);
             put_f2(p.overwrite_dkv, dvr + 8 * j + 2 * t, dv[j][2 * half], dv[j][2 * half + 1]);
@@ -779,7 +781,7 @@ struct PlanParams {
 // return at[c] is the position of its first element of class c, the classes
 // in descending order (class kPlanClasses − 1 first), and the result is the
 // number of elements. A Hillis–Steele scan over the threads, all classes at once.
-FLASH_DEVICE int class_positions(int* sh, const int (&mine)[kPlanClasses], int (&at)[kPlanClasses]) {
+PRISM_DEVICE int class_positions(int* sh, const int (&mine)[kPlanClasses], int (&at)[kPlanClasses]) {
     const int tid = threadIdx.x;
     int run[kPlanClasses];
     for (int c = 0; c < kPlanClasses; c++) run[c] = mine[c];
@@ -802,14 +804,14 @@ FLASH_DEVICE int class_positions(int* sh, const int (&mine)[kPlanClasses], int (
     return start;
 }
 
-FLASH_DEVICE int query_tiles_of(const int* offsets, int g, int rows_per_tile) {
+PRISM_DEVICE int query_tiles_of(const int* offsets, int g, int rows_per_tile) {
     return (offsets[g + 1] - offsets[g] + rows_per_tile - 1) / rows_per_tile;
 }
 
 // One block of kPlanThreads; each thread owns a contiguous run of groups (or
 // of the list being sorted), so that the sorts are stable.
-FLASH_KERNEL(kPlanThreads) routed_plan_kernel(PlanParams p) {
-    FLASH_SMEM(smem_raw);
+PRISM_KERNEL(kPlanThreads) routed_plan_kernel(PlanParams p) {
+    PRISM_SMEM(smem_raw);
     int* sh = reinterpret_cast<int*>(smem_raw);
     constexpr int QT = kWarps * 16;
     const int tid = threadIdx.x;
@@ -864,7 +866,7 @@ FLASH_KERNEL(kPlanThreads) routed_plan_kernel(PlanParams p) {
     }
 }
 
-#ifdef PRISM_FLASH_EMULATION
+#ifdef PRISM_EMULATION
 }  // inline namespace emulated
 #endif
 }  // namespace prism::flash

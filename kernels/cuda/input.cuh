@@ -9,23 +9,23 @@
 #include "kernels/ops.h"
 
 namespace prism::input {
-#ifdef PRISM_FLASH_EMULATION
+#ifdef PRISM_EMULATION
 inline namespace emulated {
 #endif
 
-using flash::element_blocks;
-using flash::grid_first;
-using flash::grid_step;
-using flash::kElementThreads;
+using primitives::element_blocks;
+using primitives::grid_first;
+using primitives::grid_step;
+using primitives::kElementThreads;
 using ops::InputAug;
 using ops::Pixel;
 
 
 template <Pixel P>
-FLASH_DEVICE float load_pixel(const void* src, int64_t i) {
+PRISM_DEVICE float load_pixel(const void* src, int64_t i) {
     if constexpr (P == Pixel::u8) return float(((const uint8_t*)src)[i]);
     if constexpr (P == Pixel::u16) return float(((const uint16_t*)src)[i]);
-    if constexpr (P == Pixel::f16) return flash::half_to_float(((const uint16_t*)src)[i]);
+    if constexpr (P == Pixel::f16) return primitives::half_to_float(((const uint16_t*)src)[i]);
     if constexpr (P == Pixel::f32) return ((const float*)src)[i];
 }
 
@@ -40,7 +40,7 @@ struct Params {
 
 // element_blocks(B·C·H·W) blocks of kElementThreads.
 template <Pixel P>
-FLASH_KERNEL(kElementThreads) forward_kernel(Params p) {
+PRISM_KERNEL(kElementThreads) forward_kernel(Params p) {
     const int H = p.H, W = p.W;
     const int64_t hw = (int64_t)H * W, total = (int64_t)p.B * p.C * hw;
     for (int64_t i = grid_first(); i < total; i += grid_step()) {
@@ -70,13 +70,13 @@ FLASH_KERNEL(kElementThreads) forward_kernel(Params p) {
             // these are the CPU's bits. A pixel under a hole counts as bad too,
             // as on the CPU.
             v = (load_pixel<P>(p.raw, plane * hw + (int64_t)sy * W + sx) - p.mean[plane]) * p.inv_std[plane];
-            if (!isfinite(v) && p.bad_image) flash::atomic_min_global(p.bad_image, b);
+            if (!isfinite(v) && p.bad_image) primitives::atomic_min_global(p.bad_image, b);
         }
         p.out[i] = hole ? 0.f : v;
     }
 }
 
-#ifdef PRISM_FLASH_EMULATION
+#ifdef PRISM_EMULATION
 }  // inline namespace emulated
 #endif
 }  // namespace prism::input

@@ -8,16 +8,16 @@
 #include "kernels/cuda/primitives.cuh"
 
 namespace prism::layernorm {
-#ifdef PRISM_FLASH_EMULATION
+#ifdef PRISM_EMULATION
 inline namespace emulated {
 #endif
 
-using flash::store_elem;
-using flash::warp_sum;
+using primitives::store_elem;
+using primitives::warp_sum;
 
 constexpr int kRowsPerBlock = 8, kThreads = kRowsPerBlock * 32;  // one warp per row
-FLASH_HOST_DEVICE unsigned row_blocks(int64_t rows) { return (unsigned)((rows + kRowsPerBlock - 1) / kRowsPerBlock); }
-FLASH_DEVICE int64_t warp_row() { return (int64_t)blockIdx.x * kRowsPerBlock + threadIdx.x / 32; }
+PRISM_HOST_DEVICE unsigned row_blocks(int64_t rows) { return (unsigned)((rows + kRowsPerBlock - 1) / kRowsPerBlock); }
+PRISM_DEVICE int64_t warp_row() { return (int64_t)blockIdx.x * kRowsPerBlock + threadIdx.x / 32; }
 
 struct ForwardParams {
     float* out;          // [rows, D] or nullptr
@@ -36,7 +36,7 @@ struct ForwardParams {
 // d ≡ lane (mod 32) of its row, and reads back the sum only where it wrote
 // it, so no barrier is needed; the arithmetic is residual_forward's then
 // layernorm_forward's, as on the CPU.
-FLASH_KERNEL(kThreads) forward_kernel(ForwardParams p) {
+PRISM_KERNEL(kThreads) forward_kernel(ForwardParams p) {
     const int64_t r = warp_row();
     const int lane = threadIdx.x % 32, D = p.D;
     if (r >= p.rows) return;  // whole warps
@@ -73,7 +73,7 @@ struct BackwardParams {
 };
 
 // row_blocks(rows) blocks of kThreads.
-FLASH_KERNEL(kThreads) dx_kernel(BackwardParams p) {
+PRISM_KERNEL(kThreads) dx_kernel(BackwardParams p) {
     const int64_t r = warp_row();
     const int lane = threadIdx.x % 32, D = p.D;
     if (r >= p.rows) return;
@@ -98,13 +98,13 @@ FLASH_KERNEL(kThreads) dx_kernel(BackwardParams p) {
 struct DwTerm {
     const float *dout, *x, *mean, *rstd;
     int D;
-    FLASH_DEVICE float operator()(int, int64_t r, int c) const {
+    PRISM_DEVICE float operator()(int, int64_t r, int c) const {
         const int64_t i = r * D + c;
         return dout[i] * ((x[i] - mean[r]) * rstd[r]);
     }
 };
 
-#ifdef PRISM_FLASH_EMULATION
+#ifdef PRISM_EMULATION
 }  // inline namespace emulated
 #endif
 }  // namespace prism::layernorm

@@ -12,16 +12,16 @@
 #include "kernels/cuda/primitives.cuh"
 
 namespace prism::linear {
-#ifdef PRISM_FLASH_EMULATION
+#ifdef PRISM_EMULATION
 inline namespace emulated {
 #endif
 
-using flash::element_blocks;
-using flash::grid_first;
-using flash::grid_step;
-using flash::kElementThreads;
-using flash::load_elem;
-using flash::store_elem;
+using primitives::element_blocks;
+using primitives::grid_first;
+using primitives::grid_step;
+using primitives::kElementThreads;
+using primitives::load_elem;
+using primitives::store_elem;
 
 
 // ---- the products' shapes ------------------------------------------------------------------
@@ -60,7 +60,7 @@ struct FillBiasParams {
 // out[r, o] = bias[o]: the product then adds into it (beta = 1).
 // element_blocks(rows·out_dim) blocks.
 template <class O>
-FLASH_KERNEL(kElementThreads) fill_bias_kernel(FillBiasParams<O> p) {
+PRISM_KERNEL(kElementThreads) fill_bias_kernel(FillBiasParams<O> p) {
     for (int64_t i = grid_first(); i < p.rows * p.out_dim; i += grid_step())
         store_elem(&p.out[i], p.bias[i % p.out_dim]);
 }
@@ -76,7 +76,7 @@ struct ExpertBiasParams {
 // out [B, nS, N, out_dim] = bias[S[s]] on every row of group (b, s).
 // element_blocks(B·nS·N·out_dim) blocks.
 template <class O>
-FLASH_KERNEL(kElementThreads) fill_expert_bias_kernel(ExpertBiasParams<O> p) {
+PRISM_KERNEL(kElementThreads) fill_expert_bias_kernel(ExpertBiasParams<O> p) {
     for (int64_t i = grid_first(); i < (int64_t)p.B * p.nS * p.N * p.out_dim; i += grid_step()) {
         const int o = (int)(i % p.out_dim);
         const int s = (int)((i / p.out_dim / p.N) % p.nS);
@@ -95,7 +95,7 @@ struct UsedExpertsParams {
 
 // Wb[s] = bf16(W[S[s]]): only the experts this step uses.
 // element_blocks(nS·per_expert) blocks.
-FLASH_KERNEL(kElementThreads) used_experts_bf16_kernel(UsedExpertsParams p) {
+PRISM_KERNEL(kElementThreads) used_experts_bf16_kernel(UsedExpertsParams p) {
     for (int64_t i = grid_first(); i < p.nS * p.per_expert; i += grid_step()) {
         const int64_t s = i / p.per_expert;
         store_elem(&p.Wb[i], p.W[(int64_t)p.S[s] * p.per_expert + i % p.per_expert]);
@@ -112,7 +112,7 @@ struct PatchRowsParams {
 
 // xb = bf16 of the patch rows of x, whose images lie x_image_stride apart.
 // element_blocks(B·per_image) blocks.
-FLASH_KERNEL(kElementThreads) patch_rows_bf16_kernel(PatchRowsParams p) {
+PRISM_KERNEL(kElementThreads) patch_rows_bf16_kernel(PatchRowsParams p) {
     for (int64_t i = grid_first(); i < p.B * p.per_image; i += grid_step())
         store_elem(&p.xb[i], p.x[(i / p.per_image) * p.x_image_stride + i % p.per_image]);
 }
@@ -132,7 +132,7 @@ struct ChannelMajorParams {
 // dout made contiguous, images in order, so that one product per channel
 // (K = B·N) sums its images. element_blocks(nS·B·N·(in + out)) blocks.
 template <class E, class X>
-FLASH_KERNEL(kElementThreads) channel_major_kernel(ChannelMajorParams<E, X> p) {
+PRISM_KERNEL(kElementThreads) channel_major_kernel(ChannelMajorParams<E, X> p) {
     const int width = p.in_dim + p.out_dim;
     const int64_t rows = (int64_t)p.nS * p.B * p.N;
     for (int64_t i = grid_first(); i < rows * width; i += grid_step()) {
@@ -174,7 +174,7 @@ struct GroupPointersParams {
 
 // Group g's weight, input rows and output rows. element_blocks(B·nS) blocks.
 template <class W, class I, class O>
-FLASH_KERNEL(kElementThreads) group_pointers_kernel(GroupPointersParams<W, I, O> p) {
+PRISM_KERNEL(kElementThreads) group_pointers_kernel(GroupPointersParams<W, I, O> p) {
     for (int64_t g = grid_first(); g < (int64_t)p.B * p.nS; g += grid_step()) {
         const int64_t b = g / p.nS, s = g % p.nS;
         const int64_t expert = p.S ? p.S[s] : s;
@@ -199,7 +199,7 @@ struct WeightPointersParams {
 // The weight gradient's pointers for channel position s: dW[S[s]] and s's
 // rows of xp and gp. element_blocks(nS) blocks.
 template <class E>
-FLASH_KERNEL(kElementThreads) weight_pointers_kernel(WeightPointersParams<E> p) {
+PRISM_KERNEL(kElementThreads) weight_pointers_kernel(WeightPointersParams<E> p) {
     for (int64_t s = grid_first(); s < p.nS; s += grid_step()) {
         p.dw_ptr[s] = p.dW + (int64_t)p.S[s] * p.out_dim * p.in_dim;
         p.xp_ptr[s] = p.xp + s * p.rows_per_channel * p.in_dim;
@@ -213,7 +213,7 @@ FLASH_KERNEL(kElementThreads) weight_pointers_kernel(WeightPointersParams<E> p) 
 struct ChannelRows {  // term = dout[((b·nS + s)·N + n)·out + c], r = b·N + n
     const float* dout;
     int nS, N, out;
-    FLASH_DEVICE float operator()(int s, int64_t r, int c) const {
+    PRISM_DEVICE float operator()(int s, int64_t r, int c) const {
         const int64_t b = r / N, n = r % N;
         return dout[((b * nS + s) * N + n) * out + c];
     }
@@ -222,10 +222,10 @@ struct ChannelRows {  // term = dout[((b·nS + s)·N + n)·out + c], r = b·N + 
 struct Bf16RowMajor {  // term = float(x[r·cols + c])
     const uint16_t* x;
     int cols;
-    FLASH_DEVICE float operator()(int, int64_t r, int c) const { return load_elem(&x[r * cols + c]); }
+    PRISM_DEVICE float operator()(int, int64_t r, int c) const { return load_elem(&x[r * cols + c]); }
 };
 
-#ifdef PRISM_FLASH_EMULATION
+#ifdef PRISM_EMULATION
 }  // inline namespace emulated
 #endif
 }  // namespace prism::linear

@@ -9,19 +9,19 @@
 #include "kernels/cuda/primitives.cuh"
 
 namespace prism::cross_entropy {
-#ifdef PRISM_FLASH_EMULATION
+#ifdef PRISM_EMULATION
 inline namespace emulated {
 #endif
 
-using flash::element_blocks;
-using flash::grid_first;
-using flash::grid_step;
-using flash::kElementThreads;
-using flash::shfl_xor;
-using flash::warp_sum;
+using primitives::element_blocks;
+using primitives::grid_first;
+using primitives::grid_step;
+using primitives::kElementThreads;
+using primitives::shfl_xor;
+using primitives::warp_sum;
 
 constexpr int kRowsPerBlock = 8, kRowThreads = kRowsPerBlock * 32;  // one warp per row
-FLASH_HOST_DEVICE unsigned row_blocks(int B) { return (unsigned)((B + kRowsPerBlock - 1) / kRowsPerBlock); }
+PRISM_HOST_DEVICE unsigned row_blocks(int B) { return (unsigned)((B + kRowsPerBlock - 1) / kRowsPerBlock); }
 
 struct RowsParams {
     float* probs;     // [B, K]
@@ -34,7 +34,7 @@ struct RowsParams {
 
 // row_blocks(B) blocks of kRowThreads. Argmax ties → the lower class, as the
 // CPU's strict '>' scan.
-FLASH_KERNEL(kRowThreads) rows_kernel(RowsParams p) {
+PRISM_KERNEL(kRowThreads) rows_kernel(RowsParams p) {
     const int b = blockIdx.x * kRowsPerBlock + threadIdx.x / 32, lane = threadIdx.x % 32, K = p.K;
     if (b >= p.B) return;  // whole warps
     const float* z = p.logits + (int64_t)b * K;
@@ -76,7 +76,7 @@ struct TotalParams {
 };
 
 // One block of 32 threads: thread 0 adds the rows in order.
-FLASH_KERNEL(32) total_kernel(TotalParams p) {
+PRISM_KERNEL(32) total_kernel(TotalParams p) {
     if (threadIdx.x != 0 || blockIdx.x != 0) return;
     float total = 0.f;
     int hits = 0;
@@ -97,14 +97,14 @@ struct BackwardParams {
 };
 
 // element_blocks(B·K) blocks of kElementThreads.
-FLASH_KERNEL(kElementThreads) backward_kernel(BackwardParams p) {
+PRISM_KERNEL(kElementThreads) backward_kernel(BackwardParams p) {
     for (int64_t i = grid_first(); i < (int64_t)p.B * p.K; i += grid_step()) {
         const int b = (int)(i / p.K), c = (int)(i % p.K);
         p.dlogits[i] += p.grad_scale * (p.probs[i] - float(c == p.labels[b])) / float(p.B);
     }
 }
 
-#ifdef PRISM_FLASH_EMULATION
+#ifdef PRISM_EMULATION
 }  // inline namespace emulated
 #endif
 }  // namespace prism::cross_entropy

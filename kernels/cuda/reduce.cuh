@@ -7,20 +7,20 @@
 // what is summed and where the result goes are functors (a Term and an Out).
 //
 // Written against primitives.cuh only, so that tests/test_reduce_emulated.cpp
-// runs them on the CPU through tests/flash_emulator.h.
+// runs them on the CPU through tests/emulator.h.
 #pragma once
 #include "kernels/cuda/primitives.cuh"
 
 namespace prism::reduce {
-#ifdef PRISM_FLASH_EMULATION
+#ifdef PRISM_EMULATION
 inline namespace emulated {
 #endif
 
-using flash::block_sync;
-using flash::grid_first;
-using flash::grid_step;
-using flash::ld_shared;
-using flash::st_shared;
+using primitives::block_sync;
+using primitives::grid_first;
+using primitives::grid_step;
+using primitives::ld_shared;
+using primitives::st_shared;
 
 // ---- column sums -------------------------------------------------------------------------
 // For each batch z < batches and column c < cols: out(z, c, Σ_r term(z, r, c))
@@ -33,16 +33,16 @@ constexpr int kColTile = 32, kColRows = 8, kColThreads = kColTile * kColRows;
 constexpr int kFinishThreads = 256;
 
 // At most 1024 chunks of at least 256 rows.
-FLASH_HOST_DEVICE int64_t column_chunk_rows(int64_t rows) {
+PRISM_HOST_DEVICE int64_t column_chunk_rows(int64_t rows) {
     const int64_t chunk = 256;
     return (rows + chunk - 1) / chunk > 1024 ? (rows + 1023) / 1024 : chunk;
 }
-FLASH_HOST_DEVICE int column_chunks(int64_t rows) {
+PRISM_HOST_DEVICE int column_chunks(int64_t rows) {
     const int64_t chunk = column_chunk_rows(rows);
     return (int)((rows + chunk - 1) / chunk);
 }
-FLASH_HOST_DEVICE unsigned column_tiles(int cols) { return (unsigned)((cols + kColTile - 1) / kColTile); }
-template <class Acc> FLASH_HOST_DEVICE size_t column_partials_smem() { return sizeof(Acc) * kColThreads; }
+PRISM_HOST_DEVICE unsigned column_tiles(int cols) { return (unsigned)((cols + kColTile - 1) / kColTile); }
+template <class Acc> PRISM_HOST_DEVICE size_t column_partials_smem() { return sizeof(Acc) * kColThreads; }
 
 template <class Acc, class Term>
 struct ColumnPartialsParams {
@@ -55,8 +55,8 @@ struct ColumnPartialsParams {
 // Grid (column_tiles(cols), column_chunks(rows), batches) of kColThreads,
 // column_partials_smem<Acc>() bytes.
 template <class Acc, class Term>
-FLASH_KERNEL(kColThreads) column_partials_kernel(ColumnPartialsParams<Acc, Term> p) {
-    FLASH_SMEM(smem);
+PRISM_KERNEL(kColThreads) column_partials_kernel(ColumnPartialsParams<Acc, Term> p) {
+    PRISM_SMEM(smem);
     Acc* red = reinterpret_cast<Acc*>(smem);  // [kColRows][kColTile]
     const int tx = threadIdx.x % kColTile, ty = threadIdx.x / kColTile;
     const int c = blockIdx.x * kColTile + tx;
@@ -83,10 +83,10 @@ struct ColumnFinishParams {
 
 // finish_blocks(batches·cols) blocks of kFinishThreads. With no rows
 // (chunks == 0) every column gets out(z, c, 0).
-FLASH_HOST_DEVICE unsigned finish_blocks(int64_t n) { return flash::grid_stride_blocks(n, kFinishThreads); }
+PRISM_HOST_DEVICE unsigned finish_blocks(int64_t n) { return primitives::grid_stride_blocks(n, kFinishThreads); }
 
 template <class Acc, class Out>
-FLASH_KERNEL(kFinishThreads) column_finish_kernel(ColumnFinishParams<Acc, Out> p) {
+PRISM_KERNEL(kFinishThreads) column_finish_kernel(ColumnFinishParams<Acc, Out> p) {
     for (int64_t i = grid_first(); i < (int64_t)p.batches * p.cols; i += grid_step()) {
         const int z = (int)(i / p.cols), c = (int)(i % p.cols);
         Acc s = 0;
@@ -101,11 +101,11 @@ FLASH_KERNEL(kFinishThreads) column_finish_kernel(ColumnFinishParams<Acc, Out> p
 // sums the blocks' results the same way and one thread calls out(sum).
 constexpr int kSumThreads = 256;
 constexpr int64_t kSumChunk = 8192;
-FLASH_HOST_DEVICE int64_t sum_parts(int64_t n) { return (n + kSumChunk - 1) / kSumChunk; }
-FLASH_HOST_DEVICE size_t sum_smem() { return sizeof(double) * kSumThreads; }
+PRISM_HOST_DEVICE int64_t sum_parts(int64_t n) { return (n + kSumChunk - 1) / kSumChunk; }
+PRISM_HOST_DEVICE size_t sum_smem() { return sizeof(double) * kSumThreads; }
 
 // Every thread passes its v and gets the block's total.
-FLASH_DEVICE double block_sum(double v, double* red /* kSumThreads */) {
+PRISM_DEVICE double block_sum(double v, double* red /* kSumThreads */) {
     const int t = threadIdx.x;
     st_shared(&red[t], v);
     block_sync();
@@ -125,8 +125,8 @@ struct SumPartialsParams {
 
 // sum_parts(n) blocks of kSumThreads, sum_smem() bytes.
 template <class Term>
-FLASH_KERNEL(kSumThreads) sum_partials_kernel(SumPartialsParams<Term> p) {
-    FLASH_SMEM(smem);
+PRISM_KERNEL(kSumThreads) sum_partials_kernel(SumPartialsParams<Term> p) {
+    PRISM_SMEM(smem);
     const int64_t i0 = (int64_t)blockIdx.x * kSumChunk;
     const int64_t i1 = i0 + kSumChunk < p.n ? i0 + kSumChunk : p.n;
     double acc = 0;
@@ -144,8 +144,8 @@ struct SumFinishParams {
 
 // One block of kSumThreads, sum_smem() bytes.
 template <class Out>
-FLASH_KERNEL(kSumThreads) sum_finish_kernel(SumFinishParams<Out> p) {
-    FLASH_SMEM(smem);
+PRISM_KERNEL(kSumThreads) sum_finish_kernel(SumFinishParams<Out> p) {
+    PRISM_SMEM(smem);
     double acc = 0;
     for (int64_t i = threadIdx.x; i < p.parts; i += kSumThreads) acc += p.partial[i];
     const double s = block_sum(acc, reinterpret_cast<double*>(smem));
@@ -157,7 +157,7 @@ struct AddTo {  // out[z*cols + c] += v   (or out[row[z]*cols + c] when row != n
     float* dst;
     int cols;
     const int* row;
-    FLASH_DEVICE void operator()(int z, int c, float v) const {
+    PRISM_DEVICE void operator()(int z, int c, float v) const {
         dst[(int64_t)(row ? row[z] : z) * cols + c] += v;
     }
 };
@@ -165,10 +165,10 @@ struct RowMajor {  // term = x[(z*rows + r)*cols + c]
     const float* x;
     int64_t rows;
     int cols;
-    FLASH_DEVICE float operator()(int z, int64_t r, int c) const { return x[((int64_t)z * rows + r) * cols + c]; }
+    PRISM_DEVICE float operator()(int z, int64_t r, int c) const { return x[((int64_t)z * rows + r) * cols + c]; }
 };
 
-#ifdef PRISM_FLASH_EMULATION
+#ifdef PRISM_EMULATION
 }  // inline namespace emulated
 #endif
 }  // namespace prism::reduce

@@ -11,7 +11,7 @@
 // Written against the primitives of primitives.cuh only (shared memory through
 // ld_shared/st_shared, barriers block_sync, warp collectives shfl_xor,
 // match_any, warp_sync), so that tests/test_routing_emulated.cpp runs these
-// kernels on the CPU through tests/flash_emulator.h. Each kernel takes one
+// kernels on the CPU through tests/emulator.h. Each kernel takes one
 // parameter struct, and its launch geometry is defined here, next to it, for
 // the launcher and the emulated test alike.
 #pragma once
@@ -20,37 +20,37 @@
 #include "kernels/cuda/primitives.cuh"
 
 namespace prism::routing {
-#ifdef PRISM_FLASH_EMULATION
+#ifdef PRISM_EMULATION
 inline namespace emulated {
 #endif
 
-using flash::atomic_add_shared;
-using flash::block_sync;
-using flash::element_blocks;
-using flash::global_warp;
-using flash::grid_first;
-using flash::grid_step;
-using flash::kElementThreads;
-using flash::ld_shared;
-using flash::load_elem;
-using flash::match_any;
-using flash::popc;
-using flash::shfl_xor;
-using flash::st_shared;
-using flash::store_elem;
-using flash::warp_max;
-using flash::warp_sum;
-using flash::warp_sync;
+using primitives::atomic_add_shared;
+using primitives::block_sync;
+using primitives::element_blocks;
+using primitives::global_warp;
+using primitives::grid_first;
+using primitives::grid_step;
+using primitives::kElementThreads;
+using primitives::ld_shared;
+using primitives::load_elem;
+using primitives::match_any;
+using primitives::popc;
+using primitives::shfl_xor;
+using primitives::st_shared;
+using primitives::store_elem;
+using primitives::warp_max;
+using primitives::warp_sum;
+using primitives::warp_sync;
 
 constexpr int kWarpsPerBlock = 8, kWarpThreads = kWarpsPerBlock * 32;  // the one-warp-per-token kernels
 constexpr int kDispatchThreads = 256, kDispatchWarps = kDispatchThreads / 32;
 
-FLASH_HOST_DEVICE unsigned warp_blocks(int64_t warps) {
+PRISM_HOST_DEVICE unsigned warp_blocks(int64_t warps) {
     return (unsigned)((warps + kWarpsPerBlock - 1) / kWarpsPerBlock);
 }
-FLASH_HOST_DEVICE size_t histogram_smem(int nS) { return sizeof(int) * (size_t)nS; }
-FLASH_HOST_DEVICE size_t scan_smem() { return sizeof(int) * kDispatchThreads; }
-FLASH_HOST_DEVICE size_t place_smem(int nS) { return sizeof(int) * (size_t)nS * (1 + kDispatchWarps); }
+PRISM_HOST_DEVICE size_t histogram_smem(int nS) { return sizeof(int) * (size_t)nS; }
+PRISM_HOST_DEVICE size_t scan_smem() { return sizeof(int) * kDispatchThreads; }
+PRISM_HOST_DEVICE size_t place_smem(int nS) { return sizeof(int) * (size_t)nS * (1 + kDispatchWarps); }
 
 // ---- router ------------------------------------------------------------------------------
 // Patch tokens t = b*(nS*N) + r; the logits z are patch rows (z, z_image_stride)
@@ -58,7 +58,7 @@ FLASH_HOST_DEVICE size_t place_smem(int nS) { return sizeof(int) * (size_t)nS * 
 
 // The order of the top-k: higher probability first, ties → lower position s
 // (S is sorted, so the lower channel), exactly the CPU's repeated selection.
-FLASH_DEVICE bool ranks_before(float pa, int sa, float pb, int sb) { return pa > pb || (pa == pb && sa < sb); }
+PRISM_DEVICE bool ranks_before(float pa, int sa, float pb, int sb) { return pa > pb || (pa == pb && sa < sb); }
 
 struct RouterFwdParams {
     float *probs, *weights, *lse;  // [T, C], [T, k], [T]
@@ -72,7 +72,7 @@ struct RouterFwdParams {
 };
 
 // One warp per token; launch warp_blocks(T) blocks of kWarpThreads.
-FLASH_KERNEL(kWarpThreads) router_forward_kernel(RouterFwdParams p) {
+PRISM_KERNEL(kWarpThreads) router_forward_kernel(RouterFwdParams p) {
     const int64_t R = (int64_t)p.nS * p.N, t = global_warp();
     const int lane = threadIdx.x % 32, nS = p.nS, C = p.C, k = p.k;
     if (t >= p.B * R) return;  // whole warps: t is the warp's
@@ -137,7 +137,7 @@ struct RouterBwdParams {
 };
 
 // dp[S[s]] of token t: the losses' part plus the combine weights' part.
-FLASH_DEVICE float router_dp(const RouterBwdParams& p, int s, int64_t t, const int* e, const float* dw,
+PRISM_DEVICE float router_dp(const RouterBwdParams& p, int s, int64_t t, const int* e, const float* dw,
                              float dw_dot_w, float chosen_sum) {
     float dp = p.dprobs ? p.dprobs[t * p.C + p.S[s]] : 0.f;
     for (int j = 0; j < p.k; j++)
@@ -146,7 +146,7 @@ FLASH_DEVICE float router_dp(const RouterBwdParams& p, int s, int64_t t, const i
 }
 
 // One warp per token, as forward.
-FLASH_KERNEL(kWarpThreads) router_backward_kernel(RouterBwdParams p) {
+PRISM_KERNEL(kWarpThreads) router_backward_kernel(RouterBwdParams p) {
     const int64_t R = (int64_t)p.nS * p.N, t = global_warp();
     const int lane = threadIdx.x % 32, k = p.k;
     if (t >= p.B * R) return;
@@ -185,8 +185,8 @@ struct DispatchParams {
 
 // Block b: the histogram of image b's pairs over its groups → offsets[b*nS + s + 1].
 // B blocks of kDispatchThreads, histogram_smem(nS).
-FLASH_KERNEL(kDispatchThreads) dispatch_histogram_kernel(DispatchParams p) {
-    FLASH_SMEM(smem);
+PRISM_KERNEL(kDispatchThreads) dispatch_histogram_kernel(DispatchParams p) {
+    PRISM_SMEM(smem);
     int* hist = reinterpret_cast<int*>(smem);  // [nS]
     const int b = blockIdx.x;
     for (int s = threadIdx.x; s < p.nS; s += blockDim.x) st_shared(&hist[s], 0);
@@ -202,8 +202,8 @@ FLASH_KERNEL(kDispatchThreads) dispatch_histogram_kernel(DispatchParams p) {
 // then offsets becomes the inclusive scan of the sizes (offsets[0] = 0: an
 // exclusive scan of the groups). Each thread scans a contiguous run; the
 // runs' totals are scanned in shared memory.
-FLASH_KERNEL(kDispatchThreads) dispatch_scan_kernel(DispatchParams p) {
-    FLASH_SMEM(smem);
+PRISM_KERNEL(kDispatchThreads) dispatch_scan_kernel(DispatchParams p) {
+    PRISM_SMEM(smem);
     int* run_total = reinterpret_cast<int*>(smem);  // [kDispatchThreads]
     const int nS = p.nS;
     const int64_t G = (int64_t)p.B * nS;
@@ -232,8 +232,8 @@ FLASH_KERNEL(kDispatchThreads) dispatch_scan_kernel(DispatchParams p) {
 // pair's row is its group's offset + the pairs of its group placed before this
 // round + those of earlier warps in this round + earlier lanes of its warp.
 // B blocks of kDispatchThreads, place_smem(nS).
-FLASH_KERNEL(kDispatchThreads) dispatch_place_kernel(DispatchParams p) {
-    FLASH_SMEM(smem);
+PRISM_KERNEL(kDispatchThreads) dispatch_place_kernel(DispatchParams p) {
+    PRISM_SMEM(smem);
     const int nS = p.nS;
     int* placed = reinterpret_cast<int*>(smem);  // [nS]
     int* warp_count = placed + nS;               // [kDispatchWarps][nS]
@@ -282,7 +282,7 @@ struct GatherParams {
 // qg[i] = q[token of pair_of_row[i]], copied as it is; element_blocks(rows*D)
 // blocks of kElementThreads.
 template <class E>
-FLASH_KERNEL(kElementThreads) gather_forward_kernel(GatherParams<E> p) {
+PRISM_KERNEL(kElementThreads) gather_forward_kernel(GatherParams<E> p) {
     for (int64_t i = grid_first(); i < p.rows * p.D; i += grid_step()) {
         const int64_t row = i / p.D, t = p.pair_of_row[row] / p.k;
         p.qg[i] = p.q[(t / p.R) * p.q_image_stride + (t % p.R) * p.D + i % p.D];
@@ -299,7 +299,7 @@ struct GatherBwdParams {
 };
 
 // dq[t] += Σ_j dqg[row_of_pair[t*k+j]] in slot order; element_blocks(T*D).
-FLASH_KERNEL(kElementThreads) gather_backward_kernel(GatherBwdParams p) {
+PRISM_KERNEL(kElementThreads) gather_backward_kernel(GatherBwdParams p) {
     for (int64_t i = grid_first(); i < p.tokens * p.D; i += grid_step()) {
         const int64_t t = i / p.D;
         const int d = (int)(i % p.D);
@@ -323,7 +323,7 @@ struct CombineParams {
 
 // a[t] = Σ_j w_j·og[row_of_pair[t*k+j]] in slot order; element_blocks(T*D).
 template <class E>
-FLASH_KERNEL(kElementThreads) combine_forward_kernel(CombineParams<E> p) {
+PRISM_KERNEL(kElementThreads) combine_forward_kernel(CombineParams<E> p) {
     for (int64_t i = grid_first(); i < p.tokens * p.D; i += grid_step()) {
         const int64_t t = i / p.D;
         const int d = (int)(i % p.D);
@@ -352,7 +352,7 @@ struct CombineBwdParams {
 // One warp per token: its dog rows (each owned by one (t, j)) and
 // dweights[t, j] += ⟨dA, O⟩; warp_blocks(T) blocks of kWarpThreads.
 template <class E, class G>
-FLASH_KERNEL(kWarpThreads) combine_backward_kernel(CombineBwdParams<E, G> p) {
+PRISM_KERNEL(kWarpThreads) combine_backward_kernel(CombineBwdParams<E, G> p) {
     const int64_t t = global_warp();
     const int lane = threadIdx.x % 32, D = p.D;
     if (t >= p.tokens) return;
@@ -384,11 +384,11 @@ struct ProbsOfS {
     const float* probs;
     const int* S;
     int C;
-    FLASH_DEVICE float operator()(int, int64_t t, int s) const { return probs[t * C + S[s]]; }
+    PRISM_DEVICE float operator()(int, int64_t t, int s) const { return probs[t * C + S[s]]; }
 };
 struct StoreMass {
     double* stats;
-    FLASH_DEVICE void operator()(int, int s, double v) const { stats[s] = v; }
+    PRISM_DEVICE void operator()(int, int s, double v) const { stats[s] = v; }
 };
 
 struct AuxCountsParams {
@@ -400,7 +400,7 @@ struct AuxCountsParams {
 constexpr int kAuxCountsThreads = 128;
 
 // One block of kAuxCountsThreads: stats[nS + s] = counts[s], stats[2·nS] = tokens.
-FLASH_KERNEL(kAuxCountsThreads) aux_counts_kernel(AuxCountsParams p) {
+PRISM_KERNEL(kAuxCountsThreads) aux_counts_kernel(AuxCountsParams p) {
     for (int s = threadIdx.x; s < p.nS; s += blockDim.x) p.stats[p.nS + s] = (double)p.counts[s];
     if (threadIdx.x == 0) p.stats[2 * p.nS] = (double)p.tokens;
 }
@@ -418,7 +418,7 @@ struct AuxLossParams {
 
 // One block of 32 threads, one of which computes the loss from the
 // statistics in s order, as the CPU.
-FLASH_KERNEL(32) aux_loss_kernel(AuxLossParams p) {
+PRISM_KERNEL(32) aux_loss_kernel(AuxLossParams p) {
     if (threadIdx.x != 0 || blockIdx.x != 0) return;
     const int nS = p.nS;
     const float all_tokens = (float)p.stats[2 * nS];
@@ -462,7 +462,7 @@ struct AuxGradParams {
 };
 
 // element_blocks(tokens·nS) blocks of kElementThreads.
-FLASH_KERNEL(kElementThreads) aux_grad_kernel(AuxGradParams p) {
+PRISM_KERNEL(kElementThreads) aux_grad_kernel(AuxGradParams p) {
     const float sh = *p.share;
     for (int64_t i = grid_first(); i < p.tokens * p.nS; i += grid_step()) {
         const int s = (int)(i % p.nS);
@@ -474,13 +474,13 @@ FLASH_KERNEL(kElementThreads) aux_grad_kernel(AuxGradParams p) {
 // coef·mean_t lse²: a device_sum (reduce.cuh) of LseSquared into ZLossOut.
 struct LseSquared {
     const float* lse;
-    FLASH_DEVICE double operator()(int64_t t) const { return (double)lse[t] * lse[t]; }
+    PRISM_DEVICE double operator()(int64_t t) const { return (double)lse[t] * lse[t]; }
 };
 struct ZLossOut {
     float* loss;
     float coef;
     int64_t tokens;
-    FLASH_DEVICE void operator()(double sum) const { *loss = coef * (float)sum / float(tokens); }
+    PRISM_DEVICE void operator()(double sum) const { *loss = coef * (float)sum / float(tokens); }
 };
 
 struct ZGradParams {
@@ -493,7 +493,7 @@ struct ZGradParams {
 };
 
 // element_blocks(tokens·C) blocks of kElementThreads.
-FLASH_KERNEL(kElementThreads) z_grad_kernel(ZGradParams p) {
+PRISM_KERNEL(kElementThreads) z_grad_kernel(ZGradParams p) {
     for (int64_t i = grid_first(); i < p.tokens * p.C; i += grid_step()) {
         const int64_t t = i / p.C;
         const int c = (int)(i % p.C);
@@ -502,7 +502,7 @@ FLASH_KERNEL(kElementThreads) z_grad_kernel(ZGradParams p) {
     }
 }
 
-#ifdef PRISM_FLASH_EMULATION
+#ifdef PRISM_EMULATION
 }  // inline namespace emulated
 #endif
 }  // namespace prism::routing

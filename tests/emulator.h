@@ -1,4 +1,4 @@
-// A CPU model of the few CUDA features the attention kernels use (the
+// A CPU model of the few CUDA features the hand-written kernels use (the
 // primitives of kernels/cuda/primitives.cuh), so that the kernels of
 // flash_attention.cuh (bf16 tensor cores), attention.cuh (fp32) and
 // routing.cuh (MoE-ViT's router, dispatch, gather and combine), reduce.cuh
@@ -30,7 +30,7 @@
 // Not modelled: timing, bank conflicts, memory ordering beyond the above,
 // the hardware's accumulation order inside an mma (here: double, then fp32).
 #pragma once
-#define PRISM_FLASH_EMULATION 1
+#define PRISM_EMULATION 1
 
 #include <ucontext.h>
 
@@ -54,7 +54,7 @@ struct Dim {
 inline Dim thread_idx, block_idx, grid_dim, block_dim;
 
 [[noreturn]] inline void fail(const std::string& what) {
-    throw std::runtime_error("flash emulator: " + what);
+    throw std::runtime_error("emulator: " + what);
 }
 
 struct Copy {
@@ -257,7 +257,7 @@ void launch(Dim grid, int threads, size_t smem_bytes, Kernel kernel, const Param
                         ran = true;
                         if (!block.error.empty()) break;
                     }
-                    if (!block.error.empty())  // already "flash emulator: ..."
+                    if (!block.error.empty())  // already "emulator: ..."
                         throw std::runtime_error(block.error + " (block " + std::to_string(x) + "," +
                                                  std::to_string(y) + "," + std::to_string(z) + ")");
                     if (block.live > 0 && !ran) fail("deadlock: every live thread waits");
@@ -271,18 +271,18 @@ void launch(Dim grid, int threads, size_t smem_bytes, Kernel kernel, const Param
 #define blockIdx (::prism::emu::block_idx)
 #define gridDim (::prism::emu::grid_dim)
 #define blockDim (::prism::emu::block_dim)
-#define FLASH_DEVICE inline
-#define FLASH_HOST_DEVICE inline
-#define FLASH_KERNEL(threads) inline void  // inline: a .cuh may be in several tests
-#define FLASH_UNROLL
-#define FLASH_SMEM(name) unsigned char* name = ::prism::emu::block.smem.data()
+#define PRISM_DEVICE inline
+#define PRISM_HOST_DEVICE inline
+#define PRISM_KERNEL(threads) inline void  // inline: a .cuh may be in several tests
+#define PRISM_UNROLL
+#define PRISM_SMEM(name) unsigned char* name = ::prism::emu::block.smem.data()
 
 namespace prism {
 float half_to_float(uint16_t h);  // data/shard.cpp
 }
 
 // The primitives of kernels/cuda/primitives.cuh (in its emulated namespace, see there).
-namespace prism::flash {
+namespace prism::primitives {
 inline namespace emulated {
 
 inline void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
@@ -471,4 +471,4 @@ inline float load_elem(const uint16_t* p) { return emu::bf16_float(*p); }
 inline void store_elem(uint16_t* p, float v) { *p = emu::bf16_bits(v); }
 
 }  // inline namespace emulated
-}  // namespace prism::flash
+}  // namespace prism::primitives
