@@ -101,7 +101,7 @@ export OMP_WAIT_POLICY ?= passive
 
 LIB_SRCS  := $(sort $(wildcard engine/*.cpp data/*.cpp bench/*.cpp kernels/*.cpp kernels/cpu/*.cpp))
 CU_SRCS   := $(if $(WITH_CUDA),$(sort $(wildcard kernels/cuda/*.cu)))
-TEST_SRCS := $(sort $(wildcard tests/*.cpp))
+TEST_SRCS := $(sort $(wildcard tests/*.cpp tests/emulated/*.cpp))
 LIB_OBJS  := $(LIB_SRCS:%.cpp=$(BUILD)/obj/%.o) $(CU_SRCS:%.cu=$(BUILD)/obj/%.cu.o)
 TEST_OBJS := $(TEST_SRCS:%.cpp=$(BUILD)/obj/%.o)
 

@@ -1,9 +1,12 @@
 // Helpers for the CUDA op tests: device arrays that copy to and from host
 // vectors, poisoning (every byte 0xFF: a NaN for floats, -1 for ints), and the
-// comparisons against the CPU reference. Only built with the CUDA backend.
+// comparisons against the CPU reference. Built with the CUDA backend, and
+// for the emulator (tests/emulated_runtime.h), where device memory is host memory.
 #pragma once
-#ifdef PRISM_CUDA
+#if defined(PRISM_CUDA) || defined(PRISM_EMULATION)
+#ifndef PRISM_EMULATION
 #include <cuda_runtime.h>
+#endif
 
 #include <cmath>
 #include <cstdint>
@@ -22,6 +25,10 @@
 #include "kernels/cuda_ops.h"
 
 namespace prism::testing {
+// The emulated build's helpers differ (other runtime calls): their own names.
+#ifdef PRISM_EMULATION
+inline namespace emulated {
+#endif
 
 inline void cuda_check(cudaError_t e, const char* what) {
     if (e != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(e));
@@ -181,11 +188,14 @@ inline std::vector<std::vector<float>> run_twice(const std::string& what, const 
     return runs[0];
 }
 
-// A test with its own stream, skipped where no CUDA device is present.
+// A test with its own stream, skipped where no CUDA device is present (the
+// emulator is always present).
 class CudaStreamTest : public ::testing::Test {
 protected:
     void SetUp() override {
+#ifndef PRISM_EMULATION
         if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+#endif
         cuda_check(cudaStreamCreate(&stream), "cudaStreamCreate");
     }
     void TearDown() override {
@@ -194,5 +204,8 @@ protected:
     cudaStream_t stream = nullptr;
 };
 
+#ifdef PRISM_EMULATION
+}  // inline namespace emulated
+#endif
 }  // namespace prism::testing
-#endif  // PRISM_CUDA
+#endif  // PRISM_CUDA || PRISM_EMULATION

@@ -49,7 +49,8 @@
 namespace prism::emu {
 
 struct Dim {
-    unsigned x = 1, y = 1, z = 1;
+    Dim(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+    unsigned x, y, z;
 };
 inline Dim thread_idx, block_idx, grid_dim, block_dim;
 
@@ -217,6 +218,9 @@ template <class Kernel, class Params>
 void launch(Dim grid, int threads, size_t smem_bytes, Kernel kernel, const Params& p) {
     if (threads <= 0 || threads % 32 || threads > 1024) fail("block size must be a multiple of 32, at most 1024");
     if (smem_bytes > 227 * 1024) fail("dynamic shared memory above the 227 KiB of an H100 block");
+    // What the device refuses as an invalid configuration.
+    if (grid.x == 0 || grid.y == 0 || grid.z == 0) fail("a grid with no blocks (the device refuses it)");
+    if (grid.x > 0x7fffffffu || grid.y > 65535 || grid.z > 65535) fail("a grid dimension above the device's limit");
     grid_dim = grid;
     block_dim = Dim{(unsigned)threads, 1, 1};
     block.fibers.resize(threads);
@@ -276,6 +280,14 @@ void launch(Dim grid, int threads, size_t smem_bytes, Kernel kernel, const Param
 #define PRISM_KERNEL(threads) inline void  // inline: a .cuh may be in several tests
 #define PRISM_UNROLL
 #define PRISM_SMEM(name) unsigned char* name = ::prism::emu::block.smem.data()
+// kernel<<<grid, threads, smem, stream>>>(args...) (primitives.cuh), run now:
+// the emulator has one stream, and it is synchronous.
+#define PRISM_LAUNCH(grid, threads, smem, stream, ...)                                  \
+    [&](const auto&... prism_launch_args_) {                                            \
+        (void)(stream);                                                                 \
+        ::prism::emu::launch((grid), (threads), (smem),                                 \
+                             [&](int) { __VA_ARGS__(prism_launch_args_...); }, 0);      \
+    }
 
 namespace prism {
 float half_to_float(uint16_t h);  // data/shard.cpp

@@ -11,7 +11,10 @@
 // relative to what the op added; every op runs twice and must give the same
 // bits. Without a CUDA device every test is skipped.
 // The sanitizer runs use the *Small* tests, tiny shapes (bench/gpu/flash_check.sh).
-#ifdef PRISM_CUDA
+//
+// tests/emulated/cuda_flash.cpp compiles this file again for the emulator
+// (EmulatedCudaFlash.*): the small shapes, through the launchers, without a GPU.
+#if defined(PRISM_CUDA) || defined(PRISM_EMULATION)
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -252,6 +255,7 @@ TEST_F(CudaFlash, DenseSmall) {
     dense(1, 75, 2, false, 201);
 }
 
+#ifndef PRISM_EMULATION  // the larger shapes: hours in the emulator
 // So2Sat vit (1 + 16) and chvit (1 + 18·16)
 TEST_F(CudaFlash, DenseSo2sat) {
     dense(2, 17, 6, false, 202);
@@ -267,6 +271,8 @@ TEST_F(CudaFlash, DenseJumpcp) {
 // JUMP-CP P=8 chvit (1 + 8·784): forward only (the CPU backward would take long)
 TEST_F(CudaFlash, DenseLongForward) { dense(1, 6273, 6, true, 205); }
 
+#endif
+
 // tiny (N = 15, 40; Hd = 2), k = 1, 2, all; empty groups: the sanitizers' shapes
 TEST_F(CudaFlash, RoutedSmall) {
     for (int k : {1, 2, 3}) routed(3, 3, 15, 2, k, 3, 210 + k);
@@ -274,6 +280,7 @@ TEST_F(CudaFlash, RoutedSmall) {
     routed(2, 3, 40, 2, 2, 3, 217);
 }
 
+#ifndef PRISM_EMULATION
 // So2Sat (N = 16, 18 channels), k = 1 over all channels, k = 2 over 3 of them
 TEST_F(CudaFlash, RoutedSo2sat) {
     routed(2, 18, 16, 6, 1, 18, 215);
@@ -288,6 +295,7 @@ TEST_F(CudaFlash, RoutedJumpcp) {
 
 // JUMP-CP P=8 (N = 784 > 256): key tiles streamed
 TEST_F(CudaFlash, RoutedLong) { routed(1, 8, 784, 6, 1, 8, 230); }
+#endif
 
 // kernels/backend.h may pair a flash forward with an fp32 backward and the
 // reverse (the buffers' alignment decides each): both forwards must write the
@@ -330,4 +338,4 @@ TEST_F(CudaFlash, RejectsOtherHeadDims) {
                  std::runtime_error);  // head dim 96
 }
 
-#endif  // PRISM_CUDA
+#endif  // PRISM_CUDA || PRISM_EMULATION

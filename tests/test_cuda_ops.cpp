@@ -7,7 +7,10 @@
 // attention forwards) runs twice and must give bit-identical results.
 // Agreement: ‖out − ref‖/‖ref‖ ≤ 1e-5 (bf16: 2e-2, DESIGN.md §7).
 // Without a CUDA device every test is skipped, saying so.
-#ifdef PRISM_CUDA
+//
+// tests/emulated/cuda_ops.cpp compiles this file again for the emulator
+// (EmulatedCudaOps.*): the same tests at the tiny shape, without a GPU.
+#if defined(PRISM_CUDA) || defined(PRISM_EMULATION)
 #include <algorithm>
 #include <cstring>
 #include <functional>
@@ -32,8 +35,10 @@ struct Shape {
     int B, C, N, D, Hd, H, W, P;
 };
 const Shape kShapes[] = {
+#ifndef PRISM_EMULATION  // hours in the emulator
     {"so2sat", 2, 18, 16, 384, 6, 32, 32, 8},
     {"jumpcp", 2, 8, 196, 384, 6, 224, 224, 16},
+#endif
     {"tiny", 3, 3, 15, 10, 2, 9, 15, 3},
 };
 
@@ -99,12 +104,17 @@ std::vector<LinearCase> linear_cases() {
     return cases;
 }
 
-class CudaOps : public CudaStreamTest {
-protected:
-    void require_cublas() {
-        if (!cu::has_cublas()) GTEST_SKIP() << "this build has no cuBLAS (CUBLAS_HOME)";
-    }
-};
+class CudaOps : public CudaStreamTest {};
+
+// Why the linear ops cannot run here, or nullptr. (A GTEST_SKIP inside a
+// helper would return from the helper only: the test skips itself.)
+const char* no_linear_ops() {
+#ifdef PRISM_EMULATION
+    return "cuBLAS is not emulated";
+#else
+    return cu::has_cublas() ? nullptr : "this build has no cuBLAS (CUBLAS_HOME)";
+#endif
+}
 
 }  // namespace
 
@@ -261,7 +271,7 @@ TEST_F(CudaOps, LayerNorm) {
 }
 
 TEST_F(CudaOps, Linear) {
-    require_cublas();
+    if (const char* why = no_linear_ops()) GTEST_SKIP() << why;
     const auto cases = linear_cases();
     Rng rng(105);
     for (const LinearCase& c : cases)
@@ -328,7 +338,7 @@ TEST_F(CudaOps, Bf16Conversions) {
 // bf16 inputs, fp32 accumulation: against the CPU on the same bf16-rounded
 // values; bf16 outputs within DESIGN.md §7's 2e-2, fp32 gradients within 1e-4.
 TEST_F(CudaOps, LinearBf16) {
-    require_cublas();
+    if (const char* why = no_linear_ops()) GTEST_SKIP() << why;
     const auto cases = linear_cases();
     Rng rng(118);
     for (const LinearCase& c : cases)
@@ -382,7 +392,7 @@ TEST_F(CudaOps, LinearBf16) {
 // values with the fp32 bias, so only the order of the fp32 accumulation
 // differs (1e-4); the bias gradient from the unrounded dout.
 TEST_F(CudaOps, LinearMixed) {
-    require_cublas();
+    if (const char* why = no_linear_ops()) GTEST_SKIP() << why;
     Rng rng(119);
     for (const LinearCase& c : linear_cases())
         for (bool bias : {true, false}) {
@@ -484,7 +494,7 @@ TEST_F(CudaOps, LinearMixed) {
 // the same bf16-rounded values, so only the order of the fp32 accumulation
 // differs (1e-4); their bias gradient comes from the fp32 dout, as in fp32.
 TEST_F(CudaOps, ExpertLinear) {
-    require_cublas();
+    if (const char* why = no_linear_ops()) GTEST_SKIP() << why;
     Rng rng(106);
     for (bool mixed : {false, true})
         for (const Shape& sh : kShapes)
@@ -1275,4 +1285,4 @@ TEST_F(CudaOps, Optimizer) {
     }
 }
 
-#endif  // PRISM_CUDA
+#endif  // PRISM_CUDA || PRISM_EMULATION

@@ -11,7 +11,8 @@ namespace {
 template <class X>
 void gelu_forward_launch(float* out, uint16_t* out_bf16, const X* x, int64_t n, cudaStream_t stream) {
     const activation::GeluForwardParams<X> p{out, out_bf16, x, n};
-    activation::gelu_forward_kernel<X><<<activation::element_blocks(n), activation::kElementThreads, 0, stream>>>(p);
+    PRISM_LAUNCH(activation::element_blocks(n), activation::kElementThreads, 0, stream,
+                 activation::gelu_forward_kernel<X>)(p);
     PRISM_LAUNCH_CHECK();
 }
 
@@ -20,12 +21,13 @@ void gelu_backward_launch(float* dx, uint16_t* dx_bf16, bool overwrite, const G*
                           cudaStream_t stream) {
     const activation::GeluBackwardParams<G, X> p{dx, dx_bf16, overwrite, dout, x, n};
     const unsigned blocks = activation::element_blocks(n);
-    activation::gelu_backward_kernel<G, X><<<blocks, activation::kElementThreads, 0, stream>>>(p);
+    PRISM_LAUNCH(blocks, activation::kElementThreads, 0, stream, activation::gelu_backward_kernel<G, X>)(p);
     PRISM_LAUNCH_CHECK();
 }
 
 void residual_launch(const activation::ResidualParams& p, cudaStream_t stream) {
-    activation::residual_kernel<<<activation::element_blocks(p.n), activation::kElementThreads, 0, stream>>>(p);
+    PRISM_LAUNCH(activation::element_blocks(p.n), activation::kElementThreads, 0, stream,
+                 activation::residual_kernel)(p);
     PRISM_LAUNCH_CHECK();
 }
 

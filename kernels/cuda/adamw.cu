@@ -15,7 +15,7 @@ void sum_squares(double* out, const float* x, int64_t n, cudaStream_t stream) {
 
 void scale_inplace(float* x, int64_t n, float s, cudaStream_t stream) {
     const adamw::ScaleParams p{x, n, s};
-    adamw::scale_kernel<<<adamw::element_blocks(n), adamw::kElementThreads, 0, stream>>>(p);
+    PRISM_LAUNCH(adamw::element_blocks(n), adamw::kElementThreads, 0, stream, adamw::scale_kernel)(p);
     PRISM_LAUNCH_CHECK();
 }
 
@@ -24,7 +24,7 @@ void adamw_update(float* param, const float* grad, float* m, float* v, int64_t n
                   cudaStream_t stream) {
     const double bc1 = 1.0 - std::pow(beta1, double(t)), bc2 = 1.0 - std::pow(beta2, double(t));
     const adamw::UpdateParams p{param, m, v, grad, n, lr, beta1, beta2, eps, weight_decay, bc1, bc2};
-    adamw::update_kernel<<<adamw::element_blocks(n), adamw::kElementThreads, 0, stream>>>(p);
+    PRISM_LAUNCH(adamw::element_blocks(n), adamw::kElementThreads, 0, stream, adamw::update_kernel)(p);
     PRISM_LAUNCH_CHECK();
 }
 

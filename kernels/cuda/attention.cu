@@ -26,7 +26,7 @@ void launch(void (*kernel)(Params), dim3 grid, size_t smem, cudaStream_t stream,
     if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
     if (smem > 48 * 1024)
         PRISM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-    kernel<<<grid, kThreads, smem, stream>>>(p);
+    PRISM_LAUNCH(grid, kThreads, smem, stream, kernel)(p);
     PRISM_LAUNCH_CHECK();
 }
 

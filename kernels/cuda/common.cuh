@@ -3,7 +3,9 @@
 // deterministic reductions (column sums and whole-array sums, reduce.cuh)
 // that replace atomics.
 #pragma once
+#ifndef PRISM_EMULATION  // tests/emulated_runtime.h stands in for it
 #include <cuda_runtime.h>
+#endif
 #include <cstdint>
 #include <string>
 
@@ -61,16 +63,6 @@ inline unsigned grid_for(int64_t n, int threads = kThreads) { return primitives:
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < (n);                   \
          i += (int64_t)gridDim.x * blockDim.x)
 
-// bf16 as its 16 bits (the upper half of a float): exact widening, and
-// rounding to nearest even (NaN stays NaN).
-__device__ __forceinline__ float bf16_to_float(uint16_t b) { return __uint_as_float((uint32_t)b << 16); }
-__device__ __forceinline__ uint16_t float_to_bf16(float f) {
-    uint32_t u = __float_as_uint(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
 // ---- the deterministic reductions (kernels/cuda/reduce.cuh) -----------------------------
 // For each batch z < batches and column c < cols: out(z, c, Σ_{r<rows} term(z, r, c)),
 // in an order fixed by the sizes; Acc is the accumulator (float, or double
@@ -85,13 +77,13 @@ void column_sum_as(int batches, int64_t rows, int cols, Term term, Out out, cuda
         const dim3 grid(reduce::column_tiles(cols), chunks, batches);
         const reduce::ColumnPartialsParams<Acc, Term> p{partial.as<Acc>(), rows, reduce::column_chunk_rows(rows),
                                                         cols, term};
-        reduce::column_partials_kernel<Acc, Term>
-            <<<grid, reduce::kColThreads, reduce::column_partials_smem<Acc>(), stream>>>(p);
+        PRISM_LAUNCH(grid, reduce::kColThreads, reduce::column_partials_smem<Acc>(), stream,
+                     reduce::column_partials_kernel<Acc, Term>)(p);
         PRISM_LAUNCH_CHECK();
     }
     const reduce::ColumnFinishParams<Acc, Out> p{partial.as<Acc>(), chunks, cols, batches, out};
-    reduce::column_finish_kernel<Acc, Out>
-        <<<reduce::finish_blocks((int64_t)batches * cols), reduce::kFinishThreads, 0, stream>>>(p);
+    PRISM_LAUNCH(reduce::finish_blocks((int64_t)batches * cols), reduce::kFinishThreads, 0, stream,
+                 reduce::column_finish_kernel<Acc, Out>)(p);
     PRISM_LAUNCH_CHECK();
 }
 
@@ -108,11 +100,12 @@ void device_sum(int64_t n, Term term, Out out, cudaStream_t stream) {
     Scratch partial(sizeof(double) * (size_t)(parts > 0 ? parts : 1), stream);
     if (parts > 0) {
         const reduce::SumPartialsParams<Term> p{partial.as<double>(), n, term};
-        reduce::sum_partials_kernel<Term><<<(unsigned)parts, reduce::kSumThreads, reduce::sum_smem(), stream>>>(p);
+        PRISM_LAUNCH((unsigned)parts, reduce::kSumThreads, reduce::sum_smem(), stream,
+                     reduce::sum_partials_kernel<Term>)(p);
         PRISM_LAUNCH_CHECK();
     }
     const reduce::SumFinishParams<Out> p{partial.as<double>(), parts, out};
-    reduce::sum_finish_kernel<Out><<<1, reduce::kSumThreads, reduce::sum_smem(), stream>>>(p);
+    PRISM_LAUNCH(1, reduce::kSumThreads, reduce::sum_smem(), stream, reduce::sum_finish_kernel<Out>)(p);
     PRISM_LAUNCH_CHECK();
 }
 

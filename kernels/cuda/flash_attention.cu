@@ -46,7 +46,7 @@ void launch(void (*kernel)(Params), dim3 grid, int threads, size_t smem, cudaStr
     if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
     if (smem > 48 * 1024)
         PRISM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-    kernel<<<grid, threads, smem, stream>>>(p);
+    PRISM_LAUNCH(grid, threads, smem, stream, kernel)(p);
     PRISM_LAUNCH_CHECK();
 }
 
@@ -55,7 +55,7 @@ unsigned clamp_grid(int64_t n) { return (unsigned)(n < 1 ? 1 : (n > 65535 ? 6553
 void bwd_prep(const PrepParams& p, cudaStream_t stream) {
     const int64_t blocks = (p.rows + kPrepWarps - 1) / kPrepWarps;
     if (p.rows <= 0) return;
-    flash_bwd_prep_kernel<<<clamp_grid(blocks), kPrepWarps * 32, 0, stream>>>(p);
+    PRISM_LAUNCH(clamp_grid(blocks), kPrepWarps * 32, 0, stream, flash_bwd_prep_kernel)(p);
     PRISM_LAUNCH_CHECK();
 }
 
@@ -156,7 +156,7 @@ public:
                            geo_.key_blocks};
         const PlanParams p{offsets,     (int)sets_, sets_ * N * k, items, counts, geo_.item_tiles, geo_.max_items,
                            groups,      groups ? groups + sets_ : nullptr, counts + 1, geo_.radix_passes};
-        routed_plan_kernel<<<1, kPlanThreads, kPlanSmem, stream>>>(p);
+        PRISM_LAUNCH(1, kPlanThreads, kPlanSmem, stream, routed_plan_kernel)(p);
         PRISM_LAUNCH_CHECK();
     }
     const RoutedGeometry& geometry() const { return geo_; }

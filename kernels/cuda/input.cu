@@ -13,7 +13,7 @@ template <Pixel P>
 void launch(const input::Params& p, cudaStream_t stream) {
     const int64_t total = (int64_t)p.B * p.C * p.H * p.W;
     if (total == 0) return;
-    input::forward_kernel<P><<<input::element_blocks(total), input::kElementThreads, 0, stream>>>(p);
+    PRISM_LAUNCH(input::element_blocks(total), input::kElementThreads, 0, stream, input::forward_kernel<P>)(p);
     PRISM_LAUNCH_CHECK();
 }
 

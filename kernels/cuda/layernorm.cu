@@ -13,7 +13,7 @@ namespace {
 void launch_forward(const layernorm::ForwardParams& p, cudaStream_t stream) {
     PRISM_CUDA_REQUIRE(p.out || p.out_bf16, "layernorm_forward: no output");
     if (p.rows <= 0) return;
-    layernorm::forward_kernel<<<layernorm::row_blocks(p.rows), layernorm::kThreads, 0, stream>>>(p);
+    PRISM_LAUNCH(layernorm::row_blocks(p.rows), layernorm::kThreads, 0, stream, layernorm::forward_kernel)(p);
     PRISM_LAUNCH_CHECK();
 }
 
@@ -39,7 +39,7 @@ void layernorm_backward(float* dx, float* dw, float* db, const float* dout, cons
                         int D, cudaStream_t stream) {
     if (rows <= 0) return;
     const layernorm::BackwardParams p{dx, dout, x, w, mean, rstd, rows, D};
-    layernorm::dx_kernel<<<layernorm::row_blocks(rows), layernorm::kThreads, 0, stream>>>(p);
+    PRISM_LAUNCH(layernorm::row_blocks(rows), layernorm::kThreads, 0, stream, layernorm::dx_kernel)(p);
     PRISM_LAUNCH_CHECK();
     column_sum(1, rows, D, layernorm::DwTerm{dout, x, mean, rstd, D}, AddTo{dw, D, nullptr}, stream);
     column_sum(1, rows, D, RowMajor{dout, rows, D}, AddTo{db, D, nullptr}, stream);

@@ -39,7 +39,8 @@ const float kOne = 1.f;
 template <class O>
 void fill_bias(O* out, const float* bias, int64_t rows, int out_dim, cudaStream_t stream) {
     const linear::FillBiasParams<O> p{out, bias, rows, out_dim};
-    linear::fill_bias_kernel<O><<<linear::element_blocks(rows * out_dim), linear::kElementThreads, 0, stream>>>(p);
+    PRISM_LAUNCH(linear::element_blocks(rows * out_dim), linear::kElementThreads, 0, stream,
+                 linear::fill_bias_kernel<O>)(p);
     PRISM_LAUNCH_CHECK();
 }
 
@@ -48,41 +49,43 @@ void fill_expert_bias(O* out, const float* bias, const int* S, int B, int nS, in
                       cudaStream_t stream) {
     const linear::ExpertBiasParams<O> p{out, bias, S, B, nS, N, out_dim};
     const unsigned blocks = linear::element_blocks((int64_t)B * nS * N * out_dim);
-    linear::fill_expert_bias_kernel<O><<<blocks, linear::kElementThreads, 0, stream>>>(p);
+    PRISM_LAUNCH(blocks, linear::kElementThreads, 0, stream, linear::fill_expert_bias_kernel<O>)(p);
     PRISM_LAUNCH_CHECK();
 }
 
 void used_experts_bf16(uint16_t* Wb, const float* W, const int* S, int nS, int64_t per_expert, cudaStream_t stream) {
     const linear::UsedExpertsParams p{Wb, W, S, nS, per_expert};
-    linear::used_experts_bf16_kernel<<<linear::element_blocks(nS * per_expert), linear::kElementThreads, 0, stream>>>(
-        p);
+    PRISM_LAUNCH(linear::element_blocks(nS * per_expert), linear::kElementThreads, 0, stream,
+                 linear::used_experts_bf16_kernel)(p);
     PRISM_LAUNCH_CHECK();
 }
 
 void patch_rows_bf16(uint16_t* xb, const float* x, int64_t x_image_stride, int B, int64_t per_image,
                      cudaStream_t stream) {
     const linear::PatchRowsParams p{xb, x, x_image_stride, B, per_image};
-    linear::patch_rows_bf16_kernel<<<linear::element_blocks(B * per_image), linear::kElementThreads, 0, stream>>>(p);
+    PRISM_LAUNCH(linear::element_blocks(B * per_image), linear::kElementThreads, 0, stream,
+                 linear::patch_rows_bf16_kernel)(p);
     PRISM_LAUNCH_CHECK();
 }
 
 template <class E, class X>
 void channel_major(const linear::ChannelMajorParams<E, X>& p, cudaStream_t stream) {
     const unsigned blocks = linear::element_blocks((int64_t)p.nS * p.B * p.N * (p.in_dim + p.out_dim));
-    linear::channel_major_kernel<E, X><<<blocks, linear::kElementThreads, 0, stream>>>(p);
+    PRISM_LAUNCH(blocks, linear::kElementThreads, 0, stream, linear::channel_major_kernel<E, X>)(p);
     PRISM_LAUNCH_CHECK();
 }
 
 template <class W, class I, class O>
 void group_pointers(const linear::GroupPointersParams<W, I, O>& p, cudaStream_t stream) {
-    linear::group_pointers_kernel<W, I, O><<<linear::element_blocks((int64_t)p.B * p.nS), linear::kElementThreads, 0,
-                                             stream>>>(p);
+    PRISM_LAUNCH(linear::element_blocks((int64_t)p.B * p.nS), linear::kElementThreads, 0, stream,
+                 linear::group_pointers_kernel<W, I, O>)(p);
     PRISM_LAUNCH_CHECK();
 }
 
 template <class E>
 void weight_pointers(const linear::WeightPointersParams<E>& p, cudaStream_t stream) {
-    linear::weight_pointers_kernel<E><<<linear::element_blocks(p.nS), linear::kElementThreads, 0, stream>>>(p);
+    PRISM_LAUNCH(linear::element_blocks(p.nS), linear::kElementThreads, 0, stream,
+                 linear::weight_pointers_kernel<E>)(p);
     PRISM_LAUNCH_CHECK();
 }
 

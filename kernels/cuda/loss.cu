@@ -14,10 +14,10 @@ void cross_entropy_forward(float* loss, float* probs, const float* logits, const
     int* hit = reinterpret_cast<int*>(row_loss + B);
     const cross_entropy::RowsParams rows{probs, row_loss, hit, logits, labels, B, K};
     const unsigned row_blocks = cross_entropy::row_blocks(B);
-    cross_entropy::rows_kernel<<<row_blocks, cross_entropy::kRowThreads, 0, stream>>>(rows);
+    PRISM_LAUNCH(row_blocks, cross_entropy::kRowThreads, 0, stream, cross_entropy::rows_kernel)(rows);
     PRISM_LAUNCH_CHECK();
     const cross_entropy::TotalParams total{loss, correct, row_loss, hit, B};
-    cross_entropy::total_kernel<<<1, 32, 0, stream>>>(total);
+    PRISM_LAUNCH(1, 32, 0, stream, cross_entropy::total_kernel)(total);
     PRISM_LAUNCH_CHECK();
 }
 
@@ -25,7 +25,7 @@ void cross_entropy_backward(float* dlogits, const float* probs, const int32_t* l
                             int K, float grad_scale, cudaStream_t stream) {
     const cross_entropy::BackwardParams p{dlogits, probs, labels, B, K, grad_scale};
     const unsigned blocks = cross_entropy::element_blocks((int64_t)B * K);
-    cross_entropy::backward_kernel<<<blocks, cross_entropy::kElementThreads, 0, stream>>>(p);
+    PRISM_LAUNCH(blocks, cross_entropy::kElementThreads, 0, stream, cross_entropy::backward_kernel)(p);
     PRISM_LAUNCH_CHECK();
 }
 

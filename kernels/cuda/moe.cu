@@ -21,7 +21,7 @@ void router_forward(float* probs, int* experts, float* weights, float* lse, cons
     if (tokens <= 0) return;
     const routing::RouterFwdParams p{probs, weights, lse, experts, z, z_image_stride, in_S, S,
                                      B, nS, N, C, k, combine == Combine::renorm};
-    routing::router_forward_kernel<<<routing::warp_blocks(tokens), routing::kWarpThreads, 0, stream>>>(p);
+    PRISM_LAUNCH(routing::warp_blocks(tokens), routing::kWarpThreads, 0, stream, routing::router_forward_kernel)(p);
     PRISM_LAUNCH_CHECK();
 }
 
@@ -33,7 +33,7 @@ void router_backward(float* dz, int64_t dz_image_stride, const float* probs, con
     if (tokens <= 0) return;
     const routing::RouterBwdParams p{dz, dz_image_stride, probs, weights, dweights, dprobs, experts, S,
                                      B, nS, N, C, k, combine == Combine::renorm};
-    routing::router_backward_kernel<<<routing::warp_blocks(tokens), routing::kWarpThreads, 0, stream>>>(p);
+    PRISM_LAUNCH(routing::warp_blocks(tokens), routing::kWarpThreads, 0, stream, routing::router_backward_kernel)(p);
     PRISM_LAUNCH_CHECK();
 }
 
@@ -45,7 +45,7 @@ void aux_stats(double* stats, const float* probs, const int* counts, const int* 
     // differ only by double rounding, far below float resolution).
     column_sum_as<double>(1, tokens, nS, routing::ProbsOfS{probs, S, C}, routing::StoreMass{stats}, stream);
     const routing::AuxCountsParams p{stats, counts, tokens, nS};
-    routing::aux_counts_kernel<<<1, routing::kAuxCountsThreads, 0, stream>>>(p);
+    PRISM_LAUNCH(1, routing::kAuxCountsThreads, 0, stream, routing::aux_counts_kernel)(p);
     PRISM_LAUNCH_CHECK();
 }
 
@@ -68,11 +68,12 @@ void aux_loss_forward_backward(float* loss, float* dprobs, const float* probs, c
     }
     const routing::AuxLossParams p{loss, dmass, share, all_ranks, tokens, nS, k_eff,
                                    kind == AuxLoss::importance, coef};
-    routing::aux_loss_kernel<<<1, 32, 0, stream>>>(p);
+    PRISM_LAUNCH(1, 32, 0, stream, routing::aux_loss_kernel)(p);
     PRISM_LAUNCH_CHECK();
     if (dprobs && tokens > 0) {
         const routing::AuxGradParams g{dprobs, dmass, share, S, tokens, nS, C, grad_scale};
-        routing::aux_grad_kernel<<<routing::element_blocks(tokens * nS), routing::kElementThreads, 0, stream>>>(g);
+        PRISM_LAUNCH(routing::element_blocks(tokens * nS), routing::kElementThreads, 0, stream,
+                     routing::aux_grad_kernel)(g);
         PRISM_LAUNCH_CHECK();
     }
 }
@@ -88,7 +89,8 @@ void z_loss_forward_backward(float* loss, float* dz, int64_t dz_image_stride, co
     device_sum(tokens, routing::LseSquared{lse}, routing::ZLossOut{loss, coef, tokens}, stream);
     if (dz && tokens > 0) {
         const routing::ZGradParams p{dz, dz_image_stride, probs, lse, R, tokens, C, coef, grad_scale};
-        routing::z_grad_kernel<<<routing::element_blocks(tokens * C), routing::kElementThreads, 0, stream>>>(p);
+        PRISM_LAUNCH(routing::element_blocks(tokens * C), routing::kElementThreads, 0, stream,
+                     routing::z_grad_kernel)(p);
         PRISM_LAUNCH_CHECK();
     }
 }
@@ -100,11 +102,11 @@ void moe_dispatch(int* offsets, int* pair_of_row, int* row_of_pair, int* counts,
     PRISM_CUDA_REQUIRE((int64_t)B * nS * N * k <= INT_MAX, "moe_dispatch: too many pairs for int rows");
     PRISM_CUDA_REQUIRE(place_smem(nS) <= 48 * 1024, "moe_dispatch: too many channels");
     const DispatchParams p{offsets, pair_of_row, row_of_pair, counts, experts, (int64_t)nS * N * k, B, nS};
-    dispatch_histogram_kernel<<<B, kDispatchThreads, histogram_smem(nS), stream>>>(p);
+    PRISM_LAUNCH(B, kDispatchThreads, histogram_smem(nS), stream, dispatch_histogram_kernel)(p);
     PRISM_LAUNCH_CHECK();
-    dispatch_scan_kernel<<<1, kDispatchThreads, scan_smem(), stream>>>(p);
+    PRISM_LAUNCH(1, kDispatchThreads, scan_smem(), stream, dispatch_scan_kernel)(p);
     PRISM_LAUNCH_CHECK();
-    dispatch_place_kernel<<<B, kDispatchThreads, place_smem(nS), stream>>>(p);
+    PRISM_LAUNCH(B, kDispatchThreads, place_smem(nS), stream, dispatch_place_kernel)(p);
     PRISM_LAUNCH_CHECK();
 }
 
@@ -116,10 +118,10 @@ void moe_gather_forward(float* qg, uint16_t* qg_bf16, const float* q, const uint
     PRISM_CUDA_REQUIRE(q_bf16 ? qg_bf16 && !qg : qg && !qg_bf16,
                        "moe_gather_forward: q and qg are both fp32 or both bf16");
     if (q_bf16)
-        gather_forward_kernel<<<element_blocks(rows * D), kElementThreads, 0, stream>>>(
+        PRISM_LAUNCH(element_blocks(rows * D), kElementThreads, 0, stream, gather_forward_kernel)(
             GatherParams<uint16_t>{qg_bf16, q_bf16, q_image_stride, pair_of_row, R, rows, k, D});
     else
-        gather_forward_kernel<<<element_blocks(rows * D), kElementThreads, 0, stream>>>(
+        PRISM_LAUNCH(element_blocks(rows * D), kElementThreads, 0, stream, gather_forward_kernel)(
             GatherParams<float>{qg, q, q_image_stride, pair_of_row, R, rows, k, D});
     PRISM_LAUNCH_CHECK();
 }
@@ -129,7 +131,7 @@ void moe_gather_backward(float* dq, int64_t dq_image_stride, const float* dqg,
                          cudaStream_t stream) {
     using namespace routing;
     const int64_t R = (int64_t)nS * N, tokens = B * R;
-    gather_backward_kernel<<<element_blocks(tokens * D), kElementThreads, 0, stream>>>(
+    PRISM_LAUNCH(element_blocks(tokens * D), kElementThreads, 0, stream, gather_backward_kernel)(
         GatherBwdParams{dq, dq_image_stride, dqg, row_of_pair, R, tokens, k, D});
     PRISM_LAUNCH_CHECK();
 }
@@ -141,10 +143,10 @@ void combine_forward(float* a, uint16_t* a_bf16, int64_t a_image_stride, const f
     const int64_t R = (int64_t)nS * N, tokens = B * R;
     PRISM_CUDA_REQUIRE(og_bf16 ? a_bf16 && !a : a && !a_bf16, "combine_forward: og and a are both fp32 or both bf16");
     if (og_bf16)
-        combine_forward_kernel<<<element_blocks(tokens * D), kElementThreads, 0, stream>>>(
+        PRISM_LAUNCH(element_blocks(tokens * D), kElementThreads, 0, stream, combine_forward_kernel)(
             CombineParams<uint16_t>{a_bf16, a_image_stride, og_bf16, weights, row_of_pair, R, tokens, k, D});
     else
-        combine_forward_kernel<<<element_blocks(tokens * D), kElementThreads, 0, stream>>>(
+        PRISM_LAUNCH(element_blocks(tokens * D), kElementThreads, 0, stream, combine_forward_kernel)(
             CombineParams<float>{a, a_image_stride, og, weights, row_of_pair, R, tokens, k, D});
     PRISM_LAUNCH_CHECK();
 }
@@ -159,13 +161,13 @@ void combine_backward(float* dog, uint16_t* dog_bf16, bool overwrite_dog, float*
                        "combine_backward: dog is fp32, or written in bf16 (with og in bf16)");
     const unsigned grid = warp_blocks(tokens);
     if (dog_bf16)
-        combine_backward_kernel<<<grid, kWarpThreads, 0, stream>>>(CombineBwdParams<uint16_t, uint16_t>{
+        PRISM_LAUNCH(grid, kWarpThreads, 0, stream, combine_backward_kernel)(CombineBwdParams<uint16_t, uint16_t>{
             dog_bf16, true, dweights, da, da_image_stride, og_bf16, weights, row_of_pair, R, tokens, k, D});
     else if (og_bf16)
-        combine_backward_kernel<<<grid, kWarpThreads, 0, stream>>>(CombineBwdParams<uint16_t, float>{
+        PRISM_LAUNCH(grid, kWarpThreads, 0, stream, combine_backward_kernel)(CombineBwdParams<uint16_t, float>{
             dog, overwrite_dog, dweights, da, da_image_stride, og_bf16, weights, row_of_pair, R, tokens, k, D});
     else
-        combine_backward_kernel<<<grid, kWarpThreads, 0, stream>>>(CombineBwdParams<float, float>{
+        PRISM_LAUNCH(grid, kWarpThreads, 0, stream, combine_backward_kernel)(CombineBwdParams<float, float>{
             dog, overwrite_dog, dweights, da, da_image_stride, og, weights, row_of_pair, R, tokens, k, D});
     PRISM_LAUNCH_CHECK();
 }

@@ -22,6 +22,11 @@
 #define PRISM_KERNEL(threads) __global__ void __launch_bounds__(threads)
 #define PRISM_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
 #define PRISM_UNROLL _Pragma("unroll")
+// kernel<<<grid, threads, smem, stream>>>, written so that the emulator can
+// run the launchers too (tests/emulator.h defines it as a call into the CPU
+// model): PRISM_LAUNCH(grid, threads, smem, stream, kernel)(params). The
+// kernel comes last, where its template arguments' commas do no harm.
+#define PRISM_LAUNCH(grid, threads, smem, stream, ...) __VA_ARGS__<<<(grid), (threads), (smem), (stream)>>>
 #endif
 
 namespace prism::primitives {

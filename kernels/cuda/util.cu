@@ -95,7 +95,7 @@ __global__ void fill_uniform_kernel(float* p, int64_t n, float lo, float span, u
 
 void fill_uniform(float* p, int64_t n, float lo, float hi, uint64_t seed, cudaStream_t stream) {
     if (n <= 0) return;
-    fill_uniform_kernel<<<grid_for(n), kThreads, 0, stream>>>(p, n, lo, hi - lo, seed);
+    PRISM_LAUNCH(grid_for(n), kThreads, 0, stream, fill_uniform_kernel)(p, n, lo, hi - lo, seed);
     PRISM_LAUNCH_CHECK();
 }
 

@@ -1,0 +1,4 @@
+// moe.cu's launchers, compiled for the emulator (tests/emulated_runtime.h).
+#include "tests/emulated_runtime.h"
+
+#include "kernels/cuda/moe.cu"
