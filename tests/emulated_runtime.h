@@ -10,9 +10,9 @@
 // as cudaMalloc aligns it, starting as 0xFF bytes, so that reading what was
 // never written gives NaN or -1); streams are one synchronous queue (a launch
 // runs when it is made); a bad launch throws from the emulator where the
-// device would report it at cudaGetLastError. Not modelled: cuBLAS (linear.cu
-// is built without it: its ops throw, and the tests of them skip), the
-// dynamic shared memory opt-in above 48 KiB, and anything asynchronous.
+// device would report it at cudaGetLastError; cuBLAS is the host model of
+// tests/emulated_cublas.h. Not modelled: the dynamic shared memory opt-in
+// above 48 KiB, and anything asynchronous.
 #pragma once
 #include "tests/emulator.h"
 
@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <stdexcept>
 #include <string>
 
@@ -51,11 +52,17 @@ inline const char* cudaGetErrorString(cudaError_t e) {
 // A launch the device would refuse has already thrown (emu::launch).
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
 
+// The live allocations (start → bytes), so that the cuBLAS stand-in
+// (tests/emulated_cublas.h) can check that every matrix it is handed lies
+// inside one, as compute-sanitizer's memcheck would on the device.
+inline std::map<uintptr_t, size_t> emulated_allocations;
+
 inline cudaError_t cudaMalloc(void** p, size_t bytes) {
     constexpr size_t kAlign = 256;  // what cudaMalloc guarantees
     *p = std::aligned_alloc(kAlign, (bytes + kAlign - 1) / kAlign * kAlign);
     if (!*p) return cudaErrorMemoryAllocation;
     std::memset(*p, 0xFF, bytes);
+    emulated_allocations[(uintptr_t)*p] = bytes;
     return cudaSuccess;
 }
 template <class T>
@@ -63,6 +70,7 @@ cudaError_t cudaMalloc(T** p, size_t bytes) {
     return cudaMalloc(reinterpret_cast<void**>(p), bytes);
 }
 inline cudaError_t cudaFree(void* p) {
+    if (p && !emulated_allocations.erase((uintptr_t)p)) return cudaErrorInvalidValue;
     std::free(p);
     return cudaSuccess;
 }
@@ -81,6 +89,10 @@ inline cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemc
 }
 inline cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind, cudaStream_t) {
     return cudaMemcpy(dst, src, bytes, kind);
+}
+inline cudaError_t cudaGetDevice(int* device) {
+    *device = 0;
+    return cudaSuccess;
 }
 inline cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
 inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
@@ -109,5 +121,5 @@ inline void check_or_abort(cudaError_t e, const char* file, int line, const char
 }  // namespace prism::cuda_detail
 
 namespace prism::cuda_ops {
-inline bool has_cublas() { return false; }  // linear.cu is not emulated
+inline bool has_cublas() { return true; }  // tests/emulated_cublas.h
 }  // namespace prism::cuda_ops

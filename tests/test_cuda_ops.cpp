@@ -107,14 +107,9 @@ std::vector<LinearCase> linear_cases() {
 class CudaOps : public CudaStreamTest {};
 
 // Why the linear ops cannot run here, or nullptr. (A GTEST_SKIP inside a
-// helper would return from the helper only: the test skips itself.)
-const char* no_linear_ops() {
-#ifdef PRISM_EMULATION
-    return "cuBLAS is not emulated";
-#else
-    return cu::has_cublas() ? nullptr : "this build has no cuBLAS (CUBLAS_HOME)";
-#endif
-}
+// helper would return from the helper only: the test skips itself.) The
+// emulated build has tests/emulated_cublas.h.
+const char* no_linear_ops() { return cu::has_cublas() ? nullptr : "this build has no cuBLAS (CUBLAS_HOME)"; }
 
 }  // namespace
 

@@ -2,8 +2,10 @@
 // checked cuBLAS call. Only built when the Makefile found cuBLAS (PRISM_CUBLAS).
 #pragma once
 #ifdef PRISM_CUBLAS
+#ifndef PRISM_EMULATION  // tests/emulated_cublas.h stands in for them
 #include <cublasLt.h>
 #include <cublas_v2.h>
+#endif
 
 #include "kernels/cuda/common.cuh"
 

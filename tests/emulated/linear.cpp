@@ -1,8 +1,30 @@
-// linear.cu built as without cuBLAS, for the emulator (tests/emulated_runtime.h):
-// its ops throw saying so. The tests that call them skip first ("cuBLAS is
-// not emulated"); test_linear_emulated.cpp checks the kernels around the
-// products instead.
+// linear.cu's launchers, compiled for the emulator (tests/emulated_runtime.h)
+// with the host model of its cuBLAS and cuBLASLt calls
+// (tests/emulated_cublas.h). This file stands in for what
+// kernels/cuda/context.cu gives linear.cu: the handles (the model keeps no
+// state in them) and the cuBLASLt workspace, in emulated device memory.
 #include "tests/emulated_runtime.h"
+#include "tests/emulated_cublas.h"
 
-#undef PRISM_CUBLAS
+#define PRISM_CUBLAS 1
 #include "kernels/cuda/linear.cu"
+
+namespace prism::cuda_detail {
+
+cublasHandle_t blas_handle(cudaStream_t) { return nullptr; }
+
+LtContext lt_context() {
+    constexpr size_t kWorkspaceBytes = 1 << 20;
+    static void* workspace = [] {
+        void* p = nullptr;
+        PRISM_CUDA_CHECK(cudaMalloc(&p, kWorkspaceBytes));
+        return p;
+    }();
+    return {nullptr, workspace, kWorkspaceBytes};
+}
+
+void check_blas_or_abort(cublasStatus_t s, const char*, int, const char*) {
+    if (s != CUBLAS_STATUS_SUCCESS) std::abort();
+}
+
+}  // namespace prism::cuda_detail
