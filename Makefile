@@ -123,7 +123,7 @@ deps:
 	    || { echo "make deps: apt-get failed for:$$missing"; exit 1; }; \
 	fi
 
-build: $(BUILD)/prism $(BUILD)/prism_tests $(BUILD)/comm_worker
+build: $(BUILD)/prism $(BUILD)/prism_tests $(BUILD)/comm_worker $(BUILD)/prism_emulated_tests
 
 $(BUILD)/libprism.a: $(LIB_OBJS)
 	@mkdir -p $(dir $@)
@@ -139,6 +139,29 @@ $(BUILD)/prism_tests: $(TEST_OBJS) $(BUILD)/libprism.a
 $(BUILD)/comm_worker: $(BUILD)/obj/tests/workers/comm_worker.o $(BUILD)/libprism.a
 	$(CXX) -o $@ $^ $(LDLIBS)
 
+# The emulated engine: the whole engine built for `--device cuda` with the
+# CUDA runtime, the kernels and cuBLAS replaced by their CPU models
+# (tests/emulated_runtime.h, tests/emulator.h, tests/emulated_cublas.h), so
+# that tests/test_cuda_model.cpp runs the model's CUDA path (kernels/backend.h,
+# the device arenas, the bf16 mode) on a machine without a GPU. Built with or
+# without nvcc. Its launchers are prism_tests' emulated objects (the
+# cuda_ops/cuda_detail namespaces renamed there, so here too); device.cu and
+# util.cu are compiled for it alone (tests/emulated_engine/).
+EMU_CXXFLAGS := $(filter-out -DPRISM_CUDA -DPRISM_NCCL,$(CXXFLAGS)) -DPRISM_CUDA -DPRISM_EMULATED_ENGINE \
+                -Dcuda_ops=cuda_ops_emulated -Dcuda_detail=cuda_detail_emulated
+EMU_LDLIBS   := $(filter-out -lcudart $(CUBLAS_LIBS) $(NCCL_LIB),$(LDLIBS))
+EMU_OBJS := $(LIB_SRCS:%.cpp=$(BUILD)/emulated/%.o) \
+            $(patsubst %.cpp,$(BUILD)/emulated/%.o,$(wildcard tests/emulated_engine/*.cpp) tests/test_cuda_model.cpp) \
+            $(patsubst %.cpp,$(BUILD)/obj/%.o,$(filter-out tests/emulated/cuda_%,$(wildcard tests/emulated/*.cpp)) \
+                                              tests/main.cpp)
+
+$(BUILD)/prism_emulated_tests: $(EMU_OBJS)
+	$(CXX) -o $@ $^ -lgtest $(EMU_LDLIBS)
+
+$(BUILD)/emulated/%.o: %.cpp
+	@mkdir -p $(dir $@)
+	$(CXX) $(EMU_CXXFLAGS) -c $< -o $@
+
 $(BUILD)/obj/%.o: %.cpp
 	@mkdir -p $(dir $@)
 	$(CXX) $(CXXFLAGS) -c $< -o $@
@@ -147,7 +170,10 @@ $(BUILD)/obj/%.cu.o: %.cu
 	@mkdir -p $(dir $@)
 	$(NVCC) $(NVCCFLAGS) -c $< -o $@
 
+# The emulated engine's tests first: prism_tests' closing line, the tally of
+# the main suite, is the last one printed.
 test: deps build
+	cd $(CURDIR) && $(BUILD)/prism_emulated_tests
 	cd $(CURDIR) && PRISM_PYTHON=$(PYTHON) $(BUILD)/prism_tests
 
 RUN_DIR := $(BUILD)/run
@@ -183,4 +209,4 @@ third_party: deps
 clean:
 	rm -rf $(BUILD)
 
--include $(shell find $(BUILD)/obj -name '*.d' 2>/dev/null)
+-include $(shell find $(BUILD)/obj $(BUILD)/emulated -name '*.d' 2>/dev/null)

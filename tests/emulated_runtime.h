@@ -31,6 +31,7 @@
 #define cuda_detail cuda_detail_emulated
 
 typedef struct CUstream_st* cudaStream_t;  // as kernels/cuda_ops.h declares it
+typedef struct CUevent_st* cudaEvent_t;    // as kernels/cuda_util.h does
 
 namespace prism {
 
@@ -56,13 +57,26 @@ inline cudaError_t cudaGetLastError() { return cudaSuccess; }
 // (tests/emulated_cublas.h) can check that every matrix it is handed lies
 // inside one, as compute-sanitizer's memcheck would on the device.
 inline std::map<uintptr_t, size_t> emulated_allocations;
+// The emulated device's memory: more than it is refused, as by a GPU that
+// size (the arenas' out-of-memory message is tested against it).
+constexpr size_t kEmulatedDeviceBytes = size_t(4) << 30;
+inline size_t emulated_allocated_bytes = 0;
 
 inline cudaError_t cudaMalloc(void** p, size_t bytes) {
+    *p = nullptr;
+    if (bytes == 0) return cudaSuccess;  // as cudaMalloc: a null pointer, no error
+    if (bytes > kEmulatedDeviceBytes - emulated_allocated_bytes) return cudaErrorMemoryAllocation;
     constexpr size_t kAlign = 256;  // what cudaMalloc guarantees
     *p = std::aligned_alloc(kAlign, (bytes + kAlign - 1) / kAlign * kAlign);
     if (!*p) return cudaErrorMemoryAllocation;
     std::memset(*p, 0xFF, bytes);
     emulated_allocations[(uintptr_t)*p] = bytes;
+    emulated_allocated_bytes += bytes;
+    return cudaSuccess;
+}
+inline cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total_bytes) {
+    *free_bytes = kEmulatedDeviceBytes - emulated_allocated_bytes;
+    *total_bytes = kEmulatedDeviceBytes;
     return cudaSuccess;
 }
 template <class T>
@@ -70,7 +84,11 @@ cudaError_t cudaMalloc(T** p, size_t bytes) {
     return cudaMalloc(reinterpret_cast<void**>(p), bytes);
 }
 inline cudaError_t cudaFree(void* p) {
-    if (p && !emulated_allocations.erase((uintptr_t)p)) return cudaErrorInvalidValue;
+    if (!p) return cudaSuccess;
+    const auto it = emulated_allocations.find((uintptr_t)p);
+    if (it == emulated_allocations.end()) return cudaErrorInvalidValue;
+    emulated_allocated_bytes -= it->second;
+    emulated_allocations.erase(it);
     std::free(p);
     return cudaSuccess;
 }
@@ -101,6 +119,61 @@ inline cudaError_t cudaStreamCreate(cudaStream_t* s) {
     return cudaSuccess;
 }
 inline cudaError_t cudaStreamDestroy(cudaStream_t) { return cudaSuccess; }
+enum { cudaStreamNonBlocking = 1 };
+inline cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned) { return cudaStreamCreate(s); }
+
+// One device, which kernels/cuda/device.cu and util.cu ask about.
+inline cudaError_t cudaGetDeviceCount(int* n) {
+    *n = 1;
+    return cudaSuccess;
+}
+inline cudaError_t cudaSetDevice(int device) { return device == 0 ? cudaSuccess : cudaErrorInvalidValue; }
+struct cudaDeviceProp {
+    char name[256];
+};
+inline cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int device) {
+    if (device != 0) return cudaErrorInvalidValue;
+    std::strcpy(prop->name, "CPU emulator (tests/emulated_runtime.h)");
+    return cudaSuccess;
+}
+
+// Host memory: "pinned" is plain memory here.
+enum { cudaHostAllocDefault = 0 };
+inline cudaError_t cudaHostAlloc(void** p, size_t bytes, unsigned) {
+    *p = std::malloc(bytes ? bytes : 1);
+    return *p ? cudaSuccess : cudaErrorMemoryAllocation;
+}
+inline cudaError_t cudaFreeHost(void* p) {
+    std::free(p);
+    return cudaSuccess;
+}
+
+// The stream-ordered allocator's pool: nothing to keep here.
+typedef struct EmulatedMemPool* cudaMemPool_t;
+enum cudaMemPoolAttr { cudaMemPoolAttrReleaseThreshold };
+inline cudaError_t cudaDeviceGetDefaultMemPool(cudaMemPool_t* pool, int) {
+    *pool = nullptr;
+    return cudaSuccess;
+}
+inline cudaError_t cudaMemPoolSetAttribute(cudaMemPool_t, cudaMemPoolAttr, void*) { return cudaSuccess; }
+
+// Events: the one synchronous stream has always finished; no timing.
+inline cudaError_t cudaEventCreate(cudaEvent_t* e) {
+    *e = nullptr;
+    return cudaSuccess;
+}
+inline cudaError_t cudaEventDestroy(cudaEvent_t) { return cudaSuccess; }
+inline cudaError_t cudaEventRecord(cudaEvent_t, cudaStream_t) { return cudaSuccess; }
+inline cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t, cudaEvent_t) {
+    *ms = 0.f;
+    return cudaSuccess;
+}
+
+// The profiler bracket and NVTX ranges mark nothing here.
+inline cudaError_t cudaProfilerStart() { return cudaSuccess; }
+inline cudaError_t cudaProfilerStop() { return cudaSuccess; }
+inline int nvtxRangePushA(const char*) { return 0; }
+inline int nvtxRangePop() { return 0; }
 template <class F>
 cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int) {
     return cudaSuccess;
@@ -119,7 +192,3 @@ inline void check_or_abort(cudaError_t e, const char* file, int line, const char
     if (e != cudaSuccess) std::abort();
 }
 }  // namespace prism::cuda_detail
-
-namespace prism::cuda_ops {
-inline bool has_cublas() { return true; }  // tests/emulated_cublas.h
-}  // namespace prism::cuda_ops

@@ -3,6 +3,10 @@
 // AdamW update), bit-identical repeat runs, the arenas' out-of-memory message,
 // and the tiny task trained through `train()` on the GPU. Skipped, with the
 // reason, where no CUDA device (or no CUDA build) is present.
+//
+// build/prism_emulated_tests runs this file on the emulated engine
+// (PRISM_EMULATED_ENGINE: the CPU models of the runtime, kernels and cuBLAS;
+// see the Makefile) without a GPU, all but the 600-step training runs.
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -212,13 +216,23 @@ TEST(CudaModel, TrainingStepOfEveryArchitectureMatchesTheCpu) {
         EXPECT_LE(all, 1e-5) << "all gradients";
         EXPECT_LE(worst, 1e-4) << worst_name;
 
+        // AdamW on the same gradients, the GPU's, on both sides: its first step
+        // moves each weight by about lr·g/(|g| + eps), so a gradient that is
+        // zero in exact arithmetic (the attention's key bias: softmax ignores
+        // a shift of every score of a row) turns its rounding noise into ±lr,
+        // whose sign differs between any two devices (vit and chvit's weights
+        // differed by 1.6e-5 and 1.9e-5 so, all of it in qkv.bias, in the
+        // emulator; 1e-5 on an H100).
         TrainConfig t;
         t.grad_clip = 1.0;
         AdamW<float> opt_c(t, cpu.num_params(), false, Device::cpu), opt_g(t, gpu.num_params(), false, Device::cuda);
+        const double own_norm_c = opt_c.grad_norm(cpu);
+        cpu.grads_from_host(gg.data());
         const double norm_c = opt_c.step(cpu, 1e-3), norm_g = opt_g.step(gpu, 1e-3);
-        EXPECT_LE(rel_scalar(norm_g, norm_c), 1e-5) << "gradient norm";
+        EXPECT_LE(rel_scalar(norm_g, own_norm_c), 1e-5) << "gradient norm against the CPU's gradients";
+        EXPECT_LE(rel_scalar(norm_g, norm_c), 1e-5) << "gradient norm of the same gradients";
         const double upd = rel_error(host_params(gpu), host_params(cpu));
-        std::printf("[ cuda-vs-cpu ] %-32s weights after AdamW rel %.3g\n", c.name.c_str(), upd);
+        std::printf("[ cuda-vs-cpu ] %-32s weights after AdamW (same gradients) rel %.3g\n", c.name.c_str(), upd);
         EXPECT_LE(upd, 1e-5) << "weights after one AdamW step";
     }
 }
@@ -267,6 +281,7 @@ TEST(CudaModel, AnArenaTooLargeForTheGpuNamesItself) {
     }
 }
 
+#ifndef PRISM_EMULATED_ENGINE  // 600 training steps: hours in the emulator
 TEST(CudaModel, EveryShippedTinyConfigLearnsTheTinyTaskOnTheGpu) {
     REQUIRE_GPU();
     const std::string dir = ::testing::TempDir() + "prism_cuda_train_" + std::to_string(getpid());
@@ -281,6 +296,7 @@ TEST(CudaModel, EveryShippedTinyConfigLearnsTheTinyTaskOnTheGpu) {
         EXPECT_GE(r.val.accuracy, 0.9) << arch << " reached only " << r.val.accuracy << " (chance 0.25)";
     }
 }
+#endif
 
 // The bf16 mode (train.precision = bf16: bf16 inputs to the linear layers'
 // products, and to attention's on the flash kernels where the head dim is 64)
@@ -327,6 +343,7 @@ TEST(CudaModel, Bf16TrainingStepMatchesTheCpuWithin2e2) {
     }
 }
 
+#ifndef PRISM_EMULATED_ENGINE  // 600 training steps: hours in the emulator
 TEST(CudaModel, Bf16RunsAreBitIdenticalAndLearnTheTinyTask) {
     REQUIRE_GPU();
     const std::string dir = ::testing::TempDir() + "prism_cuda_bf16_" + std::to_string(getpid());
@@ -350,3 +367,4 @@ TEST(CudaModel, Bf16RunsAreBitIdenticalAndLearnTheTinyTask) {
             << arch << ": two bf16 runs from the same seed differ";
     }
 }
+#endif

@@ -1,9 +1,11 @@
 // Device discovery, host-memory helpers and the profiler bracket for the CUDA
 // backend (the op kernels are the other files here, declared in
 // kernels/cuda_ops.h; the input step is input.cu).
+#ifndef PRISM_EMULATION  // tests/emulated_runtime.h stands in for them
 #include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
 #include <nvtx3/nvToolsExt.h>
+#endif
 #include <cstdio>
 #include <string>
 #include "engine/arena.h"

@@ -76,13 +76,13 @@ void copy_to_host(void* dst, const void* src, size_t bytes, cudaStream_t stream)
 namespace {
 // SplitMix64's finalizer: a counter-based generator, so every element is
 // independent of the launch shape.
-__device__ __forceinline__ uint64_t mix64(uint64_t z) {
+PRISM_DEVICE uint64_t mix64(uint64_t z) {
     z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
     z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
     return z ^ (z >> 31);
 }
 
-__global__ void fill_uniform_kernel(float* p, int64_t n, float lo, float span, uint64_t seed) {
+PRISM_KERNEL(kThreads) fill_uniform_kernel(float* p, int64_t n, float lo, float span, uint64_t seed) {
     const uint64_t key = mix64(seed + 0x9e3779b97f4a7c15ull);
     PRISM_GRID_STRIDE(i, n) {
         const uint64_t r = mix64(key ^ ((uint64_t)i * 0x9e3779b97f4a7c15ull));

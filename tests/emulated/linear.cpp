@@ -2,7 +2,8 @@
 // with the host model of its cuBLAS and cuBLASLt calls
 // (tests/emulated_cublas.h). This file stands in for what
 // kernels/cuda/context.cu gives linear.cu: the handles (the model keeps no
-// state in them) and the cuBLASLt workspace, in emulated device memory.
+// state in them) and the cuBLASLt workspace, in emulated device memory, and
+// for has_cublas and release_context.
 #include "tests/emulated_runtime.h"
 #include "tests/emulated_cublas.h"
 
@@ -28,3 +29,8 @@ void check_blas_or_abort(cublasStatus_t s, const char*, int, const char*) {
 }
 
 }  // namespace prism::cuda_detail
+
+namespace prism::cuda_ops {
+bool has_cublas() { return true; }  // tests/emulated_cublas.h
+void release_context() {}           // the workspace lives for the process
+}  // namespace prism::cuda_ops
