@@ -64,7 +64,7 @@ struct LoaderOptions {
     int threads = 0;                 // reader threads; 0 = default_loader_threads()
     int prefetch = 0;                // ready batches queued ahead; 0 = threads + 2
     // true: batches carry the stored pixels, per-image statistics and
-    // augmentation for the device's input step (ops::cuda::input_forward), in
+    // augmentation for the device's input step (cuda_ops::input_forward), in
     // pinned memory; false: normalized (and augmented) float images.
     bool device_input = false;
     LoaderPosition start;            // where to begin (a resumed run's saved position)

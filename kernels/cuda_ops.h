@@ -62,6 +62,13 @@ bool has_cublas();
 // for tools that check for leaks at exit.
 void release_context();
 
+// ---- the input step -------------------------------------------------------
+// Device twin of ops::input_forward (kernels/cuda/input.cu). *bad_image
+// (device int, may be null; the caller sets it to INT_MAX first) ends at the
+// lowest image index whose output has a non-finite value.
+void input_forward(float* out, const void* raw, ops::Pixel pixel, int B, int C, int H, int W, const float* mean,
+                   const float* inv_std, const ops::InputAug* aug, int* bad_image, cudaStream_t stream);
+
 // ---- patch embedding -------------------------------------------------------
 void patchify_channels(float* out, const float* images, int B, int C, int H, int W, int P,
                        const int* S, int nS, cudaStream_t stream);

@@ -254,16 +254,4 @@ size_t pixel_size(Pixel p);
 int input_forward(float* out, const void* raw, Pixel pixel, int B, int C, int H, int W,
                   const float* mean, const float* inv_std, const InputAug* aug);
 
-#ifdef PRISM_CUDA
-namespace cuda {
-// Device twin of input_forward: every pointer is device memory, and the work
-// is queued on `stream` (a cudaStream_t). *bad_image (device int, may be null;
-// the caller sets it to INT_MAX first) ends at the lowest image index whose
-// output has a non-finite value.
-void input_forward(float* out, const void* raw, Pixel pixel, int B, int C, int H, int W,
-                   const float* mean, const float* inv_std, const InputAug* aug, int* bad_image,
-                   void* stream);
-}  // namespace cuda
-#endif
-
 }  // namespace prism::ops

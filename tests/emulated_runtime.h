@@ -1,18 +1,19 @@
-// kernels/cuda's launchers (the .cu files without cuBLAS) compiled on the
-// host for the emulator, so that the CUDA ops themselves, from their entry
-// points in kernels/cuda_ops.h down to every kernel they launch, run on a
-// machine without a GPU: the launch geometry, the parameters each launcher
-// fills in, the order of its launches and its scratch memory are the ones the
-// device gets. A translation unit includes this first, then one .cu file
-// (tests/emulated/*.cpp) or a test of the CUDA ops.
+// kernels/cuda's launchers compiled on the host for the emulator, so that
+// the CUDA ops themselves, from their entry points in kernels/cuda_ops.h down
+// to every kernel they launch, run on a machine without a GPU: the launch
+// geometry, the parameters each launcher fills in, the order of its launches
+// and its scratch memory are the ones the device gets. A translation unit
+// includes this first, then one .cu file (tests/emulated/*.cpp,
+// tests/emulated_engine/*.cpp) or a test of the CUDA ops.
 //
-// What stands in for the CUDA runtime: device memory is host memory (aligned
-// as cudaMalloc aligns it, starting as 0xFF bytes, so that reading what was
-// never written gives NaN or -1); streams are one synchronous queue (a launch
-// runs when it is made); a bad launch throws from the emulator where the
+// What stands in for the CUDA runtime: one device of kEmulatedDeviceBytes
+// whose memory is host memory (aligned as cudaMalloc aligns it, starting as
+// 0xFF bytes, so that reading what was never written gives NaN or -1);
+// streams are one synchronous queue (a launch runs when it is made, an event
+// has always completed); a bad launch throws from the emulator where the
 // device would report it at cudaGetLastError; cuBLAS is the host model of
 // tests/emulated_cublas.h. Not modelled: the dynamic shared memory opt-in
-// above 48 KiB, and anything asynchronous.
+// above 48 KiB, timing, and anything asynchronous.
 #pragma once
 #include "tests/emulator.h"
 

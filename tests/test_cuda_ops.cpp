@@ -12,6 +12,7 @@
 // (EmulatedCudaOps.*): the same tests at the tiny shape, without a GPU.
 #if defined(PRISM_CUDA) || defined(PRISM_EMULATION)
 #include <algorithm>
+#include <climits>
 #include <cstring>
 #include <functional>
 #include <iterator>
@@ -328,6 +329,64 @@ TEST_F(CudaOps, Bf16Conversions) {
     cu::from_bf16(back.get(), b.get(), (int64_t)x.size(), stream);
     const auto wide = back.download(), ref = widen(bits);
     EXPECT_EQ(std::memcmp(wide.data(), ref.data(), wide.size() * sizeof(float)), 0) << "bf16 → float is not exact";
+}
+
+// The input step (stored pixels → normalized, augmented floats) through its
+// launcher: u8 and f32 pixels, plain and with flips, turns, crops and holes,
+// the statistics and augmentation read from device memory; then a NaN pixel
+// in images 2 and 3, of which the device reports the lower.
+TEST_F(CudaOps, InputStep) {
+    Rng rng(120);
+    const int B = 4, C = 3, H = 12, W = 12;
+    const size_t n = (size_t)B * C * H * W;
+    std::vector<float> mean(B * C), inv_std(B * C);
+    for (int q = 0; q < B * C; q++) {
+        mean[q] = float(rng.uniform() * 100);
+        inv_std[q] = float(0.01 + 0.1 * rng.uniform());
+    }
+    std::vector<ops::InputAug> aug(B);
+    for (int b = 0; b < B; b++) {
+        aug[b].dihedral = 2 * b + 1;
+        aug[b].dy = b - 1, aug[b].dx = 1 - b;
+        aug[b].holes = b % 2, aug[b].hole_h = 4, aug[b].hole_w = 3, aug[b].hole_y[0] = 9, aug[b].hole_x[0] = 2;
+    }
+    auto d_mean = to_device(mean), d_inv_std = to_device(inv_std);
+    auto d_aug = to_device(aug);
+    DeviceArray<int> d_bad(1);
+    for (const ops::Pixel pixel : {ops::Pixel::u8, ops::Pixel::f32}) {
+        std::vector<uint8_t> raw(n * ops::pixel_size(pixel));
+        for (size_t i = 0; i < n; i++) {
+            if (pixel == ops::Pixel::u8) raw[i] = uint8_t(rng.below(256));
+            else reinterpret_cast<float*>(raw.data())[i] = float(rng.normal() * 50 + 50);
+        }
+        const std::string name = pixel == ops::Pixel::u8 ? "input step u8" : "input step f32";
+        DeviceArray<float> out(n);
+        for (const bool augmented : {false, true}) {
+            const std::string what = name + (augmented ? " augmented" : "");
+            std::vector<float> ref(n);
+            ASSERT_EQ(ops::input_forward(ref.data(), raw.data(), pixel, B, C, H, W, mean.data(), inv_std.data(),
+                                         augmented ? aug.data() : nullptr),
+                      -1);
+            auto d_raw = to_device(raw);
+            d_bad.upload({INT_MAX});
+            const auto got = run_twice(what, {{&out, {}}}, [&] {
+                cu::input_forward(out.get(), d_raw.get(), pixel, B, C, H, W, d_mean.get(), d_inv_std.get(),
+                                  augmented ? d_aug.get() : nullptr, d_bad.get(), stream);
+            });
+            expect_close(what, got[0], ref);
+            EXPECT_EQ(d_bad.download()[0], INT_MAX) << what << ": a finite batch reported as not";
+        }
+        if (pixel == ops::Pixel::f32) {
+            reinterpret_cast<float*>(raw.data())[3 * C * H * W + 5] = NAN;
+            reinterpret_cast<float*>(raw.data())[2 * C * H * W + H * W + 7] = NAN;
+            auto d_raw = to_device(raw);
+            d_bad.upload({INT_MAX});
+            out.poison();
+            cu::input_forward(out.get(), d_raw.get(), pixel, B, C, H, W, d_mean.get(), d_inv_std.get(), nullptr,
+                              d_bad.get(), stream);
+            EXPECT_EQ(d_bad.download()[0], 2) << "the lowest image with a non-finite value";
+        }
+    }
 }
 
 // bf16 inputs, fp32 accumulation: against the CPU on the same bf16-rounded

@@ -4,8 +4,11 @@
 // copied up as is, so the host never widens pixels to float.
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/input.cuh"
+#include "kernels/cuda_ops.h"
 
-namespace prism::ops::cuda {
+namespace prism::cuda_ops {
+using ops::InputAug;
+using ops::Pixel;
 
 namespace {
 
@@ -20,9 +23,8 @@ void launch(const input::Params& p, cudaStream_t stream) {
 }  // namespace
 
 void input_forward(float* out, const void* raw, Pixel pixel, int B, int C, int H, int W, const float* mean,
-                   const float* inv_std, const InputAug* aug, int* bad_image, void* stream) {
+                   const float* inv_std, const InputAug* aug, int* bad_image, cudaStream_t s) {
     const input::Params p{out, raw, B, C, H, W, mean, inv_std, aug, bad_image};
-    cudaStream_t s = (cudaStream_t)stream;
     switch (pixel) {
         case Pixel::u8: launch<Pixel::u8>(p, s); break;
         case Pixel::u16: launch<Pixel::u16>(p, s); break;
@@ -31,4 +33,4 @@ void input_forward(float* out, const void* raw, Pixel pixel, int B, int C, int H
     }
 }
 
-}  // namespace prism::ops::cuda
+}  // namespace prism::cuda_ops
