@@ -123,7 +123,7 @@ deps:
 	    || { echo "make deps: apt-get failed for:$$missing"; exit 1; }; \
 	fi
 
-build: $(BUILD)/prism $(BUILD)/prism_tests $(BUILD)/comm_worker $(BUILD)/prism_emulated_tests
+build: $(BUILD)/prism $(BUILD)/prism_tests $(BUILD)/comm_worker $(BUILD)/prism_emulated_tests $(BUILD)/prism_emulated
 
 $(BUILD)/libprism.a: $(LIB_OBJS)
 	@mkdir -p $(dir $@)
@@ -142,21 +142,29 @@ $(BUILD)/comm_worker: $(BUILD)/obj/tests/workers/comm_worker.o $(BUILD)/libprism
 # The emulated engine: the whole engine built for `--device cuda` with the
 # CUDA runtime, the kernels and cuBLAS replaced by their CPU models
 # (tests/emulated_runtime.h, tests/emulator.h, tests/emulated_cublas.h), so
-# that tests/test_cuda_model.cpp runs the model's CUDA path (kernels/backend.h,
-# the device arenas, the bf16 mode) on a machine without a GPU. Built with or
-# without nvcc. Its launchers are prism_tests' emulated objects (the
-# cuda_ops/cuda_detail namespaces renamed there, so here too); device.cu and
-# util.cu are compiled for it alone (tests/emulated_engine/).
+# that tests/test_cuda_model.cpp and test_nccl.cpp run the model's CUDA path
+# (kernels/backend.h, the device arenas, the bf16 mode, NCCL data parallel) on
+# a machine without a GPU. Built with or without nvcc. Its launchers are
+# prism_tests' emulated objects (the cuda_ops/cuda_detail namespaces renamed
+# there, so here too); device.cu and util.cu are compiled for it alone
+# (tests/emulated_engine/).
 EMU_CXXFLAGS := $(filter-out -DPRISM_CUDA -DPRISM_NCCL,$(CXXFLAGS)) -DPRISM_CUDA -DPRISM_EMULATED_ENGINE \
                 -Dcuda_ops=cuda_ops_emulated -Dcuda_detail=cuda_detail_emulated
 EMU_LDLIBS   := $(filter-out -lcudart $(CUBLAS_LIBS) $(NCCL_LIB),$(LDLIBS))
-EMU_OBJS := $(LIB_SRCS:%.cpp=$(BUILD)/emulated/%.o) \
-            $(patsubst %.cpp,$(BUILD)/emulated/%.o,$(wildcard tests/emulated_engine/*.cpp) tests/test_cuda_model.cpp) \
-            $(patsubst %.cpp,$(BUILD)/obj/%.o,$(filter-out tests/emulated/cuda_%,$(wildcard tests/emulated/*.cpp)) \
-                                              tests/main.cpp)
+# With MPI, NCCL is emulated too (tests/emulated_nccl.h: MPI's collectives),
+# and build/prism_emulated, the CLI on the emulated engine, runs the NCCL
+# path under mpirun for tests/test_nccl.cpp.
+EMU_NCCL     := $(if $(MPI_CFLAGS),tests/emulated_engine/nccl.cpp)
+EMU_LIB_OBJS := $(patsubst %.cpp,$(BUILD)/emulated/%.o,$(if $(EMU_NCCL),$(filter-out engine/nccl.cpp,$(LIB_SRCS)),$(LIB_SRCS)) \
+                  $(filter-out tests/emulated_engine/nccl.cpp,$(wildcard tests/emulated_engine/*.cpp)) $(EMU_NCCL)) \
+                $(patsubst %.cpp,$(BUILD)/obj/%.o,$(filter-out tests/emulated/cuda_%,$(wildcard tests/emulated/*.cpp)))
+EMU_TEST_OBJS := $(BUILD)/emulated/tests/test_cuda_model.o $(BUILD)/emulated/tests/test_nccl.o $(BUILD)/obj/tests/main.o
 
-$(BUILD)/prism_emulated_tests: $(EMU_OBJS)
+$(BUILD)/prism_emulated_tests: $(EMU_TEST_OBJS) $(EMU_LIB_OBJS) | $(BUILD)/prism_emulated
 	$(CXX) -o $@ $^ -lgtest $(EMU_LDLIBS)
+
+$(BUILD)/prism_emulated: $(BUILD)/emulated/apps/prism.o $(EMU_LIB_OBJS)
+	$(CXX) -o $@ $^ $(EMU_LDLIBS)
 
 $(BUILD)/emulated/%.o: %.cpp
 	@mkdir -p $(dir $@)

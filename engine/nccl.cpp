@@ -7,8 +7,10 @@
 #include "engine/common.h"
 
 #ifdef PRISM_NCCL
+#ifndef PRISM_EMULATION  // the emulated engine: tests/emulated_runtime.h and emulated_nccl.h
 #include <cuda_runtime.h>
 #include <nccl.h>
+#endif
 #include <algorithm>
 #include <atomic>
 #include <chrono>

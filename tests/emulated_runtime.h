@@ -6,8 +6,8 @@
 // includes this first, then one .cu file (tests/emulated/*.cpp,
 // tests/emulated_engine/*.cpp) or a test of the CUDA ops.
 //
-// What stands in for the CUDA runtime: one device of kEmulatedDeviceBytes
-// whose memory is host memory (aligned as cudaMalloc aligns it, starting as
+// What stands in for the CUDA runtime: kEmulatedGpus devices of
+// kEmulatedDeviceBytes whose memory is host memory (one pool) (aligned as cudaMalloc aligns it, starting as
 // 0xFF bytes, so that reading what was never written gives NaN or -1);
 // streams are one synchronous queue (a launch runs when it is made, an event
 // has always completed); a bad launch throws from the emulator where the
@@ -17,7 +17,9 @@
 #pragma once
 #include "tests/emulator.h"
 
+#include <algorithm>
 #include <cstddef>
+#include <cstdio>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -38,7 +40,7 @@ namespace prism {
 
 using dim3 = emu::Dim;
 
-enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorMemoryAllocation = 2 };
+enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorMemoryAllocation = 2, cudaErrorNotReady = 600 };
 enum cudaMemcpyKind {
     cudaMemcpyHostToHost,
     cudaMemcpyHostToDevice,
@@ -123,20 +125,63 @@ inline cudaError_t cudaStreamDestroy(cudaStream_t) { return cudaSuccess; }
 enum { cudaStreamNonBlocking = 1 };
 inline cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned) { return cudaStreamCreate(s); }
 
-// One device, which kernels/cuda/device.cu and util.cu ask about.
+// The devices kernels/cuda/device.cu, util.cu and engine/nccl.cpp ask about:
+// a node of kEmulatedGpus, or those CUDA_VISIBLE_DEVICES lists (a
+// comma-separated list of indices), each a distinct GPU (its UUID is its
+// index), all sharing this process's memory.
+constexpr int kEmulatedGpus = 2;
+inline std::string emulated_visible_devices() {
+    const char* v = std::getenv("CUDA_VISIBLE_DEVICES");
+    if (!v) {
+        std::string all;
+        for (int i = 0; i < kEmulatedGpus; i++) all += (i ? "," : "") + std::to_string(i);
+        return all;
+    }
+    return v;
+}
+// The index of the visible device `device`, or -1.
+inline int emulated_device_id(int device) {
+    const std::string v = emulated_visible_devices();
+    int at = 0;
+    for (size_t begin = 0; begin <= v.size() && !v.empty(); at++) {
+        const size_t end = std::min(v.find(',', begin), v.size());
+        if (at == device) {
+            const int id = std::atoi(v.substr(begin, end - begin).c_str());
+            return id >= 0 && id < kEmulatedGpus ? id : -1;
+        }
+        begin = end + 1;
+    }
+    return -1;
+}
 inline cudaError_t cudaGetDeviceCount(int* n) {
-    *n = 1;
+    *n = 0;
+    while (emulated_device_id(*n) >= 0) ++*n;
     return cudaSuccess;
 }
-inline cudaError_t cudaSetDevice(int device) { return device == 0 ? cudaSuccess : cudaErrorInvalidValue; }
+inline cudaError_t cudaSetDevice(int device) { return emulated_device_id(device) >= 0 ? cudaSuccess : cudaErrorInvalidValue; }
+struct cudaUUID_t {
+    char bytes[16];
+};
 struct cudaDeviceProp {
     char name[256];
+    cudaUUID_t uuid;
 };
 inline cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int device) {
-    if (device != 0) return cudaErrorInvalidValue;
-    std::strcpy(prop->name, "CPU emulator (tests/emulated_runtime.h)");
+    const int id = emulated_device_id(device);
+    if (id < 0) return cudaErrorInvalidValue;
+    std::snprintf(prop->name, sizeof prop->name, "CPU emulator GPU %d (tests/emulated_runtime.h)", id);
+    std::memset(prop->uuid.bytes, 0, sizeof prop->uuid.bytes);
+    prop->uuid.bytes[0] = char(id + 1);
     return cudaSuccess;
 }
+inline cudaError_t cudaDeviceGetStreamPriorityRange(int* least, int* greatest) {
+    *least = 0, *greatest = -5;
+    return cudaSuccess;
+}
+inline cudaError_t cudaStreamCreateWithPriority(cudaStream_t* s, unsigned, int) { return cudaStreamCreate(s); }
+// Everything queued has run: the one stream is synchronous.
+inline cudaError_t cudaStreamQuery(cudaStream_t) { return cudaSuccess; }
+inline cudaError_t cudaStreamWaitEvent(cudaStream_t, cudaEvent_t, unsigned) { return cudaSuccess; }
 
 // Host memory: "pinned" is plain memory here.
 enum { cudaHostAllocDefault = 0 };
@@ -165,6 +210,9 @@ inline cudaError_t cudaEventCreate(cudaEvent_t* e) {
 }
 inline cudaError_t cudaEventDestroy(cudaEvent_t) { return cudaSuccess; }
 inline cudaError_t cudaEventRecord(cudaEvent_t, cudaStream_t) { return cudaSuccess; }
+enum { cudaEventDisableTiming = 2 };
+inline cudaError_t cudaEventCreateWithFlags(cudaEvent_t* e, unsigned) { return cudaEventCreate(e); }
+inline cudaError_t cudaEventQuery(cudaEvent_t) { return cudaSuccess; }
 inline cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t, cudaEvent_t) {
     *ms = 0.f;
     return cudaSuccess;
