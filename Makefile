@@ -155,8 +155,9 @@ EMU_LDLIBS   := $(filter-out -lcudart $(CUBLAS_LIBS) $(NCCL_LIB),$(LDLIBS))
 # and build/prism_emulated, the CLI on the emulated engine, runs the NCCL
 # path under mpirun for tests/test_nccl.cpp.
 EMU_NCCL     := $(if $(MPI_CFLAGS),tests/emulated_engine/nccl.cpp)
-EMU_LIB_OBJS := $(patsubst %.cpp,$(BUILD)/emulated/%.o,$(if $(EMU_NCCL),$(filter-out engine/nccl.cpp,$(LIB_SRCS)),$(LIB_SRCS)) \
-                  $(filter-out tests/emulated_engine/nccl.cpp,$(wildcard tests/emulated_engine/*.cpp)) $(EMU_NCCL)) \
+EMU_LIB_SRCS := $(if $(EMU_NCCL),$(filter-out engine/nccl.cpp,$(LIB_SRCS)),$(LIB_SRCS)) $(EMU_NCCL) \
+                $(filter-out tests/emulated_engine/nccl.cpp,$(wildcard tests/emulated_engine/*.cpp))
+EMU_LIB_OBJS := $(EMU_LIB_SRCS:%.cpp=$(BUILD)/emulated/%.o) \
                 $(patsubst %.cpp,$(BUILD)/obj/%.o,$(filter-out tests/emulated/cuda_%,$(wildcard tests/emulated/*.cpp)))
 EMU_TEST_OBJS := $(BUILD)/emulated/tests/test_cuda_model.o $(BUILD)/emulated/tests/test_nccl.o $(BUILD)/obj/tests/main.o
 

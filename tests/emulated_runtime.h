@@ -40,7 +40,12 @@ namespace prism {
 
 using dim3 = emu::Dim;
 
-enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorMemoryAllocation = 2, cudaErrorNotReady = 600 };
+enum cudaError_t {
+    cudaSuccess = 0,
+    cudaErrorInvalidValue = 1,
+    cudaErrorMemoryAllocation = 2,
+    cudaErrorNotReady = 600,
+};
 enum cudaMemcpyKind {
     cudaMemcpyHostToHost,
     cudaMemcpyHostToDevice,
@@ -51,7 +56,10 @@ enum cudaMemcpyKind {
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
 
 inline const char* cudaGetErrorString(cudaError_t e) {
-    return e == cudaSuccess ? "no error" : e == cudaErrorMemoryAllocation ? "out of memory" : "invalid argument";
+    return e == cudaSuccess                 ? "no error"
+           : e == cudaErrorMemoryAllocation ? "out of memory"
+           : e == cudaErrorNotReady         ? "device not ready"
+                                            : "invalid argument";
 }
 // A launch the device would refuse has already thrown (emu::launch).
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
@@ -158,7 +166,9 @@ inline cudaError_t cudaGetDeviceCount(int* n) {
     while (emulated_device_id(*n) >= 0) ++*n;
     return cudaSuccess;
 }
-inline cudaError_t cudaSetDevice(int device) { return emulated_device_id(device) >= 0 ? cudaSuccess : cudaErrorInvalidValue; }
+inline cudaError_t cudaSetDevice(int device) {
+    return emulated_device_id(device) >= 0 ? cudaSuccess : cudaErrorInvalidValue;
+}
 struct cudaUUID_t {
     char bytes[16];
 };
