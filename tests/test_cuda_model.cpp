@@ -223,7 +223,7 @@ TEST(CudaModel, TrainingStepOfEveryArchitectureMatchesTheCpu) {
         // a shift of every score of a row) turns its rounding noise into ±lr,
         // whose sign differs between any two devices (vit and chvit's weights
         // differed by 1.6e-5 and 1.9e-5 so, all of it in qkv.bias, in the
-        // emulator; 1e-5 on an H100).
+        // emulator; 9.98e-6 on an H100 on 2026-11-25).
         TrainConfig t;
         t.grad_clip = 1.0;
         AdamW<float> opt_c(t, cpu.num_params(), false, Device::cpu), opt_g(t, gpu.num_params(), false, Device::cuda);
@@ -282,11 +282,11 @@ TEST(CudaModel, AnArenaTooLargeForTheGpuNamesItself) {
     }
 }
 
-// `train()` itself on both devices, a few steps: the loader's batches through
-// the device's input step (with so2sat's flips and turns, and jumpcp's crops
-// and holes), HCS subsets, the learning-rate schedule, the evaluation on the
-// device and the checkpoint read back from it. fp32: the weights and the
-// evaluation agree with the CPU's to rounding.
+// `train()` itself on both devices, a few steps: the loader's batches
+// (augmented on the host with so2sat's flips and turns, and jumpcp's crops
+// and holes) uploaded to the device, HCS subsets, the learning-rate schedule,
+// the evaluation on the device and the checkpoint read back from it. fp32:
+// the weights and the evaluation agree with the CPU's to rounding.
 TEST(CudaModel, ShortTrainingRunMatchesTheCpu) {
     REQUIRE_GPU();
     const std::string dir = ::testing::TempDir() + "prism_cuda_short_" + std::to_string(getpid());
