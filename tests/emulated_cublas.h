@@ -109,16 +109,8 @@ struct Matrix {
 inline size_t type_bytes(cudaDataType_t t) { return t == CUDA_R_32F ? 4 : 2; }
 inline bool known_type(int t) { return t == CUDA_R_32F || t == CUDA_R_16BF; }
 
-// Does [p, p + bytes) lie inside one live allocation?
-inline bool in_allocation(const void* p, size_t bytes) {
-    const uintptr_t a = (uintptr_t)p;
-    auto it = emulated_allocations.upper_bound(a);
-    if (it == emulated_allocations.begin()) return false;
-    --it;
-    return a >= it->first && a - it->first + bytes <= it->second;
-}
 inline void require_in_allocation(const void* p, size_t bytes, const std::string& what) {
-    if (!in_allocation(p, bytes))
+    if (!emulated_in_allocation(p, bytes))
         emu::fail("cuBLAS: " + what + " (" + std::to_string(bytes) + " bytes) is not inside one device allocation");
 }
 inline void require_in_allocation(const Matrix& m, const std::string& what) {

@@ -58,11 +58,7 @@ inline size_t bytes_of(ncclDataType_t t) { return t == ncclDouble ? 8 : 4; }
 // Device buffers are the emulated runtime's allocations: a collective on
 // memory outside them is what would fault on a GPU.
 inline bool on_device(const void* p, size_t count, ncclDataType_t t) {
-    const uintptr_t a = (uintptr_t)p;
-    auto it = emulated_allocations.upper_bound(a);
-    if (it == emulated_allocations.begin()) return false;
-    --it;
-    return a - it->first + count * bytes_of(t) <= it->second;
+    return emulated_in_allocation(p, count * bytes_of(t));
 }
 }  // namespace emulated_nccl
 

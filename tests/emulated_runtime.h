@@ -26,6 +26,7 @@
 #include <map>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 // The CUDA build's objects (libprism.a) define the same launchers under the
 // real names; the emulated ones get their own, in every translation unit that
@@ -64,9 +65,9 @@ inline const char* cudaGetErrorString(cudaError_t e) {
 // A launch the device would refuse has already thrown (emu::launch).
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
 
-// The live allocations (start → bytes), so that the cuBLAS stand-in
-// (tests/emulated_cublas.h) can check that every matrix it is handed lies
-// inside one, as compute-sanitizer's memcheck would on the device.
+// The live allocations (start → bytes), so that the cuBLAS and NCCL
+// stand-ins can check that every operand they are handed lies inside one
+// (emulated_in_allocation), as compute-sanitizer's memcheck would.
 inline std::map<uintptr_t, size_t> emulated_allocations;
 // The emulated device's memory: more than it is refused, as by a GPU that
 // size (the arenas' out-of-memory message is tested against it).
@@ -84,6 +85,15 @@ inline cudaError_t cudaMalloc(void** p, size_t bytes) {
     emulated_allocations[(uintptr_t)*p] = bytes;
     emulated_allocated_bytes += bytes;
     return cudaSuccess;
+}
+// Does [p, p + bytes) lie inside one live allocation? (What would fault on a
+// GPU: the cuBLAS and NCCL stand-ins check their operands with it.)
+inline bool emulated_in_allocation(const void* p, size_t bytes) {
+    const uintptr_t a = (uintptr_t)p;
+    auto it = emulated_allocations.upper_bound(a);
+    if (it == emulated_allocations.begin()) return false;
+    --it;
+    return a - it->first + bytes <= it->second;
 }
 inline cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total_bytes) {
     *free_bytes = kEmulatedDeviceBytes - emulated_allocated_bytes;
@@ -138,32 +148,32 @@ inline cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned) { return
 // comma-separated list of indices), each a distinct GPU (its UUID is its
 // index), all sharing this process's memory.
 constexpr int kEmulatedGpus = 2;
-inline std::string emulated_visible_devices() {
+// The ids of the visible devices, in order; as CUDA does, the list ends at
+// the first entry that names no device.
+inline std::vector<int> emulated_visible_ids() {
+    std::vector<int> ids;
     const char* v = std::getenv("CUDA_VISIBLE_DEVICES");
     if (!v) {
-        std::string all;
-        for (int i = 0; i < kEmulatedGpus; i++) all += (i ? "," : "") + std::to_string(i);
-        return all;
+        for (int i = 0; i < kEmulatedGpus; i++) ids.push_back(i);
+        return ids;
     }
-    return v;
+    for (const char* p = v;;) {
+        char* end = nullptr;
+        const long id = std::strtol(p, &end, 10);
+        if (end == p || id < 0 || id >= kEmulatedGpus) break;
+        ids.push_back(int(id));
+        if (*end != ',') break;
+        p = end + 1;
+    }
+    return ids;
 }
-// The index of the visible device `device`, or -1.
+// The id of visible device `device`, or -1.
 inline int emulated_device_id(int device) {
-    const std::string v = emulated_visible_devices();
-    int at = 0;
-    for (size_t begin = 0; begin <= v.size() && !v.empty(); at++) {
-        const size_t end = std::min(v.find(',', begin), v.size());
-        if (at == device) {
-            const int id = std::atoi(v.substr(begin, end - begin).c_str());
-            return id >= 0 && id < kEmulatedGpus ? id : -1;
-        }
-        begin = end + 1;
-    }
-    return -1;
+    const std::vector<int> ids = emulated_visible_ids();
+    return device >= 0 && device < int(ids.size()) ? ids[device] : -1;
 }
 inline cudaError_t cudaGetDeviceCount(int* n) {
-    *n = 0;
-    while (emulated_device_id(*n) >= 0) ++*n;
+    *n = int(emulated_visible_ids().size());
     return cudaSuccess;
 }
 inline cudaError_t cudaSetDevice(int device) {
