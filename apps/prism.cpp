@@ -164,7 +164,7 @@ int cmd_eval(int argc, char** argv) {
     const Device dev = resolve_device(r["device"].as<std::string>());
     const int batch = r["batch"].as<int>();
     if (batch < 1) throw UserError("--batch must be at least 1");
-    Loader data(eval_loader_options(glob, batch, ck.config.data.threads));
+    Loader data(eval_loader_options(glob, batch, ck.config.data.threads, stored_input(ck.config.data, dev)));
     check_data_matches(data.shape(), ck.config.model, glob);
     Model<float> model(ck.config.model, batch, false, dev, bf16_mode(ck.config.train.precision, dev));
     load_weights(model, ck);

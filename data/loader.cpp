@@ -94,6 +94,7 @@ struct Shard {
 struct Slot {
     HostBuffer images, raw;
     std::vector<int32_t> labels;
+    std::vector<int64_t> samples;
     std::vector<float> mean, inv_std;
     std::vector<ops::InputAug> aug;
     LoaderBatch batch;
@@ -262,10 +263,13 @@ void Loader::Impl::start() {
         for (Slot& s : slots) {
             s.labels.resize(size_t(b));
             s.batch.labels = s.labels.data();
+            s.samples.resize(size_t(b));
+            s.batch.samples = s.samples.data();
             if (o.device_input) {
                 s.raw = HostBuffer(size_t(b) * image_bytes, /*pinned=*/true);
                 s.mean.resize(size_t(b) * C);
                 s.inv_std.resize(size_t(b) * C);
+                s.batch.pixel = pixel_of(shape.dtype);
                 s.batch.raw = s.raw.data();
                 s.batch.mean = s.mean.data();
                 s.batch.inv_std = s.inv_std.data();
@@ -340,6 +344,7 @@ void Loader::Impl::build(Slot& s, int64_t step, std::vector<char>& stored) {
         const Shard& sh = shard_of(sample);
         const int64_t j = sample - sh.first;
         s.labels[size_t(i)] = labels[size_t(sample)];
+        s.samples[size_t(i)] = sample;
         ops::InputAug aug;
         // Keyed by the image's place in the global batch: the same on every rank.
         if (augment)
@@ -428,6 +433,16 @@ void Loader::seek(LoaderPosition p) {
     m.halt();
     std::lock_guard<std::mutex> lk(m.mu);
     m.next_out = step;
+}
+
+void Loader::refuse_nonfinite(const LoaderBatch& batch, int image) const {
+    const Impl& m = *impl_;
+    PRISM_ASSERT(batch.samples && image >= 0 && image < batch.size);
+    const int64_t sample = batch.samples[image];
+    const Shard& sh = m.shard_of(sample);
+    std::vector<char> stored(m.image_bytes);
+    sh.file.read_images(stored.data(), sample - sh.first, 1);
+    m.refuse_nonfinite(sh, sample - sh.first, stored.data());
 }
 
 }  // namespace prism

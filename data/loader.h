@@ -79,8 +79,10 @@ struct LoaderBatch {
     LoaderPosition position;      // which batch this is
     int64_t step = 0;             // epoch * batches_per_epoch + batch (augmentation key)
     const int32_t* labels = nullptr;     // [size]
+    const int64_t* samples = nullptr;    // [size]: each image's index in the set (shard order)
     const float* images = nullptr;       // [size, C, H, W], normalized (not in device_input mode)
     // device_input mode only:
+    ops::Pixel pixel = ops::Pixel::f32;  // the shards' pixel type
     const void* raw = nullptr;           // [size, C, H, W] stored pixels
     const float* mean = nullptr;         // [size, C]: the image's shard statistics
     const float* inv_std = nullptr;      // [size, C]
@@ -106,6 +108,10 @@ public:
     const LoaderBatch& next();
     LoaderPosition position() const;    // of the batch next() returns next
     void seek(LoaderPosition p);        // next() continues at p; throws UserError if p is out of range
+    // Throws the UserError that names the shard, sample and channel of image
+    // `image` of `batch` (the current one), which the device's input step
+    // (device_input mode) found not finite after normalization.
+    [[noreturn]] void refuse_nonfinite(const LoaderBatch& batch, int image) const;
 
 private:
     struct Impl;

@@ -65,6 +65,7 @@ static const Field kFields[] = {
     FIELD(data, val),
     FIELD(data, augment),
     FIELD(data, threads),
+    FIELD(data, device_input),
     FIELD(train, batch),
     FIELD(train, steps),
     FIELD(train, epochs),

@@ -39,6 +39,10 @@ struct DataConfig {
     std::string val;                 // glob of validation shards
     std::string augment = "none";    // none | so2sat | jumpcp
     int threads = 0;                 // loader reader threads; 0 = min(cores, 4)
+    // CUDA: the batch goes up as stored pixels and is normalized and augmented
+    // on the GPU (the same bits as the host's input step); false: on the
+    // loader's threads, uploaded as float32. No effect on the CPU.
+    bool device_input = true;
 };
 
 struct TrainConfig {

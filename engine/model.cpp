@@ -3,6 +3,7 @@
 // kernels/backend.h, run where ex_ says (CPU or CUDA).
 #include "engine/model.h"
 #include <algorithm>
+#include <climits>
 #include <cstdio>
 #include <cstring>
 #include "engine/common.h"
@@ -144,6 +145,12 @@ struct Activations {
     // the drop-path scales of every block [depth, 2, B], and the slots the
     // losses are written to: [ce, aux per block, z per block, scratch] and the hits.
     float* images;
+    // Batch::stored, uploaded: up to 4 bytes a pixel (float32 shards), the
+    // per-image statistics and augmentation, and the input step's verdict.
+    void* stored;
+    float *stored_mean, *stored_inv_std;
+    ops::InputAug* stored_aug;
+    int* nonfinite_image;
     int32_t* labels;
     int* S;
     uint8_t* in_S;
@@ -236,6 +243,11 @@ void Model<T>::carve_activations() {
     Activations<T>& x = *act_;
     const int64_t pixels = ex_.cuda ? B * C * int64_t(cfg_.image) * cfg_.image : 0;
     x.images = a.take<float>(pixels);
+    x.stored = a.take<float>(pixels);
+    x.stored_mean = a.take<float>(ex_.cuda ? B * C : 0);
+    x.stored_inv_std = a.take<float>(ex_.cuda ? B * C : 0);
+    x.stored_aug = a.take<ops::InputAug>(ex_.cuda ? B : 0);
+    x.nonfinite_image = a.take<int>(ex_.cuda ? 1 : 0);
     x.labels = a.take<int32_t>(ex_.cuda ? B : 0);
     x.S = a.take<int>(ex_.cuda ? C : 0);
     x.in_S = a.take<uint8_t>(ex_.cuda ? C : 0);
@@ -409,8 +421,23 @@ Losses Model<T>::forward(const Batch& batch, bool training, uint64_t drop_seed) 
     training_ = training;
     Activations<T>& x = *act_;
     op::Range range(ex_, training ? "forward" : "forward (eval)");
+    PRISM_ASSERT(!batch.images != !batch.stored.pixels);
+    PRISM_ASSERT(ex_.cuda || batch.images);
+    const int64_t pixels = int64_t(B_) * C * cfg_.image * cfg_.image;
+    if (batch.stored.pixels) {
+        const Batch::Stored& in = batch.stored;
+        op::upload(ex_, (uint8_t*)x.stored, (const uint8_t*)in.pixels, pixels * int64_t(ops::pixel_size(in.pixel)));
+        op::upload(ex_, x.stored_mean, in.mean, int64_t(B_) * C);
+        op::upload(ex_, x.stored_inv_std, in.inv_std, int64_t(B_) * C);
+        if (in.aug) op::upload(ex_, x.stored_aug, in.aug, B_);
+        const int none = INT_MAX;
+        op::upload(ex_, x.nonfinite_image, &none, 1);
+        op::input_forward(ex_, x.images, x.stored, in.pixel, B_, C, cfg_.image, cfg_.image, x.stored_mean,
+                          x.stored_inv_std, in.aug ? x.stored_aug : nullptr, x.nonfinite_image);
+    } else if (ex_.cuda) {
+        op::upload(ex_, x.images, batch.images, pixels);
+    }
     if (ex_.cuda) {
-        op::upload(ex_, x.images, batch.images, int64_t(B_) * C * cfg_.image * cfg_.image);
         op::upload(ex_, x.S, S_.data(), nS_);
         op::upload(ex_, x.in_S, in_S_.data(), C);
         if (batch.labels) op::upload(ex_, x.labels, batch.labels, B_);
@@ -488,6 +515,8 @@ Losses Model<T>::forward(const Batch& batch, bool training, uint64_t drop_seed) 
     int correct = 0;
     op::download(ex_, slots.data(), x.loss_slots, int64_t(slots.size()));
     if (labels_) op::download(ex_, &correct, x.correct, 1);
+    int nonfinite_image = INT_MAX;
+    if (batch.stored.pixels) op::download(ex_, &nonfinite_image, x.nonfinite_image, 1);
     if (is_moe(cfg_)) {
         counts_host_.resize(size_t(cfg_.depth) * C);
         op::download(ex_, counts_host_.data(), x.counts, int64_t(counts_host_.size()));
@@ -502,6 +531,7 @@ Losses Model<T>::forward(const Batch& batch, bool training, uint64_t drop_seed) 
         losses.z += double(slots[1 + cfg_.depth + i]) / cfg_.depth;
     }
     losses.total = losses.ce + losses.aux + losses.z;
+    if (nonfinite_image != INT_MAX) losses.nonfinite_image = nonfinite_image;
     x.losses = losses;
     return losses;
 }

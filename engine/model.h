@@ -36,11 +36,24 @@ struct Batch {
     int size = 0;                 // B, at most the model's batch capacity
     std::vector<int> channels;    // S, sorted; all of 0..C-1 unless HCS drew a subset
     int64_t first_image = 0;      // index of image 0 in the global batch (a rank's offset)
+    // Instead of images, CUDA only: the stored pixels with what the input step needs
+    // (kernels/ops.h's input_forward), normalized and augmented on the device.
+    // A quarter of the bytes cross the bus for uint8 pixels, and the host
+    // never widens them. Pinned memory lets the copy run asynchronously.
+    struct Stored {
+        const void* pixels = nullptr;        // [B, C, H, W]
+        ops::Pixel pixel = ops::Pixel::f32;
+        const float *mean = nullptr, *inv_std = nullptr;  // [B, C]
+        const ops::InputAug* aug = nullptr;  // [B], or nullptr: normalization only
+    } stored{};
 };
 
 struct Losses {
     double total = 0, ce = 0, aux = 0, z = 0;
     int correct = 0;
+    // Batch::stored only: the lowest image the input step made non-finite
+    // (its losses are then meaningless), or -1.
+    int nonfinite_image = -1;
 };
 
 // Pointers to each tensor of a parameter-shaped block (weights, or gradients).

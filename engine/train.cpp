@@ -52,14 +52,29 @@ void check_data_matches(const ShardHeader& h, const ModelConfig& m, const std::s
                         " classes, model.num_classes is " + std::to_string(m.num_classes));
 }
 
-LoaderOptions eval_loader_options(const std::string& glob, int batch, int threads) {
+LoaderOptions eval_loader_options(const std::string& glob, int batch, int threads, bool device_input) {
     LoaderOptions o;
     o.pattern = glob;
     o.batch = batch;
     o.train = false;
     o.threads = threads;
+    o.device_input = device_input;
     return o;
 }
+
+bool stored_input(const DataConfig& data, Device device) { return device == Device::cuda && data.device_input; }
+
+namespace {
+// The model's view of a loader batch: its normalized images or, in
+// device_input mode, its stored pixels for the model's input step.
+void point_at(Batch& b, const LoaderBatch& lb) {
+    b.size = lb.size;
+    b.labels = lb.labels;
+    b.images = lb.images;
+    b.stored = {};
+    if (lb.raw) b.stored = {lb.raw, lb.pixel, lb.mean, lb.inv_std, lb.aug};
+}
+}  // namespace
 
 template <class T>
 EvalResult evaluate(Model<T>& model, Loader& loader, bool keep_logits, const EvalOptions& opts) {
@@ -77,10 +92,9 @@ EvalResult evaluate(Model<T>& model, Loader& loader, bool keep_logits, const Eva
         const LoaderBatch& lb = loader.next();
         const int n = lb.size;
         if (n == 0) break;
-        b.images = lb.images;
-        b.labels = lb.labels;
-        b.size = n;
+        point_at(b, lb);
         const Losses l = model.forward(b, /*training=*/false);
+        if (l.nonfinite_image >= 0) loader.refuse_nonfinite(lb, l.nonfinite_image);
         loss_sum += l.ce * n;
         correct += l.correct;
         r.count += n;
@@ -161,13 +175,14 @@ TrainResult train(const Config& cfg, Device device, const std::string& out_dir, 
     lo.seed = t.seed;
     lo.augment = augment_from_name(cfg.data.augment);
     lo.threads = cfg.data.threads;
+    lo.device_input = stored_input(cfg.data, device);
     lo.rank = comm.rank;
     lo.world = comm.size;
     Loader loader(lo);
     check_data_matches(loader.shape(), m, cfg.data.train);
     std::unique_ptr<Loader> val_data;
     if (!cfg.data.val.empty()) {
-        LoaderOptions vo = eval_loader_options(cfg.data.val, t.batch, cfg.data.threads);
+        LoaderOptions vo = eval_loader_options(cfg.data.val, t.batch, cfg.data.threads, lo.device_input);
         vo.rank = comm.rank;
         vo.world = comm.size;
         val_data = std::make_unique<Loader>(vo);
@@ -186,6 +201,9 @@ TrainResult train(const Config& cfg, Device device, const std::string& out_dir, 
         std::printf("precision: bf16 inputs to the matrix products (fp32 accumulation), LayerNorm, fc1, GELU "
                     "and (head dim 64) attention inputs and outputs stored in bf16, everything else fp32%s\n",
                     t.precision == "auto" ? " (train.precision auto on CUDA; fp32 to turn it off)" : "");
+    if (verbose && lo.device_input)
+        std::printf("input: %s pixels go up as stored and are normalized%s on the GPU (data.device_input)\n",
+                    dtype_name(loader.shape().dtype), lo.augment != Augment::none ? " and augmented" : "");
     if (verbose && device == Device::cpu && t.precision == "bf16")
         std::printf("precision: train.precision bf16 applies on CUDA only; the CPU computes in fp32\n");
     model.init_weights(t.seed);
@@ -266,9 +284,7 @@ TrainResult train(const Config& cfg, Device device, const std::string& out_dir, 
         const auto data_start = Clock::now();
         const LoaderBatch& lb = loader.next();
         Batch b;
-        b.size = lb.size;
-        b.images = lb.images;
-        b.labels = lb.labels;
+        point_at(b, lb);
         b.channels = channels_for_step(t, m.channels, step);
         b.first_image = int64_t(comm.rank) * loader.local_batch();
         monitor.data_waited(seconds_since(data_start));
@@ -276,6 +292,7 @@ TrainResult train(const Config& cfg, Device device, const std::string& out_dir, 
         // forward() reads the losses back: its time is the device's too.
         const auto forward_start = Clock::now();
         const Losses l = model.forward(b, /*training=*/true, Rng(t.seed, kDropPathStream, step).next());
+        if (l.nonfinite_image >= 0) loader.refuse_nonfinite(lb, l.nonfinite_image);
         const double forward_s = seconds_since(forward_start);
         double backward_s = 0, allreduce_s = 0;
         const auto backward_start = Clock::now();

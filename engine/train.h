@@ -27,8 +27,12 @@ struct EvalOptions {
 };
 
 // An evaluation loader over `glob`: the whole set once, in order
-// (threads 0 = the default).
-LoaderOptions eval_loader_options(const std::string& glob, int batch, int threads = 0);
+// (threads 0 = the default; device_input: see stored_input).
+LoaderOptions eval_loader_options(const std::string& glob, int batch, int threads = 0, bool device_input = false);
+
+// Whether a model on `device` takes the loader's stored pixels and runs the
+// input step itself (data.device_input, CUDA only).
+bool stored_input(const DataConfig& data, Device device);
 
 // Evaluates without augmentation or drop path: one pass of `loader` (an
 // evaluation loader) from its start.

@@ -219,6 +219,21 @@ struct Range {
     bool on;
 };
 
+// ---- the input step --------------------------------------------------------------------
+// Stored pixels to normalized (and augmented) float images, as kernels/ops.h
+// defines it. *nonfinite, in the arrays' memory and set to INT_MAX first,
+// ends at the lowest image with a non-finite output if there is one.
+inline void input_forward(const Exec& ex, float* out, const void* raw, ops::Pixel pixel, int B, int C, int H,
+                          int W, const float* mean, const float* inv_std, const ops::InputAug* aug,
+                          int* nonfinite) {
+#ifdef PRISM_CUDA
+    if (ex.cuda)
+        return cuda_ops::input_forward(out, raw, pixel, B, C, H, W, mean, inv_std, aug, nonfinite, ex.stream);
+#endif
+    const int bad = ops::input_forward(out, raw, pixel, B, C, H, W, mean, inv_std, aug);
+    if (bad >= 0 && bad < *nonfinite) *nonfinite = bad;
+}
+
 // ---- patch embedding and tokens -----------------------------------------------------
 template <class T>
 void patchify_channels(const Exec& ex, T* out, const float* images, int B, int C, int H, int W, int P,

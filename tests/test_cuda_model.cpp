@@ -22,6 +22,7 @@
 #include "engine/optimizer.h"
 #include "engine/rng.h"
 #include "engine/train.h"
+#include "tests/shardutil.h"
 #include <gtest/gtest.h>
 
 using namespace prism;
@@ -282,11 +283,12 @@ TEST(CudaModel, AnArenaTooLargeForTheGpuNamesItself) {
     }
 }
 
-// `train()` itself on both devices, a few steps: the loader's batches
-// (augmented on the host with so2sat's flips and turns, and jumpcp's crops
-// and holes) uploaded to the device, HCS subsets, the learning-rate schedule,
-// the evaluation on the device and the checkpoint read back from it. fp32:
-// the weights and the evaluation agree with the CPU's to rounding.
+// `train()` itself on both devices, a few steps: the loader's stored pixels
+// normalized and augmented by the device's input step (so2sat's flips and
+// turns, jumpcp's crops and holes; the CPU's are the host's), HCS subsets, the
+// learning-rate schedule, the evaluation on the device and the checkpoint read
+// back from it. fp32: the weights and the evaluation agree with the CPU's to
+// rounding.
 TEST(CudaModel, ShortTrainingRunMatchesTheCpu) {
     REQUIRE_GPU();
     const std::string dir = ::testing::TempDir() + "prism_cuda_short_" + std::to_string(getpid());
@@ -321,6 +323,75 @@ TEST(CudaModel, ShortTrainingRunMatchesTheCpu) {
         EXPECT_EQ(r[1].val.count, r[0].val.count);
         EXPECT_LE(rel_scalar(r[1].val.loss, r[0].val.loss), 1e-5) << "validation loss";
         EXPECT_EQ(r[1].val.accuracy, r[0].val.accuracy);
+    }
+    std::filesystem::remove_all(dir);
+}
+
+// data.device_input (the default on CUDA): the loader hands on the stored
+// pixels, augmentation and statistics, and the model's input step normalizes
+// them on the device. The kernel computes the host's bits, so the run is the
+// host path's, bit for bit, for each pixel type; an image that only
+// overflows once normalized is refused in the host path's words.
+TEST(CudaModel, InputStepOnTheDeviceTrainsAsTheHostPathDoes) {
+    REQUIRE_GPU();
+    namespace pt = prism::testing;
+    const std::string dir = ::testing::TempDir() + "prism_cuda_input_" + std::to_string(getpid());
+    std::filesystem::create_directories(dir);
+    // The tiny task's shape (4 channels, 32x32, 4 classes), random pixels.
+    auto write = [&](const std::string& path, DType d, int64_t count, uint32_t seed) {
+        const ShardHeader h = pt::make_header(count, 4, 32, 32, d, 4);
+        const pt::Pixels px = pt::random_pixels(h, seed);
+        write_shard(path, h, pt::cycle_labels(count, 4), px.bytes.data());
+    };
+    auto config = [&](const char* arch, const std::string& train, const std::string& val, const char* augment,
+                      int steps) {
+        return load_config(std::string("configs/synth_tiny_") + arch + ".json",
+                           {"data.train=" + train, "data.val=" + val, "train.steps=" + std::to_string(steps),
+                            "train.batch=8", "train.eval_every=0", "train.warmup_steps=1", "train.hcs=true",
+                            std::string("data.augment=") + augment, "train.precision=fp32"});
+    };
+    const struct {
+        DType dtype;
+        const char* arch;
+        const char* augment;
+    } runs[] = {{DType::u8, "moevit", "jumpcp"}, {DType::f16, "chvit", "so2sat"}, {DType::f32, "vit", "none"}};
+    for (const auto& run : runs) {
+        const std::string name = dtype_name(run.dtype);
+        SCOPED_TRACE(name);
+        write(dir + "/" + name + "-train.shard", run.dtype, 32, 1);
+        write(dir + "/" + name + "-val.shard", run.dtype, 8, 2);
+        Config cfg = config(run.arch, dir + "/" + name + "-train.shard", dir + "/" + name + "-val.shard",
+                            run.augment, 3);
+        TrainResult r[2];
+        std::vector<float> w[2];
+        for (int on = 0; on < 2; on++) {
+            cfg.data.device_input = on;
+            const std::string out = dir + "/" + name + (on ? "_device" : "_host");
+            r[on] = train(cfg, Device::cuda, out, false);
+            w[on] = load_checkpoint(out + "/model.safetensors").params;
+        }
+        std::printf("[ device input ] %-7s %-6s 3 steps: weights %s, val loss %.6f vs %.6f\n", name.c_str(),
+                    run.arch, w[1] == w[0] ? "bit-identical" : "differ", r[1].val.loss, r[0].val.loss);
+        EXPECT_EQ(r[1].steps, 3);
+        EXPECT_TRUE(w[1] == w[0]) << "weights after 3 steps differ: rel " << rel_error(w[1], w[0]);
+        EXPECT_EQ(r[1].val.loss, r[0].val.loss);
+        EXPECT_EQ(r[1].val.accuracy, r[0].val.accuracy);
+    }
+    // Sample 5's channel 1 holds 3e38, finite as stored; its std of 1e-3 makes
+    // it infinite once normalized. Every batch of the epoch is trained.
+    const std::string over = dir + "/over.shard";
+    ShardHeader h = pt::make_header(32, 4, 32, 32, DType::f32, 4);
+    h.std[1] = 1e-3;
+    pt::Pixels px = pt::random_pixels(h, 3);
+    const float huge = 3e38f;
+    std::memcpy(&px.bytes[4 * ((5 * 4 + 1) * 32 * 32 + 7)], &huge, 4);
+    write_shard(over, h, pt::cycle_labels(32, 4), px.bytes.data());
+    Config cfg = config("chvit", over, "", "none", 4);
+    for (bool on : {false, true}) {
+        SCOPED_TRACE(on ? "device input" : "host input");
+        cfg.data.device_input = on;
+        pt::expect_error([&] { train(cfg, Device::cuda, "", false); }, over,
+                              "sample 5 channel 1 is not finite after normalization");
     }
     std::filesystem::remove_all(dir);
 }

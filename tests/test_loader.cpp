@@ -668,4 +668,30 @@ TEST(Loader, RefusesNonFinitePixelsWhenTheirBatchIsRead) {
     expect_error([&] { over.next(); }, dir / "over.shard", "sample 0 channel 1 is not finite after normalization");
 }
 
+// In device_input mode the batch carries the stored pixels and each image's
+// sample; the device's input step finds the overflow, and the loader names it
+// in the host path's words.
+TEST(Loader, NamesTheImageTheDevicesInputStepFoundNonFinite) {
+    TmpDir dir;
+    const std::string path = dir / "over.shard";
+    write_planted_shard(path, DType::f32, 1.f, 2 * 18 + 9 + 4, 3e38f, {1, 1e-3});  // sample 2, channel 1
+    const std::string line = "sample 2 channel 1 is not finite after normalization";
+    LoaderOptions o = options(path, 4, true);
+    o.device_input = true;
+    Loader l(o);
+    const LoaderBatch& b = l.next();
+    ASSERT_EQ(b.size, 4);
+    ASSERT_EQ(b.pixel, Pixel::f32);
+    std::vector<int64_t> samples(b.samples, b.samples + 4);
+    std::vector<float> out(4 * 18);
+    const int bad = ops::input_forward(out.data(), b.raw, b.pixel, 4, 2, 3, 3, b.mean, b.inv_std, b.aug);
+    ASSERT_GE(bad, 0);
+    EXPECT_EQ(samples[size_t(bad)], 2);
+    std::sort(samples.begin(), samples.end());
+    EXPECT_EQ(samples, (std::vector<int64_t>{0, 1, 2, 3}));
+    expect_error([&] { l.refuse_nonfinite(b, bad); }, path, line);
+    Loader host(options(path, 4, true));
+    expect_error([&] { host.next(); }, path, line);
+}
+
 }  // namespace
