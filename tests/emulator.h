@@ -7,7 +7,7 @@
 // (slowly) on a machine without a GPU and can be checked against the CPU
 // reference ops. Include this header first, then the .cuh.
 //
-// Every CUDA thread of a block is a fiber (ucontext) on the calling thread,
+// Every CUDA thread of a block is a fiber (its own stack) on the calling thread,
 // run until it blocks. What is modelled, from the PTX ISA:
 // - warp collectives (mma.sync m16n8k16 bf16 → fp32, ldmatrix .x4 and
 //   .x4.trans, shfl.xor of floats and ints, match.any, __syncwarp): all 32
@@ -76,8 +76,78 @@ struct Shadow {
     uint64_t atomic_at = 0;
 };
 
+// Fiber switches. swapcontext saves and restores the signal mask with a
+// system call each way, which made the kernel's time half of the emulated
+// tests' time; on x86-64 a switch is the callee-saved registers, MXCSR and the
+// x87 control word pushed on the fiber's own stack, and its stack pointer.
+#if defined(__x86_64__) && defined(__linux__)
+extern "C" void prism_emu_switch(void** save_sp, void* resume_sp);
+// Weak: every test that includes this header defines it, the linker keeps one.
+asm(R"(
+    .pushsection .text
+    .weak prism_emu_switch
+    .type prism_emu_switch, @function
+prism_emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    subq $8, %rsp
+    stmxcsr (%rsp)
+    fnstcw 4(%rsp)
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    ldmxcsr (%rsp)
+    fldcw 4(%rsp)
+    addq $8, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size prism_emu_switch, .-prism_emu_switch
+    .popsection
+)");
+
+struct Context {
+    void* sp = nullptr;
+};
+inline void switch_context(Context& from, const Context& to) { prism_emu_switch(&from.sp, to.sp); }
+// A context that enters `entry` (which must never return) on `stack`: the
+// frame prism_emu_switch pops, returning into entry as if called.
+inline void make_context(Context& c, std::vector<char>& stack, void (*entry)()) {
+    uintptr_t top = (uintptr_t)(stack.data() + stack.size()) & ~uintptr_t(15);
+    auto* sp = (uint64_t*)(top - 72);  // at entry rsp = top - 8, as after a call
+    uint32_t mxcsr;
+    uint16_t fpu_cw;
+    asm volatile("stmxcsr %0" : "=m"(mxcsr));
+    asm volatile("fnstcw %0" : "=m"(fpu_cw));
+    sp[0] = uint64_t(mxcsr) | uint64_t(fpu_cw) << 32;
+    for (int i = 1; i <= 6; i++) sp[i] = 0;  // r15 r14 r13 r12 rbx rbp
+    sp[7] = (uint64_t)entry;
+    sp[8] = 0;  // entry's return address: none (ends a backtrace)
+    c.sp = sp;
+}
+#else
+struct Context {
+    ucontext_t uc;
+};
+inline void switch_context(Context& from, const Context& to) { swapcontext(&from.uc, &to.uc); }
+inline void make_context(Context& c, std::vector<char>& stack, void (*entry)()) {
+    getcontext(&c.uc);
+    c.uc.uc_stack.ss_sp = stack.data();
+    c.uc.uc_stack.ss_size = stack.size();
+    c.uc.uc_link = nullptr;
+    makecontext(&c.uc, entry, 0);
+}
+#endif
+
 struct Fiber {
-    ucontext_t ctx;
+    Context ctx;
     std::vector<char> stack;
     Dim tid;
     bool done = false;
@@ -99,7 +169,7 @@ struct Rendezvous {
 
 struct Block {
     std::vector<Fiber> fibers;
-    ucontext_t scheduler;
+    Context scheduler;
     int current = -1;
     int live = 0;
     std::vector<unsigned char> smem;
@@ -118,7 +188,7 @@ inline void block_until(const uint64_t* gen, uint64_t value) {
     Fiber& f = self();
     f.wait_gen = gen;
     f.wait_value = value;
-    swapcontext(&f.ctx, &block.scheduler);
+    switch_context(f.ctx, block.scheduler);
     f.wait_gen = nullptr;
 }
 
@@ -210,7 +280,7 @@ inline void fiber_entry() {
     }
     self().done = true;
     block.live--;
-    swapcontext(&self().ctx, &block.scheduler);
+    switch_context(self().ctx, block.scheduler);
 }
 
 // Runs one kernel over the grid, block after block.
@@ -244,11 +314,7 @@ void launch(Dim grid, int threads, size_t smem_bytes, Kernel kernel, const Param
                     f.wait_gen = nullptr;
                     f.pending.clear();
                     f.groups.clear();
-                    getcontext(&f.ctx);
-                    f.ctx.uc_stack.ss_sp = f.stack.data();
-                    f.ctx.uc_stack.ss_size = f.stack.size();
-                    f.ctx.uc_link = nullptr;
-                    makecontext(&f.ctx, fiber_entry, 0);
+                    make_context(f.ctx, f.stack, fiber_entry);
                 }
                 while (block.live > 0) {
                     bool ran = false;
@@ -257,7 +323,7 @@ void launch(Dim grid, int threads, size_t smem_bytes, Kernel kernel, const Param
                         if (f.done || (f.wait_gen && *f.wait_gen == f.wait_value)) continue;
                         block.current = t;
                         thread_idx = f.tid;
-                        swapcontext(&block.scheduler, &f.ctx);
+                        switch_context(block.scheduler, f.ctx);
                         ran = true;
                         if (!block.error.empty()) break;
                     }
