@@ -10,10 +10,9 @@
 //
 // build/prism_emulated_tests runs this file on the emulated engine
 // (PRISM_EMULATED_ENGINE: build/prism_emulated, whose GPUs, kernels, cuBLAS
-// and NCCL are CPU models, two GPUs visible; see tests/emulated_nccl.h) with
-// fewer, smaller steps, and without the dead-rank test: there a collective
-// completes before it returns, so a dead peer is never waited for as NCCL
-// would.
+// and NCCL are CPU models, two GPUs visible; see tests/emulated_nccl.h) at
+// the same sizes, without the dead-rank test: there a collective completes
+// before it returns, so a dead peer is never waited for as NCCL would.
 #include <cmath>
 #include <cstring>
 #include <string>
@@ -58,15 +57,11 @@ std::string why_no_nccl_run() { return why_no_nccl().empty() ? why_no_mpirun() :
 
 #ifdef PRISM_EMULATED_ENGINE
 const char* kPrism = "prism_emulated";
-// An emulated step takes seconds, and evaluating the validation set most of
-// a minute (it reduces on the host, over MPI, not over NCCL).
-constexpr int kSteps = 4, kBatch = 8;
-const bool kValidate = false;
 #else
 const char* kPrism = "prism";
+#endif
 constexpr int kSteps = 8, kBatch = 16;
 const bool kValidate = true;
-#endif
 
 // `prism train` on the tiny MoE-ViT task: HCS, drop path and the load-balance
 // loss on, so every data-parallel piece is used.
