@@ -39,6 +39,7 @@ const char* kUsage =
     "  shards  verify GLOB\n"
     "  flops   --config FILE [--set key=value]... [--json]\n"
     "  bench   loader --data GLOB [--batch N] [--threads T] [--seconds S] [--augment none|so2sat|jumpcp]\n"
+    "                 [--device-input]\n"
     "  bench   attention --config FILE [--set key=value]... [--batch N] [--iters N] [--warmup N] [--k 1,2,4,C]\n"
     "                    [--impl bf16|reference]\n"
     "  bench   step --config FILE [--set key=value]... [--device D] [--batch N] [--warmup N] [--iters N]\n"
@@ -311,7 +312,9 @@ int cmd_bench(int argc, char** argv) {
             ("batch", "global batch", cxxopts::value<int>()->default_value("256"))
             ("threads", "reader threads (0 = min(cores, 4))", cxxopts::value<int>()->default_value("0"))
             ("seconds", "how long to measure", cxxopts::value<double>()->default_value("10"))
-            ("augment", "none, so2sat or jumpcp", cxxopts::value<std::string>()->default_value("none"));
+            ("augment", "none, so2sat or jumpcp", cxxopts::value<std::string>()->default_value("none"))
+            ("device-input", "hand on stored pixels as prism train does on CUDA (data.device_input); "
+                             "the device's input step is not run");
         auto r = parse(opts, argc - 1, argv + 1);
         LoaderBenchOptions o;
         o.data = required(r, "data", "bench loader");
@@ -319,6 +322,7 @@ int cmd_bench(int argc, char** argv) {
         o.threads = r["threads"].as<int>();
         o.seconds = r["seconds"].as<double>();
         o.augment = augment_from_name(r["augment"].as<std::string>());
+        o.device_input = r.count("device-input") > 0;
         const LoaderBenchResult res = bench_loader(o, true);
         std::printf("%s\n", loader_bench_json(o, res).dump().c_str());
         return 0;
@@ -398,7 +402,7 @@ int cmd_bench(int argc, char** argv) {
         return 0;
     }
     throw UserError("usage: prism bench loader --data GLOB [--batch N] [--threads T] [--seconds S] [--augment A]"
-                    " | prism bench attention --config FILE [...] | prism bench step --config FILE [...]");
+                    " [--device-input] | prism bench attention --config FILE [...] | prism bench step --config FILE [...]");
 }
 
 }  // namespace

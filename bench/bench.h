@@ -25,6 +25,9 @@ struct LoaderBenchOptions {
     int threads = 0;                   // reader threads; 0 = default_loader_threads()
     double seconds = 10;               // measuring time, after the first batch
     Augment augment = Augment::none;
+    // The batches prism train takes on CUDA: stored pixels, statistics and
+    // augmentation draws, normalized later on the device (not here).
+    bool device_input = false;
 };
 
 struct LoaderBenchResult {
@@ -35,7 +38,7 @@ struct LoaderBenchResult {
     double seconds = 0;
     double images_per_s = 0;
     double mb_per_s = 0;               // stored bytes read per second, 1 MB = 1e6 bytes
-    double out_mb_per_s = 0;           // float32 written into batches per second
+    double out_mb_per_s = 0;           // written into batches per second: float32, or (device_input) stored pixels
     double cpu_s = 0;                  // CPU time of the process (all threads) while measuring
     double images_per_cpu_s = 0;       // images / cpu_s: the rate per busy core, whatever else runs
 };

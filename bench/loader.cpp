@@ -32,6 +32,7 @@ LoaderBenchResult bench_loader(const LoaderBenchOptions& o, bool verbose) {
     lo.batch = o.batch;
     lo.threads = o.threads;
     lo.augment = o.augment;
+    lo.device_input = o.device_input;
     LoaderBenchResult r;
     r.threads = o.threads > 0 ? o.threads : default_loader_threads();
     const auto open_start = Clock::now();
@@ -39,12 +40,13 @@ LoaderBenchResult bench_loader(const LoaderBenchOptions& o, bool verbose) {
     r.shape = loader.shape();
     const ShardHeader& h = r.shape;
     const double image_mb = double(h.image_bytes()) / 1e6;
-    const double out_mb = double(h.channels) * h.height * h.width * 4 / 1e6;
+    const double out_mb = o.device_input ? image_mb : double(h.channels) * h.height * h.width * 4 / 1e6;
     if (verbose)
         progress("bench loader: " + std::to_string(h.count) + " images " + std::to_string(h.channels) + "x" +
                  std::to_string(h.height) + "x" + std::to_string(h.width) + " " + dtype_name(h.dtype) + ", batch " +
                  std::to_string(o.batch) + ", " + std::to_string(r.threads) + " reader threads, augment " +
-                 (o.augment == Augment::none ? "none" : o.augment == Augment::so2sat ? "so2sat" : "jumpcp"));
+                 (o.augment == Augment::none ? "none" : o.augment == Augment::so2sat ? "so2sat" : "jumpcp") +
+                 (o.device_input ? ", stored pixels for the device's input step" : ", normalized on the host"));
     loader.next();  // opening and the first batch are start-up, not throughput
     r.first_batch_s = since(open_start);
 
@@ -87,7 +89,8 @@ nlohmann::json loader_bench_json(const LoaderBenchOptions& o, const LoaderBenchR
             {"dtype", dtype_name(h.dtype)},
             {"set_images", h.count},
             {"batch", o.batch},
-            {"threads", r.threads}};
+            {"threads", r.threads},
+            {"device_input", o.device_input}};
 }
 
 }  // namespace prism

@@ -577,13 +577,35 @@ static inline float load_pixel(const void* base, size_t i, DType d) {
 
 // Index of the first non-finite stored pixel of a block, or `pixels` if none;
 // integer dtypes cannot hold one.
+// The first of n IEEE values (float16 or float32 bits) whose exponent bits
+// are all ones, i.e. NaN or Inf, or n. The loader runs it on every float
+// image it hands on unnormalized (device_input), on its reader threads, so it
+// tests bits, not widened floats, and a block at a time with a min-reduction
+// the compiler vectorizes (a block holds one when its least ~v & exponent is 0).
+template <class Bits>
+static size_t first_all_ones_exponent(const void* block, size_t n, Bits exponent) {
+    constexpr size_t kBlock = 1024;
+    const char* bytes = static_cast<const char*>(block);
+    auto clear_exponent_bits = [&](size_t i) {
+        Bits v;
+        std::memcpy(&v, bytes + i * sizeof(Bits), sizeof(Bits));
+        return Bits(~v & exponent);
+    };
+    for (size_t start = 0; start < n; start += kBlock) {
+        const size_t end = std::min(n, start + kBlock);
+        Bits least = exponent;
+        for (size_t i = start; i < end; i++) least = std::min(least, clear_exponent_bits(i));
+        if (least != 0) continue;
+        for (size_t i = start; i < end; i++)
+            if (clear_exponent_bits(i) == 0) return i;
+    }
+    return n;
+}
+
 static size_t first_nonfinite(const void* block, size_t pixels, DType d) {
-    if (d == DType::u8 || d == DType::u16) return pixels;
-    size_t bad = pixels;
-#pragma omp parallel for reduction(min : bad) schedule(static)
-    for (size_t i = 0; i < pixels; i++)
-        if (!std::isfinite(load_pixel(block, i, d))) bad = std::min(bad, i);
-    return bad;
+    if (d == DType::f16) return first_all_ones_exponent<uint16_t>(block, pixels, 0x7c00);
+    if (d == DType::f32) return first_all_ones_exponent<uint32_t>(block, pixels, 0x7f800000);
+    return pixels;  // integers are always finite
 }
 
 // "NaN pixel in sample 3 (channel 1, y 4, x 5)", pixel index counted from

@@ -2,6 +2,8 @@
 // default batch rule (bench/torch_peer.py repeats it, so it is pinned here),
 // the FLOP helper it divides by, and the clean refusal without a CUDA device.
 // The timing itself needs a GPU and is run there by hand (README).
+// `prism bench step` and `prism bench loader` run here; their numbers are not
+// checked, only what they print.
 #include <nlohmann/json.hpp>
 #include <gtest/gtest.h>
 
@@ -13,6 +15,7 @@
 #include "engine/config.h"
 #include "engine/flops.h"
 #include "tests/shellutil.h"
+#include "tests/testutil.h"
 
 using namespace prism;
 using prism::testing::build_dir;
@@ -147,5 +150,29 @@ TEST(BenchStep, BadOptionsFailWithOneLine) {
         const ShellRun r = run_shell(build_dir() + "prism bench step " + args);
         EXPECT_EQ(exit_code(r), 1) << args << ": " << r.output;
         EXPECT_EQ(lines_of(r.output), 1) << args << ": " << r.output;
+    }
+}
+
+// `prism bench loader` in both modes over a small synthetic set: one JSON line
+// whose bytes per image follow the mode (float32 written, or the stored
+// pixels handed on for the device's input step).
+TEST(BenchLoader, PrintsOneJsonLineInEitherMode) {
+    prism::testing::TmpDir dir;
+    const ShellRun s = run_shell(build_dir() + "prism synth --preset so2sat --out " + dir.path + " --count 600");
+    ASSERT_EQ(exit_code(s), 0) << s.output;
+    for (bool device_input : {false, true}) {
+        const ShellRun r = run_shell(build_dir() + "prism bench loader --data '" + dir.path +
+                                     "/train-*.shard' --batch 64 --seconds 0.3 --augment so2sat" +
+                                     (device_input ? " --device-input" : ""));
+        ASSERT_EQ(exit_code(r), 0) << r.output;
+        const size_t at = r.output.rfind("\n{");
+        ASSERT_NE(at, std::string::npos) << r.output;
+        const nlohmann::json j = nlohmann::json::parse(r.output.substr(at + 1));
+        EXPECT_EQ(j["bench"], "loader");
+        EXPECT_EQ(j["device_input"], device_input);
+        EXPECT_EQ(j["dtype"], "float16");
+        EXPECT_GT(j["images"].get<int64_t>(), 0);
+        const double stored = j["mb_per_s"].get<double>(), written = j["out_mb_per_s"].get<double>();
+        EXPECT_NEAR(written / stored, device_input ? 1.0 : 2.0, 1e-9);  // float16 pixels, widened or not
     }
 }

@@ -2,6 +2,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -368,6 +369,43 @@ TEST(Shards, RefusesNaNAndInfPixels) {
     path = dir / "big.shard";
     write_planted_shard(path, DType::f16, 65504.f, 0, 65504.f, {1e-36, 1});
     expect_error([&] { load_dataset(path); }, path, "not finite after normalization");
+}
+
+// check_finite scans bits a block at a time: the first NaN or Inf wherever it
+// falls (block edges included, another one in a later block), and no false alarm
+// from the largest finite values, subnormals or negative zero.
+TEST(Shards, CheckFiniteNamesTheFirstBadPixelAnywhere) {
+    for (DType d : {DType::f16, DType::f32}) {
+        SCOPED_TRACE(dtype_name(d));
+        const ShardHeader h = make_header(1, 3, 32, 32, d, 2);  // 3072 pixels, blocks of 1024
+        const float largest = d == DType::f16 ? 65504.f : FLT_MAX, tiny = d == DType::f16 ? 6e-8f : 1e-45f;
+        std::vector<float> px(3072);
+        const float finite[4] = {largest, -largest, tiny, -0.f};
+        for (size_t i = 0; i < px.size(); i++) px[i] = finite[i % 4];
+        auto stored = [&](const std::vector<float>& v) {
+            std::vector<char> b(v.size() * dtype_size(d));
+            for (size_t i = 0; i < v.size(); i++) {
+                if (d == DType::f16) {
+                    const uint16_t x = float_to_half(v[i]);
+                    std::memcpy(&b[2 * i], &x, 2);
+                } else {
+                    std::memcpy(&b[4 * i], &v[i], 4);
+                }
+            }
+            return b;
+        };
+        EXPECT_NO_THROW(check_finite(stored(px).data(), px.size(), h, 0, "x.shard"));
+        for (size_t at : {size_t(0), size_t(1023), size_t(1024), size_t(2047), size_t(3071)})
+            for (float bad : {NAN, INFINITY, -INFINITY}) {
+                std::vector<float> v = px;
+                v[at] = bad;
+                if (at + 1100 < v.size()) v[at + 1100] = NAN;  // in a later block
+                const std::string where = std::string(std::isnan(bad) ? "NaN" : "Inf") +
+                                          " pixel in sample 0 (channel " + std::to_string(at / 1024) + ", y " +
+                                          std::to_string(at % 1024 / 32) + ", x " + std::to_string(at % 32) + ")";
+                expect_error([&] { check_finite(stored(v).data(), v.size(), h, 0, "x.shard"); }, "x.shard", where);
+            }
+    }
 }
 
 TEST(Shards, RefusesEmptyGlob) {
