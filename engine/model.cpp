@@ -144,6 +144,7 @@ struct Activations {
     // The batch uploaded (CUDA; on the CPU the ops read the caller's arrays),
     // the drop-path scales of every block [depth, 2, B], and the slots the
     // losses are written to: [ce, aux per block, z per block, scratch] and the hits.
+    // images: the uploaded images, or (either device) the input step's.
     float* images;
     // Batch::stored, uploaded: up to 4 bytes a pixel (float32 shards), the
     // per-image statistics and augmentation, and the input step's verdict.
@@ -241,13 +242,13 @@ void Model<T>::carve_activations() {
     const int64_t P = cfg_.patch, Hd = cfg_.heads, H = cfg_.hidden(), L = max_seq(cfg_);
     const int64_t k = cfg_.top_k, Tok = B * C * N, K = cfg_.num_classes;
     Activations<T>& x = *act_;
-    const int64_t pixels = ex_.cuda ? B * C * int64_t(cfg_.image) * cfg_.image : 0;
+    const int64_t pixels = B * C * int64_t(cfg_.image) * cfg_.image;
     x.images = a.take<float>(pixels);
     x.stored = a.take<float>(pixels);
-    x.stored_mean = a.take<float>(ex_.cuda ? B * C : 0);
-    x.stored_inv_std = a.take<float>(ex_.cuda ? B * C : 0);
-    x.stored_aug = a.take<ops::InputAug>(ex_.cuda ? B : 0);
-    x.nonfinite_image = a.take<int>(ex_.cuda ? 1 : 0);
+    x.stored_mean = a.take<float>(B * C);
+    x.stored_inv_std = a.take<float>(B * C);
+    x.stored_aug = a.take<ops::InputAug>(B);
+    x.nonfinite_image = a.take<int>(1);
     x.labels = a.take<int32_t>(ex_.cuda ? B : 0);
     x.S = a.take<int>(ex_.cuda ? C : 0);
     x.in_S = a.take<uint8_t>(ex_.cuda ? C : 0);
@@ -422,8 +423,8 @@ Losses Model<T>::forward(const Batch& batch, bool training, uint64_t drop_seed) 
     Activations<T>& x = *act_;
     op::Range range(ex_, training ? "forward" : "forward (eval)");
     PRISM_ASSERT(!batch.images != !batch.stored.pixels);
-    PRISM_ASSERT(ex_.cuda || batch.images);
     const int64_t pixels = int64_t(B_) * C * cfg_.image * cfg_.image;
+    images_ = batch.images;
     if (batch.stored.pixels) {
         const Batch::Stored& in = batch.stored;
         op::upload(ex_, (uint8_t*)x.stored, (const uint8_t*)in.pixels, pixels * int64_t(ops::pixel_size(in.pixel)));
@@ -434,19 +435,19 @@ Losses Model<T>::forward(const Batch& batch, bool training, uint64_t drop_seed) 
         op::upload(ex_, x.nonfinite_image, &none, 1);
         op::input_forward(ex_, x.images, x.stored, in.pixel, B_, C, cfg_.image, cfg_.image, x.stored_mean,
                           x.stored_inv_std, in.aug ? x.stored_aug : nullptr, x.nonfinite_image);
+        images_ = x.images;
     } else if (ex_.cuda) {
         op::upload(ex_, x.images, batch.images, pixels);
+        images_ = x.images;
     }
     if (ex_.cuda) {
         op::upload(ex_, x.S, S_.data(), nS_);
         op::upload(ex_, x.in_S, in_S_.data(), C);
         if (batch.labels) op::upload(ex_, x.labels, batch.labels, B_);
-        images_ = x.images;
         labels_ = batch.labels ? x.labels : nullptr;
         S_at_ = x.S;
         in_S_at_ = x.in_S;
     } else {
-        images_ = batch.images;
         labels_ = batch.labels;
         S_at_ = S_.data();
         in_S_at_ = in_S_.data();

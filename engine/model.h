@@ -36,10 +36,12 @@ struct Batch {
     int size = 0;                 // B, at most the model's batch capacity
     std::vector<int> channels;    // S, sorted; all of 0..C-1 unless HCS drew a subset
     int64_t first_image = 0;      // index of image 0 in the global batch (a rank's offset)
-    // Instead of images, CUDA only: the stored pixels with what the input step needs
-    // (kernels/ops.h's input_forward), normalized and augmented on the device.
-    // A quarter of the bytes cross the bus for uint8 pixels, and the host
-    // never widens them. Pinned memory lets the copy run asynchronously.
+    // Instead of images: the stored pixels with what the input step needs
+    // (kernels/ops.h's input_forward), which the model runs on its device.
+    // prism train passes them on CUDA (data.device_input): a quarter of the
+    // bytes cross the bus for uint8 pixels, and the host never widens them;
+    // pinned memory lets the copy run asynchronously. (On the CPU the
+    // loader's threads normalize in parallel with the step instead.)
     struct Stored {
         const void* pixels = nullptr;        // [B, C, H, W]
         ops::Pixel pixel = ops::Pixel::f32;

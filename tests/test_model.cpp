@@ -244,6 +244,51 @@ TEST(Model, Bf16StorageOnTheCpuStaysWithinTheBf16Tolerance) {
     }
 }
 
+// Batch::stored: the model runs the input step itself (prism train has it do
+// so on CUDA). It must see exactly the images ops::input_forward makes, so the
+// step is the one on those images bit for bit, and it names the lowest image a
+// statistic blows up.
+TEST(Model, StoredPixelsGoThroughTheInputStep) {
+    for (const Case& c : cases()) {
+        SCOPED_TRACE(c.name);
+        const int B = 3, C = c.model.channels, H = c.model.image;
+        const size_t hw = size_t(H) * H;
+        Rng rng(31);
+        std::vector<uint8_t> pixels(size_t(B) * C * hw);
+        for (auto& v : pixels) v = uint8_t(rng.below(256));
+        std::vector<float> mean(size_t(B) * C), inv_std(size_t(B) * C);
+        for (size_t i = 0; i < mean.size(); i++) mean[i] = 100.f + float(i), inv_std[i] = 1.f / (40.f + float(i));
+        std::vector<ops::InputAug> aug(B);
+        aug[1].dihedral = 5, aug[1].dy = 2, aug[1].dx = -3;
+        aug[2].dihedral = 3, aug[2].holes = 1, aug[2].hole_h = 3, aug[2].hole_w = 4, aug[2].hole_y[0] = 1;
+        std::vector<float> images(pixels.size());
+        ASSERT_EQ(ops::input_forward(images.data(), pixels.data(), ops::Pixel::u8, B, C, H, H, mean.data(),
+                                     inv_std.data(), aug.data()),
+                  -1);
+        const std::vector<int32_t> labels = {0, 2, 1};
+        const Batch given{images.data(), labels.data(), B, c.channels};
+        Batch stored{nullptr, labels.data(), B, c.channels};
+        stored.stored = {pixels.data(), ops::Pixel::u8, mean.data(), inv_std.data(), aug.data()};
+        Model<float> a(c.model, B, false), b(c.model, B, false);
+        a.init_weights(5);
+        b.init_weights(5);
+        const Losses la = a.forward(given, true, 9), lb = b.forward(stored, true, 9);
+        EXPECT_EQ(lb.total, la.total);
+        EXPECT_EQ(lb.nonfinite_image, -1);
+        a.backward();
+        b.backward();
+        EXPECT_EQ(std::memcmp(a.grads(), b.grads(), sizeof(float) * size_t(a.num_params())), 0) << "gradients differ";
+        // float32 pixels: 3e38 in image 2 overflows once multiplied by its
+        // 1e3; image 0's 1e3 over ordinary pixels stays finite.
+        std::vector<float> raw(pixels.begin(), pixels.end());
+        raw[(size_t(2) * C + 1) * hw + 5] = 3e38f;
+        std::vector<float> steep = inv_std;
+        steep[0] = steep[size_t(2) * C + 1] = 1e3f;
+        stored.stored = {raw.data(), ops::Pixel::f32, mean.data(), steep.data(), nullptr};
+        EXPECT_EQ(b.forward(stored, true, 9).nonfinite_image, 2);
+    }
+}
+
 TEST(Model, SameSeedSameWeightsBitForBit) {
     const std::string dir = temp_dir("determinism");
     synthesize("tiny", dir + "/data", 256, 3, false);
