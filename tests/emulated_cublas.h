@@ -17,14 +17,17 @@
 // The arithmetic: fp32 products accumulated in float over k in order, bf16
 // operands widened exactly, the result alpha·acc + beta·C (+ bias) rounded
 // once to D's type, as cuBLAS's fp32-compute kernels do up to their order of
-// summation. Not modelled: the heuristic's choice (it always finds an
-// algorithm, so linear.cu's cublasGemmEx fallback for Lt-less shapes does not
-// run here), TF32 and atomics modes (linear.cu's handle asks for neither),
+// summation. Not modelled: the heuristic's choice (it finds an algorithm for
+// every valid problem unless PRISM_EMULATED_LT_HEURISTIC=none says it finds
+// none for any, which sends linear.cu's bf16 products down its cublasGemmEx
+// fallback; tests/emulated/linear.cpp runs the linear tests so in a child
+// process), TF32 and atomics modes (linear.cu's handle asks for neither),
 // workspace use, and speed.
 #pragma once
 #include "tests/emulated_runtime.h"
 
 #include <cstddef>
+#include <cstdlib>
 #include <cstdint>
 #include <string>
 
@@ -98,6 +101,17 @@ struct cublasLtMatmulHeuristicResult_t {
 };
 
 namespace emulated_blas {
+
+// PRISM_EMULATED_LT_HEURISTIC=none, read once: the heuristic finds nothing.
+inline bool heuristic_finds_none() {
+    static const bool none = [] {
+        const char* e = std::getenv("PRISM_EMULATED_LT_HEURISTIC");
+        return e && std::string(e) == "none";
+    }();
+    return none;
+}
+// Products run through each entry point, for tests of which path ran.
+inline int64_t lt_matmul_calls = 0, gemm_ex_calls = 0;
 
 // One stored matrix: `rows` × `cols` column-major with leading dimension ld.
 struct Matrix {
@@ -236,6 +250,7 @@ inline cublasStatus_t cublasGemmEx(cublasHandle_t, cublasOperation_t ta, cublasO
                  c{C, c_type, m, n, ldc};
     if (!valid(m, n, k, a, b, c)) return CUBLAS_STATUS_INVALID_VALUE;
     gemm(trans_a, trans_b, m, n, k, *static_cast<const float*>(alpha), a, b, *static_cast<const float*>(beta), c);
+    gemm_ex_calls++;
     return CUBLAS_STATUS_SUCCESS;
 }
 
@@ -333,6 +348,10 @@ inline cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t, cublasLtM
                                                      cublasLtMatmulPreference_t pref, int requested,
                                                      cublasLtMatmulHeuristicResult_t* results, int* returned) {
     if (requested < 1 || !emulated_blas::consistent(*desc, *a, *b, *c, *d)) return CUBLAS_STATUS_INVALID_VALUE;
+    if (emulated_blas::heuristic_finds_none()) {  // as cuBLASLt answers where it has no algorithm
+        *returned = 0;
+        return CUBLAS_STATUS_NOT_SUPPORTED;
+    }
     results[0] = {};
     results[0].algo.data[0] = pref->align_a;
     results[0].algo.data[1] = pref->align_b;
@@ -363,6 +382,7 @@ inline cublasStatus_t cublasLtMatmul(cublasLtHandle_t, cublasLtMatmulDesc_t desc
     gemm(ta, tb, m, n, k, *static_cast<const float*>(alpha), Matrix{A, a->type, a->rows, a->cols, a->ld},
          Matrix{B, b->type, b->rows, b->cols, b->ld}, *static_cast<const float*>(beta),
          Matrix{D, d->type, d->rows, d->cols, d->ld}, bias ? desc->bias : nullptr, bias_type);
+    lt_matmul_calls++;
     return CUBLAS_STATUS_SUCCESS;
 }
 
