@@ -43,6 +43,7 @@ const char* kUsage =
     "  bench   attention --config FILE [--set key=value]... [--batch N] [--iters N] [--warmup N] [--k 1,2,4,C]\n"
     "                    [--impl bf16|reference]\n"
     "  bench   step --config FILE [--set key=value]... [--device D] [--batch N] [--warmup N] [--iters N]\n"
+    "               [--pixels float|uint8|uint16|float16|float32]\n"
     "Run 'prism <command> --help' for a command's options.\n";
 
 cxxopts::ParseResult parse(cxxopts::Options& opts, int argc, char** argv) {
@@ -389,7 +390,10 @@ int cmd_bench(int argc, char** argv) {
             ("device", "cpu, cuda or auto", cxxopts::value<std::string>()->default_value("auto"))
             ("batch", "images per step (0: the config's train.batch)", cxxopts::value<int>()->default_value("0"))
             ("warmup", "untimed steps first", cxxopts::value<int>()->default_value("5"))
-            ("iters", "timed steps (the median is reported)", cxxopts::value<int>()->default_value("20"));
+            ("iters", "timed steps (the median is reported)", cxxopts::value<int>()->default_value("20"))
+            ("pixels", "float (normalized float32 uploaded), or uint8, uint16, float16, float32: stored pixels "
+                       "through the model's input step, as prism train passes them on CUDA",
+             cxxopts::value<std::string>()->default_value("float"));
         auto r = parse(opts, argc - 1, argv + 1);
         const Config cfg = load_config(required(r, "config", "bench step"), sets_of(r));
         StepBenchOptions o;
@@ -397,6 +401,7 @@ int cmd_bench(int argc, char** argv) {
         o.batch = r["batch"].as<int>();
         o.warmup = r["warmup"].as<int>();
         o.iters = r["iters"].as<int>();
+        o.pixels = r["pixels"].as<std::string>();
         const StepBenchResult res = bench_step(cfg, o, true);
         std::printf("\n%s\n", step_bench_json(cfg, res).dump().c_str());
         return 0;

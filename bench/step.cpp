@@ -1,7 +1,7 @@
-// `prism bench step`: whole training steps (upload of the batch, forward,
-// backward, AdamW) per second for one config, on random images with all
-// channels present, and the model FLOP rate against the device's measured
-// GEMM peaks.
+// `prism bench step`: whole training steps (upload of the batch and, for
+// stored pixels, the input step; forward, backward, AdamW) per second for one
+// config, on random images with all channels present, and the model FLOP
+// rate against the device's measured GEMM peaks.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -9,6 +9,8 @@
 
 #include "bench/bench.h"
 #include "bench/step.h"
+#include "data/loader.h"
+#include "data/shard.h"
 #include "engine/common.h"
 #include "engine/device.h"
 #include "engine/flops.h"
@@ -68,9 +70,14 @@ GemmPeaks measure_gemm_peaks(int n, int reps) {
 
 StepBenchResult bench_step(const Config& cfg, const StepBenchOptions& o, bool verbose) {
     if (o.iters < 1 || o.warmup < 0) throw UserError("prism bench step: --iters must be >= 1 and --warmup >= 0");
+    if (o.pixels != "float" && o.pixels != "uint8" && o.pixels != "uint16" && o.pixels != "float16" &&
+        o.pixels != "float32")
+        throw UserError("prism bench step: --pixels must be float, uint8, uint16, float16 or float32, got '" +
+                        o.pixels + "'");
     const ModelConfig& m = cfg.model;
     StepBenchResult r;
     r.device = o.device;
+    r.pixels = o.pixels;
     r.batch = o.batch > 0 ? o.batch : cfg.train.batch;
     const int B = r.batch, C = m.channels, HW = m.image * m.image;
 
@@ -78,15 +85,37 @@ StepBenchResult bench_step(const Config& cfg, const StepBenchOptions& o, bool ve
     r.bf16_matmul = model.bf16_matmul();
     model.init_weights(cfg.train.seed);
     AdamW<float> opt(cfg.train, model.num_params(), verbose, o.device);
-    // Random images (never zeros: they can run faster than real data) and labels.
-    std::vector<float> images(size_t(B) * C * HW);
+    // Random images (never zeros: they can run faster than real data) and
+    // labels. Stored pixels sit in pinned memory, as the loader keeps them.
+    const size_t pixels = size_t(B) * C * HW;
+    std::vector<float> images;
+    HostBuffer stored;
+    std::vector<float> mean(size_t(B) * C, 100.f), inv_std(size_t(B) * C, 1.f / 50.f);
     std::vector<int32_t> labels(B);
     Rng rng(cfg.train.seed, 3);
-    for (auto& x : images) x = float(rng.normal());
     for (auto& y : labels) y = int32_t(rng.below(m.num_classes));
     std::vector<int> all(C);
     for (int c = 0; c < C; c++) all[c] = c;
-    const Batch batch{images.data(), labels.data(), B, all};
+    Batch batch{nullptr, labels.data(), B, all};
+    if (o.pixels == "float") {
+        images.resize(pixels);
+        for (auto& x : images) x = float(rng.normal());
+        batch.images = images.data();
+    } else {
+        const DType d = dtype_from_name(o.pixels, "--pixels");
+        stored = HostBuffer(pixels * dtype_size(d), /*pinned=*/true);
+        for (size_t i = 0; i < pixels; i++) {
+            const double v = 100.0 + 50.0 * rng.normal();
+            const double clamped = std::clamp(v, 0.0, 255.0);
+            switch (d) {
+                case DType::u8: static_cast<uint8_t*>(stored.data())[i] = uint8_t(clamped); break;
+                case DType::u16: static_cast<uint16_t*>(stored.data())[i] = uint16_t(clamped); break;
+                case DType::f16: static_cast<uint16_t*>(stored.data())[i] = float_to_half(float(v)); break;
+                case DType::f32: static_cast<float*>(stored.data())[i] = float(v); break;
+            }
+        }
+        batch.stored = {stored.data(), pixel_of(d), mean.data(), inv_std.data(), nullptr};
+    }
 
     std::vector<double> times;
     for (int i = 0; i < o.warmup + o.iters; i++) {
@@ -118,7 +147,7 @@ nlohmann::json step_bench_json(const Config& cfg, const StepBenchResult& r) {
                      {"patch", cfg.model.patch},     {"channels", cfg.model.channels},
                      {"precision", r.bf16_matmul ? "bf16" : "fp32"}, {"step_ms", r.step_ms},
                      {"images_per_s", r.images_per_s}, {"train_gflops_per_image", r.train_gflops_per_image},
-                     {"model_tflops", r.tflops}};
+                     {"model_tflops", r.tflops}, {"pixels", r.pixels}};
     if (r.peak_bf16_tflops > 0) {
         j["gemm_peak_fp32_tflops"] = r.peak_fp32_tflops;
         j["gemm_peak_bf16_tflops"] = r.peak_bf16_tflops;

@@ -1,5 +1,6 @@
 // `prism bench step`: training steps per second and images/s of one config.
 #pragma once
+#include <string>
 #include <nlohmann/json.hpp>
 #include "engine/common.h"
 #include "engine/config.h"
@@ -11,10 +12,15 @@ struct StepBenchOptions {
     int batch = 0;      // 0: the config's train.batch
     int warmup = 5;
     int iters = 20;
+    // "float": normalized float32 images uploaded; a shard pixel type
+    // ("uint8", "uint16", "float16", "float32"): stored pixels through the
+    // model's input step, as prism train passes them on CUDA (data.device_input).
+    std::string pixels = "float";
 };
 
 struct StepBenchResult {
     Device device = Device::cpu;
+    std::string pixels;                  // StepBenchOptions::pixels
     int batch = 0;
     bool bf16_matmul = false;            // the bf16 mode (train.precision bf16 on CUDA)
     double step_ms = 0;                  // median over the timed steps

@@ -72,8 +72,6 @@ int default_loader_threads() {
     return int(std::clamp(cores, 1u, 4u));
 }
 
-namespace {
-
 ops::Pixel pixel_of(DType d) {
     switch (d) {
         case DType::u8: return ops::Pixel::u8;
@@ -84,6 +82,8 @@ ops::Pixel pixel_of(DType d) {
     PRISM_ASSERT(!"bad DType");
     return ops::Pixel::f32;
 }
+
+namespace {
 
 struct Shard {
     ShardReader file;

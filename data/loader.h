@@ -73,6 +73,9 @@ struct LoaderOptions {
 // min(cores, 4), at least 1: 2 on a 2-core machine.
 int default_loader_threads();
 
+// The input step's name for a shard's pixel type.
+ops::Pixel pixel_of(DType d);
+
 // One batch of this rank, valid until the next call to next() or seek().
 struct LoaderBatch {
     int size = 0;                 // images; 0 = the evaluation pass is over

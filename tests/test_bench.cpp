@@ -142,10 +142,27 @@ TEST(BenchStep, TimesStepsAndPrintsOneJsonLine) {
     EXPECT_EQ(j["device"], "cpu");
     EXPECT_GT(j["images_per_s"].get<double>(), 0);
     EXPECT_GT(j["train_gflops_per_image"].get<double>(), 0);
+    EXPECT_EQ(j["pixels"], "float");
+}
+
+// --pixels: stored pixels of a shard type through the model's input step.
+TEST(BenchStep, TakesStoredPixelsThroughTheInputStep) {
+    for (const char* pixels : {"uint8", "float16"}) {
+        const ShellRun r = run_shell(build_dir() +
+                                     "prism bench step --config configs/synth_tiny_chvit.json --device cpu --batch 4 "
+                                     "--iters 1 --warmup 0 --pixels " + pixels);
+        ASSERT_EQ(exit_code(r), 0) << r.output;
+        const size_t at = r.output.rfind("{\"arch\"");
+        ASSERT_NE(at, std::string::npos) << r.output;
+        const nlohmann::json j = nlohmann::json::parse(r.output.substr(at));
+        EXPECT_EQ(j["pixels"], pixels);
+        EXPECT_GT(j["images_per_s"].get<double>(), 0);
+    }
 }
 
 TEST(BenchStep, BadOptionsFailWithOneLine) {
     for (const std::string args : {"--config configs/synth_tiny_moevit.json --device cpu --iters 0",
+                                   "--config configs/synth_tiny_moevit.json --device cpu --pixels int8",
                                    "--config /nonexistent.json --device cpu", "--device cpu"}) {
         const ShellRun r = run_shell(build_dir() + "prism bench step " + args);
         EXPECT_EQ(exit_code(r), 1) << args << ": " << r.output;

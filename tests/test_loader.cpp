@@ -68,8 +68,6 @@ Images random_images(int B, int C, int H, int W, DType d, uint32_t seed) {
     return im;
 }
 
-Pixel pixel_of(DType d) { return Pixel(int(d)); }  // same order
-
 std::vector<float> run_input(const Images& im, const InputAug* aug) {
     const ShardHeader& h = im.h;
     std::vector<float> out(size_t(h.count) * h.channels * h.height * h.width, -7.f);

@@ -26,9 +26,12 @@ part prism-attn-jumpcp-p16 100 $P bench attention --config configs/jumpcp_chvit.
 part prism-attn-jumpcp-p8 100 $P bench attention --config configs/jumpcp_chvit.json --set model.patch=8 $A
 part prism-attn-so2sat 60 $P bench attention --config configs/so2sat_chvit.json $A
 TAIL=3
+# Stored pixels of the data sets' types through the model's input step, as
+# prism train passes them on CUDA (data.device_input); before 2026-12-07 the
+# step uploaded normalized float32 images.
 for c in so2sat_chvit so2sat_moevit_k2 jumpcp_chvit jumpcp_moevit_k2; do
-  case $c in so2sat*) b=256;; *) b=32;; esac
-  part prism-step-$c 60 $P bench step --config configs/$c.json --device cuda --batch $b --iters 8 --warmup 2
+  case $c in so2sat*) b=256 px=float16;; *) b=32 px=uint8;; esac
+  part prism-step-$c 60 $P bench step --config configs/$c.json --device cuda --batch $b --iters 8 --warmup 2 --pixels $px
 done
 TAIL=30
 part torch-attn-bf16 120 python3 bench/torch_peer.py --mode attention --dtype bf16 --impl padded,naive $A
