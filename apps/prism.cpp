@@ -407,7 +407,8 @@ int cmd_bench(int argc, char** argv) {
         return 0;
     }
     throw UserError("usage: prism bench loader --data GLOB [--batch N] [--threads T] [--seconds S] [--augment A]"
-                    " [--device-input] | prism bench attention --config FILE [...] | prism bench step --config FILE [...]");
+                    " [--device-input] | prism bench attention --config FILE [...]"
+                    " | prism bench step --config FILE [...]");
 }
 
 }  // namespace

@@ -20,15 +20,15 @@
 // summation. Not modelled: the heuristic's choice (it finds an algorithm for
 // every valid problem unless PRISM_EMULATED_LT_HEURISTIC=none says it finds
 // none for any, which sends linear.cu's bf16 products down its cublasGemmEx
-// fallback; tests/emulated/linear.cpp runs the linear tests so in a child
-// process), TF32 and atomics modes (linear.cu's handle asks for neither),
+// fallback; tests/emulated/cuda_linear_fallback.cpp runs the linear tests so
+// in a child process), TF32 and atomics modes (linear.cu's handle asks for neither),
 // workspace use, and speed.
 #pragma once
 #include "tests/emulated_runtime.h"
 
 #include <cstddef>
-#include <cstdlib>
 #include <cstdint>
+#include <cstdlib>
 #include <string>
 
 #include "kernels/bf16.h"

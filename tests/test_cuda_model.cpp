@@ -391,7 +391,7 @@ TEST(CudaModel, InputStepOnTheDeviceTrainsAsTheHostPathDoes) {
         SCOPED_TRACE(on ? "device input" : "host input");
         cfg.data.device_input = on;
         pt::expect_error([&] { train(cfg, Device::cuda, "", false); }, over,
-                              "sample 5 channel 1 is not finite after normalization");
+                         "sample 5 channel 1 is not finite after normalization");
     }
     std::filesystem::remove_all(dir);
 }
