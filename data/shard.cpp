@@ -575,8 +575,6 @@ static inline float load_pixel(const void* base, size_t i, DType d) {
     return 0.f;
 }
 
-// Index of the first non-finite stored pixel of a block, or `pixels` if none;
-// integer dtypes cannot hold one.
 // The first of n IEEE values (float16 or float32 bits) whose exponent bits
 // are all ones, i.e. NaN or Inf, or n. The loader runs it on every float
 // image it hands on unnormalized (device_input), on its reader threads, so it
@@ -602,10 +600,12 @@ static size_t first_all_ones_exponent(const void* block, size_t n, Bits exponent
     return n;
 }
 
+// Index of the first non-finite stored pixel of a block, or `pixels` if none;
+// integer dtypes cannot hold one.
 static size_t first_nonfinite(const void* block, size_t pixels, DType d) {
     if (d == DType::f16) return first_all_ones_exponent<uint16_t>(block, pixels, 0x7c00);
     if (d == DType::f32) return first_all_ones_exponent<uint32_t>(block, pixels, 0x7f800000);
-    return pixels;  // integers are always finite
+    return pixels;
 }
 
 // "NaN pixel in sample 3 (channel 1, y 4, x 5)", pixel index counted from

@@ -146,17 +146,19 @@ struct Activations {
     // losses are written to: [ce, aux per block, z per block, scratch] and the hits.
     // images: the uploaded images, or (either device) the input step's.
     float* images;
-    // Batch::stored, uploaded: up to 4 bytes a pixel (float32 shards), the
-    // per-image statistics and augmentation, and the input step's verdict.
+    // Batch::stored, uploaded (CUDA; the CPU reads the caller's): up to 4
+    // bytes a pixel (float32 shards), the per-image statistics and augmentation.
     void* stored;
     float *stored_mean, *stored_inv_std;
     ops::InputAug* stored_aug;
-    int* nonfinite_image;
     int32_t* labels;
     int* S;
     uint8_t* in_S;
     T *drop_scales, *loss_slots;
-    int *correct, *counts;   // counts [depth, C]: every block's routing counts
+    // The integers forward() reads back, one array so that one copy takes them:
+    // the hits, the input step's verdict (the lowest non-finite image) and
+    // every block's routing counts [depth, C].
+    int *readback, *correct, *nonfinite_image, *counts;
     // Forward scratch, reused by every block: what only the next op reads
     // (the router's logits; a branch's output, which its residual add reads),
     // so that no block keeps it for backward.
@@ -244,18 +246,19 @@ void Model<T>::carve_activations() {
     Activations<T>& x = *act_;
     const int64_t pixels = B * C * int64_t(cfg_.image) * cfg_.image;
     x.images = a.take<float>(pixels);
-    x.stored = a.take<float>(pixels);
-    x.stored_mean = a.take<float>(B * C);
-    x.stored_inv_std = a.take<float>(B * C);
-    x.stored_aug = a.take<ops::InputAug>(B);
-    x.nonfinite_image = a.take<int>(1);
+    x.stored = a.take<float>(ex_.cuda ? pixels : 0);
+    x.stored_mean = a.take<float>(ex_.cuda ? B * C : 0);
+    x.stored_inv_std = a.take<float>(ex_.cuda ? B * C : 0);
+    x.stored_aug = a.take<ops::InputAug>(ex_.cuda ? B : 0);
     x.labels = a.take<int32_t>(ex_.cuda ? B : 0);
     x.S = a.take<int>(ex_.cuda ? C : 0);
     x.in_S = a.take<uint8_t>(ex_.cuda ? C : 0);
     x.drop_scales = a.take<T>(cfg_.depth * 2 * B);
     x.loss_slots = a.take<T>(2 + 2 * cfg_.depth);
-    x.correct = a.take<int>(1);
-    x.counts = a.take<int>(cfg_.depth * C);
+    x.readback = a.take<int>(2 + cfg_.depth * C);
+    x.correct = x.readback;
+    x.nonfinite_image = x.readback + 1;
+    x.counts = x.readback + 2;
     x.patches = a.take<T>(B * C * N * P * P);
     x.patch_tok = a.take<T>(B * (L - 1) * D);
     x.seq = a.take<T>(B * L * D);
@@ -426,15 +429,18 @@ Losses Model<T>::forward(const Batch& batch, bool training, uint64_t drop_seed) 
     const int64_t pixels = int64_t(B_) * C * cfg_.image * cfg_.image;
     images_ = batch.images;
     if (batch.stored.pixels) {
-        const Batch::Stored& in = batch.stored;
-        op::upload(ex_, (uint8_t*)x.stored, (const uint8_t*)in.pixels, pixels * int64_t(ops::pixel_size(in.pixel)));
-        op::upload(ex_, x.stored_mean, in.mean, int64_t(B_) * C);
-        op::upload(ex_, x.stored_inv_std, in.inv_std, int64_t(B_) * C);
-        if (in.aug) op::upload(ex_, x.stored_aug, in.aug, B_);
+        Batch::Stored in = batch.stored;
+        if (ex_.cuda) {
+            op::upload(ex_, (uint8_t*)x.stored, (const uint8_t*)in.pixels, pixels * int64_t(ops::pixel_size(in.pixel)));
+            op::upload(ex_, x.stored_mean, in.mean, int64_t(B_) * C);
+            op::upload(ex_, x.stored_inv_std, in.inv_std, int64_t(B_) * C);
+            if (in.aug) op::upload(ex_, x.stored_aug, in.aug, B_);
+            in = {x.stored, in.pixel, x.stored_mean, x.stored_inv_std, in.aug ? x.stored_aug : nullptr};
+        }
         const int none = INT_MAX;
         op::upload(ex_, x.nonfinite_image, &none, 1);
-        op::input_forward(ex_, x.images, x.stored, in.pixel, B_, C, cfg_.image, cfg_.image, x.stored_mean,
-                          x.stored_inv_std, in.aug ? x.stored_aug : nullptr, x.nonfinite_image);
+        op::input_forward(ex_, x.images, in.pixels, in.pixel, B_, C, cfg_.image, cfg_.image, in.mean, in.inv_std,
+                          in.aug, x.nonfinite_image);
         images_ = x.images;
     } else if (ex_.cuda) {
         op::upload(ex_, x.images, batch.images, pixels);
@@ -509,30 +515,26 @@ Losses Model<T>::forward(const Batch& batch, bool training, uint64_t drop_seed) 
         op::cross_entropy_forward(ex_, x.loss_slots, x.ce_probs, x.logits, labels_, B_,
                                   cfg_.num_classes, x.correct);
 
-    // Read back what every step needs: the losses and the routing counts
-    // (the logits only when asked for: logits()).
+    // Read back what every step needs: the losses, the hits, the input
+    // step's verdict and the routing counts (the logits only when asked for:
+    // logits()).
     logits_stale_ = true;
     std::vector<T> slots(1 + 2 * cfg_.depth);
-    int correct = 0;
     op::download(ex_, slots.data(), x.loss_slots, int64_t(slots.size()));
-    if (labels_) op::download(ex_, &correct, x.correct, 1);
-    int nonfinite_image = INT_MAX;
-    if (batch.stored.pixels) op::download(ex_, &nonfinite_image, x.nonfinite_image, 1);
-    if (is_moe(cfg_)) {
-        counts_host_.resize(size_t(cfg_.depth) * C);
-        op::download(ex_, counts_host_.data(), x.counts, int64_t(counts_host_.size()));
-    }
+    std::vector<int> ints(2 + (is_moe(cfg_) ? size_t(cfg_.depth) * C : 0));
+    op::download(ex_, ints.data(), x.readback, int64_t(ints.size()));
+    counts_host_.assign(ints.begin() + 2, ints.end());
     Losses losses;
     if (labels_) {
         losses.ce = double(slots[0]);
-        losses.correct = correct;
+        losses.correct = ints[0];
     }
     for (int i = 0; i < cfg_.depth; i++) {
         losses.aux += double(slots[1 + i]) / cfg_.depth;
         losses.z += double(slots[1 + cfg_.depth + i]) / cfg_.depth;
     }
     losses.total = losses.ce + losses.aux + losses.z;
-    if (nonfinite_image != INT_MAX) losses.nonfinite_image = nonfinite_image;
+    if (batch.stored.pixels && ints[1] != INT_MAX) losses.nonfinite_image = ints[1];
     x.losses = losses;
     return losses;
 }
