@@ -123,7 +123,7 @@ deps:
 	    || { echo "make deps: apt-get failed for:$$missing"; exit 1; }; \
 	fi
 
-build: $(BUILD)/prism $(BUILD)/prism_tests $(BUILD)/comm_worker $(BUILD)/prism_emulated_tests $(BUILD)/prism_emulated
+build: $(BUILD)/prism $(BUILD)/prism_tests $(BUILD)/comm_worker
 
 $(BUILD)/libprism.a: $(LIB_OBJS)
 	@mkdir -p $(dir $@)
@@ -181,7 +181,7 @@ $(BUILD)/obj/%.cu.o: %.cu
 
 # The emulated engine's tests first: prism_tests' closing line, the tally of
 # the main suite, is the last one printed.
-test: deps build
+test: deps build $(BUILD)/prism_emulated_tests $(BUILD)/prism_emulated
 	cd $(CURDIR) && $(BUILD)/prism_emulated_tests
 	cd $(CURDIR) && PRISM_PYTHON=$(PYTHON) $(BUILD)/prism_tests
 
