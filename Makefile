@@ -188,6 +188,7 @@ test: deps build $(BUILD)/prism_emulated_tests $(BUILD)/prism_emulated
 RUN_DIR := $(BUILD)/run
 run: deps build
 	$(BUILD)/prism synth --preset tiny --out $(RUN_DIR)/data --count 16384 --seed 1
+	rm -rf $(RUN_DIR)/moevit  # a fresh run each time: prism train refuses an --out that holds one
 	$(BUILD)/prism train --config configs/synth_tiny_moevit.json --device auto \
 	  --set data.train='$(RUN_DIR)/data/train-*.shard' --set data.val='$(RUN_DIR)/data/val-*.shard' \
 	  --out $(RUN_DIR)/moevit
@@ -202,6 +203,7 @@ PROFILE_DIR := $(BUILD)/profile
 profile: build
 	@command -v nsys >/dev/null || { echo "make profile: nsys (Nsight Systems) is not on PATH"; exit 1; }
 	$(BUILD)/prism synth --preset tiny --out $(PROFILE_DIR)/data --count 2048 --seed 1
+	rm -rf $(PROFILE_DIR)/run
 	nsys profile --capture-range=cudaProfilerApi --capture-range-end=stop --trace=cuda,nvtx,osrt \
 	  --force-overwrite=true -o $(PROFILE_DIR)/prism \
 	  $(BUILD)/prism train --config configs/synth_tiny_moevit.json --device cuda --profile-steps 20:30 \

@@ -1,8 +1,10 @@
 // prism: the one command-line entry point (DESIGN.md §4).
+#include <cerrno>
 #include <cstdio>
 #include <cstring>
 #include <string>
 #include <vector>
+#include <sys/stat.h>
 #include <cxxopts.hpp>
 #include <nlohmann/json.hpp>
 #include "bench/bench.h"
@@ -19,6 +21,7 @@
 #include "engine/eval_report.h"
 #include "engine/flops.h"
 #include "engine/report.h"
+#include "engine/state.h"
 #include "engine/train.h"
 
 using namespace prism;
@@ -46,6 +49,12 @@ const char* kUsage =
     "               [--pixels float|uint8|uint16|float16|float32]\n"
     "Run 'prism <command> --help' for a command's options.\n";
 
+// "train" of "prism train": main() prefixes errors with "prism: ".
+std::string command_of(const cxxopts::Options& opts) {
+    const std::string& p = opts.program();
+    return p.rfind("prism ", 0) == 0 ? p.substr(6) : p;
+}
+
 cxxopts::ParseResult parse(cxxopts::Options& opts, int argc, char** argv) {
     opts.add_options()("h,help", "show this help");
     auto r = opts.parse(argc, argv);
@@ -53,12 +62,35 @@ cxxopts::ParseResult parse(cxxopts::Options& opts, int argc, char** argv) {
         std::printf("%s\n", opts.help().c_str());
         std::exit(0);
     }
+    // cxxopts keeps the last of a repeated option: `--in a.h5 --in b.h5`
+    // would silently convert b.h5 alone. Only lists may repeat.
+    for (const auto& kv : r.arguments())
+        if (kv.key() != "set" && kv.key() != "runs" && r.count(kv.key()) > 1)
+            throw UserError(command_of(opts) + ": --" + kv.key() + " is given more than once");
+    // A word no option takes (`--set a=1 b=2`: b=2 is no --set) would
+    // otherwise be dropped without a word.
+    if (!r.unmatched().empty())
+        throw UserError(command_of(opts) + ": unexpected argument '" + printable(r.unmatched().front()) +
+                        "' (each --set takes one key=value)");
     return r;
 }
 
 std::string required(const cxxopts::ParseResult& r, const char* name, const char* cmd) {
-    if (!r.count(name)) throw UserError(std::string("prism ") + cmd + ": --" + name + " is required");
+    if (!r.count(name)) throw UserError(std::string(cmd) + ": --" + name + " is required");
     return r[name].as<std::string>();
+}
+
+bool file_exists(const std::string& path) {
+    struct stat st;
+    return ::stat(path.c_str(), &st) == 0;
+}
+
+// --shard-size: unset is 0, the converters' default (4096 images, fewer for large images).
+int64_t shard_size_of(const cxxopts::ParseResult& r) {
+    if (!r.count("shard-size")) return 0;
+    const int64_t n = r["shard-size"].as<int64_t>();
+    if (n < 1) throw UserError("--shard-size " + std::to_string(n) + ": must be at least 1");
+    return n;
 }
 
 std::vector<std::string> sets_of(const cxxopts::ParseResult& r) {
@@ -80,8 +112,9 @@ void write_npy(const std::string& path, const std::vector<float>& data, int64_t 
               std::fwrite(data.data(), sizeof(float), data.size(), f) == data.size();
     ok = (std::fclose(f) == 0) && ok;
     if (!ok || std::rename(tmp.c_str(), path.c_str()) != 0) {
+        const int err = errno;
         std::remove(tmp.c_str());
-        throw UserError(path + ": write failed");
+        throw UserError(path + ": write failed: " + std::strerror(err));
     }
 }
 
@@ -108,6 +141,12 @@ int cmd_train(int argc, char** argv) {
     } else {
         config_file = required(r, "config", "train");
     }
+    // A new run would truncate the old one's metrics and then overwrite its
+    // checkpoint: refuse, so that a repeated command loses nothing.
+    for (const char* file : {kTrainStateFile, "model.safetensors"})
+        if (!out.empty() && out != topts.resume_dir && file_exists(join_path(out, file)))
+            throw UserError("--out " + out + ": holds a run already (" + file + "); continue it with --resume " + out +
+                            ", or remove it or choose another --out");
     const Config cfg = load_config(config_file, sets_of(r));
     const Device dev = resolve_device(r["device"].as<std::string>());
     if (r.count("profile-steps")) {
@@ -137,11 +176,15 @@ int cmd_train(int argc, char** argv) {
         if (comm.size > 1) comm_abort(comm, e.what());  // ends every rank, not just this one
         throw;
     }
-    if (comm.rank == 0)
-        std::printf("%s\n", nlohmann::json{{"arch", cfg.model.arch}, {"val_accuracy", res.val.accuracy},
-                                           {"val_loss", res.val.loss}, {"val_count", res.val.count},
-                                           {"steps", res.steps}, {"seconds", res.seconds},
-                                           {"ranks", comm.size}}.dump().c_str());
+    if (comm.rank == 0) {
+        // No validation set, or a stop before the final evaluation: null, not a perfect 0 loss.
+        const bool evaluated = res.val.count > 0;
+        std::printf("%s\n", nlohmann::json{{"arch", cfg.model.arch},
+                                           {"val_accuracy", evaluated ? nlohmann::json(res.val.accuracy) : nullptr},
+                                           {"val_loss", evaluated ? nlohmann::json(res.val.loss) : nullptr},
+                                           {"val_count", res.val.count}, {"steps", res.steps},
+                                           {"seconds", res.seconds}, {"ranks", comm.size}}.dump().c_str());
+    }
     comm_finalize(comm);
     return res.stop_signal ? 128 + res.stop_signal : 0;
 }
@@ -225,7 +268,8 @@ int cmd_convert(int argc, char** argv) {
             ("in", "So2Sat LCZ42 .h5 file", cxxopts::value<std::string>())
             ("out", "output directory", cxxopts::value<std::string>())
             ("dtype", "float32 or float16", cxxopts::value<std::string>()->default_value("float32"))
-            ("shard-size", "images per shard", cxxopts::value<int64_t>()->default_value("4096"))
+            ("shard-size", "images per shard (default 4096, fewer where a shard would pass 1 GiB)",
+             cxxopts::value<int64_t>())
             ("prefix", "shard names PREFIX-NNNNN.shard", cxxopts::value<std::string>()->default_value("train"))
             ("stats-from", "normalize with these shards' mean/std (the training split's)", cxxopts::value<std::string>());
         auto r = parse(opts, argc - 1, argv + 1);
@@ -236,7 +280,7 @@ int cmd_convert(int argc, char** argv) {
         const std::string dt = r["dtype"].as<std::string>();
         if (dt != "float32" && dt != "float16") throw UserError("--dtype " + dt + ": expected float32 or float16");
         o.dtype = dtype_from_name(dt, "--dtype");
-        o.shard_size = r["shard-size"].as<int64_t>();
+        o.shard_size = shard_size_of(r);
         o.prefix = r["prefix"].as<std::string>();
         convert_so2sat(o);
         return 0;
@@ -246,7 +290,8 @@ int cmd_convert(int argc, char** argv) {
         opts.add_options()
             ("list", "CSV with the header path,label; paths relative to its directory", cxxopts::value<std::string>())
             ("out", "output directory", cxxopts::value<std::string>())
-            ("shard-size", "images per shard", cxxopts::value<int64_t>()->default_value("4096"))
+            ("shard-size", "images per shard (default 4096, fewer where a shard would pass 1 GiB)",
+             cxxopts::value<int64_t>())
             ("prefix", "shard names PREFIX-NNNNN.shard", cxxopts::value<std::string>()->default_value("train"))
             ("num-classes", "number of classes (default: largest label + 1)", cxxopts::value<int>())
             ("stats-from", "normalize with these shards' mean/std (the training split's)", cxxopts::value<std::string>());
@@ -255,7 +300,7 @@ int cmd_convert(int argc, char** argv) {
         if (r.count("stats-from")) o.stats_from = r["stats-from"].as<std::string>();
         o.list = required(r, "list", "convert npy");
         o.out = required(r, "out", "convert npy");
-        o.shard_size = r["shard-size"].as<int64_t>();
+        o.shard_size = shard_size_of(r);
         o.prefix = r["prefix"].as<std::string>();
         if (r.count("num-classes")) {
             o.num_classes = r["num-classes"].as<int>();
@@ -268,12 +313,21 @@ int cmd_convert(int argc, char** argv) {
 }
 
 int cmd_shards(int argc, char** argv) {
+    if (argc == 2 && (!std::strcmp(argv[1], "--help") || !std::strcmp(argv[1], "-h"))) {
+        std::printf("usage: prism shards verify GLOB\n  checks every shard's header, labels and crc32c, and that "
+                    "all have one shape\n");
+        return 0;
+    }
     if (argc != 3 || std::strcmp(argv[1], "verify") != 0)
         throw UserError("usage: prism shards verify GLOB");
     const auto files = expand_glob(argv[2]);
+    ShardHeader first;
     for (const auto& f : files) {
         verify_shard(f);
         const ShardHeader h = read_shard_header(f);
+        // A glob is one data set to training and eval: hold it to that here too.
+        if (&f == &files[0]) first = h;
+        check_same_shape(h, f, first, files[0]);
         std::printf("ok %s: %lld images %dx%dx%d %s, %d classes\n", f.c_str(), (long long)h.count,
                     h.channels, h.height, h.width, dtype_name(h.dtype), h.num_classes);
     }
@@ -437,6 +491,9 @@ int main(int argc, char** argv) {
         std::fprintf(stderr, "prism %s: %s\n", cmd.c_str(), e.what());
     } catch (const std::bad_alloc&) {
         std::fprintf(stderr, "prism: out of host memory\n");
+    } catch (const std::exception& e) {
+        // A check missing somewhere: still one line and exit 1, not an abort.
+        std::fprintf(stderr, "prism %s: unexpected error: %s\n", cmd.c_str(), printable(e.what(), 300).c_str());
     }
     return 1;
 }

@@ -9,12 +9,14 @@
 #include "data/convert.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cerrno>
 #include <cctype>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <memory>
+#include <new>
 
 #include <fcntl.h>
 #include <sys/stat.h>
@@ -57,19 +59,102 @@ static void check_output_args(const std::string& out, const std::string& prefix,
         }))
         throw UserError("--prefix '" + printable(prefix) +
                         "': use letters, digits, '_', '-' and '.' (not first) only");
-    if (shard_size < 1) throw UserError("--shard-size " + std::to_string(shard_size) + ": must be at least 1");
+    if (shard_size < 0) throw UserError("--shard-size " + std::to_string(shard_size) + ": must be at least 1");
+}
+
+// Pass 2 holds a whole shard in memory, so the default is bounded in bytes:
+// 4096 images, fewer where that would pass 1 GiB (large hyperspectral images).
+static int64_t images_per_shard(int64_t requested, size_t image_bytes) {
+    if (requested > 0) return requested;
+    return std::max<int64_t>(1, std::min<int64_t>(4096, int64_t((size_t(1) << 30) / image_bytes)));
+}
+
+static void hold_shard(std::vector<char>& images, size_t bytes, const std::string& out, const std::string& prefix,
+                       int64_t k) {
+    try {
+        images.resize(bytes);
+    } catch (const std::bad_alloc&) {
+        char size[32];
+        std::snprintf(size, sizeof size, "%.1f GiB", double(bytes) / double(1 << 30));
+        fail(join_path(out, shard_file_name(prefix, k)),
+             std::string("cannot hold the shard's ") + size + " in memory: lower --shard-size");
+    }
+}
+
+// Whether `file` is a shard that a conversion to --out/--prefix replaces or
+// removes as stale: DIR/PREFIX-<digits>.shard in the same directory.
+static bool replaced_by_output(const std::string& file, const std::string& out, const std::string& prefix) {
+    const size_t slash = file.rfind('/');
+    const std::string dir = slash == std::string::npos ? "." : slash == 0 ? "/" : file.substr(0, slash);
+    const std::string base = slash == std::string::npos ? file : file.substr(slash + 1);
+    const std::string head = prefix + "-", tail = ".shard";
+    if (base.size() <= head.size() + tail.size() || base.compare(0, head.size(), head) != 0 ||
+        base.compare(base.size() - tail.size(), tail.size(), tail) != 0)
+        return false;
+    if (!std::all_of(base.begin() + long(head.size()), base.end() - long(tail.size()),
+                     [](char ch) { return ch >= '0' && ch <= '9'; }))
+        return false;
+    struct stat a, b;
+    return ::stat(dir.c_str(), &a) == 0 && ::stat(out.c_str(), &b) == 0 && a.st_dev == b.st_dev &&
+           a.st_ino == b.st_ino;
 }
 
 // --stats-from: the normalization of another shard set (the training split's).
-static void take_stats_from(ShardHeader& h, const std::string& glob) {
-    if (glob.empty()) return;
-    const std::string first = expand_glob(glob).front();
-    const ShardHeader ref = read_shard_header(first);
-    if (ref.channels != h.channels)
-        fail(first, "--stats-from: has " + std::to_string(ref.channels) + " channels, the data being converted " +
-                        std::to_string(h.channels));
-    h.mean = ref.mean;
-    h.std = ref.std;
+struct StatsSource {
+    std::string first;    // the glob's first shard; empty: the conversion's own statistics
+    ShardHeader header;   // of `first`
+};
+
+// --out is a directory, or its nearest existing ancestor is one that pass 2
+// can create it in. Nothing is created before the input has passed.
+static void check_output_dir(const std::string& out) {
+    std::string p = out;
+    for (;;) {
+        struct stat st;
+        if (::stat(p.c_str(), &st) == 0) {
+            if (!S_ISDIR(st.st_mode)) fail(p, "exists and is not a directory");
+            if (::access(p.c_str(), W_OK | X_OK) != 0)
+                fail(p, std::string("cannot create --out there: ") + std::strerror(errno));
+            return;
+        }
+        if (errno != ENOENT && errno != ENOTDIR) fail(p, std::string("cannot stat: ") + std::strerror(errno));
+        while (p.size() > 1 && p.back() == '/') p.pop_back();
+        const size_t slash = p.rfind('/');
+        if (slash == std::string::npos) return;  // relative: the working directory is the ancestor
+        p = slash == 0 ? "/" : p.substr(0, slash);
+    }
+}
+
+// Everything about the output that can be checked before the first pass
+// reads the input (the So2Sat training file is 52 GB): the directory, and a
+// --stats-from glob that exists and is not among the shards this conversion
+// would replace: convert validation.h5 into the training shards' directory
+// and prefix, and the statistics' source would be gone.
+static StatsSource prepare_output(const std::string& out, const std::string& prefix, const std::string& stats_glob) {
+    check_output_dir(out);
+    StatsSource s;
+    if (stats_glob.empty()) return s;
+    const std::vector<std::string> files = expand_glob(stats_glob);
+    for (const std::string& f : files)
+        if (replaced_by_output(f, out, prefix))
+            throw UserError("--stats-from '" + stats_glob + "': matches " + f + ", which this conversion (--out " + out +
+                            " --prefix " + prefix + ") would replace; give the new shards another --prefix");
+    s.first = files.front();
+    s.header = read_shard_header(s.first);
+    return s;
+}
+
+static void check_stats_channels(const StatsSource& s, int channels) {
+    if (!s.first.empty() && s.header.channels != channels)
+        fail(s.first, "--stats-from: has " + std::to_string(s.header.channels) + " channels, the data being converted " +
+                          std::to_string(channels));
+}
+
+static void take_stats_from(ShardHeader& h, const StatsSource& s) {
+    if (s.first.empty()) return;
+    check_stats_channels(s, h.channels);
+    h.mean = s.header.mean;
+    h.std = s.header.std;
 }
 
 // Per-channel mean and variance, merged block by block (Chan et al.).
@@ -107,65 +192,20 @@ struct ChannelStats {
     }
 };
 
-// Writes a set of shards so that a conversion that fails or is killed part
-// way changes no PREFIX-NNNNN.shard: each shard is staged as
-// PREFIX-NNNNN.shard.part (atomically, by write_shard), and commit() renames
-// them all into place, then removes stale shards beyond the last. Staged
-// files of a conversion that throws are removed; those of one that is killed
-// stay as *.part, which no `*.shard` glob matches, and the next run
-// overwrites them. Only a failure inside commit's rename loop itself (a
-// handful of renames in one directory) can leave old and new shards mixed.
-class StagedShards {
-public:
-    StagedShards(const std::string& dir, const std::string& prefix, const std::string& tag, bool verbose)
-        : dir_(dir), prefix_(prefix), tag_(tag), verbose_(verbose) {}
-    StagedShards(const StagedShards&) = delete;
-    StagedShards& operator=(const StagedShards&) = delete;
-    ~StagedShards() {
-        if (committed_) return;
-        for (const std::string& p : staged_) ::unlink((p + ".part").c_str());  // best effort
-    }
-
-    void add(const ShardHeader& h, const std::vector<int32_t>& labels, const void* images, int64_t done,
-             int64_t total) {
-        std::string path = join_path(dir_, shard_file_name(prefix_, int64_t(staged_.size())));
-        staged_.push_back(path);
-        write_shard(path + ".part", h, labels, images);
-        if (verbose_)
-            progress(tag_ + ": " + std::to_string(done) + "/" + std::to_string(total) + " images (" +
-                     shard_file_name(prefix_, int64_t(staged_.size()) - 1) + ")");
-    }
-
-    void commit() {
-        for (const std::string& p : staged_)
-            if (std::rename((p + ".part").c_str(), p.c_str()) != 0)
-                fail(p, "cannot rename " + p + ".part into place: " + std::strerror(errno));
-        committed_ = true;
-        for (const std::string& p : remove_stale_shards(dir_, prefix_, int64_t(staged_.size())))
-            if (verbose_) progress(tag_ + ": removed stale " + p);
-        if (verbose_)
-            progress(tag_ + ": wrote " + std::to_string(staged_.size()) + " shard(s) " +
-                     join_path(dir_, prefix_ + "-*.shard"));
-    }
-
-private:
-    std::string dir_, prefix_, tag_;
-    bool verbose_;
-    std::vector<std::string> staged_;
-    bool committed_ = false;
-};
-
-// A pass-1 progress line about every `step` images.
+// Pass-1 progress: a line every few seconds and one at the end, whatever
+// the size of an image.
 struct PassProgress {
     std::string tag;
-    int64_t total, step, next;
+    int64_t total;
     bool verbose;
-    PassProgress(const std::string& t, int64_t total_, int64_t step_, bool v)
-        : tag(t), total(total_), step(step_), next(step_), verbose(v) {}
+    std::chrono::steady_clock::time_point last = std::chrono::steady_clock::now();
+    PassProgress(const std::string& t, int64_t total_, bool v) : tag(t), total(total_), verbose(v) {}
     void at(int64_t done) {
-        if (!verbose || (done < next && done < total)) return;
+        if (!verbose) return;
+        const auto now = std::chrono::steady_clock::now();
+        if (done < total && now - last < std::chrono::seconds(5)) return;
+        last = now;
         progress(tag + ": checked " + std::to_string(done) + "/" + std::to_string(total) + " images");
-        while (next <= done) next += step;
     }
 };
 
@@ -344,16 +384,20 @@ void convert_so2sat(const So2SatOptions& o) {
     if (o.dtype != DType::f32 && o.dtype != DType::f16)
         throw UserError(std::string("--dtype ") + dtype_name(o.dtype) + ": expected float32 or float16");
     So2SatFile f(o.in, o.dtype);
+    const StatsSource stats_from = prepare_output(o.out, o.prefix, o.stats_from);
+    check_stats_channels(stats_from, kChannels);
     const int64_t n = f.count();
     const size_t hw = size_t(kSide) * kSide;
-    const int64_t block = std::min(kBlockRows, o.shard_size);
+    const size_t per = size_t(kChannels) * hw;
+    const int64_t shard_size = images_per_shard(o.shard_size, per * dtype_size(o.dtype));
+    const int64_t block = std::min(kBlockRows, shard_size);
     const std::string tag = "convert so2sat " + o.in;
     std::vector<float> chw;
     std::vector<int32_t> labels;
 
     // Pass 1: check everything, per-channel statistics of the stored values.
     ChannelStats stats(kChannels);
-    PassProgress prog(tag + " (pass 1/2)", n, o.shard_size, o.verbose);
+    PassProgress prog(tag + " (pass 1/2)", n, o.verbose);
     for (int64_t first = 0; first < n; first += block) {
         int64_t rows = std::min(block, n - first);
         f.read(first, rows, chw, labels);
@@ -376,17 +420,16 @@ void convert_so2sat(const So2SatOptions& o) {
     h.channel_names = so2sat_channel_names();
     h.mean = stats.mean;
     h.std = stats.std_dev();
-    take_stats_from(h, o.stats_from);
+    take_stats_from(h, stats_from);
 
     // Pass 2: one shard in memory at a time.
     make_dirs(o.out);
     StagedShards out(o.out, o.prefix, tag, o.verbose);
-    const size_t per = size_t(kChannels) * hw;
     std::vector<char> images;
     std::vector<int32_t> shard_labels;
-    for (int64_t s0 = 0; s0 < n; s0 += o.shard_size) {
-        int64_t count = std::min(o.shard_size, n - s0);
-        images.resize(size_t(count) * per * dtype_size(o.dtype));
+    for (int64_t s0 = 0; s0 < n; s0 += shard_size) {
+        int64_t count = std::min(shard_size, n - s0);
+        hold_shard(images, size_t(count) * per * dtype_size(o.dtype), o.out, o.prefix, s0 / shard_size);
         shard_labels.resize(size_t(count));
         for (int64_t first = s0; first < s0 + count; first += block) {
             int64_t rows = std::min(block, s0 + count - first);
@@ -439,27 +482,48 @@ struct NpyArray {
     bool is_float() const { return type == NpyType::f32 || type == NpyType::f64; }
 };
 
-std::string read_whole_file(const std::string& path, const std::string& context) {
-    int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd < 0) fail(path, std::string("cannot open: ") + std::strerror(errno) + context);
-    struct stat st;
-    if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-        ::close(fd);
-        fail(path, "not a regular file" + context);
-    }
-    std::string bytes(size_t(st.st_size), '\0');
-    size_t got = 0;
-    while (got < bytes.size()) {
-        ssize_t r = ::read(fd, &bytes[got], bytes.size() - got);
-        if (r < 0 && errno == EINTR) continue;
-        if (r <= 0) {
-            int err = errno;
-            ::close(fd);
-            fail(path, r == 0 ? "file shrank while reading" : std::string("read error: ") + std::strerror(err));
+// An input file opened for reading, refused unless it is a regular file.
+// O_NONBLOCK: a FIFO is refused instead of blocking the open forever until a
+// writer comes; regular files ignore the flag.
+class InputFile {
+public:
+    InputFile(const std::string& path, const std::string& context) : path_(path) {
+        fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+        if (fd_ < 0) fail(path, std::string("cannot open: ") + std::strerror(errno) + context);
+        struct stat st;
+        if (::fstat(fd_, &st) != 0 || !S_ISREG(st.st_mode)) {
+            ::close(fd_);
+            fail(path, "not a regular file" + context);
         }
-        got += size_t(r);
+        size_ = uint64_t(st.st_size);
     }
-    ::close(fd);
+    ~InputFile() { ::close(fd_); }
+    InputFile(const InputFile&) = delete;
+    InputFile& operator=(const InputFile&) = delete;
+
+    uint64_t size() const { return size_; }
+    // Bytes [offset, offset + n) of the file into dst.
+    void read(char* dst, size_t n, uint64_t offset) const {
+        size_t got = 0;
+        while (got < n) {
+            ssize_t r = ::pread(fd_, dst + got, n - got, off_t(offset + got));
+            if (r < 0 && errno == EINTR) continue;
+            if (r <= 0)
+                fail(path_, r == 0 ? "file shrank while reading" : std::string("read error: ") + std::strerror(errno));
+            got += size_t(r);
+        }
+    }
+
+private:
+    std::string path_;
+    int fd_ = -1;
+    uint64_t size_ = 0;
+};
+
+std::string read_whole_file(const std::string& path, const std::string& context) {
+    InputFile f(path, context);
+    std::string bytes(size_t(f.size()), '\0');
+    f.read(&bytes[0], bytes.size(), 0);
     return bytes;
 }
 
@@ -553,32 +617,42 @@ private:
     size_t pos_ = 0;
 };
 
-NpyArray parse_npy(const std::string& bytes, const std::string& path) {
-    if (bytes.size() < 10 || std::memcmp(bytes.data(), "\x93NUMPY", 6) != 0) {
-        if (bytes.size() < 10 && std::memcmp(bytes.data(), "\x93NUMPY", std::min<size_t>(6, bytes.size())) == 0)
-            fail(path, "truncated: " + std::to_string(bytes.size()) + " bytes, too short for an NPY header");
+// The most of a file's start that parse_npy reads: every NPY 1.0 header
+// fits, and NumPy writes 2.0 headers only when 1.0's 64 KiB do not suffice.
+const size_t kNpyHead = size_t(1) << 17;
+
+// Parses and checks an NPY file from its first min(file_size, kNpyHead)
+// bytes, so that a file that is not what the header says (or no NPY at all)
+// is refused before it is read whole.
+NpyArray parse_npy(const std::string& head, uint64_t file_size, const std::string& path) {
+    if (head.size() < 10 || std::memcmp(head.data(), "\x93NUMPY", 6) != 0) {
+        if (head.size() < 10 && std::memcmp(head.data(), "\x93NUMPY", std::min<size_t>(6, head.size())) == 0)
+            fail(path, "truncated: " + std::to_string(head.size()) + " bytes, too short for an NPY header");
         fail(path, "not an NPY file (bad magic)");
     }
-    unsigned major = (unsigned char)bytes[6], minor = (unsigned char)bytes[7];
+    unsigned major = (unsigned char)head[6], minor = (unsigned char)head[7];
     size_t header_len = 0, start = 0;
     if (major == 1) {
-        header_len = size_t((unsigned char)bytes[8]) | size_t((unsigned char)bytes[9]) << 8;
+        header_len = size_t((unsigned char)head[8]) | size_t((unsigned char)head[9]) << 8;
         start = 10;
     } else if (major == 2) {
-        if (bytes.size() < 12) fail(path, "truncated: too short for an NPY 2.0 header");
-        for (int i = 3; i >= 0; i--) header_len = header_len << 8 | (unsigned char)bytes[size_t(8 + i)];
+        if (head.size() < 12) fail(path, "truncated: too short for an NPY 2.0 header");
+        for (int i = 3; i >= 0; i--) header_len = header_len << 8 | (unsigned char)head[size_t(8 + i)];
         start = 12;
     } else {
         fail(path, "unsupported NPY version " + std::to_string(major) + "." + std::to_string(minor) +
                        " (expected 1.0 or 2.0)");
     }
-    if (header_len > bytes.size() - start)
+    if (header_len > file_size - start)
         fail(path, "truncated: NPY header says " + std::to_string(header_len) + " bytes, file has " +
-                       std::to_string(bytes.size() - start) + " after the prefix");
+                       std::to_string(file_size - start) + " after the prefix");
+    if (header_len > head.size() - start)
+        fail(path, "NPY header of " + std::to_string(header_len) + " bytes is too long (at most " +
+                       std::to_string(kNpyHead - start) + " are read)");
     std::string descr;
     bool fortran = false;
     std::vector<int64_t> shape;
-    NpyHeaderParser(bytes.substr(start, header_len), path).parse(descr, fortran, shape);
+    NpyHeaderParser(head.substr(start, header_len), path).parse(descr, fortran, shape);
 
     NpyArray a;
     if (descr == "<u1" || descr == "|u1") a.type = NpyType::u8;
@@ -598,12 +672,12 @@ NpyArray parse_npy(const std::string& bytes, const std::string& path) {
         a.shape[i] = shape[size_t(i)];
     }
     a.data_offset = start + header_len;
-    size_t want = a.data_offset + a.count() * a.item();
-    if (bytes.size() < want)
-        fail(path, "truncated: file is " + std::to_string(bytes.size()) + " bytes, its header says " +
+    uint64_t want = a.data_offset + a.count() * a.item();
+    if (file_size < want)
+        fail(path, "truncated: file is " + std::to_string(file_size) + " bytes, its header says " +
                        std::to_string(want));
-    if (bytes.size() > want)
-        fail(path, "file is " + std::to_string(bytes.size()) + " bytes, its header says " + std::to_string(want) +
+    if (file_size > want)
+        fail(path, "file is " + std::to_string(file_size) + " bytes, its header says " + std::to_string(want) +
                        " (extra bytes at the end)");
     return a;
 }
@@ -665,6 +739,8 @@ std::vector<ListEntry> read_list(const std::string& list, int& max_label) {
             path = unq;
         }
         if (path.empty()) fail(list, where + "empty path");
+        if (path.find('\0') != std::string::npos)  // open() would stop at it and read another file
+            fail(list, where + "the path holds a NUL byte");
         int64_t v = 0;
         bool ok = !label.empty() && label.size() <= 9 &&
                   std::all_of(label.begin(), label.end(), [](char ch) { return ch >= '0' && ch <= '9'; });
@@ -680,11 +756,18 @@ std::vector<ListEntry> read_list(const std::string& list, int& max_label) {
 }
 
 // Reads and checks one listed file; its shape must match `first` once set.
+// Header first: the whole file is read only once it is known to be the
+// array its header describes, of the first file's shape.
 NpyArray load_npy(const ListEntry& e, const std::string& list, NpyArray* first, std::string& bytes) {
-    bytes = read_whole_file(e.path, " (listed on line " + std::to_string(e.line) + " of " + list + ")");
-    NpyArray a = parse_npy(bytes, e.path);
+    InputFile f(e.path, " (listed on line " + std::to_string(e.line) + " of " + list + ")");
+    bytes.resize(size_t(std::min<uint64_t>(f.size(), kNpyHead)));
+    f.read(&bytes[0], bytes.size(), 0);
+    NpyArray a = parse_npy(bytes, f.size(), e.path);
     if (first && (a.shape[0] != first->shape[0] || a.shape[1] != first->shape[1] || a.shape[2] != first->shape[2]))
         fail(e.path, "shape " + shape_str(a) + " differs from the first listed file's " + shape_str(*first));
+    const size_t head = bytes.size();
+    bytes.resize(size_t(f.size()));
+    f.read(&bytes[head], bytes.size() - head, head);
     return a;
 }
 
@@ -702,6 +785,7 @@ void convert_npy(const NpyOptions& o) {
                              " is not below --num-classes " + std::to_string(o.num_classes));
     const int64_t n = int64_t(list.size());
     const std::string tag = "convert npy " + o.list;
+    const StatsSource stats_from = prepare_output(o.out, o.prefix, o.stats_from);
 
     // Pass 1: shapes, finite values, the narrowest dtype, statistics. The
     // stored value of x is float(x): exact except for float64 that float32
@@ -712,12 +796,13 @@ void convert_npy(const NpyOptions& o) {
     std::string rounded_f64;  // the first file whose float64 values float32 rounds
     std::unique_ptr<ChannelStats> stats;
     std::vector<float> vals;
-    PassProgress prog(tag + " (pass 1/2)", n, o.shard_size, o.verbose);
+    PassProgress prog(tag + " (pass 1/2)", n, o.verbose);
     for (int64_t i = 0; i < n; i++) {
         const ListEntry& e = list[size_t(i)];
         NpyArray a = load_npy(e, o.list, i ? &first : nullptr, bytes);
         if (i == 0) {
             first = a;
+            check_stats_channels(stats_from, int(a.shape[0]));
             stats.reset(new ChannelStats(int(a.shape[0])));
         }
         const char* data = bytes.data() + a.data_offset;
@@ -762,20 +847,22 @@ void convert_npy(const NpyOptions& o) {
     for (int c = 0; c < h.channels; c++) h.channel_names.push_back("ch" + std::to_string(c));
     h.mean = stats->mean;
     h.std = stats->std_dev();
-    take_stats_from(h, o.stats_from);
+    take_stats_from(h, stats_from);
+    const size_t per = first.count(), esize = dtype_size(dtype);
+    const int64_t shard_size = images_per_shard(o.shard_size, per * esize);
     if (o.verbose)
         progress(tag + ": " + std::to_string(n) + " images " + shape_str(first) + ", stored as " + dtype_name(dtype) +
-                 ", " + std::to_string(h.num_classes) + " classes");
+                 ", " + std::to_string(h.num_classes) + " classes, " + std::to_string(shard_size) +
+                 " images per shard");
 
     // Pass 2.
     make_dirs(o.out);
     StagedShards out(o.out, o.prefix, tag, o.verbose);
-    const size_t per = first.count(), esize = dtype_size(dtype);
     std::vector<char> images;
     std::vector<int32_t> labels;
-    for (int64_t s0 = 0; s0 < n; s0 += o.shard_size) {
-        int64_t count = std::min(o.shard_size, n - s0);
-        images.resize(size_t(count) * per * esize);
+    for (int64_t s0 = 0; s0 < n; s0 += shard_size) {
+        int64_t count = std::min(shard_size, n - s0);
+        hold_shard(images, size_t(count) * per * esize, o.out, o.prefix, s0 / shard_size);
         labels.resize(size_t(count));
         for (int64_t i = s0; i < s0 + count; i++) {
             const ListEntry& e = list[size_t(i)];

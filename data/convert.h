@@ -9,7 +9,9 @@
 // then shards of the same prefix beyond the last one written are removed.
 // Validation and test sets should be normalized like the training set:
 // `stats_from` (--stats-from GLOB) copies the training shards' mean and std
-// into their headers instead of their own.
+// into their headers instead of their own; a glob that matches shards the
+// conversion would replace is refused. The output directory and --stats-from
+// are checked before the first pass reads any input.
 // Every problem is a UserError "<path>: <problem>" on one line.
 #pragma once
 #include <cstdint>
@@ -28,7 +30,8 @@ struct So2SatOptions {
     std::string out;                // output directory (created)
     std::string prefix = "train";   // shard names PREFIX-NNNNN.shard
     DType dtype = DType::f32;       // f32 or f16
-    int64_t shard_size = 4096;      // images per shard (the last may hold fewer)
+    int64_t shard_size = 0;         // images per shard (the last may hold fewer); 0: 4096, fewer
+                                    // where a shard would pass 1 GiB (pass 2 holds one in memory)
     bool verbose = true;            // progress lines on stdout
     std::string stats_from;         // a shard glob: use its mean/std instead of this file's
 };
@@ -44,7 +47,7 @@ struct NpyOptions {
     std::string list;               // CSV "path,label", paths relative to its directory
     std::string out;
     std::string prefix = "train";
-    int64_t shard_size = 4096;
+    int64_t shard_size = 0;         // as So2SatOptions::shard_size
     int num_classes = 0;            // 0: max label + 1
     bool verbose = true;
     std::string stats_from;         // a shard glob: use its mean/std instead of this list's

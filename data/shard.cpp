@@ -435,7 +435,9 @@ struct OpenShard {
 
 // Opens `path`, reads and checks its header; the fd stays open for the caller.
 static void open_shard(const std::string& path, OpenShard& s) {
-    s.fd.fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    // O_NONBLOCK: a FIFO in a shard glob is refused below instead of
+    // blocking the open forever; regular files ignore the flag.
+    s.fd.fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (s.fd.fd < 0) fail(path, "cannot open: " + errno_str());
     struct stat st;
     if (::fstat(s.fd.fd, &st) != 0) fail(path, "cannot stat: " + errno_str());
@@ -677,6 +679,36 @@ std::vector<std::string> remove_stale_shards(const std::string& dir, const std::
         removed.push_back(path);
     }
     return removed;
+}
+
+StagedShards::StagedShards(const std::string& dir, const std::string& prefix, const std::string& tag, bool verbose)
+    : dir_(dir), prefix_(prefix), tag_(tag), verbose_(verbose) {}
+
+StagedShards::~StagedShards() {
+    if (committed_) return;
+    for (const std::string& p : staged_) ::unlink((p + ".part").c_str());  // best effort
+}
+
+void StagedShards::add(const ShardHeader& h, const std::vector<int32_t>& labels, const void* images, int64_t done,
+                       int64_t total) {
+    std::string path = join_path(dir_, shard_file_name(prefix_, int64_t(staged_.size())));
+    staged_.push_back(path);
+    write_shard(path + ".part", h, labels, images);
+    if (verbose_)
+        progress(tag_ + ": " + std::to_string(done) + "/" + std::to_string(total) + " images (" +
+                 shard_file_name(prefix_, int64_t(staged_.size()) - 1) + ")");
+}
+
+void StagedShards::commit() {
+    for (const std::string& p : staged_)
+        if (std::rename((p + ".part").c_str(), p.c_str()) != 0)
+            fail(p, "cannot rename " + p + ".part into place: " + errno_str());
+    committed_ = true;
+    for (const std::string& p : remove_stale_shards(dir_, prefix_, int64_t(staged_.size())))
+        if (verbose_) progress(tag_ + ": removed stale " + p);
+    if (verbose_)
+        progress(tag_ + ": wrote " + std::to_string(staged_.size()) + " shard(s) " +
+                 join_path(dir_, prefix_ + "-*.shard"));
 }
 
 std::vector<std::string> expand_glob(const std::string& pattern) {

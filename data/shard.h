@@ -93,6 +93,34 @@ std::string shard_file_name(const std::string& prefix, int64_t k);
 // UserError naming a shard it cannot remove.
 std::vector<std::string> remove_stale_shards(const std::string& dir, const std::string& prefix, int64_t first);
 
+// Writes a set of shards so that a run that fails or is killed part way
+// changes no PREFIX-NNNNN.shard: each shard is staged as
+// PREFIX-NNNNN.shard.part (atomically, by write_shard), and commit() renames
+// them all into place, then removes stale shards beyond the last. Staged
+// files of a run that throws are removed; those of one that is killed stay
+// as *.part, which no `*.shard` glob matches, and the next run overwrites
+// them. Only a failure inside commit's rename loop itself (a handful of
+// renames in one directory) can leave old and new shards mixed.
+class StagedShards {
+public:
+    // `tag` starts the progress lines printed when `verbose`.
+    StagedShards(const std::string& dir, const std::string& prefix, const std::string& tag, bool verbose);
+    ~StagedShards();
+    StagedShards(const StagedShards&) = delete;
+    StagedShards& operator=(const StagedShards&) = delete;
+
+    // Stages the next shard; `done` of `total` images are then staged.
+    void add(const ShardHeader& h, const std::vector<int32_t>& labels, const void* images, int64_t done,
+             int64_t total);
+    void commit();
+
+private:
+    std::string dir_, prefix_, tag_;
+    bool verbose_;
+    std::vector<std::string> staged_;
+    bool committed_ = false;
+};
+
 // Sorted list of files matching a glob; throws UserError if none match.
 std::vector<std::string> expand_glob(const std::string& pattern);
 

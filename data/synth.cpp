@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <vector>
 
 #include "data/convert.h"
@@ -319,27 +320,24 @@ void synthesize(const std::string& preset, const std::string& dir, int64_t count
         h.std[size_t(c)] = (std::isfinite(sd) && sd > 0) ? sd : 1.0;  // constant channel: leave it unscaled
     }
 
-    // Pass 2: write both splits, one shard in memory at a time.
+    // Pass 2: both splits, one shard in memory at a time, staged and
+    // committed together, so that a run that fails part way leaves the old
+    // set whole rather than new training shards next to old validation ones.
     struct { const char* name; uint64_t split; int64_t count; const std::vector<int32_t>* labels; } splits[2] = {
         {"train", kTrain, count, &train_labels}, {"val", kVal, val_count, &val_labels}};
-    for (const auto& sp : splits) {
-        int64_t k = 0;
-        for (int64_t first = 0; first < sp.count; first += p.shard_max, k++) {
+    std::unique_ptr<StagedShards> staged[2];
+    for (int i = 0; i < 2; i++) {
+        const auto& sp = splits[i];
+        staged[i] = std::make_unique<StagedShards>(dir, sp.name, "synth " + p.name + " " + sp.name, verbose);
+        for (int64_t first = 0; first < sp.count; first += p.shard_max) {
             int64_t n = std::min(p.shard_max, sp.count - first);
             gen_block(t, sp.split, *sp.labels, first, n, buf);
             h.count = n;
             std::vector<int32_t> labels(sp.labels->begin() + first, sp.labels->begin() + first + n);
-            std::string path = join_path(dir, shard_file_name(sp.name, k));
-            write_shard(path, h, labels, buf.data());
-            if (verbose)
-                progress("synth " + p.name + ": wrote " + path + " (" + std::to_string(n) + " images, " +
-                         std::to_string(buf.size() >> 20) + " MiB)");
+            staged[i]->add(h, labels, buf.data(), first + n, sp.count);
         }
-        // Shards past the last one, left by an earlier larger run, would
-        // silently join a `train-*.shard` glob: remove them.
-        for (const std::string& path : remove_stale_shards(dir, sp.name, k))
-            if (verbose) progress("synth " + p.name + ": removed stale " + path);
     }
+    for (auto& s : staged) s->commit();  // shards past the last, from a larger run, go too
 }
 
 }  // namespace prism

@@ -26,7 +26,7 @@ void Arena::allocate(bool device) {
     base = static_cast<char*>(std::aligned_alloc(64, capacity));
     if (!base)
         throw UserError("arena " + name + ": cannot allocate " + format_bytes(capacity) +
-                        " of host memory (lower train.batch or the model size)");
+                        " of host memory: lower the batch (train.batch, or eval's --batch) or the model size");
     std::memset(base, 0, capacity);
     used = 0;
 }

@@ -1,4 +1,5 @@
 #include "engine/checkpoint.h"
+#include <cmath>
 #include <cstring>
 #include "engine/common.h"
 #include "engine/safetensors.h"
@@ -37,6 +38,12 @@ Checkpoint load_checkpoint(const std::string& path) {
         if (t.dtype != "F32") throw UserError(path + ": " + p.name + " is " + t.dtype + ", expected F32");
         if (t.shape != p.shape) throw UserError(path + ": " + p.name + " has the wrong shape for its config");
         std::memcpy(ck.params.data() + p.offset, t.data, t.bytes);
+        // Training never writes a non-finite weight (the guard stops first),
+        // so one here is damage, and every logit it reaches would be NaN.
+        for (int64_t i = 0; i < p.numel; i++)
+            if (!std::isfinite(ck.params[size_t(p.offset + i)]))
+                throw UserError(path + ": " + p.name + " holds a non-finite value (element " + std::to_string(i) +
+                                ")");
     }
     return ck;
 }

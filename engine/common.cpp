@@ -6,6 +6,7 @@
 
 #include <sys/stat.h>
 #include <sys/types.h>
+#include <unistd.h>
 
 namespace prism {
 
@@ -25,6 +26,21 @@ void make_dirs(const std::string& dir) {
             continue;
         }
         throw UserError(part + ": cannot create directory: " + std::strerror(errno));
+    }
+}
+
+void write_file_atomic(const std::string& path, const std::string& text) {
+    const std::string tmp = path + ".tmp";
+    FILE* f = std::fopen(tmp.c_str(), "wb");
+    if (!f) throw UserError(path + ": cannot write " + tmp + ": " + std::strerror(errno));
+    bool ok = std::fwrite(text.data(), 1, text.size(), f) == text.size() && std::fflush(f) == 0 &&
+              ::fsync(fileno(f)) == 0;
+    int err = errno;
+    if (std::fclose(f) != 0 && ok) ok = false, err = errno;
+    if (ok && std::rename(tmp.c_str(), path.c_str()) != 0) ok = false, err = errno;
+    if (!ok) {
+        std::remove(tmp.c_str());
+        throw UserError(path + ": write failed: " + std::strerror(err));
     }
 }
 

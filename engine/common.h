@@ -28,6 +28,10 @@ enum class Device { cpu, cuda };
 // File-system helpers shared by the commands that write directories.
 std::string join_path(const std::string& dir, const std::string& name);  // dir + "/" + name
 void make_dirs(const std::string& dir);  // mkdir -p; throws UserError naming the part that failed
+// Writes `text` to `path` through path.tmp, fsync and rename, so that a
+// crash leaves the old file or the new one, never half of one; throws
+// UserError naming the file and the system's reason.
+void write_file_atomic(const std::string& path, const std::string& text);
 // Text taken from a file (a dtype string, a parser message quoting the
 // input) may hold newlines or control bytes: each becomes '?', and text past
 // max_len becomes "...", so that one-line messages stay one line.

@@ -11,6 +11,7 @@
 #include <cstdio>
 #include <cstring>
 #include <initializer_list>
+#include <set>
 #include <limits>
 
 namespace prism {
@@ -123,13 +124,22 @@ static bool integral_value(const json& v, long double* out) {
     return false;
 }
 
+// A value quoted in an error message: a scalar as JSON, cut short; an array
+// or object by its kind alone, since dumping one would echo a whole file, or
+// recurse through a deeply nested one until the stack runs out.
+static std::string excerpt(const json& v) {
+    if (v.is_array()) return "an array";
+    if (v.is_object()) return "an object";
+    return printable(v.dump(), 60);
+}
+
 static void read_field(const Field& f, Config& c, const json& v, const std::string& origin) {
     std::string name = std::string(f.section) + "." + f.key;
     auto fail = [&](const char* what) {
-        throw UserError(origin + ": " + name + " must be " + what + ", got " + v.dump());
+        throw UserError(origin + ": " + name + " must be " + what + ", got " + excerpt(v));
     };
     auto out_of_range = [&]() {
-        throw UserError(origin + ": " + name + " " + v.dump() + " is out of range");
+        throw UserError(origin + ": " + name + " " + excerpt(v) + " is out of range");
     };
     FieldRef r = f.get(c);
     long double x = 0;
@@ -206,7 +216,7 @@ static Config parse_json(const json& j, const std::string& origin) {
                             " (expected model, data or train)");
         if (!sec.value().is_object())
             throw UserError(origin + ": section " + sec.key() + " must be a JSON object, got " +
-                            sec.value().dump());
+                            excerpt(sec.value()));
         for (auto kv = sec.value().begin(); kv != sec.value().end(); ++kv) {
             const Field* f = find_field(sec.key(), kv.key());
             if (!f) throw UserError(origin + ": unknown key " + sec.key() + "." + kv.key());
@@ -273,8 +283,20 @@ static std::string read_file(const std::string& path) {
 Config load_config(const std::string& path, const std::vector<std::string>& sets) {
     std::string text = read_file(path);
     json j;
+    // JSON lets an object repeat a key and keeps the last: {"lr": -1, "lr": 1e-3}
+    // is one edit left half done. The parser's callback sees every key.
+    std::vector<std::set<std::string>> keys;  // one set per open object
+    std::string repeated;
+    auto note_keys = [&](int, json::parse_event_t event, json& parsed) {
+        if (event == json::parse_event_t::object_start) keys.emplace_back();
+        if (event == json::parse_event_t::object_end) keys.pop_back();
+        if (event == json::parse_event_t::key && !keys.back().insert(parsed.get<std::string>()).second &&
+            repeated.empty())
+            repeated = parsed.get<std::string>();
+        return true;
+    };
     try {
-        j = json::parse(text);
+        j = json::parse(text, note_keys);
     } catch (const json::parse_error& e) {
         // drop nlohmann's "[json.exception.parse_error.101] " prefix
         std::string msg = e.what();
@@ -282,6 +304,8 @@ Config load_config(const std::string& path, const std::vector<std::string>& sets
         if (msg.rfind("[json.exception", 0) == 0 && p != std::string::npos) msg = msg.substr(p + 2);
         throw UserError(path + ": invalid JSON: " + msg);
     }
+    if (!repeated.empty())
+        throw UserError(path + ": key \"" + printable(repeated, 60) + "\" appears twice in one object");
     parse_json(j, path);
     std::string origin = path;
     for (const std::string& s : sets) {
@@ -312,7 +336,7 @@ static void check_one_of(const std::string& v, const char* name,
         if (v == a) return;
         list += list.empty() ? a : std::string("|") + a;
     }
-    throw UserError(origin + ": " + name + " must be one of " + list + ", got \"" + v + "\"");
+    throw UserError(origin + ": " + name + " must be one of " + list + ", got \"" + printable(v, 60) + "\"");
 }
 
 void validate(const Config& c, const std::string& origin) {
@@ -325,6 +349,9 @@ void validate(const Config& c, const std::string& origin) {
     };
     for (auto& p : positive)
         check(p.v >= 1, origin, std::string(p.name) + " must be >= 1, got " + std::to_string(p.v));
+    // The parameter layout is built per block before anything is allocated:
+    // an absurd depth would exhaust host memory there, not in an arena.
+    check(m.depth <= 1024, origin, "model.depth must be <= 1024, got " + std::to_string(m.depth));
     check(m.image % m.patch == 0, origin,
           "model.image " + std::to_string(m.image) + " is not divisible by model.patch " +
               std::to_string(m.patch));
@@ -358,7 +385,8 @@ void validate(const Config& c, const std::string& origin) {
     const TrainConfig& t = c.train;
     check(t.batch >= 1, origin, "train.batch must be >= 1, got " + std::to_string(t.batch));
     check(t.steps >= 0, origin, "train.steps must be >= 0, got " + std::to_string(t.steps));
-    check(t.epochs >= 0, origin, "train.epochs must be >= 0, got " + num(t.epochs));
+    // Epochs become a step count (int64) once the data set's size is known.
+    check(t.epochs >= 0 && t.epochs <= 1e6, origin, "train.epochs must be in [0, 1e6], got " + num(t.epochs));
     check(t.lr > 0, origin, "train.lr must be > 0, got " + num(t.lr));
     check(t.min_lr >= 0 && t.min_lr <= t.lr, origin,
           "train.min_lr must be in [0, train.lr], got " + num(t.min_lr));
@@ -368,7 +396,8 @@ void validate(const Config& c, const std::string& origin) {
     check(t.eps > 0, origin, "train.eps must be > 0, got " + num(t.eps));
     check(t.warmup_steps >= 0, origin,
           "train.warmup_steps must be >= 0, got " + std::to_string(t.warmup_steps));
-    check(t.warmup_epochs >= 0, origin, "train.warmup_epochs must be >= 0, got " + num(t.warmup_epochs));
+    check(t.warmup_epochs >= 0 && t.warmup_epochs <= 1e6, origin,
+          "train.warmup_epochs must be in [0, 1e6], got " + num(t.warmup_epochs));
     check(t.grad_clip >= 0, origin, "train.grad_clip must be >= 0, got " + num(t.grad_clip));
     check_one_of(t.precision, "train.precision", {"auto", "fp32", "bf16"}, origin);
     check(t.eval_every >= 0, origin,

@@ -53,17 +53,25 @@ void remove_stop_signals() {
 
 int stop_signal() { return int(g_stop); }
 
-bool guard_nonfinite(const TrainConfig& t, int64_t step, double loss, double grad_norm, int64_t* skipped,
+bool guard_nonfinite(const TrainConfig& t, int64_t step, double loss, double grad_norm, NonfiniteSkips* skips,
                      const std::string& last_checkpoint) {
-    if (std::isfinite(loss) && std::isfinite(grad_norm)) return true;
-    if (t.skip_nonfinite) {
-        ++*skipped;
-        return false;
+    if (std::isfinite(loss) && std::isfinite(grad_norm)) {
+        skips->in_a_row = 0;
+        return true;
     }
-    throw UserError("train: loss " + number(loss) + ", gradient norm " + number(grad_norm) + " at step " +
-                    std::to_string(step) + "; stopped before updating the weights; " +
-                    (last_checkpoint.empty() ? std::string("no checkpoint was written yet")
-                                             : "the last checkpoint, " + last_checkpoint + ", is intact") +
+    const std::string checkpoint = last_checkpoint.empty() ? std::string("no checkpoint was written yet")
+                                                           : "the last checkpoint, " + last_checkpoint + ", is intact";
+    const std::string found = "train: loss " + number(loss) + ", gradient norm " + number(grad_norm) + " at step " +
+                              std::to_string(step);
+    if (t.skip_nonfinite) {
+        ++skips->total;
+        if (++skips->in_a_row < kMaxSkipsInARow) return false;
+        throw UserError(found + ", " + std::to_string(kMaxSkipsInARow) +
+                        " non-finite steps in a row: train.skip_nonfinite skips bad batches, but the weights "
+                        "themselves now give non-finite values; stopped; " + checkpoint + " (lower train.lr or "
+                        "set train.grad_clip)");
+    }
+    throw UserError(found + "; stopped before updating the weights; " + checkpoint +
                     " (lower train.lr, set train.grad_clip, or set train.skip_nonfinite=true to skip such steps)");
 }
 

@@ -20,15 +20,26 @@ void remove_stop_signals();
 // 0, or the number of the first stop signal received.
 int stop_signal();
 
+// Steps skipped for a non-finite loss or gradient norm: in all, and since
+// the last finite one.
+struct NonfiniteSkips {
+    int64_t total = 0;
+    int64_t in_a_row = 0;
+};
+// train.skip_nonfinite rides out a few bad batches; this many in a row means
+// the weights themselves give non-finite values, and skipping would go on
+// forever without changing them.
+constexpr int64_t kMaxSkipsInARow = 20;
+
 // Call once a step, after the gradient is all-reduced and before the
 // optimizer update, with values every rank agrees on: the loss summed over
 // ranks and the norm of the reduced gradient. Returns true when both are
-// finite (apply the step). Otherwise, with t.skip_nonfinite, adds one to
-// *skipped and returns false: the caller leaves weights and moments alone and
-// goes on with the next batch. Without it, throws UserError with one line
-// naming the step and last_checkpoint (the last state file written, "" if
-// none), which the stop leaves intact.
-bool guard_nonfinite(const TrainConfig& t, int64_t step, double loss, double grad_norm, int64_t* skipped,
+// finite (apply the step). Otherwise, with t.skip_nonfinite, counts the skip
+// and returns false: the caller leaves weights and moments alone and goes on
+// with the next batch. Without it, or at the kMaxSkipsInARow-th skip in a
+// row, throws UserError with one line naming the step and last_checkpoint
+// (the last state file written, "" if none), which the stop leaves intact.
+bool guard_nonfinite(const TrainConfig& t, int64_t step, double loss, double grad_norm, NonfiniteSkips* skips,
                      const std::string& last_checkpoint);
 
 }  // namespace prism

@@ -1,5 +1,6 @@
 #include "engine/monitor.h"
 #include <cstdio>
+#include <cstdlib>
 #include <sys/ioctl.h>
 #include <unistd.h>
 #include "engine/device.h"
@@ -29,11 +30,21 @@ std::string format_duration(double seconds) {
     return buf;
 }
 
+// Whether progress may redraw one line in place. Open MPI's mpirun hands a
+// rank's output on through a pseudo-terminal even when the job's output goes
+// to a file, so under a launcher the redraws would land in the log: plain
+// lines there.
+static bool stdout_is_a_terminal() {
+    for (const char* launcher : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"})
+        if (std::getenv(launcher)) return false;
+    return isatty(STDOUT_FILENO);
+}
+
 TrainMonitor::TrainMonitor(const Config& cfg, Device device, const std::string& out_dir, bool verbose,
                            const TrainOptions& opts, int64_t total_steps, int64_t steps_per_epoch,
                            std::vector<std::string> channel_names)
     : cfg_(cfg), device_(device), out_dir_(out_dir), console_(verbose && opts.rank == 0),
-      record_(!out_dir.empty() && opts.rank == 0), tty_(console_ && isatty(STDOUT_FILENO)),
+      record_(!out_dir.empty() && opts.rank == 0), tty_(console_ && stdout_is_a_terminal()),
       total_(total_steps), per_epoch_(steps_per_epoch), profile_first_(opts.profile_first),
       profile_last_(opts.profile_last), peak_flops_(opts.peak_flops),
       train_flops_per_image_(count_flops(cfg.model).train_step_gflops_per_image * 1e9),
@@ -43,7 +54,7 @@ TrainMonitor::TrainMonitor(const Config& cfg, Device device, const std::string& 
                         ": expected A:B with 1 <= A <= B <= " + std::to_string(total_) + " (the run's steps)");
     if (record_) {
         make_dirs(out_dir_);
-        std::ofstream(join_path(out_dir_, "config.json")) << config_to_json(cfg_).dump(2) << "\n";
+        write_file_atomic(join_path(out_dir_, "config.json"), config_to_json(cfg_).dump(2) + "\n");
         // A resumed run goes on with the lines of the run it continues.
         metrics_.open(join_path(out_dir_, "metrics.jsonl"), opts.resume_dir.empty() ? std::ios::trunc : std::ios::app);
         if (!metrics_) throw UserError(join_path(out_dir_, "metrics.jsonl") + ": cannot write");
@@ -193,11 +204,9 @@ void TrainMonitor::eval_done(int64_t steps, const EvalResult& r) {
                                {"count", r.count}}.dump()
              << "\n" << std::flush;
     if (class_routing_) {
-        const std::string path = join_path(out_dir_, "routing.json");
-        std::ofstream f(path);
-        f << routing_json(*class_routing_, steps, cfg_.model.top_k, cfg_.model.num_patches(), channel_names_).dump()
-          << "\n";
-        if (!f) throw UserError(path + ": write failed");
+        write_file_atomic(join_path(out_dir_, "routing.json"),
+                          routing_json(*class_routing_, steps, cfg_.model.top_k, cfg_.model.num_patches(),
+                                       channel_names_).dump() + "\n");
     }
 }
 

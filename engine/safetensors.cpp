@@ -3,6 +3,7 @@
 #include <cstdio>
 #include <cstring>
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 #include <nlohmann/json.hpp>
 #include "engine/common.h"
@@ -72,8 +73,20 @@ const TensorIn& SafetensorsFile::at(const std::string& name) const {
 SafetensorsFile read_safetensors(const std::string& path) {
     SafetensorsFile out;
     out.path = path;
-    FILE* f = std::fopen(path.c_str(), "rb");
-    if (!f) throw UserError(path + ": cannot open: " + std::strerror(errno));
+    // O_NONBLOCK: a FIFO is refused below instead of blocking the open.
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0) throw UserError(path + ": cannot open: " + std::strerror(errno));
+    struct stat st = {};
+    if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        ::close(fd);
+        throw UserError(path + (S_ISDIR(st.st_mode) ? ": is a directory, not a .safetensors file"
+                                                     : ": not a regular file"));
+    }
+    FILE* f = ::fdopen(fd, "rb");
+    if (!f) {
+        ::close(fd);
+        throw UserError(path + ": cannot open: " + std::strerror(errno));
+    }
     std::fseek(f, 0, SEEK_END);
     const long size = std::ftell(f);
     std::fseek(f, 0, SEEK_SET);
@@ -97,6 +110,7 @@ SafetensorsFile read_safetensors(const std::string& path) {
     if (!header.is_object()) throw UserError(path + ": header is not a JSON object");
     for (auto it = header.begin(); it != header.end(); ++it) {
         if (it.key() == "__metadata__") {
+            if (!it.value().is_object()) throw UserError(path + ": __metadata__ is not a JSON object");
             for (auto m = it.value().begin(); m != it.value().end(); ++m)
                 if (m.value().is_string()) out.metadata[m.key()] = m.value().get<std::string>();
             continue;

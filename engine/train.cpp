@@ -141,14 +141,37 @@ static void reduce_class_routing(const Comm& comm, ClassRouting& routing) {
         routing.slots[i] = int64_t(std::llround(v[routing.images.size() + i]));
 }
 
-// FNV-1a over the weights' bytes: cheap proof that every rank holds the same.
-static uint64_t weights_hash(Model<float>& model) {
+// FNV-1a: cheap proof that every rank holds the same bytes.
+static uint64_t fnv1a(const void* data, size_t bytes) {
     uint64_t h = 1469598103934665603ull;
+    const auto* p = static_cast<const unsigned char*>(data);
+    for (size_t i = 0; i < bytes; i++) h = (h ^ p[i]) * 1099511628211ull;
+    return h;
+}
+
+static uint64_t weights_hash(Model<float>& model) {
     std::vector<float> params(model.num_params());
     model.params_to_host(params.data());
-    const auto* p = reinterpret_cast<const unsigned char*>(params.data());
-    for (size_t i = 0; i < size_t(model.num_params()) * sizeof(float); i++) h = (h ^ p[i]) * 1099511628211ull;
-    return h;
+    return fnv1a(params.data(), params.size() * sizeof(float));
+}
+
+// Every rank must train the same config: a stale file or a --set on one node
+// would give the ranks collectives of different sizes, which MPI and NCCL
+// do not survive gracefully. Checked before the first of them.
+static void check_same_config(const Comm& comm, const Config& cfg) {
+    const std::string text = config_to_json(cfg).dump();
+    uint64_t mine = fnv1a(text.data(), text.size()), rank0 = mine;
+    comm_broadcast(comm, &rank0, sizeof rank0);
+    std::vector<double> differs(size_t(comm.size), 0.0);
+    differs[size_t(comm.rank)] = mine != rank0 ? 1.0 : 0.0;
+    comm_allreduce_sum(comm, differs.data(), int64_t(differs.size()));
+    std::string ranks;
+    for (int r = 0; r < comm.size; r++)
+        if (differs[size_t(r)] > 0) ranks += (ranks.empty() ? "" : ", ") + std::to_string(r);
+    if (!ranks.empty())
+        throw UserError("train: the config of rank" + std::string(ranks.find(',') == std::string::npos ? " " : "s ") +
+                        ranks + " differs from rank 0's (another file, or another --set): every rank must run "
+                        "the same command");
 }
 
 TrainResult train(const Config& cfg, Device device, const std::string& out_dir, bool verbose,
@@ -166,6 +189,7 @@ TrainResult train(const Config& cfg, Device device, const std::string& out_dir, 
                         " ranks needs NCCL, and there is no NCCL communicator (a build without NCCL, or "
                         "comm_init_nccl was not called); --device cpu trains data parallel over MPI");
     const bool nccl = device == Device::cuda && comm.nccl;
+    if (comm.size > 1) check_same_config(comm, cfg);
     if (cfg.data.train.empty()) throw UserError("config: data.train is empty (a glob of training shards)");
     if (t.steps == 0 && t.epochs == 0) throw UserError("config: set train.steps or train.epochs");
 
@@ -242,9 +266,13 @@ TrainResult train(const Config& cfg, Device device, const std::string& out_dir, 
         last_state = join_path(opts.resume_dir, kTrainStateFile);
         at = load_train_state(last_state, cfg, model, opt);
         loader.seek({at.epoch, at.batch_index});
+        if (at.step > total)
+            throw UserError("resume: " + last_state + " is at step " + std::to_string(at.step) +
+                            ", past this run's " + std::to_string(total) + " steps (raise train.steps)");
         if (verbose)
-            std::printf("resume: %s at step %lld (epoch %lld, batch %lld)\n", last_state.c_str(),
-                        (long long)at.step, (long long)at.epoch, (long long)at.batch_index);
+            std::printf("resume: %s at step %lld (epoch %lld, batch %lld)%s\n", last_state.c_str(),
+                        (long long)at.step, (long long)at.epoch, (long long)at.batch_index,
+                        at.step == total ? "; the run has all its steps, only the final evaluation is left" : "");
     }
     const int64_t stop_at = t.stop_after > 0 ? std::min(total, at.step + t.stop_after) : total;
 
@@ -260,13 +288,14 @@ TrainResult train(const Config& cfg, Device device, const std::string& out_dir, 
         monitor.eval_done(step, r);
         return r;
     };
-    int64_t skipped = at.skipped_steps;
+    NonfiniteSkips skips;
+    skips.total = at.skipped_steps;
     auto checkpoint = [&](int64_t steps_done) {
         if (out_dir.empty()) return;
         const LoaderPosition pos = loader.position();
         // A sharded optimizer's moments are gathered from every rank: all take part.
         if (lead || opt.sharded())
-            save_training_checkpoint(out_dir, model, opt, cfg, {steps_done, skipped, pos.epoch, pos.batch}, lead);
+            save_training_checkpoint(out_dir, model, opt, cfg, {steps_done, skips.total, pos.epoch, pos.batch}, lead);
         comm_barrier(comm);  // no rank runs ahead of a checkpoint it may need
         last_state = join_path(out_dir, kTrainStateFile);
     };
@@ -341,7 +370,7 @@ TrainResult train(const Config& cfg, Device device, const std::string& out_dir, 
         }
         const double lr = learning_rate(t, step, total, warmup);
         const double grad_norm = opt.grad_norm(model);
-        if (guard_nonfinite(t, step, loss, grad_norm, &skipped, last_state)) opt.apply(model, lr, grad_norm);
+        if (guard_nonfinite(t, step, loss, grad_norm, &skips, last_state)) opt.apply(model, lr, grad_norm);
 
         monitor.step_done(step, l, b.size, lr, grad_norm, model.routing_counts());
         const bool last = step + 1 == total;
@@ -355,7 +384,6 @@ TrainResult train(const Config& cfg, Device device, const std::string& out_dir, 
             break;
         }
     }
-    remove_stop_signals();
     monitor.finish();
     if (verbose && phase_steps > 0) {
         const double n = double(phase_steps);
@@ -389,22 +417,29 @@ TrainResult train(const Config& cfg, Device device, const std::string& out_dir, 
     result.steps = step;
     result.seconds = seconds_since(start);
     result.position = loader.position();
-    result.skipped_steps = skipped;
+    result.skipped_steps = skips.total;
+    const std::string resume_hint = out_dir.empty() ? "; nothing was saved (no --out)" : "; resume with --resume " + out_dir;
     if (result.stop_signal) {
+        remove_stop_signals();
         if (verbose)
             std::printf("train: stopped by signal %d after step %lld%s\n", result.stop_signal, (long long)step,
-                        out_dir.empty() ? "" : ("; resume with --resume " + out_dir).c_str());
+                        resume_hint.c_str());
         return result;
     }
-    if (val_data) result.val = run_eval(step);
+    // The checkpoint comes before the final evaluation, and the stop signals
+    // go back to their defaults once it is written: Ctrl-C during the
+    // evaluation then ends the process at once and loses no training
+    // (--resume runs the evaluation alone).
     checkpoint(step);
+    remove_stop_signals();
     if (verbose && !out_dir.empty())
         std::printf("wrote %s/model.safetensors and %s\n", out_dir.c_str(), kTrainStateFile);
+    if (val_data) result.val = run_eval(step);
     if (verbose && step < total)
-        std::printf("train: stopped after step %lld of %lld (train.stop_after); resume with --resume %s\n",
-                    (long long)step, (long long)total, out_dir.c_str());
+        std::printf("train: stopped after step %lld of %lld (train.stop_after)%s\n", (long long)step,
+                    (long long)total, resume_hint.c_str());
     if (verbose) std::printf("train: %lld steps in %.1f s%s\n", (long long)(step - at.step), result.seconds,
-                             skipped ? (", " + std::to_string(skipped) + " skipped (non-finite)").c_str() : "");
+                             skips.total ? (", " + std::to_string(skips.total) + " skipped (non-finite)").c_str() : "");
     return result;
 }
 

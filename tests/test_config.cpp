@@ -199,6 +199,13 @@ TEST(Config, FileRefusals) {
         {"seed.json", R"({"train": {"seed": -1}})", "train.seed"},
         {"bad_json.json", R"({"model": {"dim": 64,}})", "invalid JSON"},
         {"empty.json", "", "invalid JSON"},
+        {"repeated_key.json", R"({"train": {"lr": -1, "lr": 0.001}})", "key \"lr\" appears twice in one object"},
+        {"repeated_section.json", R"({"model": {"dim": 64}, "model": {"depth": 2}})", "key \"model\" appears twice"},
+        {"array_value.json", R"({"model": {"dim": [64, 128]}})", "model.dim must be an integer, got an array"},
+        {"object_section.json", R"({"model": [{"dim": 64}]})", "section model must be a JSON object, got an array"},
+        {"deep_depth.json", R"({"model": {"depth": 2000000000}})", "model.depth must be <= 1024"},
+        {"huge_epochs.json", R"({"train": {"steps": 0, "epochs": 1e300}})", "train.epochs must be in [0, 1e6]"},
+        {"huge_warmup.json", R"({"train": {"warmup_epochs": 1e300}})", "train.warmup_epochs must be in [0, 1e6]"},
     };
     for (const Case& c : cases) {
         std::string path = write_temp(c.name, c.text);
@@ -207,6 +214,23 @@ TEST(Config, FileRefusals) {
         EXPECT_TRUE(has(m, c.expect)) << c.name << ": " << m;
         EXPECT_EQ(m.find('\n'), std::string::npos) << c.name << ": " << m;
     }
+}
+
+// A value is quoted in an error by its kind or cut short: dumping a deeply
+// nested one recursed until the stack ran out, and a long string came back whole.
+TEST(Config, RefusalsQuoteValuesShortly) {
+    const int depth = 200000;
+    std::string path = write_temp("deep.json", R"({"model": {"dim": )" + std::string(depth, '[') +
+                                                   std::string(depth, ']') + "}}");
+    std::string m = user_error([&] { load_config(path); });
+    EXPECT_TRUE(has(m, "model.dim must be an integer, got an array")) << m.substr(0, 200);
+    path = write_temp("long.json", R"({"model": {"arch": ")" + std::string(100000, 'x') + R"("}})");
+    m = user_error([&] { load_config(path); });
+    EXPECT_TRUE(has(m, "model.arch must be one of")) << m.substr(0, 200);
+    EXPECT_LT(m.size(), 300u) << m.substr(0, 400);
+    // The same key in two different objects is no repeat.
+    path = write_temp("same_key_twice.json", R"({"data": {"train": "t-*.shard"}, "train": {"seed": 1}})");
+    EXPECT_EQ(load_config(path).data.train, "t-*.shard");
 }
 
 TEST(Config, MissingFile) {

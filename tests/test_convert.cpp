@@ -285,8 +285,8 @@ TEST(ConvertNpy, ListOptionsAndStaleShards) {
     o.prefix = "a/b";
     expect_error([&] { convert_npy(o); }, "--prefix 'a/b'", "letters");
     o.prefix = "train";
-    o.shard_size = 0;
-    expect_error([&] { convert_npy(o); }, "--shard-size 0", "at least 1");
+    o.shard_size = -1;  // 0 is the default: 4096 images, fewer where a shard would pass 1 GiB
+    expect_error([&] { convert_npy(o); }, "--shard-size -1", "at least 1");
 }
 
 // A validation split converted with --stats-from carries the training
@@ -314,6 +314,91 @@ TEST(ConvertNpy, StatsFromAnotherShardSet) {
     NpyOptions w = npy_options(other);
     w.stats_from = o.out + "/train-*.shard";
     expect_error([&] { convert_npy(w); }, o.out + "/train-00000.shard", "channels");
+}
+
+// Converting validation data into the training shards' directory without
+// another --prefix would replace the shards its --stats-from reads: refused,
+// with the training set intact.
+TEST(ConvertNpy, StatsFromTheShardsItWouldReplaceIsRefused) {
+    TmpDir dir;
+    write_npy_set<uint8_t>(dir, "|u1", kN, kC, kH, kW, [](int i, size_t j) { return double(i + j); });
+    NpyOptions o = npy_options(dir);
+    convert_npy(o);
+    const std::vector<std::string> before = shard_entries(o.out);
+    const std::string first = read_bytes(o.out + "/train-00000.shard");
+    o.stats_from = o.out + "/train-*.shard";
+    expect_error([&] { convert_npy(o); }, "--stats-from '" + o.stats_from + "'",
+                 "matches " + o.out + "/train-00000.shard, which this conversion (--out " + o.out +
+                     " --prefix train) would replace");
+    o.stats_from = dir / "out/../out/train-00002.shard";  // the same directory, named otherwise
+    expect_error([&] { convert_npy(o); }, "--stats-from '" + o.stats_from + "'", "would replace");
+    EXPECT_EQ(shard_entries(o.out), before);
+    EXPECT_EQ(read_bytes(o.out + "/train-00000.shard"), first);
+    o.prefix = "train2";  // "train-*" shards are no "train2-" shards
+    o.stats_from = o.out + "/train-*.shard";
+    convert_npy(o);
+    EXPECT_EQ(read_shard_header(o.out + "/train2-00000.shard").mean, read_shard_header(o.out + "/train-00000.shard").mean);
+}
+
+// What can be checked without reading the images is checked before the first
+// pass reads them (a 52 GB So2Sat file takes minutes), and a listed file is
+// read whole only once its header says what it is.
+TEST(ConvertNpy, ChecksOutputAndHeadersBeforeReadingImages) {
+    TmpDir dir;
+    write_npy_set<uint8_t>(dir, "|u1", kN, kC, kH, kW, [](int i, size_t j) { return double(i + j); });
+    // Image 5 is no NPY file at all, but the bad --out and --stats-from come first.
+    write_bytes(dir / "img/5.npy", "not an npy");
+    write_bytes(dir / "file", "");
+    NpyOptions o = npy_options(dir);
+    o.out = dir / "file/out";
+    expect_error([&] { convert_npy(o); }, dir / "file", "exists and is not a directory");
+    o = npy_options(dir);
+    o.stats_from = dir / "nothing-*.shard";
+    expect_error([&] { convert_npy(o); }, o.stats_from, "no files match");
+    // A huge file that is no NPY is refused from its first bytes: read whole,
+    // it would need 64 GiB (the file is sparse and takes no disk).
+    const std::string big = dir / "img/6.npy";
+    write_npy_set<uint8_t>(dir, "|u1", kN, kC, kH, kW, [](int i, size_t j) { return double(i + j); });
+    ASSERT_EQ(::truncate(big.c_str(), off_t(64) << 30), 0);  // 6.npy: a valid header, then 64 GiB
+    expect_error([&] { convert_npy(npy_options(dir)); }, big, "its header says");
+    write_bytes(big, "not an npy either");
+    ASSERT_EQ(::truncate(big.c_str(), off_t(64) << 30), 0);
+    expect_error([&] { convert_npy(npy_options(dir)); }, big, "not an NPY file (bad magic)");
+}
+
+// A FIFO where a file should be is refused at once instead of blocking the
+// open until a writer comes (the test would hang).
+TEST(ConvertNpy, FifosAreRefusedNotWaitedOn) {
+    TmpDir dir;
+    write_npy_set<uint8_t>(dir, "|u1", kN, kC, kH, kW, [](int i, size_t j) { return double(i + j); });
+    ::unlink((dir / "img/2.npy").c_str());
+    ASSERT_EQ(::mkfifo((dir / "img/2.npy").c_str(), 0600), 0);
+    expect_error([&] { convert_npy(npy_options(dir)); }, dir / "img/2.npy", "not a regular file (listed on line 4");
+    ::mkdir((dir / "shards").c_str(), 0777);
+    ASSERT_EQ(::mkfifo((dir / "shards/train-00000.shard").c_str(), 0600), 0);
+    expect_error([&] { read_shard_header(dir / "shards/train-00000.shard"); }, dir / "shards/train-00000.shard",
+                 "not a regular file");
+}
+
+// Pass 2 holds a shard in memory: without --shard-size, a shard of large
+// images is bounded at 1 GiB instead of 4096 images.
+TEST(ConvertNpy, DefaultShardSizeIsBoundedInBytes) {
+    TmpDir dir;
+    const int C = 16, H = 1024, W = 1024;  // 16 MiB per uint8 image: 64 of them make 1 GiB
+    write_npy_set<uint8_t>(dir, "|u1", 2, C, H, W, [](int i, size_t j) { return double((i + j) & 255); });
+    NpyOptions o = npy_options(dir, 0);
+    o.verbose = true;
+    ::testing::internal::CaptureStdout();
+    convert_npy(o);
+    const std::string out = ::testing::internal::GetCapturedStdout();
+    EXPECT_NE(out.find("stored as uint8, 2 classes, 64 images per shard"), std::string::npos) << out;
+    o = npy_options(dir, 0);
+    write_npy_set<uint8_t>(dir, "|u1", kN, kC, kH, kW, [](int i, size_t j) { return double(i + j); });
+    o.verbose = true;
+    ::testing::internal::CaptureStdout();
+    convert_npy(o);
+    const std::string small = ::testing::internal::GetCapturedStdout();
+    EXPECT_NE(small.find("4096 images per shard"), std::string::npos) << small;
 }
 
 // ---------------------------------------------------------------------------
@@ -390,6 +475,9 @@ TEST(ConvertNpy, RefusesBadLists) {
         write_bytes(o.list, c.csv);
         expect_error([&] { convert_npy(o); }, o.list, c.what);
     }
+    const char nul[] = "path,label\na.npy\0junk,1\n";  // open() would read a.npy
+    write_bytes(o.list, std::string(nul, sizeof nul - 1));
+    expect_error([&] { convert_npy(o); }, o.list, "line 2: the path holds a NUL byte");
     write_bytes(o.list, "path,label\na.npy,1\na.npy,4\n");
     o.num_classes = 3;
     expect_error([&] { convert_npy(o); }, o.list, "line 3: label 4 is not below --num-classes 3");

@@ -150,6 +150,60 @@ TEST(Distributed, SigtermWritesACheckpointThatResumes) {
     EXPECT_NE(b.output.find("\"steps\":" + std::to_string(stopped + 2)), std::string::npos) << b.output;
 }
 
+// The checkpoint is written before the final evaluation, and the stop
+// signals are back at their defaults for it: SIGTERM during the evaluation
+// ends the process at once and loses no training; --resume then runs the
+// evaluation alone. (Before, the signal arrived before any checkpoint of a
+// run with train.checkpoint_every = 0, and all its steps were lost.)
+TEST(Distributed, ASignalDuringTheFinalEvaluationLosesNoTraining) {
+    const std::string prism = build_dir() + "prism";
+    TmpDir run;
+    // A wide model evaluated on all 512 training images: seconds of evaluation.
+    const std::string flags = "--set train.steps=2 --set model.dim=192 --set model.depth=6 --set model.heads=4 "
+                              "--set 'data.val=" + tiny_data_dir() + "/train-*.shard'";
+    const ShellRun a = run_shell("(" + prism + " train " + train_flags(run.path, flags) + " > " + run.path +
+                                 "/log 2>&1 & pid=$!; "
+                                 "for i in $(seq 1200); do grep -q '^wrote ' " + run.path + "/log && break; sleep 0.05; done; "
+                                 "kill -TERM $pid; wait $pid; echo rc=$?)");
+    const std::string log = read_bytes(run.path + "/log");
+    ASSERT_NE(a.output.find("rc=143"), std::string::npos) << a.output << log;
+    EXPECT_EQ(log.find("eval  step"), std::string::npos) << log;  // it was cut short
+    ASSERT_TRUE(exists(run.path + "/train_state.safetensors")) << log;
+    const ShellRun b = run_shell(prism + " train --resume " + run.path + " --device cpu");
+    ASSERT_TRUE(exited_ok(b)) << b.output;
+    EXPECT_NE(b.output.find("at step 2 (epoch 0, batch 2); the run has all its steps, only the final evaluation is left"),
+              std::string::npos) << b.output;
+    EXPECT_NE(b.output.find("\"steps\":2,"), std::string::npos) << b.output;
+    EXPECT_NE(b.output.find("\"val_count\":512"), std::string::npos) << b.output;
+}
+
+// A repeated command loses nothing: a new run refuses a directory that holds
+// one (it would truncate its metrics, then overwrite its checkpoint). Stray
+// words and repeated options are refused instead of dropped, and a run with
+// nothing to evaluate reports null, not a loss of 0.
+TEST(Distributed, TheCommandLineRefusesWhatWouldLoseARun) {
+    const std::string prism = build_dir() + "prism";
+    TmpDir run;
+    const ShellRun a = run_shell(prism + " train " + train_flags(run.path, "--set train.steps=2 --set data.val="));
+    ASSERT_TRUE(exited_ok(a)) << a.output;
+    EXPECT_NE(a.output.find("\"val_accuracy\":null,\"val_count\":0,\"val_loss\":null"), std::string::npos) << a.output;
+    const std::string metrics = read_bytes(run.path + "/metrics.jsonl");
+    ASSERT_FALSE(metrics.empty());
+    const ShellRun b = run_shell(prism + " train " + train_flags(run.path, "--set train.steps=4"));
+    EXPECT_EQ(WEXITSTATUS(b.status), 1) << b.output;
+    EXPECT_NE(b.output.find("prism: --out " + run.path + ": holds a run already (train_state.safetensors); "
+                            "continue it with --resume " + run.path), std::string::npos) << b.output;
+    EXPECT_EQ(read_bytes(run.path + "/metrics.jsonl"), metrics);
+    TmpDir other;
+    const ShellRun c = run_shell(prism + " train " + train_flags(other.path, "--set train.steps=2 model.top_k=9"));
+    EXPECT_EQ(WEXITSTATUS(c.status), 1) << c.output;
+    EXPECT_NE(c.output.find("prism: train: unexpected argument 'model.top_k=9'"), std::string::npos) << c.output;
+    const ShellRun d = run_shell(prism + " train " + train_flags(other.path, "--device cpu"));
+    EXPECT_EQ(WEXITSTATUS(d.status), 1) << d.output;
+    EXPECT_NE(d.output.find("prism: train: --device is given more than once"), std::string::npos) << d.output;
+    EXPECT_FALSE(exists(other.path + "/metrics.jsonl"));
+}
+
 // A rank that dies mid-run ends the job with a non-zero exit, within the
 // communication timeout, instead of leaving the other rank waiting forever.
 TEST(Distributed, ADeadRankEndsTheJob) {

@@ -702,3 +702,20 @@ TEST(Synth, RefusesBadArguments) {
     write_bytes(file, "x");
     expect_error([&] { synthesize("tiny", file + "/sub", 10, 1, false); }, file, "not a directory");
 }
+
+// synth stages both splits and commits them together: a run that fails part
+// way (here the validation shard cannot be written) leaves the earlier set
+// whole, not new training shards beside old validation ones.
+TEST(Synth, AFailedRunLeavesTheEarlierSetWhole) {
+    TmpDir dir;
+    synthesize("tiny", dir.path, 64, 1, false);
+    const std::string train = read_bytes(dir / "train-00000.shard"), val = read_bytes(dir / "val-00000.shard");
+    ASSERT_EQ(::mkdir((dir / "val-00000.shard.part.tmp").c_str(), 0777), 0);  // where write_shard writes
+    expect_error([&] { synthesize("tiny", dir.path, 64, 2, false); }, dir / "val-00000.shard.part", "cannot create");
+    EXPECT_EQ(read_bytes(dir / "train-00000.shard"), train);
+    EXPECT_EQ(read_bytes(dir / "val-00000.shard"), val);
+    EXPECT_FALSE(exists(dir / "train-00000.shard.part"));
+    ASSERT_EQ(::rmdir((dir / "val-00000.shard.part.tmp").c_str()), 0);
+    synthesize("tiny", dir.path, 64, 2, false);
+    EXPECT_NE(read_bytes(dir / "train-00000.shard"), train);
+}

@@ -8,9 +8,11 @@
 #include <vector>
 #include <signal.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
+#include <nlohmann/json.hpp>
 #include "engine/checkpoint.h"
 #include "engine/faults.h"
 #include "engine/rng.h"
@@ -158,6 +160,44 @@ TEST(State, RefusesFilesThatAreNotACompleteState) {
     expect_error([&] { load_train_state(state, cfg, b.model, b.opt); }, state, "step is not a non-negative integer");
 }
 
+// model.safetensors is also what users hand to `prism eval`: damage to it
+// gets one line naming the file, never an abort or NaN logits.
+TEST(State, CheckpointRefusalsNameTheProblem) {
+    TmpDir dir;
+    const Config cfg = small_config();
+    Trainee a(cfg);
+    a.fill(2);
+    save_training_checkpoint(dir.path, a.model, a.opt, cfg, point(6));
+    const std::string model = dir / "model.safetensors", bad = dir / "bad.safetensors";
+    const std::string bytes = read_bytes(model);
+    uint64_t len = 0;
+    std::memcpy(&len, bytes.data(), 8);
+    const nlohmann::json header = nlohmann::json::parse(bytes.substr(8, len));
+    // The file with its header replaced (padded to the same length, so the offsets hold).
+    auto with_header = [&](nlohmann::json h) {
+        std::string text = h.dump();
+        EXPECT_LE(text.size(), len);
+        text.resize(len, ' ');
+        return bytes.substr(0, 8) + text + bytes.substr(8 + len);
+    };
+    nlohmann::json h = header;
+    h["__metadata__"] = "config";
+    write_bytes(bad, with_header(h));
+    expect_error([&] { load_checkpoint(bad); }, bad, "__metadata__ is not a JSON object");
+    // A NaN in the head's bias.
+    std::string nan = bytes;
+    const uint64_t at = 8 + len + header["head.bias"]["data_offsets"][0].get<uint64_t>() + 4;
+    const float value = NAN;
+    std::memcpy(&nan[at], &value, 4);
+    write_bytes(bad, nan);
+    expect_error([&] { load_checkpoint(bad); }, bad, "head.bias holds a non-finite value (element 1)");
+    load_checkpoint(model);  // the undamaged file loads
+    expect_error([&] { load_checkpoint(dir.path); }, dir.path, "is a directory, not a .safetensors file");
+    const std::string fifo = dir / "fifo.safetensors";
+    ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+    expect_error([&] { load_checkpoint(fifo); }, fifo, "not a regular file");  // not a hang
+}
+
 // A process that dies while writing a checkpoint (here: the file-size limit
 // kills it with SIGXFSZ at a chosen byte) leaves the previous state intact.
 TEST(State, CrashMidWriteKeepsThePreviousCheckpoint) {
@@ -269,18 +309,26 @@ TEST(Faults, SecondStopSignalEndsTheProcess) {
 
 TEST(Faults, NonFinitePolicy) {
     TrainConfig t;
-    int64_t skipped = 0;
-    EXPECT_TRUE(guard_nonfinite(t, 7, 2.5, 1e3, &skipped, ""));
-    EXPECT_EQ(skipped, 0);
-    expect_error([&] { guard_nonfinite(t, 7, NAN, 1.0, &skipped, "out/train_state.safetensors"); }, "train",
+    NonfiniteSkips skips;
+    EXPECT_TRUE(guard_nonfinite(t, 7, 2.5, 1e3, &skips, ""));
+    EXPECT_EQ(skips.total, 0);
+    expect_error([&] { guard_nonfinite(t, 7, NAN, 1.0, &skips, "out/train_state.safetensors"); }, "train",
                  "loss nan, gradient norm 1 at step 7; stopped before updating the weights; the last checkpoint, "
                  "out/train_state.safetensors, is intact");
-    expect_error([&] { guard_nonfinite(t, 0, 1.0, INFINITY, &skipped, ""); }, "train",
+    expect_error([&] { guard_nonfinite(t, 0, 1.0, INFINITY, &skips, ""); }, "train",
                  "no checkpoint was written yet");
-    EXPECT_EQ(skipped, 0);
+    EXPECT_EQ(skips.total, 0);
     t.skip_nonfinite = true;
-    EXPECT_FALSE(guard_nonfinite(t, 8, NAN, NAN, &skipped, ""));
-    EXPECT_FALSE(guard_nonfinite(t, 9, 1.0, -INFINITY, &skipped, ""));
-    EXPECT_TRUE(guard_nonfinite(t, 10, 1.0, 1.0, &skipped, ""));
-    EXPECT_EQ(skipped, 2);
+    EXPECT_FALSE(guard_nonfinite(t, 8, NAN, NAN, &skips, ""));
+    EXPECT_FALSE(guard_nonfinite(t, 9, 1.0, -INFINITY, &skips, ""));
+    EXPECT_TRUE(guard_nonfinite(t, 10, 1.0, 1.0, &skips, ""));
+    EXPECT_EQ(skips.total, 2);
+    EXPECT_EQ(skips.in_a_row, 0);
+    // A finite step resets the run of skips; kMaxSkipsInARow in a row stop it.
+    for (int64_t i = 1; i < kMaxSkipsInARow; i++) EXPECT_FALSE(guard_nonfinite(t, 10 + i, NAN, 1.0, &skips, ""));
+    EXPECT_TRUE(guard_nonfinite(t, 30, 1.0, 1.0, &skips, ""));
+    for (int64_t i = 1; i < kMaxSkipsInARow; i++) EXPECT_FALSE(guard_nonfinite(t, 30 + i, NAN, 1.0, &skips, ""));
+    expect_error([&] { guard_nonfinite(t, 50, NAN, 1.0, &skips, "out/train_state.safetensors"); }, "train",
+                 "loss nan, gradient norm 1 at step 50, 20 non-finite steps in a row");
+    EXPECT_EQ(skips.total, 2 + 2 * kMaxSkipsInARow - 1);
 }

@@ -32,6 +32,7 @@ GPUS=$(nvidia-smi -L | wc -l)
 D=$BUILD/nccl-data
 [ -d $D ] || $BUILD/prism synth --preset so2sat --out $D --count 16384 --seed 1 > /dev/null
 for overlap in true false; do
+  rm -rf $D/run-$overlap  # prism train refuses an --out that holds a run
   timeout 300 mpirun --oversubscribe -np $GPUS $BUILD/prism train --config configs/so2sat_moevit_k2.json \
     --device cuda --set data.train="$D/train-*.shard" --set data.val= --set train.steps=60 --set train.epochs=0 \
     --set train.warmup_steps=5 --set train.log_every=20 --set train.overlap_comm=$overlap --out $D/run-$overlap \

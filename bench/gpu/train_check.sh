@@ -37,6 +37,7 @@ set -f  # the shard patterns in the flags are prism's to expand
 if [ $MODE = cpu ]; then
   for s in $SHAPES; do
     echo "== So2Sat-shaped moevit D=${s%:*}, ${s#*:} heads, on the CPU"
+    rm -rf $D/cpu-d${s%:*}  # prism train refuses an --out that holds a run
     $P train $(so2sat_flags ${s%:*} ${s#*:}) --device cpu --out $D/cpu-d${s%:*} > $REF/so2sat-d${s%:*}.log 2>&1
     echo "rc $?"; tail -n 1 $REF/so2sat-d${s%:*}.log
   done
@@ -52,6 +53,7 @@ print("val acc %.4f, val loss %.5f (%.1f s)" % (r["val_accuracy"], r["val_loss"]
 $P synth --preset tiny --out $D/tiny --count 16384 --seed 1 > /dev/null
 TINY="--set data.train=$D/tiny/train-*.shard --set data.val=$D/tiny/val-*.shard"
 echo "== tiny moevit on the GPU (make run's config)"
+rm -rf $D/tiny-gpu  # prism train refuses an --out that holds a run
 $P train --config configs/synth_tiny_moevit.json --device cuda $TINY --out $D/tiny-gpu > "$OUT/tiny-gpu.log" 2>&1
 echo "rc $?: $(result "$OUT/tiny-gpu.log")"
 echo "eval on the GPU: $($P eval --checkpoint $D/tiny-gpu/model.safetensors --data "$D/tiny/val-*.shard" \
@@ -65,6 +67,7 @@ for s in $SHAPES; do
   echo "CPU (fp32, $REF/so2sat-d${s%:*}.log): $(result $REF/so2sat-d${s%:*}.log)"
   for precision in fp32 bf16; do
     log="$OUT/so2sat-d${s%:*}-gpu-$precision.log"
+    rm -rf $D/gpu-d${s%:*}-$precision
     $P train $(so2sat_flags ${s%:*} ${s#*:}) --device cuda --set train.precision=$precision \
       --out $D/gpu-d${s%:*}-$precision > "$log" 2>&1
     echo "GPU $precision: rc $?: $(result "$log")"

@@ -31,7 +31,7 @@ void* device_alloc(size_t bytes, const std::string& what) {
     cudaGetLastError();
     throw UserError(what + ": cannot allocate " + format_bytes(bytes) + " on the GPU (" +
                     format_bytes(free_bytes) + " of " + format_bytes(total_bytes) +
-                    " free): lower train.batch or the model size");
+                    " free): lower the batch (train.batch, or eval's --batch) or the model size");
 }
 
 // Called from destructors: a failure is reported, not thrown.
