@@ -1,10 +1,12 @@
 // prism: the one command-line entry point (DESIGN.md §4).
 #include <cerrno>
+#include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <string>
 #include <vector>
 #include <sys/stat.h>
+#include <unistd.h>
 #include <cxxopts.hpp>
 #include <nlohmann/json.hpp>
 #include "bench/bench.h"
@@ -69,9 +71,11 @@ cxxopts::ParseResult parse(cxxopts::Options& opts, int argc, char** argv) {
             throw UserError(command_of(opts) + ": --" + kv.key() + " is given more than once");
     // A word no option takes (`--set a=1 b=2`: b=2 is no --set) would
     // otherwise be dropped without a word.
-    if (!r.unmatched().empty())
-        throw UserError(command_of(opts) + ": unexpected argument '" + printable(r.unmatched().front()) +
-                        "' (each --set takes one key=value)");
+    if (!r.unmatched().empty()) {
+        const std::string& word = r.unmatched().front();
+        throw UserError(command_of(opts) + ": unexpected argument '" + printable(word) + "'" +
+                        (word.find('=') != std::string::npos ? " (each --set takes one key=value)" : ""));
+    }
     return r;
 }
 
@@ -83,6 +87,26 @@ std::string required(const cxxopts::ParseResult& r, const char* name, const char
 bool file_exists(const std::string& path) {
     struct stat st;
     return ::stat(path.c_str(), &st) == 0;
+}
+
+// A file an option will write at the end of long work (an evaluation), checked
+// first so that a typo costs nothing: not a directory, in a directory that exists.
+void check_output_file(const std::string& path, const char* option) {
+    if (path.empty()) throw UserError(std::string(option) + ": empty file name");
+    struct stat st;
+    if (::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode)) throw UserError(path + ": is a directory");
+    const size_t slash = path.rfind('/');
+    const std::string dir = slash == std::string::npos ? "." : slash == 0 ? "/" : path.substr(0, slash);
+    if (::stat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode))
+        throw UserError(path + ": " + option + " needs an existing directory " + dir);
+    if (::access(dir.c_str(), W_OK) != 0)
+        throw UserError(path + ": cannot write in " + dir + ": " + std::strerror(errno));
+}
+
+// Whether two paths name one directory: runs/a, ./runs/a/ and its absolute path alike.
+bool same_directory(const std::string& a, const std::string& b) {
+    struct stat x, y;
+    return ::stat(a.c_str(), &x) == 0 && ::stat(b.c_str(), &y) == 0 && x.st_dev == y.st_dev && x.st_ino == y.st_ino;
 }
 
 // --shard-size: unset is 0, the converters' default (4096 images, fewer for large images).
@@ -103,19 +127,10 @@ void write_npy(const std::string& path, const std::vector<float>& data, int64_t 
                          ", " + std::to_string(cols) + "), }";
     while ((10 + header.size() + 1) % 64) header += ' ';
     header += '\n';
-    const std::string tmp = path + ".tmp";
-    FILE* f = std::fopen(tmp.c_str(), "wb");
-    if (!f) throw UserError(path + ": cannot write: " + std::strerror(errno));
     const uint16_t len = uint16_t(header.size());
-    bool ok = std::fwrite("\x93NUMPY\x01\x00", 1, 8, f) == 8 && std::fwrite(&len, 2, 1, f) == 1 &&
-              std::fwrite(header.data(), 1, header.size(), f) == header.size() &&
-              std::fwrite(data.data(), sizeof(float), data.size(), f) == data.size();
-    ok = (std::fclose(f) == 0) && ok;
-    if (!ok || std::rename(tmp.c_str(), path.c_str()) != 0) {
-        const int err = errno;
-        std::remove(tmp.c_str());
-        throw UserError(path + ": write failed: " + std::strerror(err));
-    }
+    std::string bytes = std::string("\x93NUMPY\x01\x00", 8) + std::string((const char*)&len, 2) + header;
+    bytes.append((const char*)data.data(), data.size() * sizeof(float));
+    write_file_atomic(path, bytes);
 }
 
 int cmd_train(int argc, char** argv) {
@@ -144,10 +159,12 @@ int cmd_train(int argc, char** argv) {
     // A new run would truncate the old one's metrics and then overwrite its
     // checkpoint: refuse, so that a repeated command loses nothing.
     for (const char* file : {kTrainStateFile, "model.safetensors"})
-        if (!out.empty() && out != topts.resume_dir && file_exists(join_path(out, file)))
+        if (!out.empty() && !(r.count("resume") && same_directory(out, topts.resume_dir)) &&
+            file_exists(join_path(out, file)))
             throw UserError("--out " + out + ": holds a run already (" + file + "); continue it with --resume " + out +
                             ", or remove it or choose another --out");
     const Config cfg = load_config(config_file, sets_of(r));
+    topts.config_origin = config_origin(config_file, sets_of(r));
     const Device dev = resolve_device(r["device"].as<std::string>());
     if (r.count("profile-steps")) {
         const std::string range = r["profile-steps"].as<std::string>();
@@ -172,18 +189,18 @@ int cmd_train(int argc, char** argv) {
         // of one under mpirun (so the NCCL path can be checked on one GPU).
         if (dev == Device::cuda && comm.mpi) comm_init_nccl(comm);
         res = train(cfg, dev, out, true, topts);
-    } catch (const UserError& e) {
+    } catch (const std::exception& e) {
         if (comm.size > 1) comm_abort(comm, e.what());  // ends every rank, not just this one
         throw;
     }
     if (comm.rank == 0) {
         // No validation set, or a stop before the final evaluation: null, not a perfect 0 loss.
         const bool evaluated = res.val.count > 0;
-        std::printf("%s\n", nlohmann::json{{"arch", cfg.model.arch},
-                                           {"val_accuracy", evaluated ? nlohmann::json(res.val.accuracy) : nullptr},
-                                           {"val_loss", evaluated ? nlohmann::json(res.val.loss) : nullptr},
-                                           {"val_count", res.val.count}, {"steps", res.steps},
-                                           {"seconds", res.seconds}, {"ranks", comm.size}}.dump().c_str());
+        progress(nlohmann::json{{"arch", cfg.model.arch},
+                                {"val_accuracy", evaluated ? nlohmann::json(res.val.accuracy) : nullptr},
+                                {"val_loss", evaluated ? nlohmann::json(res.val.loss) : nullptr},
+                                {"val_count", res.val.count}, {"steps", res.steps}, {"seconds", res.seconds},
+                                {"ranks", comm.size}}.dump());
     }
     comm_finalize(comm);
     return res.stop_signal ? 128 + res.stop_signal : 0;
@@ -203,8 +220,10 @@ int cmd_eval(int argc, char** argv) {
         ("all-subsets", "also average accuracy over every channel-subset size");
     auto r = parse(opts, argc, argv);
     if (r.count("channels") && r.count("all-subsets"))
-        throw UserError("prism eval: --channels and --all-subsets exclude each other");
+        throw UserError("eval: --channels and --all-subsets exclude each other");
     const std::string glob = required(r, "data", "eval");
+    const bool want_logits = r.count("save-logits") > 0;
+    if (want_logits) check_output_file(r["save-logits"].as<std::string>(), "--save-logits");
     const Checkpoint ck = load_checkpoint(required(r, "checkpoint", "eval"));
     const Device dev = resolve_device(r["device"].as<std::string>());
     const int batch = r["batch"].as<int>();
@@ -216,7 +235,14 @@ int cmd_eval(int argc, char** argv) {
     const int K = ck.config.model.num_classes;
     EvalOptions eopts;
     if (r.count("channels")) eopts.channels = parse_channel_list(r["channels"].as<std::string>(), ck.config.model.channels);
-    const bool want_logits = r.count("save-logits") > 0;
+    // Progress on stderr (stdout is the one JSON line), every few seconds.
+    auto last = std::chrono::steady_clock::now();
+    eopts.on_batch = [&](int64_t done) {
+        const auto now = std::chrono::steady_clock::now();
+        if (now - last < std::chrono::seconds(5)) return;
+        last = now;
+        std::fprintf(stderr, "eval: %lld/%lld images\n", (long long)done, (long long)data.count());
+    };
     const EvalResult res = evaluate(model, data, want_logits, eopts);
     if (want_logits) write_npy(r["save-logits"].as<std::string>(), res.logits, res.count, K);
     nlohmann::json j{{"accuracy", res.accuracy}, {"loss", res.loss}, {"count", res.count}};
@@ -226,7 +252,7 @@ int cmd_eval(int argc, char** argv) {
         j["subsets"] = subsets_json(evaluate_all_subsets(model, data, [](const SubsetSweep::Size& s) {
             std::fprintf(stderr, "subsets of size %d: %d evaluated, mean accuracy %.4f\n", s.size, s.subsets, s.accuracy);
         }));
-    std::printf("%s\n", j.dump().c_str());
+    progress(j.dump());  // checked: a result that cannot be written is no success
     return 0;
 }
 
@@ -241,8 +267,8 @@ int cmd_report(int argc, char** argv) {
     if (!r.count("runs")) throw UserError("usage: prism report RUN [RUN...] [--out DIR]");
     const ReportOutput out =
         write_report(r["runs"].as<std::vector<std::string>>(), r.count("out") ? r["out"].as<std::string>() : "");
-    for (const auto& f : out.files) std::printf("wrote %s\n", f.c_str());
-    std::printf("report: %s\n", out.dir.c_str());
+    for (const auto& f : out.files) progress("wrote " + f);
+    progress("report: " + out.dir);
     return 0;
 }
 
@@ -313,25 +339,29 @@ int cmd_convert(int argc, char** argv) {
 }
 
 int cmd_shards(int argc, char** argv) {
-    if (argc == 2 && (!std::strcmp(argv[1], "--help") || !std::strcmp(argv[1], "-h"))) {
-        std::printf("usage: prism shards verify GLOB\n  checks every shard's header, labels and crc32c, and that "
-                    "all have one shape\n");
+    if (argc >= 2 && (!std::strcmp(argv[argc - 1], "--help") || !std::strcmp(argv[argc - 1], "-h"))) {
+        std::printf("usage: prism shards verify GLOB\n  checks every shard's header, labels and crc32c\n");
         return 0;
     }
     if (argc != 3 || std::strcmp(argv[1], "verify") != 0)
         throw UserError("usage: prism shards verify GLOB");
     const auto files = expand_glob(argv[2]);
     ShardHeader first;
+    bool one_shape = true;
     for (const auto& f : files) {
         verify_shard(f);
         const ShardHeader h = read_shard_header(f);
-        // A glob is one data set to training and eval: hold it to that here too.
         if (&f == &files[0]) first = h;
-        check_same_shape(h, f, first, files[0]);
+        one_shape = one_shape && h.same_shape(first);
         std::printf("ok %s: %lld images %dx%dx%d %s, %d classes\n", f.c_str(), (long long)h.count,
                     h.channels, h.height, h.width, dtype_name(h.dtype), h.num_classes);
     }
     std::printf("%zu shard(s) verified\n", files.size());
+    // Sound files of several shapes (a training and a validation split
+    // converted apart, say) are no error here, but train and eval take one
+    // shape per glob.
+    if (!one_shape)
+        std::printf("note: these shards have more than one shape (above); a glob for train or eval must have one\n");
     return 0;
 }
 

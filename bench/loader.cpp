@@ -27,6 +27,9 @@ std::string fmt(const char* f, double a, double b, double c, double d) {
 
 LoaderBenchResult bench_loader(const LoaderBenchOptions& o, bool verbose) {
     if (!(o.seconds > 0)) throw UserError("--seconds must be > 0");
+    // The bound of data.threads, which this stands for.
+    if (o.threads < 0 || o.threads > 256)
+        throw UserError("--threads " + std::to_string(o.threads) + ": must be in [0, 256] (0 = default)");
     LoaderOptions lo;
     lo.pattern = o.data;
     lo.batch = o.batch;

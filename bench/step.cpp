@@ -69,7 +69,9 @@ GemmPeaks measure_gemm_peaks(int n, int reps) {
 }  // namespace
 
 StepBenchResult bench_step(const Config& cfg, const StepBenchOptions& o, bool verbose) {
-    if (o.iters < 1 || o.warmup < 0) throw UserError("prism bench step: --iters must be >= 1 and --warmup >= 0");
+    if (o.iters < 1 || o.warmup < 0) throw UserError("bench step: --iters must be >= 1 and --warmup >= 0");
+    if (o.batch < 0)
+        throw UserError("bench step: --batch " + std::to_string(o.batch) + " must be >= 0 (0: train.batch)");
     // "float", else a shard pixel type: parsed before any work, so a bad one fails at once.
     const bool stored_pixels = o.pixels != "float";
     const DType dtype = stored_pixels ? dtype_from_name(o.pixels, "prism bench step --pixels (or float)") : DType::f32;

@@ -59,7 +59,8 @@ static void check_output_args(const std::string& out, const std::string& prefix,
         }))
         throw UserError("--prefix '" + printable(prefix) +
                         "': use letters, digits, '_', '-' and '.' (not first) only");
-    if (shard_size < 0) throw UserError("--shard-size " + std::to_string(shard_size) + ": must be at least 1");
+    if (shard_size < 0)
+        throw UserError("--shard-size " + std::to_string(shard_size) + ": must be at least 1 (0: the default)");
 }
 
 // Pass 2 holds a whole shard in memory, so the default is bounded in bytes:
@@ -110,6 +111,9 @@ struct StatsSource {
 static void check_output_dir(const std::string& out) {
     std::string p = out;
     for (;;) {
+        // "file/" must be seen as "file": stat() would say ENOTDIR, which
+        // means "go up" below.
+        while (p.size() > 1 && p.back() == '/') p.pop_back();
         struct stat st;
         if (::stat(p.c_str(), &st) == 0) {
             if (!S_ISDIR(st.st_mode)) fail(p, "exists and is not a directory");
@@ -118,7 +122,6 @@ static void check_output_dir(const std::string& out) {
             return;
         }
         if (errno != ENOENT && errno != ENOTDIR) fail(p, std::string("cannot stat: ") + std::strerror(errno));
-        while (p.size() > 1 && p.back() == '/') p.pop_back();
         const size_t slash = p.rfind('/');
         if (slash == std::string::npos) return;  // relative: the working directory is the ancestor
         p = slash == 0 ? "/" : p.substr(0, slash);
@@ -137,22 +140,23 @@ static StatsSource prepare_output(const std::string& out, const std::string& pre
     const std::vector<std::string> files = expand_glob(stats_glob);
     for (const std::string& f : files)
         if (replaced_by_output(f, out, prefix))
-            throw UserError("--stats-from '" + stats_glob + "': matches " + f + ", which this conversion (--out " + out +
-                            " --prefix " + prefix + ") would replace; give the new shards another --prefix");
+            throw UserError("--stats-from '" + printable(stats_glob) + "': matches " + printable(f) +
+                            ", which this conversion (--out " + printable(out) + " --prefix " + prefix +
+                            ") would replace; give the new shards another --prefix");
     s.first = files.front();
     s.header = read_shard_header(s.first);
     return s;
 }
 
+// As soon as the converted data's channel count is known, before pass 1 reads on.
 static void check_stats_channels(const StatsSource& s, int channels) {
     if (!s.first.empty() && s.header.channels != channels)
-        fail(s.first, "--stats-from: has " + std::to_string(s.header.channels) + " channels, the data being converted " +
-                          std::to_string(channels));
+        fail(s.first, "--stats-from: has " + std::to_string(s.header.channels) +
+                          " channels, the data being converted " + std::to_string(channels));
 }
 
 static void take_stats_from(ShardHeader& h, const StatsSource& s) {
     if (s.first.empty()) return;
-    check_stats_channels(s, h.channels);
     h.mean = s.header.mean;
     h.std = s.header.std;
 }
@@ -483,20 +487,10 @@ struct NpyArray {
 };
 
 // An input file opened for reading, refused unless it is a regular file.
-// O_NONBLOCK: a FIFO is refused instead of blocking the open forever until a
-// writer comes; regular files ignore the flag.
 class InputFile {
 public:
-    InputFile(const std::string& path, const std::string& context) : path_(path) {
-        fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
-        if (fd_ < 0) fail(path, std::string("cannot open: ") + std::strerror(errno) + context);
-        struct stat st;
-        if (::fstat(fd_, &st) != 0 || !S_ISREG(st.st_mode)) {
-            ::close(fd_);
-            fail(path, "not a regular file" + context);
-        }
-        size_ = uint64_t(st.st_size);
-    }
+    InputFile(const std::string& path, const std::string& context)
+        : path_(path), fd_(open_regular_file(path, context, &size_)) {}
     ~InputFile() { ::close(fd_); }
     InputFile(const InputFile&) = delete;
     InputFile& operator=(const InputFile&) = delete;
@@ -516,8 +510,8 @@ public:
 
 private:
     std::string path_;
-    int fd_ = -1;
     uint64_t size_ = 0;
+    int fd_ = -1;
 };
 
 std::string read_whole_file(const std::string& path, const std::string& context) {

@@ -17,6 +17,7 @@
 #include <numeric>
 #include <thread>
 
+#include <dirent.h>
 #include <sys/resource.h>
 
 #include "engine/common.h"
@@ -103,12 +104,25 @@ struct Slot {
     std::string error;
 };
 
+// Descriptors open in this process now (other loaders' shards among them),
+// or 256 when /proc cannot say.
+size_t open_files_now() {
+    DIR* d = ::opendir("/proc/self/fd");
+    if (!d) return 256;
+    size_t n = 0;
+    while (::readdir(d)) n++;
+    ::closedir(d);
+    return n;
+}
+
 // Shards may be many (thousands of JUMP-CP shards) and each stays open:
 // raise the soft limit on open files as far as the hard limit allows.
 void allow_open_files(size_t n) {
     struct rlimit r;
     if (::getrlimit(RLIMIT_NOFILE, &r) != 0) return;
-    const rlim_t want = rlim_t(n) + 256;
+    // In addition to what is open already: training's loader holds its
+    // shards open when the validation loader opens its own.
+    const rlim_t want = rlim_t(open_files_now() + n) + 64;
     if (r.rlim_cur != RLIM_INFINITY && r.rlim_cur < want) {
         r.rlim_cur = (r.rlim_max == RLIM_INFINITY || r.rlim_max > want) ? want : r.rlim_max;
         ::setrlimit(RLIMIT_NOFILE, &r);

@@ -435,14 +435,8 @@ struct OpenShard {
 
 // Opens `path`, reads and checks its header; the fd stays open for the caller.
 static void open_shard(const std::string& path, OpenShard& s) {
-    // O_NONBLOCK: a FIFO in a shard glob is refused below instead of
-    // blocking the open forever; regular files ignore the flag.
-    s.fd.fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
-    if (s.fd.fd < 0) fail(path, "cannot open: " + errno_str());
-    struct stat st;
-    if (::fstat(s.fd.fd, &st) != 0) fail(path, "cannot stat: " + errno_str());
-    if (!S_ISREG(st.st_mode)) fail(path, "not a regular file");
-    uint64_t size = uint64_t(st.st_size);
+    uint64_t size = 0;
+    s.fd.fd = open_regular_file(path, "", &size);
     s.file_size = size;
     if (size == 0) fail(path, "empty file (not a Prism shard)");
 
@@ -700,10 +694,18 @@ void StagedShards::add(const ShardHeader& h, const std::vector<int32_t>& labels,
 }
 
 void StagedShards::commit() {
+    rename_into_place();
+    remove_stale();
+}
+
+void StagedShards::rename_into_place() {
     for (const std::string& p : staged_)
         if (std::rename((p + ".part").c_str(), p.c_str()) != 0)
             fail(p, "cannot rename " + p + ".part into place: " + errno_str());
     committed_ = true;
+}
+
+void StagedShards::remove_stale() {
     for (const std::string& p : remove_stale_shards(dir_, prefix_, int64_t(staged_.size())))
         if (verbose_) progress(tag_ + ": removed stale " + p);
     if (verbose_)

@@ -112,7 +112,11 @@ public:
     // Stages the next shard; `done` of `total` images are then staged.
     void add(const ShardHeader& h, const std::vector<int32_t>& labels, const void* images, int64_t done,
              int64_t total);
+    // rename_into_place, then remove_stale. Sets staged together (synth's
+    // two splits) rename all of theirs before any removal can fail.
     void commit();
+    void rename_into_place();
+    void remove_stale();
 
 private:
     std::string dir_, prefix_, tag_;

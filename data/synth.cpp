@@ -337,7 +337,8 @@ void synthesize(const std::string& preset, const std::string& dir, int64_t count
             staged[i]->add(h, labels, buf.data(), first + n, sp.count);
         }
     }
-    for (auto& s : staged) s->commit();  // shards past the last, from a larger run, go too
+    for (auto& s : staged) s->rename_into_place();
+    for (auto& s : staged) s->remove_stale();  // shards past the last, from a larger run
 }
 
 }  // namespace prism

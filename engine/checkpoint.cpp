@@ -38,8 +38,9 @@ Checkpoint load_checkpoint(const std::string& path) {
         if (t.dtype != "F32") throw UserError(path + ": " + p.name + " is " + t.dtype + ", expected F32");
         if (t.shape != p.shape) throw UserError(path + ": " + p.name + " has the wrong shape for its config");
         std::memcpy(ck.params.data() + p.offset, t.data, t.bytes);
-        // Training never writes a non-finite weight (the guard stops first),
-        // so one here is damage, and every logit it reaches would be NaN.
+        // A non-finite weight (a damaged file, or an update that overflowed
+        // before the next step's guard saw it) would make every logit NaN:
+        // say so now rather than print an accuracy of chance.
         for (int64_t i = 0; i < p.numel; i++)
             if (!std::isfinite(ck.params[size_t(p.offset + i)]))
                 throw UserError(path + ": " + p.name + " holds a non-finite value (element " + std::to_string(i) +

@@ -4,6 +4,7 @@
 #include <cerrno>
 #include <cstring>
 
+#include <fcntl.h>
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <unistd.h>
@@ -42,6 +43,28 @@ void write_file_atomic(const std::string& path, const std::string& text) {
         std::remove(tmp.c_str());
         throw UserError(path + ": write failed: " + std::strerror(err));
     }
+}
+
+int open_regular_file(const std::string& path, const std::string& context, uint64_t* size) {
+    // O_NONBLOCK makes open() return at once on a FIFO; it is cleared again
+    // for the regular file, whose reads should not see it (FUSE passes open
+    // flags on to its daemon).
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0)
+        throw UserError(path + ": cannot open: " + std::strerror(errno) + context +
+                        (errno == EMFILE ? " (raise the limit on open files: ulimit -n)" : ""));
+    struct stat st = {};
+    std::string problem;
+    if (::fstat(fd, &st) != 0) problem = std::string("cannot stat: ") + std::strerror(errno);
+    else if (S_ISDIR(st.st_mode)) problem = "is a directory, not a regular file";
+    else if (!S_ISREG(st.st_mode)) problem = "not a regular file";
+    else if (::fcntl(fd, F_SETFL, 0) != 0) problem = std::string("cannot clear O_NONBLOCK: ") + std::strerror(errno);
+    if (!problem.empty()) {
+        ::close(fd);
+        throw UserError(path + ": " + problem + context);
+    }
+    *size = uint64_t(st.st_size);
+    return fd;
 }
 
 std::string printable(const std::string& s, size_t max_len) {

@@ -32,6 +32,11 @@ void make_dirs(const std::string& dir);  // mkdir -p; throws UserError naming th
 // crash leaves the old file or the new one, never half of one; throws
 // UserError naming the file and the system's reason.
 void write_file_atomic(const std::string& path, const std::string& text);
+// Opens a regular file for reading and returns its descriptor (close-on-
+// exec) and size. Anything else is refused with UserError "<path>: <problem>
+// <context>": a directory, or a FIFO, which a plain open() would wait on
+// until a writer came.
+int open_regular_file(const std::string& path, const std::string& context, uint64_t* size);
 // Text taken from a file (a dtype string, a parser message quoting the
 // input) may hold newlines or control bytes: each becomes '?', and text past
 // max_len becomes "...", so that one-line messages stay one line.

@@ -130,7 +130,9 @@ static bool integral_value(const json& v, long double* out) {
 static std::string excerpt(const json& v) {
     if (v.is_array()) return "an array";
     if (v.is_object()) return "an object";
-    return printable(v.dump(), 60);
+    // replace: a --set value that is no JSON is kept as raw text, which
+    // need not be UTF-8; dump() would throw on it.
+    return printable(v.dump(-1, ' ', false, json::error_handler_t::replace), 60);
 }
 
 static void read_field(const Field& f, Config& c, const json& v, const std::string& origin) {
@@ -243,7 +245,7 @@ json config_to_json(const Config& c) {
 }
 
 void apply_set(json& j, const std::string& assignment) {
-    std::string where = "--set " + assignment;
+    std::string where = "--set " + printable(assignment, 100);
     size_t eq = assignment.find('=');
     if (eq == std::string::npos)
         throw UserError(where + ": expected section.key=value, e.g. model.top_k=2");
@@ -307,13 +309,17 @@ Config load_config(const std::string& path, const std::vector<std::string>& sets
     if (!repeated.empty())
         throw UserError(path + ": key \"" + printable(repeated, 60) + "\" appears twice in one object");
     parse_json(j, path);
-    std::string origin = path;
     for (const std::string& s : sets) {
         apply_set(j, s);
-        parse_json(j, "--set " + s);  // the file already passed, so any type error is this value's
-        origin += (origin == path ? " with --set " : ", --set ") + s;
+        parse_json(j, "--set " + printable(s, 100));  // the file already passed, so any type error is this value's
     }
-    return config_from_json(j, origin);
+    return config_from_json(j, config_origin(path, sets));
+}
+
+std::string config_origin(const std::string& path, const std::vector<std::string>& sets) {
+    std::string origin = path;
+    for (const std::string& s : sets) origin += (origin == path ? " with --set " : ", --set ") + printable(s, 100);
+    return origin;
 }
 
 // ----------------------------------------------------------------------------

@@ -80,6 +80,8 @@ struct Config {
 // validates. Throws UserError with one line naming the file (or the --set) and
 // the problem: unknown key, wrong type, impossible value.
 Config load_config(const std::string& path, const std::vector<std::string>& sets = {});
+// How load_config's errors name the config: "FILE with --set a=1, --set b=2".
+std::string config_origin(const std::string& path, const std::vector<std::string>& sets);
 
 // Same, from an already-parsed JSON object (checkpoint metadata); `origin`
 // names where it came from in error messages.

@@ -1,4 +1,5 @@
 #include "engine/eval_report.h"
+#include <cmath>
 #include <algorithm>
 #include <cerrno>
 #include <cstdlib>
@@ -83,7 +84,11 @@ SubsetSweep evaluate_all_subsets(Model<float>& model, Loader& data,
 }
 
 void add_report(nlohmann::json& j, const EvalResult& r, int K) {
-    j["per_class_accuracy"] = per_class_accuracy(r.confusion, K);
+    // A class with no images has no accuracy: null, not a 0 that reads as "all wrong".
+    nlohmann::json acc = nlohmann::json::array();
+    for (double a : per_class_accuracy(r.confusion, K))
+        acc.push_back(std::isnan(a) ? nlohmann::json() : nlohmann::json(a));
+    j["per_class_accuracy"] = acc;
     nlohmann::json rows = nlohmann::json::array();
     for (int y = 0; y < K; y++)
         rows.push_back(std::vector<int64_t>(r.confusion.begin() + int64_t(y) * K, r.confusion.begin() + int64_t(y + 1) * K));

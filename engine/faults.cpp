@@ -68,8 +68,9 @@ bool guard_nonfinite(const TrainConfig& t, int64_t step, double loss, double gra
         if (++skips->in_a_row < kMaxSkipsInARow) return false;
         throw UserError(found + ", " + std::to_string(kMaxSkipsInARow) +
                         " non-finite steps in a row: train.skip_nonfinite skips bad batches, but the weights "
-                        "themselves now give non-finite values; stopped; " + checkpoint + " (lower train.lr or "
-                        "set train.grad_clip)");
+                        "themselves now give non-finite values; stopped (skipped steps leave the weights as they "
+                        "are, so a checkpoint written since the last finite step holds these same weights: "
+                        "restart from an earlier one, with a lower train.lr or train.grad_clip)");
     }
     throw UserError(found + "; stopped before updating the weights; " + checkpoint +
                     " (lower train.lr, set train.grad_clip, or set train.skip_nonfinite=true to skip such steps)");

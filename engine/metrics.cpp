@@ -80,7 +80,7 @@ nlohmann::json routing_json(const ClassRouting& r, int64_t step, int top_k, int 
 }
 
 std::vector<double> per_class_accuracy(const std::vector<int64_t>& confusion, int K) {
-    std::vector<double> acc(size_t(K), 0.0);
+    std::vector<double> acc(size_t(K), std::nan(""));
     for (int y = 0; y < K; y++) {
         int64_t row = 0;
         for (int p = 0; p < K; p++) row += confusion[size_t(y) * K + p];

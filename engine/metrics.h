@@ -69,7 +69,7 @@ void tally_confusion(std::vector<int64_t>& confusion, const T* logits, const int
     }
 }
 
-// Per class: diagonal / row sum (0 for a class with no images).
+// Per class: diagonal / row sum (NaN for a class with no images).
 std::vector<double> per_class_accuracy(const std::vector<int64_t>& confusion, int K);
 
 }  // namespace prism

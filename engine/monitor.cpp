@@ -1,6 +1,5 @@
 #include "engine/monitor.h"
 #include <cstdio>
-#include <cstdlib>
 #include <sys/ioctl.h>
 #include <unistd.h>
 #include "engine/device.h"
@@ -32,19 +31,18 @@ std::string format_duration(double seconds) {
 
 // Whether progress may redraw one line in place. Open MPI's mpirun hands a
 // rank's output on through a pseudo-terminal even when the job's output goes
-// to a file, so under a launcher the redraws would land in the log: plain
-// lines there.
-static bool stdout_is_a_terminal() {
-    for (const char* launcher : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"})
-        if (std::getenv(launcher)) return false;
-    return isatty(STDOUT_FILENO);
+// to a file, so under an MPI launcher the redraws would land in the log:
+// plain lines there.
+static bool may_redraw(const TrainOptions& opts) {
+    const bool under_mpi = opts.comm && opts.comm->mpi;
+    return !under_mpi && isatty(STDOUT_FILENO);
 }
 
 TrainMonitor::TrainMonitor(const Config& cfg, Device device, const std::string& out_dir, bool verbose,
                            const TrainOptions& opts, int64_t total_steps, int64_t steps_per_epoch,
                            std::vector<std::string> channel_names)
     : cfg_(cfg), device_(device), out_dir_(out_dir), console_(verbose && opts.rank == 0),
-      record_(!out_dir.empty() && opts.rank == 0), tty_(console_ && stdout_is_a_terminal()),
+      record_(!out_dir.empty() && opts.rank == 0), tty_(console_ && may_redraw(opts)),
       total_(total_steps), per_epoch_(steps_per_epoch), profile_first_(opts.profile_first),
       profile_last_(opts.profile_last), peak_flops_(opts.peak_flops),
       train_flops_per_image_(count_flops(cfg.model).train_step_gflops_per_image * 1e9),
@@ -126,7 +124,7 @@ std::string TrainMonitor::train_status(int64_t done, double lr, double grad_norm
 }
 
 void TrainMonitor::step_done(int64_t step, const Losses& l, int images, double lr, double grad_norm,
-                             const std::vector<std::vector<int>>& routing_counts) {
+                             const std::vector<std::vector<int>>& routing_counts, bool stops) {
     if (profiling_ && step + 1 == profile_last_) {
         profiler_stop();
         profiling_ = false;
@@ -139,7 +137,7 @@ void TrainMonitor::step_done(int64_t step, const Losses& l, int images, double l
     steps_++;
     if (!routing_counts.empty()) routing_.add(routing_counts);
     const int64_t done = step + 1;
-    const bool log = done % cfg_.train.log_every == 0 || done == total_;
+    const bool log = done % cfg_.train.log_every == 0 || done == total_ || stops;
     if (tty_ && (log || seconds_between(last_draw_, Clock::now()) >= 0.2)) draw(train_status(done, lr, grad_norm));
     if (!log) return;
 

@@ -35,8 +35,10 @@ public:
     // all-reduce (data parallel: on GPUs the part backward did not hide).
     void step_phases(double forward_s, double backward_s, double allreduce_s);
     // After the optimizer step; routing_counts = Model::routing_counts() (empty unless moevit).
+    // `stops`: this invocation ends after the step (train.stop_after, a stop
+    // signal), so its logging window is written even when short.
     void step_done(int64_t step, const Losses& l, int images, double lr, double grad_norm,
-                   const std::vector<std::vector<int>>& routing_counts);
+                   const std::vector<std::vector<int>>& routing_counts, bool stops = false);
     // An evaluation after `steps` steps over `images` images: the options to
     // give evaluate(), then its result.
     EvalOptions eval_begins(int64_t steps, int64_t images);

@@ -1,12 +1,15 @@
 #include "engine/report.h"
 #include <algorithm>
 #include <cctype>
+#include <cerrno>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <sstream>
 #include <sys/stat.h>
 #include <sys/wait.h>
+#include <unistd.h>
 #include <nlohmann/json.hpp>
 #include "engine/common.h"
 #include "engine/config.h"
@@ -42,6 +45,25 @@ void require_numbers(const json& j, std::initializer_list<const char*> keys, con
         if (!j.contains(k) || !j[k].is_number()) throw UserError(where + ": no number \"" + k + "\"");
 }
 
+// A logging window with a skipped (non-finite) step has a null loss and
+// accuracy: a gap in the curves, not a broken file.
+void require_numbers_or_null(const json& j, std::initializer_list<const char*> keys, const std::string& where) {
+    for (const char* k : keys)
+        if (!j.contains(k) || !(j[k].is_number() || j[k].is_null()))
+            throw UserError(where + ": \"" + k + "\" is neither a number nor null");
+}
+
+// Whether v is an array of n arrays, each holding m numbers.
+bool is_matrix(const json& v, size_t n, size_t m) {
+    if (!v.is_array() || v.size() != n) return false;
+    for (const json& row : v) {
+        if (!row.is_array() || row.size() != m) return false;
+        for (const json& x : row)
+            if (!x.is_number()) return false;
+    }
+    return true;
+}
+
 Run load_run(const std::string& dir) {
     Run r;
     r.dir = dir;
@@ -64,7 +86,13 @@ Run load_run(const std::string& dir) {
         }
         if (!j.is_object() || !j.contains("type") || !j["type"].is_string())
             throw UserError(where + ": not an object with a \"type\"");
-        require_numbers(j, {"step", "loss", "accuracy"}, where);
+        require_numbers(j, {"step"}, where);
+        require_numbers_or_null(j, {"loss", "accuracy"}, where);
+        // What the plots index, checked here against the run's config.
+        const size_t depth = size_t(r.config.model.depth), C = size_t(r.config.model.channels);
+        if (j.contains("routing_shares") && !is_matrix(j["routing_shares"], depth, C))
+            throw UserError(where + ": routing_shares is not [" + std::to_string(depth) + " blocks][" +
+                            std::to_string(C) + " channels] of numbers");
         if (j["type"] == "train") r.train.push_back(j);
         else if (j["type"] == "eval") r.eval.push_back(j);
     }
@@ -75,9 +103,14 @@ Run load_run(const std::string& dir) {
     struct stat st;
     if (::stat(routing_path.c_str(), &st) == 0) {
         r.routing = read_json_file(routing_path);
-        const json& s = r.routing.contains("slots") ? r.routing["slots"] : json();
-        if (!s.is_array() || s.empty() || !s[0].is_array() || s[0].empty() || !s[0][0].is_array())
-            throw UserError(routing_path + ": no \"slots\" [blocks][classes][channels]");
+        const ModelConfig& m = r.config.model;
+        const json& s = r.routing.is_object() && r.routing.contains("slots") ? r.routing["slots"] : json();
+        bool ok = s.is_array() && s.size() == size_t(m.depth);
+        for (size_t i = 0; ok && i < s.size(); i++) ok = is_matrix(s[i], size_t(m.num_classes), size_t(m.channels));
+        if (!ok || (r.routing.contains("step") && !r.routing["step"].is_number()))
+            throw UserError(routing_path + ": no \"slots\" [" + std::to_string(m.depth) + " blocks][" +
+                            std::to_string(m.num_classes) + " classes][" + std::to_string(m.channels) +
+                            " channels] of numbers");
     }
     return r;
 }
@@ -112,6 +145,9 @@ std::string fmt(double v) {
     std::snprintf(buf, sizeof buf, "%.6g", v);
     return buf;
 }
+
+// A metrics value for gnuplot: null (a window with a skipped step) is NaN, a gap.
+std::string fmt(const json& v) { return v.is_number() ? fmt(v.get<double>()) : "NaN"; }
 
 const char* kPalette =
     "set palette defined (0 '#440154', 0.25 '#3b528b', 0.5 '#21918c', 0.75 '#5ec962', 1 '#fde725')\n";
@@ -157,21 +193,28 @@ std::string curves_plot(const std::vector<Run>& runs, std::string& data) {
             if (lines.empty()) continue;
             const std::string block = "$" + std::string(type) + std::to_string(i);
             data += block + " << EOD\n";
-            for (const json& j : lines)
-                data += fmt(j["step"].get<double>()) + " " + fmt(j["loss"].get<double>()) + " " +
-                        fmt(j["accuracy"].get<double>()) + "\n";
+            bool any_loss = false, any_acc = false;
+            for (const json& j : lines) {
+                data += fmt(j["step"]) + " " + fmt(j["loss"]) + " " + fmt(j["accuracy"]) + "\n";
+                any_loss = any_loss || j["loss"].is_number();
+                any_acc = any_acc || j["accuracy"].is_number();
+            }
             data += "EOD\n";
             const std::string style = std::string(type) == "train" ? " with lines lw 2" : " with linespoints pt 7 dt 2";
             const std::string title = " title " + q(r.name + (std::string(type) == "train" ? " train" : " val"));
-            loss += (loss.empty() ? "plot " : ", ") + block + " using 1:2" + style + lc + title;
-            acc += (acc.empty() ? "plot " : ", ") + block + " using 1:3" + style + lc + title;
+            // gnuplot refuses a series with no defined point (a run whose every window skipped a step).
+            if (any_loss) loss += (loss.empty() ? "plot " : ", ") + block + " using 1:2" + style + lc + title;
+            if (any_acc) acc += (acc.empty() ? "plot " : ", ") + block + " using 1:3" + style + lc + title;
         }
     }
+    const std::string nothing = "set label 'no finite values' at graph 0.5, graph 0.5 center\n"
+                                "plot [0:1] [0:1] -1 notitle\nunset label\n";
     return terminal("curves.png", 1200, 480) +
            "set multiplot layout 1,2\nset grid\nset xlabel 'step'\nset key top right\n"
            "set title 'loss (train: window mean of the total loss; val: cross-entropy)'\nset ylabel 'loss'\n" +
-           loss + "\nset title 'accuracy'\nset ylabel 'accuracy'\nset yrange [0:1]\nset key bottom right\n" + acc +
-           "\nunset multiplot\n";
+           (loss.empty() ? nothing : loss + "\n") +
+           "set title 'accuracy'\nset ylabel 'accuracy'\nset yrange [0:1]\nset key bottom right\n" +
+           (acc.empty() ? nothing : acc + "\n") + "unset multiplot\n";
 }
 
 // Final val accuracy against attention GFLOPs, with the Pareto front.
@@ -179,7 +222,7 @@ std::string pareto_plot(const std::vector<Run>& runs, std::string& data) {
     std::vector<std::pair<double, double>> points;  // (gflops, accuracy)
     data += "$points << EOD\n";
     for (const Run& r : runs) {
-        if (r.eval.empty()) continue;
+        if (r.eval.empty() || !r.eval.back()["accuracy"].is_number()) continue;
         const double acc = r.eval.back()["accuracy"].get<double>();
         points.push_back({r.attention_gflops, acc});
         std::string label = r.name;
@@ -296,11 +339,12 @@ std::string summary_markdown(const std::vector<Run>& runs, const std::vector<std
          "| --- | --- | --- | --- | --- | --- |\n";
     for (const Run& r : runs) {
         char acc[32] = "-", gflops[32];
-        if (!r.eval.empty()) std::snprintf(acc, sizeof acc, "%.4f", r.eval.back()["accuracy"].get<double>());
+        if (!r.eval.empty() && r.eval.back()["accuracy"].is_number())
+            std::snprintf(acc, sizeof acc, "%.4f", r.eval.back()["accuracy"].get<double>());
         std::snprintf(gflops, sizeof gflops, "%.4g", r.attention_gflops);
         s << "| " << r.name << " | " << r.config.model.arch << " | "
           << (r.config.model.arch == "moevit" ? std::to_string(r.config.model.top_k) : std::string("-")) << " | "
-          << (r.train.empty() ? 0 : r.train.back()["step"].get<int64_t>()) << " | " << acc << " | " << gflops << " |\n";
+          << (r.train.empty() ? "0" : fmt(r.train.back()["step"])) << " | " << acc << " | " << gflops << " |\n";
     }
     s << "\nAttention GFLOPs: one block's attention per image with all channels (DESIGN.md §5, `prism flops`). "
          "Final val acc: the run's last evaluation.\n\nRuns:\n\n";
@@ -311,7 +355,9 @@ std::string summary_markdown(const std::vector<Run>& runs, const std::vector<std
 }
 
 // Runs gnuplot on DIR/report.gp; throws with its first lines of output on failure.
-void run_gnuplot(const std::string& dir) {
+// Runs gnuplot on dir/report.gp; errors name `report`, the directory the
+// user asked for.
+void run_gnuplot(const std::string& dir, const std::string& report) {
     const char* env = std::getenv("PRISM_GNUPLOT");
     const std::string program = env && *env ? env : "gnuplot";
     const std::string cmd = "cd " + shell_quote(dir) + " && " + shell_quote(program) + " report.gp 2>&1";
@@ -325,7 +371,7 @@ void run_gnuplot(const std::string& dir) {
         throw UserError(program + ": not found; prism report needs gnuplot (Debian: apt-get install gnuplot-nox, "
                                   "or make deps)");
     if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
-        throw UserError(join_path(dir, "report.gp") + ": gnuplot failed: " +
+        throw UserError(report + ": gnuplot failed on the report's script: " +
                         printable(output.empty() ? "exit status " + std::to_string(WEXITSTATUS(status)) : output, 300));
 }
 
@@ -371,25 +417,41 @@ ReportOutput write_report(const std::vector<std::string>& run_dirs, const std::s
             pngs.push_back(png);
         }
     }
-    {
-        const std::string script = join_path(out.dir, "report.gp");
-        std::ofstream f(script);
-        f << "# Written by prism report; re-render with: cd " << out.dir << " && gnuplot report.gp\n"
-          << data << plots;
-        if (!f) throw UserError(script + ": write failed");
+    // gnuplot renders into a staging directory; the images replace the
+    // previous report's only once all are drawn, so a failed rerun (no
+    // gnuplot, a bad routing.json) leaves that report whole and no half image.
+    const std::string script = "# Written by prism report; re-render with: cd " + out.dir +
+                               " && gnuplot report.gp\n" + data + plots;
+    const std::string staging = join_path(out.dir, ".rendering");
+    auto clear_staging = [&] {  // best effort: what is left there is never read
+        for (const auto& p : pngs) std::remove(join_path(staging, p).c_str());
+        std::remove(join_path(staging, "report.gp").c_str());
+        ::rmdir(staging.c_str());
+    };
+    clear_staging();
+    make_dirs(staging);
+    try {
+        write_file_atomic(join_path(staging, "report.gp"), script);
+        run_gnuplot(staging, out.dir);
+        for (const auto& p : pngs) {
+            struct stat st;
+            if (::stat(join_path(staging, p).c_str(), &st) != 0 || st.st_size == 0)
+                throw UserError(join_path(out.dir, p) + ": gnuplot wrote no image");
+        }
+        for (const auto& p : pngs) {
+            const std::string path = join_path(out.dir, p);
+            if (std::rename(join_path(staging, p).c_str(), path.c_str()) != 0)
+                throw UserError(path + ": cannot move the new image into place: " + std::strerror(errno));
+            out.files.push_back(path);
+        }
+    } catch (...) {
+        clear_staging();
+        throw;
     }
-    for (const auto& p : pngs) std::remove(join_path(out.dir, p).c_str());
-    run_gnuplot(out.dir);
-    for (const auto& p : pngs) {
-        const std::string path = join_path(out.dir, p);
-        struct stat st;
-        if (::stat(path.c_str(), &st) != 0 || st.st_size == 0) throw UserError(path + ": gnuplot wrote no image");
-        out.files.push_back(path);
-    }
+    clear_staging();
+    write_file_atomic(join_path(out.dir, "report.gp"), script);
     const std::string summary = join_path(out.dir, "summary.md");
-    std::ofstream f(summary);
-    f << summary_markdown(runs, pngs);
-    if (!f) throw UserError(summary + ": write failed");
+    write_file_atomic(summary, summary_markdown(runs, pngs));
     out.files.push_back(summary);
     return out;
 }

@@ -3,7 +3,6 @@
 #include <cstdio>
 #include <cstring>
 #include <fcntl.h>
-#include <sys/stat.h>
 #include <unistd.h>
 #include <nlohmann/json.hpp>
 #include "engine/common.h"
@@ -73,19 +72,13 @@ const TensorIn& SafetensorsFile::at(const std::string& name) const {
 SafetensorsFile read_safetensors(const std::string& path) {
     SafetensorsFile out;
     out.path = path;
-    // O_NONBLOCK: a FIFO is refused below instead of blocking the open.
-    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
-    if (fd < 0) throw UserError(path + ": cannot open: " + std::strerror(errno));
-    struct stat st = {};
-    if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-        ::close(fd);
-        throw UserError(path + (S_ISDIR(st.st_mode) ? ": is a directory, not a .safetensors file"
-                                                     : ": not a regular file"));
-    }
+    uint64_t file_size = 0;
+    const int fd = open_regular_file(path, "", &file_size);
     FILE* f = ::fdopen(fd, "rb");
     if (!f) {
+        const int err = errno;
         ::close(fd);
-        throw UserError(path + ": cannot open: " + std::strerror(errno));
+        throw UserError(path + ": cannot open: " + std::strerror(err));
     }
     std::fseek(f, 0, SEEK_END);
     const long size = std::ftell(f);

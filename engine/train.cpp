@@ -190,8 +190,9 @@ TrainResult train(const Config& cfg, Device device, const std::string& out_dir, 
                         "comm_init_nccl was not called); --device cpu trains data parallel over MPI");
     const bool nccl = device == Device::cuda && comm.nccl;
     if (comm.size > 1) check_same_config(comm, cfg);
-    if (cfg.data.train.empty()) throw UserError("config: data.train is empty (a glob of training shards)");
-    if (t.steps == 0 && t.epochs == 0) throw UserError("config: set train.steps or train.epochs");
+    if (cfg.data.train.empty())
+        throw UserError(opts.config_origin + ": data.train is empty (a glob of training shards)");
+    if (t.steps == 0 && t.epochs == 0) throw UserError(opts.config_origin + ": set train.steps or train.epochs");
 
     LoaderOptions lo;
     lo.pattern = cfg.data.train;
@@ -267,12 +268,14 @@ TrainResult train(const Config& cfg, Device device, const std::string& out_dir, 
         at = load_train_state(last_state, cfg, model, opt);
         loader.seek({at.epoch, at.batch_index});
         if (at.step > total)
-            throw UserError("resume: " + last_state + " is at step " + std::to_string(at.step) +
-                            ", past this run's " + std::to_string(total) + " steps (raise train.steps)");
+            throw UserError("resume: " + last_state + " is at step " + std::to_string(at.step) + ", past this run's " +
+                            std::to_string(total) + " steps (raise train.steps, or train.epochs)");
+        const char* left = at.step < total ? ""
+                           : val_data      ? "; the run has all its steps, only the final evaluation is left"
+                                           : "; the run has all its steps and no data.val: nothing is left to do";
         if (verbose)
             std::printf("resume: %s at step %lld (epoch %lld, batch %lld)%s\n", last_state.c_str(),
-                        (long long)at.step, (long long)at.epoch, (long long)at.batch_index,
-                        at.step == total ? "; the run has all its steps, only the final evaluation is left" : "");
+                        (long long)at.step, (long long)at.epoch, (long long)at.batch_index, left);
     }
     const int64_t stop_at = t.stop_after > 0 ? std::min(total, at.step + t.stop_after) : total;
 
@@ -372,7 +375,7 @@ TrainResult train(const Config& cfg, Device device, const std::string& out_dir, 
         const double grad_norm = opt.grad_norm(model);
         if (guard_nonfinite(t, step, loss, grad_norm, &skips, last_state)) opt.apply(model, lr, grad_norm);
 
-        monitor.step_done(step, l, b.size, lr, grad_norm, model.routing_counts());
+        monitor.step_done(step, l, b.size, lr, grad_norm, model.routing_counts(), step + 1 == stop_at || stop > 0);
         const bool last = step + 1 == total;
         if (val_data && t.eval_every > 0 && (step + 1) % t.eval_every == 0 && !last) run_eval(step + 1);
         if (t.checkpoint_every > 0 && (step + 1) % t.checkpoint_every == 0 && step + 1 < stop_at) checkpoint(step + 1);
@@ -418,7 +421,8 @@ TrainResult train(const Config& cfg, Device device, const std::string& out_dir, 
     result.seconds = seconds_since(start);
     result.position = loader.position();
     result.skipped_steps = skips.total;
-    const std::string resume_hint = out_dir.empty() ? "; nothing was saved (no --out)" : "; resume with --resume " + out_dir;
+    const std::string resume_hint =
+        out_dir.empty() ? "; nothing was saved (no --out)" : "; resume with --resume " + out_dir;
     if (result.stop_signal) {
         remove_stop_signals();
         if (verbose)
@@ -429,11 +433,23 @@ TrainResult train(const Config& cfg, Device device, const std::string& out_dir, 
     // The checkpoint comes before the final evaluation, and the stop signals
     // go back to their defaults once it is written: Ctrl-C during the
     // evaluation then ends the process at once and loses no training
-    // (--resume runs the evaluation alone).
-    checkpoint(step);
+    // (--resume runs the evaluation alone). A resumed run with no step left
+    // has nothing new to write.
+    const bool write = step > at.step || opts.resume_dir.empty();
+    if (write) checkpoint(step);
+    // A stop asked for since the loop last looked (during that checkpoint,
+    // say) skips the evaluation; the ranks agree on it, as in the loop.
+    const int late_signal = int(comm.size > 1 ? comm_max(comm, double(stop_signal())) : stop_signal());
     remove_stop_signals();
-    if (verbose && !out_dir.empty())
+    if (verbose && write && !out_dir.empty())
         std::printf("wrote %s/model.safetensors and %s\n", out_dir.c_str(), kTrainStateFile);
+    if (late_signal) {
+        result.stop_signal = late_signal;
+        if (verbose)
+            std::printf("train: stopped by signal %d before the final evaluation%s\n", late_signal,
+                        resume_hint.c_str());
+        return result;
+    }
     if (val_data) result.val = run_eval(step);
     if (verbose && step < total)
         std::printf("train: stopped after step %lld of %lld (train.stop_after)%s\n", (long long)step,

@@ -60,6 +60,9 @@ struct TrainOptions {
     // The device's peak FLOP/s, for the MFU in metrics.jsonl; 0 = unknown
     // (the CPU): no "mfu" key. The CUDA backend is to fill it in.
     double peak_flops = 0;
+    // Where the config came from (prism train: the file and its --set), to
+    // name in the errors about keys that only training needs.
+    std::string config_origin = "config";
 };
 
 // Trains per the config; writes out_dir/{config.json, metrics.jsonl,

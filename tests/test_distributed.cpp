@@ -114,6 +114,10 @@ TEST(Distributed, StopAndResumeGivesTheBitsOfAStraightRun) {
     const ShellRun b = run_shell(prism + " train " + train_flags(resumed.path, flags + " --set train.stop_after=6"));
     ASSERT_TRUE(exited_ok(b)) << b.output;
     EXPECT_NE(b.output.find("stopped after step 6 of 12"), std::string::npos) << b.output;
+    // The short logging window before the stop (log_every is 10) is in
+    // metrics.jsonl: a train line at step 6, the keys in order.
+    EXPECT_NE(read_bytes(resumed.path + "/metrics.jsonl").find("\"step\":6,\"time_s\""), std::string::npos)
+        << read_bytes(resumed.path + "/metrics.jsonl");
     EXPECT_NE(run_weights(straight.path), run_weights(resumed.path));
     const ShellRun c = run_shell(prism + " train --resume " + resumed.path + " --device cpu");
     ASSERT_TRUE(exited_ok(c)) << c.output;
@@ -158,23 +162,46 @@ TEST(Distributed, SigtermWritesACheckpointThatResumes) {
 TEST(Distributed, ASignalDuringTheFinalEvaluationLosesNoTraining) {
     const std::string prism = build_dir() + "prism";
     TmpDir run;
-    // A wide model evaluated on all 512 training images: seconds of evaluation.
+    // A wide model evaluated on all 512 training images on 2 threads: about
+    // 8 s of evaluation here, seconds on any machine, against a kill that
+    // follows the checkpoint line within a tenth of one.
     const std::string flags = "--set train.steps=2 --set model.dim=192 --set model.depth=6 --set model.heads=4 "
                               "--set 'data.val=" + tiny_data_dir() + "/train-*.shard'";
-    const ShellRun a = run_shell("(" + prism + " train " + train_flags(run.path, flags) + " > " + run.path +
-                                 "/log 2>&1 & pid=$!; "
+    const ShellRun a = run_shell("(OMP_NUM_THREADS=2 " + prism + " train " + train_flags(run.path, flags) + " > " +
+                                 run.path + "/log 2>&1 & pid=$!; "
                                  "for i in $(seq 1200); do grep -q '^wrote ' " + run.path + "/log && break; sleep 0.05; done; "
                                  "kill -TERM $pid; wait $pid; echo rc=$?)");
     const std::string log = read_bytes(run.path + "/log");
     ASSERT_NE(a.output.find("rc=143"), std::string::npos) << a.output << log;
     EXPECT_EQ(log.find("eval  step"), std::string::npos) << log;  // it was cut short
     ASSERT_TRUE(exists(run.path + "/train_state.safetensors")) << log;
-    const ShellRun b = run_shell(prism + " train --resume " + run.path + " --device cpu");
+    // The evaluation alone, on the 128 validation images to be quick.
+    const std::string state = read_bytes(run.path + "/train_state.safetensors");
+    const ShellRun b = run_shell(prism + " train --resume " + run.path + " --device cpu --set 'data.val=" +
+                                 tiny_data_dir() + "/val-*.shard'");
     ASSERT_TRUE(exited_ok(b)) << b.output;
     EXPECT_NE(b.output.find("at step 2 (epoch 0, batch 2); the run has all its steps, only the final evaluation is left"),
               std::string::npos) << b.output;
     EXPECT_NE(b.output.find("\"steps\":2,"), std::string::npos) << b.output;
-    EXPECT_NE(b.output.find("\"val_count\":512"), std::string::npos) << b.output;
+    EXPECT_NE(b.output.find("\"val_count\":128"), std::string::npos) << b.output;
+    EXPECT_EQ(read_bytes(run.path + "/train_state.safetensors"), state);  // nothing new to write
+}
+
+// Ranks started with different configs (a stale file on one node, a --set
+// on one rank) stop before any collective whose size depends on the config;
+// they used to corrupt the heap on MPI_ERR_TRUNCATE.
+TEST(Distributed, RanksWithDifferentConfigsStopAtOnce) {
+    if (!why_no_mpirun().empty()) GTEST_SKIP() << why_no_mpirun();
+    const std::string prism = build_dir() + "prism";
+    TmpDir run;
+    const std::string flags = "--set train.steps=2 --set train.batch=8";
+    const ShellRun r = run_shell("OMP_NUM_THREADS=1 " + std::string(kMpirun) + " -np 1 " + prism + " train " +
+                                 train_flags(run.path, flags) + " : -np 1 " + prism + " train " +
+                                 train_flags(run.path, flags + " --set model.dim=32"));
+    EXPECT_FALSE(exited_ok(r)) << r.output;
+    EXPECT_NE(r.output.find("train: the config of rank 1 differs from rank 0's (another file, or another --set)"),
+              std::string::npos) << r.output;
+    EXPECT_FALSE(exists(run.path + "/model.safetensors"));
 }
 
 // A repeated command loses nothing: a new run refuses a directory that holds
@@ -194,6 +221,11 @@ TEST(Distributed, TheCommandLineRefusesWhatWouldLoseARun) {
     EXPECT_NE(b.output.find("prism: --out " + run.path + ": holds a run already (train_state.safetensors); "
                             "continue it with --resume " + run.path), std::string::npos) << b.output;
     EXPECT_EQ(read_bytes(run.path + "/metrics.jsonl"), metrics);
+    // eval checks --save-logits before it evaluates, not after.
+    const ShellRun f = run_shell(prism + " eval --checkpoint " + run.path + "/model.safetensors --device cpu --data '" +
+                                 tiny_data_dir() + "/val-*.shard' --save-logits " + run.path);
+    EXPECT_EQ(WEXITSTATUS(f.status), 1) << f.output;
+    EXPECT_NE(f.output.find("prism: " + run.path + ": is a directory"), std::string::npos) << f.output;
     TmpDir other;
     const ShellRun c = run_shell(prism + " train " + train_flags(other.path, "--set train.steps=2 model.top_k=9"));
     EXPECT_EQ(WEXITSTATUS(c.status), 1) << c.output;
@@ -201,6 +233,11 @@ TEST(Distributed, TheCommandLineRefusesWhatWouldLoseARun) {
     const ShellRun d = run_shell(prism + " train " + train_flags(other.path, "--device cpu"));
     EXPECT_EQ(WEXITSTATUS(d.status), 1) << d.output;
     EXPECT_NE(d.output.find("prism: train: --device is given more than once"), std::string::npos) << d.output;
+    const ShellRun e = run_shell(prism + " train " + train_flags(other.path, "--set data.train="));
+    EXPECT_EQ(WEXITSTATUS(e.status), 1) << e.output;
+    EXPECT_NE(e.output.find("prism: configs/synth_tiny_moevit.json with --set data.train="), std::string::npos)
+        << e.output;
+    EXPECT_NE(e.output.find(", --set data.train=: data.train is empty"), std::string::npos) << e.output;
     EXPECT_FALSE(exists(other.path + "/metrics.jsonl"));
 }
 

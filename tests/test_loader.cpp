@@ -9,6 +9,9 @@
 #include <set>
 #include <string>
 #include <vector>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include "data/loader.h"
 #include "data/shard.h"
@@ -693,3 +696,38 @@ TEST(Loader, NamesTheImageTheDevicesInputStepFoundNonFinite) {
 }
 
 }  // namespace
+
+// Every loader holds its shards open: the training loader's are still open
+// when the validation loader opens its own, so each raises the soft limit
+// on open files by what it adds (it used to ask for its own count + 256
+// alone, and 2 x 300 shards under a soft limit of 64 failed). In a child,
+// whose limits the test may change.
+TEST(Loader, TwoLoadersOfManyShardsFitTheRaisedLimit) {
+    TmpDir dir;
+    for (int i = 0; i < 300; i++) write_test_shard(dir / shard_file_name("train", i), DType::u8, 2);
+    struct rlimit hard;
+    ASSERT_EQ(::getrlimit(RLIMIT_NOFILE, &hard), 0);
+    if (hard.rlim_max != RLIM_INFINITY && hard.rlim_max < 1024) GTEST_SKIP() << "hard limit on open files below 1024";
+    const pid_t pid = ::fork();
+    if (pid == 0) {
+        struct rlimit low = hard;
+        low.rlim_cur = 64;
+        if (::setrlimit(RLIMIT_NOFILE, &low) != 0) _exit(5);
+        try {
+            LoaderOptions a;
+            a.pattern = dir / "train-*.shard";
+            a.batch = 4;
+            Loader train(a);
+            LoaderOptions v = a;
+            v.train = false;
+            Loader val(v);
+            _exit(train.count() == 600 && val.count() == 600 ? 0 : 3);
+        } catch (const UserError& e) {
+            std::fprintf(stderr, "%s\n", e.what());
+            _exit(2);
+        }
+    }
+    int status = 0;
+    ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
+}

@@ -225,7 +225,8 @@ TEST(Report, WritesNonEmptyPngsAndSummary) {
     // Default directory: the first run's report/.
     EXPECT_EQ(write_report({t.run}, "").dir, t.run + "/report");
 
-    // A missing gnuplot is one clear line.
+    // A missing gnuplot is one clear line, and the report already there stays whole.
+    const std::string curves = prism::testing::read_bytes(out / "curves.png");
     setenv("PRISM_GNUPLOT", "/nonexistent/gnuplot", 1);
     try {
         write_report({t.run}, out.path);
@@ -234,9 +235,48 @@ TEST(Report, WritesNonEmptyPngsAndSummary) {
         EXPECT_NE(std::string(e.what()).find("not found; prism report needs gnuplot"), std::string::npos) << e.what();
     }
     unsetenv("PRISM_GNUPLOT");
+    EXPECT_EQ(prism::testing::read_bytes(out / "curves.png"), curves);
+    EXPECT_TRUE(prism::testing::exists(out / "run-2_class_routing.png"));
+    EXPECT_FALSE(prism::testing::exists(out / ".rendering"));
     // Not a run directory.
     prism::testing::expect_error([&] { write_report({out / "nothing"}, out.path); }, out / "nothing/config.json",
                                  "cannot read");
+}
+
+// A damaged metrics.jsonl or routing.json is named (a routing_shares of []
+// divided by zero before); a diverged run, whose windows with skipped steps
+// hold null losses, is drawn with gaps.
+TEST(Report, DamagedFilesAreNamedAndDivergedRunsAreDrawn) {
+    TinyRun& t = tiny_run();
+    TmpDir run;
+    auto copy_run = [&](const std::string& metrics, const std::string& routing) {
+        prism::testing::write_bytes(run / "config.json", prism::testing::read_bytes(t.run + "/config.json"));
+        prism::testing::write_bytes(run / "metrics.jsonl", metrics);
+        if (!routing.empty()) prism::testing::write_bytes(run / "routing.json", routing);
+    };
+    copy_run(R"({"type":"train","step":10,"loss":1.3,"accuracy":0.3,"routing_shares":[]})" "\n", "");
+    prism::testing::expect_error([&] { write_report({run.path}, ""); }, run / "metrics.jsonl: line 1",
+                                 "routing_shares is not [2 blocks][4 channels] of numbers");
+    copy_run(R"({"type":"train","step":10,"loss":1.3,"accuracy":0.3,"routing_shares":[[1,2,3,4],[1,null,3,4]]})" "\n",
+             "");
+    prism::testing::expect_error([&] { write_report({run.path}, ""); }, run / "metrics.jsonl: line 1",
+                                 "routing_shares is not");
+    copy_run(R"({"type":"train","step":10,"loss":1.3,"accuracy":"high"})" "\n", "");
+    prism::testing::expect_error([&] { write_report({run.path}, ""); }, run / "metrics.jsonl: line 1",
+                                 "\"accuracy\" is neither a number nor null");
+    const std::string good = R"({"type":"train","step":10,"loss":1.3,"accuracy":0.3})" "\n";
+    copy_run(good, R"({"step":30,"slots":[[[1,2,3,4]],[[1,2,"a",4]]]})");
+    prism::testing::expect_error([&] { write_report({run.path}, ""); }, run / "routing.json",
+                                 "no \"slots\" [2 blocks][4 classes][4 channels] of numbers");
+    if (!gnuplot_available()) GTEST_SKIP() << "gnuplot is not installed (make deps installs gnuplot-nox)";
+    ::unlink((run / "routing.json").c_str());
+    copy_run(R"({"type":"train","step":10,"loss":null,"accuracy":0.3})" "\n"
+             R"({"type":"train","step":20,"loss":null,"accuracy":0.25})" "\n"
+             R"({"type":"eval","step":20,"loss":null,"accuracy":0.25,"count":32})" "\n", "");
+    write_report({run.path}, "");
+    EXPECT_GT(prism::testing::read_bytes(run / "report/curves.png").size(), 2000u);
+    EXPECT_NE(prism::testing::read_bytes(run / "report/summary.md").find("| 20 | 0.2500 |"), std::string::npos)
+        << prism::testing::read_bytes(run / "report/summary.md");
 }
 
 TEST(Report, EvalConfusionMatrixSumsToCountAndItsDiagonalIsTheAccuracy) {
@@ -266,9 +306,17 @@ TEST(Report, EvalConfusionMatrixSumsToCountAndItsDiagonalIsTheAccuracy) {
         for (int y = 0; y < K; y++) {
             const auto row = j["confusion"][y].get<std::vector<int64_t>>();
             const int64_t n = std::accumulate(row.begin(), row.end(), int64_t(0));
-            EXPECT_DOUBLE_EQ(j["per_class_accuracy"][y].get<double>(), n ? double(row[y]) / n : 0.0);
+            if (n) EXPECT_DOUBLE_EQ(j["per_class_accuracy"][y].get<double>(), double(row[y]) / n);
+            else EXPECT_TRUE(j["per_class_accuracy"][y].is_null());
         }
     }
+    // A class with no images has no accuracy, rather than an accuracy of 0.
+    EvalResult two;
+    two.count = 4;
+    two.confusion = {3, 1, 0, 0};
+    json j;
+    add_report(j, two, 2);
+    EXPECT_EQ(j["per_class_accuracy"].dump(), "[0.75,null]");
 }
 
 TEST(Report, AllSubsetsAveragesEverySubsetSize) {

@@ -192,7 +192,7 @@ TEST(State, CheckpointRefusalsNameTheProblem) {
     write_bytes(bad, nan);
     expect_error([&] { load_checkpoint(bad); }, bad, "head.bias holds a non-finite value (element 1)");
     load_checkpoint(model);  // the undamaged file loads
-    expect_error([&] { load_checkpoint(dir.path); }, dir.path, "is a directory, not a .safetensors file");
+    expect_error([&] { load_checkpoint(dir.path); }, dir.path, "is a directory");
     const std::string fifo = dir / "fifo.safetensors";
     ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
     expect_error([&] { load_checkpoint(fifo); }, fifo, "not a regular file");  // not a hang

@@ -48,6 +48,7 @@ fi
 result() { python3 -c 'import json,sys
 try: r = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])
 except Exception: sys.exit("no result in " + sys.argv[1])
+if r.get("val_accuracy") is None: sys.exit("no evaluation in " + sys.argv[1])
 print("val acc %.4f, val loss %.5f (%.1f s)" % (r["val_accuracy"], r["val_loss"], r["seconds"]))' "$1"; }
 
 $P synth --preset tiny --out $D/tiny --count 16384 --seed 1 > /dev/null
