@@ -362,7 +362,7 @@ void run_gnuplot(const std::string& dir, const std::string& report) {
     const std::string program = env && *env ? env : "gnuplot";
     const std::string cmd = "cd " + shell_quote(dir) + " && " + shell_quote(program) + " report.gp 2>&1";
     FILE* p = popen(cmd.c_str(), "r");
-    if (!p) throw UserError("prism report: cannot start " + program);
+    if (!p) throw UserError("report: cannot start " + program);
     std::string output;
     char buf[512];
     while (std::fgets(buf, sizeof buf, p)) output += buf;
@@ -384,7 +384,7 @@ bool gnuplot_available() {
 }
 
 ReportOutput write_report(const std::vector<std::string>& run_dirs, const std::string& out_dir) {
-    if (run_dirs.empty()) throw UserError("prism report: name at least one run directory");
+    if (run_dirs.empty()) throw UserError("report: name at least one run directory");
     std::vector<Run> runs;
     for (const auto& d : run_dirs) {
         runs.push_back(load_run(d));
