@@ -248,10 +248,17 @@ int cmd_eval(int argc, char** argv) {
     nlohmann::json j{{"accuracy", res.accuracy}, {"loss", res.loss}, {"count", res.count}};
     if (!eopts.channels.empty()) j["channels"] = eopts.channels;
     if (r.count("report")) add_report(j, res, K);
-    if (r.count("all-subsets"))
+    if (r.count("all-subsets")) {
+        // Hyperspectral sets make this long (100 channels: over 6,000 passes): say so up front.
+        const int C = ck.config.model.channels;
+        size_t passes = 0;
+        for (int m = 1; m <= C; m++) passes += channel_subsets(C, m).size();
+        std::fprintf(stderr, "all-subsets: %zu passes over the data (every subset of each size 1..%d, at most 64 per "
+                             "size)\n", passes, C);
         j["subsets"] = subsets_json(evaluate_all_subsets(model, data, [](const SubsetSweep::Size& s) {
             std::fprintf(stderr, "subsets of size %d: %d evaluated, mean accuracy %.4f\n", s.size, s.subsets, s.accuracy);
         }));
+    }
     progress(j.dump());  // checked: a result that cannot be written is no success
     return 0;
 }
