@@ -1,6 +1,5 @@
 // prism: the one command-line entry point (DESIGN.md §4).
 #include <cerrno>
-#include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <string>
@@ -95,18 +94,11 @@ void check_output_file(const std::string& path, const char* option) {
     if (path.empty()) throw UserError(std::string(option) + ": empty file name");
     struct stat st;
     if (::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode)) throw UserError(path + ": is a directory");
-    const size_t slash = path.rfind('/');
-    const std::string dir = slash == std::string::npos ? "." : slash == 0 ? "/" : path.substr(0, slash);
+    const std::string dir = dir_of(path);
     if (::stat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode))
         throw UserError(path + ": " + option + " needs an existing directory " + dir);
     if (::access(dir.c_str(), W_OK) != 0)
         throw UserError(path + ": cannot write in " + dir + ": " + std::strerror(errno));
-}
-
-// Whether two paths name one directory: runs/a, ./runs/a/ and its absolute path alike.
-bool same_directory(const std::string& a, const std::string& b) {
-    struct stat x, y;
-    return ::stat(a.c_str(), &x) == 0 && ::stat(b.c_str(), &y) == 0 && x.st_dev == y.st_dev && x.st_ino == y.st_ino;
 }
 
 // --shard-size: unset is 0, the converters' default (4096 images, fewer for large images).
@@ -128,9 +120,8 @@ void write_npy(const std::string& path, const std::vector<float>& data, int64_t 
     while ((10 + header.size() + 1) % 64) header += ' ';
     header += '\n';
     const uint16_t len = uint16_t(header.size());
-    std::string bytes = std::string("\x93NUMPY\x01\x00", 8) + std::string((const char*)&len, 2) + header;
-    bytes.append((const char*)data.data(), data.size() * sizeof(float));
-    write_file_atomic(path, bytes);
+    write_file_atomic(path, {{"\x93NUMPY\x01\x00", 8}, {&len, 2}, {header.data(), header.size()},
+                             {data.data(), data.size() * sizeof(float)}});
 }
 
 int cmd_train(int argc, char** argv) {
@@ -159,7 +150,7 @@ int cmd_train(int argc, char** argv) {
     // A new run would truncate the old one's metrics and then overwrite its
     // checkpoint: refuse, so that a repeated command loses nothing.
     for (const char* file : {kTrainStateFile, "model.safetensors"})
-        if (!out.empty() && !(r.count("resume") && same_directory(out, topts.resume_dir)) &&
+        if (!out.empty() && !(r.count("resume") && same_file(out, topts.resume_dir)) &&
             file_exists(join_path(out, file)))
             throw UserError("--out " + out + ": holds a run already (" + file + "); continue it with --resume " + out +
                             ", or remove it or choose another --out");
@@ -236,12 +227,9 @@ int cmd_eval(int argc, char** argv) {
     EvalOptions eopts;
     if (r.count("channels")) eopts.channels = parse_channel_list(r["channels"].as<std::string>(), ck.config.model.channels);
     // Progress on stderr (stdout is the one JSON line), every few seconds.
-    auto last = std::chrono::steady_clock::now();
+    Every every(5);
     eopts.on_batch = [&](int64_t done) {
-        const auto now = std::chrono::steady_clock::now();
-        if (now - last < std::chrono::seconds(5)) return;
-        last = now;
-        std::fprintf(stderr, "eval: %lld/%lld images\n", (long long)done, (long long)data.count());
+        if (every.due()) std::fprintf(stderr, "eval: %lld/%lld images\n", (long long)done, (long long)data.count());
     };
     const EvalResult res = evaluate(model, data, want_logits, eopts);
     if (want_logits) write_npy(r["save-logits"].as<std::string>(), res.logits, res.count, K);

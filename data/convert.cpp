@@ -9,7 +9,6 @@
 #include "data/convert.h"
 
 #include <algorithm>
-#include <chrono>
 #include <cerrno>
 #include <cctype>
 #include <cmath>
@@ -86,7 +85,6 @@ static void hold_shard(std::vector<char>& images, size_t bytes, const std::strin
 // removes as stale: DIR/PREFIX-<digits>.shard in the same directory.
 static bool replaced_by_output(const std::string& file, const std::string& out, const std::string& prefix) {
     const size_t slash = file.rfind('/');
-    const std::string dir = slash == std::string::npos ? "." : slash == 0 ? "/" : file.substr(0, slash);
     const std::string base = slash == std::string::npos ? file : file.substr(slash + 1);
     const std::string head = prefix + "-", tail = ".shard";
     if (base.size() <= head.size() + tail.size() || base.compare(0, head.size(), head) != 0 ||
@@ -95,9 +93,7 @@ static bool replaced_by_output(const std::string& file, const std::string& out, 
     if (!std::all_of(base.begin() + long(head.size()), base.end() - long(tail.size()),
                      [](char ch) { return ch >= '0' && ch <= '9'; }))
         return false;
-    struct stat a, b;
-    return ::stat(dir.c_str(), &a) == 0 && ::stat(out.c_str(), &b) == 0 && a.st_dev == b.st_dev &&
-           a.st_ino == b.st_ino;
+    return same_file(dir_of(file), out);
 }
 
 // --stats-from: the normalization of another shard set (the training split's).
@@ -202,14 +198,11 @@ struct PassProgress {
     std::string tag;
     int64_t total;
     bool verbose;
-    std::chrono::steady_clock::time_point last = std::chrono::steady_clock::now();
+    Every every{5};
     PassProgress(const std::string& t, int64_t total_, bool v) : tag(t), total(total_), verbose(v) {}
     void at(int64_t done) {
-        if (!verbose) return;
-        const auto now = std::chrono::steady_clock::now();
-        if (done < total && now - last < std::chrono::seconds(5)) return;
-        last = now;
-        progress(tag + ": checked " + std::to_string(done) + "/" + std::to_string(total) + " images");
+        if (verbose && (every.due() || done == total))
+            progress(tag + ": checked " + std::to_string(done) + "/" + std::to_string(total) + " images");
     }
 };
 

@@ -301,12 +301,6 @@ static void write_zeros(FILE* f, uint64_t n, const std::string& tmp) {
     }
 }
 
-static std::string dir_of(const std::string& path) {
-    size_t slash = path.find_last_of('/');
-    if (slash == std::string::npos) return ".";
-    if (slash == 0) return "/";
-    return path.substr(0, slash);
-}
 
 void write_shard(const std::string& path, ShardHeader h, const std::vector<int32_t>& labels,
                  const void* images) {

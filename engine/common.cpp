@@ -30,19 +30,44 @@ void make_dirs(const std::string& dir) {
     }
 }
 
-void write_file_atomic(const std::string& path, const std::string& text) {
+std::string dir_of(const std::string& path) {
+    const size_t slash = path.find_last_of('/');
+    if (slash == std::string::npos) return ".";
+    if (slash == 0) return "/";
+    return path.substr(0, slash);
+}
+
+bool same_file(const std::string& a, const std::string& b) {
+    struct stat x, y;
+    return ::stat(a.c_str(), &x) == 0 && ::stat(b.c_str(), &y) == 0 && x.st_dev == y.st_dev && x.st_ino == y.st_ino;
+}
+
+void write_file_atomic(const std::string& path, const std::vector<Bytes>& parts) {
     const std::string tmp = path + ".tmp";
     FILE* f = std::fopen(tmp.c_str(), "wb");
     if (!f) throw UserError(path + ": cannot write " + tmp + ": " + std::strerror(errno));
-    bool ok = std::fwrite(text.data(), 1, text.size(), f) == text.size() && std::fflush(f) == 0 &&
-              ::fsync(fileno(f)) == 0;
+    bool ok = true;
+    for (const Bytes& p : parts) ok = ok && std::fwrite(p.data, 1, p.size, f) == p.size;
+    ok = ok && std::fflush(f) == 0 && ::fsync(fileno(f)) == 0;
     int err = errno;
     if (std::fclose(f) != 0 && ok) ok = false, err = errno;
     if (ok && std::rename(tmp.c_str(), path.c_str()) != 0) ok = false, err = errno;
     if (!ok) {
-        std::remove(tmp.c_str());
+        std::remove(tmp.c_str());  // best effort: the error being reported is the useful one
         throw UserError(path + ": write failed: " + std::strerror(err));
     }
+    // The rename survives a power loss only once the directory is synced
+    // (some file systems cannot sync a directory: EINVAL).
+    const std::string dir = dir_of(path);
+    const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    const bool synced = fd >= 0 && (::fsync(fd) == 0 || errno == EINVAL);
+    err = errno;
+    if (fd >= 0) ::close(fd);
+    if (!synced) throw UserError(dir + ": cannot sync the directory after writing " + path + ": " + std::strerror(err));
+}
+
+void write_file_atomic(const std::string& path, const std::string& text) {
+    write_file_atomic(path, {{text.data(), text.size()}});
 }
 
 int open_regular_file(const std::string& path, const std::string& context, uint64_t* size) {

@@ -1,10 +1,12 @@
 // Small shared vocabulary: the error type for bad user input and the
 // one-line checks used everywhere.
 #pragma once
+#include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace prism {
 
@@ -28,9 +30,20 @@ enum class Device { cpu, cuda };
 // File-system helpers shared by the commands that write directories.
 std::string join_path(const std::string& dir, const std::string& name);  // dir + "/" + name
 void make_dirs(const std::string& dir);  // mkdir -p; throws UserError naming the part that failed
-// Writes `text` to `path` through path.tmp, fsync and rename, so that a
-// crash leaves the old file or the new one, never half of one; throws
-// UserError naming the file and the system's reason.
+// The directory part of a path: "." for a bare name, "/" for "/name".
+std::string dir_of(const std::string& path);
+// Whether two paths name one directory (or file): runs/a, ./runs/a/ and its
+// absolute path alike; false when either does not exist.
+bool same_file(const std::string& a, const std::string& b);
+// Writes the concatenation of `parts` to `path` through path.tmp, fsync,
+// rename and a sync of the directory, so that a crash leaves the old file or
+// the new one, never half of one; throws UserError naming the file and the
+// system's reason. The parts are written where they lie (no copy).
+struct Bytes {
+    const void* data;
+    size_t size;
+};
+void write_file_atomic(const std::string& path, const std::vector<Bytes>& parts);
 void write_file_atomic(const std::string& path, const std::string& text);
 // Opens a regular file for reading and returns its descriptor (close-on-
 // exec) and size. Anything else is refused with UserError "<path>: <problem>
@@ -43,5 +56,21 @@ int open_regular_file(const std::string& path, const std::string& context, uint6
 std::string printable(const std::string& s, size_t max_len = 80);
 // Prints one progress line to stdout and flushes; throws UserError if stdout fails.
 void progress(const std::string& line);
+// Paces the progress lines of long work: due() is true at most once per
+// `seconds`, counted from construction or the last true.
+class Every {
+public:
+    explicit Every(double seconds) : period_(seconds), last_(std::chrono::steady_clock::now()) {}
+    bool due() {
+        const auto now = std::chrono::steady_clock::now();
+        if (std::chrono::duration<double>(now - last_).count() < period_) return false;
+        last_ = now;
+        return true;
+    }
+
+private:
+    double period_;
+    std::chrono::steady_clock::time_point last_;
+};
 
 }  // namespace prism

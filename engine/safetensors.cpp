@@ -2,7 +2,6 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
-#include <fcntl.h>
 #include <unistd.h>
 #include <nlohmann/json.hpp>
 #include "engine/common.h"
@@ -37,30 +36,10 @@ void write_safetensors(const std::string& path, const std::vector<TensorOut>& te
     }
     std::string text = header.dump();
     while ((text.size() + 8) % 8) text += ' ';  // payload 8-byte aligned, as the format recommends
-    const std::string tmp = path + ".tmp";
-    FILE* f = std::fopen(tmp.c_str(), "wb");
-    if (!f) throw UserError(path + ": cannot write: " + std::strerror(errno));
     const uint64_t len = text.size();
-    bool ok = std::fwrite(&len, 8, 1, f) == 1 && std::fwrite(text.data(), 1, len, f) == len;
-    for (const auto& t : tensors) {
-        const size_t bytes = numel_of(t.shape) * element_size(t.dtype);
-        ok = ok && std::fwrite(t.data, 1, bytes, f) == bytes;
-    }
-    ok = ok && std::fflush(f) == 0 && fsync(fileno(f)) == 0;
-    ok = (std::fclose(f) == 0) && ok;
-    if (!ok || std::rename(tmp.c_str(), path.c_str()) != 0) {
-        std::remove(tmp.c_str());
-        throw UserError(path + ": write failed: " + std::strerror(errno));
-    }
-    // The rename survives a power loss only once the directory is synced
-    // (some file systems cannot sync a directory: EINVAL).
-    const size_t slash = path.find_last_of('/');
-    const std::string dir = slash == std::string::npos ? "." : slash == 0 ? "/" : path.substr(0, slash);
-    const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY);
-    const bool synced = fd >= 0 && (fsync(fd) == 0 || errno == EINVAL);
-    const int err = errno;
-    if (fd >= 0) ::close(fd);
-    if (!synced) throw UserError(dir + ": cannot sync the directory after writing " + path + ": " + std::strerror(err));
+    std::vector<Bytes> parts = {{&len, 8}, {text.data(), text.size()}};
+    for (const auto& t : tensors) parts.push_back({t.data, numel_of(t.shape) * element_size(t.dtype)});
+    write_file_atomic(path, parts);
 }
 
 const TensorIn& SafetensorsFile::at(const std::string& name) const {

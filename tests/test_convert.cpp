@@ -362,8 +362,7 @@ TEST(ConvertNpy, ChecksOutputAndHeadersBeforeReadingImages) {
     const std::string big = dir / "img/6.npy";
     write_npy_set<uint8_t>(dir, "|u1", kN, kC, kH, kW, [](int i, size_t j) { return double(i + j); });
     auto refused_in_a_child = [&](const std::string& what) {
-        const pid_t pid = ::fork();
-        if (pid == 0) {
+        const int status = in_child([&] {
             const rlimit limit = {rlim_t(2) << 30, rlim_t(2) << 30};
             ::setrlimit(RLIMIT_AS, &limit);
             try {
@@ -375,9 +374,7 @@ TEST(ConvertNpy, ChecksOutputAndHeadersBeforeReadingImages) {
                 _exit(3);
             }
             _exit(4);
-        }
-        int status = 0;
-        ::waitpid(pid, &status, 0);
+        });
         return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
     };
     ASSERT_EQ(::truncate(big.c_str(), off_t(64) << 30), 0);  // 6.npy: a valid header, then 64 GiB

@@ -10,8 +10,6 @@
 #include <string>
 #include <vector>
 #include <sys/resource.h>
-#include <sys/wait.h>
-#include <unistd.h>
 
 #include "data/loader.h"
 #include "data/shard.h"
@@ -708,8 +706,7 @@ TEST(Loader, TwoLoadersOfManyShardsFitTheRaisedLimit) {
     struct rlimit hard;
     ASSERT_EQ(::getrlimit(RLIMIT_NOFILE, &hard), 0);
     if (hard.rlim_max != RLIM_INFINITY && hard.rlim_max < 1024) GTEST_SKIP() << "hard limit on open files below 1024";
-    const pid_t pid = ::fork();
-    if (pid == 0) {
+    const int status = in_child([&] {
         struct rlimit low = hard;
         low.rlim_cur = 64;
         if (::setrlimit(RLIMIT_NOFILE, &low) != 0) _exit(5);
@@ -726,8 +723,6 @@ TEST(Loader, TwoLoadersOfManyShardsFitTheRaisedLimit) {
             std::fprintf(stderr, "%s\n", e.what());
             _exit(2);
         }
-    }
-    int status = 0;
-    ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+    });
     EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
 }

@@ -73,25 +73,6 @@ void expect_point(const ResumePoint& a, const ResumePoint& b) {
     EXPECT_EQ(a.batch_index, b.batch_index);
 }
 
-// Runs fn in a child process and returns its wait status.
-template <class Fn>
-int in_child(Fn fn, int kill_after_ms = -1) {
-    const pid_t pid = fork();
-    if (pid == 0) {
-        rlimit no_core = {0, 0};
-        setrlimit(RLIMIT_CORE, &no_core);
-        fn();
-        _exit(0);
-    }
-    if (kill_after_ms >= 0) {
-        timespec ts{kill_after_ms / 1000, (kill_after_ms % 1000) * 1000000L};
-        nanosleep(&ts, nullptr);
-        kill(pid, SIGKILL);
-    }
-    int status = 0;
-    waitpid(pid, &status, 0);
-    return status;
-}
 
 }  // namespace
 

@@ -1,5 +1,6 @@
 // Helpers shared by the tests that write files: a temporary directory,
-// whole-file reads and writes, and the one-line UserError check.
+// whole-file reads and writes, the one-line UserError check, and a child
+// process for what may crash or change the process's limits.
 #pragma once
 #include <filesystem>
 #include <fstream>
@@ -9,8 +10,13 @@
 #include <string>
 #include <vector>
 
+#include <signal.h>
 #include <stdlib.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
 
 #include <gtest/gtest.h>
 
@@ -67,6 +73,27 @@ inline void expect_error(const std::function<void()>& fn, const std::string& pat
         EXPECT_NE(m.find(what), std::string::npos) << "message lacks '" << what << "': " << m;
         EXPECT_EQ(m.find('\n'), std::string::npos) << "message is not one line: " << m;
     }
+}
+
+// Runs fn in a child process (no core dump) and returns its wait status;
+// fn may _exit with its own code. kill_after_ms >= 0: SIGKILL it then.
+template <class Fn>
+int in_child(Fn fn, int kill_after_ms = -1) {
+    const pid_t pid = fork();
+    if (pid == 0) {
+        rlimit no_core = {0, 0};
+        setrlimit(RLIMIT_CORE, &no_core);
+        fn();
+        _exit(0);
+    }
+    if (kill_after_ms >= 0) {
+        timespec ts{kill_after_ms / 1000, (kill_after_ms % 1000) * 1000000L};
+        nanosleep(&ts, nullptr);
+        kill(pid, SIGKILL);
+    }
+    int status = 0;
+    waitpid(pid, &status, 0);
+    return status;
 }
 
 }  // namespace prism::testing
