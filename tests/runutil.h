@@ -10,14 +10,12 @@
 
 namespace prism::testing {
 
-// A small tiny-task data set, made once per test process.
+// A small tiny-task data set, made once per test process and removed when it exits.
 inline const std::string& tiny_data_dir() {
-    static TmpDir* dir = [] {
-        auto* d = new TmpDir();
-        synthesize("tiny", d->path, 512, 2, false);
-        return d;
-    }();
-    return dir->path;
+    static const TmpDir dir;
+    static const bool made = (synthesize("tiny", dir.path, 512, 2, false), true);
+    (void)made;
+    return dir.path;
 }
 
 // The weights a run wrote to DIR/model.safetensors.

@@ -12,12 +12,16 @@
 #include "engine/common.h"
 #include "engine/config.h"
 #include "engine/device.h"
+#include "tests/testutil.h"
 
 using namespace prism;
 using nlohmann::json;
 
+// One directory for the whole file's configs, removed when the tests exit.
+static const prism::testing::TmpDir config_dir;
+
 static std::string write_temp(const std::string& name, const std::string& text) {
-    std::string path = testing::TempDir() + "prism_test_config_" + name;
+    std::string path = config_dir / name;
     FILE* f = std::fopen(path.c_str(), "wb");
     EXPECT_TRUE(f != nullptr) << path;
     if (f) {

@@ -291,7 +291,8 @@ TEST(CudaModel, AnArenaTooLargeForTheGpuNamesItself) {
 // rounding.
 TEST(CudaModel, ShortTrainingRunMatchesTheCpu) {
     REQUIRE_GPU();
-    const std::string dir = ::testing::TempDir() + "prism_cuda_short_" + std::to_string(getpid());
+    const prism::testing::TmpDir tmp;
+    const std::string dir = tmp / "data";
     synthesize("tiny", dir, 96, 6, false);
     const struct {
         const char* arch;
@@ -324,7 +325,6 @@ TEST(CudaModel, ShortTrainingRunMatchesTheCpu) {
         EXPECT_LE(rel_scalar(r[1].val.loss, r[0].val.loss), 1e-5) << "validation loss";
         EXPECT_EQ(r[1].val.accuracy, r[0].val.accuracy);
     }
-    std::filesystem::remove_all(dir);
 }
 
 // data.device_input (the default on CUDA): the loader hands on the stored
@@ -335,7 +335,8 @@ TEST(CudaModel, ShortTrainingRunMatchesTheCpu) {
 TEST(CudaModel, InputStepOnTheDeviceTrainsAsTheHostPathDoes) {
     REQUIRE_GPU();
     namespace pt = prism::testing;
-    const std::string dir = ::testing::TempDir() + "prism_cuda_input_" + std::to_string(getpid());
+    const prism::testing::TmpDir tmp;
+    const std::string dir = tmp / "data";
     std::filesystem::create_directories(dir);
     // The tiny task's shape (4 channels, 32x32, 4 classes), random pixels.
     auto write = [&](const std::string& path, DType d, int64_t count, uint32_t seed) {
@@ -393,13 +394,13 @@ TEST(CudaModel, InputStepOnTheDeviceTrainsAsTheHostPathDoes) {
         pt::expect_error([&] { train(cfg, Device::cuda, "", false); }, over,
                          "sample 5 channel 1 is not finite after normalization");
     }
-    std::filesystem::remove_all(dir);
 }
 
 #ifndef PRISM_EMULATED_ENGINE  // 600 training steps: hours in the emulator
 TEST(CudaModel, EveryShippedTinyConfigLearnsTheTinyTaskOnTheGpu) {
     REQUIRE_GPU();
-    const std::string dir = ::testing::TempDir() + "prism_cuda_train_" + std::to_string(getpid());
+    const prism::testing::TmpDir tmp;
+    const std::string dir = tmp / "data";
     synthesize("tiny", dir, 4096, 5, false);
     for (const char* arch : {"vit", "chvit", "moevit"}) {
         const Config cfg = load_config(std::string("configs/synth_tiny_") + arch + ".json",
@@ -461,7 +462,8 @@ TEST(CudaModel, Bf16TrainingStepMatchesTheCpuWithin2e2) {
 #ifndef PRISM_EMULATED_ENGINE  // 600 training steps: hours in the emulator
 TEST(CudaModel, Bf16RunsAreBitIdenticalAndLearnTheTinyTask) {
     REQUIRE_GPU();
-    const std::string dir = ::testing::TempDir() + "prism_cuda_bf16_" + std::to_string(getpid());
+    const prism::testing::TmpDir tmp;
+    const std::string dir = tmp / "data";
     synthesize("tiny", dir, 4096, 5, false);
     for (const char* arch : {"chvit", "moevit"}) {
         std::vector<float> weights[2];

@@ -14,6 +14,7 @@
 #include "engine/safetensors.h"
 #include "engine/train.h"
 #include "tests/gradcheck.h"
+#include "tests/testutil.h"
 
 using namespace prism;
 using namespace prism::testing;
@@ -86,12 +87,6 @@ BatchData random_batch(const ModelConfig& m, int B, uint64_t seed) {
     return d;
 }
 
-std::string temp_dir(const std::string& name) {
-    std::string dir = ::testing::TempDir() + "prism_" + name + "_" + std::to_string(getpid());
-    mkdir(dir.c_str(), 0755);
-    return dir;
-}
-
 }  // namespace
 
 TEST(ModelGrad, EveryArchitectureMatchesFiniteDifferences) {
@@ -136,7 +131,8 @@ TEST(Oracle, AllArchitecturesMatchPyTorch) {
         const Losses l = model.forward(batch, true);
         model.backward();
 
-        const std::string dir = temp_dir(c.name);
+        const prism::testing::TmpDir tmp;
+        const std::string dir = tmp.path;
         Config cfg;
         cfg.model = c.model;
         std::vector<TensorOut> weights, expected;
@@ -290,7 +286,8 @@ TEST(Model, StoredPixelsGoThroughTheInputStep) {
 }
 
 TEST(Model, SameSeedSameWeightsBitForBit) {
-    const std::string dir = temp_dir("determinism");
+    const prism::testing::TmpDir tmp;
+    const std::string dir = tmp.path;
     synthesize("tiny", dir + "/data", 256, 3, false);
     Config cfg;
     cfg.model = tiny_model("moevit");
@@ -329,7 +326,8 @@ TEST(Model, SameSeedSameWeightsBitForBit) {
 }
 
 TEST(Model, CheckpointRoundTripPreservesLogits) {
-    const std::string dir = temp_dir("ckpt");
+    const prism::testing::TmpDir tmp;
+    const std::string dir = tmp.path;
     for (const char* arch : {"vit", "chvit", "moevit"}) {
         Config cfg;
         cfg.model = tiny_model(arch);

@@ -3,15 +3,16 @@
 // tiny relational task, on a shortened schedule so CI stays quick.
 #include <cstdio>
 #include <string>
-#include <unistd.h>
 #include "data/synth.h"
 #include "engine/train.h"
+#include "tests/testutil.h"
 #include <gtest/gtest.h>
 
 using namespace prism;
 
 TEST(Train, EveryShippedTinyConfigLearnsTheTinyTask) {
-    const std::string dir = ::testing::TempDir() + "prism_train_" + std::to_string(getpid());
+    const prism::testing::TmpDir tmp;
+    const std::string dir = tmp / "data";
     synthesize("tiny", dir, 4096, 5, false);  // 4096 train, 1024 val
     for (const char* arch : {"vit", "chvit", "moevit"}) {
         const Config cfg = load_config(std::string("configs/synth_tiny_") + arch + ".json",

@@ -24,9 +24,12 @@
 
 namespace prism::testing {
 
-// A fresh directory under the test temporary directory, removed afterwards.
+// A fresh directory under the test temporary directory, removed afterwards by
+// the process that made it: a forked child that exits through exit() runs
+// static destructors too, and must not take its parent's files with it.
 struct TmpDir {
     std::string path;
+    pid_t owner = getpid();
     TmpDir() {
         std::string tmpl = ::testing::TempDir() + "prism_test_XXXXXX";
         std::vector<char> buf(tmpl.begin(), tmpl.end());
@@ -37,6 +40,7 @@ struct TmpDir {
     TmpDir(const TmpDir&) = delete;
     TmpDir& operator=(const TmpDir&) = delete;
     ~TmpDir() {
+        if (getpid() != owner) return;
         std::error_code ec;
         std::filesystem::permissions(path, std::filesystem::perms::owner_all, std::filesystem::perm_options::add, ec);
         std::filesystem::remove_all(path, ec);
