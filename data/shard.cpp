@@ -12,6 +12,7 @@
 #include <memory>
 #include <new>
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <glob.h>
 #include <sys/stat.h>
@@ -664,6 +665,27 @@ std::vector<std::string> remove_stale_shards(const std::string& dir, const std::
         struct stat st;
         if (::stat(path.c_str(), &st) != 0) break;
         if (::unlink(path.c_str()) != 0) fail(path, "stale shard from an earlier run, cannot remove: " + errno_str());
+        removed.push_back(path);
+    }
+    // PREFIX-NNNNN.shard.part of a killed run, at indices this run did not
+    // reach and so did not overwrite. A run's own are renamed by now.
+    const std::string head = prefix + "-", tail = ".shard.part";
+    std::vector<std::string> parts;
+    if (DIR* d = ::opendir(dir.c_str())) {
+        while (const dirent* e = ::readdir(d)) {
+            const std::string name = e->d_name;
+            if (name.size() <= head.size() + tail.size() || name.compare(0, head.size(), head) != 0 ||
+                name.compare(name.size() - tail.size(), tail.size(), tail) != 0)
+                continue;
+            const std::string digits = name.substr(head.size(), name.size() - head.size() - tail.size());
+            if (digits.find_first_not_of("0123456789") == std::string::npos) parts.push_back(join_path(dir, name));
+        }
+        ::closedir(d);
+    }
+    std::sort(parts.begin(), parts.end());
+    for (const std::string& path : parts) {
+        if (::unlink(path.c_str()) != 0 && errno != ENOENT)
+            fail(path, "staged shard of an earlier, killed run, cannot remove: " + errno_str());
         removed.push_back(path);
     }
     return removed;

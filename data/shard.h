@@ -89,8 +89,9 @@ std::string shard_file_name(const std::string& prefix, int64_t k);
 
 // Removes DIR/PREFIX-NNNNN.shard for k = first, first+1, ... up to the first
 // that does not exist: shards left by an earlier, larger run that would
-// otherwise join a `PREFIX-*.shard` glob. Returns the removed paths; throws
-// UserError naming a shard it cannot remove.
+// otherwise join a `PREFIX-*.shard` glob. Removes every
+// DIR/PREFIX-NNNNN.shard.part too: what a killed run staged. Returns the
+// removed paths; throws UserError naming a file it cannot remove.
 std::vector<std::string> remove_stale_shards(const std::string& dir, const std::string& prefix, int64_t first);
 
 // Writes a set of shards so that a run that fails or is killed part way
@@ -98,8 +99,8 @@ std::vector<std::string> remove_stale_shards(const std::string& dir, const std::
 // PREFIX-NNNNN.shard.part (atomically, by write_shard), and commit() renames
 // them all into place, then removes stale shards beyond the last. Staged
 // files of a run that throws are removed; those of one that is killed stay
-// as *.part, which no `*.shard` glob matches, and the next run overwrites
-// them. Only a failure inside commit's rename loop itself (a handful of
+// as *.part, which no `*.shard` glob matches, and the next run's commit
+// removes them. Only a failure inside commit's rename loop itself (a handful of
 // renames in one directory) can leave old and new shards mixed.
 class StagedShards {
 public:

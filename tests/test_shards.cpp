@@ -554,9 +554,15 @@ TEST(Synth, TinyLayoutAndStatistics) {
     for (int32_t l : ds.labels) per_class[size_t(l)]++;
     EXPECT_EQ(per_class, (std::vector<int>{1250, 1250, 1250, 1250}));
 
-    // A smaller run into the same directory removes the now stale second shard.
+    // A smaller run into the same directory removes the now stale second
+    // shard, and what a killed run staged beyond its own last shard; a file
+    // that only looks alike stays.
+    write_bytes(out + "/train-00007.shard.part", "killed");
+    write_bytes(out + "/train-notes.shard.part", "mine");
     synthesize("tiny", out, 100, 1, false);
     EXPECT_EQ(expand_glob(out + "/train-*.shard"), std::vector<std::string>{out + "/train-00000.shard"});
+    EXPECT_FALSE(exists(out + "/train-00007.shard.part"));
+    EXPECT_TRUE(exists(out + "/train-notes.shard.part"));
     EXPECT_EQ(read_shard_header(out + "/val-00000.shard").count, 25);
 }
 
