@@ -54,13 +54,17 @@ void remove_stop_signals() {
 int stop_signal() { return int(g_stop); }
 
 bool guard_nonfinite(const TrainConfig& t, int64_t step, double loss, double grad_norm, NonfiniteSkips* skips,
-                     const std::string& last_checkpoint) {
+                     const std::string& last_checkpoint, int64_t checkpoint_step) {
     if (std::isfinite(loss) && std::isfinite(grad_norm)) {
         skips->in_a_row = 0;
         return true;
     }
-    const std::string checkpoint = last_checkpoint.empty() ? std::string("no checkpoint was written yet")
-                                                           : "the last checkpoint, " + last_checkpoint + ", is intact";
+    // Not "good": a run that diverges slowly can write finite but useless
+    // weights before the step that overflows. The step lets the user judge.
+    const std::string checkpoint = last_checkpoint.empty()
+                                       ? std::string("no checkpoint was written yet")
+                                       : "the last checkpoint, " + last_checkpoint + ", holds the weights after step " +
+                                             std::to_string(checkpoint_step) + ", untouched by this stop";
     const std::string found = "train: loss " + number(loss) + ", gradient norm " + number(grad_norm) + " at step " +
                               std::to_string(step);
     if (t.skip_nonfinite) {

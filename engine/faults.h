@@ -38,8 +38,9 @@ constexpr int64_t kMaxSkipsInARow = 20;
 // and returns false: the caller leaves weights and moments alone and goes on
 // with the next batch. Without it, or at the kMaxSkipsInARow-th skip in a
 // row, throws UserError with one line naming the step and last_checkpoint
-// (the last state file written, "" if none), which the stop leaves intact.
+// (the last state file written, "" if none, at checkpoint_step), which the
+// stop leaves as it was.
 bool guard_nonfinite(const TrainConfig& t, int64_t step, double loss, double grad_norm, NonfiniteSkips* skips,
-                     const std::string& last_checkpoint);
+                     const std::string& last_checkpoint, int64_t checkpoint_step);
 
 }  // namespace prism

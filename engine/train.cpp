@@ -263,9 +263,11 @@ TrainResult train(const Config& cfg, Device device, const std::string& out_dir, 
     // continues at the batch the interrupted run would have drawn next.
     ResumePoint at;
     std::string last_state;  // the newest complete state file, named when a run stops
+    int64_t last_state_step = 0;
     if (!opts.resume_dir.empty()) {
         last_state = join_path(opts.resume_dir, kTrainStateFile);
         at = load_train_state(last_state, cfg, model, opt);
+        last_state_step = at.step;
         loader.seek({at.epoch, at.batch_index});
         if (at.step > total)
             throw UserError("resume: " + last_state + " is at step " + std::to_string(at.step) + ", past this run's " +
@@ -301,6 +303,7 @@ TrainResult train(const Config& cfg, Device device, const std::string& out_dir, 
             save_training_checkpoint(out_dir, model, opt, cfg, {steps_done, skips.total, pos.epoch, pos.batch}, lead);
         comm_barrier(comm);  // no rank runs ahead of a checkpoint it may need
         last_state = join_path(out_dir, kTrainStateFile);
+        last_state_step = steps_done;
     };
 
     TrainResult result;
@@ -373,7 +376,8 @@ TrainResult train(const Config& cfg, Device device, const std::string& out_dir, 
         }
         const double lr = learning_rate(t, step, total, warmup);
         const double grad_norm = opt.grad_norm(model);
-        if (guard_nonfinite(t, step, loss, grad_norm, &skips, last_state)) opt.apply(model, lr, grad_norm);
+        if (guard_nonfinite(t, step, loss, grad_norm, &skips, last_state, last_state_step))
+            opt.apply(model, lr, grad_norm);
 
         monitor.step_done(step, l, b.size, lr, grad_norm, model.routing_counts(), step + 1 == stop_at || stop > 0);
         const bool last = step + 1 == total;

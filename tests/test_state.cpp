@@ -291,25 +291,25 @@ TEST(Faults, SecondStopSignalEndsTheProcess) {
 TEST(Faults, NonFinitePolicy) {
     TrainConfig t;
     NonfiniteSkips skips;
-    EXPECT_TRUE(guard_nonfinite(t, 7, 2.5, 1e3, &skips, ""));
+    EXPECT_TRUE(guard_nonfinite(t, 7, 2.5, 1e3, &skips, "", 0));
     EXPECT_EQ(skips.total, 0);
-    expect_error([&] { guard_nonfinite(t, 7, NAN, 1.0, &skips, "out/train_state.safetensors"); }, "train",
+    expect_error([&] { guard_nonfinite(t, 7, NAN, 1.0, &skips, "out/train_state.safetensors", 5); }, "train",
                  "loss nan, gradient norm 1 at step 7; stopped before updating the weights; the last checkpoint, "
-                 "out/train_state.safetensors, is intact");
-    expect_error([&] { guard_nonfinite(t, 0, 1.0, INFINITY, &skips, ""); }, "train",
+                 "out/train_state.safetensors, holds the weights after step 5, untouched by this stop");
+    expect_error([&] { guard_nonfinite(t, 0, 1.0, INFINITY, &skips, "", 0); }, "train",
                  "no checkpoint was written yet");
     EXPECT_EQ(skips.total, 0);
     t.skip_nonfinite = true;
-    EXPECT_FALSE(guard_nonfinite(t, 8, NAN, NAN, &skips, ""));
-    EXPECT_FALSE(guard_nonfinite(t, 9, 1.0, -INFINITY, &skips, ""));
-    EXPECT_TRUE(guard_nonfinite(t, 10, 1.0, 1.0, &skips, ""));
+    EXPECT_FALSE(guard_nonfinite(t, 8, NAN, NAN, &skips, "", 0));
+    EXPECT_FALSE(guard_nonfinite(t, 9, 1.0, -INFINITY, &skips, "", 0));
+    EXPECT_TRUE(guard_nonfinite(t, 10, 1.0, 1.0, &skips, "", 0));
     EXPECT_EQ(skips.total, 2);
     EXPECT_EQ(skips.in_a_row, 0);
     // A finite step resets the run of skips; kMaxSkipsInARow in a row stop it.
-    for (int64_t i = 1; i < kMaxSkipsInARow; i++) EXPECT_FALSE(guard_nonfinite(t, 10 + i, NAN, 1.0, &skips, ""));
-    EXPECT_TRUE(guard_nonfinite(t, 30, 1.0, 1.0, &skips, ""));
-    for (int64_t i = 1; i < kMaxSkipsInARow; i++) EXPECT_FALSE(guard_nonfinite(t, 30 + i, NAN, 1.0, &skips, ""));
-    expect_error([&] { guard_nonfinite(t, 50, NAN, 1.0, &skips, "out/train_state.safetensors"); }, "train",
+    for (int64_t i = 1; i < kMaxSkipsInARow; i++) EXPECT_FALSE(guard_nonfinite(t, 10 + i, NAN, 1.0, &skips, "", 0));
+    EXPECT_TRUE(guard_nonfinite(t, 30, 1.0, 1.0, &skips, "", 0));
+    for (int64_t i = 1; i < kMaxSkipsInARow; i++) EXPECT_FALSE(guard_nonfinite(t, 30 + i, NAN, 1.0, &skips, "", 0));
+    expect_error([&] { guard_nonfinite(t, 50, NAN, 1.0, &skips, "out/train_state.safetensors", 40); }, "train",
                  "loss nan, gradient norm 1 at step 50, 20 non-finite steps in a row");
     EXPECT_EQ(skips.total, 2 + 2 * kMaxSkipsInARow - 1);
 }
