@@ -314,7 +314,7 @@ int cmd_convert(int argc, char** argv) {
             ("shard-size", "images per shard (default 4096, fewer where a shard would pass 1 GiB)",
              cxxopts::value<int64_t>())
             ("prefix", "shard names PREFIX-NNNNN.shard", cxxopts::value<std::string>()->default_value("train"))
-            ("num-classes", "number of classes (default: largest label + 1)", cxxopts::value<int>())
+            ("num-classes", "number of classes (default: --stats-from's, else largest label + 1)", cxxopts::value<int>())
             ("stats-from", "normalize with these shards' mean/std (the training split's)", cxxopts::value<std::string>());
         auto r = parse(opts, argc - 1, argv + 1);
         NpyOptions o;

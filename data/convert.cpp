@@ -766,13 +766,26 @@ void convert_npy(const NpyOptions& o) {
         throw UserError("--num-classes " + std::to_string(o.num_classes) + ": outside [1, 2^24]");
     int max_label = -1;
     const std::vector<ListEntry> list = read_list(o.list, max_label);
+    const StatsSource stats_from = prepare_output(o.out, o.prefix, o.stats_from);
+    // A validation split takes the training split's class count from
+    // --stats-from: its own largest label may be lower, and training refuses
+    // splits whose counts differ.
+    int num_classes = o.num_classes;
+    std::string classes_from = "--num-classes " + std::to_string(num_classes);
+    if (!stats_from.first.empty()) {
+        const int trained = stats_from.header.num_classes;
+        if (num_classes > 0 && num_classes != trained)
+            fail(stats_from.first, "--stats-from: has " + std::to_string(trained) + " classes, --num-classes says " +
+                                       std::to_string(num_classes) + "; the splits of one data set share a class count");
+        num_classes = trained;
+        classes_from = "the " + std::to_string(trained) + " classes of --stats-from " + stats_from.first;
+    }
     for (const ListEntry& e : list)
-        if (o.num_classes > 0 && e.label >= o.num_classes)
-            fail(o.list, "line " + std::to_string(e.line) + ": label " + std::to_string(e.label) +
-                             " is not below --num-classes " + std::to_string(o.num_classes));
+        if (num_classes > 0 && e.label >= num_classes)
+            fail(o.list, "line " + std::to_string(e.line) + ": label " + std::to_string(e.label) + " is not below " +
+                             classes_from);
     const int64_t n = int64_t(list.size());
     const std::string tag = "convert npy " + o.list;
-    const StatsSource stats_from = prepare_output(o.out, o.prefix, o.stats_from);
 
     // Pass 1: shapes, finite values, the narrowest dtype, statistics. The
     // stored value of x is float(x): exact except for float64 that float32
@@ -830,7 +843,7 @@ void convert_npy(const NpyOptions& o) {
     ShardHeader h;
     h.channels = int(first.shape[0]), h.height = int(first.shape[1]), h.width = int(first.shape[2]);
     h.dtype = dtype;
-    h.num_classes = o.num_classes > 0 ? o.num_classes : max_label + 1;
+    h.num_classes = num_classes > 0 ? num_classes : max_label + 1;
     for (int c = 0; c < h.channels; c++) h.channel_names.push_back("ch" + std::to_string(c));
     h.mean = stats->mean;
     h.std = stats->std_dev();

@@ -48,7 +48,7 @@ struct NpyOptions {
     std::string out;
     std::string prefix = "train";
     int64_t shard_size = 0;         // as So2SatOptions::shard_size
-    int num_classes = 0;            // 0: max label + 1
+    int num_classes = 0;            // 0: stats_from's, else max label + 1
     bool verbose = true;
     std::string stats_from;         // a shard glob: use its mean/std instead of this list's
 };

@@ -304,6 +304,25 @@ TEST(ConvertNpy, StatsFromAnotherShardSet) {
     const ShardHeader val = read_shard_header(o.out + "/val-00000.shard");
     EXPECT_EQ(val.mean, train.mean);
     EXPECT_EQ(val.std, train.std);
+    // The class count comes along: a split whose labels stop short of the
+    // training split's largest still has its count (training refuses splits
+    // that differ), and one that passes it, or a --num-classes that differs, is refused.
+    ASSERT_EQ(train.num_classes, 5);
+    write_bytes(dir / "list.csv", "path,label\nimg/0.npy,0\nimg/1.npy,2\n");
+    convert_npy(o);
+    EXPECT_EQ(read_shard_header(o.out + "/val-00000.shard").num_classes, 5);
+    write_bytes(dir / "list.csv", "path,label\nimg/0.npy,0\nimg/1.npy,5\n");
+    expect_error([&] { convert_npy(o); }, dir / "list.csv",
+                 "line 3: label 5 is not below the 5 classes of --stats-from " + o.out + "/train-00000.shard");
+    write_bytes(dir / "list.csv", "path,label\nimg/0.npy,0\n");
+    o.num_classes = 7;
+    expect_error([&] { convert_npy(o); }, o.out + "/train-00000.shard",
+                 "--stats-from: has 5 classes, --num-classes says 7");
+    o.num_classes = 5;
+    convert_npy(o);
+    EXPECT_EQ(read_shard_header(o.out + "/val-00000.shard").count, 1);
+    o.num_classes = 0;
+    write_npy_set<uint8_t>(dir, "|u1", kN, kC, kH, kW, [](int i, size_t j) { return double(3 * i + 2 * j); });
     o.stats_from = "";
     convert_npy(o);
     EXPECT_NE(read_shard_header(o.out + "/val-00000.shard").mean, train.mean);
