@@ -1,4 +1,5 @@
 // prism: the one command-line entry point (DESIGN.md §4).
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -56,9 +57,38 @@ std::string command_of(const cxxopts::Options& opts) {
     return p.rfind("prism ", 0) == 0 ? p.substr(6) : p;
 }
 
+// cxxopts's "Argument 'x' failed to parse" says neither whose argument it
+// was nor what would do: find the option in argv, and its default in the help.
+std::string name_the_bad_value(const cxxopts::Options& opts, const std::string& what, int argc, char** argv) {
+    const std::string head = "Argument " + cxxopts::LQUOTE, tail = cxxopts::RQUOTE + " failed to parse";
+    if (what.size() < head.size() + tail.size() || what.compare(0, head.size(), head) != 0 ||
+        what.compare(what.size() - tail.size(), tail.size(), tail) != 0)
+        return what;
+    const std::string value = what.substr(head.size(), what.size() - head.size() - tail.size());
+    for (int i = 1; i < argc; i++) {
+        const std::string arg = argv[i];
+        if (arg.rfind("--", 0) != 0) continue;
+        const size_t eq = arg.find('=');
+        const std::string name = arg.substr(2, eq == std::string::npos ? std::string::npos : eq - 2);
+        const std::string given = eq != std::string::npos ? arg.substr(eq + 1) : i + 1 < argc ? argv[i + 1] : "";
+        if (given != value) continue;
+        std::string hint = "a number in range";
+        for (const auto& o : opts.group_help("").options)
+            if (std::find(o.l.begin(), o.l.end(), name) != o.l.end() && o.has_default)
+                hint += ", like its default " + o.default_value;
+        return "--" + name + " '" + printable(value) + "': not a valid value (" + hint + ")";
+    }
+    return what;
+}
+
 cxxopts::ParseResult parse(cxxopts::Options& opts, int argc, char** argv) {
     opts.add_options()("h,help", "show this help");
-    auto r = opts.parse(argc, argv);
+    cxxopts::ParseResult r;
+    try {
+        r = opts.parse(argc, argv);
+    } catch (const cxxopts::exceptions::incorrect_argument_type& e) {
+        throw UserError(command_of(opts) + ": " + name_the_bad_value(opts, e.what(), argc, argv));
+    }
     if (r.count("help")) {
         std::printf("%s\n", opts.help().c_str());
         std::exit(0);

@@ -239,6 +239,15 @@ TEST(Distributed, TheCommandLineRefusesWhatWouldLoseARun) {
         << e.output;
     EXPECT_NE(e.output.find(", --set data.train=: data.train is empty"), std::string::npos) << e.output;
     EXPECT_FALSE(exists(other.path + "/metrics.jsonl"));
+    // A value cxxopts cannot read is named with its option, either spelling.
+    const ShellRun g = run_shell(prism + " eval --checkpoint x --data y --batch 1e3");
+    EXPECT_EQ(WEXITSTATUS(g.status), 1) << g.output;
+    EXPECT_NE(g.output.find("prism: eval: --batch '1e3': not a valid value (a number in range, like its default 64)"),
+              std::string::npos) << g.output;
+    const ShellRun h = run_shell(prism + " synth --preset tiny --out " + other.path + "/d --seed=-1");
+    EXPECT_EQ(WEXITSTATUS(h.status), 1) << h.output;
+    EXPECT_NE(h.output.find("prism: synth: --seed '-1': not a valid value"), std::string::npos) << h.output;
+    EXPECT_FALSE(exists(other.path + "/d"));
 }
 
 // A rank that dies mid-run ends the job with a non-zero exit, within the
