@@ -8,14 +8,24 @@
 
 namespace prism {
 
+namespace {
+
+bool poison_requested() {
+    const char* v = std::getenv("PRISM_POISON_ARENAS");
+    return v && *v && std::strcmp(v, "0") != 0;
+}
+
+}  // namespace
+
 void Arena::allocate(bool device) {
     capacity = (used + 63) & ~size_t(63);
     if (capacity == 0) capacity = 64;
     on_device = device;
+    const uint8_t fill = !starts_zeroed && poison_requested() ? 0xff : 0;
     if (device) {
 #ifdef PRISM_CUDA
         base = static_cast<char*>(cuda::device_alloc(capacity, "arena " + name));
-        cuda::zero_async(base, capacity, nullptr);
+        cuda::fill_bytes_async(base, fill, capacity, nullptr);
         cuda::stream_sync(nullptr);
         used = 0;
         return;
@@ -27,7 +37,7 @@ void Arena::allocate(bool device) {
     if (!base)
         throw UserError("arena " + name + ": cannot allocate " + format_bytes(capacity) +
                         " of host memory: lower the batch (train.batch, or eval's --batch) or the model size");
-    std::memset(base, 0, capacity);
+    std::memset(base, fill, capacity);
     used = 0;
 }
 

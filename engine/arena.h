@@ -9,6 +9,12 @@ namespace prism {
 
 struct Arena {
     std::string name;
+    // True where the code reads the zeros allocate() leaves (AdamW's moments
+    // start at zero). Elsewhere every element is written before it is read,
+    // and PRISM_POISON_ARENAS=1 (the tests set it) fills the arena with 0xff
+    // bytes instead, NaN as fp32 and bf16, so that a read of an element no
+    // op wrote shows up as a non-finite result rather than a plausible zero.
+    bool starts_zeroed = false;
     char* base = nullptr;   // null while measuring
     size_t capacity = 0;
     size_t used = 0;
@@ -22,8 +28,8 @@ struct Arena {
         if (base && used > capacity) overflow();
         return p;
     }
-    // Allocates `used` bytes, zeroed: host memory, or GPU memory when
-    // on_device. Throws UserError naming the arena, the bytes it wanted and
+    // Allocates `used` bytes, zeroed (or poisoned, see starts_zeroed): host
+    // memory, or GPU memory when on_device. Throws UserError naming the arena, the bytes it wanted and
     // (GPU) the device's free bytes when the allocation fails.
     void allocate(bool on_device = false);
     bool on_device = false;

@@ -50,7 +50,7 @@ private:
     int64_t n_;
     const Comm* zero_ = nullptr;  // the ranks the state is sharded over, or null
     Shard shard_;
-    Arena state_{"optimizer state"};
+    Arena state_{"optimizer state", true};  // the moments start at zero
     T *m_ = nullptr, *v_ = nullptr;
     double* norm_slot_ = nullptr;  // Σ g², written where the moments live
     int64_t t_ = 0;

@@ -45,6 +45,7 @@ void stream_sync(cudaStream_t s);
 // from/to pageable host memory it returns once the host side is consumed.
 void copy_async(void* dst, const void* src, size_t bytes, cudaStream_t s);
 void zero_async(void* p, size_t bytes, cudaStream_t s);
+void fill_bytes_async(void* p, uint8_t byte, size_t bytes, cudaStream_t s);
 // NVTX ranges (Nsight Systems shows them as the model's structure).
 void range_push(const char* name);
 void range_pop();

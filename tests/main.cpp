@@ -1,9 +1,14 @@
 // Test entry point: GoogleTest, plus a closing line in the plain
 // "N passed, N failed, N skipped" form that CI reads.
 #include <cstdio>
+#include <cstdlib>
 #include <gtest/gtest.h>
 
 int main(int argc, char** argv) {
+    // Arenas start as NaN (engine/arena.h), here and in the prism processes
+    // the tests start: an op that leaves an element unwritten fails a test
+    // instead of passing on the zero a fresh arena would hold.
+    setenv("PRISM_POISON_ARENAS", "1", 1);
     ::testing::InitGoogleTest(&argc, argv);
     const int rc = RUN_ALL_TESTS();
     if (::testing::GTEST_FLAG(list_tests)) return rc;  // nothing ran: no tally

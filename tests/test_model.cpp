@@ -421,3 +421,23 @@ TEST(Model, GradsReadyHookCoversEveryParameterOnceWithFinalValues) {
         }
     }
 }
+
+// Under PRISM_POISON_ARENAS (tests/main.cpp sets it) an arena starts as NaN,
+// unless the code reads its zeros; without it, every arena starts at zero.
+TEST(Arena, StartsAsNanUnderTheTestsUnlessItStartsZeroed) {
+    ASSERT_STREQ(std::getenv("PRISM_POISON_ARENAS"), "1");
+    auto first_three = [](Arena& a) {
+        a.take<float>(3);  // measures
+        a.allocate();
+        const float* p = a.take<float>(3);
+        std::vector<float> v(p, p + 3);
+        a.release();
+        return v;
+    };
+    Arena poisoned{"poisoned"}, zeroed{"zeroed", true};
+    for (float x : first_three(poisoned)) EXPECT_TRUE(std::isnan(x)) << x;
+    EXPECT_EQ(first_three(zeroed), std::vector<float>(3, 0.f));
+    setenv("PRISM_POISON_ARENAS", "0", 1);
+    EXPECT_EQ(first_three(poisoned), std::vector<float>(3, 0.f));
+    setenv("PRISM_POISON_ARENAS", "1", 1);
+}

@@ -61,8 +61,10 @@ void copy_async(void* dst, const void* src, size_t bytes, cudaStream_t s) {
     if (bytes) check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, s), "cudaMemcpyAsync");
 }
 
-void zero_async(void* p, size_t bytes, cudaStream_t s) {
-    if (bytes) check(cudaMemsetAsync(p, 0, bytes, s), "cudaMemsetAsync");
+void zero_async(void* p, size_t bytes, cudaStream_t s) { fill_bytes_async(p, 0, bytes, s); }
+
+void fill_bytes_async(void* p, uint8_t byte, size_t bytes, cudaStream_t s) {
+    if (bytes) check(cudaMemsetAsync(p, byte, bytes, s), "cudaMemsetAsync");
 }
 
 void range_push(const char* name) { nvtxRangePushA(name); }
