@@ -378,6 +378,11 @@ inline cublasStatus_t cublasLtMatmul(cublasLtHandle_t, cublasLtMatmulDesc_t desc
     const int64_t m = d->rows, n = d->cols, k = ta ? a->rows : a->cols;
     const bool bias = desc->epilogue == CUBLASLT_EPILOGUE_BIAS;
     if (bias && !desc->bias) return CUBLAS_STATUS_INVALID_VALUE;
+    // cublasLt.h states no alignment for the bias; users report the bias
+    // epilogue failing on vectors not 16-byte aligned (Marian NMT on an
+    // A100). The model holds linear.cu to that.
+    if (bias && (uintptr_t)desc->bias % 16 != 0)
+        emu::fail("cuBLASLt: the epilogue's bias is not 16-byte aligned");
     const cudaDataType_t bias_type = desc->bias_type == -1 ? d->type : (cudaDataType_t)desc->bias_type;
     gemm(ta, tb, m, n, k, *static_cast<const float*>(alpha), Matrix{A, a->type, a->rows, a->cols, a->ld},
          Matrix{B, b->type, b->rows, b->cols, b->ld}, *static_cast<const float*>(beta),

@@ -470,6 +470,16 @@ TEST_F(CudaOps, LinearMixed) {
                                          c.in, c.out, stream);
             });
             expect_bit_identical(what + " forward, x stored bf16", stored[0], got[0]);
+            if (bias) {  // a bias in the packed parameter array may sit at any 4-byte boundary
+                std::vector<float> shifted(b.size() + 1, 0.f);
+                std::copy(b.begin(), b.end(), shifted.begin() + 1);
+                auto d_shifted = to_device(shifted);
+                const auto moved = run_twice(what + " forward, bias 4-byte aligned", {{&out, {}}}, [&] {
+                    cu::linear_forward_mixed(out.get(), d_x.get(), nullptr, d_W.get(), d_shifted.get() + 1, c.rows,
+                                             c.in, c.out, stream);
+                });
+                expect_bit_identical(what + " forward, bias 4-byte aligned", moved[0], got[0]);
+            }
             {  // the result stored in bf16 (the bf16 mode's qkv): the bias rounded and accumulated into
                 std::vector<float> b_rounded = widen(to_bf16(b));
                 auto ref16 = poisoned<float>(c.rows * c.out);

@@ -268,11 +268,18 @@ void lt_matmul(const linear::Product& p, const uint16_t* A, const uint16_t* B, f
     PRISM_CUDA_REQUIRE(!bias || (beta == 0.f && ldd == m),
                        "lt_matmul: the bias epilogue takes a packed D and beta 0");
     const bool bf16_d = d_type == CUDA_R_16BF;
-    Scratch bias16(bias && bf16_d ? sizeof(uint16_t) * (size_t)m : 0, stream);
+    // The epilogue reads a bias of D's type. cublasLt.h states no alignment
+    // for it, but the epilogue is reported to fail on vectors not 16-byte
+    // aligned, and a bias in the packed parameter array may sit at any 4-byte
+    // boundary: such a one is copied to (256-byte aligned) scratch.
+    const bool stage_bias = bias && (bf16_d || alignment(bias, 0) < 16);
+    Scratch staged_bias(stage_bias ? (bf16_d ? sizeof(uint16_t) : sizeof(float)) * (size_t)m : 0, stream);
     const void* epilogue_bias = bias;
-    if (bias && bf16_d) {
-        to_bf16(bias16.as<uint16_t>(), bias, m, stream);
-        epilogue_bias = bias16.as<uint16_t>();
+    if (stage_bias) {
+        if (bf16_d) to_bf16(staged_bias.as<uint16_t>(), bias, m, stream);
+        else PRISM_CUDA_CHECK(cudaMemcpyAsync(staged_bias.as<float>(), bias, sizeof(float) * (size_t)m,
+                                              cudaMemcpyDeviceToDevice, stream));
+        epilogue_bias = staged_bias.as<void>();
     }
     const LtContext ctx = lt_context();
     LtShape shape{};
