@@ -667,26 +667,30 @@ std::vector<std::string> remove_stale_shards(const std::string& dir, const std::
         if (::unlink(path.c_str()) != 0) fail(path, "stale shard from an earlier run, cannot remove: " + errno_str());
         removed.push_back(path);
     }
-    // PREFIX-NNNNN.shard.part of a killed run, at indices this run did not
-    // reach and so did not overwrite. A run's own are renamed by now.
-    const std::string head = prefix + "-", tail = ".shard.part";
+    // What a killed run staged at indices this run did not reach, and so did
+    // not overwrite: PREFIX-NNNNN.shard.part, or the .part.tmp of the shard
+    // it was writing. A run's own are renamed by now. Only regular files: a
+    // directory of that name is someone's, not a conversion's.
+    const std::string head = prefix + "-";
     std::vector<std::string> parts;
     if (DIR* d = ::opendir(dir.c_str())) {
         while (const dirent* e = ::readdir(d)) {
             const std::string name = e->d_name;
-            if (name.size() <= head.size() + tail.size() || name.compare(0, head.size(), head) != 0 ||
-                name.compare(name.size() - tail.size(), tail.size(), tail) != 0)
-                continue;
-            const std::string digits = name.substr(head.size(), name.size() - head.size() - tail.size());
-            if (digits.find_first_not_of("0123456789") == std::string::npos) parts.push_back(join_path(dir, name));
+            if (name.compare(0, head.size(), head) != 0) continue;
+            const size_t digits_end = name.find_first_not_of("0123456789", head.size());
+            if (digits_end == head.size() || digits_end == std::string::npos) continue;
+            const std::string tail = name.substr(digits_end);
+            if (tail != ".shard.part" && tail != ".shard.part.tmp") continue;
+            const std::string path = join_path(dir, name);
+            struct stat st;
+            if (::lstat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode)) parts.push_back(path);
         }
         ::closedir(d);
     }
     std::sort(parts.begin(), parts.end());
     for (const std::string& path : parts) {
-        if (::unlink(path.c_str()) != 0 && errno != ENOENT)
-            fail(path, "staged shard of an earlier, killed run, cannot remove: " + errno_str());
-        removed.push_back(path);
+        if (::unlink(path.c_str()) == 0) removed.push_back(path);
+        else if (errno != ENOENT) fail(path, "staged shard of an earlier, killed run, cannot remove: " + errno_str());
     }
     return removed;
 }

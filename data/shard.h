@@ -89,9 +89,9 @@ std::string shard_file_name(const std::string& prefix, int64_t k);
 
 // Removes DIR/PREFIX-NNNNN.shard for k = first, first+1, ... up to the first
 // that does not exist: shards left by an earlier, larger run that would
-// otherwise join a `PREFIX-*.shard` glob. Removes every
-// DIR/PREFIX-NNNNN.shard.part too: what a killed run staged. Returns the
-// removed paths; throws UserError naming a file it cannot remove.
+// otherwise join a `PREFIX-*.shard` glob. Removes every regular file
+// DIR/PREFIX-NNNNN.shard.part(.tmp) too: what a killed run staged. Returns
+// the removed paths; throws UserError naming a file it cannot remove.
 std::vector<std::string> remove_stale_shards(const std::string& dir, const std::string& prefix, int64_t first);
 
 // Writes a set of shards so that a run that fails or is killed part way

@@ -558,11 +558,15 @@ TEST(Synth, TinyLayoutAndStatistics) {
     // shard, and what a killed run staged beyond its own last shard; a file
     // that only looks alike stays.
     write_bytes(out + "/train-00007.shard.part", "killed");
+    write_bytes(out + "/train-00008.shard.part.tmp", "killed while writing");
     write_bytes(out + "/train-notes.shard.part", "mine");
+    ASSERT_EQ(::mkdir((out + "/train-00009.shard.part").c_str(), 0755), 0);
     synthesize("tiny", out, 100, 1, false);
     EXPECT_EQ(expand_glob(out + "/train-*.shard"), std::vector<std::string>{out + "/train-00000.shard"});
     EXPECT_FALSE(exists(out + "/train-00007.shard.part"));
+    EXPECT_FALSE(exists(out + "/train-00008.shard.part.tmp"));
     EXPECT_TRUE(exists(out + "/train-notes.shard.part"));
+    EXPECT_TRUE(exists(out + "/train-00009.shard.part"));  // a directory: not a conversion's
     EXPECT_EQ(read_shard_header(out + "/val-00000.shard").count, 25);
 }
 
