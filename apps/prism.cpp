@@ -58,27 +58,38 @@ std::string command_of(const cxxopts::Options& opts) {
 }
 
 // cxxopts's "Argument 'x' failed to parse" says neither whose argument it
-// was nor what would do: find the option in argv, and its default in the help.
+// was nor what would do: find the option in argv, and its kind and default in
+// the help. Where several options were given that text, it cannot tell which
+// of them refused it, and names them all.
 std::string name_the_bad_value(const cxxopts::Options& opts, const std::string& what, int argc, char** argv) {
     const std::string head = "Argument " + cxxopts::LQUOTE, tail = cxxopts::RQUOTE + " failed to parse";
     if (what.size() < head.size() + tail.size() || what.compare(0, head.size(), head) != 0 ||
         what.compare(what.size() - tail.size(), tail.size(), tail) != 0)
         return what;
     const std::string value = what.substr(head.size(), what.size() - head.size() - tail.size());
+    std::vector<std::string> given_it;
     for (int i = 1; i < argc; i++) {
         const std::string arg = argv[i];
         if (arg.rfind("--", 0) != 0) continue;
         const size_t eq = arg.find('=');
         const std::string name = arg.substr(2, eq == std::string::npos ? std::string::npos : eq - 2);
         const std::string given = eq != std::string::npos ? arg.substr(eq + 1) : i + 1 < argc ? argv[i + 1] : "";
-        if (given != value) continue;
-        std::string hint = "a number in range";
-        for (const auto& o : opts.group_help("").options)
-            if (std::find(o.l.begin(), o.l.end(), name) != o.l.end() && o.has_default)
-                hint += ", like its default " + o.default_value;
-        return "--" + name + " '" + printable(value) + "': not a valid value (" + hint + ")";
+        if (given == value && std::find(given_it.begin(), given_it.end(), name) == given_it.end())
+            given_it.push_back(name);
     }
-    return what;
+    if (given_it.empty()) return what;
+    if (given_it.size() > 1) {
+        std::string names;
+        for (const std::string& n : given_it) names += (names.empty() ? "--" : " or --") + n;
+        return "'" + printable(value) + "': not a valid value for " + names;
+    }
+    std::string hint = "a number in range";
+    for (const auto& o : opts.group_help("").options)
+        if (std::find(o.l.begin(), o.l.end(), given_it[0]) != o.l.end()) {
+            if (o.is_boolean) hint = "true or false";
+            else if (o.has_default) hint += ", like its default " + o.default_value;
+        }
+    return "--" + given_it[0] + " '" + printable(value) + "': not a valid value (" + hint + ")";
 }
 
 cxxopts::ParseResult parse(cxxopts::Options& opts, int argc, char** argv) {

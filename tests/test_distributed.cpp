@@ -248,6 +248,13 @@ TEST(Distributed, TheCommandLineRefusesWhatWouldLoseARun) {
     EXPECT_EQ(WEXITSTATUS(h.status), 1) << h.output;
     EXPECT_NE(h.output.find("prism: synth: --seed '-1': not a valid value"), std::string::npos) << h.output;
     EXPECT_FALSE(exists(other.path + "/d"));
+    // The text given to two options: which one refused it is not known.
+    const ShellRun i = run_shell(prism + " bench loader --data x --seconds 2.5 --batch 2.5");
+    EXPECT_NE(i.output.find("prism: bench loader: '2.5': not a valid value for --seconds or --batch"),
+              std::string::npos) << i.output;
+    const ShellRun j = run_shell(prism + " eval --checkpoint x --data y --report=maybe");
+    EXPECT_NE(j.output.find("prism: eval: --report 'maybe': not a valid value (true or false)"), std::string::npos)
+        << j.output;
 }
 
 // A rank that dies mid-run ends the job with a non-zero exit, within the
