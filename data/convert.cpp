@@ -151,6 +151,13 @@ static void check_stats_channels(const StatsSource& s, int channels) {
                           " channels, the data being converted " + std::to_string(channels));
 }
 
+// The splits of one data set share a class count: training refuses ones that differ.
+static void check_stats_classes(const StatsSource& s, int classes) {
+    if (!s.first.empty() && s.header.num_classes != classes)
+        fail(s.first, "--stats-from: has " + std::to_string(s.header.num_classes) + " classes, the data being converted " +
+                          std::to_string(classes));
+}
+
 static void take_stats_from(ShardHeader& h, const StatsSource& s) {
     if (s.first.empty()) return;
     h.mean = s.header.mean;
@@ -383,6 +390,7 @@ void convert_so2sat(const So2SatOptions& o) {
     So2SatFile f(o.in, o.dtype);
     const StatsSource stats_from = prepare_output(o.out, o.prefix, o.stats_from);
     check_stats_channels(stats_from, kChannels);
+    check_stats_classes(stats_from, kClasses);
     const int64_t n = f.count();
     const size_t hw = size_t(kSide) * kSide;
     const size_t per = size_t(kChannels) * hw;

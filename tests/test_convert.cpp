@@ -24,6 +24,7 @@
 #include "data/convert.h"
 #include "data/shard.h"
 #include "engine/common.h"
+#include "tests/shardutil.h"
 #include "tests/testutil.h"
 
 using namespace prism;
@@ -711,6 +712,14 @@ TEST(ConvertSo2Sat, RoundTrip) {
     o.dtype = DType::f16;
     convert_so2sat(o);
     expect_so2sat(d, o.out, DType::f16);
+
+    // --stats-from shards of another class count are refused before any work.
+    write_test_shard(dir / "five-00000.shard", DType::f32, 5, 18, 5);
+    o.out = dir / "out_val";
+    o.stats_from = dir / "five-*.shard";
+    expect_error([&] { convert_so2sat(o); }, dir / "five-00000.shard",
+                 "--stats-from: has 5 classes, the data being converted 17");
+    EXPECT_FALSE(exists(o.out + "/train-00000.shard"));
 #endif
 }
 
