@@ -8,7 +8,8 @@ int main(int argc, char** argv) {
     // Arenas start as NaN (engine/arena.h), here and in the prism processes
     // the tests start: an op that leaves an element unwritten fails a test
     // instead of passing on the zero a fresh arena would hold.
-    setenv("PRISM_POISON_ARENAS", "1", 1);
+    // PRISM_POISON_ARENAS=0 turns it off, to tell a poison failure from another.
+    setenv("PRISM_POISON_ARENAS", "1", 0);
     ::testing::InitGoogleTest(&argc, argv);
     const int rc = RUN_ALL_TESTS();
     if (::testing::GTEST_FLAG(list_tests)) return rc;  // nothing ran: no tally

@@ -333,7 +333,7 @@ TEST_F(CudaOps, Bf16Conversions) {
 }
 
 // The input step (stored pixels → normalized, augmented floats) through its
-// launcher: u8 and f32 pixels, plain and with flips, turns, crops and holes,
+// launcher: every stored pixel type, plain and with flips, turns, crops and holes,
 // the statistics and augmentation read from device memory; then a NaN pixel
 // in images 2 and 3, of which the device reports the lower.
 TEST_F(CudaOps, InputStep) {

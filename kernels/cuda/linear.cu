@@ -182,10 +182,9 @@ struct LtShape {
     bool trans_a, trans_b, bias;
     int64_t m, n, k, lda, ldb, ldd;
     cudaDataType_t d_type;
-    uint32_t align_a, align_b, align_d, align_bias;
+    uint32_t align_a, align_b, align_d;  // the bias is always staged 16-byte aligned (lt_matmul)
     auto tie() const {
-        return std::tie(device, trans_a, trans_b, bias, m, n, k, lda, ldb, ldd, d_type, align_a, align_b,
-                        align_d, align_bias);
+        return std::tie(device, trans_a, trans_b, bias, m, n, k, lda, ldb, ldd, d_type, align_a, align_b, align_d);
     }
     bool operator<(const LtShape& o) const { return tie() < o.tie(); }
 };
@@ -292,7 +291,6 @@ void lt_matmul(const linear::Product& p, const uint16_t* A, const uint16_t* B, f
     shape.align_a = alignment(A, lda * 2);
     shape.align_b = alignment(B, ldb * 2);
     shape.align_d = alignment(D, ldd * (d_type == CUDA_R_32F ? 4 : 2));
-    shape.align_bias = bias ? alignment(epilogue_bias, 0) : 0;
     LtPlan& plan = lt_plan(shape, ctx, epilogue_bias);
     const float alpha = 1.f;
     if (!plan.found) {
