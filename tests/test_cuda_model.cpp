@@ -459,6 +459,44 @@ TEST(CudaModel, Bf16TrainingStepMatchesTheCpuWithin2e2) {
     }
 }
 
+// The bf16 mode (every shipped config's on CUDA) through `train()`: the
+// loader, the device input step, head dim 64 (the flash kernels), the
+// evaluation and the checkpoint, a few steps. Two runs give the same bits;
+// the weights and the evaluation stay near the CPU's fp32 run.
+TEST(CudaModel, ShortBf16TrainingRunIsRepeatableAndNearTheCpu) {
+    REQUIRE_GPU();
+    const prism::testing::TmpDir tmp;
+    const std::string dir = tmp / "data";
+    synthesize("tiny", dir, 64, 7, false);
+    for (const char* arch : {"chvit", "moevit"}) {
+        SCOPED_TRACE(arch);
+        const std::vector<std::string> sets = {"data.train=" + dir + "/train-*.shard", "data.val=" + dir + "/val-*.shard",
+                                               "train.steps=3", "train.batch=8", "train.eval_every=0",
+                                               "train.warmup_steps=1", "model.dim=128", "model.heads=2"};
+        auto run = [&](Device d, const std::string& precision, const std::string& name) {
+            std::vector<std::string> s = sets;
+            s.push_back("train.precision=" + precision);
+            const Config cfg = load_config(std::string("configs/synth_tiny_") + arch + ".json", s);
+            const std::string out = dir + "/" + arch + "_" + name;
+            const TrainResult r = train(cfg, d, out, false);
+            return std::make_pair(r, load_checkpoint(out + "/model.safetensors").params);
+        };
+        const auto cpu = run(Device::cpu, "fp32", "cpu");
+        const auto a = run(Device::cuda, "bf16", "bf16_a"), b = run(Device::cuda, "bf16", "bf16_b");
+        ASSERT_EQ(a.second.size(), cpu.second.size());
+        EXPECT_EQ(0, std::memcmp(a.second.data(), b.second.data(), a.second.size() * sizeof(float)))
+            << "two bf16 runs from the same seed differ";
+        EXPECT_EQ(a.first.val.loss, b.first.val.loss);
+        const double e_w = rel_error(a.second, cpu.second);
+        std::printf("[ cuda-vs-cpu ] %-8s bf16, 3 steps: weights rel %.3g, val loss %.6f vs %.6f (fp32 CPU)\n", arch,
+                    e_w, a.first.val.loss, cpu.first.val.loss);
+        EXPECT_EQ(a.first.steps, 3);
+        EXPECT_EQ(a.first.val.count, cpu.first.val.count);
+        EXPECT_LE(e_w, 2e-2) << "weights after 3 steps";
+        EXPECT_LE(rel_scalar(a.first.val.loss, cpu.first.val.loss), 2e-2) << "validation loss";
+    }
+}
+
 #ifndef PRISM_EMULATED_ENGINE  // 600 training steps: hours in the emulator
 TEST(CudaModel, Bf16RunsAreBitIdenticalAndLearnTheTinyTask) {
     REQUIRE_GPU();
