@@ -29,8 +29,9 @@ struct Arena {
         return p;
     }
     // Allocates `used` bytes, zeroed (or poisoned, see starts_zeroed): host
-    // memory, or GPU memory when on_device. Throws UserError naming the arena, the bytes it wanted and
-    // (GPU) the device's free bytes when the allocation fails.
+    // memory, or GPU memory when on_device. Throws UserError naming the
+    // arena, the bytes it wanted and (GPU) the device's free bytes when the
+    // allocation fails.
     void allocate(bool on_device = false);
     bool on_device = false;
     void release();
