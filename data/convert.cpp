@@ -86,14 +86,7 @@ static void hold_shard(std::vector<char>& images, size_t bytes, const std::strin
 static bool replaced_by_output(const std::string& file, const std::string& out, const std::string& prefix) {
     const size_t slash = file.rfind('/');
     const std::string base = slash == std::string::npos ? file : file.substr(slash + 1);
-    const std::string head = prefix + "-", tail = ".shard";
-    if (base.size() <= head.size() + tail.size() || base.compare(0, head.size(), head) != 0 ||
-        base.compare(base.size() - tail.size(), tail.size(), tail) != 0)
-        return false;
-    if (!std::all_of(base.begin() + long(head.size()), base.end() - long(tail.size()),
-                     [](char ch) { return ch >= '0' && ch <= '9'; }))
-        return false;
-    return same_file(dir_of(file), out);
+    return is_shard_name(base, prefix, ".shard") && same_file(dir_of(file), out);
 }
 
 // --stats-from: the normalization of another shard set (the training split's).

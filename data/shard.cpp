@@ -302,7 +302,6 @@ static void write_zeros(FILE* f, uint64_t n, const std::string& tmp) {
     }
 }
 
-
 void write_shard(const std::string& path, ShardHeader h, const std::vector<int32_t>& labels,
                  const void* images) {
     // Refuse to write what read_shard_header/verify_shard would refuse: a bad
@@ -658,6 +657,15 @@ std::string shard_file_name(const std::string& prefix, int64_t k) {
     return prefix + buf;
 }
 
+bool is_shard_name(const std::string& name, const std::string& prefix, const std::string& tail) {
+    const std::string head = prefix + "-";
+    if (name.size() <= head.size() + tail.size() || name.compare(0, head.size(), head) != 0 ||
+        name.compare(name.size() - tail.size(), tail.size(), tail) != 0)
+        return false;
+    return std::all_of(name.begin() + long(head.size()), name.end() - long(tail.size()),
+                       [](char ch) { return ch >= '0' && ch <= '9'; });
+}
+
 std::vector<std::string> remove_stale_shards(const std::string& dir, const std::string& prefix, int64_t first) {
     std::vector<std::string> removed;
     for (int64_t k = first;; k++) {
@@ -671,16 +679,12 @@ std::vector<std::string> remove_stale_shards(const std::string& dir, const std::
     // not overwrite: PREFIX-NNNNN.shard.part, or the .part.tmp of the shard
     // it was writing. A run's own are renamed by now. Only regular files: a
     // directory of that name is someone's, not a conversion's.
-    const std::string head = prefix + "-";
     std::vector<std::string> parts;
     if (DIR* d = ::opendir(dir.c_str())) {
         while (const dirent* e = ::readdir(d)) {
             const std::string name = e->d_name;
-            if (name.compare(0, head.size(), head) != 0) continue;
-            const size_t digits_end = name.find_first_not_of("0123456789", head.size());
-            if (digits_end == head.size() || digits_end == std::string::npos) continue;
-            const std::string tail = name.substr(digits_end);
-            if (tail != ".shard.part" && tail != ".shard.part.tmp") continue;
+            if (!is_shard_name(name, prefix, ".shard.part") && !is_shard_name(name, prefix, ".shard.part.tmp"))
+                continue;
             const std::string path = join_path(dir, name);
             struct stat st;
             if (::lstat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode)) parts.push_back(path);

@@ -87,6 +87,10 @@ void verify_shard(const std::string& path);
 // "PREFIX-NNNNN.shard", the name of shard k of a set (5 digits, more if needed).
 std::string shard_file_name(const std::string& prefix, int64_t k);
 
+// Whether `name` (no directory) is PREFIX-<digits>TAIL: ".shard" for a
+// shard of the set, ".shard.part" for one staged.
+bool is_shard_name(const std::string& name, const std::string& prefix, const std::string& tail);
+
 // Removes DIR/PREFIX-NNNNN.shard for k = first, first+1, ... up to the first
 // that does not exist: shards left by an earlier, larger run that would
 // otherwise join a `PREFIX-*.shard` glob. Removes every regular file
