@@ -85,7 +85,7 @@ StepBenchResult bench_step(const Config& cfg, const StepBenchOptions& o, bool ve
     Model<float> model(m, B, verbose, o.device, bf16_mode(cfg.train.precision, o.device));
     r.bf16_matmul = model.bf16_matmul();
     model.init_weights(cfg.train.seed);
-    AdamW<float> opt(cfg.train, model.num_params(), verbose, o.device);
+    AdamW<float> opt(cfg.train, model.param_elems(), verbose, o.device);
     // Random images (never zeros: they can run faster than real data) and
     // labels. Stored pixels sit in pinned memory, as the loader keeps them.
     const size_t pixels = size_t(B) * C * HW;

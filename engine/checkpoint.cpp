@@ -8,7 +8,7 @@ namespace prism {
 
 template <class T>
 void save_checkpoint(const std::string& path, Model<T>& model, const Config& cfg) {
-    std::vector<T> host(model.num_params());
+    std::vector<T> host(model.param_elems());
     model.params_to_host(host.data());
     std::vector<float> fp32(host.begin(), host.end());
     std::vector<TensorOut> tensors;
@@ -32,7 +32,7 @@ Checkpoint load_checkpoint(const std::string& path) {
     Checkpoint ck;
     ck.config = config_from_json(j, path);
     const auto layout = param_layout(ck.config.model);
-    ck.params.resize(param_count(layout));
+    ck.params.assign(size_t(param_block_elems(layout)), 0.0f);  // the padding zero
     for (const auto& p : layout) {
         const TensorIn& t = file.at(p.name);
         if (t.dtype != "F32") throw UserError(path + ": " + p.name + " is " + t.dtype + ", expected F32");
@@ -51,7 +51,7 @@ Checkpoint load_checkpoint(const std::string& path) {
 
 template <class T>
 void load_weights(Model<T>& model, const Checkpoint& ckpt) {
-    PRISM_ASSERT(int64_t(ckpt.params.size()) == model.num_params());
+    PRISM_ASSERT(int64_t(ckpt.params.size()) == model.param_elems());
     const std::vector<T> host(ckpt.params.begin(), ckpt.params.end());
     model.params_from_host(host.data());
 }

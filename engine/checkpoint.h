@@ -13,7 +13,7 @@ void save_checkpoint(const std::string& path, Model<T>& model, const Config& cfg
 
 struct Checkpoint {
     Config config;
-    std::vector<float> params;  // in param_layout(config.model) order
+    std::vector<float> params;  // the parameter block: each tensor at its param_layout offset, zero padding
 };
 
 // Throws UserError naming the file when a tensor is missing, has the wrong

@@ -37,7 +37,7 @@ std::vector<ParamInfo> param_layout(const ModelConfig& c) {
         p.decay = shape.size() >= 2 && name.size() >= 5 && name.compare(name.size() - 5, 5, ".bias") != 0;
         p.name = std::move(name);
         p.shape = std::move(shape);
-        p.offset = out.empty() ? 0 : out.back().offset + out.back().numel;
+        p.offset = out.empty() ? 0 : align_param_offset(out.back().offset + out.back().numel);
         out.push_back(std::move(p));
     };
     add("patch_embed.weight", {D, is_vit(c) ? C : 1, P, P});
@@ -79,7 +79,13 @@ std::vector<ParamInfo> param_layout(const ModelConfig& c) {
 }
 
 int64_t param_count(const std::vector<ParamInfo>& layout) {
-    return layout.empty() ? 0 : layout.back().offset + layout.back().numel;
+    int64_t n = 0;
+    for (const auto& p : layout) n += p.numel;
+    return n;
+}
+
+int64_t param_block_elems(const std::vector<ParamInfo>& layout) {
+    return layout.empty() ? 0 : align_param_offset(layout.back().offset + layout.back().numel);
 }
 
 template <class T>
@@ -184,7 +190,7 @@ Model<T>::Model(const ModelConfig& cfg, int batch_capacity, bool verbose, Device
     }
     bf16_storage_ = bf16 && std::is_same_v<T, float>;
     ex_.bf16_matmul = bf16_storage_ && ex_.cuda;
-    num_params_ = param_count(layout_);
+    param_elems_ = param_block_elems(layout_);
     // Where each block's parameters start (they are contiguous), and the head's.
     block_begin_.assign(cfg_.depth + 1, -1);
     for (const auto& p : layout_) {
@@ -195,8 +201,8 @@ Model<T>::Model(const ModelConfig& cfg, int batch_capacity, bool verbose, Device
     for (int i = 0; i <= cfg_.depth; i++)
         PRISM_ASSERT(block_begin_[i] >= 0 && (i == 0 || block_begin_[i] > block_begin_[i - 1]));
     for (int pass = 0; pass < 2; pass++) {  // measure, then carve
-        param_mem_ = param_arena_.take<T>(num_params_);
-        grad_mem_ = param_arena_.take<T>(num_params_);
+        param_mem_ = param_arena_.take<T>(param_elems_);
+        grad_mem_ = param_arena_.take<T>(param_elems_);
         if (pass == 0) param_arena_.allocate(ex_.cuda);
     }
     bind_weights(w_, param_mem_, layout_, cfg_.depth);
@@ -209,7 +215,7 @@ Model<T>::Model(const ModelConfig& cfg, int batch_capacity, bool verbose, Device
         std::printf("arena %-22s %10s  (%lld parameters, %s each, with gradients; %s)\n"
                     "arena %-22s %10s  (batch capacity %d, sequence %d%s)\n",
                     param_arena_.name.c_str(), format_bytes(param_arena_.capacity).c_str(),
-                    (long long)num_params_, sizeof(T) == 4 ? "fp32" : "fp64",
+                    (long long)param_count(layout_), sizeof(T) == 4 ? "fp32" : "fp64",
                     ex_.cuda ? "GPU memory" : "host memory",
                     act_arena_.name.c_str(), format_bytes(act_arena_.capacity).c_str(), capacity_,
                     max_seq(cfg_), bf16_storage_ ? "; the bf16 mode's matrices in bf16" : "");
@@ -225,14 +231,14 @@ Model<T>::~Model() {
 #endif
 }
 
-template <class T> void Model<T>::params_to_host(T* dst) const { op::download(ex_, dst, param_mem_, num_params_); }
-template <class T> void Model<T>::grads_to_host(T* dst) const { op::download(ex_, dst, grad_mem_, num_params_); }
+template <class T> void Model<T>::params_to_host(T* dst) const { op::download(ex_, dst, param_mem_, param_elems_); }
+template <class T> void Model<T>::grads_to_host(T* dst) const { op::download(ex_, dst, grad_mem_, param_elems_); }
 template <class T> void Model<T>::params_from_host(const T* src) {
-    op::upload(ex_, param_mem_, src, num_params_);
+    op::upload(ex_, param_mem_, src, param_elems_);
     op::sync(ex_);
 }
 template <class T> void Model<T>::grads_from_host(const T* src) {
-    op::upload(ex_, grad_mem_, src, num_params_);
+    op::upload(ex_, grad_mem_, src, param_elems_);
     op::sync(ex_);
 }
 
@@ -354,7 +360,7 @@ void Model<T>::carve_activations() {
 template <class T>
 void Model<T>::init_weights(uint64_t seed) {
     Rng rng(seed, kInitStream);
-    std::vector<T> host(num_params_);
+    std::vector<T> host(param_elems_);  // the padding between tensors zero
     for (const auto& p : layout_) {
         T* w = host.data() + p.offset;
         const bool is_bias = p.name.size() >= 4 && p.name.compare(p.name.size() - 4, 4, "bias") == 0;
@@ -629,7 +635,7 @@ void Model<T>::backward() {
     const int64_t L = 1 + int64_t(is_vit(cfg_) ? 1 : nS_) * N;
     Activations<T>& x = *act_;
     op::Range range(ex_, "backward");
-    op::zero(ex_, grad_mem_, num_params_);
+    op::zero(ex_, grad_mem_, param_elems_);
 
     op::zero(ex_, x.dlogits, int64_t(B_) * K);
     op::cross_entropy_backward(ex_, x.dlogits, x.ce_probs, labels_, B_, K, T(1));
@@ -639,7 +645,7 @@ void Model<T>::backward() {
                            x.lnf_mean, x.lnf_rstd, B_, D);
     op::zero(ex_, x.dres, B_ * L * D);
     op::select_rows_backward(ex_, x.dres, x.dcls, L * D, B_, D);
-    grads_ready(block_begin_[cfg_.depth], num_params_);  // head and final norm
+    grads_ready(block_begin_[cfg_.depth], param_elems_);  // head and final norm
 
     for (int i = cfg_.depth - 1; i >= 0; i--) {
         block_backward(i);

@@ -25,7 +25,23 @@ struct ParamInfo {
 
 // Names, shapes and offsets of every parameter, in checkpoint order.
 std::vector<ParamInfo> param_layout(const ModelConfig& cfg);
+// The number of parameters.
 int64_t param_count(const std::vector<ParamInfo>& layout);
+
+// Each tensor of the parameter block (and of the gradient block beside it)
+// starts at a multiple of 64 elements, 256 bytes in fp32: a tensor of odd
+// size (a router bias of 18 channels, a head of 17 classes) would otherwise
+// leave every tensor after it at a 4-byte boundary, where cuBLASLt has only
+// its slowest kernels and cannot read an epilogue bias at all. The padding
+// between tensors is zero and stays zero: no op reads it, its gradient is
+// zero, and AdamW maps zeros to zeros.
+constexpr int64_t kParamAlignElems = 64;
+constexpr int64_t align_param_offset(int64_t elems) {
+    return (elems + kParamAlignElems - 1) / kParamAlignElems * kParamAlignElems;
+}
+// Elements of the parameter block: every tensor at its offset, the padding
+// between them, and the last one's padded to the alignment.
+int64_t param_block_elems(const std::vector<ParamInfo>& layout);
 
 // One batch as the model sees it: normalized float images [B, C, H, W] with
 // all C channels, and the sorted channel subset S present in this batch.
@@ -104,7 +120,10 @@ public:
 
     const ModelConfig& config() const { return cfg_; }
     const std::vector<ParamInfo>& layout() const { return layout_; }
-    int64_t num_params() const { return num_params_; }
+    // Length of the parameter block, and of the gradient block: the
+    // parameters at their layout offsets and the zero padding between them
+    // (param_block_elems). param_count(layout()) is the number of parameters.
+    int64_t param_elems() const { return param_elems_; }
     Device device() const { return ex_.cuda ? Device::cuda : Device::cpu; }
     const op::Exec& exec() const { return ex_; }
     // The bf16 mode's products run (CUDA), and its bf16 storage (both devices).
@@ -113,7 +132,8 @@ public:
     // Where the model's device keeps them (device memory on CUDA).
     T* params() { return param_mem_; }
     T* grads() { return grad_mem_; }
-    // Copies between those and host memory of num_params() elements.
+    // Copies between those and host memory of param_elems() elements (the
+    // padding included).
     void params_to_host(T* dst) const;
     void params_from_host(const T* src);
     void grads_to_host(T* dst) const;
@@ -135,7 +155,7 @@ public:
     // grads() is final, so that its all-reduce can overlap the rest of the
     // backward pass: the head and final norm right after they are computed,
     // each block's range after block_backward (the last block first), the
-    // embeddings at the end. The ranges partition [0, num_params()): every
+    // embeddings at the end. The ranges partition [0, param_elems()): every
     // element is in exactly one call per backward(). On CUDA "final" means on
     // exec().stream: the work that wrote the range is queued there, not done.
     void set_on_grads_ready(std::function<void(int64_t offset, int64_t count)> hook) {
@@ -151,7 +171,7 @@ private:
     ModelConfig cfg_;
     int capacity_;
     std::vector<ParamInfo> layout_;
-    int64_t num_params_ = 0;
+    int64_t param_elems_ = 0;
     Arena param_arena_{"parameters+gradients"}, act_arena_{"activations"};
     T* param_mem_ = nullptr;
     T* grad_mem_ = nullptr;
@@ -179,7 +199,7 @@ private:
     // Parameter ranges (offsets into the parameter block) of the layout's
     // three parts: embeddings [0, block_begin_[0]), block i
     // [block_begin_[i], block_begin_[i+1]) with block_begin_[depth] = the head's
-    // start, head and final norm [block_begin_[depth], num_params_).
+    // start, head and final norm [block_begin_[depth], param_elems_).
     std::vector<int64_t> block_begin_;
     void grads_ready(int64_t begin, int64_t end) {
         if (on_grads_ready_ && end > begin) on_grads_ready_(begin, end - begin);

@@ -29,7 +29,7 @@ AdamW<T>::AdamW(const TrainConfig& cfg, int64_t num_params, bool verbose, Device
     }
     if (verbose) {
         const std::string what = zero_ ? "AdamW moments of this rank's shard: " + std::to_string(shard_.size()) +
-                                             " of " + std::to_string(n_) + " parameters, ZeRO-1 over " +
+                                             " of the parameter block's " + std::to_string(n_) + ", ZeRO-1 over " +
                                              std::to_string(zero_->size) + " ranks"
                                        : "AdamW first and second moments";
         std::printf("arena %-22s %10s  (%s)\n", state_.name.c_str(), format_bytes(state_.capacity).c_str(),
@@ -57,16 +57,16 @@ void AdamW<T>::apply(Model<T>& model, double lr, double norm) {
     // One update per run of consecutive tensors with the same weight decay
     // (a block's biases and LayerNorm parameters sit next to each other): the
     // update is elementwise, so a run gives the bits of its tensors one by one
-    // with fewer launches. Each run's part inside the shard (all of it
-    // unsharded); the moments are indexed from the shard's start.
+    // with fewer launches. A run takes the padding after each of its tensors
+    // along (zeros, which the update keeps zero). Each run's part inside the
+    // shard (all of it unsharded); the moments are indexed from the shard's
+    // start.
     const auto& layout = model.layout();
     for (size_t first = 0; first < layout.size();) {
         size_t last = first;  // the run is layout[first..last]
-        while (last + 1 < layout.size() && layout[last + 1].decay == layout[first].decay &&
-               layout[last + 1].offset == layout[last].offset + layout[last].numel)
-            last++;
-        const int64_t begin = std::max(layout[first].offset, shard_.begin),
-                      end = std::min(layout[last].offset + layout[last].numel, shard_.end);
+        while (last + 1 < layout.size() && layout[last + 1].decay == layout[first].decay) last++;
+        const int64_t run_end = last + 1 < layout.size() ? layout[last + 1].offset : n_;
+        const int64_t begin = std::max(layout[first].offset, shard_.begin), end = std::min(run_end, shard_.end);
         const double decay = layout[first].decay ? cfg_.weight_decay : 0.0;
         first = last + 1;
         if (begin >= end) continue;

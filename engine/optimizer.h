@@ -38,7 +38,7 @@ public:
     // The part of the parameters this rank updates (all of them unsharded).
     Shard shard() const { return shard_; }
     bool sharded() const { return zero_ != nullptr; }
-    // Host copies of all the moments (num_params() elements each), for the
+    // Host copies of all the moments (param_elems() elements each), for the
     // training state. Sharded, moments_to_host is collective (the shards are
     // gathered to every rank); moments_from_host takes this rank's shard.
     void moments_to_host(T* m, T* v, const Model<T>& model) const;

@@ -13,7 +13,9 @@ namespace prism {
 namespace {
 
 constexpr const char* kFormat = "prism-train-state";
-constexpr const char* kVersion = "1";
+// Version 2: the flat tensors are the padded parameter block (model.h,
+// kParamAlignElems); version 1's were packed.
+constexpr const char* kVersion = "2";
 
 int64_t read_count(const SafetensorsFile& f, const std::string& key) {
     auto it = f.metadata.find(key);
@@ -58,8 +60,8 @@ const std::vector<std::string>& resume_free_keys() {
 
 void save_train_state(const std::string& path, Model<float>& model, AdamW<float>& opt, const Config& cfg,
                       const ResumePoint& at, bool write) {
-    const std::vector<int64_t> shape = {model.num_params()};
-    std::vector<float> params(model.num_params()), m(model.num_params()), v(model.num_params());
+    const std::vector<int64_t> shape = {model.param_elems()};
+    std::vector<float> params(model.param_elems()), m(model.param_elems()), v(model.param_elems());
     opt.moments_to_host(m.data(), v.data(), model);  // sharded: collective
     if (!write) return;
     model.params_to_host(params.data());
@@ -103,7 +105,7 @@ ResumePoint load_train_state(const std::string& path, const Config& cfg, Model<f
         throw UserError(path + ": optimizer_steps " + std::to_string(optimizer_steps) + " exceeds step " +
                         std::to_string(at.step));
 
-    const int64_t n = model.num_params();
+    const int64_t n = model.param_elems();
     const char* names[] = {"params", "adamw.m", "adamw.v"};
     for (int i = 0; i < 3; i++) {
         const TensorIn& t = f.at(names[i]);

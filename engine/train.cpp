@@ -150,7 +150,7 @@ static uint64_t fnv1a(const void* data, size_t bytes) {
 }
 
 static uint64_t weights_hash(Model<float>& model) {
-    std::vector<float> params(model.num_params());
+    std::vector<float> params(model.param_elems());
     model.params_to_host(params.data());
     return fnv1a(params.data(), params.size() * sizeof(float));
 }
@@ -240,11 +240,11 @@ TrainResult train(const Config& cfg, Device device, const std::string& out_dir, 
     // ZeRO-1 (train.zero): each rank keeps the moments of its shard, gets the
     // summed gradients of that shard alone, and all-gathers the parameters
     // after its update (engine/optimizer.h).
-    AdamW<float> opt(t, model.num_params(), verbose, device, t.zero ? &comm : nullptr);
+    AdamW<float> opt(t, model.param_elems(), verbose, device, t.zero ? &comm : nullptr);
     if (verbose && t.zero && comm.size == 1) std::printf("train.zero=1 with one rank: nothing to shard\n");
     std::unique_ptr<GradAllReduce> grad_reduce;
     if (nccl) {
-        grad_reduce = std::make_unique<GradAllReduce>(comm, model.grads(), model.num_params(), model.exec().stream,
+        grad_reduce = std::make_unique<GradAllReduce>(comm, model.grads(), model.param_elems(), model.exec().stream,
                                                       t.overlap_comm, opt.sharded());
         if (t.overlap_comm)
             model.set_on_grads_ready([&grad_reduce](int64_t offset, int64_t count) { grad_reduce->ready(offset, count); });
@@ -341,15 +341,15 @@ TrainResult train(const Config& cfg, Device device, const std::string& out_dir, 
             // Queued behind the all-reduces; the host goes on to the loss's
             // reduction meanwhile and waits below.
             grad_reduce->end();
-            op::scale_inplace(model.exec(), model.grads(), model.num_params(), 1.0f / float(comm.size));
+            op::scale_inplace(model.exec(), model.grads(), model.param_elems(), 1.0f / float(comm.size));
         } else if (comm.size > 1) {
             backward_s = seconds_since(backward_start);
             const auto allreduce_start = Clock::now();
             const Shard mine = opt.shard();  // all of them without ZeRO-1
             if (opt.sharded())
-                comm_reduce_scatter_sum(comm, model.grads(), model.num_params());
+                comm_reduce_scatter_sum(comm, model.grads(), model.param_elems());
             else
-                comm_allreduce_sum(comm, model.grads(), model.num_params());
+                comm_allreduce_sum(comm, model.grads(), model.param_elems());
             ops::scale_inplace(model.grads() + mine.begin, mine.size(), 1.0f / float(comm.size));
             allreduce_s = seconds_since(allreduce_start);
         } else {

@@ -134,7 +134,7 @@ BatchData random_batch(const ModelConfig& m, int B, uint64_t seed) {
 // Initialized weights plus noise, so that attention and routing are far from uniform.
 std::vector<float> noisy_weights(Model<float>& model, uint64_t seed) {
     model.init_weights(seed);
-    std::vector<float> w(model.num_params());
+    std::vector<float> w(model.param_elems());
     model.params_to_host(w.data());
     Rng rng(seed, 99);
     for (auto& x : w) x += float(rng.normal() * 0.1);
@@ -158,7 +158,7 @@ struct SideBySide {
 };
 
 std::vector<float> host_params(const Model<float>& m) {
-    std::vector<float> w(m.num_params());
+    std::vector<float> w(m.param_elems());
     m.params_to_host(w.data());
     return w;
 }
@@ -189,7 +189,7 @@ TEST(CudaModel, TrainingStepOfEveryArchitectureMatchesTheCpu) {
 
         cpu.backward();
         gpu.backward();
-        std::vector<float> gc(cpu.num_params()), gg(gpu.num_params());
+        std::vector<float> gc(cpu.param_elems()), gg(gpu.param_elems());
         cpu.grads_to_host(gc.data());
         gpu.grads_to_host(gg.data());
         const double all = rel_error(gg, gc);
@@ -227,7 +227,7 @@ TEST(CudaModel, TrainingStepOfEveryArchitectureMatchesTheCpu) {
         // emulator; 9.98e-6 on an H100 on 2026-11-25).
         TrainConfig t;
         t.grad_clip = 1.0;
-        AdamW<float> opt_c(t, cpu.num_params(), false, Device::cpu), opt_g(t, gpu.num_params(), false, Device::cuda);
+        AdamW<float> opt_c(t, cpu.param_elems(), false, Device::cpu), opt_g(t, gpu.param_elems(), false, Device::cuda);
         const double own_norm_c = opt_c.grad_norm(cpu);
         cpu.grads_from_host(gg.data());
         const double norm_c = opt_c.step(cpu, 1e-3), norm_g = opt_g.step(gpu, 1e-3);
@@ -250,7 +250,7 @@ TEST(CudaModel, TwoRunsGiveBitIdenticalWeights) {
             Model<float> model(m, B, false, Device::cuda);
             model.init_weights(5);
             TrainConfig t;
-            AdamW<float> opt(t, model.num_params(), false, Device::cuda);
+            AdamW<float> opt(t, model.param_elems(), false, Device::cuda);
             for (int step = 0; step < 4; step++) {
                 const BatchData data = random_batch(m, B, 100 + step);
                 const std::vector<int> S = step % 2 ? std::vector<int>{1, 3, 4} : std::vector<int>{0, 1, 2, 3, 4};
@@ -438,14 +438,14 @@ TEST(CudaModel, Bf16TrainingStepMatchesTheCpuWithin2e2) {
         const double e_loss = rel_scalar(lg.total, lc.total), e_logits = rel_error(logits_g, logits_c);
         cpu.backward();
         gpu.backward();
-        std::vector<float> gc(cpu.num_params()), gg(gpu.num_params());
+        std::vector<float> gc(cpu.param_elems()), gg(gpu.param_elems());
         cpu.grads_to_host(gc.data());
         gpu.grads_to_host(gg.data());
         const double e_grad = rel_error(gg, gc);
         // the same step again: the same bits
         gpu.forward(batch, true, 17);
         gpu.backward();
-        std::vector<float> gg2(gpu.num_params());
+        std::vector<float> gg2(gpu.param_elems());
         gpu.grads_to_host(gg2.data());
         EXPECT_EQ(0, std::memcmp(gg.data(), gg2.data(), gg.size() * sizeof(float))) << "two bf16 steps differ";
         std::printf("[ bf16-vs-cpu ] %-32s loss %.3g logits %.3g gradients %.3g%s\n", c.name.c_str(), e_loss,

@@ -11,6 +11,7 @@
 #include "engine/checkpoint.h"
 #include "engine/config.h"
 #include "engine/model.h"
+#include "engine/optimizer.h"
 #include "engine/safetensors.h"
 #include "engine/train.h"
 #include "tests/gradcheck.h"
@@ -70,7 +71,7 @@ std::vector<Case> cases() {
 void randomize(Model<double>& model, uint64_t seed) {
     model.init_weights(seed);
     Rng rng(seed, 99);
-    for (int64_t i = 0; i < model.num_params(); i++) model.params()[i] += rng.normal() * 0.3;
+    for (int64_t i = 0; i < model.param_elems(); i++) model.params()[i] += rng.normal() * 0.3;
 }
 
 struct BatchData {
@@ -99,7 +100,7 @@ TEST(ModelGrad, EveryArchitectureMatchesFiniteDifferences) {
         Batch batch{data.images.data(), data.labels.data(), B, c.channels};
         model.forward(batch, true);
         model.backward();
-        std::vector<double> analytic(model.grads(), model.grads() + model.num_params());
+        std::vector<double> analytic(model.grads(), model.grads() + model.param_elems());
         Rng rng(13);
         for (const auto& p : model.layout()) {
             Vec x(model.params() + p.offset, model.params() + p.offset + p.numel);
@@ -199,7 +200,7 @@ TEST(Model, Bf16StorageOnTheCpuStaysWithinTheBf16Tolerance) {
         EXPECT_LT(bf16.activation_arena_bytes(), fp32.activation_arena_bytes());
         fp32.init_weights(31);
         Rng rng(31, 99);
-        std::vector<float> w(fp32.num_params());
+        std::vector<float> w(fp32.param_elems());
         fp32.params_to_host(w.data());
         // noise of std 0.3 at D = 8, scaled as 1/√D so wider models are as well conditioned
         const double noise = 0.3 * std::sqrt(8.0 / c.model.dim);
@@ -213,7 +214,7 @@ TEST(Model, Bf16StorageOnTheCpuStaysWithinTheBf16Tolerance) {
         const Losses lf = fp32.forward(batch, true);
         const std::vector<float> logits_f(fp32.logits(), fp32.logits() + B * K);
         fp32.backward();
-        std::vector<float> gf(fp32.grads(), fp32.grads() + fp32.num_params());
+        std::vector<float> gf(fp32.grads(), fp32.grads() + fp32.param_elems());
         std::vector<float> gb[2];
         Losses lb[2];
         std::vector<float> logits_b;
@@ -221,7 +222,7 @@ TEST(Model, Bf16StorageOnTheCpuStaysWithinTheBf16Tolerance) {
             lb[run] = bf16.forward(batch, true);
             logits_b.assign(bf16.logits(), bf16.logits() + B * K);
             bf16.backward();
-            gb[run].assign(bf16.grads(), bf16.grads() + bf16.num_params());
+            gb[run].assign(bf16.grads(), bf16.grads() + bf16.param_elems());
         }
         EXPECT_EQ(lb[0].total, lb[1].total);
         EXPECT_EQ(0, std::memcmp(gb[0].data(), gb[1].data(), gb[0].size() * sizeof(float))) << "two steps differ";
@@ -273,7 +274,7 @@ TEST(Model, StoredPixelsGoThroughTheInputStep) {
         EXPECT_EQ(lb.nonfinite_image, -1);
         a.backward();
         b.backward();
-        EXPECT_EQ(std::memcmp(a.grads(), b.grads(), sizeof(float) * size_t(a.num_params())), 0) << "gradients differ";
+        EXPECT_EQ(std::memcmp(a.grads(), b.grads(), sizeof(float) * size_t(a.param_elems())), 0) << "gradients differ";
         // float32 pixels: 3e38 in image 2 overflows once multiplied by its
         // 1e3; image 0's 1e3 over ordinary pixels stays finite.
         std::vector<float> raw(pixels.begin(), pixels.end());
@@ -338,7 +339,7 @@ TEST(Model, CheckpointRoundTripPreservesLogits) {
         EXPECT_EQ(config_to_json(ck.config), config_to_json(cfg));
         Model<float> b(ck.config.model, 2, false);
         load_weights(b, ck);
-        for (int64_t i = 0; i < a.num_params(); i++) ASSERT_EQ(a.params()[i], b.params()[i]);
+        for (int64_t i = 0; i < a.param_elems(); i++) ASSERT_EQ(a.params()[i], b.params()[i]);
         // names and shapes as DESIGN.md §2 lists them
         const SafetensorsFile f = read_safetensors(dir + "/m.safetensors");
         EXPECT_EQ(f.at("pos_embed").shape, (std::vector<int64_t>{1, 5, 8}));
@@ -355,6 +356,66 @@ TEST(Model, WeightDecayOnlyOnMatricesNotBiasesOrNorms) {
         if (bias || norm) { EXPECT_FALSE(p.decay) << p.name; }
         if (p.shape.size() >= 2 && !bias) { EXPECT_TRUE(p.decay) << p.name; }
     }
+}
+
+TEST(Model, EveryTensorStartsAlignedAndThePaddingStaysZero) {
+    // So2Sat's 18 channels and 17 classes: the odd-sized router bias and head
+    // would leave the tensors after them at 4-byte boundaries if packed.
+    ModelConfig so2sat = tiny_model("moevit");
+    so2sat.channels = 18;
+    so2sat.num_classes = 17;
+    for (const ModelConfig& m : {so2sat, tiny_model("moevit"), tiny_model("chvit"), tiny_model("vit")}) {
+        SCOPED_TRACE(m.arch + " with " + std::to_string(m.channels) + " channels");
+        const auto layout = param_layout(m);
+        int64_t end = 0, count = 0;
+        for (const auto& p : layout) {
+            EXPECT_EQ(p.offset % kParamAlignElems, 0) << p.name;
+            EXPECT_GE(p.offset, end) << p.name << " overlaps the tensor before it";
+            EXPECT_LT(p.offset - end, kParamAlignElems) << p.name << " is padded more than the alignment needs";
+            end = p.offset + p.numel;
+            count += p.numel;
+        }
+        EXPECT_EQ(param_count(layout), count);
+        EXPECT_EQ(param_block_elems(layout) % kParamAlignElems, 0);
+        EXPECT_GE(param_block_elems(layout), end);
+    }
+
+    // A few AdamW steps with weight decay from init_weights (the parameter
+    // arena starts as NaN under the tests' poisoning): the padding of the
+    // parameters, the gradients and both moments is zero at the end.
+    const ModelConfig m = tiny_model("moevit");  // 3 channels and 3 classes: odd sizes
+    const int B = 4;
+    Model<float> model(m, B, false);
+    model.init_weights(3);
+    TrainConfig t;
+    t.weight_decay = 0.1;
+    AdamW<float> opt(t, model.param_elems(), false);
+    const BatchData data = random_batch(m, B, 4);
+    const Batch batch{data.images.data(), data.labels.data(), B, {0, 1, 2}};
+    for (int step = 0; step < 3; step++) {
+        model.forward(batch, true, uint64_t(step));
+        model.backward();
+        opt.step(model, 1e-2);
+    }
+    const int64_t n = model.param_elems();
+    const size_t len = size_t(n);
+    std::vector<float> params(len), grads(len), m1(len), m2(len);
+    model.params_to_host(params.data());
+    model.grads_to_host(grads.data());
+    opt.moments_to_host(m1.data(), m2.data(), model);
+    std::vector<bool> in_tensor(size_t(n), false);
+    for (const auto& p : model.layout()) std::fill_n(in_tensor.begin() + p.offset, p.numel, true);
+    int64_t padding = 0;
+    for (int64_t i = 0; i < n; i++) {
+        if (in_tensor[size_t(i)]) continue;
+        padding++;
+        ASSERT_EQ(params[size_t(i)], 0.0f) << "parameter padding at " << i;
+        ASSERT_EQ(grads[size_t(i)], 0.0f) << "gradient padding at " << i;
+        ASSERT_EQ(m1[size_t(i)], 0.0f) << "first-moment padding at " << i;
+        ASSERT_EQ(m2[size_t(i)], 0.0f) << "second-moment padding at " << i;
+    }
+    EXPECT_GT(padding, 0) << "the tiny model has odd-sized tensors, so padding";
+    EXPECT_NE(std::count(grads.begin(), grads.end(), 0.0f), n) << "the steps computed gradients";
 }
 
 TEST(Model, HcsDrawsSortedSubsetsOfEverySize) {
@@ -398,15 +459,15 @@ TEST(Model, GradsReadyHookCoversEveryParameterOnceWithFinalValues) {
             model.forward(batch, true);
             model.backward();
             ASSERT_EQ(calls.size(), size_t(c.model.depth + 2));
-            std::vector<int> seen(size_t(model.num_params()), 0);
+            std::vector<int> seen(size_t(model.param_elems()), 0);
             for (const Call& k : calls) {
                 ASSERT_GT(k.count, 0);
-                ASSERT_LE(k.offset + k.count, model.num_params());
+                ASSERT_LE(k.offset + k.count, model.param_elems());
                 for (int64_t i = k.offset; i < k.offset + k.count; i++) seen[size_t(i)]++;
                 EXPECT_EQ(k.grads, std::vector<double>(model.grads() + k.offset, model.grads() + k.offset + k.count))
                     << "range at " << k.offset << " changed after its hook";
             }
-            EXPECT_EQ(std::count(seen.begin(), seen.end(), 1), model.num_params()) << "every element exactly once";
+            EXPECT_EQ(std::count(seen.begin(), seen.end(), 1), model.param_elems()) << "every element exactly once";
             // Head and final norm first, the blocks from the last, the embeddings last.
             auto offset_of = [&](const std::string& name) {
                 for (const auto& p : model.layout())

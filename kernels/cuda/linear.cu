@@ -269,8 +269,8 @@ void lt_matmul(const linear::Product& p, const uint16_t* A, const uint16_t* B, f
     const bool bf16_d = d_type == CUDA_R_16BF;
     // The epilogue reads a bias of D's type. cublasLt.h states no alignment
     // for it, but the epilogue is reported to fail on vectors not 16-byte
-    // aligned, and a bias in the packed parameter array may sit at any 4-byte
-    // boundary: such a one is copied to (256-byte aligned) scratch.
+    // aligned. The model's biases are 256-byte aligned (engine/model.h); one
+    // from another caller that is not is copied to (256-byte aligned) scratch.
     const bool stage_bias = bias && (bf16_d || alignment(bias, 0) < 16);
     Scratch staged_bias(stage_bias ? (bf16_d ? sizeof(uint16_t) : sizeof(float)) * (size_t)m : 0, stream);
     const void* epilogue_bias = bias;
