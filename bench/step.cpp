@@ -82,6 +82,9 @@ StepBenchResult bench_step(const Config& cfg, const StepBenchOptions& o, bool ve
     r.batch = o.batch > 0 ? o.batch : cfg.train.batch;
     const int B = r.batch, C = m.channels, HW = m.image * m.image;
 
+    // Destroyed after the model, whose teardown synchronizes the device: an
+    // upload from it may still be in flight when a step throws.
+    HostBuffer stored;
     Model<float> model(m, B, verbose, o.device, bf16_mode(cfg.train.precision, o.device));
     r.bf16_matmul = model.bf16_matmul();
     model.init_weights(cfg.train.seed);
@@ -90,7 +93,6 @@ StepBenchResult bench_step(const Config& cfg, const StepBenchOptions& o, bool ve
     // labels. Stored pixels sit in pinned memory, as the loader keeps them.
     const size_t pixels = size_t(B) * C * HW;
     std::vector<float> images;
-    HostBuffer stored;
     std::vector<float> mean(size_t(B) * C, 100.f), inv_std(size_t(B) * C, 1.f / 50.f);
     std::vector<int32_t> labels(B);
     Rng rng(cfg.train.seed, 3);

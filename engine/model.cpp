@@ -9,6 +9,9 @@
 #include "engine/common.h"
 #include "engine/rng.h"
 #include "kernels/backend.h"
+#ifdef PRISM_CUDA
+#include "kernels/cuda_util.h"
+#endif
 
 namespace prism {
 
@@ -184,6 +187,10 @@ Model<T>::Model(const ModelConfig& cfg, int batch_capacity, bool verbose, Device
 #ifdef PRISM_CUDA
         ex_.cuda = true;
         ex_.stream = cuda::stream_create();
+        // The ops' scratch comes from the stream-ordered pool; by default it
+        // hands freed memory back to the driver at every synchronize (each
+        // step has several), and the next step maps it again.
+        cuda::keep_pool_memory();
 #else
         throw UserError("this build has no CUDA backend");
 #endif

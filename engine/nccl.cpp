@@ -240,8 +240,10 @@ void comm_init_nccl(Comm& c) {
     // given up at the deadline instead of hanging.
     ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
     config.blocking = 0;
-    settle_or_abort(c, nc->comm, ncclCommInitRankConfig(&nc->comm, c.size, id, c.rank, &config),
-                    "ncclCommInitRankConfig");
+    // The call first: it writes nc->comm, which settle_or_abort must read
+    // after it (the order of a call's arguments is unspecified).
+    const ncclResult_t init = ncclCommInitRankConfig(&nc->comm, c.size, id, c.rank, &config);
+    settle_or_abort(c, nc->comm, init, "ncclCommInitRankConfig");
     nc->watchdog = std::thread(watchdog_loop, nc, c.rank, c.timeout_s);
     c.nccl = nc;
 }

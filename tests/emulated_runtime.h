@@ -12,8 +12,9 @@
 // streams are one synchronous queue (a launch runs when it is made, an event
 // has always completed); a bad launch throws from the emulator where the
 // device would report it at cudaGetLastError; cuBLAS is the host model of
-// tests/emulated_cublas.h. Not modelled: the dynamic shared memory opt-in
-// above 48 KiB, timing, and anything asynchronous.
+// tests/emulated_cublas.h. A launch of more than 48 KiB of dynamic shared
+// memory needs the kernel's cudaFuncSetAttribute opt-in first, as on the
+// device. Not modelled: timing, and anything asynchronous.
 #pragma once
 #include "tests/emulator.h"
 
@@ -243,8 +244,13 @@ inline cudaError_t cudaProfilerStart() { return cudaSuccess; }
 inline cudaError_t cudaProfilerStop() { return cudaSuccess; }
 inline int nvtxRangePushA(const char*) { return 0; }
 inline int nvtxRangePop() { return 0; }
+// Records what a launch of the kernel may then ask for (emulator.h).
 template <class F>
-cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int) {
+cudaError_t cudaFuncSetAttribute(F kernel, cudaFuncAttribute attr, int value) {
+    if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaErrorInvalidValue;
+    if (value < 0 || value > 227 * 1024) return cudaErrorInvalidValue;  // an H100's opt-in maximum
+    std::lock_guard<std::mutex> lock(emu::smem_opt_in_mutex());
+    emu::smem_opt_in()[emu::kernel_address(kernel)] = size_t(value);
     return cudaSuccess;
 }
 

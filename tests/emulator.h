@@ -40,8 +40,11 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <map>
+#include <mutex>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "tests/bf16_host.h"
@@ -283,6 +286,32 @@ inline void fiber_entry() {
     switch_context(self().ctx, block.scheduler);
 }
 
+// The dynamic shared memory each kernel has been allowed (the emulated
+// runtime's cudaFuncSetAttribute with cudaFuncAttributeMaxDynamicSharedMemorySize
+// records it). The device refuses a launch of more than 48 KiB beyond that.
+inline std::map<const void*, size_t>& smem_opt_in() {
+    static std::map<const void*, size_t> allowed;
+    return allowed;
+}
+inline std::mutex& smem_opt_in_mutex() {
+    static std::mutex m;
+    return m;
+}
+template <class F>
+const void* kernel_address(F* kernel) {
+    return reinterpret_cast<const void*>(kernel);
+}
+inline void check_smem_opt_in(const void* kernel, size_t smem_bytes) {
+    if (smem_bytes <= 48 * 1024) return;
+    std::lock_guard<std::mutex> lock(smem_opt_in_mutex());
+    const auto it = smem_opt_in().find(kernel);
+    if (it == smem_opt_in().end() || it->second < smem_bytes)
+        fail(std::to_string(smem_bytes) + " bytes of dynamic shared memory, above 48 KiB, and the kernel was allowed " +
+             std::to_string(it == smem_opt_in().end() ? 48 * 1024 : it->second) +
+             " (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) before the "
+             "launch; the device refuses it otherwise)");
+}
+
 // Runs one kernel over the grid, block after block.
 template <class Kernel, class Params>
 void launch(Dim grid, int threads, size_t smem_bytes, Kernel kernel, const Params& p) {
@@ -348,11 +377,14 @@ void launch(Dim grid, int threads, size_t smem_bytes, Kernel kernel, const Param
 #define PRISM_SMEM(name) unsigned char* name = ::prism::emu::block.smem.data()
 // kernel<<<grid, threads, smem, stream>>>(args...) (primitives.cuh), run now:
 // the emulator has one stream, and it is synchronous.
-#define PRISM_LAUNCH(grid, threads, smem, stream, ...)                                  \
-    [&](const auto&... prism_launch_args_) {                                            \
-        (void)(stream);                                                                 \
-        ::prism::emu::launch((grid), (threads), (smem),                                 \
-                             [&](int) { __VA_ARGS__(prism_launch_args_...); }, 0);      \
+#define PRISM_LAUNCH(grid, threads, smem, stream, ...)                                           \
+    [&](const auto&... prism_launch_args_) {                                                     \
+        (void)(stream);                                                                          \
+        /* the kernel the call below makes, a template's deduced from the arguments */          \
+        void (*prism_kernel_)(std::decay_t<decltype(prism_launch_args_)>...) = __VA_ARGS__;      \
+        ::prism::emu::check_smem_opt_in(::prism::emu::kernel_address(prism_kernel_), (smem));    \
+        ::prism::emu::launch((grid), (threads), (smem),                                          \
+                             [&](int) { __VA_ARGS__(prism_launch_args_...); }, 0);               \
     }
 
 namespace prism {

@@ -454,3 +454,28 @@ TEST(FlashEmulated, TheEmulatorCatchesAWarpThatSkipsACollective) {
     };
     EXPECT_THROW(emu::launch({1, 1, 1}, 32, 0, bad, P{}), std::runtime_error);
 }
+
+namespace {
+struct OptInParams {
+    float* out;
+};
+void write_one_kernel(OptInParams p) {
+    if (threadIdx.x == 0) *p.out = 1.f;
+}
+}  // namespace
+
+TEST(FlashEmulated, TheEmulatorRefusesMoreThan48KiBOfSharedMemoryWithoutTheOptIn) {
+    // As the device does: a launch of more dynamic shared memory than 48 KiB
+    // needs cudaFuncSetAttribute for that kernel first (the emulated runtime's
+    // records it in emu::smem_opt_in), and no more than it allowed.
+    float out = 0.f;
+    auto run = [&](size_t smem) { PRISM_LAUNCH(1, 32, smem, 0, write_one_kernel)(OptInParams{&out}); };
+    EXPECT_NO_THROW(run(48 * 1024));
+    EXPECT_THROW(run(48 * 1024 + 16), std::runtime_error);
+    const void* kernel = emu::kernel_address(write_one_kernel);
+    emu::smem_opt_in()[kernel] = 64 * 1024;
+    EXPECT_NO_THROW(run(64 * 1024));
+    EXPECT_THROW(run(64 * 1024 + 16), std::runtime_error);
+    emu::smem_opt_in().erase(kernel);
+    EXPECT_EQ(out, 1.f);
+}

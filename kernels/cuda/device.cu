@@ -110,6 +110,11 @@ void profiler_start() {
     if (cudaProfilerStart() != cudaSuccess) cudaGetLastError();
 }
 void profiler_stop() {
+    // The last profiled step's kernels may still be queued: let them finish
+    // inside the range, or the profile cuts them off. A failure here is the
+    // run's own (a sticky error the next checked call reports), and this
+    // also runs while a failed run unwinds: not thrown from here.
+    if (cudaDeviceSynchronize() != cudaSuccess) cudaGetLastError();
     if (cudaProfilerStop() != cudaSuccess) cudaGetLastError();
 }
 

@@ -295,7 +295,8 @@ void lt_matmul(const linear::Product& p, const uint16_t* A, const uint16_t* B, f
     const float alpha = 1.f;
     if (!plan.found) {
         // no Lt kernel for these shapes or alignments: cuBLAS's own GEMM, same types
-        PRISM_CUDA_REQUIRE(m <= INT_MAX && n <= INT_MAX && k <= INT_MAX,
+        PRISM_CUDA_REQUIRE(m <= INT_MAX && n <= INT_MAX && k <= INT_MAX && lda <= INT_MAX && ldb <= INT_MAX &&
+                               ldd <= INT_MAX,
                            "bf16 GEMM too large for cublasGemmEx");
         if (bias) {  // D [m, n] column-major is row-major [n, m]: bias[i % m]
             if (bf16_d) fill_bias(static_cast<uint16_t*>(D), bias, n, (int)m, stream);
