@@ -210,19 +210,23 @@ Model<T>::Model(const ModelConfig& cfg, int batch_capacity, bool verbose, Device
     for (int pass = 0; pass < 2; pass++) {  // measure, then carve
         param_mem_ = param_arena_.take<T>(param_elems_);
         grad_mem_ = param_arena_.take<T>(param_elems_);
+        if (ex_.bf16_matmul) param_bf16_ = param_arena_.take<uint16_t>(param_elems_);
         if (pass == 0) param_arena_.allocate(ex_.cuda);
     }
     bind_weights(w_, param_mem_, layout_, cfg_.depth);
     bind_weights(g_, grad_mem_, layout_, cfg_.depth);
+    if (param_bf16_) bind_weights(w_bf16_, param_bf16_, layout_, cfg_.depth);
+    else w_bf16_.blocks.resize(size_t(cfg_.depth));  // null pointers: the products round W themselves
     act_ = new Activations<T>();
     carve_activations();       // measure
     act_arena_.allocate(ex_.cuda);
     carve_activations();       // bind
     if (verbose)
-        std::printf("arena %-22s %10s  (%lld parameters, %s each, with gradients; %s)\n"
+        std::printf("arena %-22s %10s  (%lld parameters, %s each, with gradients%s; %s)\n"
                     "arena %-22s %10s  (batch capacity %d, sequence %d%s)\n",
                     param_arena_.name.c_str(), format_bytes(param_arena_.capacity).c_str(),
                     (long long)param_count(layout_), sizeof(T) == 4 ? "fp32" : "fp64",
+                    param_bf16_ ? " and a bf16 copy" : "",
                     ex_.cuda ? "GPU memory" : "host memory",
                     act_arena_.name.c_str(), format_bytes(act_arena_.capacity).c_str(), capacity_,
                     max_seq(cfg_), bf16_storage_ ? "; the bf16 mode's matrices in bf16" : "");
@@ -438,6 +442,11 @@ Losses Model<T>::forward(const Batch& batch, bool training, uint64_t drop_seed) 
     training_ = training;
     Activations<T>& x = *act_;
     op::Range range(ex_, training ? "forward" : "forward (eval)");
+    // The bf16 mode's copy of the weights that this step's products read,
+    // forward and backward: rounded once here, since the parameters change
+    // between forwards (AdamW, a loaded checkpoint) and nowhere else.
+    if constexpr (std::is_same_v<T, float>)
+        if (param_bf16_) op::round_to_bf16(ex_, param_bf16_, param_mem_, param_elems_);
     PRISM_ASSERT(!batch.images != !batch.stored.pixels);
     const int64_t pixels = int64_t(B_) * C * cfg_.image * cfg_.image;
     images_ = batch.images;
@@ -478,14 +487,14 @@ Losses Model<T>::forward(const Batch& batch, bool training, uint64_t drop_seed) 
         // and the rest scaled by C/|S| so the input's scale is unchanged.
         op::patchify_all(ex_, x.patches, images_, B_, C, cfg_.image, cfg_.image, P, in_S_at_,
                          T(C) / T(nS_));
-        op::linear_forward(ex_, x.patch_tok, x.patches, w_.patch_w, w_.patch_b, int64_t(B_) * N,
+        op::linear_forward(ex_, x.patch_tok, x.patches, {w_.patch_w, w_bf16_.patch_w}, w_.patch_b, int64_t(B_) * N,
                            C * P * P, D);
         op::embed_forward(ex_, x.seq, x.patch_tok, w_.cls_token, w_.pos_embed, (const T*)nullptr,
                           S_at_, B_, 1, N, D);
     } else {
         // chvit/moevit: token (c, n) = conv(x[c])[n] + pos[1+n] + channel_embed[c]
         op::patchify_channels(ex_, x.patches, images_, B_, C, cfg_.image, cfg_.image, P, S_at_, nS_);
-        op::linear_forward(ex_, x.patch_tok, x.patches, w_.patch_w, w_.patch_b,
+        op::linear_forward(ex_, x.patch_tok, x.patches, {w_.patch_w, w_bf16_.patch_w}, w_.patch_b,
                            int64_t(B_) * nS_ * N, P * P, D);
         op::embed_forward(ex_, x.seq, x.patch_tok, w_.cls_token, w_.pos_embed, w_.channel_embed,
                           S_at_, B_, nS_, N, D);
@@ -523,7 +532,7 @@ Losses Model<T>::forward(const Batch& batch, bool training, uint64_t drop_seed) 
     const T* x_last = cfg_.depth ? x.blocks.back().x_out : x.seq;
     op::select_rows(ex_, x.cls_rows, x_last, L * D, B_, D);
     op::layernorm_forward(ex_, x.lnf, x.lnf_mean, x.lnf_rstd, x.cls_rows, w_.norm_w, w_.norm_b, B_, D);
-    op::linear_forward(ex_, x.logits, x.lnf, w_.head_w, w_.head_b, B_, D, cfg_.num_classes);
+    op::linear_forward(ex_, x.logits, x.lnf, {w_.head_w, w_bf16_.head_w}, w_.head_b, B_, D, cfg_.num_classes);
     if (labels_)
         op::cross_entropy_forward(ex_, x.loss_slots, x.ce_probs, x.logits, labels_, B_,
                                   cfg_.num_classes, x.correct);
@@ -558,6 +567,7 @@ void Model<T>::block_forward(int i, bool training) {
     const int64_t C = cfg_.channels;
     const int64_t L = 1 + int64_t(is_vit(cfg_) ? 1 : nS_) * N, rows = B_ * L;
     const auto& w = w_.blocks[i];
+    const auto& wb = w_bf16_.blocks[i];
     auto& b = act_->blocks[i];
     T* aux_slot = act_->loss_slots + 1 + i;
     T* z_slot = act_->loss_slots + 1 + cfg_.depth + i;
@@ -568,7 +578,7 @@ void Model<T>::block_forward(int i, bool training) {
 
     if (!is_moe(cfg_)) {
         // Dense multi-head attention over the whole sequence.
-        op::linear_forward(ex_, b.qkv, b.ln1, w.qkv_w, w.qkv_b, rows, int(D), int(3 * D));
+        op::linear_forward(ex_, b.qkv, b.ln1, {w.qkv_w, wb.qkv_w}, w.qkv_b, rows, int(D), int(3 * D));
         op::attention_forward(ex_, b.att_out, b.att_lse, b.qkv, B_, int(L), int(D), int(Hd));
     } else {
         // Channel-MoE attention. Patch rows of a [B, L, ·] buffer start at row 1.
@@ -586,10 +596,10 @@ void Model<T>::block_forward(int i, bool training) {
         op::moe_dispatch(ex_, b.offsets, b.pair_of_row, b.row_of_pair, b.counts, b.experts, B_, nS_,
                          int(N), k);
         // q shared by all tokens; k, v from each channel's own expert.
-        op::linear_forward(ex_, b.q, b.ln1, w.q_w, w.q_b, rows, int(D), int(D));
-        op::expert_linear_forward(ex_, b.k, b.ln1.at(D), L * D, w.k_w, w.k_b, S_at_, B_, nS_, int(N),
+        op::linear_forward(ex_, b.q, b.ln1, {w.q_w, wb.q_w}, w.q_b, rows, int(D), int(D));
+        op::expert_linear_forward(ex_, b.k, b.ln1.at(D), L * D, {w.k_w, wb.k_w}, w.k_b, S_at_, B_, nS_, int(N),
                                   int(D), int(D));
-        op::expert_linear_forward(ex_, b.v, b.ln1.at(D), L * D, w.v_w, w.v_b, S_at_, B_, nS_, int(N),
+        op::expert_linear_forward(ex_, b.v, b.ln1.at(D), L * D, {w.v_w, wb.v_w}, w.v_b, S_at_, B_, nS_, int(N),
                                   int(D), int(D));
         // a[t] = Σ_{c∈E(t)} R[t,c]·MHA(q[t], K_{b,c}, V_{b,c})
         op::moe_gather_forward(ex_, b.qg, b.q.at(D), L * D, b.pair_of_row, B_, nS_, int(N), k, int(D));
@@ -617,14 +627,14 @@ void Model<T>::block_forward(int i, bool training) {
     // and LN2(x_mid) in the same pass over the rows
     // (a branch's output is read by its residual add alone: one buffer for every block)
     T* branch = act_->branch_out;
-    op::linear_forward(ex_, branch, b.att_out, w.proj_w, w.proj_b, rows, int(D), int(D));
+    op::linear_forward(ex_, branch, b.att_out, {w.proj_w, wb.proj_w}, w.proj_b, rows, int(D), int(D));
     op::residual_layernorm_forward(ex_, b.x_mid, b.ln2, b.ln2_mean, b.ln2_rstd, b.x_in, branch,
                                    b.dropping ? b.drop_attn : nullptr, w.norm2_w, w.norm2_b, B_, L,
                                    int(D));
     // x_out = x_mid + drop_path(MLP(LN2(x_mid)))
-    op::linear_forward(ex_, b.fc1, b.ln2, w.fc1_w, w.fc1_b, rows, int(D), int(H));
+    op::linear_forward(ex_, b.fc1, b.ln2, {w.fc1_w, wb.fc1_w}, w.fc1_b, rows, int(D), int(H));
     op::gelu_forward(ex_, b.act, b.fc1, rows * H);
-    op::linear_forward(ex_, branch, b.act, w.fc2_w, w.fc2_b, rows, int(H), int(D));
+    op::linear_forward(ex_, branch, b.act, {w.fc2_w, wb.fc2_w}, w.fc2_b, rows, int(H), int(D));
     op::residual_forward(ex_, b.x_out, b.x_mid, branch, b.dropping ? b.drop_mlp : nullptr, B_, L * D);
 }
 
@@ -646,7 +656,7 @@ void Model<T>::backward() {
 
     op::zero(ex_, x.dlogits, int64_t(B_) * K);
     op::cross_entropy_backward(ex_, x.dlogits, x.ce_probs, labels_, B_, K, T(1));
-    op::linear_backward(ex_, op::overwrite(x.dlnf), g_.head_w, g_.head_b, x.dlogits, x.lnf, w_.head_w, B_, D, K);
+    op::linear_backward(ex_, op::overwrite(x.dlnf), g_.head_w, g_.head_b, x.dlogits, x.lnf, {w_.head_w, w_bf16_.head_w}, B_, D, K);
     op::zero(ex_, x.dcls, int64_t(B_) * D);
     op::layernorm_backward(ex_, x.dcls, g_.norm_w, g_.norm_b, x.dlnf, x.cls_rows, w_.norm_w,
                            x.lnf_mean, x.lnf_rstd, B_, D);
@@ -664,12 +674,12 @@ void Model<T>::backward() {
     if (is_vit(cfg_)) {
         op::embed_backward(ex_, x.dpatch, g_.cls_token, g_.pos_embed, (T*)nullptr, x.dres, S_at_,
                            B_, 1, N, D);
-        op::linear_backward(ex_, (T*)nullptr, g_.patch_w, g_.patch_b, x.dpatch, x.patches, w_.patch_w,
+        op::linear_backward(ex_, (T*)nullptr, g_.patch_w, g_.patch_b, x.dpatch, x.patches, {w_.patch_w, w_bf16_.patch_w},
                             patch_rows, C * P * P, D);
     } else {
         op::embed_backward(ex_, x.dpatch, g_.cls_token, g_.pos_embed, g_.channel_embed, x.dres,
                            S_at_, B_, nS_, N, D);
-        op::linear_backward(ex_, (T*)nullptr, g_.patch_w, g_.patch_b, x.dpatch, x.patches, w_.patch_w,
+        op::linear_backward(ex_, (T*)nullptr, g_.patch_w, g_.patch_b, x.dpatch, x.patches, {w_.patch_w, w_bf16_.patch_w},
                             patch_rows, P * P, D);
     }
     grads_ready(0, block_begin_[0]);  // patch embedding, cls token, position and channel embeddings
@@ -681,6 +691,7 @@ void Model<T>::block_backward(int i) {
     const int64_t C = cfg_.channels;
     const int64_t L = 1 + int64_t(is_vit(cfg_) ? 1 : nS_) * N, rows = B_ * L;
     const auto& w = w_.blocks[i];
+    const auto& wb = w_bf16_.blocks[i];
     auto& g = g_.blocks[i];
     auto& b = act_->blocks[i];
     Activations<T>& x = *act_;
@@ -698,20 +709,20 @@ void Model<T>::block_backward(int i) {
 
     // MLP branch (a gradient with one writer is written by it: op::overwrite)
     const T* dmlp = branch_grad(b.drop_mlp);
-    op::linear_backward(ex_, op::overwrite(x.dact), g.fc2_w, g.fc2_b, dmlp, b.act, w.fc2_w, rows, int(H), int(D));
+    op::linear_backward(ex_, op::overwrite(x.dact), g.fc2_w, g.fc2_b, dmlp, b.act, {w.fc2_w, wb.fc2_w}, rows, int(H), int(D));
     op::gelu_backward(ex_, op::overwrite(x.dfc1), x.dact, b.fc1, rows * H);
-    op::linear_backward(ex_, op::overwrite(x.dln), g.fc1_w, g.fc1_b, x.dfc1, b.ln2, w.fc1_w, rows, int(D), int(H));
+    op::linear_backward(ex_, op::overwrite(x.dln), g.fc1_w, g.fc1_b, x.dfc1, b.ln2, {w.fc1_w, wb.fc1_w}, rows, int(D), int(H));
     op::layernorm_backward(ex_, x.dres, g.norm2_w, g.norm2_b, x.dln, b.x_mid, w.norm2_w, b.ln2_mean,
                            b.ln2_rstd, rows, int(D));
 
     // Attention branch
     const T* dattn = branch_grad(b.drop_attn);
-    op::linear_backward(ex_, op::overwrite(x.datt), g.proj_w, g.proj_b, dattn, b.att_out, w.proj_w, rows, int(D),
+    op::linear_backward(ex_, op::overwrite(x.datt), g.proj_w, g.proj_b, dattn, b.att_out, {w.proj_w, wb.proj_w}, rows, int(D),
                         int(D));
     if (!is_moe(cfg_)) {
         op::attention_backward(ex_, op::overwrite(x.dqkv), x.datt, b.qkv, b.att_out, b.att_lse, B_, int(L), int(D),
                                int(Hd));
-        op::linear_backward(ex_, op::overwrite(x.dln), g.qkv_w, g.qkv_b, x.dqkv, b.ln1, w.qkv_w, rows, int(D),
+        op::linear_backward(ex_, op::overwrite(x.dln), g.qkv_w, g.qkv_b, x.dqkv, b.ln1, {w.qkv_w, wb.qkv_w}, rows, int(D),
                             int(3 * D));
     } else {
         // LN1's output feeds q, k, v and the router: their input gradients add up in dln.
@@ -732,11 +743,11 @@ void Model<T>::block_backward(int i) {
         op::routed_attention_backward(ex_, op::overwrite(x.dqg), x.dk, x.dv, x.dog, b.qg, b.k, b.v, b.og,
                                       b.route_lse, b.offsets, B_, nS_, int(N), k, int(D), int(Hd));
         op::moe_gather_backward(ex_, x.dq + D, L * D, x.dqg, b.row_of_pair, B_, nS_, int(N), k, int(D));
-        op::expert_linear_backward(ex_, x.dln + D, g.k_w, g.k_b, x.dk, b.ln1.at(D), L * D, w.k_w,
+        op::expert_linear_backward(ex_, x.dln + D, g.k_w, g.k_b, x.dk, b.ln1.at(D), L * D, {w.k_w, wb.k_w},
                                    S_at_, B_, nS_, int(N), int(D), int(D));
-        op::expert_linear_backward(ex_, x.dln + D, g.v_w, g.v_b, x.dv, b.ln1.at(D), L * D, w.v_w,
+        op::expert_linear_backward(ex_, x.dln + D, g.v_w, g.v_b, x.dv, b.ln1.at(D), L * D, {w.v_w, wb.v_w},
                                    S_at_, B_, nS_, int(N), int(D), int(D));
-        op::linear_backward(ex_, x.dln, g.q_w, g.q_b, x.dq, b.ln1, w.q_w, rows, int(D), int(D));
+        op::linear_backward(ex_, x.dln, g.q_w, g.q_b, x.dq, b.ln1, {w.q_w, wb.q_w}, rows, int(D), int(D));
         // The model's aux and z losses are means over blocks.
         const T per_block = T(1) / T(cfg_.depth);
         T* unused_loss = x.loss_slots + 1 + 2 * cfg_.depth;  // forward recorded these losses

@@ -176,6 +176,10 @@ private:
     T* param_mem_ = nullptr;
     T* grad_mem_ = nullptr;
     Weights<T> w_, g_;
+    // The bf16 mode on CUDA: bf16(parameters), rounded once at the start of
+    // each forward for every product of the step (null pointers otherwise).
+    uint16_t* param_bf16_ = nullptr;
+    Weights<uint16_t> w_bf16_{};
     Activations<T>* act_ = nullptr;
     // The batch of the last forward.
     int B_ = 0, nS_ = 0;

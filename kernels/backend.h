@@ -201,6 +201,13 @@ inline void sync(const Exec& ex) {
     if (ex.cuda) cuda::stream_sync(ex.stream);
 #endif
 }
+// dst = bf16(src), rounded to nearest even, as every bf16 product rounds its inputs.
+inline void round_to_bf16(const Exec& ex, uint16_t* dst, const float* src, int64_t n) {
+#ifdef PRISM_CUDA
+    if (ex.cuda) return cuda_ops::to_bf16(dst, src, n, ex.stream);
+#endif
+    detail::round_into(dst, src, n);
+}
 
 // A named range in the Nsight Systems timeline for as long as it lives.
 struct Range {
@@ -298,51 +305,56 @@ void residual_layernorm_forward(const Exec& ex, T* sum, const MatrixIn<T>& out, 
     detail::round_into(out.bf16, o, B * rows_per_image * D);
 }
 // out: fp32 (a plain T*), or bf16 alone (the bf16 mode's stored qkv).
+// W: the fp32 weights (`full`, always) and, in the bf16 mode on CUDA, their
+// bf16 copy (`bf16`: the products read it instead of rounding W each call).
+// The CPU's products read `full`.
 template <class T>
-void linear_forward(const Exec& ex, const NoDeduce<MatrixIn<T>>& out, const NoDeduce<MatrixIn<T>>& x, const T* W,
-                    const T* b, int64_t rows, int in_dim, int out_dim) {
+void linear_forward(const Exec& ex, const NoDeduce<MatrixIn<T>>& out, const NoDeduce<MatrixIn<T>>& x,
+                    const NoDeduce<MatrixIn<T>>& W, const T* b, int64_t rows, int in_dim, int out_dim) {
     if (out.full && out.bf16) throw std::logic_error("linear_forward: one output, fp32 or bf16");
 #ifdef PRISM_CUDA
     if constexpr (std::is_same_v<T, float>) {
         if (ex.cuda && ex.bf16_matmul && out.bf16)
-            return cuda_ops::linear_forward_mixed_to_bf16(out.bf16, x.full, x.bf16, W, b, rows, in_dim, out_dim,
-                                                          ex.stream);
+            return cuda_ops::linear_forward_mixed_to_bf16(out.bf16, x.full, x.bf16, W.full, W.bf16, b, rows, in_dim,
+                                                          out_dim, ex.stream);
         if (ex.cuda && ex.bf16_matmul)
-            return cuda_ops::linear_forward_mixed(out.full, x.full, x.bf16, W, b, rows, in_dim, out_dim, ex.stream);
+            return cuda_ops::linear_forward_mixed(out.full, x.full, x.bf16, W.full, W.bf16, b, rows, in_dim, out_dim,
+                                                  ex.stream);
         if (ex.cuda) {
             detail::require_full(x.bf16, "linear_forward");
             detail::require_full(out.bf16, "linear_forward");
-            return cuda_ops::linear_forward(out.full, x.full, W, b, rows, in_dim, out_dim, ex.stream);
+            return cuda_ops::linear_forward(out.full, x.full, W.full, b, rows, in_dim, out_dim, ex.stream);
         }
     }
 #endif
     std::vector<T> tmp_x, tmp_out;
     T* o = detail::output_of(out, rows * out_dim, tmp_out);
-    ops::linear_forward(o, detail::widened(x, rows * in_dim, tmp_x), W, b, rows, in_dim, out_dim);
+    ops::linear_forward(o, detail::widened(x, rows * in_dim, tmp_x), W.full, b, rows, in_dim, out_dim);
     detail::round_into(out.bf16, o, rows * out_dim);
 }
-// dx may be null (no input gradient wanted); dout fp32 or bf16-stored.
+// dx may be null (no input gradient wanted); dout fp32 or bf16-stored; W as above.
 template <class T>
 void linear_backward(const Exec& ex, const NoDeduce<GradOut<T>>& dx, T* dW, T* db, const NoDeduce<MatrixIn<T>>& dout,
-                     const NoDeduce<MatrixIn<T>>& x, const T* W, int64_t rows, int in_dim, int out_dim) {
+                     const NoDeduce<MatrixIn<T>>& x, const NoDeduce<MatrixIn<T>>& W, int64_t rows, int in_dim,
+                     int out_dim) {
 #ifdef PRISM_CUDA
     if constexpr (std::is_same_v<T, float>) {
         if (ex.cuda && ex.bf16_matmul)
             return cuda_ops::linear_backward_mixed(dx.p, dx.bf16, dx.overwrite, dW, db, dout.full, dout.bf16, x.full,
-                                                   x.bf16, W, rows, in_dim, out_dim, ex.stream);
+                                                   x.bf16, W.full, W.bf16, rows, in_dim, out_dim, ex.stream);
         if (ex.cuda) {
             detail::require_full(x.bf16, "linear_backward");
             detail::require_full(dout.bf16, "linear_backward");
             detail::require_full(dx.bf16, "linear_backward");
-            return cuda_ops::linear_backward(dx.p, dx.overwrite, dW, db, dout.full, x.full, W, rows, in_dim, out_dim,
-                                             ex.stream);
+            return cuda_ops::linear_backward(dx.p, dx.overwrite, dW, db, dout.full, x.full, W.full, rows, in_dim,
+                                             out_dim, ex.stream);
         }
     }
 #endif
     std::vector<T> tmp_x, tmp_dout, tmp_dx;
     T* dxp = detail::grad_of(dx, rows * in_dim, tmp_dx);
     ops::linear_backward(dxp, dW, db, detail::widened(dout, rows * out_dim, tmp_dout),
-                         detail::widened(x, rows * in_dim, tmp_x), W, rows, in_dim, out_dim);
+                         detail::widened(x, rows * in_dim, tmp_x), W.full, rows, in_dim, out_dim);
     detail::round_into(dx.bf16, dxp, rows * in_dim);
 }
 // x: the patch rows (x, x_image_stride) of a sequence matrix, so the first
@@ -350,19 +362,19 @@ void linear_backward(const Exec& ex, const NoDeduce<GradOut<T>>& dx, T* dW, T* d
 // out: fp32, or bf16 alone (the bf16 mode's stored k and v).
 template <class T>
 void expert_linear_forward(const Exec& ex, const NoDeduce<MatrixIn<T>>& out, const NoDeduce<MatrixIn<T>>& x,
-                           int64_t x_image_stride, const T* W, const T* bias, const int* S, int B, int nS, int N,
-                           int in_dim, int out_dim) {
+                           int64_t x_image_stride, const NoDeduce<MatrixIn<T>>& W, const T* bias, const int* S, int B,
+                           int nS, int N, int in_dim, int out_dim) {
     if (out.full && out.bf16) throw std::logic_error("expert_linear_forward: one output, fp32 or bf16");
 #ifdef PRISM_CUDA
     if constexpr (std::is_same_v<T, float>) {
         if (ex.cuda && ex.bf16_matmul)
-            return cuda_ops::expert_linear_forward_mixed(out.full, out.bf16, x.full, x.bf16, x_image_stride, W, bias,
-                                                         S, B, nS, N, in_dim, out_dim, ex.stream);
+            return cuda_ops::expert_linear_forward_mixed(out.full, out.bf16, x.full, x.bf16, x_image_stride, W.full,
+                                                         W.bf16, bias, S, B, nS, N, in_dim, out_dim, ex.stream);
         if (ex.cuda) {
             detail::require_full(x.bf16, "expert_linear_forward");
             detail::require_full(out.bf16, "expert_linear_forward");
-            return cuda_ops::expert_linear_forward(out.full, x.full, x_image_stride, W, bias, S, B, nS, N, in_dim,
-                                                   out_dim, ex.stream);
+            return cuda_ops::expert_linear_forward(out.full, x.full, x_image_stride, W.full, bias, S, B, nS, N,
+                                                   in_dim, out_dim, ex.stream);
         }
     }
 #endif
@@ -370,30 +382,30 @@ void expert_linear_forward(const Exec& ex, const NoDeduce<MatrixIn<T>>& out, con
     const int64_t n_out = int64_t(B) * nS * N * out_dim;
     const int64_t x_span = detail::image_span(B, x_image_stride, int64_t(nS) * N * in_dim);
     T* o = detail::output_of(out, n_out, tmp_out);
-    ops::expert_linear_forward(o, detail::widened(x, x_span, tmp), x_image_stride, W, bias, S, B, nS, N, in_dim,
-                               out_dim);
+    ops::expert_linear_forward(o, detail::widened(x, x_span, tmp), x_image_stride, W.full, bias, S, B, nS, N,
+                               in_dim, out_dim);
     detail::round_into(out.bf16, o, n_out);
 }
 template <class T>
 void expert_linear_backward(const Exec& ex, T* dx, T* dW, T* dbias, const T* dout, const NoDeduce<MatrixIn<T>>& x,
-                            int64_t x_image_stride, const T* W, const int* S, int B, int nS, int N,
-                            int in_dim, int out_dim) {
+                            int64_t x_image_stride, const NoDeduce<MatrixIn<T>>& W, const int* S, int B, int nS,
+                            int N, int in_dim, int out_dim) {
 #ifdef PRISM_CUDA
     if constexpr (std::is_same_v<T, float>) {
         if (ex.cuda && ex.bf16_matmul)
-            return cuda_ops::expert_linear_backward_mixed(dx, dW, dbias, dout, x.full, x.bf16, x_image_stride, W,
-                                                          S, B, nS, N, in_dim, out_dim, ex.stream);
+            return cuda_ops::expert_linear_backward_mixed(dx, dW, dbias, dout, x.full, x.bf16, x_image_stride,
+                                                          W.full, W.bf16, S, B, nS, N, in_dim, out_dim, ex.stream);
         if (ex.cuda) {
             detail::require_full(x.bf16, "expert_linear_backward");
-            return cuda_ops::expert_linear_backward(dx, dW, dbias, dout, x.full, x_image_stride, W, S, B, nS, N,
-                                                    in_dim, out_dim, ex.stream);
+            return cuda_ops::expert_linear_backward(dx, dW, dbias, dout, x.full, x_image_stride, W.full, S, B, nS,
+                                                    N, in_dim, out_dim, ex.stream);
         }
     }
 #endif
     std::vector<T> tmp;
     const int64_t x_span = detail::image_span(B, x_image_stride, int64_t(nS) * N * in_dim);
-    ops::expert_linear_backward(dx, dW, dbias, dout, detail::widened(x, x_span, tmp), x_image_stride, W, S, B, nS, N,
-                                in_dim, out_dim);
+    ops::expert_linear_backward(dx, dW, dbias, dout, detail::widened(x, x_span, tmp), x_image_stride, W.full, S, B,
+                                nS, N, in_dim, out_dim);
 }
 // x: fp32, or the bf16 mode's stored fc1 output.
 template <class T> void gelu_forward(const Exec& ex, const MatrixIn<T>& out, const MatrixIn<T>& x, int64_t n) {

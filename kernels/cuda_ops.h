@@ -128,33 +128,38 @@ void linear_backward_bf16(uint16_t* dx, float* dW, float* db, const uint16_t* do
 // and fp32 results; the bias and its gradient stay fp32. Same contract as
 // linear_forward / linear_backward otherwise. x_bf16, when not null, is x as
 // the model stores it in bf16 (then x is not read and may be null): the
-// product reads it directly instead of rounding x.
-void linear_forward_mixed(float* out, const float* x, const uint16_t* x_bf16, const float* W, const float* b,
-                          int64_t rows, int in_dim, int out_dim, cudaStream_t stream);
+// product reads it directly instead of rounding x. W_bf16 likewise: W's bf16
+// copy, which the model rounds once per forward for every call of the step
+// (null: W is rounded into scratch by each call).
+void linear_forward_mixed(float* out, const float* x, const uint16_t* x_bf16, const float* W, const uint16_t* W_bf16,
+                          const float* b, int64_t rows, int in_dim, int out_dim, cudaStream_t stream);
 // The same product with its result stored in bf16 (the bf16 mode's qkv and
 // fc1, which only bf16 products and GELU read): out_bf16 = bf16(x·Wᵀ + bf16(b)),
 // the bias added in cuBLASLt's epilogue.
 void linear_forward_mixed_to_bf16(uint16_t* out_bf16, const float* x, const uint16_t* x_bf16, const float* W,
-                                  const float* b, int64_t rows, int in_dim, int out_dim, cudaStream_t stream);
+                                  const uint16_t* W_bf16, const float* b, int64_t rows, int in_dim, int out_dim,
+                                  cudaStream_t stream);
 // dx_bf16: dx written in bf16 instead (overwrite_dx only; dx then null), the
 // bf16 mode's stored gradient of GELU's output. dout_bf16: dout as the bf16
 // mode stores it (then dout is not read, and the bias gradient sums it).
 void linear_backward_mixed(float* dx, uint16_t* dx_bf16, bool overwrite_dx, float* dW, float* db, const float* dout,
                            const uint16_t* dout_bf16, const float* x, const uint16_t* x_bf16, const float* W,
-                           int64_t rows, int in_dim, int out_dim, cudaStream_t stream);
+                           const uint16_t* W_bf16, int64_t rows, int in_dim, int out_dim, cudaStream_t stream);
 // The same for MoE-ViT's per-channel expert projections (expert_linear_*):
 // x, the used experts' W[S[s]] and (backward) dout rounded to bf16 once per
 // call into compact copies, the batched products on the tensor cores with
 // fp32 accumulation; the weights' bias and its gradient are fp32. x_bf16 as
-// above, with x's image stride. Forward writes out (fp32: + b) or out_bf16
+// above, with x's image stride; W_bf16 as above, all C experts (read at
+// S[s], no copy). Forward writes out (fp32: + b) or out_bf16
 // (the bf16 mode's stored k and v: bf16(x·Wᵀ + bf16(b)), the product added
 // to the bias rounded to bf16 first), one of them.
 void expert_linear_forward_mixed(float* out, uint16_t* out_bf16, const float* x, const uint16_t* x_bf16,
-                                 int64_t x_image_stride, const float* W, const float* bias, const int* S, int B,
-                                 int nS, int N, int in_dim, int out_dim, cudaStream_t stream);
+                                 int64_t x_image_stride, const float* W, const uint16_t* W_bf16, const float* bias,
+                                 const int* S, int B, int nS, int N, int in_dim, int out_dim, cudaStream_t stream);
 void expert_linear_backward_mixed(float* dx, float* dW, float* dbias, const float* dout, const float* x,
-                                  const uint16_t* x_bf16, int64_t x_image_stride, const float* W, const int* S,
-                                  int B, int nS, int N, int in_dim, int out_dim, cudaStream_t stream);
+                                  const uint16_t* x_bf16, int64_t x_image_stride, const float* W,
+                                  const uint16_t* W_bf16, const int* S, int B, int nS, int N, int in_dim,
+                                  int out_dim, cudaStream_t stream);
 
 // ---- GELU (exact, erf) and the residual with drop path ------------------------------
 // out (fp32) and/or out_bf16: either may be null. x_bf16, when not null, is x

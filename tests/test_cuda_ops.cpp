@@ -464,25 +464,26 @@ TEST_F(CudaOps, LinearMixed) {
             ops::linear_forward<float>(ref.data(), xr.data(), Wr.data(), bias ? b.data() : nullptr, c.rows, c.in, c.out);
             DeviceArray<float> out(ref.size());
             auto got = run_twice(what + " forward", {{&out, {}}}, [&] {
-                cu::linear_forward_mixed(out.get(), d_x.get(), nullptr, d_W.get(), bias ? d_b.get() : nullptr, c.rows,
-                                         c.in, c.out, stream);
+                cu::linear_forward_mixed(out.get(), d_x.get(), nullptr, d_W.get(), nullptr, bias ? d_b.get() : nullptr,
+                                         c.rows, c.in, c.out, stream);
             });
             expect_close(what + " forward", got[0], ref, 1e-4);
-            // x stored in bf16 by the model (no fp32 x at all): the same operand
-            // values, so the same bits as rounding x here.
-            auto d_xb = to_device(to_bf16(x));
-            const auto stored = run_twice(what + " forward, x stored bf16", {{&out, {}}}, [&] {
-                cu::linear_forward_mixed(out.get(), nullptr, d_xb.get(), d_W.get(), bias ? d_b.get() : nullptr, c.rows,
-                                         c.in, c.out, stream);
+            // x stored in bf16 by the model (no fp32 x at all), and W's bf16 copy
+            // the model rounds once per forward: the same operand values, so the
+            // same bits as rounding them here.
+            auto d_xb = to_device(to_bf16(x)), d_Wb = to_device(to_bf16(W));
+            const auto stored = run_twice(what + " forward, x and W stored bf16", {{&out, {}}}, [&] {
+                cu::linear_forward_mixed(out.get(), nullptr, d_xb.get(), d_W.get(), d_Wb.get(),
+                                         bias ? d_b.get() : nullptr, c.rows, c.in, c.out, stream);
             });
-            expect_bit_identical(what + " forward, x stored bf16", stored[0], got[0]);
+            expect_bit_identical(what + " forward, x and W stored bf16", stored[0], got[0]);
             if (bias) {  // a bias in the packed parameter array may sit at any 4-byte boundary
                 std::vector<float> shifted(b.size() + 1, 0.f);
                 std::copy(b.begin(), b.end(), shifted.begin() + 1);
                 auto d_shifted = to_device(shifted);
                 const auto moved = run_twice(what + " forward, bias 4-byte aligned", {{&out, {}}}, [&] {
-                    cu::linear_forward_mixed(out.get(), d_x.get(), nullptr, d_W.get(), d_shifted.get() + 1, c.rows,
-                                             c.in, c.out, stream);
+                    cu::linear_forward_mixed(out.get(), d_x.get(), nullptr, d_W.get(), nullptr, d_shifted.get() + 1,
+                                             c.rows, c.in, c.out, stream);
                 });
                 expect_bit_identical(what + " forward, bias 4-byte aligned", moved[0], got[0]);
             }
@@ -496,10 +497,11 @@ TEST_F(CudaOps, LinearMixed) {
                 for (int run = 0; run < 2; run++) {
                     out16.poison();
                     cu::linear_forward_mixed_to_bf16(out16.get(), run ? nullptr : d_x.get(), run ? d_xb.get() : nullptr,
-                                                     d_W.get(), bias ? d_b.get() : nullptr, c.rows, c.in, c.out, stream);
+                                                     d_W.get(), run ? d_Wb.get() : nullptr, bias ? d_b.get() : nullptr,
+                                                     c.rows, c.in, c.out, stream);
                     runs[run] = out16.download();
                 }
-                expect_bit_identical(what + " forward to bf16 (x fp32, x stored bf16)", runs[0], runs[1]);
+                expect_bit_identical(what + " forward to bf16 (x, W fp32; x, W stored bf16)", runs[0], runs[1]);
                 expect_close(what + " forward to bf16", widen(runs[0]), ref16, 1e-2);
             }
 
@@ -516,27 +518,27 @@ TEST_F(CudaOps, LinearMixed) {
             DeviceArray<float> dx(x.size()), dW(W.size()), db(b.size());
             auto grads = run_twice(what + " backward", {{&dx, g_x}, {&dW, g_W}, {&db, g_b}}, [&] {
                 cu::linear_backward_mixed(bias ? dx.get() : nullptr, nullptr, false, dW.get(), bias ? db.get() : nullptr,
-                                          d_dout.get(), nullptr, d_x.get(), nullptr, d_W.get(), c.rows, c.in, c.out,
-                                          stream);
+                                          d_dout.get(), nullptr, d_x.get(), nullptr, d_W.get(), nullptr, c.rows, c.in,
+                                          c.out, stream);
             });
             expect_close(what + " dx", grads[0], r_x, 1e-4);
             expect_close(what + " dW", grads[1], r_W, 1e-4);
             expect_close(what + " db", grads[2], r_b, 1e-4);
-            const auto stored_grads = run_twice(what + " backward, x stored bf16", {{&dx, g_x}, {&dW, g_W}, {&db, g_b}}, [&] {
+            const auto stored_grads = run_twice(what + " backward, x and W stored bf16", {{&dx, g_x}, {&dW, g_W}, {&db, g_b}}, [&] {
                 cu::linear_backward_mixed(bias ? dx.get() : nullptr, nullptr, false, dW.get(), bias ? db.get() : nullptr,
-                                          d_dout.get(), nullptr, nullptr, d_xb.get(), d_W.get(), c.rows, c.in, c.out,
-                                          stream);
+                                          d_dout.get(), nullptr, nullptr, d_xb.get(), d_W.get(), d_Wb.get(), c.rows,
+                                          c.in, c.out, stream);
             });
             for (int i = 0; i < 3; i++)
-                expect_bit_identical(what + " backward, x stored bf16, buffer " + std::to_string(i), stored_grads[i],
-                                     grads[i]);
+                expect_bit_identical(what + " backward, x and W stored bf16, buffer " + std::to_string(i),
+                                     stored_grads[i], grads[i]);
             if (bias) {  // dx written (the GEMM's beta 0), from a poisoned dx: the CPU's from zero
                 std::vector<float> r_x0(x.size(), 0.f), r_W0 = g_W;
                 ops::linear_backward<float>(r_x0.data(), r_W0.data(), nullptr, doutr.data(), xr.data(), Wr.data(),
                                             c.rows, c.in, c.out);
                 auto fresh = run_twice(what + " backward, dx overwritten", {{&dx, {}}, {&dW, g_W}}, [&] {
                     cu::linear_backward_mixed(dx.get(), nullptr, true, dW.get(), nullptr, d_dout.get(), nullptr,
-                                              d_x.get(), nullptr, d_W.get(), c.rows, c.in, c.out, stream);
+                                              d_x.get(), nullptr, d_W.get(), nullptr, c.rows, c.in, c.out, stream);
                 });
                 expect_close(what + " dx overwritten", fresh[0], r_x0, 1e-4);
                 // the bf16 mode's MLP gradients: dout stored in bf16 (the bias
@@ -546,7 +548,7 @@ TEST_F(CudaOps, LinearMixed) {
                 dx16.poison();
                 auto stored = run_twice(what + " backward, bf16 dout and dx", {{&dW, g_W}, {&db, g_b}}, [&] {
                     cu::linear_backward_mixed(nullptr, dx16.get(), true, dW.get(), db.get(), nullptr, d_dout16.get(),
-                                              nullptr, d_xb.get(), d_W.get(), c.rows, c.in, c.out, stream);
+                                              nullptr, d_xb.get(), d_W.get(), d_Wb.get(), c.rows, c.in, c.out, stream);
                 });
                 std::vector<float> r_b16 = g_b;
                 for (int64_t r = 0; r < c.rows; r++)
@@ -583,25 +585,28 @@ TEST_F(CudaOps, ExpertLinear) {
                 ops::expert_linear_forward(ref.data(), x.data() + D, stride, W.data(), bias.data(), S.data(), B, nS, N,
                                            D, D);
                 DeviceArray<float> out(ref.size());
-                // mixed: x as fp32, and as the model's bf16-stored sequence matrix
-                // (same operand values: the same bits)
-                auto d_xb = to_device(to_bf16(x));
+                // mixed: x and W as fp32, and as the model's bf16-stored sequence
+                // matrix and bf16 copy of all C experts (same operand values: the
+                // same bits)
+                auto d_xb = to_device(to_bf16(x)), d_Wb = to_device(to_bf16(W));
                 auto forward = [&](bool stored) {
                     if (!mixed)
                         cu::expert_linear_forward(out.get(), d_x.get() + D, stride, d_W.get(), d_bias.get(), d_S.get(),
                                                   B, nS, N, D, D, stream);
                     else if (!stored)
                         cu::expert_linear_forward_mixed(out.get(), nullptr, d_x.get() + D, nullptr, stride, d_W.get(),
-                                                        d_bias.get(), d_S.get(), B, nS, N, D, D, stream);
+                                                        nullptr, d_bias.get(), d_S.get(), B, nS, N, D, D, stream);
                     else
                         cu::expert_linear_forward_mixed(out.get(), nullptr, nullptr, d_xb.get() + D, stride,
-                                                        d_W.get(), d_bias.get(), d_S.get(), B, nS, N, D, D, stream);
+                                                        d_W.get(), d_Wb.get(), d_bias.get(), d_S.get(), B, nS, N, D, D,
+                                                        stream);
                 };
                 const auto fwd = run_twice(what + " forward", {{&out, {}}}, [&] { forward(false); });
                 expect_close(what + " forward", fwd[0], ref, tol);
                 if (mixed) {
-                    expect_bit_identical(what + " forward, x stored bf16",
-                                         run_twice(what + " forward, x stored bf16", {{&out, {}}}, [&] { forward(true); })[0],
+                    expect_bit_identical(what + " forward, x and W stored bf16",
+                                         run_twice(what + " forward, x and W stored bf16", {{&out, {}}},
+                                                   [&] { forward(true); })[0],
                                          fwd[0]);
                     // The bf16 mode's stored k, v: the result in bf16 (from the
                     // bias rounded to bf16), poisoned before each run.
@@ -611,10 +616,11 @@ TEST_F(CudaOps, ExpertLinear) {
                         out16.poison();
                         cu::expert_linear_forward_mixed(nullptr, out16.get(), run ? nullptr : d_x.get() + D,
                                                         run ? d_xb.get() + D : nullptr, stride, d_W.get(),
-                                                        d_bias.get(), d_S.get(), B, nS, N, D, D, stream);
+                                                        run ? d_Wb.get() : nullptr, d_bias.get(), d_S.get(), B, nS, N,
+                                                        D, D, stream);
                         runs[run] = out16.download();
                     }
-                    expect_bit_identical(what + " forward to bf16 (x fp32, x stored bf16)", runs[0], runs[1]);
+                    expect_bit_identical(what + " forward to bf16 (x, W fp32; x, W stored bf16)", runs[0], runs[1]);
                     expect_close(what + " forward to bf16", widen(runs[0]), ref, 1e-2);
                 }
 
@@ -633,7 +639,8 @@ TEST_F(CudaOps, ExpertLinear) {
                         cu::expert_linear_backward_mixed(dx.get() + D, dW.get(), db.get(), d_dout.get(),
                                                          stored ? nullptr : d_x.get() + D,
                                                          stored ? d_xb.get() + D : nullptr, stride, d_W.get(),
-                                                         d_S.get(), B, nS, N, D, D, stream);
+                                                         stored ? d_Wb.get() : nullptr, d_S.get(), B, nS, N, D, D,
+                                                         stream);
                 };
                 const RunBuffers grads = {{&dx, g_x}, {&dW, g_W}, {&db, g_b}};
                 auto got = run_twice(what + " backward", grads, [&] { backward(false); });
@@ -641,10 +648,10 @@ TEST_F(CudaOps, ExpertLinear) {
                 expect_close(what + " dW", got[1], r_W, tol);
                 expect_close(what + " dbias", got[2], r_b);
                 if (mixed) {
-                    const auto stored = run_twice(what + " backward, x stored bf16", grads, [&] { backward(true); });
+                    const auto stored = run_twice(what + " backward, x and W stored bf16", grads, [&] { backward(true); });
                     for (int i = 0; i < 3; i++)
-                        expect_bit_identical(what + " backward, x stored bf16, buffer " + std::to_string(i), stored[i],
-                                             got[i]);
+                        expect_bit_identical(what + " backward, x and W stored bf16, buffer " + std::to_string(i),
+                                             stored[i], got[i]);
                 }
             }
 }

@@ -1,6 +1,7 @@
 // Attention on the device in fp32: the host side. The kernels and the design
 // notes are in attention.cuh; the bf16 tensor-core versions of dense and
 // routed attention are in flash_attention.cu (kernels/backend.h picks).
+#include <climits>
 #include <cmath>
 #include <string>
 
@@ -82,6 +83,7 @@ void routed_attention_forward(float* og, float* lse, const float* qg, const floa
                               const float* v, const int* offsets, int B, int nS, int N, int D,
                               int Hd, cudaStream_t stream) {
     check_heads(D, Hd);
+    PRISM_CUDA_REQUIRE((int64_t)B * nS * N <= INT_MAX, "routed attention: B*nS*N must fit an int");
     fused_forward(FwdParams{routed_attn(qg, k, v, offsets, N, D, Hd), {og, 0, D}, lse}, B * nS, nS * N,
                   stream);
 }
@@ -101,6 +103,7 @@ void routed_attention_backward(float* dqg, float* dk, float* dv, const float* do
                       {dk, (int64_t)N * D, D},
                       {dv, (int64_t)N * D, D}};
     // δ per gathered row: B·nS·N·slots of them; a group has up to nS·N.
+    PRISM_CUDA_REQUIRE((int64_t)B * nS * N <= INT_MAX, "routed attention: B*nS*N must fit an int");
     fused_backward(p, B * nS, nS * N, (int64_t)B * nS * N * slots, stream);
 }
 

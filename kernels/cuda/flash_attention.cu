@@ -11,6 +11,7 @@
 // staged (no scratch copy: the gathered buffers' row count lives on the
 // device only, the last offset, and with K/V resident each row is read once
 // or a few times).
+#include <climits>
 #include <cmath>
 #include <cstdlib>
 #include <type_traits>
@@ -212,6 +213,7 @@ void routed_backward(float* dqg, float* dk, float* dv, const Src* dog, const Src
         require_aligned(ptr, "every routed attention buffer");
     constexpr bool kBf16 = std::is_same_v<Src, uint16_t>;
     // δ is indexed by gathered row; the prep kernel stops at the real count, offsets[B·nS].
+    PRISM_CUDA_REQUIRE((int64_t)B * nS * N <= INT_MAX, "routed attention: B*nS*N must fit an int");
     const int sets = B * nS;
     const int64_t max_rows = (int64_t)sets * N * slots;
     Scratch delta(sizeof(float) * max_rows * Hd, stream);

@@ -340,7 +340,7 @@ void linear_backward(float* dx, bool overwrite_dx, float* dW, float* db, const f
 void expert_linear_forward(float* out, const float* x, int64_t x_image_stride, const float* W,
                            const float* bias, const int* S, int B, int nS, int N, int in_dim,
                            int out_dim, cudaStream_t stream) {
-    const int G = B * nS;
+    const int G = as_int((int64_t)B * nS, "expert linear: B*nS groups must fit an int");
     if (G <= 0 || N <= 0) return;
     fill_expert_bias(out, bias, S, B, nS, N, out_dim, stream);
     Scratch ptrs(3 * sizeof(float*) * (size_t)G, stream);
@@ -358,7 +358,7 @@ void expert_linear_forward(float* out, const float* x, int64_t x_image_stride, c
 void expert_linear_backward(float* dx, float* dW, float* dbias, const float* dout, const float* x,
                             int64_t x_image_stride, const float* W, const int* S, int B, int nS,
                             int N, int in_dim, int out_dim, cudaStream_t stream) {
-    const int G = B * nS;
+    const int G = as_int((int64_t)B * nS, "expert linear: B*nS groups must fit an int");
     if (G <= 0 || N <= 0) return;
     const int64_t per_expert = (int64_t)out_dim * in_dim;
     // dx of group (b, s) += dout(b, s) · W[S[s]]
@@ -433,29 +433,30 @@ static const uint16_t* bf16_operand(Scratch& scratch, const float* x, const uint
 
 // out [rows, out_dim] of out_type (fp32, or bf16) = x·Wᵀ + b.
 static void mixed_forward(void* out, cudaDataType_t out_type, const float* x, const uint16_t* x_bf16,
-                          const float* W, const float* b, int64_t rows, int in_dim, int out_dim,
-                          cudaStream_t stream) {
+                          const float* W, const uint16_t* W_bf16, const float* b, int64_t rows, int in_dim,
+                          int out_dim, cudaStream_t stream) {
     if (rows <= 0) return;
     Scratch xs(x_bf16 ? 0 : sizeof(uint16_t) * (size_t)(rows * in_dim), stream);
-    Scratch wb(sizeof(uint16_t) * (size_t)out_dim * in_dim, stream);
+    Scratch ws(W_bf16 ? 0 : sizeof(uint16_t) * (size_t)out_dim * in_dim, stream);
     const uint16_t* xb = bf16_operand(xs, x, x_bf16, rows * in_dim, stream);
-    to_bf16(wb.as<uint16_t>(), W, (int64_t)out_dim * in_dim, stream);
-    lt_matmul(linear::forward_product(rows, in_dim, out_dim), wb.as<uint16_t>(), xb, 0.f, out, out_type, stream, b);
+    const uint16_t* wb = bf16_operand(ws, W, W_bf16, (int64_t)out_dim * in_dim, stream);
+    lt_matmul(linear::forward_product(rows, in_dim, out_dim), wb, xb, 0.f, out, out_type, stream, b);
 }
 
-void linear_forward_mixed(float* out, const float* x, const uint16_t* x_bf16, const float* W, const float* b,
-                          int64_t rows, int in_dim, int out_dim, cudaStream_t stream) {
-    mixed_forward(out, CUDA_R_32F, x, x_bf16, W, b, rows, in_dim, out_dim, stream);
+void linear_forward_mixed(float* out, const float* x, const uint16_t* x_bf16, const float* W, const uint16_t* W_bf16,
+                          const float* b, int64_t rows, int in_dim, int out_dim, cudaStream_t stream) {
+    mixed_forward(out, CUDA_R_32F, x, x_bf16, W, W_bf16, b, rows, in_dim, out_dim, stream);
 }
 
 void linear_forward_mixed_to_bf16(uint16_t* out_bf16, const float* x, const uint16_t* x_bf16, const float* W,
-                                  const float* b, int64_t rows, int in_dim, int out_dim, cudaStream_t stream) {
-    mixed_forward(out_bf16, CUDA_R_16BF, x, x_bf16, W, b, rows, in_dim, out_dim, stream);
+                                  const uint16_t* W_bf16, const float* b, int64_t rows, int in_dim, int out_dim,
+                                  cudaStream_t stream) {
+    mixed_forward(out_bf16, CUDA_R_16BF, x, x_bf16, W, W_bf16, b, rows, in_dim, out_dim, stream);
 }
 
 void linear_backward_mixed(float* dx, uint16_t* dx_bf16, bool overwrite_dx, float* dW, float* db, const float* dout,
                            const uint16_t* dout_bf16, const float* x, const uint16_t* x_bf16, const float* W,
-                           int64_t rows, int in_dim, int out_dim, cudaStream_t stream) {
+                           const uint16_t* W_bf16, int64_t rows, int in_dim, int out_dim, cudaStream_t stream) {
     if (rows <= 0) return;
     PRISM_CUDA_REQUIRE(!(dx && dx_bf16) && (!dx_bf16 || overwrite_dx),
                        "linear_backward_mixed: dx is fp32 or, overwritten, bf16");
@@ -464,11 +465,11 @@ void linear_backward_mixed(float* dx, uint16_t* dx_bf16, bool overwrite_dx, floa
     const uint16_t* gb = bf16_operand(gs, dout, dout_bf16, rows * out_dim, stream);
     const uint16_t* xb = bf16_operand(xs, x, x_bf16, rows * in_dim, stream);
     if (dx || dx_bf16) {
-        Scratch wb(sizeof(uint16_t) * (size_t)out_dim * in_dim, stream);
-        to_bf16(wb.as<uint16_t>(), W, (int64_t)out_dim * in_dim, stream);
+        Scratch ws(W_bf16 ? 0 : sizeof(uint16_t) * (size_t)out_dim * in_dim, stream);
+        const uint16_t* wb = bf16_operand(ws, W, W_bf16, (int64_t)out_dim * in_dim, stream);
         const linear::Product dx_shape = linear::dx_product(rows, in_dim, out_dim);
-        if (dx_bf16) lt_matmul(dx_shape, wb.as<uint16_t>(), gb, 0.f, dx_bf16, CUDA_R_16BF, stream);
-        else lt_matmul(dx_shape, wb.as<uint16_t>(), gb, overwrite_dx ? 0.f : 1.f, dx, CUDA_R_32F, stream);
+        if (dx_bf16) lt_matmul(dx_shape, wb, gb, 0.f, dx_bf16, CUDA_R_16BF, stream);
+        else lt_matmul(dx_shape, wb, gb, overwrite_dx ? 0.f : 1.f, dx, CUDA_R_32F, stream);
     }
     lt_matmul(linear::dw_product(rows, in_dim, out_dim), xb, gb, 1.f, dW, CUDA_R_32F, stream);
     if (db && dout_bf16)  // the gradient exists in bf16 only
@@ -477,10 +478,28 @@ void linear_backward_mixed(float* dx, uint16_t* dx_bf16, bool overwrite_dx, floa
         column_sum(1, rows, out_dim, RowMajor{dout, rows, out_dim}, AddTo{db, out_dim, nullptr}, stream);
 }
 
+// The experts' bf16 weights where the batched products read them: W_bf16
+// (all C experts) indexed through S, or the used experts rounded into a
+// compact copy in `scratch` (of compact_experts_bytes), indexed by position.
+static size_t compact_experts_bytes(const uint16_t* W_bf16, int nS, int64_t per_expert) {
+    return W_bf16 ? 0 : sizeof(uint16_t) * (size_t)(nS * per_expert);
+}
+static const uint16_t* expert_weights_bf16(Scratch& scratch, const int** S_at, const float* W,
+                                           const uint16_t* W_bf16, const int* S, int nS, int64_t per_expert,
+                                           cudaStream_t stream) {
+    if (W_bf16) {
+        *S_at = S;
+        return W_bf16;
+    }
+    used_experts_bf16(scratch.as<uint16_t>(), W, S, nS, per_expert, stream);
+    *S_at = nullptr;
+    return scratch.as<uint16_t>();
+}
+
 void expert_linear_forward_mixed(float* out, uint16_t* out_bf16, const float* x, const uint16_t* x_bf16,
-                                 int64_t x_image_stride, const float* W, const float* bias, const int* S, int B,
-                                 int nS, int N, int in_dim, int out_dim, cudaStream_t stream) {
-    const int G = B * nS;
+                                 int64_t x_image_stride, const float* W, const uint16_t* W_bf16, const float* bias,
+                                 const int* S, int B, int nS, int N, int in_dim, int out_dim, cudaStream_t stream) {
+    const int G = as_int((int64_t)B * nS, "expert linear: B*nS groups must fit an int");
     if (G <= 0 || N <= 0) return;
     PRISM_CUDA_REQUIRE((out != nullptr) != (out_bf16 != nullptr), "expert_linear_forward_mixed: one output");
     const int64_t per_image = (int64_t)nS * N * in_dim, per_expert = (int64_t)out_dim * in_dim;
@@ -495,8 +514,9 @@ void expert_linear_forward_mixed(float* out, uint16_t* out_bf16, const float* x,
         xb = xs.as<uint16_t>();
         xb_image_stride = per_image;
     }
-    Scratch wb(sizeof(uint16_t) * (size_t)(nS * per_expert), stream);
-    used_experts_bf16(wb.as<uint16_t>(), W, S, nS, per_expert, stream);
+    Scratch ws(compact_experts_bytes(W_bf16, nS, per_expert), stream);
+    const int* w_S = nullptr;
+    const uint16_t* wb = expert_weights_bf16(ws, &w_S, W, W_bf16, S, nS, per_expert, stream);
     // The bias first, then the product adds into it (beta = 1). A bf16 result
     // starts from the bias rounded to bf16, so it is rounded twice (the bias,
     // then the sum): within the bf16 tolerance, and no fp32 scratch.
@@ -510,22 +530,23 @@ void expert_linear_forward_mixed(float* out, uint16_t* out_bf16, const float* x,
         y_at{(int64_t)nS * N * out_dim, (int64_t)N * out_dim};
     if (out_bf16)
         group_pointers(linear::GroupPointersParams<uint16_t, uint16_t, uint16_t>{
-                           w_ptr, x_ptr, reinterpret_cast<uint16_t**>(slots + 2 * G), wb.as<uint16_t>(), per_expert,
-                           nullptr, xb, x_at, out_bf16, y_at, B, nS},
+                           w_ptr, x_ptr, reinterpret_cast<uint16_t**>(slots + 2 * G), wb, per_expert, w_S, xb, x_at,
+                           out_bf16, y_at, B, nS},
                        stream);
     else
         group_pointers(linear::GroupPointersParams<uint16_t, uint16_t, float>{
-                           w_ptr, x_ptr, reinterpret_cast<float**>(slots + 2 * G), wb.as<uint16_t>(), per_expert,
-                           nullptr, xb, x_at, out, y_at, B, nS},
+                           w_ptr, x_ptr, reinterpret_cast<float**>(slots + 2 * G), wb, per_expert, w_S, xb, x_at,
+                           out, y_at, B, nS},
                        stream);
     bf16_batched(linear::forward_product(N, in_dim, out_dim), slots, slots + G, slots + 2 * G,
                  out_bf16 ? CUDA_R_16BF : CUDA_R_32F, G, stream);
 }
 
 void expert_linear_backward_mixed(float* dx, float* dW, float* dbias, const float* dout, const float* x,
-                                  const uint16_t* x_bf16, int64_t x_image_stride, const float* W, const int* S,
-                                  int B, int nS, int N, int in_dim, int out_dim, cudaStream_t stream) {
-    const int G = B * nS;
+                                  const uint16_t* x_bf16, int64_t x_image_stride, const float* W,
+                                  const uint16_t* W_bf16, const int* S, int B, int nS, int N, int in_dim,
+                                  int out_dim, cudaStream_t stream) {
+    const int G = as_int((int64_t)B * nS, "expert linear: B*nS groups must fit an int");
     if (G <= 0 || N <= 0) return;
     const int64_t per_expert = (int64_t)out_dim * in_dim, per_channel = (int64_t)B * N;
     // Channel-major bf16 copies of x and dout, one pass each: a channel's rows
@@ -543,8 +564,9 @@ void expert_linear_backward_mixed(float* dx, float* dW, float* dbias, const floa
                       stream);
     // dx of group (b, s) += dout(b, s) · W[S[s]]
     {
-        Scratch wb(sizeof(uint16_t) * (size_t)(nS * per_expert), stream);
-        used_experts_bf16(wb.as<uint16_t>(), W, S, nS, per_expert, stream);
+        Scratch ws(compact_experts_bytes(W_bf16, nS, per_expert), stream);
+        const int* w_S = nullptr;
+        const uint16_t* wb = expert_weights_bf16(ws, &w_S, W, W_bf16, S, nS, per_expert, stream);
         Scratch ptrs(3 * sizeof(void*) * (size_t)G, stream);
         void** slots = ptrs.as<void*>();
         uint16_t** w_ptr = reinterpret_cast<uint16_t**>(slots);
@@ -552,9 +574,9 @@ void expert_linear_backward_mixed(float* dx, float* dW, float* dbias, const floa
         float** dx_ptr = reinterpret_cast<float**>(slots + 2 * G);
         const linear::GroupAt g_at{(int64_t)N * out_dim, per_channel * out_dim},
             dx_at{x_image_stride, (int64_t)N * in_dim};
-        group_pointers(linear::GroupPointersParams<uint16_t, uint16_t, float>{w_ptr, g_ptr, dx_ptr, wb.as<uint16_t>(),
-                                                                              per_expert, nullptr, gp.as<uint16_t>(),
-                                                                              g_at, dx, dx_at, B, nS},
+        group_pointers(linear::GroupPointersParams<uint16_t, uint16_t, float>{w_ptr, g_ptr, dx_ptr, wb, per_expert,
+                                                                              w_S, gp.as<uint16_t>(), g_at, dx, dx_at,
+                                                                              B, nS},
                        stream);
         bf16_batched(linear::dx_product(N, in_dim, out_dim), slots, slots + G, slots + 2 * G, CUDA_R_32F, G,
                      stream);
@@ -608,24 +630,24 @@ void linear_backward_bf16(uint16_t*, float*, float*, const uint16_t*, const uint
                           const uint16_t*, int64_t, int, int, cudaStream_t) {
     no_cublas();
 }
-void linear_forward_mixed(float*, const float*, const uint16_t*, const float*, const float*, int64_t, int, int,
-                          cudaStream_t) {
+void linear_forward_mixed(float*, const float*, const uint16_t*, const float*, const uint16_t*, const float*,
+                          int64_t, int, int, cudaStream_t) {
     no_cublas();
 }
-void linear_forward_mixed_to_bf16(uint16_t*, const float*, const uint16_t*, const float*, const float*, int64_t,
-                                  int, int, cudaStream_t) {
+void linear_forward_mixed_to_bf16(uint16_t*, const float*, const uint16_t*, const float*, const uint16_t*,
+                                  const float*, int64_t, int, int, cudaStream_t) {
     no_cublas();
 }
 void linear_backward_mixed(float*, uint16_t*, bool, float*, float*, const float*, const uint16_t*, const float*,
-                           const uint16_t*, const float*, int64_t, int, int, cudaStream_t) {
+                           const uint16_t*, const float*, const uint16_t*, int64_t, int, int, cudaStream_t) {
     no_cublas();
 }
 void expert_linear_forward_mixed(float*, uint16_t*, const float*, const uint16_t*, int64_t, const float*,
-                                 const float*, const int*, int, int, int, int, int, cudaStream_t) {
+                                 const uint16_t*, const float*, const int*, int, int, int, int, int, cudaStream_t) {
     no_cublas();
 }
 void expert_linear_backward_mixed(float*, float*, float*, const float*, const float*, const uint16_t*, int64_t,
-                                  const float*, const int*, int, int, int, int, int, cudaStream_t) {
+                                  const float*, const uint16_t*, const int*, int, int, int, int, int, cudaStream_t) {
     no_cublas();
 }
 #endif
