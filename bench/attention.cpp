@@ -23,7 +23,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <initializer_list>
 #include <memory>
+#include <utility>
 
 #include "bench/bench.h"
 #include "engine/common.h"
@@ -196,6 +198,14 @@ public:
         if (bf16 && input) bf16_fills.push_back({m.bf16, m.full, n, scale});
         return m;
     }
+    // A weight: fp32, and in the bf16 mode the bf16 copy the model's products
+    // read (rounded from it at the start of each step, see round_weights).
+    op::MatrixIn<float> weight(int64_t n, bool bf16, float scale) {
+        op::MatrixIn<float> w;
+        w.full = random(n, scale);
+        if (bf16) w.bf16 = take<uint16_t>(n);
+        return w;
+    }
     size_t used() const { return used_; }
     struct Fill {
         float* p;
@@ -234,6 +244,13 @@ struct Shapes {
     }
 };
 
+// The model rounds its whole parameter block to bf16 once per forward: a
+// step here rounds the block's weights, inside the timed region.
+void round_weights(const op::Exec& ex, std::initializer_list<std::pair<const op::MatrixIn<float>*, int64_t>> weights) {
+    for (const auto& [w, n] : weights)
+        if (w->bf16) op::round_to_bf16(ex, w->bf16, w->full, n);
+}
+
 // One variant: its buffers, and one forward + backward on input set `set`.
 class Variant {
 public:
@@ -253,9 +270,9 @@ public:
             x_[i] = c.matrix(rows * D, !sh_.bf16, sh_.bf16, kUnit, /*input=*/true);  // LN1's output
             dy_[i] = c.random(rows * D, kUnit);
         }
-        w_qkv_ = c.random(3 * D * D, kWeight);
+        w_qkv_ = c.weight(3 * D * D, sh_.bf16, kWeight);
         b_qkv_ = c.random(3 * D, kWeight);
-        w_o_ = c.random(D * D, kWeight);
+        w_o_ = c.weight(D * D, sh_.bf16, kWeight);
         b_o_ = c.random(D, kWeight);
         g_qkv_ = c.random(3 * D * D, kWeight);
         gb_qkv_ = c.random(3 * D, kWeight);
@@ -274,6 +291,7 @@ public:
         const int64_t rows = sh_.rows;
         const op::Exec ex = sh_.exec(s);
         const op::MatrixIn<float>& x = x_[set];
+        round_weights(ex, {{&w_qkv_, int64_t(3) * D * D}, {&w_o_, int64_t(D) * D}});
         // forward: qkv, attention, projection
         op::linear_forward(ex, qkv_, x, w_qkv_, b_qkv_, rows, D, 3 * D);
         op::attention_forward(ex, att_, lse_, qkv_, B, L, D, Hd);
@@ -287,9 +305,9 @@ public:
 
 private:
     Shapes sh_;
-    op::MatrixIn<float> x_[2], qkv_, att_;
+    op::MatrixIn<float> x_[2], qkv_, att_, w_qkv_, w_o_;
     float* dy_[2];
-    float *w_qkv_, *b_qkv_, *w_o_, *b_o_, *g_qkv_, *gb_qkv_, *g_o_, *gb_o_;
+    float *b_qkv_, *b_o_, *g_qkv_, *gb_qkv_, *g_o_, *gb_o_;
     float *lse_, *out_, *datt_, *dqkv_, *dx_;
 };
 
@@ -313,10 +331,10 @@ public:
             dy_[i] = c.random(rows * D, kUnit);
         }
         w_r_ = c.random(C * D, kWeight);       b_r_ = c.random(C, kWeight);
-        w_q_ = c.random(D * D, kWeight);       b_q_ = c.random(D, kWeight);
-        w_k_ = c.random(C * D * D, kWeight);   b_k_ = c.random(C * D, kWeight);
-        w_v_ = c.random(C * D * D, kWeight);   b_v_ = c.random(C * D, kWeight);
-        w_o_ = c.random(D * D, kWeight);       b_o_ = c.random(D, kWeight);
+        w_q_ = c.weight(D * D, sh_.bf16, kWeight);       b_q_ = c.random(D, kWeight);
+        w_k_ = c.weight(C * D * D, sh_.bf16, kWeight);   b_k_ = c.random(C * D, kWeight);
+        w_v_ = c.weight(C * D * D, sh_.bf16, kWeight);   b_v_ = c.random(C * D, kWeight);
+        w_o_ = c.weight(D * D, sh_.bf16, kWeight);       b_o_ = c.random(D, kWeight);
         g_r_ = c.random(C * D, kWeight);       gb_r_ = c.random(C, kWeight);
         g_q_ = c.random(D * D, kWeight);       gb_q_ = c.random(D, kWeight);
         g_k_ = c.random(C * D * D, kWeight);   gb_k_ = c.random(C * D, kWeight);
@@ -369,6 +387,8 @@ public:
         op::Exec ex32 = ex;  // the router's products stay fp32
         ex32.bf16_matmul = false;
         const op::MatrixIn<float>& x = x_[set];  // LN1's output: the row of CLS, then the patch rows
+        const int64_t DD = int64_t(D) * D;
+        round_weights(ex, {{&w_q_, DD}, {&w_k_, C * DD}, {&w_v_, C * DD}, {&w_o_, DD}});
         // ---- forward (block_forward, moevit branch) ----
         op::linear_forward(ex32, z_, x.full, w_r_, b_r_, rows, D, C);
         op::router_forward(ex, rprobs_, experts_, weights_, lse_, z_ + C, L * C, in_S_, S_, B, C, N, C, k, combine_);
@@ -418,9 +438,9 @@ private:
     op::Combine combine_;
     op::AuxLoss aux_;
     float aux_coef_, z_coef_, per_block_;
-    op::MatrixIn<float> x_[2], q_, kb_, vb_, qg_, og_, att_, dog_;
+    op::MatrixIn<float> x_[2], q_, kb_, vb_, qg_, og_, att_, dog_, w_q_, w_k_, w_v_, w_o_;
     float* dy_[2];
-    float *w_r_, *b_r_, *w_q_, *b_q_, *w_k_, *b_k_, *w_v_, *b_v_, *w_o_, *b_o_;
+    float *w_r_, *b_r_, *b_q_, *b_k_, *b_v_, *b_o_;
     float *g_r_, *gb_r_, *g_q_, *gb_q_, *g_k_, *gb_k_, *g_v_, *gb_v_, *g_o_, *gb_o_;
     float *z_, *rprobs_, *weights_, *lse_, *route_lse_, *cls_probs_;
     float *out_, *datt_, *dx_, *dq_, *dk_, *dv_, *dqg_, *dweights_, *drprobs_, *dz_;

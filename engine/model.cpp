@@ -238,7 +238,10 @@ Model<T>::~Model() {
     act_arena_.release();
     param_arena_.release();
 #ifdef PRISM_CUDA
-    if (ex_.cuda) cuda::stream_destroy(ex_.stream);
+    if (ex_.cuda) {
+        cuda::stream_destroy(ex_.stream);
+        cuda::release_pool_memory();  // the scratch it kept (keep_pool_memory)
+    }
 #endif
 }
 

@@ -28,14 +28,17 @@ std::vector<ParamInfo> param_layout(const ModelConfig& cfg);
 // The number of parameters.
 int64_t param_count(const std::vector<ParamInfo>& layout);
 
-// Each tensor of the parameter block (and of the gradient block beside it)
-// starts at a multiple of 64 elements, 256 bytes in fp32: a tensor of odd
-// size (a router bias of 18 channels, a head of 17 classes) would otherwise
-// leave every tensor after it at a 4-byte boundary, where cuBLASLt has only
-// its slowest kernels and cannot read an epilogue bias at all. The padding
-// between tensors is zero and stays zero: no op reads it, its gradient is
-// zero, and AdamW maps zeros to zeros.
-constexpr int64_t kParamAlignElems = 64;
+// Each tensor of the parameter block (and of the gradient block and the bf16
+// mode's bf16 copy beside it) starts at a multiple of 128 elements: 512
+// bytes in fp32, 256 in bf16, the alignment cuBLASLt's heuristic assumes. A
+// tensor of odd size (a router bias of 18 channels, a head of 17 classes)
+// would otherwise leave every tensor after it at a 4-byte boundary, where
+// cuBLASLt has only its slowest kernels and cannot read an epilogue bias at
+// all. The padding between tensors is zero and stays zero: no product reads
+// it (only whole-block passes do: the bf16 rounding, the gradient norm,
+// AdamW), its gradient is zero, AdamW maps zeros to zeros, and a loaded
+// training state's is zeroed.
+constexpr int64_t kParamAlignElems = 128;
 constexpr int64_t align_param_offset(int64_t elems) {
     return (elems + kParamAlignElems - 1) / kParamAlignElems * kParamAlignElems;
 }

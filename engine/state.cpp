@@ -113,11 +113,14 @@ ResumePoint load_train_state(const std::string& path, const Config& cfg, Model<f
             throw UserError(path + ": " + names[i] + " is not F32 [" + std::to_string(n) +
                             "], as the model of its config needs");
     }
-    // The file's bytes may be unaligned for float: copy them out first.
+    // The file's bytes may be unaligned for float: copy them out first, the
+    // padding between tensors zeroed whatever the file holds there (model.h).
     std::vector<float> host[3];
     for (int i = 0; i < 3; i++) {
-        host[i].resize(n);
-        std::memcpy(host[i].data(), f.at(names[i]).data, size_t(n) * sizeof(float));
+        host[i].assign(size_t(n), 0.0f);
+        for (const auto& p : model.layout())
+            std::memcpy(host[i].data() + p.offset, f.at(names[i]).data + size_t(p.offset) * sizeof(float),
+                        size_t(p.numel) * sizeof(float));
     }
     model.params_from_host(host[0].data());
     opt.moments_from_host(host[1].data(), host[2].data(), model);

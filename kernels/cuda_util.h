@@ -82,5 +82,8 @@ void fill_uniform(float* p, int64_t n, float lo, float hi, uint64_t seed, cudaSt
 // to the driver at every synchronization, as a training loop's steady state
 // would (the ops take their scratch from it).
 void keep_pool_memory();
+// Returns what the pool holds unused to the driver: at a model's end, and
+// before a large allocation outside the pool. Never throws.
+void release_pool_memory() noexcept;
 
 }  // namespace prism::cuda

@@ -376,7 +376,11 @@ void launch(Dim grid, int threads, size_t smem_bytes, Kernel kernel, const Param
 #define PRISM_UNROLL
 #define PRISM_SMEM(name) unsigned char* name = ::prism::emu::block.smem.data()
 // kernel<<<grid, threads, smem, stream>>>(args...) (primitives.cuh), run now:
-// the emulator has one stream, and it is synchronous.
+// the emulator has one stream, and it is synchronous. The kernel's address
+// (for the shared-memory opt-in) is taken as a pointer to a function of the
+// arguments' own types, so that a template kernel's deduced instance is
+// found: the arguments must have the kernel's parameter types exactly (the
+// emulated build does not compile otherwise; the device would convert).
 #define PRISM_LAUNCH(grid, threads, smem, stream, ...)                                           \
     [&](const auto&... prism_launch_args_) {                                                     \
         (void)(stream);                                                                          \

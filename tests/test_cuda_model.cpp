@@ -138,7 +138,8 @@ std::vector<float> noisy_weights(Model<float>& model, uint64_t seed) {
     std::vector<float> w(model.param_elems());
     model.params_to_host(w.data());
     Rng rng(seed, 99);
-    for (auto& x : w) x += float(rng.normal() * 0.1);
+    for (const auto& p : model.layout())  // the tensors; their padding stays zero
+        for (int64_t i = 0; i < p.numel; i++) w[size_t(p.offset + i)] += float(rng.normal() * 0.1);
     return w;
 }
 
@@ -462,10 +463,11 @@ TEST(CudaModel, Bf16TrainingStepMatchesTheCpuWithin2e2) {
 
 // The shipped So2Sat and JUMP-CP (patch 16) configs at their full width and
 // sequence length (D 384, 6 heads of 64; 18 channels and 289 tokens, 8
-// channels and 1569 tokens in chvit), one block, so that every launch has the
-// geometry of a real run's: the bf16 mode's training step against the CPU's
-// fp32 one. (The other tests' models are narrow, for time; on the emulated
-// engine this one takes about a minute.)
+// channels and 1569 tokens in chvit), one block and one or two images, so
+// that the launches have a real run's geometry per image (not its batch):
+// the bf16 mode's training step against the CPU's fp32 one. (The other
+// tests' models are narrow, for time; on the emulated engine this one takes
+// about a minute and a half.)
 TEST(CudaModel, ShippedWidthsBf16StepMatchesTheCpu) {
     REQUIRE_GPU();
     const struct {

@@ -477,7 +477,7 @@ TEST_F(CudaOps, LinearMixed) {
                                          bias ? d_b.get() : nullptr, c.rows, c.in, c.out, stream);
             });
             expect_bit_identical(what + " forward, x and W stored bf16", stored[0], got[0]);
-            if (bias) {  // a bias in the packed parameter array may sit at any 4-byte boundary
+            if (bias) {  // a caller's bias may sit at any 4-byte boundary (the model's are aligned)
                 std::vector<float> shifted(b.size() + 1, 0.f);
                 std::copy(b.begin(), b.end(), shifted.begin() + 1);
                 auto d_shifted = to_device(shifted);

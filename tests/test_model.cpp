@@ -71,7 +71,8 @@ std::vector<Case> cases() {
 void randomize(Model<double>& model, uint64_t seed) {
     model.init_weights(seed);
     Rng rng(seed, 99);
-    for (int64_t i = 0; i < model.param_elems(); i++) model.params()[i] += rng.normal() * 0.3;
+    for (const auto& p : model.layout())  // the tensors; their padding stays zero
+        for (int64_t i = 0; i < p.numel; i++) model.params()[p.offset + i] += rng.normal() * 0.3;
 }
 
 struct BatchData {

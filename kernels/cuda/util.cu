@@ -108,4 +108,16 @@ void keep_pool_memory() {
     PRISM_CUDA_CHECK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &threshold));
 }
 
+void release_pool_memory() noexcept {
+    // The pool only gives back what no queued work still uses: wait first.
+    // Errors are dropped on purpose: this runs in destructors, also while a
+    // failed run unwinds, whose own error has been reported where it arose;
+    // what is lost is only memory returned early.
+    int device = 0;
+    cudaMemPool_t pool;
+    if (cudaDeviceSynchronize() != cudaSuccess || cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetDefaultMemPool(&pool, device) != cudaSuccess || cudaMemPoolTrimTo(pool, 0) != cudaSuccess)
+        cudaGetLastError();
+}
+
 }  // namespace prism::cuda
