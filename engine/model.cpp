@@ -659,7 +659,8 @@ void Model<T>::backward() {
 
     op::zero(ex_, x.dlogits, int64_t(B_) * K);
     op::cross_entropy_backward(ex_, x.dlogits, x.ce_probs, labels_, B_, K, T(1));
-    op::linear_backward(ex_, op::overwrite(x.dlnf), g_.head_w, g_.head_b, x.dlogits, x.lnf, {w_.head_w, w_bf16_.head_w}, B_, D, K);
+    op::linear_backward(ex_, op::overwrite(x.dlnf), g_.head_w, g_.head_b, x.dlogits, x.lnf,
+                        {w_.head_w, w_bf16_.head_w}, B_, D, K);
     op::zero(ex_, x.dcls, int64_t(B_) * D);
     op::layernorm_backward(ex_, x.dcls, g_.norm_w, g_.norm_b, x.dlnf, x.cls_rows, w_.norm_w,
                            x.lnf_mean, x.lnf_rstd, B_, D);
@@ -677,13 +678,13 @@ void Model<T>::backward() {
     if (is_vit(cfg_)) {
         op::embed_backward(ex_, x.dpatch, g_.cls_token, g_.pos_embed, (T*)nullptr, x.dres, S_at_,
                            B_, 1, N, D);
-        op::linear_backward(ex_, (T*)nullptr, g_.patch_w, g_.patch_b, x.dpatch, x.patches, {w_.patch_w, w_bf16_.patch_w},
-                            patch_rows, C * P * P, D);
+        op::linear_backward(ex_, (T*)nullptr, g_.patch_w, g_.patch_b, x.dpatch, x.patches,
+                            {w_.patch_w, w_bf16_.patch_w}, patch_rows, C * P * P, D);
     } else {
         op::embed_backward(ex_, x.dpatch, g_.cls_token, g_.pos_embed, g_.channel_embed, x.dres,
                            S_at_, B_, nS_, N, D);
-        op::linear_backward(ex_, (T*)nullptr, g_.patch_w, g_.patch_b, x.dpatch, x.patches, {w_.patch_w, w_bf16_.patch_w},
-                            patch_rows, P * P, D);
+        op::linear_backward(ex_, (T*)nullptr, g_.patch_w, g_.patch_b, x.dpatch, x.patches,
+                            {w_.patch_w, w_bf16_.patch_w}, patch_rows, P * P, D);
     }
     grads_ready(0, block_begin_[0]);  // patch embedding, cls token, position and channel embeddings
 }
@@ -712,21 +713,23 @@ void Model<T>::block_backward(int i) {
 
     // MLP branch (a gradient with one writer is written by it: op::overwrite)
     const T* dmlp = branch_grad(b.drop_mlp);
-    op::linear_backward(ex_, op::overwrite(x.dact), g.fc2_w, g.fc2_b, dmlp, b.act, {w.fc2_w, wb.fc2_w}, rows, int(H), int(D));
+    op::linear_backward(ex_, op::overwrite(x.dact), g.fc2_w, g.fc2_b, dmlp, b.act, {w.fc2_w, wb.fc2_w}, rows, int(H),
+                        int(D));
     op::gelu_backward(ex_, op::overwrite(x.dfc1), x.dact, b.fc1, rows * H);
-    op::linear_backward(ex_, op::overwrite(x.dln), g.fc1_w, g.fc1_b, x.dfc1, b.ln2, {w.fc1_w, wb.fc1_w}, rows, int(D), int(H));
+    op::linear_backward(ex_, op::overwrite(x.dln), g.fc1_w, g.fc1_b, x.dfc1, b.ln2, {w.fc1_w, wb.fc1_w}, rows, int(D),
+                        int(H));
     op::layernorm_backward(ex_, x.dres, g.norm2_w, g.norm2_b, x.dln, b.x_mid, w.norm2_w, b.ln2_mean,
                            b.ln2_rstd, rows, int(D));
 
     // Attention branch
     const T* dattn = branch_grad(b.drop_attn);
-    op::linear_backward(ex_, op::overwrite(x.datt), g.proj_w, g.proj_b, dattn, b.att_out, {w.proj_w, wb.proj_w}, rows, int(D),
-                        int(D));
+    op::linear_backward(ex_, op::overwrite(x.datt), g.proj_w, g.proj_b, dattn, b.att_out, {w.proj_w, wb.proj_w},
+                        rows, int(D), int(D));
     if (!is_moe(cfg_)) {
         op::attention_backward(ex_, op::overwrite(x.dqkv), x.datt, b.qkv, b.att_out, b.att_lse, B_, int(L), int(D),
                                int(Hd));
-        op::linear_backward(ex_, op::overwrite(x.dln), g.qkv_w, g.qkv_b, x.dqkv, b.ln1, {w.qkv_w, wb.qkv_w}, rows, int(D),
-                            int(3 * D));
+        op::linear_backward(ex_, op::overwrite(x.dln), g.qkv_w, g.qkv_b, x.dqkv, b.ln1, {w.qkv_w, wb.qkv_w}, rows,
+                            int(D), int(3 * D));
     } else {
         // LN1's output feeds q, k, v and the router: their input gradients add up in dln.
         op::zero(ex_, x.dln, rows * D);

@@ -247,7 +247,8 @@ TrainResult train(const Config& cfg, Device device, const std::string& out_dir, 
         grad_reduce = std::make_unique<GradAllReduce>(comm, model.grads(), model.param_elems(), model.exec().stream,
                                                       t.overlap_comm, opt.sharded());
         if (t.overlap_comm)
-            model.set_on_grads_ready([&grad_reduce](int64_t offset, int64_t count) { grad_reduce->ready(offset, count); });
+            model.set_on_grads_ready(
+                [&grad_reduce](int64_t offset, int64_t count) { grad_reduce->ready(offset, count); });
         model.set_reduce_over_ranks(
             [&comm, &model](double* x, int64_t n) { nccl_allreduce_sum(comm, x, n, model.exec().stream); });
         if (verbose)

@@ -524,7 +524,8 @@ TEST_F(CudaOps, LinearMixed) {
             expect_close(what + " dx", grads[0], r_x, 1e-4);
             expect_close(what + " dW", grads[1], r_W, 1e-4);
             expect_close(what + " db", grads[2], r_b, 1e-4);
-            const auto stored_grads = run_twice(what + " backward, x and W stored bf16", {{&dx, g_x}, {&dW, g_W}, {&db, g_b}}, [&] {
+            const RunBuffers grad_buffers = {{&dx, g_x}, {&dW, g_W}, {&db, g_b}};
+            const auto stored_grads = run_twice(what + " backward, x and W stored bf16", grad_buffers, [&] {
                 cu::linear_backward_mixed(bias ? dx.get() : nullptr, nullptr, false, dW.get(), bias ? db.get() : nullptr,
                                           d_dout.get(), nullptr, nullptr, d_xb.get(), d_W.get(), d_Wb.get(), c.rows,
                                           c.in, c.out, stream);
@@ -648,7 +649,8 @@ TEST_F(CudaOps, ExpertLinear) {
                 expect_close(what + " dW", got[1], r_W, tol);
                 expect_close(what + " dbias", got[2], r_b);
                 if (mixed) {
-                    const auto stored = run_twice(what + " backward, x and W stored bf16", grads, [&] { backward(true); });
+                    const auto stored =
+                        run_twice(what + " backward, x and W stored bf16", grads, [&] { backward(true); });
                     for (int i = 0; i < 3; i++)
                         expect_bit_identical(what + " backward, x and W stored bf16, buffer " + std::to_string(i),
                                              stored[i], got[i]);
