@@ -245,7 +245,8 @@ struct Shapes {
 };
 
 // The model rounds its whole parameter block to bf16 once per forward: a
-// step here rounds the block's weights, inside the timed region.
+// step here rounds the block's weights (and the biases of its products with
+// bf16 outputs), inside the timed region.
 void round_weights(const op::Exec& ex, std::initializer_list<std::pair<const op::MatrixIn<float>*, int64_t>> weights) {
     for (const auto& [w, n] : weights)
         if (w->bf16) op::round_to_bf16(ex, w->bf16, w->full, n);
@@ -271,7 +272,7 @@ public:
             dy_[i] = c.random(rows * D, kUnit);
         }
         w_qkv_ = c.weight(3 * D * D, sh_.bf16, kWeight);
-        b_qkv_ = c.random(3 * D, kWeight);
+        b_qkv_ = c.weight(3 * D, sh_.bf16, kWeight);
         w_o_ = c.weight(D * D, sh_.bf16, kWeight);
         b_o_ = c.random(D, kWeight);
         g_qkv_ = c.random(3 * D * D, kWeight);
@@ -291,9 +292,9 @@ public:
         const int64_t rows = sh_.rows;
         const op::Exec ex = sh_.exec(s);
         const op::MatrixIn<float>& x = x_[set];
-        round_weights(ex, {{&w_qkv_, int64_t(3) * D * D}, {&w_o_, int64_t(D) * D}});
+        round_weights(ex, {{&w_qkv_, int64_t(3) * D * D}, {&b_qkv_, int64_t(3) * D}, {&w_o_, int64_t(D) * D}});
         // forward: qkv, attention, projection
-        op::linear_forward(ex, qkv_, x, w_qkv_, b_qkv_, rows, D, 3 * D);
+        op::linear_forward(ex, qkv_, x, w_qkv_, b_qkv_.full, rows, D, 3 * D, b_qkv_.bf16);
         op::attention_forward(ex, att_, lse_, qkv_, B, L, D, Hd);
         op::linear_forward(ex, out_, att_, w_o_, b_o_, rows, D, D);
         // backward as the model does it: the gradients with one writer are written by it
@@ -305,9 +306,9 @@ public:
 
 private:
     Shapes sh_;
-    op::MatrixIn<float> x_[2], qkv_, att_, w_qkv_, w_o_;
+    op::MatrixIn<float> x_[2], qkv_, att_, w_qkv_, b_qkv_, w_o_;
     float* dy_[2];
-    float *b_qkv_, *b_o_, *g_qkv_, *gb_qkv_, *g_o_, *gb_o_;
+    float *b_o_, *g_qkv_, *gb_qkv_, *g_o_, *gb_o_;
     float *lse_, *out_, *datt_, *dqkv_, *dx_;
 };
 
@@ -331,7 +332,7 @@ public:
             dy_[i] = c.random(rows * D, kUnit);
         }
         w_r_ = c.random(C * D, kWeight);       b_r_ = c.random(C, kWeight);
-        w_q_ = c.weight(D * D, sh_.bf16, kWeight);       b_q_ = c.random(D, kWeight);
+        w_q_ = c.weight(D * D, sh_.bf16, kWeight);       b_q_ = c.weight(D, sh_.bf16, kWeight);
         w_k_ = c.weight(C * D * D, sh_.bf16, kWeight);   b_k_ = c.random(C * D, kWeight);
         w_v_ = c.weight(C * D * D, sh_.bf16, kWeight);   b_v_ = c.random(C * D, kWeight);
         w_o_ = c.weight(D * D, sh_.bf16, kWeight);       b_o_ = c.random(D, kWeight);
@@ -388,12 +389,12 @@ public:
         ex32.bf16_matmul = false;
         const op::MatrixIn<float>& x = x_[set];  // LN1's output: the row of CLS, then the patch rows
         const int64_t DD = int64_t(D) * D;
-        round_weights(ex, {{&w_q_, DD}, {&w_k_, C * DD}, {&w_v_, C * DD}, {&w_o_, DD}});
+        round_weights(ex, {{&w_q_, DD}, {&b_q_, D}, {&w_k_, C * DD}, {&w_v_, C * DD}, {&w_o_, DD}});
         // ---- forward (block_forward, moevit branch) ----
         op::linear_forward(ex32, z_, x.full, w_r_, b_r_, rows, D, C);
         op::router_forward(ex, rprobs_, experts_, weights_, lse_, z_ + C, L * C, in_S_, S_, B, C, N, C, k, combine_);
         op::moe_dispatch(ex, offsets_, pair_of_row_, row_of_pair_, counts_, experts_, B, C, N, k);
-        op::linear_forward(ex, q_, x, w_q_, b_q_, rows, D, D);
+        op::linear_forward(ex, q_, x, w_q_, b_q_.full, rows, D, D, b_q_.bf16);
         op::expert_linear_forward(ex, kb_, x.at(D), L * D, w_k_, b_k_, S_, B, C, N, D, D);
         op::expert_linear_forward(ex, vb_, x.at(D), L * D, w_v_, b_v_, S_, B, C, N, D, D);
         op::moe_gather_forward(ex, qg_, q_.at(D), L * D, pair_of_row_, B, C, N, k, D);
@@ -438,9 +439,9 @@ private:
     op::Combine combine_;
     op::AuxLoss aux_;
     float aux_coef_, z_coef_, per_block_;
-    op::MatrixIn<float> x_[2], q_, kb_, vb_, qg_, og_, att_, dog_, w_q_, w_k_, w_v_, w_o_;
+    op::MatrixIn<float> x_[2], q_, kb_, vb_, qg_, og_, att_, dog_, w_q_, b_q_, w_k_, w_v_, w_o_;
     float* dy_[2];
-    float *w_r_, *b_r_, *b_q_, *b_k_, *b_v_, *b_o_;
+    float *w_r_, *b_r_, *b_k_, *b_v_, *b_o_;
     float *g_r_, *gb_r_, *g_q_, *gb_q_, *g_k_, *gb_k_, *g_v_, *gb_v_, *g_o_, *gb_o_;
     float *z_, *rprobs_, *weights_, *lse_, *route_lse_, *cls_probs_;
     float *out_, *datt_, *dx_, *dq_, *dk_, *dv_, *dqg_, *dweights_, *drprobs_, *dz_;

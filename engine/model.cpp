@@ -490,8 +490,8 @@ Losses Model<T>::forward(const Batch& batch, bool training, uint64_t drop_seed) 
         // and the rest scaled by C/|S| so the input's scale is unchanged.
         op::patchify_all(ex_, x.patches, images_, B_, C, cfg_.image, cfg_.image, P, in_S_at_,
                          T(C) / T(nS_));
-        op::linear_forward(ex_, x.patch_tok, x.patches, {w_.patch_w, w_bf16_.patch_w}, w_.patch_b, int64_t(B_) * N,
-                           C * P * P, D);
+        op::linear_forward(ex_, x.patch_tok, x.patches, {w_.patch_w, w_bf16_.patch_w}, w_.patch_b,
+                           int64_t(B_) * N, C * P * P, D);
         op::embed_forward(ex_, x.seq, x.patch_tok, w_.cls_token, w_.pos_embed, (const T*)nullptr,
                           S_at_, B_, 1, N, D);
     } else {
@@ -581,7 +581,7 @@ void Model<T>::block_forward(int i, bool training) {
 
     if (!is_moe(cfg_)) {
         // Dense multi-head attention over the whole sequence.
-        op::linear_forward(ex_, b.qkv, b.ln1, {w.qkv_w, wb.qkv_w}, w.qkv_b, rows, int(D), int(3 * D));
+        op::linear_forward(ex_, b.qkv, b.ln1, {w.qkv_w, wb.qkv_w}, w.qkv_b, rows, int(D), int(3 * D), wb.qkv_b);
         op::attention_forward(ex_, b.att_out, b.att_lse, b.qkv, B_, int(L), int(D), int(Hd));
     } else {
         // Channel-MoE attention. Patch rows of a [B, L, ·] buffer start at row 1.
@@ -599,7 +599,7 @@ void Model<T>::block_forward(int i, bool training) {
         op::moe_dispatch(ex_, b.offsets, b.pair_of_row, b.row_of_pair, b.counts, b.experts, B_, nS_,
                          int(N), k);
         // q shared by all tokens; k, v from each channel's own expert.
-        op::linear_forward(ex_, b.q, b.ln1, {w.q_w, wb.q_w}, w.q_b, rows, int(D), int(D));
+        op::linear_forward(ex_, b.q, b.ln1, {w.q_w, wb.q_w}, w.q_b, rows, int(D), int(D), wb.q_b);
         op::expert_linear_forward(ex_, b.k, b.ln1.at(D), L * D, {w.k_w, wb.k_w}, w.k_b, S_at_, B_, nS_, int(N),
                                   int(D), int(D));
         op::expert_linear_forward(ex_, b.v, b.ln1.at(D), L * D, {w.v_w, wb.v_w}, w.v_b, S_at_, B_, nS_, int(N),
@@ -635,7 +635,7 @@ void Model<T>::block_forward(int i, bool training) {
                                    b.dropping ? b.drop_attn : nullptr, w.norm2_w, w.norm2_b, B_, L,
                                    int(D));
     // x_out = x_mid + drop_path(MLP(LN2(x_mid)))
-    op::linear_forward(ex_, b.fc1, b.ln2, {w.fc1_w, wb.fc1_w}, w.fc1_b, rows, int(D), int(H));
+    op::linear_forward(ex_, b.fc1, b.ln2, {w.fc1_w, wb.fc1_w}, w.fc1_b, rows, int(D), int(H), wb.fc1_b);
     op::gelu_forward(ex_, b.act, b.fc1, rows * H);
     op::linear_forward(ex_, branch, b.act, {w.fc2_w, wb.fc2_w}, w.fc2_b, rows, int(H), int(D));
     op::residual_forward(ex_, b.x_out, b.x_mid, branch, b.dropping ? b.drop_mlp : nullptr, B_, L * D);

@@ -307,16 +307,18 @@ void residual_layernorm_forward(const Exec& ex, T* sum, const MatrixIn<T>& out, 
 // out: fp32 (a plain T*), or bf16 alone (the bf16 mode's stored qkv).
 // W: the fp32 weights (`full`, always) and, in the bf16 mode on CUDA, their
 // bf16 copy (`bf16`: the products read it instead of rounding W each call).
-// The CPU's products read `full`.
+// The CPU's products read `full`. b may be null; b_bf16 is its bf16 copy,
+// which a bf16 output's epilogue reads instead of rounding b each call.
 template <class T>
 void linear_forward(const Exec& ex, const NoDeduce<MatrixIn<T>>& out, const NoDeduce<MatrixIn<T>>& x,
-                    const NoDeduce<MatrixIn<T>>& W, const T* b, int64_t rows, int in_dim, int out_dim) {
+                    const NoDeduce<MatrixIn<T>>& W, const T* b, int64_t rows, int in_dim, int out_dim,
+                    const uint16_t* b_bf16 = nullptr) {
     if (out.full && out.bf16) throw std::logic_error("linear_forward: one output, fp32 or bf16");
 #ifdef PRISM_CUDA
     if constexpr (std::is_same_v<T, float>) {
         if (ex.cuda && ex.bf16_matmul && out.bf16)
-            return cuda_ops::linear_forward_mixed_to_bf16(out.bf16, x.full, x.bf16, W.full, W.bf16, b, rows, in_dim,
-                                                          out_dim, ex.stream);
+            return cuda_ops::linear_forward_mixed_to_bf16(out.bf16, x.full, x.bf16, W.full, W.bf16, b, b_bf16, rows,
+                                                          in_dim, out_dim, ex.stream);
         if (ex.cuda && ex.bf16_matmul)
             return cuda_ops::linear_forward_mixed(out.full, x.full, x.bf16, W.full, W.bf16, b, rows, in_dim, out_dim,
                                                   ex.stream);

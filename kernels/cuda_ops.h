@@ -135,10 +135,11 @@ void linear_forward_mixed(float* out, const float* x, const uint16_t* x_bf16, co
                           const float* b, int64_t rows, int in_dim, int out_dim, cudaStream_t stream);
 // The same product with its result stored in bf16 (the bf16 mode's qkv and
 // fc1, which only bf16 products and GELU read): out_bf16 = bf16(x·Wᵀ + bf16(b)),
-// the bias added in cuBLASLt's epilogue.
+// the bias added in cuBLASLt's epilogue. b_bf16, when not null, is bf16(b)
+// as the model keeps it (else each call rounds b).
 void linear_forward_mixed_to_bf16(uint16_t* out_bf16, const float* x, const uint16_t* x_bf16, const float* W,
-                                  const uint16_t* W_bf16, const float* b, int64_t rows, int in_dim, int out_dim,
-                                  cudaStream_t stream);
+                                  const uint16_t* W_bf16, const float* b, const uint16_t* b_bf16, int64_t rows,
+                                  int in_dim, int out_dim, cudaStream_t stream);
 // dx_bf16: dx written in bf16 instead (overwrite_dx only; dx then null), the
 // bf16 mode's stored gradient of GELU's output. dout_bf16: dout as the bf16
 // mode stores it (then dout is not read, and the bias gradient sums it).

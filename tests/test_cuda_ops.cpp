@@ -494,14 +494,15 @@ TEST_F(CudaOps, LinearMixed) {
                                            c.rows, c.in, c.out);
                 DeviceArray<uint16_t> out16(ref16.size());
                 std::vector<uint16_t> runs[2];
+                auto d_bb = to_device(to_bf16(b));  // the bias's bf16 copy, as the model keeps it
                 for (int run = 0; run < 2; run++) {
                     out16.poison();
                     cu::linear_forward_mixed_to_bf16(out16.get(), run ? nullptr : d_x.get(), run ? d_xb.get() : nullptr,
                                                      d_W.get(), run ? d_Wb.get() : nullptr, bias ? d_b.get() : nullptr,
-                                                     c.rows, c.in, c.out, stream);
+                                                     bias && run ? d_bb.get() : nullptr, c.rows, c.in, c.out, stream);
                     runs[run] = out16.download();
                 }
-                expect_bit_identical(what + " forward to bf16 (x, W fp32; x, W stored bf16)", runs[0], runs[1]);
+                expect_bit_identical(what + " forward to bf16 (x, W, b fp32; their bf16 copies)", runs[0], runs[1]);
                 expect_close(what + " forward to bf16", widen(runs[0]), ref16, 1e-2);
             }
 
@@ -621,7 +622,7 @@ TEST_F(CudaOps, ExpertLinear) {
                                                         D, D, stream);
                         runs[run] = out16.download();
                     }
-                    expect_bit_identical(what + " forward to bf16 (x, W fp32; x, W stored bf16)", runs[0], runs[1]);
+                    expect_bit_identical(what + " forward to bf16 (x, W, b fp32; their bf16 copies)", runs[0], runs[1]);
                     expect_close(what + " forward to bf16", widen(runs[0]), ref, 1e-2);
                 }
 

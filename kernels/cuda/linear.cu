@@ -260,8 +260,10 @@ LtPlan& lt_plan(const LtShape& shape, const LtContext& ctx, const void* bias) {
 // the bias rounded to bf16 (cublasLt.h documents the epilogue's bias as D's
 // type but for IMMA and fp8 kernels, so an fp32 one is not asked for); without an Lt
 // algorithm for it, D is filled with the bias first and accumulated into.
+// bias_bf16: the bias already rounded (the model's bf16 copy), for a bf16 D.
 void lt_matmul(const linear::Product& p, const uint16_t* A, const uint16_t* B, float beta, void* D,
-               cudaDataType_t d_type, cudaStream_t stream, const float* bias = nullptr) {
+               cudaDataType_t d_type, cudaStream_t stream, const float* bias = nullptr,
+               const uint16_t* bias_bf16 = nullptr) {
     const bool trans_a = p.trans_a, trans_b = p.trans_b;
     const int64_t m = p.m, n = p.n, k = p.k, lda = p.lda, ldb = p.ldb, ldd = p.ldc;
     PRISM_CUDA_REQUIRE(!bias || (beta == 0.f && ldd == m),
@@ -269,11 +271,12 @@ void lt_matmul(const linear::Product& p, const uint16_t* A, const uint16_t* B, f
     const bool bf16_d = d_type == CUDA_R_16BF;
     // The epilogue reads a bias of D's type. cublasLt.h states no alignment
     // for it, but the epilogue is reported to fail on vectors not 16-byte
-    // aligned. The model's biases are 256-byte aligned (engine/model.h); one
-    // from another caller that is not is copied to (256-byte aligned) scratch.
-    const bool stage_bias = bias && (bf16_d || alignment(bias, 0) < 16);
+    // aligned. The model's biases, and their bf16 copies, are 256-byte aligned
+    // (engine/model.h); a bias from another caller that is not, or a bf16 D's
+    // bias given in fp32 alone, is copied to (256-byte aligned) scratch.
+    const void* epilogue_bias = bf16_d ? (const void*)bias_bf16 : (const void*)bias;
+    const bool stage_bias = bias && (!epilogue_bias || alignment(epilogue_bias, 0) < 16);
     Scratch staged_bias(stage_bias ? (bf16_d ? sizeof(uint16_t) : sizeof(float)) * (size_t)m : 0, stream);
-    const void* epilogue_bias = bias;
     if (stage_bias) {
         if (bf16_d) to_bf16(staged_bias.as<uint16_t>(), bias, m, stream);
         else PRISM_CUDA_CHECK(cudaMemcpyAsync(staged_bias.as<float>(), bias, sizeof(float) * (size_t)m,
@@ -433,25 +436,25 @@ static const uint16_t* bf16_operand(Scratch& scratch, const float* x, const uint
 
 // out [rows, out_dim] of out_type (fp32, or bf16) = x·Wᵀ + b.
 static void mixed_forward(void* out, cudaDataType_t out_type, const float* x, const uint16_t* x_bf16,
-                          const float* W, const uint16_t* W_bf16, const float* b, int64_t rows, int in_dim,
-                          int out_dim, cudaStream_t stream) {
+                          const float* W, const uint16_t* W_bf16, const float* b, const uint16_t* b_bf16,
+                          int64_t rows, int in_dim, int out_dim, cudaStream_t stream) {
     if (rows <= 0) return;
     Scratch xs(x_bf16 ? 0 : sizeof(uint16_t) * (size_t)(rows * in_dim), stream);
     Scratch ws(W_bf16 ? 0 : sizeof(uint16_t) * (size_t)out_dim * in_dim, stream);
     const uint16_t* xb = bf16_operand(xs, x, x_bf16, rows * in_dim, stream);
     const uint16_t* wb = bf16_operand(ws, W, W_bf16, (int64_t)out_dim * in_dim, stream);
-    lt_matmul(linear::forward_product(rows, in_dim, out_dim), wb, xb, 0.f, out, out_type, stream, b);
+    lt_matmul(linear::forward_product(rows, in_dim, out_dim), wb, xb, 0.f, out, out_type, stream, b, b_bf16);
 }
 
 void linear_forward_mixed(float* out, const float* x, const uint16_t* x_bf16, const float* W, const uint16_t* W_bf16,
                           const float* b, int64_t rows, int in_dim, int out_dim, cudaStream_t stream) {
-    mixed_forward(out, CUDA_R_32F, x, x_bf16, W, W_bf16, b, rows, in_dim, out_dim, stream);
+    mixed_forward(out, CUDA_R_32F, x, x_bf16, W, W_bf16, b, nullptr, rows, in_dim, out_dim, stream);
 }
 
 void linear_forward_mixed_to_bf16(uint16_t* out_bf16, const float* x, const uint16_t* x_bf16, const float* W,
-                                  const uint16_t* W_bf16, const float* b, int64_t rows, int in_dim, int out_dim,
-                                  cudaStream_t stream) {
-    mixed_forward(out_bf16, CUDA_R_16BF, x, x_bf16, W, W_bf16, b, rows, in_dim, out_dim, stream);
+                                  const uint16_t* W_bf16, const float* b, const uint16_t* b_bf16, int64_t rows,
+                                  int in_dim, int out_dim, cudaStream_t stream) {
+    mixed_forward(out_bf16, CUDA_R_16BF, x, x_bf16, W, W_bf16, b, b_bf16, rows, in_dim, out_dim, stream);
 }
 
 void linear_backward_mixed(float* dx, uint16_t* dx_bf16, bool overwrite_dx, float* dW, float* db, const float* dout,
@@ -635,7 +638,7 @@ void linear_forward_mixed(float*, const float*, const uint16_t*, const float*, c
     no_cublas();
 }
 void linear_forward_mixed_to_bf16(uint16_t*, const float*, const uint16_t*, const float*, const uint16_t*,
-                                  const float*, int64_t, int, int, cudaStream_t) {
+                                  const float*, const uint16_t*, int64_t, int, int, cudaStream_t) {
     no_cublas();
 }
 void linear_backward_mixed(float*, uint16_t*, bool, float*, float*, const float*, const uint16_t*, const float*,
