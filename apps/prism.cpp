@@ -461,7 +461,7 @@ int cmd_bench(int argc, char** argv) {
             ("iters", "timed iterations (the median is reported)", cxxopts::value<int>()->default_value("50"))
             ("warmup", "untimed iterations first", cxxopts::value<int>()->default_value("10"))
             ("k,top-k", "moevit top-k values (--k LIST also works); C = model.channels",
-             cxxopts::value<std::string>()->default_value("1,2,4,C"))
+             cxxopts::value<std::string>()->default_value(kDefaultAttentionKs))
             ("impl", "the block as train.precision runs it: bf16 (bf16 products and storage; the flash kernels at "
                      "head dim 64) or reference (fp32: fp32 products, the fused fp32 attention kernels)",
              cxxopts::value<std::string>()->default_value("bf16"));

@@ -82,6 +82,8 @@ struct AttentionBenchRow {
     std::string device;       // the GPU's name
 };
 
+// The values of k `prism bench attention` runs unless told (--k).
+constexpr const char* kDefaultAttentionKs = "1,2,4,C";
 // "1,2,4,C" → {1, 2, 4, channels}; each value in 1..channels, duplicates
 // dropped, order kept. Throws UserError naming the bad entry.
 std::vector<int> parse_k_list(const std::string& list, int channels);

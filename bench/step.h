@@ -20,6 +20,7 @@ struct StepBenchOptions {
 
 struct StepBenchResult {
     Device device = Device::cpu;
+    std::string gpu;                     // the CUDA device's name (CUDA only): which card the numbers are from
     std::string pixels;                  // StepBenchOptions::pixels
     int batch = 0;
     bool bf16_matmul = false;            // the bf16 mode (train.precision bf16 on CUDA)

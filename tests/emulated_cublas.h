@@ -17,7 +17,9 @@
 // The arithmetic: fp32 products accumulated in float over k in order, bf16
 // operands widened exactly, the result alpha·acc + beta·C (+ bias) rounded
 // once to D's type, as cuBLAS's fp32-compute kernels do up to their order of
-// summation. Not modelled: the heuristic's choice (it finds an algorithm for
+// summation; none in the geometry-only mode (emulator.h), where every check
+// above still holds but the products, and the pointer arrays' contents, are
+// skipped. Not modelled: the heuristic's choice (it finds an algorithm for
 // every valid problem unless PRISM_EMULATED_LT_HEURISTIC=none says it finds
 // none for any, which sends linear.cu's bf16 products down its cublasGemmEx
 // fallback; tests/emulated/cuda_linear_fallback.cpp runs the linear tests so
@@ -164,6 +166,7 @@ inline void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, fl
     require_in_allocation(B, "B");
     require_in_allocation(C, "C");
     if (bias) require_in_allocation(bias, (size_t)m * type_bytes(bias_type), "the epilogue's bias");
+    if (emu::geometry_only) return;
     for (int64_t j = 0; j < n; j++)
         for (int64_t i = 0; i < m; i++) {
             float acc = 0.f;
@@ -188,6 +191,14 @@ inline cublasStatus_t batched(cublasOperation_t ta, cublasOperation_t tb, int m,
                               cudaDataType_t c_type, int ldc, int count) {
     if (count < 0) return CUBLAS_STATUS_INVALID_VALUE;
     const bool trans_a = ta == CUBLAS_OP_T, trans_b = tb == CUBLAS_OP_T;
+    if (emu::geometry_only) {  // the arrays' pointers are a kernel's output, never computed there
+        if (count > 0)
+            for (const void* const* array : {A, B, C})
+                require_in_allocation(array, sizeof(void*) * (size_t)count, "a batched product's pointer array");
+        const Matrix a = stored(nullptr, a_type, trans_a, m, k, lda), b = stored(nullptr, b_type, trans_b, k, n, ldb),
+                     c{nullptr, c_type, m, n, ldc};
+        return valid(m, n, k, a, b, c) ? CUBLAS_STATUS_SUCCESS : CUBLAS_STATUS_INVALID_VALUE;
+    }
     for (int g = 0; g < count; g++) {
         const Matrix a = stored(pointer_at(A, g, count, "A"), a_type, trans_a, m, k, lda);
         const Matrix b = stored(pointer_at(B, g, count, "B"), b_type, trans_b, k, n, ldb);

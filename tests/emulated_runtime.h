@@ -7,8 +7,9 @@
 // tests/emulated_engine/*.cpp) or a test of the CUDA ops.
 //
 // What stands in for the CUDA runtime: kEmulatedGpus devices of
-// kEmulatedDeviceBytes whose memory is host memory (one pool) (aligned as cudaMalloc aligns it, starting as
-// 0xFF bytes, so that reading what was never written gives NaN or -1);
+// emulated_device_bytes() whose memory is host memory (one pool shared by all) (aligned as cudaMalloc aligns it,
+// starting as 0xFF bytes, so that reading what was never written gives NaN or -1; in the geometry-only mode
+// of emulator.h, never written at all);
 // streams are one synchronous queue (a launch runs when it is made, an event
 // has always completed); a bad launch throws from the emulator where the
 // device would report it at cudaGetLastError; cuBLAS is the host model of
@@ -19,6 +20,7 @@
 #include "tests/emulator.h"
 
 #include <algorithm>
+#include <cerrno>
 #include <cstddef>
 #include <cstdio>
 #include <cstdint>
@@ -28,6 +30,8 @@
 #include <stdexcept>
 #include <string>
 #include <vector>
+
+#include <sys/mman.h>
 
 // The CUDA build's objects (libprism.a) define the same launchers under the
 // real names; the emulated ones get their own, in every translation unit that
@@ -71,18 +75,40 @@ inline cudaError_t cudaGetLastError() { return cudaSuccess; }
 // (emulated_in_allocation), as compute-sanitizer's memcheck would.
 inline std::map<uintptr_t, size_t> emulated_allocations;
 // The emulated device's memory: more than it is refused, as by a GPU that
-// size (the arenas' out-of-memory message is tested against it).
-constexpr size_t kEmulatedDeviceBytes = size_t(4) << 30;
+// size (the arenas' out-of-memory message is tested against it). In the
+// geometry-only mode (emulator.h) it is what an H100 80GB had free to a
+// process (78.6 GiB, bench/results/2026-11-25-h100.md), so that a shape
+// which runs there is one whose buffers fit the device.
+inline size_t emulated_device_bytes() {
+    return emu::geometry_only ? size_t(78.6 * double(size_t(1) << 30)) : size_t(4) << 30;
+}
 inline size_t emulated_allocated_bytes = 0;
+// The geometry-only mode's allocations: address space only (mmap without a
+// reservation, which Linux's default overcommit grants), never touched by a
+// kernel, so tens of GiB cost no memory.
+inline std::map<uintptr_t, size_t> emulated_mapped;
 
 inline cudaError_t cudaMalloc(void** p, size_t bytes) {
     *p = nullptr;
     if (bytes == 0) return cudaSuccess;  // as cudaMalloc: a null pointer, no error
-    if (bytes > kEmulatedDeviceBytes - emulated_allocated_bytes) return cudaErrorMemoryAllocation;
+    if (bytes > emulated_device_bytes() - std::min(emulated_allocated_bytes, emulated_device_bytes()))
+        return cudaErrorMemoryAllocation;
     constexpr size_t kAlign = 256;  // what cudaMalloc guarantees
-    *p = std::aligned_alloc(kAlign, (bytes + kAlign - 1) / kAlign * kAlign);
-    if (!*p) return cudaErrorMemoryAllocation;
-    std::memset(*p, 0xFF, bytes);
+    const size_t rounded = (bytes + kAlign - 1) / kAlign * kAlign;
+    if (emu::geometry_only) {  // page-aligned, so 256-byte aligned
+        void* m = mmap(nullptr, rounded, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (m == MAP_FAILED) {  // not the device's refusal: say so before the arena reports it as one
+            std::fprintf(stderr, "emulator: mmap of %zu bytes of address space failed: %s\n", rounded,
+                         std::strerror(errno));
+            return cudaErrorMemoryAllocation;
+        }
+        *p = m;
+        emulated_mapped[(uintptr_t)m] = rounded;
+    } else {
+        *p = std::aligned_alloc(kAlign, rounded);
+        if (!*p) return cudaErrorMemoryAllocation;
+        std::memset(*p, 0xFF, bytes);
+    }
     emulated_allocations[(uintptr_t)*p] = bytes;
     emulated_allocated_bytes += bytes;
     return cudaSuccess;
@@ -97,8 +123,8 @@ inline bool emulated_in_allocation(const void* p, size_t bytes) {
     return a - it->first + bytes <= it->second;
 }
 inline cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total_bytes) {
-    *free_bytes = kEmulatedDeviceBytes - emulated_allocated_bytes;
-    *total_bytes = kEmulatedDeviceBytes;
+    *total_bytes = emulated_device_bytes();
+    *free_bytes = *total_bytes - std::min(emulated_allocated_bytes, *total_bytes);
     return cudaSuccess;
 }
 template <class T>
@@ -111,20 +137,43 @@ inline cudaError_t cudaFree(void* p) {
     if (it == emulated_allocations.end()) return cudaErrorInvalidValue;
     emulated_allocated_bytes -= it->second;
     emulated_allocations.erase(it);
-    std::free(p);
+    const auto mapped = emulated_mapped.find((uintptr_t)p);
+    if (mapped == emulated_mapped.end()) {
+        std::free(p);
+    } else {
+        munmap(p, mapped->second);
+        emulated_mapped.erase(mapped);
+    }
     return cudaSuccess;
 }
 inline cudaError_t cudaMallocAsync(void** p, size_t bytes, cudaStream_t) { return cudaMalloc(p, bytes); }
 inline cudaError_t cudaFreeAsync(void* p, cudaStream_t) { return cudaFree(p); }
+// A range that starts in a device allocation ends there too, as memcheck
+// would require. (The op tests hand the launchers host buffers as device
+// memory: those are not looked at.)
+inline void require_inside_if_device(const void* p, size_t bytes, const char* what) {
+    if (emulated_in_allocation(p, 1) && !emulated_in_allocation(p, bytes))
+        emu::fail(std::string(what) + " of " + std::to_string(bytes) + " bytes runs past its device allocation");
+}
+// The geometry-only mode neither sets nor copies device memory (a kernel's
+// work, and it would make the reserved pages real); copies to and from the
+// host still happen.
 inline cudaError_t cudaMemset(void* p, int value, size_t bytes) {
-    if (bytes) std::memset(p, value, bytes);
+    if (!bytes) return cudaSuccess;
+    require_inside_if_device(p, bytes, "cudaMemset");
+    if (!emu::geometry_only) std::memset(p, value, bytes);
     return cudaSuccess;
 }
 inline cudaError_t cudaMemsetAsync(void* p, int value, size_t bytes, cudaStream_t) {
     return cudaMemset(p, value, bytes);
 }
 inline cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind) {
-    if (bytes) std::memcpy(dst, src, bytes);
+    if (!bytes) return cudaSuccess;
+    require_inside_if_device(dst, bytes, "cudaMemcpy's destination");
+    require_inside_if_device(src, bytes, "cudaMemcpy's source");
+    if (emu::geometry_only && emulated_in_allocation(dst, bytes) && emulated_in_allocation(src, bytes))
+        return cudaSuccess;
+    std::memcpy(dst, src, bytes);
     return cudaSuccess;
 }
 inline cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind, cudaStream_t) {
@@ -190,7 +239,8 @@ struct cudaDeviceProp {
 inline cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int device) {
     const int id = emulated_device_id(device);
     if (id < 0) return cudaErrorInvalidValue;
-    std::snprintf(prop->name, sizeof prop->name, "CPU emulator GPU %d (tests/emulated_runtime.h)", id);
+    std::snprintf(prop->name, sizeof prop->name, "CPU emulator GPU %d (tests/emulated_runtime.h%s)", id,
+                  emu::geometry_only ? ", geometry only" : "");
     std::memset(prop->uuid.bytes, 0, sizeof prop->uuid.bytes);
     prop->uuid.bytes[0] = char(id + 1);
     return cudaSuccess;

@@ -312,6 +312,22 @@ inline void check_smem_opt_in(const void* kernel, size_t smem_bytes) {
              "launch; the device refuses it otherwise)");
 }
 
+// Geometry only (PRISM_EMULATE_GEOMETRY_ONLY=1 in the environment): every
+// launch is checked as the device checks it, and then no block runs; the
+// CUDA runtime and cuBLAS models do the same (emulated_runtime.h,
+// emulated_cublas.h). So a whole training step at a production batch costs
+// milliseconds, and shows that every launch, product and allocation of that shape
+// is one the device accepts; it computes nothing, so no result of it means
+// anything, and index arithmetic inside the kernels is not exercised.
+inline bool geometry_only = [] {
+    const char* v = std::getenv("PRISM_EMULATE_GEOMETRY_ONLY");
+    const bool on = v && *v && std::strcmp(v, "0") != 0;
+    if (on)
+        std::fprintf(stderr, "emulator: geometry only (PRISM_EMULATE_GEOMETRY_ONLY): launches, products and "
+                             "allocations are checked, nothing is computed, no result means anything\n");
+    return on;
+}();
+
 // Runs one kernel over the grid, block after block.
 template <class Kernel, class Params>
 void launch(Dim grid, int threads, size_t smem_bytes, Kernel kernel, const Params& p) {
@@ -320,6 +336,7 @@ void launch(Dim grid, int threads, size_t smem_bytes, Kernel kernel, const Param
     // What the device refuses as an invalid configuration.
     if (grid.x == 0 || grid.y == 0 || grid.z == 0) fail("a grid with no blocks (the device refuses it)");
     if (grid.x > 0x7fffffffu || grid.y > 65535 || grid.z > 65535) fail("a grid dimension above the device's limit");
+    if (geometry_only) return;
     grid_dim = grid;
     block_dim = Dim{(unsigned)threads, 1, 1};
     block.fibers.resize(threads);

@@ -15,6 +15,7 @@
 #include <unistd.h>
 #include <vector>
 
+#include "bench/bench.h"
 #include "data/synth.h"
 #include "engine/checkpoint.h"
 #include "engine/config.h"
@@ -24,6 +25,7 @@
 #include "engine/rng.h"
 #include "engine/train.h"
 #include "tests/shardutil.h"
+#include "tests/shellutil.h"
 #include <gtest/gtest.h>
 
 using namespace prism;
@@ -584,5 +586,74 @@ TEST(CudaModel, Bf16RunsAreBitIdenticalAndLearnTheTinyTask) {
         EXPECT_EQ(0, std::memcmp(weights[0].data(), weights[1].data(), weights[0].size() * sizeof(float)))
             << arch << ": two bf16 runs from the same seed differ";
     }
+}
+#endif
+
+#ifdef PRISM_EMULATED_ENGINE
+// The shapes the GPU session benchmarks, at their batches, on the emulated
+// engine in its geometry-only mode (tests/emulator.h): every launch's grid,
+// block and shared memory, every cuBLAS product's shape and operands and
+// every allocation against what an H100 had free (78.6 GiB), through whole
+// `prism bench step` training steps (forward, backward, AdamW), with no
+// arithmetic, in seconds. The other tests here run these kernels at one or
+// two images; this shows that the batch a GPU run uses launches and fits,
+// before device time is spent on it. It cannot show that the kernels' index
+// arithmetic holds at that size (nothing runs).
+TEST(CudaModel, GeometryOnlyStepsAtTheBenchmarkedShapesLaunchAndFit) {
+    const std::string geometry_prism =
+        "PRISM_EMULATE_GEOMETRY_ONLY=1 timeout 120 " + prism::testing::build_dir() + "prism_emulated";
+    auto step = [&](const std::string& config, int batch, const std::string& extra) {
+        const std::string cmd = geometry_prism + " bench step --config configs/" + config +
+                                ".json --device cuda --batch " + std::to_string(batch) + " --iters 1 --warmup 0 " +
+                                extra;
+        return prism::testing::run_shell(cmd);
+    };
+    struct Run {
+        std::string config;
+        int batch;
+        std::string extra;
+    };
+    std::vector<Run> runs;
+    // bench/gpu/lease.sh's `bench step` runs (float images) and bench_all.sh's
+    // (the data sets' stored pixels), at full depth (the arenas of a whole
+    // model): So2Sat at 256 images, JUMP-CP at 32 (its train.batch of 256 is
+    // the global batch of 8 GPUs).
+    for (const char* pixels : {"float", "float16"})
+        for (const char* c : {"so2sat_chvit", "so2sat_moevit_k2"})
+            runs.push_back({c, 256, std::string("--pixels ") + pixels});
+    for (const char* pixels : {"float", "uint8"})
+        for (const char* c : {"jumpcp_chvit", "jumpcp_moevit_k2"})
+            runs.push_back({c, 32, std::string("--pixels ") + pixels});
+    // `bench attention`'s shapes (JUMP-CP P=16 and P=8, So2Sat) at its default
+    // batch: the same attention ops inside a one-block model, for chvit and
+    // each of its default values of k.
+    const struct {
+        const char* dense;
+        const char* moe;
+        int patch;
+    } attention[] = {{"jumpcp_chvit", "jumpcp_moevit_k2", 16},
+                     {"jumpcp_chvit", "jumpcp_moevit_k2", 8},
+                     {"so2sat_chvit", "so2sat_moevit_k2", 8}};
+    for (const auto& a : attention) {
+        const std::string one_block = "--set model.depth=1 --set model.patch=" + std::to_string(a.patch);
+        const std::string file = std::string("configs/") + a.moe + ".json";
+        const ModelConfig m = load_config(file, {"model.patch=" + std::to_string(a.patch)}).model;
+        const std::vector<int> ks = parse_k_list(kDefaultAttentionKs, m.channels);
+        const int batch = default_attention_batch(m, ks);
+        runs.push_back({a.dense, batch, one_block});
+        for (int k : ks) runs.push_back({a.moe, batch, one_block + " --set model.top_k=" + std::to_string(k)});
+    }
+    for (const Run& r : runs) {
+        const prism::testing::ShellRun s = step(r.config, r.batch, r.extra);
+        std::printf("[ geometry ] %-17s batch %3d %-52s %s in %.1f s\n", r.config.c_str(), r.batch, r.extra.c_str(),
+                    prism::testing::exited_ok(s) ? "launches and fits" : "FAILED", s.seconds);
+        EXPECT_TRUE(prism::testing::exited_ok(s)) << r.config << " " << r.extra << "\n" << s.output;
+        EXPECT_NE(s.output.find("geometry only"), std::string::npos) << "the mode was not on\n" << s.output;
+    }
+    // The mode's memory is an H100's: a batch far beyond it is refused as a GPU refuses it.
+    const prism::testing::ShellRun big = step("jumpcp_chvit", 4096, "");
+    EXPECT_FALSE(prism::testing::exited_ok(big)) << big.output;
+    EXPECT_NE(big.output.find("arena activations: cannot allocate"), std::string::npos) << big.output;
+    EXPECT_NE(big.output.find("of 78.6 GiB free"), std::string::npos) << big.output;
 }
 #endif

@@ -479,3 +479,27 @@ TEST(FlashEmulated, TheEmulatorRefusesMoreThan48KiBOfSharedMemoryWithoutTheOptIn
     emu::smem_opt_in().erase(kernel);
     EXPECT_EQ(out, 1.f);
 }
+
+TEST(FlashEmulated, GeometryOnlyRunsNoBlockButRefusesWhatTheDeviceRefuses) {
+    // PRISM_EMULATE_GEOMETRY_ONLY's mode (CudaModel.GeometryOnly* runs whole
+    // steps in it): a launch is checked, then nothing runs.
+    struct Restore {
+        ~Restore() { emu::geometry_only = false; }
+    } restore;
+    ASSERT_FALSE(emu::geometry_only) << "the test process runs the kernels";
+    emu::geometry_only = true;
+    float out = 0.f;
+    auto run = [&](emu::Dim grid, int threads, size_t smem) {
+        PRISM_LAUNCH(grid, threads, smem, 0, write_one_kernel)(OptInParams{&out});
+    };
+    EXPECT_NO_THROW(run({65535, 65535, 65535}, 1024, 48 * 1024));  // 2^48 blocks: only the bounds are looked at
+    EXPECT_EQ(out, 0.f) << "a block ran";
+    EXPECT_THROW(run({1, 65536, 1}, 32, 0), std::runtime_error);
+    EXPECT_THROW(run({1, 1, 65536}, 32, 0), std::runtime_error);
+    EXPECT_THROW(run({0, 1, 1}, 32, 0), std::runtime_error);
+    EXPECT_THROW(run({1, 1, 1}, 1056, 0), std::runtime_error);
+    EXPECT_THROW(run({1, 1, 1}, 32, 48 * 1024 + 16), std::runtime_error);  // no opt-in
+    emu::geometry_only = false;
+    run({1, 1, 1}, 32, 0);
+    EXPECT_EQ(out, 1.f);
+}
