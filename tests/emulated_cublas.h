@@ -217,6 +217,7 @@ inline bool aligned(const void* p, uint64_t bytes) { return bytes == 0 || (uintp
 inline cublasStatus_t cublasSgemm(cublasHandle_t, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
                                   const float* alpha, const float* A, int lda, const float* B, int ldb,
                                   const float* beta, float* C, int ldc) {
+    emu::blas_calls++;
     using namespace emulated_blas;
     const bool trans_a = ta == CUBLAS_OP_T, trans_b = tb == CUBLAS_OP_T;
     const Matrix a = stored(A, CUDA_R_32F, trans_a, m, k, lda), b = stored(B, CUDA_R_32F, trans_b, k, n, ldb),
@@ -230,6 +231,7 @@ inline cublasStatus_t cublasSgemmBatched(cublasHandle_t, cublasOperation_t ta, c
                                          int k, const float* alpha, const float* const A[], int lda,
                                          const float* const B[], int ldb, const float* beta, float* const C[],
                                          int ldc, int count) {
+    emu::blas_calls++;
     return emulated_blas::batched(ta, tb, m, n, k, alpha, reinterpret_cast<const void* const*>(A), CUDA_R_32F, lda,
                                   reinterpret_cast<const void* const*>(B), CUDA_R_32F, ldb, beta,
                                   reinterpret_cast<const void* const*>(C), CUDA_R_32F, ldc, count);
@@ -241,6 +243,7 @@ inline cublasStatus_t cublasGemmBatchedEx(cublasHandle_t, cublasOperation_t ta, 
                                           int lda, const void* const B[], cudaDataType_t b_type, int ldb,
                                           const void* beta, void* const C[], cudaDataType_t c_type, int ldc,
                                           int count, cublasComputeType_t compute, cublasGemmAlgo_t) {
+    emu::blas_calls++;
     if (a_type != CUDA_R_16BF || b_type != CUDA_R_16BF || !emulated_blas::known_type(c_type) ||
         compute != CUBLAS_COMPUTE_32F)
         return CUBLAS_STATUS_NOT_SUPPORTED;
@@ -253,6 +256,7 @@ inline cublasStatus_t cublasGemmEx(cublasHandle_t, cublasOperation_t ta, cublasO
                                    const void* alpha, const void* A, cudaDataType_t a_type, int lda, const void* B,
                                    cudaDataType_t b_type, int ldb, const void* beta, void* C, cudaDataType_t c_type,
                                    int ldc, cublasComputeType_t compute, cublasGemmAlgo_t) {
+    emu::blas_calls++;
     using namespace emulated_blas;
     if (a_type != CUDA_R_16BF || b_type != CUDA_R_16BF || !known_type(c_type) || compute != CUBLAS_COMPUTE_32F)
         return CUBLAS_STATUS_NOT_SUPPORTED;
@@ -378,6 +382,7 @@ inline cublasStatus_t cublasLtMatmul(cublasLtHandle_t, cublasLtMatmulDesc_t desc
                                      const void* beta, const void* C, cublasLtMatrixLayout_t c, void* D,
                                      cublasLtMatrixLayout_t d, const cublasLtMatmulAlgo_t* algo, void* workspace,
                                      size_t workspace_bytes, cudaStream_t) {
+    emu::blas_calls++;
     using namespace emulated_blas;
     if (!consistent(*desc, *a, *b, *c, *d)) return CUBLAS_STATUS_INVALID_VALUE;
     if (C != D) return CUBLAS_STATUS_NOT_SUPPORTED;  // linear.cu only accumulates in place

@@ -319,12 +319,22 @@ inline void check_smem_opt_in(const void* kernel, size_t smem_bytes) {
 // milliseconds, and shows that every launch, product and allocation of that shape
 // is one the device accepts; it computes nothing, so no result of it means
 // anything, and index arithmetic inside the kernels is not exercised.
+// Kernel launches and cuBLAS calls (each call once, however many products it
+// batches) this process made: the same launchers make the same ones on a
+// device, less what cuBLAS launches inside. The geometry-only mode prints
+// them at exit, so that two runs' difference gives the launches of a step.
+inline int64_t launches = 0, blas_calls = 0;
 inline bool geometry_only = [] {
     const char* v = std::getenv("PRISM_EMULATE_GEOMETRY_ONLY");
     const bool on = v && *v && std::strcmp(v, "0") != 0;
-    if (on)
+    if (on) {
         std::fprintf(stderr, "emulator: geometry only (PRISM_EMULATE_GEOMETRY_ONLY): launches, products and "
                              "allocations are checked, nothing is computed, no result means anything\n");
+        std::atexit([] {
+            std::fprintf(stderr, "emulator: %lld kernel launches and %lld cuBLAS calls in this process\n",
+                         (long long)launches, (long long)blas_calls);
+        });
+    }
     return on;
 }();
 
@@ -336,6 +346,7 @@ void launch(Dim grid, int threads, size_t smem_bytes, Kernel kernel, const Param
     // What the device refuses as an invalid configuration.
     if (grid.x == 0 || grid.y == 0 || grid.z == 0) fail("a grid with no blocks (the device refuses it)");
     if (grid.x > 0x7fffffffu || grid.y > 65535 || grid.z > 65535) fail("a grid dimension above the device's limit");
+    launches++;
     if (geometry_only) return;
     grid_dim = grid;
     block_dim = Dim{(unsigned)threads, 1, 1};

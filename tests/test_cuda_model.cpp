@@ -656,4 +656,45 @@ TEST(CudaModel, GeometryOnlyStepsAtTheBenchmarkedShapesLaunchAndFit) {
     EXPECT_NE(big.output.find("arena activations: cannot allocate"), std::string::npos) << big.output;
     EXPECT_NE(big.output.find("of 78.6 GiB free"), std::string::npos) << big.output;
 }
+
+// The same mode through `prism train` itself, two steps, at a production
+// batch per GPU: the loader's stored pixels normalized and augmented by the
+// device's input step, the evaluation, the checkpoint; JUMP-CP over two ranks
+// (NCCL emulated over MPI: the gradient buckets at full size) where mpirun
+// runs here, else one.
+TEST(CudaModel, GeometryOnlyTrainingAtProductionBatchesLaunchesAndFits) {
+    const prism::testing::TmpDir tmp;
+    synthesize("so2sat", tmp / "so2sat", 600, 1, false);
+    synthesize("jumpcp", tmp / "jumpcp", 160, 1, false);
+    const std::string prism_emulated = prism::testing::build_dir() + "prism_emulated";
+    // launcher: "" for one process (under a timeout), else mpirun's command line.
+    auto train = [&](const std::string& launcher, const std::string& config, const std::string& data, int batch) {
+        const std::string out = tmp / (config + "-run");
+        const std::string cmd = "PRISM_EMULATE_GEOMETRY_ONLY=1 " + (launcher.empty() ? "timeout 120 " : launcher) +
+                                prism_emulated + " train --config configs/" + config +
+                                ".json --device cuda --set 'data.train=" + (tmp / data) + "/train-*.shard' " +
+                                "--set 'data.val=" + (tmp / data) + "/val-*.shard' --set train.batch=" +
+                                std::to_string(batch) + " --set train.steps=2 --set train.epochs=0 " +
+                                "--set train.warmup_steps=1 --out " + out;
+        const prism::testing::ShellRun s = prism::testing::run_shell(cmd);
+        std::printf("[ geometry ] train %-17s global batch %3d%s: %s in %.1f s\n", config.c_str(), batch,
+                    launcher.empty() ? "" : " over 2 ranks", prism::testing::exited_ok(s) ? "ran" : "FAILED",
+                    s.seconds);
+        EXPECT_TRUE(prism::testing::exited_ok(s)) << cmd << "\n" << s.output;
+        EXPECT_NE(s.output.find("geometry only"), std::string::npos) << s.output;
+        EXPECT_NE(s.output.find("model.safetensors"), std::string::npos) << s.output;
+        EXPECT_NE(s.output.find("eval  step 2"), std::string::npos) << s.output;
+        return s;
+    };
+    train("", "so2sat_moevit_k2", "so2sat", 256);
+    if (prism::testing::why_no_mpirun().empty()) {
+        const prism::testing::ShellRun s =
+            train(std::string(prism::testing::kMpirun) + " -np 2 ", "jumpcp_moevit_k2", "jumpcp", 64);
+        EXPECT_NE(s.output.find("comm: NCCL"), std::string::npos) << s.output;
+    } else {
+        std::printf("[ geometry ] no mpirun here (%s): JUMP-CP in one process\n",
+                    prism::testing::why_no_mpirun().c_str());
+        train("", "jumpcp_moevit_k2", "jumpcp", 32);
+    }
+}
 #endif
