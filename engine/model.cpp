@@ -211,8 +211,16 @@ Model<T>::Model(const ModelConfig& cfg, int batch_capacity, bool verbose, Device
         param_mem_ = param_arena_.take<T>(param_elems_);
         grad_mem_ = param_arena_.take<T>(param_elems_);
         if (ex_.bf16_matmul) param_bf16_ = param_arena_.take<uint16_t>(param_elems_);
+        decay_tiles_ = param_arena_.take<uint8_t>(param_elems_ / kParamAlignElems);
         if (pass == 0) param_arena_.allocate(ex_.cuda);
     }
+    std::vector<uint8_t> decays(size_t(param_elems_ / kParamAlignElems), 0);
+    for (const auto& p : layout_) {
+        const int64_t first = p.offset / kParamAlignElems;
+        const int64_t end = align_param_offset(p.offset + p.numel) / kParamAlignElems;  // its padding's tile too
+        for (int64_t t = first; t < end; t++) decays[size_t(t)] = p.decay;
+    }
+    op::upload(ex_, decay_tiles_, decays.data(), int64_t(decays.size()));
     bind_weights(w_, param_mem_, layout_, cfg_.depth);
     bind_weights(g_, grad_mem_, layout_, cfg_.depth);
     if (param_bf16_) bind_weights(w_bf16_, param_bf16_, layout_, cfg_.depth);

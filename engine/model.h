@@ -135,6 +135,11 @@ public:
     // Where the model's device keeps them (device memory on CUDA).
     T* params() { return param_mem_; }
     T* grads() { return grad_mem_; }
+    // Which elements of the block weight decay applies to, a byte per
+    // kParamAlignElems-element tile (every tensor starts on one, so each tile
+    // is one tensor's and its padding's), where the parameters live: AdamW
+    // updates the whole block (its shard) in one pass with it.
+    ops::DecayTiles decay_tiles() const { return {decay_tiles_, 0, kParamAlignElems}; }
     // Copies between those and host memory of param_elems() elements (the
     // padding included).
     void params_to_host(T* dst) const;
@@ -178,6 +183,7 @@ private:
     Arena param_arena_{"parameters+gradients"}, act_arena_{"activations"};
     T* param_mem_ = nullptr;
     T* grad_mem_ = nullptr;
+    uint8_t* decay_tiles_ = nullptr;
     Weights<T> w_, g_;
     // The bf16 mode on CUDA: bf16(parameters), rounded once at the start of
     // each forward for every product of the step (null pointers otherwise).

@@ -827,9 +827,9 @@ template <class T> void scale_inplace(const Exec& ex, T* x, int64_t n, T s) {
 }
 template <class T>
 void adamw_update(const Exec& ex, T* param, const T* grad, T* m, T* v, int64_t n, double lr, double beta1,
-                  double beta2, double eps, double weight_decay, int64_t t) {
-    PRISM_OP(adamw_update(param, grad, m, v, n, lr, beta1, beta2, eps, weight_decay, t),
-             adamw_update(param, grad, m, v, n, lr, beta1, beta2, eps, weight_decay, t, ex.stream));
+                  double beta2, double eps, double weight_decay, const ops::DecayTiles& decay, int64_t t) {
+    PRISM_OP(adamw_update(param, grad, m, v, n, lr, beta1, beta2, eps, weight_decay, decay, t),
+             adamw_update(param, grad, m, v, n, lr, beta1, beta2, eps, weight_decay, decay, t, ex.stream));
 }
 
 #undef PRISM_OP

@@ -321,7 +321,7 @@ void cross_entropy_backward(float* dlogits, const float* probs, const int32_t* l
 void sum_squares(double* out, const float* x, int64_t n, cudaStream_t stream);
 void scale_inplace(float* x, int64_t n, float s, cudaStream_t stream);
 void adamw_update(float* param, const float* grad, float* m, float* v, int64_t n, double lr,
-                  double beta1, double beta2, double eps, double weight_decay, int64_t t,
-                  cudaStream_t stream);
+                  double beta1, double beta2, double eps, double weight_decay, const ops::DecayTiles& decay,
+                  int64_t t, cudaStream_t stream);
 
 }  // namespace prism::cuda_ops

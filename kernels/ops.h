@@ -222,10 +222,20 @@ void cross_entropy_backward(T* dlogits, const T* probs, const int32_t* labels, i
 // Σ x², accumulated in double in a fixed order.
 template <class T> double sum_squares(const T* x, int64_t n);
 template <class T> void scale_inplace(T* x, int64_t n, T s);
-// AdamW step t (1-based) with decoupled weight decay: p -= lr*(m̂/(√v̂+eps) + wd*p).
+// Which elements of an update weight decay applies to: every one (decays
+// null), or element i's if decays[(first + i) / tile] is nonzero: a byte per
+// tile of the parameter block, where every tensor starts on a tile
+// (Model::decay_tiles), so that one update covers tensors with and without.
+struct DecayTiles {
+    const uint8_t* decays = nullptr;
+    int64_t first = 0;  // the block index of the update's element 0
+    int64_t tile = 1;   // elements per tile
+};
+// AdamW step t (1-based) with decoupled weight decay: p -= lr*(m̂/(√v̂+eps) + wd*p),
+// wd = weight_decay where `decay` says, else 0.
 template <class T>
 void adamw_update(T* param, const T* grad, T* m, T* v, int64_t n, double lr, double beta1,
-                  double beta2, double eps, double weight_decay, int64_t t);
+                  double beta2, double eps, double weight_decay, const DecayTiles& decay, int64_t t);
 
 // ---- input step: normalization and augmentation of a batch ---------------------------
 // Stored pixels in the shard's encoding go in, the model's float input

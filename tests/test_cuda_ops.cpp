@@ -1352,14 +1352,21 @@ TEST_F(CudaOps, Optimizer) {
         cu::scale_inplace(d_x.get(), n, 0.37f, stream);
         expect_close(what + " scale_inplace", d_x.download(), ref);
 
+        // Decay everywhere (t = 1), and by tiles of 128 from element 5 of a block (t = 7).
+        std::vector<uint8_t> tiles(size_t((5 + n) / 128 + 1));
+        for (size_t i = 0; i < tiles.size(); i++) tiles[i] = uint8_t(i % 3 != 1);
+        const auto d_tiles = to_device(tiles);
         for (int64_t t : {int64_t(1), int64_t(7)}) {
             const auto grad = randn_f(n, rng), m0 = randn_f(n, rng, 0.1);
             auto v0 = randn_f(n, rng, 0.01);
             for (auto& v : v0) v = std::fabs(v);
             auto p = x, m = m0, v = v0;
-            ops::adamw_update(p.data(), grad.data(), m.data(), v.data(), n, 1e-3, 0.9, 0.999, 1e-8, 0.05, t);
+            const ops::DecayTiles host_decay = t == 1 ? ops::DecayTiles{} : ops::DecayTiles{tiles.data(), 5, 128};
+            const ops::DecayTiles device_decay = t == 1 ? ops::DecayTiles{} : ops::DecayTiles{d_tiles.get(), 5, 128};
+            ops::adamw_update(p.data(), grad.data(), m.data(), v.data(), n, 1e-3, 0.9, 0.999, 1e-8, 0.05, host_decay, t);
             auto d_p = to_device(x), d_g = to_device(grad), d_m = to_device(m0), d_v = to_device(v0);
-            cu::adamw_update(d_p.get(), d_g.get(), d_m.get(), d_v.get(), n, 1e-3, 0.9, 0.999, 1e-8, 0.05, t, stream);
+            cu::adamw_update(d_p.get(), d_g.get(), d_m.get(), d_v.get(), n, 1e-3, 0.9, 0.999, 1e-8, 0.05, device_decay,
+                             t, stream);
             const std::string step = what + " adamw t=" + std::to_string(t);
             expect_close(step + " param", d_p.download(), p);
             expect_close(step + " m", d_m.download(), m);

@@ -317,14 +317,18 @@ TEST(AdamwEmulated, UpdateScaleAndSumOfSquares) {
         std::vector<float> v0(n);
         for (auto& v : v0) v = float(1e-4 * rng.uniform());
         const double lr = 3e-3, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, wd = 0.05;
+        // Decay everywhere (t = 1), and by tiles of 7 from element 3 of a block (t = 7).
+        std::vector<uint8_t> tiles(size_t((3 + n) / 7 + 1));
+        for (auto& b : tiles) b = uint8_t(rng.uniform() < 0.5);
         for (const int64_t t : {int64_t(1), int64_t(7)}) {
+            const ops::DecayTiles decay = t == 1 ? ops::DecayTiles{} : ops::DecayTiles{tiles.data(), 3, 7};
             auto rp = param0, rm = m0, rv = v0;
-            ops::adamw_update(rp.data(), grad.data(), rm.data(), rv.data(), n, lr, beta1, beta2, eps, wd, t);
+            ops::adamw_update(rp.data(), grad.data(), rm.data(), rv.data(), n, lr, beta1, beta2, eps, wd, decay, t);
             auto gp = param0, gm = m0, gv = v0;
             const double bc1 = 1.0 - std::pow(beta1, double(t)), bc2 = 1.0 - std::pow(beta2, double(t));
             emu::launch({aw::element_blocks(n)}, aw::kElementThreads, 0, aw::update_kernel,
                         aw::UpdateParams{gp.data(), gm.data(), gv.data(), grad.data(), n, lr, beta1, beta2, eps, wd,
-                                         bc1, bc2});
+                                         bc1, bc2, decay.decays, decay.first, decay.tile});
             // The step, not the parameter (which is mostly its old value).
             const std::string step = " t=" + std::to_string(t) + at;
             expect_close("adamw: the parameter's step" + step, change(gp, param0), change(rp, param0));

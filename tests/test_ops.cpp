@@ -254,8 +254,18 @@ TEST(Ops, DispatchIsAStableCountingSort) {
 
 TEST(OpGrad, AdamWMatchesTheFormula) {
     double p[2] = {1.0, -2.0}, g[2] = {0.5, 0.25}, m[2] = {0, 0}, v[2] = {0, 0};
-    ops::adamw_update(p, g, m, v, 2, 0.1, 0.9, 0.999, 1e-8, 0.01, 1);
+    ops::adamw_update(p, g, m, v, 2, 0.1, 0.9, 0.999, 1e-8, 0.01, {}, 1);
     // step 1: m̂ = g, v̂ = g², update = g/|g| = ±1, plus decay
     EXPECT_NEAR(p[0], 1.0 - 0.1 * (1.0 + 0.01 * 1.0), 1e-7);
     EXPECT_NEAR(p[1], -2.0 - 0.1 * (1.0 + 0.01 * -2.0), 1e-7);
+    // Decay by tile: elements 3..6 of a block of tiles of 2, whose tiles 1 and
+    // 3 decay and tile 2 does not: the first element and the last decay.
+    double q[4] = {1.0, 1.0, 1.0, 1.0}, h[4] = {0.5, 0.5, 0.5, 0.5}, mq[4] = {}, vq[4] = {};
+    const uint8_t decays[4] = {0, 1, 0, 1};
+    ops::adamw_update(q, h, mq, vq, 4, 0.1, 0.9, 0.999, 1e-8, 0.01, ops::DecayTiles{decays, 3, 2}, 1);
+    const double with = 1.0 - 0.1 * (1.0 + 0.01), without = 1.0 - 0.1;
+    EXPECT_NEAR(q[0], with, 1e-7);
+    EXPECT_NEAR(q[1], without, 1e-7);
+    EXPECT_NEAR(q[2], without, 1e-7);
+    EXPECT_NEAR(q[3], with, 1e-7);
 }

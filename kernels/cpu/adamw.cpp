@@ -34,14 +34,15 @@ PRISM_INSTANTIATE(scale_inplace)
 
 template <class T>
 void adamw_update(T* param, const T* grad, T* m, T* v, int64_t n, double lr, double beta1,
-                  double beta2, double eps, double weight_decay, int64_t t) {
+                  double beta2, double eps, double weight_decay, const DecayTiles& decay, int64_t t) {
     const double bc1 = 1.0 - std::pow(beta1, double(t)), bc2 = 1.0 - std::pow(beta2, double(t));
     #pragma omp parallel for simd
     for (int64_t i = 0; i < n; i++) {
+        const double wd = !decay.decays || decay.decays[(decay.first + i) / decay.tile] ? weight_decay : 0.0;
         m[i] = T(beta1 * m[i] + (1.0 - beta1) * grad[i]);
         v[i] = T(beta2 * v[i] + (1.0 - beta2) * double(grad[i]) * grad[i]);
         const double update = (m[i] / bc1) / (std::sqrt(v[i] / bc2) + eps);
-        param[i] = T(param[i] - lr * (update + weight_decay * param[i]));
+        param[i] = T(param[i] - lr * (update + wd * param[i]));
     }
 }
 PRISM_INSTANTIATE(adamw_update)

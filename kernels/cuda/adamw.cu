@@ -20,10 +20,11 @@ void scale_inplace(float* x, int64_t n, float s, cudaStream_t stream) {
 }
 
 void adamw_update(float* param, const float* grad, float* m, float* v, int64_t n, double lr,
-                  double beta1, double beta2, double eps, double weight_decay, int64_t t,
-                  cudaStream_t stream) {
+                  double beta1, double beta2, double eps, double weight_decay, const ops::DecayTiles& decay,
+                  int64_t t, cudaStream_t stream) {
     const double bc1 = 1.0 - std::pow(beta1, double(t)), bc2 = 1.0 - std::pow(beta2, double(t));
-    const adamw::UpdateParams p{param, m, v, grad, n, lr, beta1, beta2, eps, weight_decay, bc1, bc2};
+    const adamw::UpdateParams p{param, m, v, grad, n, lr, beta1, beta2, eps, weight_decay,
+                                bc1, bc2, decay.decays, decay.first, decay.tile};
     PRISM_LAUNCH(adamw::element_blocks(n), adamw::kElementThreads, 0, stream, adamw::update_kernel)(p);
     PRISM_LAUNCH_CHECK();
 }

@@ -45,6 +45,10 @@ struct UpdateParams {
     int64_t n;
     double lr, beta1, beta2, eps, weight_decay;
     double bc1, bc2;  // the bias corrections 1 − β₁ᵗ, 1 − β₂ᵗ
+    // Where weight_decay applies: everywhere (null), or where the element's
+    // tile of the parameter block, (first + i) / tile, has a nonzero byte.
+    const uint8_t* decays;
+    int64_t first, tile;
 };
 
 // element_blocks(n) blocks of kElementThreads. The moments are rounded to
@@ -57,7 +61,8 @@ PRISM_KERNEL(kElementThreads) update_kernel(UpdateParams p) {
         p.m[i] = mi;
         p.v[i] = vi;
         const double update = (mi / p.bc1) / (sqrt(vi / p.bc2) + p.eps);
-        p.param[i] = (float)(p.param[i] - p.lr * (update + p.weight_decay * p.param[i]));
+        const double wd = !p.decays || p.decays[(p.first + i) / p.tile] ? p.weight_decay : 0.0;
+        p.param[i] = (float)(p.param[i] - p.lr * (update + wd * p.param[i]));
     }
 }
 
