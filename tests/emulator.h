@@ -312,18 +312,19 @@ inline void check_smem_opt_in(const void* kernel, size_t smem_bytes) {
              "launch; the device refuses it otherwise)");
 }
 
-// Geometry only (PRISM_EMULATE_GEOMETRY_ONLY=1 in the environment): every
-// launch is checked as the device checks it, and then no block runs; the
-// CUDA runtime and cuBLAS models do the same (emulated_runtime.h,
-// emulated_cublas.h). So a whole training step at a production batch costs
-// milliseconds, and shows that every launch, product and allocation of that shape
-// is one the device accepts; it computes nothing, so no result of it means
-// anything, and index arithmetic inside the kernels is not exercised.
 // Kernel launches and cuBLAS calls (each call once, however many products it
 // batches) this process made: the same launchers make the same ones on a
 // device, less what cuBLAS launches inside. The geometry-only mode prints
 // them at exit, so that two runs' difference gives the launches of a step.
 inline int64_t launches = 0, blas_calls = 0;
+
+// Geometry only (PRISM_EMULATE_GEOMETRY_ONLY=1 in the environment): every
+// launch is checked as the device checks it, and then no block runs; the
+// CUDA runtime and cuBLAS models do the same (emulated_runtime.h,
+// emulated_cublas.h). So a whole training step at a production batch costs
+// milliseconds, and shows that every launch, product and allocation of that
+// shape is one the device accepts; it computes nothing, so no result of it
+// means anything, and index arithmetic inside the kernels is not exercised.
 inline bool geometry_only = [] {
     const char* v = std::getenv("PRISM_EMULATE_GEOMETRY_ONLY");
     const bool on = v && *v && std::strcmp(v, "0") != 0;

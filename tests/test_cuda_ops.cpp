@@ -1363,10 +1363,11 @@ TEST_F(CudaOps, Optimizer) {
             auto p = x, m = m0, v = v0;
             const ops::DecayTiles host_decay = t == 1 ? ops::DecayTiles{} : ops::DecayTiles{tiles.data(), 5, 128};
             const ops::DecayTiles device_decay = t == 1 ? ops::DecayTiles{} : ops::DecayTiles{d_tiles.get(), 5, 128};
-            ops::adamw_update(p.data(), grad.data(), m.data(), v.data(), n, 1e-3, 0.9, 0.999, 1e-8, 0.05, host_decay, t);
+            ops::adamw_update(p.data(), grad.data(), m.data(), v.data(), n, 1e-3, 0.9, 0.999, 1e-8, 0.05, host_decay,
+                              t);
             auto d_p = to_device(x), d_g = to_device(grad), d_m = to_device(m0), d_v = to_device(v0);
-            cu::adamw_update(d_p.get(), d_g.get(), d_m.get(), d_v.get(), n, 1e-3, 0.9, 0.999, 1e-8, 0.05, device_decay,
-                             t, stream);
+            cu::adamw_update(d_p.get(), d_g.get(), d_m.get(), d_v.get(), n, 1e-3, 0.9, 0.999, 1e-8, 0.05,
+                             device_decay, t, stream);
             const std::string step = what + " adamw t=" + std::to_string(t);
             expect_close(step + " param", d_p.download(), p);
             expect_close(step + " m", d_m.download(), m);
