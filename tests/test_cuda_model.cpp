@@ -599,11 +599,18 @@ TEST(CudaModel, Bf16RunsAreBitIdenticalAndLearnTheTinyTask) {
 // two images; this shows that the batch a GPU run uses launches and fits,
 // before device time is spent on it. It cannot show that the kernels' index
 // arithmetic holds at that size (nothing runs).
+namespace {
+// `prism_emulated` in the geometry-only mode, under `launcher` (mpirun's
+// command line), or alone under a timeout.
+std::string geometry_prism(const std::string& launcher = "") {
+    return "PRISM_EMULATE_GEOMETRY_ONLY=1 " + (launcher.empty() ? "timeout 120 " : launcher) +
+           prism::testing::build_dir() + "prism_emulated";
+}
+}  // namespace
+
 TEST(CudaModel, GeometryOnlyStepsAtTheBenchmarkedShapesLaunchAndFit) {
-    const std::string geometry_prism =
-        "PRISM_EMULATE_GEOMETRY_ONLY=1 timeout 120 " + prism::testing::build_dir() + "prism_emulated";
     auto step = [&](const std::string& config, int batch, const std::string& extra) {
-        const std::string cmd = geometry_prism + " bench step --config configs/" + config +
+        const std::string cmd = geometry_prism() + " bench step --config configs/" + config +
                                 ".json --device cuda --batch " + std::to_string(batch) + " --iters 1 --warmup 0 " +
                                 extra;
         return prism::testing::run_shell(cmd);
@@ -666,12 +673,9 @@ TEST(CudaModel, GeometryOnlyTrainingAtProductionBatchesLaunchesAndFits) {
     const prism::testing::TmpDir tmp;
     synthesize("so2sat", tmp / "so2sat", 600, 1, false);
     synthesize("jumpcp", tmp / "jumpcp", 160, 1, false);
-    const std::string prism_emulated = prism::testing::build_dir() + "prism_emulated";
-    // launcher: "" for one process (under a timeout), else mpirun's command line.
     auto train = [&](const std::string& launcher, const std::string& config, const std::string& data, int batch) {
         const std::string out = tmp / (config + "-run");
-        const std::string cmd = "PRISM_EMULATE_GEOMETRY_ONLY=1 " + (launcher.empty() ? "timeout 120 " : launcher) +
-                                prism_emulated + " train --config configs/" + config +
+        const std::string cmd = geometry_prism(launcher) + " train --config configs/" + config +
                                 ".json --device cuda --set 'data.train=" + (tmp / data) + "/train-*.shard' " +
                                 "--set 'data.val=" + (tmp / data) + "/val-*.shard' --set train.batch=" +
                                 std::to_string(batch) + " --set train.steps=2 --set train.epochs=0 " +
