@@ -17,7 +17,8 @@
 // The arithmetic: fp32 products accumulated in float over k in order, bf16
 // operands widened exactly, the result alpha·acc + beta·C (+ bias) rounded
 // once to D's type, as cuBLAS's fp32-compute kernels do up to their order of
-// summation; none in the geometry-only mode (emulator.h), where every check
+// summation, done when the stream of the call (the handle's, or cuBLASLt's
+// argument) gets to it (tests/emulated_runtime.h); none in the geometry-only mode (emulator.h), where every check
 // above still holds but the products, and the pointer arrays' contents, are
 // skipped. Not modelled: the heuristic's choice (it finds an algorithm for
 // every valid problem unless PRISM_EMULATED_LT_HEURISTIC=none says it finds
@@ -51,7 +52,12 @@ enum cublasOperation_t { CUBLAS_OP_N = 0, CUBLAS_OP_T = 1 };
 enum cudaDataType_t { CUDA_R_32F = 0, CUDA_R_16BF = 14 };
 enum cublasComputeType_t { CUBLAS_COMPUTE_32F = 68 };
 enum cublasGemmAlgo_t { CUBLAS_GEMM_DEFAULT = -1 };
-typedef struct EmulatedBlasHandle* cublasHandle_t;
+// The handle holds the stream its products are queued on (cublasSetStream;
+// tests/emulated/linear.cpp's blas_handle sets it).
+struct EmulatedBlasHandle {
+    cudaStream_t stream = nullptr;
+};
+typedef EmulatedBlasHandle* cublasHandle_t;
 typedef struct EmulatedLtHandle* cublasLtHandle_t;
 
 struct EmulatedLtLayout {
@@ -157,16 +163,20 @@ inline bool valid(int64_t m, int64_t n, int64_t k, const Matrix& A, const Matrix
     return true;
 }
 
-// C = alpha·op(A)·op(B) + beta·C (+ bias[i] on row i), C's rows m, columns n.
-// beta == 0 never reads C (cuBLAS's rule: C may hold NaN then).
-inline void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const Matrix& A,
-                 const Matrix& B, float beta, const Matrix& C, const void* bias = nullptr,
-                 cudaDataType_t bias_type = CUDA_R_32F) {
+// Every operand of a product lies inside one allocation, as memcheck would
+// require.
+inline void require_operands(const Matrix& A, const Matrix& B, const Matrix& C, int64_t m, const void* bias,
+                             cudaDataType_t bias_type) {
     require_in_allocation(A, "A");
     require_in_allocation(B, "B");
     require_in_allocation(C, "C");
     if (bias) require_in_allocation(bias, (size_t)m * type_bytes(bias_type), "the epilogue's bias");
-    if (emu::geometry_only) return;
+}
+
+// C = alpha·op(A)·op(B) + beta·C (+ bias[i] on row i), C's rows m, columns n,
+// computed now. beta == 0 never reads C (cuBLAS's rule: C may hold NaN then).
+inline void run_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const Matrix& A,
+                     const Matrix& B, float beta, const Matrix& C, const void* bias, cudaDataType_t bias_type) {
     for (int64_t j = 0; j < n; j++)
         for (int64_t i = 0; i < m; i++) {
             float acc = 0.f;
@@ -179,42 +189,58 @@ inline void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, fl
         }
 }
 
+// The product, its operands checked now and computed when `stream` gets to
+// it (the scalars are host values, read at the call as cuBLAS reads them).
+inline void gemm(cudaStream_t stream, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+                 const Matrix& A, const Matrix& B, float beta, const Matrix& C, const void* bias = nullptr,
+                 cudaDataType_t bias_type = CUDA_R_32F) {
+    require_operands(A, B, C, m, bias, bias_type);
+    if (emu::geometry_only) return;
+    emulated_streams::submit_work(stream,
+                                  [=] { run_gemm(trans_a, trans_b, m, n, k, alpha, A, B, beta, C, bias, bias_type); });
+}
+
 // Each pointer of a batched call's array, read from "device" memory.
 inline const void* pointer_at(const void* const* array, int g, int count, const char* what) {
     require_in_allocation(array, sizeof(void*) * (size_t)count, std::string("the pointer array of ") + what);
     return array[g];
 }
 
-inline cublasStatus_t batched(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, const float* alpha,
-                              const void* const* A, cudaDataType_t a_type, int lda, const void* const* B,
-                              cudaDataType_t b_type, int ldb, const float* beta, const void* const* C,
-                              cudaDataType_t c_type, int ldc, int count) {
+inline cublasStatus_t batched(cudaStream_t stream, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
+                              const float* alpha, const void* const* A, cudaDataType_t a_type, int lda,
+                              const void* const* B, cudaDataType_t b_type, int ldb, const float* beta,
+                              const void* const* C, cudaDataType_t c_type, int ldc, int count) {
     if (count < 0) return CUBLAS_STATUS_INVALID_VALUE;
     const bool trans_a = ta == CUBLAS_OP_T, trans_b = tb == CUBLAS_OP_T;
-    if (emu::geometry_only) {  // the arrays' pointers are a kernel's output, never computed there
-        if (count > 0)
-            for (const void* const* array : {A, B, C})
-                require_in_allocation(array, sizeof(void*) * (size_t)count, "a batched product's pointer array");
-        const Matrix a = stored(nullptr, a_type, trans_a, m, k, lda), b = stored(nullptr, b_type, trans_b, k, n, ldb),
-                     c{nullptr, c_type, m, n, ldc};
-        return valid(m, n, k, a, b, c) ? CUBLAS_STATUS_SUCCESS : CUBLAS_STATUS_INVALID_VALUE;
-    }
-    for (int g = 0; g < count; g++) {
-        const Matrix a = stored(pointer_at(A, g, count, "A"), a_type, trans_a, m, k, lda);
-        const Matrix b = stored(pointer_at(B, g, count, "B"), b_type, trans_b, k, n, ldb);
-        const Matrix c{pointer_at(C, g, count, "C"), c_type, m, n, ldc};
-        if (!valid(m, n, k, a, b, c)) return CUBLAS_STATUS_INVALID_VALUE;
-        gemm(trans_a, trans_b, m, n, k, *alpha, a, b, *beta, c);
-    }
+    if (count > 0)
+        for (const void* const* array : {A, B, C})
+            require_in_allocation(array, sizeof(void*) * (size_t)count, "a batched product's pointer array");
+    const Matrix a = stored(nullptr, a_type, trans_a, m, k, lda), b = stored(nullptr, b_type, trans_b, k, n, ldb),
+                 c{nullptr, c_type, m, n, ldc};
+    if (!valid(m, n, k, a, b, c)) return CUBLAS_STATUS_INVALID_VALUE;
+    // The arrays' pointers are a kernel's output, read when the stream gets
+    // here (in the geometry-only mode never computed, so never read).
+    if (emu::geometry_only) return CUBLAS_STATUS_SUCCESS;
+    const float al = *alpha, be = *beta;
+    emulated_streams::submit_work(stream, [=] {
+        for (int g = 0; g < count; g++) {
+            const Matrix ag = stored(pointer_at(A, g, count, "A"), a_type, trans_a, m, k, lda);
+            const Matrix bg = stored(pointer_at(B, g, count, "B"), b_type, trans_b, k, n, ldb);
+            const Matrix cg{pointer_at(C, g, count, "C"), c_type, m, n, ldc};
+            require_operands(ag, bg, cg, m, nullptr, CUDA_R_32F);
+            run_gemm(trans_a, trans_b, m, n, k, al, ag, bg, be, cg, nullptr, CUDA_R_32F);
+        }
+    });
     return CUBLAS_STATUS_SUCCESS;
 }
 
 inline bool aligned(const void* p, uint64_t bytes) { return bytes == 0 || (uintptr_t)p % bytes == 0; }
+inline cudaStream_t stream_of(cublasHandle_t h) { return h ? h->stream : nullptr; }
 
 }  // namespace emulated_blas
 
 // ---- cuBLAS ---------------------------------------------------------------------------
-inline cublasStatus_t cublasSgemm(cublasHandle_t, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
+inline cublasStatus_t cublasSgemm(cublasHandle_t handle, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
                                   const float* alpha, const float* A, int lda, const float* B, int ldb,
                                   const float* beta, float* C, int ldc) {
     emu::blas_calls++;
@@ -223,22 +249,23 @@ inline cublasStatus_t cublasSgemm(cublasHandle_t, cublasOperation_t ta, cublasOp
     const Matrix a = stored(A, CUDA_R_32F, trans_a, m, k, lda), b = stored(B, CUDA_R_32F, trans_b, k, n, ldb),
                  c{C, CUDA_R_32F, m, n, ldc};
     if (!valid(m, n, k, a, b, c)) return CUBLAS_STATUS_INVALID_VALUE;
-    gemm(trans_a, trans_b, m, n, k, *alpha, a, b, *beta, c);
+    gemm(stream_of(handle), trans_a, trans_b, m, n, k, *alpha, a, b, *beta, c);
     return CUBLAS_STATUS_SUCCESS;
 }
 
-inline cublasStatus_t cublasSgemmBatched(cublasHandle_t, cublasOperation_t ta, cublasOperation_t tb, int m, int n,
+inline cublasStatus_t cublasSgemmBatched(cublasHandle_t handle, cublasOperation_t ta, cublasOperation_t tb, int m, int n,
                                          int k, const float* alpha, const float* const A[], int lda,
                                          const float* const B[], int ldb, const float* beta, float* const C[],
                                          int ldc, int count) {
     emu::blas_calls++;
-    return emulated_blas::batched(ta, tb, m, n, k, alpha, reinterpret_cast<const void* const*>(A), CUDA_R_32F, lda,
+    return emulated_blas::batched(emulated_blas::stream_of(handle), ta, tb, m, n, k, alpha,
+                                  reinterpret_cast<const void* const*>(A), CUDA_R_32F, lda,
                                   reinterpret_cast<const void* const*>(B), CUDA_R_32F, ldb, beta,
                                   reinterpret_cast<const void* const*>(C), CUDA_R_32F, ldc, count);
 }
 
 // bf16 A and B, fp32 or bf16 C, fp32 compute with fp32 (host) scalars.
-inline cublasStatus_t cublasGemmBatchedEx(cublasHandle_t, cublasOperation_t ta, cublasOperation_t tb, int m, int n,
+inline cublasStatus_t cublasGemmBatchedEx(cublasHandle_t handle, cublasOperation_t ta, cublasOperation_t tb, int m, int n,
                                           int k, const void* alpha, const void* const A[], cudaDataType_t a_type,
                                           int lda, const void* const B[], cudaDataType_t b_type, int ldb,
                                           const void* beta, void* const C[], cudaDataType_t c_type, int ldc,
@@ -247,12 +274,13 @@ inline cublasStatus_t cublasGemmBatchedEx(cublasHandle_t, cublasOperation_t ta, 
     if (a_type != CUDA_R_16BF || b_type != CUDA_R_16BF || !emulated_blas::known_type(c_type) ||
         compute != CUBLAS_COMPUTE_32F)
         return CUBLAS_STATUS_NOT_SUPPORTED;
-    return emulated_blas::batched(ta, tb, m, n, k, static_cast<const float*>(alpha), A, a_type, lda, B, b_type, ldb,
+    return emulated_blas::batched(emulated_blas::stream_of(handle), ta, tb, m, n, k, static_cast<const float*>(alpha),
+                                  A, a_type, lda, B, b_type, ldb,
                                   static_cast<const float*>(beta), reinterpret_cast<const void* const*>(C), c_type,
                                   ldc, count);
 }
 
-inline cublasStatus_t cublasGemmEx(cublasHandle_t, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
+inline cublasStatus_t cublasGemmEx(cublasHandle_t handle, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
                                    const void* alpha, const void* A, cudaDataType_t a_type, int lda, const void* B,
                                    cudaDataType_t b_type, int ldb, const void* beta, void* C, cudaDataType_t c_type,
                                    int ldc, cublasComputeType_t compute, cublasGemmAlgo_t) {
@@ -264,7 +292,8 @@ inline cublasStatus_t cublasGemmEx(cublasHandle_t, cublasOperation_t ta, cublasO
     const Matrix a = stored(A, a_type, trans_a, m, k, lda), b = stored(B, b_type, trans_b, k, n, ldb),
                  c{C, c_type, m, n, ldc};
     if (!valid(m, n, k, a, b, c)) return CUBLAS_STATUS_INVALID_VALUE;
-    gemm(trans_a, trans_b, m, n, k, *static_cast<const float*>(alpha), a, b, *static_cast<const float*>(beta), c);
+    gemm(stream_of(handle), trans_a, trans_b, m, n, k, *static_cast<const float*>(alpha), a, b,
+         *static_cast<const float*>(beta), c);
     gemm_ex_calls++;
     return CUBLAS_STATUS_SUCCESS;
 }
@@ -381,7 +410,7 @@ inline cublasStatus_t cublasLtMatmul(cublasLtHandle_t, cublasLtMatmulDesc_t desc
                                      cublasLtMatrixLayout_t a, const void* B, cublasLtMatrixLayout_t b,
                                      const void* beta, const void* C, cublasLtMatrixLayout_t c, void* D,
                                      cublasLtMatrixLayout_t d, const cublasLtMatmulAlgo_t* algo, void* workspace,
-                                     size_t workspace_bytes, cudaStream_t) {
+                                     size_t workspace_bytes, cudaStream_t stream) {
     emu::blas_calls++;
     using namespace emulated_blas;
     if (!consistent(*desc, *a, *b, *c, *d)) return CUBLAS_STATUS_INVALID_VALUE;
@@ -400,7 +429,7 @@ inline cublasStatus_t cublasLtMatmul(cublasLtHandle_t, cublasLtMatmulDesc_t desc
     if (bias && (uintptr_t)desc->bias % 16 != 0)
         emu::fail("cuBLASLt: the epilogue's bias is not 16-byte aligned");
     const cudaDataType_t bias_type = desc->bias_type == -1 ? d->type : (cudaDataType_t)desc->bias_type;
-    gemm(ta, tb, m, n, k, *static_cast<const float*>(alpha), Matrix{A, a->type, a->rows, a->cols, a->ld},
+    gemm(stream, ta, tb, m, n, k, *static_cast<const float*>(alpha), Matrix{A, a->type, a->rows, a->cols, a->ld},
          Matrix{B, b->type, b->rows, b->cols, b->ld}, *static_cast<const float*>(beta),
          Matrix{D, d->type, d->rows, d->cols, d->ld}, bias ? desc->bias : nullptr, bias_type);
     lt_matmul_calls++;

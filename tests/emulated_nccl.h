@@ -1,23 +1,28 @@
 // A stand-in for the NCCL calls engine/nccl.cpp makes, for the emulated
 // engine (tests/emulated_runtime.h first, then this, then engine/nccl.cpp):
 // the ranks are MPI's, and each collective is the MPI collective of the same
-// meaning on the emulated device memory (host memory), run when it is
-// enqueued. So `mpirun -np 2 build/prism_emulated train --device cuda` runs
-// the NCCL path of data parallelism (the communicator's creation from rank
-// 0's id, the per-block gradient all-reduces and their ranges, ZeRO-1's
-// reduce to owners and broadcasts, the load-balance statistics) on a machine
-// without a GPU.
+// meaning on the emulated device memory (host memory), begun (MPI's
+// non-blocking form) when its stream reaches it and complete when MPI says
+// so. So `mpirun -np 2 build/prism_emulated train --device cuda` runs the
+// NCCL path of data parallelism (the communicator's creation from rank 0's
+// id, the per-block gradient all-reduces and their ranges, ZeRO-1's reduce
+// to owners and broadcasts, the load-balance statistics) on a machine
+// without a GPU. With the runtime's streams asynchronous
+// (PRISM_EMULATE_LATE_STREAMS) the all-reduces overlap backward, and a dead
+// peer leaves a collective in flight, which the code's own waiting must give
+// up at train.comm_timeout_s; synchronous, each completes before its call
+// returns. A communicator's collectives must begin in the order they were
+// called, as NCCL needs them to on every rank: one reached on its stream
+// before an earlier one has begun (two streams not ordered with each other)
+// fails.
 //
 // A non-blocking communicator (config.blocking = 0, as engine/nccl.cpp
 // makes it) answers as NCCL's may: its creation, each call outside a group,
 // each group's end and its finalization return ncclInProgress, and
 // ncclCommGetAsyncError reports ncclInProgress for a few polls before
 // ncclSuccess, so the code's waiting (settle) runs and reads the handle the
-// call wrote. Not modelled: real asynchrony (every call's work is done before
-// it returns, so the overlap with backward and the deadlines of
-// train.comm_timeout_s are never exercised: a dead peer leaves the survivor
-// blocked inside MPI, where only the watchdog or mpirun ends it), NCCL's
-// order of summation (MPI's here), and every data type but float and double.
+// call wrote. Not modelled: NCCL's order of summation (MPI's here), and
+// every data type but float and double.
 #pragma once
 #include "tests/emulated_runtime.h"
 
@@ -26,6 +31,8 @@
 #include <mpi.h>
 
 #include <cstring>
+#include <memory>
+#include <string>
 #include <vector>
 
 namespace prism {
@@ -46,6 +53,9 @@ struct EmulatedNcclComm {
     int rank, size;
     bool blocking;
     int polls_in_progress = 0;  // how many more ncclCommGetAsyncError calls say ncclInProgress
+    uint64_t called = 0, begun = 0;  // collectives called, and begun in MPI (in that order)
+    int mpi_error = MPI_SUCCESS;     // the first failed MPI call's code, reported as an asynchronous error
+    bool aborted = false;            // ncclCommAbort: queued collectives do nothing
 };
 typedef EmulatedNcclComm* ncclComm_t;
 
@@ -83,6 +93,43 @@ inline ncclResult_t issued(ncclComm_t c, ncclResult_t done) {
     c->polls_in_progress = kPollsInProgress;
     return ncclInProgress;
 }
+// Queues collective `what` on `stream`: begin(&request) starts it in MPI
+// when the stream reaches it (and every collective called before it on c has
+// begun); it is complete when MPI_Test says so.
+template <class Begin>
+ncclResult_t enqueue(ncclComm_t c, cudaStream_t stream, const char* what, Begin begin) {
+    struct InFlight {
+        MPI_Request request = MPI_REQUEST_NULL;
+        bool begun = false;
+    };
+    auto state = std::make_shared<InFlight>();
+    const uint64_t number = c->called++;
+    emulated_streams::submit(stream, [c, state, number, what, begin](bool forced) {
+        if (c->aborted || c->mpi_error != MPI_SUCCESS) return true;
+        if (!state->begun) {
+            if (c->begun != number) {
+                if (!forced) return false;  // an eager stream: the earlier one's stream may yet begin it
+                emu::fail(std::string("NCCL: ") + what + " (call " + std::to_string(number) +
+                          " on its communicator) was reached on its stream before call " + std::to_string(c->begun) +
+                          " had begun: collectives on one communicator from streams not ordered with each other "
+                          "may begin in another order on another rank, and hang");
+            }
+            state->begun = true;
+            c->begun++;
+            const int rc = begin(&state->request);
+            if (rc != MPI_SUCCESS) {
+                c->mpi_error = rc;
+                return true;
+            }
+        }
+        int flag = 0;
+        const int rc = MPI_Test(&state->request, &flag, MPI_STATUS_IGNORE);
+        if (rc != MPI_SUCCESS) c->mpi_error = rc;
+        return rc != MPI_SUCCESS || flag != 0;
+    });
+    return issued(c, ncclSuccess);
+}
+
 // Device buffers are the emulated runtime's allocations: a collective on
 // memory outside them is what would fault on a GPU.
 inline bool on_device(const void* p, size_t count, ncclDataType_t t) {
@@ -119,17 +166,29 @@ inline ncclResult_t ncclCommInitRankConfig(ncclComm_t* comm, int nranks, ncclUni
 }
 inline ncclResult_t ncclCommGetAsyncError(ncclComm_t c, ncclResult_t* state) {
     if (!c) return ncclInvalidArgument;
-    *state = c->polls_in_progress > 0 ? ncclInProgress : ncclSuccess;
+    *state = c->mpi_error != MPI_SUCCESS  ? ncclInternalError
+             : c->polls_in_progress > 0 ? ncclInProgress
+                                        : ncclSuccess;
     if (c->polls_in_progress > 0) c->polls_in_progress--;
     return ncclSuccess;
 }
-inline ncclResult_t ncclCommFinalize(ncclComm_t c) { return emulated_nccl::issued(c, ncclSuccess); }
+// Finalizing completes what is queued (on every stream: the emulation does
+// not tell a communicator's work from the rest).
+inline ncclResult_t ncclCommFinalize(ncclComm_t c) {
+    emulated_streams::synchronize_all();
+    return emulated_nccl::issued(c, ncclSuccess);
+}
 inline ncclResult_t ncclCommDestroy(ncclComm_t c) {
     if (c->comm != MPI_COMM_NULL) MPI_Comm_free(&c->comm);
     delete c;
     return ncclSuccess;
 }
-inline ncclResult_t ncclCommAbort(ncclComm_t c) { return ncclCommDestroy(c); }
+// Queued collectives may still name an aborted communicator: it is kept,
+// and they do nothing.
+inline ncclResult_t ncclCommAbort(ncclComm_t c) {
+    c->aborted = true;
+    return ncclSuccess;
+}
 inline ncclResult_t ncclGroupStart() {
     emulated_nccl::group().depth++;
     return ncclSuccess;
@@ -146,29 +205,35 @@ inline ncclResult_t ncclGroupEnd() {
 
 // In place, as engine/nccl.cpp calls them (send and receive buffers the same).
 inline ncclResult_t ncclAllReduce(const void* send, void* recv, size_t count, ncclDataType_t type, ncclRedOp_t op,
-                                  ncclComm_t c, cudaStream_t) {
+                                  ncclComm_t c, cudaStream_t stream) {
     using namespace emulated_nccl;
     if (send != recv || !known(type, op) || !on_device(recv, count, type)) return ncclInvalidArgument;
     if (c->size == 1) return issued(c, ncclSuccess);
-    return issued(c, result(MPI_Allreduce(MPI_IN_PLACE, recv, (int)count, mpi_type(type), MPI_SUM, c->comm)));
+    return enqueue(c, stream, "ncclAllReduce", [=](MPI_Request* r) {
+        return MPI_Iallreduce(MPI_IN_PLACE, recv, (int)count, mpi_type(type), MPI_SUM, c->comm, r);
+    });
 }
 inline ncclResult_t ncclReduce(const void* send, void* recv, size_t count, ncclDataType_t type, ncclRedOp_t op,
-                               int root, ncclComm_t c, cudaStream_t) {
+                               int root, ncclComm_t c, cudaStream_t stream) {
     using namespace emulated_nccl;
     if (send != recv || !known(type, op) || !on_device(recv, count, type) || root < 0 || root >= c->size)
         return ncclInvalidArgument;
     if (c->size == 1) return issued(c, ncclSuccess);
-    if (c->rank == root)
-        return issued(c, result(MPI_Reduce(MPI_IN_PLACE, recv, (int)count, mpi_type(type), MPI_SUM, root, c->comm)));
-    return issued(c, result(MPI_Reduce(send, nullptr, (int)count, mpi_type(type), MPI_SUM, root, c->comm)));
+    return enqueue(c, stream, "ncclReduce", [=](MPI_Request* r) {
+        if (c->rank == root)
+            return MPI_Ireduce(MPI_IN_PLACE, recv, (int)count, mpi_type(type), MPI_SUM, root, c->comm, r);
+        return MPI_Ireduce(send, nullptr, (int)count, mpi_type(type), MPI_SUM, root, c->comm, r);
+    });
 }
 inline ncclResult_t ncclBroadcast(const void* send, void* recv, size_t count, ncclDataType_t type, int root,
-                                  ncclComm_t c, cudaStream_t) {
+                                  ncclComm_t c, cudaStream_t stream) {
     using namespace emulated_nccl;
     if (send != recv || !known(type, ncclSum) || !on_device(recv, count, type) || root < 0 || root >= c->size)
         return ncclInvalidArgument;
     if (c->size == 1) return issued(c, ncclSuccess);
-    return issued(c, result(MPI_Bcast(recv, (int)count, mpi_type(type), root, c->comm)));
+    return enqueue(c, stream, "ncclBroadcast", [=](MPI_Request* r) {
+        return MPI_Ibcast(recv, (int)count, mpi_type(type), root, c->comm, r);
+    });
 }
 
 }  // namespace prism

@@ -44,6 +44,7 @@
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -339,21 +340,24 @@ inline bool geometry_only = [] {
     return on;
 }();
 
-// Runs one kernel over the grid, block after block.
-template <class Kernel, class Params>
-void launch(Dim grid, int threads, size_t smem_bytes, Kernel kernel, const Params& p) {
+// What the device refuses at the launch itself (cudaGetLastError reports it
+// there, before any block runs); counts the launch.
+inline void check_launch(Dim grid, int threads, size_t smem_bytes) {
     if (threads <= 0 || threads % 32 || threads > 1024) fail("block size must be a multiple of 32, at most 1024");
     if (smem_bytes > 227 * 1024) fail("dynamic shared memory above the 227 KiB of an H100 block");
     // What the device refuses as an invalid configuration.
     if (grid.x == 0 || grid.y == 0 || grid.z == 0) fail("a grid with no blocks (the device refuses it)");
     if (grid.x > 0x7fffffffu || grid.y > 65535 || grid.z > 65535) fail("a grid dimension above the device's limit");
     launches++;
-    if (geometry_only) return;
+}
+
+// Runs the body over the grid, block after block.
+inline void run_blocks(Dim grid, int threads, size_t smem_bytes, const std::function<void()>& body) {
     grid_dim = grid;
     block_dim = Dim{(unsigned)threads, 1, 1};
     block.fibers.resize(threads);
     block.warps.assign(threads / 32, Rendezvous{});
-    block.body = [&] { kernel(p); };
+    block.body = body;
     for (unsigned z = 0; z < grid.z; z++)
         for (unsigned y = 0; y < grid.y; y++)
             for (unsigned x = 0; x < grid.x; x++) {
@@ -393,6 +397,33 @@ void launch(Dim grid, int threads, size_t smem_bytes, Kernel kernel, const Param
             }
 }
 
+// Runs one kernel over the grid now, block after block (the kernel tests'
+// direct launches, with no stream).
+template <class Kernel, class Params>
+void launch(Dim grid, int threads, size_t smem_bytes, Kernel kernel, const Params& p) {
+    check_launch(grid, threads, smem_bytes);
+    if (geometry_only) return;
+    run_blocks(grid, threads, smem_bytes, [&] { kernel(p); });
+}
+
+// Where a launch on a stream runs: at once, unless the emulated runtime
+// (tests/emulated_runtime.h) installs its streams, which queue the work and
+// run it when the stream gets to it.
+inline void (*submit_to_stream)(const void* stream, std::function<void()> work) = nullptr;
+
+// A launch on a stream (PRISM_LAUNCH): checked now, its blocks run when
+// the stream runs it; `kernel` holds its own copy of the arguments, as
+// the device takes them at the launch.
+inline void launch_on(const void* stream, Dim grid, int threads, size_t smem_bytes, std::function<void()> kernel) {
+    check_launch(grid, threads, smem_bytes);
+    if (geometry_only) return;
+    std::function<void()> work = [grid, threads, smem_bytes, kernel = std::move(kernel)] {
+        run_blocks(grid, threads, smem_bytes, kernel);
+    };
+    if (submit_to_stream) submit_to_stream(stream, std::move(work));
+    else work();
+}
+
 }  // namespace prism::emu
 
 #define threadIdx (::prism::emu::thread_idx)
@@ -404,20 +435,21 @@ void launch(Dim grid, int threads, size_t smem_bytes, Kernel kernel, const Param
 #define PRISM_KERNEL(threads) inline void  // inline: a .cuh may be in several tests
 #define PRISM_UNROLL
 #define PRISM_SMEM(name) unsigned char* name = ::prism::emu::block.smem.data()
-// kernel<<<grid, threads, smem, stream>>>(args...) (primitives.cuh), run now:
-// the emulator has one stream, and it is synchronous. The kernel's address
+// kernel<<<grid, threads, smem, stream>>>(args...) (primitives.cuh): checked
+// now, run when its stream gets to it (launch_on). The kernel's address
 // (for the shared-memory opt-in) is taken as a pointer to a function of the
 // arguments' own types, so that a template kernel's deduced instance is
 // found: the arguments must have the kernel's parameter types exactly (the
 // emulated build does not compile otherwise; the device would convert).
 #define PRISM_LAUNCH(grid, threads, smem, stream, ...)                                           \
     [&](const auto&... prism_launch_args_) {                                                     \
-        (void)(stream);                                                                          \
         /* the kernel the call below makes, a template's deduced from the arguments */          \
         void (*prism_kernel_)(std::decay_t<decltype(prism_launch_args_)>...) = __VA_ARGS__;      \
         ::prism::emu::check_smem_opt_in(::prism::emu::kernel_address(prism_kernel_), (smem));    \
-        ::prism::emu::launch((grid), (threads), (smem),                                          \
-                             [&](int) { __VA_ARGS__(prism_launch_args_...); }, 0);               \
+        ::prism::emu::launch_on(static_cast<const void*>(stream), (grid), (threads), (smem),     \
+                                [prism_kernel_, prism_args_ = std::make_tuple(prism_launch_args_...)] { \
+                                    std::apply(prism_kernel_, prism_args_);                      \
+                                });                                                              \
     }
 
 namespace prism {

@@ -67,14 +67,19 @@ struct DeadRankRun {
 };
 
 // Starts `job` (an mpirun command line) in the background with its output in
-// `log`, waits until it has logged step 2, SIGKILLs the newest process whose
-// command line holds `prism train` and `tag`, and waits for the job.
-inline DeadRankRun kill_a_rank_mid_run(const std::string& job, const std::string& log, const std::string& tag) {
+// `log`, waits until it has logged step 2, sends SIG`signal` (KILL, STOP) to
+// the newest process whose command line holds `prism train` (or
+// `prism_emulated train`) and `tag`, and waits for the job; then kills
+// whatever of it is left (a stopped rank).
+inline DeadRankRun signal_a_rank_mid_run(const std::string& signal, const std::string& job, const std::string& log,
+                                         const std::string& tag) {
     DeadRankRun d;
+    const std::string rank = "'prism(_emulated)? train.*" + tag + "'";
     d.output = run_shell("(" + job + " > " + log + " 2>&1 & job=$!; "
                          "for i in $(seq 600); do grep -q 'step *2/' " + log + " && break; sleep 0.1; done; "
-                         "pkill -KILL -n -f 'prism train.*" + tag + "'; "
-                         "start=$(date +%s); wait $job; rc=$?; echo rc=$rc waited=$(( $(date +%s) - start )))")
+                         "pkill -" + signal + " -n -f " + rank + "; "
+                         "start=$(date +%s); wait $job; rc=$?; echo rc=$rc waited=$(( $(date +%s) - start )); "
+                         "pkill -KILL -f " + rank + ")")
                    .output;
     const size_t at = d.output.find("rc=");
     d.found = at != std::string::npos;

@@ -257,21 +257,46 @@ TEST(Distributed, TheCommandLineRefusesWhatWouldLoseARun) {
         << j.output;
 }
 
+namespace {
+
+// Two ranks of a long `prism train` in `dir` (the communication timeout 3
+// s), one of them sent SIG`signal` after step 2; the job's output is in
+// dir/log.
+DeadRankRun signal_a_rank_of_a_long_run(const std::string& signal, const std::string& dir) {
+    return signal_a_rank_mid_run(
+        signal,
+        "OMP_NUM_THREADS=1 " + std::string(kMpirun) + " -np 2 " + build_dir() + "prism train " +
+            train_flags(dir, "--set train.steps=100000 --set train.comm_timeout_s=3 "
+                             "--set train.log_every=1 --set data.val=") +
+            " --set 'data.threads=1'",
+        dir + "/log", dir);
+}
+
+}  // namespace
+
 // A rank that dies mid-run ends the job with a non-zero exit, within the
 // communication timeout, instead of leaving the other rank waiting forever.
 TEST(Distributed, ADeadRankEndsTheJob) {
     if (!why_no_mpirun().empty()) GTEST_SKIP() << why_no_mpirun();
-    const std::string prism = build_dir() + "prism";
     TmpDir run;
-    const std::string marker = run.path + "/marker";  // names this job's processes for pkill
-    const DeadRankRun d = kill_a_rank_mid_run(
-        "OMP_NUM_THREADS=1 " + std::string(kMpirun) + " -np 2 " + prism + " train " +
-            train_flags(run.path, "--set train.steps=100000 --set train.comm_timeout_s=3 "
-                                  "--set train.log_every=1 --set data.val=") +
-            " --set 'data.threads=1'",
-        marker, run.path);
+    const DeadRankRun d = signal_a_rank_of_a_long_run("KILL", run.path);
     ASSERT_TRUE(d.found) << d.output;
-    EXPECT_NE(d.rc, 0) << d.output << read_bytes(marker);
+    EXPECT_NE(d.rc, 0) << d.output << read_bytes(run.path + "/log");
     EXPECT_LE(d.waited, 20) << d.output;
     std::printf("dead rank: %s", d.output.c_str());
+}
+
+// A rank that stalls (SIGSTOP: mpirun sees nothing wrong) leaves the other
+// waiting on it: the job must end, non-zero, within train.comm_timeout_s and
+// its slack, with a line naming the rank that did not answer.
+TEST(Distributed, AStalledRankEndsTheJob) {
+    if (!why_no_mpirun().empty()) GTEST_SKIP() << why_no_mpirun();
+    TmpDir run;
+    const DeadRankRun d = signal_a_rank_of_a_long_run("STOP", run.path);
+    ASSERT_TRUE(d.found) << d.output;
+    const std::string out = read_bytes(run.path + "/log");
+    EXPECT_NE(d.rc, 0) << d.output << out;
+    EXPECT_LE(d.waited, 20) << d.output << out;
+    EXPECT_NE(out.find("did not answer within"), std::string::npos) << "no line names the stalled rank\n" << out;
+    std::printf("stalled rank: %s\n", d.output.c_str());
 }

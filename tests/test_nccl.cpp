@@ -11,8 +11,8 @@
 // build/prism_emulated_tests runs this file on the emulated engine
 // (PRISM_EMULATED_ENGINE: build/prism_emulated, whose GPUs, kernels, cuBLAS
 // and NCCL are CPU models, two GPUs visible; see tests/emulated_nccl.h) at
-// the same sizes, without the dead-rank test: there a collective completes
-// before it returns, so a dead peer is never waited for as NCCL would.
+// the same sizes, its runtime's streams asynchronous where a test needs
+// them to be (PRISM_EMULATE_LATE_STREAMS).
 #include <cmath>
 #include <cstring>
 #include <string>
@@ -207,23 +207,103 @@ TEST(Nccl, TwoRanksOnOneGpuAreRefused) {
     EXPECT_NE(r.output.find("ranks 0 and 1 would share one GPU"), std::string::npos) << r.output;
 }
 
-#ifndef PRISM_EMULATED_ENGINE
-// A rank that dies mid-run ends the GPU job too, within the communication
+#ifdef PRISM_EMULATED_ENGINE
+// The emulated runtime's asynchronous streams (tests/emulated_runtime.h,
+// PRISM_EMULATE_LATE_STREAMS): stream 1 is the model's, 2 the gradient
+// all-reduce's. Run late, each lets a missing wait show: with the model's
+// late the all-reduces would read gradients backward has not written yet,
+// with the communication stream's late the optimizer would update from
+// gradients not yet summed. Every run must give the bits of the synchronous
+// run: a plain run, two ranks, and two ranks with ZeRO-1.
+TEST(Nccl, LateStreamsTrainToTheSameBits) {
+    if (!why_no_nccl_run().empty()) GTEST_SKIP() << why_no_nccl_run();
+    if (visible_gpus() < 2) GTEST_SKIP() << "needs two GPUs (" << visible_gpus() << " visible)";
+    const std::string prism = build_dir() + kPrism + " train ";
+    const std::string mpirun = std::string(kMpirun) + " -np 2 ";
+    struct Case {
+        const char* what;
+        std::string launch, flags;
+        std::vector<const char*> late;
+    };
+    const std::vector<Case> cases = {
+        {"1 process", "", "", {"1"}},
+        {"2 ranks", mpirun, "", {"1", "2"}},
+        {"2 ranks, ZeRO-1", mpirun, "--set train.zero=1", {"1", "2"}},
+    };
+    for (const Case& c : cases) {
+        TmpDir in_order;
+        const ShellRun a = run_shell(c.launch + prism + train_flags(in_order.path, c.flags));
+        ASSERT_TRUE(exited_ok(a)) << a.output;
+        const auto w_in_order = run_weights(in_order.path);
+        for (const char* late : c.late) {
+            TmpDir run;
+            const ShellRun b = run_shell(std::string("PRISM_EMULATE_LATE_STREAMS=") + late + " " + c.launch + prism +
+                                         train_flags(run.path, c.flags));
+            ASSERT_TRUE(exited_ok(b)) << b.output;
+            EXPECT_NE(b.output.find(std::string("stream ") + late + " runs late"), std::string::npos) << b.output;
+            report((std::string(c.what) + ": stream " + late + " late vs in order").c_str(), w_in_order,
+                   run_weights(run.path));
+            EXPECT_TRUE(same_bits(w_in_order, run_weights(run.path))) << c.what << ", stream " << late << " late";
+        }
+    }
+}
+#endif
+
+// What the emulated engine's runs below need before their command: its
+// streams asynchronous, so that a collective waits for its peer as NCCL's
+// does (synchronous, the survivor would block inside MPI until mpirun or
+// the watchdog ends it, and the code's own deadline would go untested).
+#ifdef PRISM_EMULATED_ENGINE
+const std::string kPeersWait = "PRISM_EMULATE_LATE_STREAMS=none ";
+#else
+const std::string kPeersWait;
+#endif
+
+namespace {
+
+// Two ranks of a long `prism train --device cuda` in `dir` (the
+// communication timeout 3 s), one of them sent SIG`signal` after step 2; the
+// job's output is in dir/log.
+DeadRankRun signal_a_rank_of_a_long_run(const std::string& signal, const std::string& dir) {
+    return signal_a_rank_mid_run(
+        signal,
+        kPeersWait + kMpirun + " -np 2 " + build_dir() + kPrism + " train " +
+            train_flags(dir, "--set train.steps=1000000 --set train.comm_timeout_s=3 "
+                             "--set train.log_every=1 --set data.val="),
+        dir + "/log", dir);
+}
+
+}  // namespace
+
+// A rank that dies mid-run ends the job too, within the communication
 // timeout, instead of leaving the other rank inside an NCCL collective.
 TEST(Nccl, ADeadRankEndsTheJob) {
     if (!why_no_nccl_run().empty()) GTEST_SKIP() << why_no_nccl_run();
     if (visible_gpus() < 2) GTEST_SKIP() << "needs two GPUs (" << visible_gpus() << " visible)";
-    const std::string prism = build_dir() + kPrism;
     TmpDir run;
-    const std::string log = run.path + "/log";
-    const DeadRankRun d = kill_a_rank_mid_run(
-        std::string(kMpirun) + " -np 2 " + prism + " train " +
-            train_flags(run.path, "--set train.steps=1000000 --set train.comm_timeout_s=3 "
-                                  "--set train.log_every=1 --set data.val="),
-        log, run.path);
+    const DeadRankRun d = signal_a_rank_of_a_long_run("KILL", run.path);
     ASSERT_TRUE(d.found) << d.output;
-    EXPECT_NE(d.rc, 0) << d.output << read_bytes(log);
-    EXPECT_LE(d.waited, 30) << d.output << read_bytes(log);
-    std::printf("dead rank (GPU): %s%s", d.output.c_str(), read_bytes(log).c_str());
+    const std::string out = read_bytes(run.path + "/log");
+    EXPECT_NE(d.rc, 0) << d.output << out;
+    EXPECT_LE(d.waited, 30) << d.output << out;
+    std::printf("dead rank: %s%s", d.output.c_str(), out.c_str());
 }
-#endif
+
+// A rank that stalls (SIGSTOP: mpirun sees nothing wrong) leaves the other's
+// collective in flight: the job must end, non-zero, within
+// train.comm_timeout_s and the watchdog's grace (here 3 s + 2.3 s), with a
+// line naming the collective that did not complete.
+TEST(Nccl, AStalledRankEndsTheJob) {
+    if (!why_no_nccl_run().empty()) GTEST_SKIP() << why_no_nccl_run();
+    if (visible_gpus() < 2) GTEST_SKIP() << "needs two GPUs (" << visible_gpus() << " visible)";
+    TmpDir run;
+    const DeadRankRun d = signal_a_rank_of_a_long_run("STOP", run.path);
+    ASSERT_TRUE(d.found) << d.output;
+    const std::string out = read_bytes(run.path + "/log");
+    EXPECT_NE(d.rc, 0) << d.output << out;
+    EXPECT_LE(d.waited, 20) << d.output << out;
+    EXPECT_TRUE(out.find("did not complete within 3 s") != std::string::npos ||
+                out.find("has not completed in") != std::string::npos)
+        << "no line names the stalled collective\n" << out;
+    std::printf("stalled rank: %s%s", d.output.c_str(), out.c_str());
+}

@@ -12,7 +12,12 @@
 
 namespace prism::cuda_detail {
 
-cublasHandle_t blas_handle(cudaStream_t) { return nullptr; }
+// One handle, bound to the stream of the call, as context.cu's is.
+cublasHandle_t blas_handle(cudaStream_t stream) {
+    static EmulatedBlasHandle handle;
+    handle.stream = stream;
+    return &handle;
+}
 
 LtContext lt_context() {
     constexpr size_t kWorkspaceBytes = 1 << 20;
