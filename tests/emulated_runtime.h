@@ -157,7 +157,8 @@ inline void emulated_release(void* p) {
 // product is done when its call returns, and an event has always completed.
 //
 // PRISM_EMULATE_LATE_STREAMS (a comma-separated list of stream numbers, 1
-// for the first stream the process creates, 2 for the second...; or "none")
+// for the first stream the process creates, 2 for the second...; "all"; or
+// "none")
 // makes the streams asynchronous, to show that the code orders its streams
 // itself: work is queued, and a stream runs it in order, a
 // cudaStreamWaitEvent holding it until the event's stream has run what
@@ -206,6 +207,7 @@ namespace emulated_streams {
 // The mode PRISM_EMULATE_LATE_STREAMS asks for (see above).
 struct Mode {
     bool async = false;
+    bool all_late = false;
     std::vector<int> late;  // stream numbers
 };
 inline Mode mode_from_environment() {
@@ -214,13 +216,14 @@ inline Mode mode_from_environment() {
     if (!v || !*v) return m;
     m.async = true;
     const std::string text = v;
-    if (text != "none") {
+    m.all_late = text == "all";
+    if (text != "none" && text != "all") {
         for (const char* p = v;;) {
             char* end = nullptr;
             const long n = std::strtol(p, &end, 10);
             if (end == p || n < 1 || n > 1000 || (*end != ',' && *end != '\0')) {
-                std::fprintf(stderr, "emulator: PRISM_EMULATE_LATE_STREAMS=%s: expected \"none\" or stream numbers "
-                                     "from 1, separated by commas\n", v);
+                std::fprintf(stderr, "emulator: PRISM_EMULATE_LATE_STREAMS=%s: expected \"none\", \"all\" or stream "
+                                     "numbers from 1, separated by commas\n", v);
                 std::exit(1);
             }
             m.late.push_back(int(n));
@@ -333,7 +336,7 @@ inline CUstream_st* create(bool blocking) {
     auto* s = new CUstream_st;
     s->number = ++created;
     s->blocking = blocking;
-    s->late = std::find(mode.late.begin(), mode.late.end(), s->number) != mode.late.end();
+    s->late = mode.all_late || std::find(mode.late.begin(), mode.late.end(), s->number) != mode.late.end();
     if (s->late) std::fprintf(stderr, "emulator: stream %d runs late (PRISM_EMULATE_LATE_STREAMS)\n", s->number);
     all.push_back(s);
     return s;
