@@ -18,14 +18,15 @@
 // operands widened exactly, the result alpha·acc + beta·C (+ bias) rounded
 // once to D's type, as cuBLAS's fp32-compute kernels do up to their order of
 // summation, done when the stream of the call (the handle's, or cuBLASLt's
-// argument) gets to it (tests/emulated_runtime.h); none in the geometry-only mode (emulator.h), where every check
-// above still holds but the products, and the pointer arrays' contents, are
-// skipped. Not modelled: the heuristic's choice (it finds an algorithm for
-// every valid problem unless PRISM_EMULATED_LT_HEURISTIC=none says it finds
-// none for any, which sends linear.cu's bf16 products down its cublasGemmEx
-// fallback; tests/emulated/cuda_linear_fallback.cpp runs the linear tests so
-// in a child process), TF32 and atomics modes (linear.cu's handle asks for neither),
-// workspace use, and speed.
+// argument) gets to it (tests/emulated_runtime.h); none in the geometry-only
+// mode (emulator.h), where every check above still holds but the products,
+// and the pointer arrays' contents, are skipped. Not modelled: the
+// heuristic's choice (it finds an algorithm for every valid problem unless
+// PRISM_EMULATED_LT_HEURISTIC=none says it finds none for any, which sends
+// linear.cu's bf16 products down its cublasGemmEx fallback;
+// tests/emulated/cuda_linear_fallback.cpp runs the linear tests so in a
+// child process), TF32 and atomics modes (linear.cu's handle asks for
+// neither), workspace use, and speed.
 #pragma once
 #include "tests/emulated_runtime.h"
 
@@ -240,8 +241,8 @@ inline cudaStream_t stream_of(cublasHandle_t h) { return h ? h->stream : nullptr
 }  // namespace emulated_blas
 
 // ---- cuBLAS ---------------------------------------------------------------------------
-inline cublasStatus_t cublasSgemm(cublasHandle_t handle, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
-                                  const float* alpha, const float* A, int lda, const float* B, int ldb,
+inline cublasStatus_t cublasSgemm(cublasHandle_t handle, cublasOperation_t ta, cublasOperation_t tb, int m, int n,
+                                  int k, const float* alpha, const float* A, int lda, const float* B, int ldb,
                                   const float* beta, float* C, int ldc) {
     emu::blas_calls++;
     using namespace emulated_blas;
@@ -253,8 +254,8 @@ inline cublasStatus_t cublasSgemm(cublasHandle_t handle, cublasOperation_t ta, c
     return CUBLAS_STATUS_SUCCESS;
 }
 
-inline cublasStatus_t cublasSgemmBatched(cublasHandle_t handle, cublasOperation_t ta, cublasOperation_t tb, int m, int n,
-                                         int k, const float* alpha, const float* const A[], int lda,
+inline cublasStatus_t cublasSgemmBatched(cublasHandle_t handle, cublasOperation_t ta, cublasOperation_t tb, int m,
+                                         int n, int k, const float* alpha, const float* const A[], int lda,
                                          const float* const B[], int ldb, const float* beta, float* const C[],
                                          int ldc, int count) {
     emu::blas_calls++;
@@ -265,8 +266,8 @@ inline cublasStatus_t cublasSgemmBatched(cublasHandle_t handle, cublasOperation_
 }
 
 // bf16 A and B, fp32 or bf16 C, fp32 compute with fp32 (host) scalars.
-inline cublasStatus_t cublasGemmBatchedEx(cublasHandle_t handle, cublasOperation_t ta, cublasOperation_t tb, int m, int n,
-                                          int k, const void* alpha, const void* const A[], cudaDataType_t a_type,
+inline cublasStatus_t cublasGemmBatchedEx(cublasHandle_t handle, cublasOperation_t ta, cublasOperation_t tb, int m,
+                                          int n, int k, const void* alpha, const void* const A[], cudaDataType_t a_type,
                                           int lda, const void* const B[], cudaDataType_t b_type, int ldb,
                                           const void* beta, void* const C[], cudaDataType_t c_type, int ldc,
                                           int count, cublasComputeType_t compute, cublasGemmAlgo_t) {
@@ -275,15 +276,14 @@ inline cublasStatus_t cublasGemmBatchedEx(cublasHandle_t handle, cublasOperation
         compute != CUBLAS_COMPUTE_32F)
         return CUBLAS_STATUS_NOT_SUPPORTED;
     return emulated_blas::batched(emulated_blas::stream_of(handle), ta, tb, m, n, k, static_cast<const float*>(alpha),
-                                  A, a_type, lda, B, b_type, ldb,
-                                  static_cast<const float*>(beta), reinterpret_cast<const void* const*>(C), c_type,
-                                  ldc, count);
+                                  A, a_type, lda, B, b_type, ldb, static_cast<const float*>(beta),
+                                  reinterpret_cast<const void* const*>(C), c_type, ldc, count);
 }
 
-inline cublasStatus_t cublasGemmEx(cublasHandle_t handle, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
-                                   const void* alpha, const void* A, cudaDataType_t a_type, int lda, const void* B,
-                                   cudaDataType_t b_type, int ldb, const void* beta, void* C, cudaDataType_t c_type,
-                                   int ldc, cublasComputeType_t compute, cublasGemmAlgo_t) {
+inline cublasStatus_t cublasGemmEx(cublasHandle_t handle, cublasOperation_t ta, cublasOperation_t tb, int m, int n,
+                                   int k, const void* alpha, const void* A, cudaDataType_t a_type, int lda,
+                                   const void* B, cudaDataType_t b_type, int ldb, const void* beta, void* C,
+                                   cudaDataType_t c_type, int ldc, cublasComputeType_t compute, cublasGemmAlgo_t) {
     emu::blas_calls++;
     using namespace emulated_blas;
     if (a_type != CUDA_R_16BF || b_type != CUDA_R_16BF || !known_type(c_type) || compute != CUBLAS_COMPUTE_32F)

@@ -54,6 +54,8 @@ struct EmulatedNcclComm {
     bool blocking;
     int polls_in_progress = 0;  // how many more ncclCommGetAsyncError calls say ncclInProgress
     uint64_t called = 0, begun = 0;  // collectives called, and begun in MPI (in that order)
+    int64_t unfinished = 0;          // collectives called and not yet complete
+    bool finalizing = false;         // ncclCommFinalize was called
     int mpi_error = MPI_SUCCESS;     // the first failed MPI call's code, reported as an asynchronous error
     bool aborted = false;            // ncclCommAbort: queued collectives do nothing
 };
@@ -69,7 +71,6 @@ inline ncclResult_t ncclGetVersion(int* version) {
 }
 
 namespace emulated_nccl {
-inline ncclResult_t result(int mpi_rc) { return mpi_rc == MPI_SUCCESS ? ncclSuccess : ncclInternalError; }
 inline MPI_Datatype mpi_type(ncclDataType_t t) { return t == ncclDouble ? MPI_DOUBLE : MPI_FLOAT; }
 inline bool known(ncclDataType_t t, ncclRedOp_t op) { return (t == ncclFloat || t == ncclDouble) && op == ncclSum; }
 inline size_t bytes_of(ncclDataType_t t) { return t == ncclDouble ? 8 : 4; }
@@ -93,39 +94,49 @@ inline ncclResult_t issued(ncclComm_t c, ncclResult_t done) {
     c->polls_in_progress = kPollsInProgress;
     return ncclInProgress;
 }
+// One attempt at a queued collective: begins it (if every collective called
+// before it on c has begun), then asks MPI whether it is complete.
+struct InFlight {
+    MPI_Request request = MPI_REQUEST_NULL;
+    bool begun = false;
+};
+template <class Begin>
+bool step(ncclComm_t c, InFlight& state, uint64_t number, const char* what, const Begin& begin, bool forced) {
+    if (c->aborted || c->mpi_error != MPI_SUCCESS) return true;
+    if (!state.begun) {
+        if (c->begun != number) {
+            if (!forced) return false;  // an eager stream: the earlier one's stream may yet begin it
+            emu::fail(std::string("NCCL: ") + what + " (call " + std::to_string(number) +
+                      " on its communicator) was reached on its stream before call " + std::to_string(c->begun) +
+                      " had begun: collectives on one communicator from streams not ordered with each other "
+                      "may begin in another order on another rank, and hang");
+        }
+        state.begun = true;
+        c->begun++;
+        const int rc = begin(&state.request);
+        if (rc != MPI_SUCCESS) {
+            c->mpi_error = rc;
+            return true;
+        }
+    }
+    int flag = 0;
+    const int rc = MPI_Test(&state.request, &flag, MPI_STATUS_IGNORE);
+    if (rc != MPI_SUCCESS) c->mpi_error = rc;
+    return rc != MPI_SUCCESS || flag != 0;
+}
+
 // Queues collective `what` on `stream`: begin(&request) starts it in MPI
 // when the stream reaches it (and every collective called before it on c has
 // begun); it is complete when MPI_Test says so.
 template <class Begin>
 ncclResult_t enqueue(ncclComm_t c, cudaStream_t stream, const char* what, Begin begin) {
-    struct InFlight {
-        MPI_Request request = MPI_REQUEST_NULL;
-        bool begun = false;
-    };
     auto state = std::make_shared<InFlight>();
     const uint64_t number = c->called++;
+    c->unfinished++;
     emulated_streams::submit(stream, [c, state, number, what, begin](bool forced) {
-        if (c->aborted || c->mpi_error != MPI_SUCCESS) return true;
-        if (!state->begun) {
-            if (c->begun != number) {
-                if (!forced) return false;  // an eager stream: the earlier one's stream may yet begin it
-                emu::fail(std::string("NCCL: ") + what + " (call " + std::to_string(number) +
-                          " on its communicator) was reached on its stream before call " + std::to_string(c->begun) +
-                          " had begun: collectives on one communicator from streams not ordered with each other "
-                          "may begin in another order on another rank, and hang");
-            }
-            state->begun = true;
-            c->begun++;
-            const int rc = begin(&state->request);
-            if (rc != MPI_SUCCESS) {
-                c->mpi_error = rc;
-                return true;
-            }
-        }
-        int flag = 0;
-        const int rc = MPI_Test(&state->request, &flag, MPI_STATUS_IGNORE);
-        if (rc != MPI_SUCCESS) c->mpi_error = rc;
-        return rc != MPI_SUCCESS || flag != 0;
+        const bool complete = step(c, *state, number, what, begin, forced);
+        if (complete) c->unfinished--;
+        return complete;
     });
     return issued(c, ncclSuccess);
 }
@@ -166,16 +177,24 @@ inline ncclResult_t ncclCommInitRankConfig(ncclComm_t* comm, int nranks, ncclUni
 }
 inline ncclResult_t ncclCommGetAsyncError(ncclComm_t c, ncclResult_t* state) {
     if (!c) return ncclInvalidArgument;
+    if (c->finalizing && c->unfinished > 0) emulated_streams::progress_all();
+    if (c->finalizing && c->unfinished > 0 && c->mpi_error == MPI_SUCCESS) {
+        *state = ncclInProgress;
+        return ncclSuccess;
+    }
     *state = c->mpi_error != MPI_SUCCESS  ? ncclInternalError
              : c->polls_in_progress > 0 ? ncclInProgress
                                         : ncclSuccess;
     if (c->polls_in_progress > 0) c->polls_in_progress--;
     return ncclSuccess;
 }
-// Finalizing completes what is queued (on every stream: the emulation does
-// not tell a communicator's work from the rest).
+// Finalizing lets what is queued complete: ncclCommGetAsyncError answers
+// ncclInProgress until the communicator's collectives have (a blocking one
+// waits here), so that a peer gone at the end meets the code's deadline.
 inline ncclResult_t ncclCommFinalize(ncclComm_t c) {
-    emulated_streams::synchronize_all();
+    c->finalizing = true;
+    if (c->blocking)
+        while (c->unfinished > 0) emulated_streams::progress_all();
     return emulated_nccl::issued(c, ncclSuccess);
 }
 inline ncclResult_t ncclCommDestroy(ncclComm_t c) {

@@ -34,6 +34,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -58,6 +59,7 @@ enum cudaError_t {
     cudaErrorInvalidValue = 1,
     cudaErrorMemoryAllocation = 2,
     cudaErrorNotReady = 600,
+    cudaErrorLaunchFailure = 719,
 };
 enum cudaMemcpyKind {
     cudaMemcpyHostToHost,
@@ -72,6 +74,7 @@ inline const char* cudaGetErrorString(cudaError_t e) {
     return e == cudaSuccess                 ? "no error"
            : e == cudaErrorMemoryAllocation ? "out of memory"
            : e == cudaErrorNotReady         ? "device not ready"
+           : e == cudaErrorLaunchFailure    ? "unspecified launch failure"
                                             : "invalid argument";
 }
 // A launch the device would refuse has already thrown (emu::launch).
@@ -138,9 +141,13 @@ template <class T>
 cudaError_t cudaMalloc(T** p, size_t bytes) {
     return cudaMalloc(reinterpret_cast<void**>(p), bytes);
 }
+// Allocations a cudaFreeAsync has queued for release: freeing one again is
+// the program's error, as it would be on the device.
+inline std::set<uintptr_t> emulated_freeing;
 // Gives an allocation back (cudaFree once the queued work is done, or
 // cudaFreeAsync when its stream gets there).
 inline void emulated_release(void* p) {
+    emulated_freeing.erase((uintptr_t)p);
     const auto it = emulated_allocations.find((uintptr_t)p);
     emulated_allocated_bytes -= it->second;
     emulated_allocations.erase(it);
@@ -331,6 +338,31 @@ inline void run_until(CUstream_st* s, uint64_t until) {
 inline void synchronize_all() {
     for (CUstream_st* s : all) advance(s, s->queued, true);
 }
+// Every stream runs what it can without blocking (NCCL's finalization
+// polling its communicator's collectives).
+inline void progress_all() {
+    for (CUstream_st* s : all) advance(s, s->queued, false);
+    run_eager_streams();
+}
+// synchronize_all for the calls that run in destructors (cudaFree, cudaFreeHost,
+// cudaStreamDestroy): a queued kernel's failure is printed, and answered as
+// the device answers every call after a fault, with an error code.
+inline cudaError_t synchronize_all_noexcept() {
+    try {
+        synchronize_all();
+        return cudaSuccess;
+    } catch (const std::exception& e) {
+        std::fprintf(stderr, "%s\n", e.what());
+        return cudaErrorLaunchFailure;
+    }
+}
+// cudaStreamQuery and cudaEventQuery: runs what can run without blocking,
+// then says whether s has completed `until` operations.
+inline cudaError_t query(CUstream_st* s, uint64_t until) {
+    const bool done = advance(s, until, false);
+    run_eager_streams();
+    return done ? cudaSuccess : cudaErrorNotReady;
+}
 
 inline CUstream_st* create(bool blocking) {
     auto* s = new CUstream_st;
@@ -342,8 +374,8 @@ inline CUstream_st* create(bool blocking) {
     return s;
 }
 
-// Pinned host memory (cudaHostAlloc): start → bytes. Locked: the loader's
-// threads may allocate it.
+// Pinned host memory (cudaHostAlloc): start → bytes. Locked: a HostBuffer
+// (engine/device.h) may be made on any thread.
 inline std::map<uintptr_t, size_t> pinned;
 inline std::mutex pinned_mutex;
 inline bool is_pinned(const void* p) {
@@ -369,19 +401,24 @@ inline cudaError_t cudaDeviceSynchronize() {
     return cudaSuccess;
 }
 // As on the device, freeing device memory waits for all queued work first.
+// Called from destructors: a queued kernel's failure is printed and
+// answered as the device's sticky error, not thrown.
 inline cudaError_t cudaFree(void* p) {
     if (!p) return cudaSuccess;
-    if (!emulated_allocations.count((uintptr_t)p)) return cudaErrorInvalidValue;
-    emulated_streams::synchronize_all();
+    if (!emulated_allocations.count((uintptr_t)p) || emulated_freeing.count((uintptr_t)p))
+        return cudaErrorInvalidValue;
+    const cudaError_t e = emulated_streams::synchronize_all_noexcept();
     emulated_release(p);
-    return cudaSuccess;
+    return e;
 }
 inline cudaError_t cudaMallocAsync(void** p, size_t bytes, cudaStream_t) { return cudaMalloc(p, bytes); }
 // Freed when the stream gets there, so that no other allocation takes the
 // memory while the stream's work before it may still use it.
 inline cudaError_t cudaFreeAsync(void* p, cudaStream_t stream) {
     if (!p) return cudaSuccess;
-    if (!emulated_allocations.count((uintptr_t)p)) return cudaErrorInvalidValue;
+    if (!emulated_allocations.count((uintptr_t)p) || emulated_freeing.count((uintptr_t)p))
+        return cudaErrorInvalidValue;
+    emulated_freeing.insert((uintptr_t)p);
     emulated_streams::submit_work(stream, [p] { emulated_release(p); });
     return cudaSuccess;
 }
@@ -450,11 +487,11 @@ inline cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned flags) {
     return cudaSuccess;
 }
 inline cudaError_t cudaStreamCreate(cudaStream_t* s) { return cudaStreamCreateWithFlags(s, cudaStreamDefault); }
-// The device finishes a destroyed stream's work; its record stays for the
-// events that name it.
+// The device finishes a destroyed stream's work (here at once, and all
+// streams', so that a destructor's call throws nothing); its record stays
+// for the events that name it.
 inline cudaError_t cudaStreamDestroy(cudaStream_t s) {
-    if (s) emulated_streams::run_until(s, s->queued);
-    return cudaSuccess;
+    return s ? emulated_streams::synchronize_all_noexcept() : cudaSuccess;
 }
 
 // The devices kernels/cuda/device.cu, util.cu and engine/nccl.cpp ask about:
@@ -520,9 +557,7 @@ inline cudaError_t cudaStreamCreateWithPriority(cudaStream_t* s, unsigned flags,
 // collective in flight).
 inline cudaError_t cudaStreamQuery(cudaStream_t stream) {
     CUstream_st* s = emulated_streams::of(stream);
-    const bool done = emulated_streams::advance(s, s->queued, false);
-    emulated_streams::run_eager_streams();
-    return done ? cudaSuccess : cudaErrorNotReady;
+    return emulated_streams::query(s, s->queued);
 }
 
 // Host memory: "pinned" is plain memory, recorded (emulated_streams::pinned)
@@ -537,13 +572,13 @@ inline cudaError_t cudaHostAlloc(void** p, size_t bytes, unsigned) {
 }
 // Waits for the queued work first (copies may still read or write it).
 inline cudaError_t cudaFreeHost(void* p) {
-    emulated_streams::synchronize_all();
+    const cudaError_t e = emulated_streams::synchronize_all_noexcept();
     {
         std::lock_guard<std::mutex> lock(emulated_streams::pinned_mutex);
         emulated_streams::pinned.erase((uintptr_t)p);
     }
     std::free(p);
-    return cudaSuccess;
+    return e;
 }
 
 // The stream-ordered allocator's pool: nothing to keep here.
@@ -572,23 +607,22 @@ inline cudaError_t cudaEventDestroy(cudaEvent_t e) {
 }
 inline cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t stream) {
     e->stream = emulated_streams::of(stream);
+    if (emulated_streams::mode.async) emulated_streams::order_with_legacy(e->stream);
     e->at = e->stream->queued;
     return cudaSuccess;
 }
 inline cudaError_t cudaEventQuery(cudaEvent_t e) {
     if (!e->stream) return cudaSuccess;  // never recorded: as the device answers
-    const bool done = emulated_streams::advance(e->stream, e->at, false);
-    emulated_streams::run_eager_streams();
-    return done ? cudaSuccess : cudaErrorNotReady;
+    return emulated_streams::query(e->stream, e->at);
 }
 inline cudaError_t cudaEventSynchronize(cudaEvent_t e) {
     if (e->stream) emulated_streams::run_until(e->stream, e->at);
     return cudaSuccess;
 }
 inline cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t start, cudaEvent_t end) {
-    if (!start->timing || !end->timing) return cudaErrorInvalidValue;
+    if (!start->timing || !end->timing || !start->stream || !end->stream) return cudaErrorInvalidValue;
     for (cudaEvent_t e : {start, end})
-        if (!e->stream || e->stream->done < e->at) return cudaErrorNotReady;
+        if (e->stream->done < e->at) return cudaErrorNotReady;
     *ms = 0.f;
     return cudaSuccess;
 }
@@ -596,6 +630,7 @@ inline cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t start, cudaEvent_
 inline cudaError_t cudaStreamWaitEvent(cudaStream_t stream, cudaEvent_t e, unsigned) {
     CUstream_st* s = emulated_streams::of(stream);
     if (!emulated_streams::mode.async || !e->stream || e->stream->done >= e->at) return cudaSuccess;
+    emulated_streams::order_with_legacy(s);
     emulated_streams::push(s, {nullptr, e->stream, e->at});
     return cudaSuccess;
 }

@@ -58,28 +58,28 @@ inline std::string build_dir() {
 }
 
 
-// How a data-parallel job ended after one of its ranks was SIGKILLed.
+// How a data-parallel job ended after one of its ranks was signalled.
 struct DeadRankRun {
     std::string output;   // the shell's report, "rc=R waited=S"
     bool found = false;   // the report is there
     int rc = 0;           // the job's exit code
-    int waited = 0;       // seconds from the kill to the job's end
+    int waited = 0;       // seconds from the signal to the job's end
 };
 
-// Starts `job` (an mpirun command line) in the background with its output in
-// `log`, waits until it has logged step 2, sends SIG`signal` (KILL, STOP) to
-// the newest process whose command line holds `prism train` (or
-// `prism_emulated train`) and `tag`, and waits for the job; then kills
-// whatever of it is left (a stopped rank).
-inline DeadRankRun signal_a_rank_mid_run(const std::string& signal, const std::string& job, const std::string& log,
-                                         const std::string& tag) {
+// Starts `job` (an mpirun command line, itself under a timeout, whose ranks
+// run in `dir`) in the background with its output in dir/log, waits until
+// it has logged step 2, sends SIG`signal` (KILL, STOP) to the newest process
+// whose command line holds `prism train` (or `prism_emulated train`) and
+// `dir`: a rank, started after mpirun. Waits for the job, then SIGKILLs that
+// rank in case it is stopped and outlived the job.
+inline DeadRankRun signal_a_rank_mid_run(const std::string& signal, const std::string& job, const std::string& dir) {
     DeadRankRun d;
-    const std::string rank = "'prism(_emulated)? train.*" + tag + "'";
+    const std::string log = dir + "/log";
     d.output = run_shell("(" + job + " > " + log + " 2>&1 & job=$!; "
                          "for i in $(seq 600); do grep -q 'step *2/' " + log + " && break; sleep 0.1; done; "
-                         "pkill -" + signal + " -n -f " + rank + "; "
+                         "rank=$(pgrep -n -f 'prism(_emulated)? train.*" + dir + "'); kill -" + signal + " $rank; "
                          "start=$(date +%s); wait $job; rc=$?; echo rc=$rc waited=$(( $(date +%s) - start )); "
-                         "pkill -KILL -f " + rank + ")")
+                         "kill -KILL $rank 2>/dev/null)")
                    .output;
     const size_t at = d.output.find("rc=");
     d.found = at != std::string::npos;

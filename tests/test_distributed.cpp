@@ -269,7 +269,7 @@ DeadRankRun signal_a_rank_of_a_long_run(const std::string& signal, const std::st
             train_flags(dir, "--set train.steps=100000 --set train.comm_timeout_s=3 "
                              "--set train.log_every=1 --set data.val=") +
             " --set 'data.threads=1'",
-        dir + "/log", dir);
+        dir);
 }
 
 }  // namespace

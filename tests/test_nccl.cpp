@@ -270,7 +270,7 @@ DeadRankRun signal_a_rank_of_a_long_run(const std::string& signal, const std::st
         kPeersWait + kMpirun + " -np 2 " + build_dir() + kPrism + " train " +
             train_flags(dir, "--set train.steps=1000000 --set train.comm_timeout_s=3 "
                              "--set train.log_every=1 --set data.val="),
-        dir + "/log", dir);
+        dir);
 }
 
 }  // namespace
@@ -292,7 +292,7 @@ TEST(Nccl, ADeadRankEndsTheJob) {
 // A rank that stalls (SIGSTOP: mpirun sees nothing wrong) leaves the other's
 // collective in flight: the job must end, non-zero, within
 // train.comm_timeout_s and the watchdog's grace (here 3 s + 2.3 s), with a
-// line naming the collective that did not complete.
+// line naming the collective or the rank that did not answer.
 TEST(Nccl, AStalledRankEndsTheJob) {
     if (!why_no_nccl_run().empty()) GTEST_SKIP() << why_no_nccl_run();
     if (visible_gpus() < 2) GTEST_SKIP() << "needs two GPUs (" << visible_gpus() << " visible)";
@@ -302,8 +302,12 @@ TEST(Nccl, AStalledRankEndsTheJob) {
     const std::string out = read_bytes(run.path + "/log");
     EXPECT_NE(d.rc, 0) << d.output << out;
     EXPECT_LE(d.waited, 20) << d.output << out;
+    // Where the survivor waits decides who speaks: NCCL's deadline, the
+    // watchdog (the host blocked behind a collective), or MPI's deadline (the
+    // step's loss reduction on the host).
     EXPECT_TRUE(out.find("did not complete within 3 s") != std::string::npos ||
-                out.find("has not completed in") != std::string::npos)
-        << "no line names the stalled collective\n" << out;
+                out.find("has not completed in") != std::string::npos ||
+                out.find("did not answer within") != std::string::npos)
+        << "no line names the stalled collective or rank\n" << out;
     std::printf("stalled rank: %s%s", d.output.c_str(), out.c_str());
 }

@@ -92,6 +92,8 @@ TEST_F(EmulatedStreams, AWaitHoldsAStreamUntilTheEventsStreamHasRunToTheRecord) 
     cudaStream_t producer = stream(true), consumer = stream(false);
     cudaEvent_t ready;
     ASSERT_EQ(cudaEventCreateWithFlags(&ready, cudaEventDisableTiming), cudaSuccess);
+    float ms = 0;
+    EXPECT_EQ(cudaEventElapsedTime(&ms, ready, ready), cudaErrorInvalidValue) << "timing an untimed event";
     write_ones(x, n, producer);
     ASSERT_EQ(cudaEventRecord(ready, producer), cudaSuccess);
     PRISM_LAUNCH(dim3(1), 32, 0, producer, add_one)(x, n);  // after the record: not waited for
@@ -159,7 +161,10 @@ TEST_F(EmulatedStreams, AKernelFailsWhereItsStreamRunsIt) {
         EXPECT_NE(std::string(e.what()).find("the test's failing kernel"), std::string::npos) << e.what();
     }
     EXPECT_EQ(cudaStreamQuery(s), cudaSuccess) << "the failed kernel is no longer queued";
-    cudaStreamDestroy(s);
+    // The calls destructors make answer a failure with the device's error
+    // code (and print it), instead of throwing out of a destructor.
+    PRISM_LAUNCH(dim3(1), 32, 0, s, trap)(0);
+    EXPECT_EQ(cudaStreamDestroy(s), cudaErrorLaunchFailure);
 }
 
 // Freeing device memory waits for the queued work; a stream-ordered free
@@ -172,6 +177,8 @@ TEST_F(EmulatedStreams, FreeingWaitsForTheWorkThatMayUseTheMemory) {
     write_ones(y, n, s);
     ASSERT_EQ(cudaFreeAsync(x, s), cudaSuccess);
     EXPECT_TRUE(emulated_in_allocation(x, sizeof(float) * n)) << "freed before the stream got there";
+    EXPECT_EQ(cudaFreeAsync(x, s), cudaErrorInvalidValue) << "a second free of the same memory";
+    EXPECT_EQ(cudaFree(x), cudaErrorInvalidValue) << "a second free of the same memory";
     EXPECT_TRUE(std::isnan(y[0]));
     ASSERT_EQ(cudaFree(y), cudaSuccess);  // runs everything queued first, so x goes too
     EXPECT_FALSE(emulated_in_allocation(x, sizeof(float) * n));
