@@ -4,6 +4,8 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
+#include <iterator>
 #include <string>
 #include <limits.h>
 #include <sys/wait.h>
@@ -64,10 +66,11 @@ struct DeadRankRun {
     bool found = false;   // the report is there
     int rc = 0;           // the job's exit code
     int waited = 0;       // seconds from the signal to the job's end
+    std::string log;      // the job's output
 };
 
 // Starts `job` (an mpirun command line, itself under a timeout, whose ranks
-// run in `dir`) in the background with its output in dir/log, waits until
+// run in `dir`) in the background with its output in dir/log (and d.log), waits until
 // it has logged step 2, sends SIG`signal` (KILL, STOP) to the newest process
 // whose command line holds `prism train` (or `prism_emulated train`) and
 // `dir`: a rank, started after mpirun. Waits for the job, then SIGKILLs that
@@ -89,6 +92,8 @@ inline DeadRankRun signal_a_rank_mid_run(const std::string& signal, const std::s
         const size_t w = d.output.find("waited=");
         d.waited = w == std::string::npos ? -1 : std::atoi(d.output.c_str() + w + 7);
     }
+    std::ifstream in(log, std::ios::binary);
+    d.log.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
     return d;
 }
 

@@ -281,7 +281,7 @@ TEST(Distributed, ADeadRankEndsTheJob) {
     TmpDir run;
     const DeadRankRun d = signal_a_rank_of_a_long_run("KILL", run.path);
     ASSERT_TRUE(d.found) << d.output;
-    EXPECT_NE(d.rc, 0) << d.output << read_bytes(run.path + "/log");
+    EXPECT_NE(d.rc, 0) << d.output << d.log;
     EXPECT_LE(d.waited, 20) << d.output;
     std::printf("dead rank: %s", d.output.c_str());
 }
@@ -294,9 +294,8 @@ TEST(Distributed, AStalledRankEndsTheJob) {
     TmpDir run;
     const DeadRankRun d = signal_a_rank_of_a_long_run("STOP", run.path);
     ASSERT_TRUE(d.found) << d.output;
-    const std::string out = read_bytes(run.path + "/log");
-    EXPECT_NE(d.rc, 0) << d.output << out;
-    EXPECT_LE(d.waited, 20) << d.output << out;
-    EXPECT_NE(out.find("did not answer within"), std::string::npos) << "no line names the stalled rank\n" << out;
+    EXPECT_NE(d.rc, 0) << d.output << d.log;
+    EXPECT_LE(d.waited, 20) << d.output << d.log;
+    EXPECT_NE(d.log.find("did not answer within"), std::string::npos) << "no line names the stalled rank\n" << d.log;
     std::printf("stalled rank: %s\n", d.output.c_str());
 }

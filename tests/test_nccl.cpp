@@ -283,10 +283,9 @@ TEST(Nccl, ADeadRankEndsTheJob) {
     TmpDir run;
     const DeadRankRun d = signal_a_rank_of_a_long_run("KILL", run.path);
     ASSERT_TRUE(d.found) << d.output;
-    const std::string out = read_bytes(run.path + "/log");
-    EXPECT_NE(d.rc, 0) << d.output << out;
-    EXPECT_LE(d.waited, 30) << d.output << out;
-    std::printf("dead rank: %s%s", d.output.c_str(), out.c_str());
+    EXPECT_NE(d.rc, 0) << d.output << d.log;
+    EXPECT_LE(d.waited, 30) << d.output << d.log;
+    std::printf("dead rank: %s%s", d.output.c_str(), d.log.c_str());
 }
 
 // A rank that stalls (SIGSTOP: mpirun sees nothing wrong) leaves the other's
@@ -299,15 +298,14 @@ TEST(Nccl, AStalledRankEndsTheJob) {
     TmpDir run;
     const DeadRankRun d = signal_a_rank_of_a_long_run("STOP", run.path);
     ASSERT_TRUE(d.found) << d.output;
-    const std::string out = read_bytes(run.path + "/log");
-    EXPECT_NE(d.rc, 0) << d.output << out;
-    EXPECT_LE(d.waited, 20) << d.output << out;
+    EXPECT_NE(d.rc, 0) << d.output << d.log;
+    EXPECT_LE(d.waited, 20) << d.output << d.log;
     // Where the survivor waits decides who speaks: NCCL's deadline, the
     // watchdog (the host blocked behind a collective), or MPI's deadline (the
     // step's loss reduction on the host).
-    EXPECT_TRUE(out.find("did not complete within 3 s") != std::string::npos ||
-                out.find("has not completed in") != std::string::npos ||
-                out.find("did not answer within") != std::string::npos)
-        << "no line names the stalled collective or rank\n" << out;
-    std::printf("stalled rank: %s%s", d.output.c_str(), out.c_str());
+    EXPECT_TRUE(d.log.find("did not complete within 3 s") != std::string::npos ||
+                d.log.find("has not completed in") != std::string::npos ||
+                d.log.find("did not answer within") != std::string::npos)
+        << "no line names the stalled collective or rank\n" << d.log;
+    std::printf("stalled rank: %s%s", d.output.c_str(), d.log.c_str());
 }
