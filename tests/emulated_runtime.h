@@ -245,7 +245,6 @@ inline Mode mode = mode_from_environment();
 
 inline CUstream_st legacy;                       // the legacy default stream (cudaStream_t 0): never late
 inline std::vector<CUstream_st*> all{&legacy};   // every stream ever created (kept: events may name them)
-inline int created = 0;
 
 inline CUstream_st* of(cudaStream_t s) { return s ? s : &legacy; }
 
@@ -344,12 +343,13 @@ inline void progress_all() {
     for (CUstream_st* s : all) advance(s, s->queued, false);
     run_eager_streams();
 }
-// synchronize_all for the calls that run in destructors (cudaFree, cudaFreeHost,
+// Runs wait() for the calls that run in destructors (cudaFree, cudaFreeHost,
 // cudaStreamDestroy): a queued kernel's failure is printed, and answered as
 // the device answers every call after a fault, with an error code.
-inline cudaError_t synchronize_all_noexcept() {
+template <class Wait>
+cudaError_t without_throwing(Wait wait) {
     try {
-        synchronize_all();
+        wait();
         return cudaSuccess;
     } catch (const std::exception& e) {
         std::fprintf(stderr, "%s\n", e.what());
@@ -366,7 +366,7 @@ inline cudaError_t query(CUstream_st* s, uint64_t until) {
 
 inline CUstream_st* create(bool blocking) {
     auto* s = new CUstream_st;
-    s->number = ++created;
+    s->number = int(all.size());  // all[0] is the legacy stream
     s->blocking = blocking;
     s->late = mode.all_late || std::find(mode.late.begin(), mode.late.end(), s->number) != mode.late.end();
     if (s->late) std::fprintf(stderr, "emulator: stream %d runs late (PRISM_EMULATE_LATE_STREAMS)\n", s->number);
@@ -407,7 +407,7 @@ inline cudaError_t cudaFree(void* p) {
     if (!p) return cudaSuccess;
     if (!emulated_allocations.count((uintptr_t)p) || emulated_freeing.count((uintptr_t)p))
         return cudaErrorInvalidValue;
-    const cudaError_t e = emulated_streams::synchronize_all_noexcept();
+    const cudaError_t e = emulated_streams::without_throwing(emulated_streams::synchronize_all);
     emulated_release(p);
     return e;
 }
@@ -487,11 +487,11 @@ inline cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned flags) {
     return cudaSuccess;
 }
 inline cudaError_t cudaStreamCreate(cudaStream_t* s) { return cudaStreamCreateWithFlags(s, cudaStreamDefault); }
-// The device finishes a destroyed stream's work (here at once, and all
-// streams', so that a destructor's call throws nothing); its record stays
-// for the events that name it.
+// The device finishes a destroyed stream's work (here before this returns);
+// its record stays for the events that name it.
 inline cudaError_t cudaStreamDestroy(cudaStream_t s) {
-    return s ? emulated_streams::synchronize_all_noexcept() : cudaSuccess;
+    if (!s) return cudaSuccess;
+    return emulated_streams::without_throwing([s] { emulated_streams::advance(s, s->queued, true); });
 }
 
 // The devices kernels/cuda/device.cu, util.cu and engine/nccl.cpp ask about:
@@ -572,7 +572,7 @@ inline cudaError_t cudaHostAlloc(void** p, size_t bytes, unsigned) {
 }
 // Waits for the queued work first (copies may still read or write it).
 inline cudaError_t cudaFreeHost(void* p) {
-    const cudaError_t e = emulated_streams::synchronize_all_noexcept();
+    const cudaError_t e = emulated_streams::without_throwing(emulated_streams::synchronize_all);
     {
         std::lock_guard<std::mutex> lock(emulated_streams::pinned_mutex);
         emulated_streams::pinned.erase((uintptr_t)p);
@@ -607,7 +607,7 @@ inline cudaError_t cudaEventDestroy(cudaEvent_t e) {
 }
 inline cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t stream) {
     e->stream = emulated_streams::of(stream);
-    if (emulated_streams::mode.async) emulated_streams::order_with_legacy(e->stream);
+    emulated_streams::order_with_legacy(e->stream);
     e->at = e->stream->queued;
     return cudaSuccess;
 }
@@ -629,7 +629,7 @@ inline cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t start, cudaEvent_
 // Stream s goes on only once the event's stream has run what preceded the record.
 inline cudaError_t cudaStreamWaitEvent(cudaStream_t stream, cudaEvent_t e, unsigned) {
     CUstream_st* s = emulated_streams::of(stream);
-    if (!emulated_streams::mode.async || !e->stream || e->stream->done >= e->at) return cudaSuccess;
+    if (!e->stream || e->stream->done >= e->at) return cudaSuccess;
     emulated_streams::order_with_legacy(s);
     emulated_streams::push(s, {nullptr, e->stream, e->at});
     return cudaSuccess;
